@@ -1,0 +1,1 @@
+//! Pool and server configuration (TOML) and hardware profiles.

@@ -1,0 +1,18 @@
+//! keyturn: an encrypted userspace block device served over NBD.
+//!
+//! Modules follow the way data travels (see `../shared/DESIGN.md`):
+//! [`nbd`] (protocol only) → [`volume`] (LBA map, read-modify-write) →
+//! [`zone`] (content blocks, keys in use) → [`crypto`] (pure functions) →
+//! [`store`] (devices, journal, tables, allocators). [`keys`] holds the key
+//! hierarchy; [`pool`] ties a pool directory together; [`cli`] is the edge.
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod ids;
+pub mod keys;
+pub mod nbd;
+pub mod pool;
+pub mod store;
+pub mod volume;
+pub mod zone;

@@ -1,0 +1,1 @@
+//! A pool: data device, staging device and metadata directory.

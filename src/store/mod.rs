@@ -1,0 +1,4 @@
+//! Storage: devices (io_uring), the write-ahead journal, memory-mapped
+//! tables and slot allocators.
+
+pub mod device;

@@ -1,0 +1,1 @@
+//! Zones: content blocks, their table, and the keys in use.
