@@ -1,1 +1,238 @@
-//! Pool and server configuration (TOML) and hardware profiles.
+//! Pool configuration (`pool.toml`) and hardware profiles (`hw-profiles/`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File (or profile name).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No built-in profile has that name and no such file exists.
+    #[error("unknown hardware profile {0:?} (built in: {1})")]
+    UnknownProfile(String, String),
+}
+
+/// `pool.toml`: where a pool's devices are and how it is served.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// On-disk format version.
+    pub format: u32,
+    /// Data device: a file (grown as needed) or a raw block device; relative
+    /// paths are relative to the pool directory.
+    pub data: PathBuf,
+    /// Staging device (fast NVMe) for rotation windows.
+    pub staging: PathBuf,
+    /// Root key provider.
+    pub root_key: RootKeyConfig,
+    /// Server settings.
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+/// How the root key is held.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RootKeyConfig {
+    /// A key file sealed with a passphrase (Argon2id).
+    SealedFile {
+        /// Path of the sealed key file, relative to the pool directory.
+        path: PathBuf,
+    },
+}
+
+/// `[server]` in `pool.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// TCP address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Also listen on this Unix socket.
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    /// Hardware profile name or path.
+    #[serde(default = "default_profile")]
+    pub profile: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:10809".into()
+}
+
+fn default_profile() -> String {
+    "ci-2core".into()
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            unix: None,
+            profile: default_profile(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Reads `pool.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The TOML text of this configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// A hardware profile: queue depths, threads, batch sizes, commit intervals.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Profile name.
+    pub name: String,
+    /// What machine it is for.
+    pub description: String,
+    /// Device I/O.
+    pub io: IoProfile,
+    /// NBD server.
+    pub server: ServerProfile,
+    /// Journal.
+    pub journal: JournalProfile,
+    /// Batching.
+    pub batch: BatchProfile,
+}
+
+/// `[io]` of a profile.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoProfile {
+    /// io_uring submission queue entries.
+    pub queue_depth: u32,
+    /// Try O_DIRECT on the data device.
+    pub direct: bool,
+}
+
+/// `[server]` of a profile.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerProfile {
+    /// Tokio worker threads.
+    pub worker_threads: usize,
+    /// Requests in flight per connection.
+    pub max_inflight_per_conn: usize,
+}
+
+/// `[journal]` of a profile.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalProfile {
+    /// Commit interval without a FLUSH, in milliseconds.
+    pub commit_interval_ms: u64,
+    /// Checkpoint threshold in MiB of journal.
+    pub checkpoint_mib: u64,
+}
+
+/// `[batch]` of a profile.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchProfile {
+    /// Most blocks one device I/O carries.
+    pub max_run_blocks: u64,
+}
+
+/// The profiles compiled into the binary, from `hw-profiles/`.
+const BUILT_IN: &[(&str, &str)] = &[
+    ("ci-2core", include_str!("../hw-profiles/ci-2core.toml")),
+    (
+        "nvme-server",
+        include_str!("../hw-profiles/nvme-server.toml"),
+    ),
+];
+
+impl Profile {
+    /// A built-in profile by name, or a profile file by path.
+    pub fn load(name_or_path: &str) -> Result<Self, ConfigError> {
+        let parse = |text: &str, path: &Path| {
+            toml::from_str::<Profile>(text).map_err(|e| ConfigError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            })
+        };
+        if let Some((_, text)) = BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
+            return parse(text, Path::new(name_or_path));
+        }
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.into(),
+                source,
+            })?;
+            return parse(&text, path);
+        }
+        let names: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+        Err(ConfigError::UnknownProfile(
+            name_or_path.into(),
+            names.join(", "),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_profiles_parse() {
+        for (name, _) in BUILT_IN {
+            let p = Profile::load(name).unwrap();
+            assert_eq!(&p.name, name);
+            assert!(p.server.worker_threads >= 1);
+        }
+        assert!(matches!(
+            Profile::load("nope"),
+            Err(ConfigError::UnknownProfile(..))
+        ));
+    }
+
+    #[test]
+    fn pool_config_round_trips() {
+        let c = PoolConfig {
+            format: 1,
+            data: "data".into(),
+            staging: "staging".into(),
+            root_key: RootKeyConfig::SealedFile {
+                path: "keys/root.sealed".into(),
+            },
+            server: ServerSection::default(),
+        };
+        let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.data, c.data);
+        assert!(toml::from_str::<PoolConfig>("format = 1\nbogus = 2").is_err());
+    }
+}

@@ -90,13 +90,21 @@ impl Device {
 
     /// Reads `buf.len()` bytes at `offset` into `buf`. The buffer comes back
     /// whatever the outcome. Reading past the end of a file yields zeros.
-    pub async fn read_at(&self, offset: u64, buf: AlignedBuf) -> (Result<(), DeviceError>, AlignedBuf) {
+    pub async fn read_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
         let _ = (offset, buf);
         todo!()
     }
 
     /// Writes all of `buf` at `offset`. The buffer comes back whatever the outcome.
-    pub async fn write_at(&self, offset: u64, buf: AlignedBuf) -> (Result<(), DeviceError>, AlignedBuf) {
+    pub async fn write_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
         let _ = (offset, buf);
         todo!()
     }

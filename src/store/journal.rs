@@ -1,0 +1,783 @@
+//! The write-ahead journal: metadata changes as checksummed frames, with
+//! group commit.
+//!
+//! Every metadata change is appended as one frame (the unit of atomicity)
+//! while the caller still holds the lock under which it changed the
+//! in-memory state, so journal order is state order. A committer thread
+//! writes pending frames out: first it makes the data devices durable (a
+//! frame must never be durable before the data it points to), then it writes
+//! the frames and fdatasyncs the journal. Everyone waiting for a sequence at
+//! or below the last written frame is then answered: one fsync pair serves
+//! the whole group.
+//!
+//! File layout (all integers little-endian):
+//! ```text
+//! offset 0     header slot 0 ┐ 64 bytes each; the valid one with the highest
+//! offset 4096  header slot 1 ┘ generation wins; generation g lives in slot g % 2
+//!              [0..8)   magic b"KTJRNL01"
+//!              [8..16)  generation
+//!              [16..24) checkpoint sequence: every frame up to it is in the tables
+//!              [24..28) crc32c of bytes [0..24)
+//! offset 8192  frames, back to back:
+//!              [0..4)   payload length n
+//!              [4..8)   crc32c of bytes [8..24+n)
+//!              [8..16)  generation (frames of another generation are stale)
+//!              [16..24) sequence (strictly increasing by one)
+//!              [24..24+n) payload: entries
+//! ```
+//! Replay reads frames of the header's generation from offset 8192 and
+//! stops at the first one that is torn, stale or out of sequence. Recovery
+//! then checkpoints and starts a new generation, so the bytes past the last
+//! valid frame can never be mistaken for frames later.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
+
+use crate::crypto::tag::Tag;
+use crate::ids::{Cbid, JournalSeq, KeyVersion, Lba, Slot, VolumeId, ZoneId};
+
+const MAGIC: &[u8; 8] = b"KTJRNL01";
+const HEADER_SLOT: u64 = 4096;
+const FRAMES_START: u64 = 8192;
+const FRAME_HEADER: usize = 24;
+/// Largest payload a frame may carry; a larger length is corruption.
+const MAX_PAYLOAD: u32 = 256 << 20;
+
+/// Errors from the journal.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    /// Journal or data device I/O failed. The journal is now fail-stop:
+    /// no later commit will report success.
+    #[error("journal {op} failed: {message}")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// OS error text.
+        message: String,
+    },
+    /// The journal file is not a keyturn journal.
+    #[error("journal {path} has no valid header")]
+    Format {
+        /// File.
+        path: PathBuf,
+    },
+    /// An entry in a valid frame could not be decoded (written by a newer keyturn?).
+    #[error("journal frame {seq} holds an entry of unknown type {kind}")]
+    UnknownEntry {
+        /// Frame sequence.
+        seq: u64,
+        /// Entry type byte.
+        kind: u8,
+    },
+    /// The journal is shutting down.
+    #[error("journal closed")]
+    Closed,
+}
+
+/// One content block's record: where it lives and how to check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CbRecord {
+    /// Slot on the data device.
+    pub slot: Slot,
+    /// Version of the DEK that encrypted it.
+    pub key_version: KeyVersion,
+    /// Number of logical blocks mapped to it (0 = free).
+    pub refcount: u32,
+    /// Keyed BLAKE3 of the plaintext.
+    pub tag: Tag,
+}
+
+/// One metadata change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Logical block `lba` of `volume` now maps to `cbid` (`None`: unmapped).
+    Map {
+        /// Volume.
+        volume: VolumeId,
+        /// Block.
+        lba: Lba,
+        /// Content block, or none.
+        cbid: Option<Cbid>,
+    },
+    /// Content block `cbid` of `zone` is now `record`.
+    Cb {
+        /// Zone.
+        zone: ZoneId,
+        /// Content block.
+        cbid: Cbid,
+        /// Its record.
+        record: CbRecord,
+    },
+    /// Content block `cbid` of `zone` is free (its slot too).
+    CbFree {
+        /// Zone.
+        zone: ZoneId,
+        /// Content block.
+        cbid: Cbid,
+    },
+}
+
+const E_MAP: u8 = 1;
+const E_CB: u8 = 2;
+const E_CB_FREE: u8 = 3;
+
+impl Entry {
+    /// Appends the encoding of `self` to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Entry::Map { volume, lba, cbid } => {
+                out.push(E_MAP);
+                out.extend_from_slice(&volume.0.to_le_bytes());
+                out.extend_from_slice(&lba.0.to_le_bytes());
+                out.extend_from_slice(&cbid.map_or(0, |c| c.0 + 1).to_le_bytes());
+            }
+            Entry::Cb { zone, cbid, record } => {
+                out.push(E_CB);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&cbid.0.to_le_bytes());
+                out.extend_from_slice(&record.slot.0.to_le_bytes());
+                out.extend_from_slice(&record.key_version.0.to_le_bytes());
+                out.extend_from_slice(&record.refcount.to_le_bytes());
+                out.extend_from_slice(&record.tag.0);
+            }
+            Entry::CbFree { zone, cbid } => {
+                out.push(E_CB_FREE);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&cbid.0.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decodes every entry of a frame's payload.
+    pub fn decode_all(seq: u64, mut p: &[u8]) -> Result<Vec<Entry>, JournalError> {
+        let mut out = Vec::new();
+        while let Some((&kind, rest)) = p.split_first() {
+            let need = match kind {
+                E_MAP => 20,
+                E_CB => 60,
+                E_CB_FREE => 12,
+                _ => return Err(JournalError::UnknownEntry { seq, kind }),
+            };
+            if rest.len() < need {
+                return Err(JournalError::UnknownEntry { seq, kind });
+            }
+            let (b, tail) = rest.split_at(need);
+            let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+            let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+            out.push(match kind {
+                E_MAP => Entry::Map {
+                    volume: VolumeId(u32_at(0)),
+                    lba: Lba(u64_at(4)),
+                    cbid: u64_at(12).checked_sub(1).map(Cbid),
+                },
+                E_CB => Entry::Cb {
+                    zone: ZoneId(u32_at(0)),
+                    cbid: Cbid(u64_at(4)),
+                    record: CbRecord {
+                        slot: Slot(u64_at(12)),
+                        key_version: KeyVersion(u32_at(20)),
+                        refcount: u32_at(24),
+                        tag: Tag(b[28..60].try_into().expect("32 bytes")),
+                    },
+                },
+                _ => Entry::CbFree {
+                    zone: ZoneId(u32_at(0)),
+                    cbid: Cbid(u64_at(4)),
+                },
+            });
+            p = tail;
+        }
+        Ok(out)
+    }
+}
+
+/// What the journal knows to be durable.
+#[derive(Clone, Debug)]
+pub struct Durable {
+    /// Every frame up to this sequence is durable.
+    pub seq: JournalSeq,
+    /// Set once a commit failed: nothing later will be reported durable.
+    pub error: Option<JournalError>,
+}
+
+/// Tuning of the committer.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// Commit pending frames at least this often, even without a FLUSH.
+    pub commit_interval: Duration,
+    /// Checkpoint when the journal file grows past this many bytes.
+    pub checkpoint_bytes: u64,
+}
+
+/// Called by the committer around its work; implemented by the pool.
+pub trait CommitHooks: Send + Sync + 'static {
+    /// Makes every completed data write durable (before frames are written).
+    fn sync_data(&self) -> Result<(), std::io::Error>;
+    /// Frames up to `seq` are durable: frees they recorded may be reused.
+    fn durable(&self, seq: JournalSeq);
+    /// Copies every change up to `seq` into the tables and syncs them.
+    fn checkpoint(&self, seq: JournalSeq) -> Result<(), std::io::Error>;
+}
+
+struct Pending {
+    /// Encoded payloads not yet written, with their sequence.
+    frames: Vec<(u64, Vec<u8>)>,
+    /// Sequence the next appended frame gets.
+    next_seq: u64,
+    /// Someone waits for a commit.
+    requested: bool,
+    closing: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    durable: watch::Sender<Durable>,
+}
+
+/// The journal. Append from any thread; wait for durability with [`Journal::commit`].
+pub struct Journal {
+    shared: Arc<Shared>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Where the committer writes.
+struct Writer {
+    file: File,
+    generation: u64,
+    write_pos: u64,
+}
+
+/// The outcome of opening a journal: the frames to replay, in order.
+pub struct Replay {
+    /// Sequence the tables already hold.
+    pub checkpoint_seq: JournalSeq,
+    /// Frames after the checkpoint: `(seq, entries)`.
+    pub frames: Vec<(JournalSeq, Vec<Entry>)>,
+}
+
+fn crc_header(h: &[u8]) -> u32 {
+    crc32c::crc32c(&h[..24])
+}
+
+fn encode_header(generation: u64, checkpoint_seq: u64) -> [u8; 64] {
+    let mut h = [0u8; 64];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[16..24].copy_from_slice(&checkpoint_seq.to_le_bytes());
+    let crc = crc_header(&h);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn decode_header(h: &[u8; 64]) -> Option<(u64, u64)> {
+    if &h[..8] != MAGIC || u32::from_le_bytes(h[24..28].try_into().ok()?) != crc_header(h) {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(h[8..16].try_into().ok()?),
+        u64::from_le_bytes(h[16..24].try_into().ok()?),
+    ))
+}
+
+fn frame_crc(generation: u64, seq: u64, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 16];
+    head[..8].copy_from_slice(&generation.to_le_bytes());
+    head[8..].copy_from_slice(&seq.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+}
+
+impl Writer {
+    fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
+        move |e| JournalError::Io {
+            op,
+            message: e.to_string(),
+        }
+    }
+
+    /// Starts generation `generation` with everything up to `checkpoint_seq` in the tables.
+    fn new_generation(&mut self, generation: u64, checkpoint_seq: u64) -> Result<(), JournalError> {
+        let h = encode_header(generation, checkpoint_seq);
+        self.file
+            .write_all_at(&h, (generation % 2) * HEADER_SLOT)
+            .map_err(Self::io("header write"))?;
+        self.file.sync_data().map_err(Self::io("header sync"))?;
+        self.generation = generation;
+        self.write_pos = FRAMES_START;
+        Ok(())
+    }
+
+    fn write_frames(&mut self, frames: &[(u64, Vec<u8>)]) -> Result<(), JournalError> {
+        let total: usize = frames.iter().map(|(_, p)| FRAME_HEADER + p.len()).sum();
+        let mut buf = Vec::with_capacity(total);
+        for (seq, payload) in frames {
+            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&frame_crc(self.generation, *seq, payload).to_le_bytes());
+            buf.extend_from_slice(&self.generation.to_le_bytes());
+            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(payload);
+        }
+        self.file
+            .write_all_at(&buf, self.write_pos)
+            .map_err(Self::io("write"))?;
+        self.file.sync_data().map_err(Self::io("sync"))?;
+        self.write_pos += buf.len() as u64;
+        Ok(())
+    }
+}
+
+impl Journal {
+    /// Creates a new, empty journal file.
+    pub fn create(path: &Path) -> Result<(), JournalError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(Writer::io("create"))?;
+        let mut w = Writer {
+            file,
+            generation: 0,
+            write_pos: FRAMES_START,
+        };
+        w.new_generation(1, 0)
+    }
+
+    /// Reads the journal at `path` and returns what must be replayed. Call
+    /// [`Journal::start`] after the replayed state is in memory.
+    pub fn read(path: &Path) -> Result<Replay, JournalError> {
+        let file = File::open(path).map_err(Writer::io("open"))?;
+        let (generation, checkpoint) = Self::read_header(&file, path)?;
+        let mut frames = Vec::new();
+        let mut pos = FRAMES_START;
+        let mut expect = checkpoint + 1;
+        let mut head = [0u8; FRAME_HEADER];
+        loop {
+            if file.read_exact_at(&mut head, pos).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(head[0..4].try_into().expect("4"));
+            let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
+            let frame_gen = u64::from_le_bytes(head[8..16].try_into().expect("8"));
+            let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
+            if len > MAX_PAYLOAD || frame_gen != generation || seq != expect {
+                break;
+            }
+            let mut payload = vec![0u8; len as usize];
+            if file
+                .read_exact_at(&mut payload, pos + FRAME_HEADER as u64)
+                .is_err()
+                || frame_crc(generation, seq, &payload) != crc
+            {
+                break;
+            }
+            frames.push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
+            pos += (FRAME_HEADER + payload.len()) as u64;
+            expect += 1;
+        }
+        Ok(Replay {
+            checkpoint_seq: JournalSeq(checkpoint),
+            frames,
+        })
+    }
+
+    fn read_header(file: &File, path: &Path) -> Result<(u64, u64), JournalError> {
+        let mut best: Option<(u64, u64)> = None;
+        for slot in 0..2 {
+            let mut h = [0u8; 64];
+            if file.read_exact_at(&mut h, slot * HEADER_SLOT).is_ok()
+                && let Some((g, c)) = decode_header(&h)
+                && best.is_none_or(|b| g > b.0)
+            {
+                best = Some((g, c));
+            }
+        }
+        best.ok_or_else(|| JournalError::Format {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the journal for appending after recovery: the caller has
+    /// replayed everything up to `last_seq` into memory. Writes a new
+    /// generation only after `hooks.checkpoint(last_seq)` has put that state
+    /// into the tables, so no byte of the old generation is needed again.
+    pub fn start(
+        path: &Path,
+        last_seq: JournalSeq,
+        config: JournalConfig,
+        hooks: Arc<dyn CommitHooks>,
+    ) -> Result<Self, JournalError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(Writer::io("open"))?;
+        let (generation, _) = Self::read_header(&file, path)?;
+        hooks
+            .checkpoint(last_seq)
+            .map_err(Writer::io("checkpoint"))?;
+        let mut writer = Writer {
+            file,
+            generation,
+            write_pos: FRAMES_START,
+        };
+        writer.new_generation(generation + 1, last_seq.0)?;
+        let (durable, _) = watch::channel(Durable {
+            seq: last_seq,
+            error: None,
+        });
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                frames: Vec::new(),
+                next_seq: last_seq.0 + 1,
+                requested: false,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            durable,
+        });
+        let s = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("keyturn-journal".into())
+            .spawn(move || committer_loop(s, writer, config, hooks))
+            .map_err(Writer::io("spawn committer"))?;
+        Ok(Self {
+            shared,
+            committer: Mutex::new(Some(committer)),
+        })
+    }
+
+    /// Appends one frame holding `entries`; returns its sequence. Call while
+    /// holding the lock under which the change was made in memory.
+    pub fn append(&self, entries: &[Entry]) -> JournalSeq {
+        let mut payload = Vec::with_capacity(entries.len() * 61);
+        for e in entries {
+            e.encode(&mut payload);
+        }
+        let mut p = self.shared.pending.lock();
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        p.frames.push((seq, payload));
+        JournalSeq(seq)
+    }
+
+    /// The sequence of the last appended frame.
+    pub fn last_appended(&self) -> JournalSeq {
+        JournalSeq(self.shared.pending.lock().next_seq - 1)
+    }
+
+    /// The durable state now.
+    pub fn durable(&self) -> Durable {
+        self.shared.durable.borrow().clone()
+    }
+
+    /// Waits until every frame up to `seq` is durable.
+    pub async fn commit(&self, seq: JournalSeq) -> Result<(), JournalError> {
+        let mut rx = self.shared.durable.subscribe();
+        {
+            let d = rx.borrow_and_update();
+            if let Some(e) = &d.error {
+                return Err(e.clone());
+            }
+            if d.seq >= seq {
+                return Ok(());
+            }
+        }
+        self.request_commit();
+        loop {
+            if rx.changed().await.is_err() {
+                return Err(JournalError::Closed);
+            }
+            let d = rx.borrow_and_update();
+            if let Some(e) = &d.error {
+                return Err(e.clone());
+            }
+            if d.seq >= seq {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Blocking form of [`Journal::commit`] for non-async callers.
+    pub fn commit_blocking(&self, seq: JournalSeq) -> Result<(), JournalError> {
+        self.request_commit();
+        let mut rx = self.shared.durable.subscribe();
+        loop {
+            {
+                let d = rx.borrow_and_update();
+                if let Some(e) = &d.error {
+                    return Err(e.clone());
+                }
+                if d.seq >= seq {
+                    return Ok(());
+                }
+            }
+            // The committer runs on its own thread, so polling a watch is safe here.
+            let done = rx.has_changed();
+            if done.is_err() {
+                return Err(JournalError::Closed);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn request_commit(&self) {
+        let mut p = self.shared.pending.lock();
+        p.requested = true;
+        self.shared.wake.notify_one();
+    }
+
+    /// Commits everything pending and stops the committer.
+    pub fn close(&self) {
+        {
+            let mut p = self.shared.pending.lock();
+            p.closing = true;
+            self.shared.wake.notify_one();
+        }
+        if let Some(h) = self.committer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn committer_loop(
+    shared: Arc<Shared>,
+    mut writer: Writer,
+    config: JournalConfig,
+    hooks: Arc<dyn CommitHooks>,
+) {
+    loop {
+        let (frames, closing) = {
+            let mut p = shared.pending.lock();
+            if !p.requested && !p.closing {
+                shared.wake.wait_for(&mut p, config.commit_interval);
+            }
+            p.requested = false;
+            (std::mem::take(&mut p.frames), p.closing)
+        };
+        if shared.durable.borrow().error.is_some() {
+            if closing {
+                return;
+            }
+            continue;
+        }
+        if !frames.is_empty() {
+            let last = JournalSeq(frames.last().map_or(0, |f| f.0));
+            let result = hooks
+                .sync_data()
+                .map_err(|e| JournalError::Io {
+                    op: "data sync",
+                    message: e.to_string(),
+                })
+                .and_then(|()| writer.write_frames(&frames));
+            match result {
+                Ok(()) => {
+                    shared.durable.send_modify(|d| d.seq = last);
+                    hooks.durable(last);
+                    if writer.write_pos > config.checkpoint_bytes {
+                        let r = hooks
+                            .checkpoint(last)
+                            .map_err(|e| JournalError::Io {
+                                op: "checkpoint",
+                                message: e.to_string(),
+                            })
+                            .and_then(|()| writer.new_generation(writer.generation + 1, last.0));
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "journal checkpoint failed; refusing further commits");
+                            shared.durable.send_modify(|d| d.error = Some(e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Fail-stop: after a failed write or fsync nothing later may be
+                    // reported durable, because we cannot know what reached the disk.
+                    tracing::error!(error = %e, "journal commit failed; refusing further commits");
+                    shared.durable.send_modify(|d| d.error = Some(e));
+                }
+            }
+        } else {
+            // Wake waiters that raced with an empty commit.
+            shared.durable.send_modify(|_| {});
+        }
+        if closing && shared.pending.lock().frames.is_empty() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Default)]
+    struct Hooks {
+        syncs: AtomicU64,
+        durable: AtomicU64,
+        checkpoints: AtomicU64,
+    }
+
+    impl CommitHooks for Hooks {
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn durable(&self, seq: JournalSeq) {
+            self.durable.store(seq.0, Ordering::SeqCst);
+        }
+        fn checkpoint(&self, _seq: JournalSeq) -> Result<(), std::io::Error> {
+            self.checkpoints.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn cfg() -> JournalConfig {
+        JournalConfig {
+            commit_interval: Duration::from_millis(5),
+            checkpoint_bytes: 1 << 30,
+        }
+    }
+
+    fn sample(i: u64) -> Vec<Entry> {
+        vec![
+            Entry::Cb {
+                zone: ZoneId(1),
+                cbid: Cbid(i),
+                record: CbRecord {
+                    slot: Slot(i * 3),
+                    key_version: KeyVersion(1),
+                    refcount: 1,
+                    tag: Tag([i as u8; 32]),
+                },
+            },
+            Entry::Map {
+                volume: VolumeId(2),
+                lba: Lba(i),
+                cbid: Some(Cbid(i)),
+            },
+            Entry::Map {
+                volume: VolumeId(2),
+                lba: Lba(i + 1000),
+                cbid: None,
+            },
+            Entry::CbFree {
+                zone: ZoneId(1),
+                cbid: Cbid(i + 7),
+            },
+        ]
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let mut buf = Vec::new();
+        for e in sample(5) {
+            e.encode(&mut buf);
+        }
+        assert_eq!(Entry::decode_all(1, &buf).unwrap(), sample(5));
+        assert!(Entry::decode_all(1, &[99]).is_err());
+        assert!(Entry::decode_all(1, &buf[..buf.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn replay_returns_committed_frames_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let hooks = Arc::new(Hooks::default());
+        let j = Journal::start(&p, JournalSeq(0), cfg(), hooks.clone()).unwrap();
+        let mut last = JournalSeq(0);
+        for i in 1..=50 {
+            last = j.append(&sample(i));
+        }
+        j.commit_blocking(last).unwrap();
+        assert!(
+            hooks.syncs.load(Ordering::SeqCst) >= 1,
+            "data is synced before frames"
+        );
+        assert_eq!(hooks.durable.load(Ordering::SeqCst), 50);
+        drop(j);
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.checkpoint_seq, JournalSeq(0));
+        assert_eq!(r.frames.len(), 50);
+        for (i, (seq, entries)) in r.frames.iter().enumerate() {
+            assert_eq!(seq.0, i as u64 + 1);
+            assert_eq!(entries, &sample(i as u64 + 1));
+        }
+    }
+
+    #[test]
+    fn torn_tail_is_dropped_and_new_generation_hides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let j = Journal::start(&p, JournalSeq(0), cfg(), Arc::new(Hooks::default())).unwrap();
+        for i in 1..=10 {
+            j.append(&sample(i));
+        }
+        j.commit_blocking(JournalSeq(10)).unwrap();
+        drop(j);
+        // Corrupt one byte inside frame 7's payload.
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.frames.len(), 10);
+        let frame_len = (FRAME_HEADER + {
+            let mut b = Vec::new();
+            sample(1).iter().for_each(|e| e.encode(&mut b));
+            b.len()
+        }) as u64;
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xAA], FRAMES_START + 6 * frame_len + 30)
+            .unwrap();
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.frames.len(), 6, "replay stops at the torn frame");
+        // Restart from seq 6: the new generation must not resurrect frames 8..10.
+        let j = Journal::start(&p, JournalSeq(6), cfg(), Arc::new(Hooks::default())).unwrap();
+        let s = j.append(&sample(100));
+        assert_eq!(s, JournalSeq(7));
+        j.commit_blocking(s).unwrap();
+        drop(j);
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.checkpoint_seq, JournalSeq(6));
+        assert_eq!(r.frames.len(), 1);
+        assert_eq!(r.frames[0].1, sample(100));
+    }
+
+    #[test]
+    fn checkpoint_starts_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let hooks = Arc::new(Hooks::default());
+        let config = JournalConfig {
+            commit_interval: Duration::from_millis(5),
+            checkpoint_bytes: 10_000,
+        };
+        let j = Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap();
+        let mut last = JournalSeq(0);
+        for i in 1..=200 {
+            last = j.append(&sample(i));
+            if i % 20 == 0 {
+                j.commit_blocking(last).unwrap();
+            }
+        }
+        j.commit_blocking(last).unwrap();
+        drop(j);
+        // One checkpoint at start, and more as the file grew past 10 kB.
+        assert!(hooks.checkpoints.load(Ordering::SeqCst) >= 3);
+        let r = Journal::read(&p).unwrap();
+        let replayed_to = r.frames.last().map_or(r.checkpoint_seq, |f| f.0);
+        assert_eq!(replayed_to, JournalSeq(200));
+        assert!(r.checkpoint_seq.0 > 0);
+    }
+}

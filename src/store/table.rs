@@ -1,0 +1,208 @@
+//! Memory-mapped checkpoint tables: fixed-size little-endian records in a
+//! file, indexed by id.
+//!
+//! A table holds the state as of the last checkpoint, never anything newer
+//! than the durable journal: changes since then live in an in-memory overlay
+//! (see `zone`), and the checkpoint copies only durable entries in. So the
+//! kernel may write a page back at any time without exposing a record that a
+//! crash could orphan.
+//!
+//! File layout (every table):
+//! ```text
+//! offset 0     : header, 64 bytes
+//!                [0..8)   magic  b"KTTABLE1"
+//!                [8..12)  record size, u32 LE
+//!                [12..16) reserved, zero
+//!                [16..64) reserved, zero
+//! offset 4096  : record 0, record 1, ... (record size bytes each)
+//! ```
+//! A record of all zeros means "empty" for every record type.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+const MAGIC: &[u8; 8] = b"KTTABLE1";
+const HEADER: u64 = 4096;
+
+/// Errors from table files.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// The file could not be opened, grown, mapped or synced.
+    #[error("table {path}: {op}: {source}")]
+    Io {
+        /// Table file.
+        path: PathBuf,
+        /// Operation.
+        op: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a table of the expected record size.
+    #[error("table {path} is not a keyturn table with {record} byte records")]
+    Format {
+        /// Table file.
+        path: PathBuf,
+        /// Expected record size.
+        record: usize,
+    },
+}
+
+/// A file of fixed-size records, memory-mapped.
+pub struct Table {
+    path: PathBuf,
+    file: File,
+    map: MmapMut,
+    record: usize,
+    /// Number of records the file holds.
+    len: u64,
+}
+
+impl Table {
+    fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> TableError + 'a {
+        move |source| TableError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    /// Creates a table file with room for `len` records (sparse).
+    pub fn create(path: &Path, record: usize, len: u64) -> Result<Self, TableError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(Self::io(path, "create"))?;
+        let mut header = [0u8; 64];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&(record as u32).to_le_bytes());
+        std::os::unix::fs::FileExt::write_all_at(&file, &header, 0)
+            .map_err(Self::io(path, "write header"))?;
+        file.set_len(HEADER + len * record as u64)
+            .map_err(Self::io(path, "size"))?;
+        file.sync_all().map_err(Self::io(path, "sync"))?;
+        drop(file);
+        Self::open(path, record)
+    }
+
+    /// Opens an existing table.
+    pub fn open(path: &Path, record: usize) -> Result<Self, TableError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(Self::io(path, "open"))?;
+        let size = file.metadata().map_err(Self::io(path, "stat"))?.len();
+        let mut header = [0u8; 64];
+        if size < HEADER
+            || std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0).is_err()
+            || &header[..8] != MAGIC
+            || u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize != record
+        {
+            return Err(TableError::Format {
+                path: path.to_path_buf(),
+                record,
+            });
+        }
+        let map = Self::map(&file, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            map,
+            record,
+            len: (size - HEADER) / record as u64,
+        })
+    }
+
+    fn map(file: &File, path: &Path) -> Result<MmapMut, TableError> {
+        // SAFETY: the mapping is of a file in the pool's metadata directory,
+        // which one process at a time holds open (the pool lock). Nothing
+        // truncates it while mapped: `grow` only extends, and remaps after.
+        unsafe { MmapMut::map_mut(file) }.map_err(Self::io(path, "mmap"))
+    }
+
+    /// Number of records the file holds.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the table holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Record `index`, or `None` past the end (which reads as empty).
+    pub fn get(&self, index: u64) -> Option<&[u8]> {
+        if index >= self.len {
+            return None;
+        }
+        let at = (HEADER + index * self.record as u64) as usize;
+        Some(&self.map[at..at + self.record])
+    }
+
+    /// Writes record `index`, growing the file if needed.
+    pub fn put(&mut self, index: u64, bytes: &[u8]) -> Result<(), TableError> {
+        debug_assert_eq!(bytes.len(), self.record);
+        if index >= self.len {
+            self.grow(index + 1)?;
+        }
+        let at = (HEADER + index * self.record as u64) as usize;
+        self.map[at..at + self.record].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Grows to at least `len` records, with headroom.
+    fn grow(&mut self, len: u64) -> Result<(), TableError> {
+        let len = len.max(self.len + self.len / 2).max(1024);
+        self.map.flush().map_err(Self::io(&self.path, "msync"))?;
+        self.file
+            .set_len(HEADER + len * self.record as u64)
+            .map_err(Self::io(&self.path, "grow"))?;
+        self.map = Self::map(&self.file, &self.path)?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// msync: every `put` so far is on disk.
+    pub fn sync(&self) -> Result<(), TableError> {
+        self.map.flush().map_err(Self::io(&self.path, "msync"))?;
+        self.file.sync_all().map_err(Self::io(&self.path, "fsync"))
+    }
+
+    /// Iterates over `(index, record)` for every non-empty record.
+    pub fn iter_nonempty(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let body = &self.map[HEADER as usize..];
+        body.chunks_exact(self.record)
+            .enumerate()
+            .filter(|(_, r)| r.iter().any(|&b| b != 0))
+            .map(|(i, r)| (i as u64, r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_grow_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let mut t = Table::create(&p, 16, 4).unwrap();
+        assert_eq!(t.get(2), Some(&[0u8; 16][..]));
+        t.put(2, &[7; 16]).unwrap();
+        t.put(5000, &[9; 16]).unwrap();
+        assert!(t.len() > 5000);
+        t.sync().unwrap();
+        drop(t);
+        let t = Table::open(&p, 16).unwrap();
+        assert_eq!(t.get(2), Some(&[7u8; 16][..]));
+        assert_eq!(t.get(5000), Some(&[9u8; 16][..]));
+        let ids: Vec<u64> = t.iter_nonempty().map(|(i, _)| i).collect();
+        assert_eq!(ids, vec![2, 5000]);
+        assert!(matches!(Table::open(&p, 8), Err(TableError::Format { .. })));
+    }
+}
