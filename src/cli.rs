@@ -1,1 +1,472 @@
-//! The command line.
+//! The command line: the edge where errors get their context.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Profile, ServerSection};
+use crate::keys::passphrase::Passphrase;
+use crate::keys::sealed::KdfParams;
+use crate::nbd;
+use crate::pool::{InitOptions, Pool, parse_size};
+
+const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
+
+/// keyturn: encrypted block devices over NBD, with zero-downtime key rotation.
+#[derive(Parser, Debug)]
+#[command(name = "keyturn", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "KEYTURN_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a pool: metadata directory, data and staging devices, sealed root key.
+    Init(InitArgs),
+    /// Manage zones (security domains with their own keys).
+    #[command(subcommand)]
+    Zone(ZoneCmd),
+    /// Manage volumes (one NBD export each).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Serve a pool's volumes over NBD.
+    Serve(ServeArgs),
+    /// Create (or reuse) a demo pool with one 1 GiB volume and serve it.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct PoolArgs {
+    /// Pool directory.
+    #[arg(long, env = "KEYTURN_POOL")]
+    pool: PathBuf,
+    /// File holding the root key passphrase (else $KEYTURN_PASSPHRASE, else a prompt).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Data device: a file (grown as needed) or a raw block device [default: POOL/data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Staging device for rotation windows (fast NVMe) [default: POOL/staging].
+    #[arg(long)]
+    staging: Option<PathBuf>,
+    /// Argon2id memory cost in KiB for sealing the root key.
+    #[arg(long, default_value_t = KdfParams::default().memory_kib)]
+    kdf_memory_kib: u32,
+    /// Argon2id passes.
+    #[arg(long, default_value_t = KdfParams::default().iterations)]
+    kdf_iterations: u32,
+    /// Default listen address written into pool.toml.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum ZoneCmd {
+    /// Create a zone with a fresh key chain.
+    Create {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Zone name.
+        name: String,
+    },
+    /// List zones.
+    List {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Zone the volume belongs to.
+        #[arg(long)]
+        zone: String,
+        /// Size, e.g. 10G, 512M (binary units; a multiple of 4 KiB).
+        #[arg(long)]
+        size: String,
+        /// Volume name (its NBD export name).
+        name: String,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and free its space (refused while it is served).
+    Delete {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Volume name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// TCP address to listen on [default: from pool.toml, else 127.0.0.1:10809]; port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// Hardware profile: a name from hw-profiles/ or a path to a profile file.
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Pool directory; created with a demo pool if empty [default: a fresh temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyturn: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn passphrase(args: &PoolArgs) -> Result<Passphrase> {
+    Passphrase::resolve(args.passphrase_file.as_deref(), PASS_ENV, true)
+        .context("the root key passphrase is needed")
+}
+
+fn open_pool(args: &PoolArgs, profile: &Profile) -> Result<Pool> {
+    let pass = passphrase(args)?;
+    Pool::open(&args.pool, &pass, profile)
+        .with_context(|| format!("cannot open pool {}", args.pool.display()))
+}
+
+fn default_profile() -> Result<Profile> {
+    Ok(Profile::load("ci-2core")?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => {
+            let pass = Passphrase::resolve_new(a.pool.passphrase_file.as_deref(), PASS_ENV, true)
+                .context("a passphrase for the new root key is needed")?;
+            let opts = InitOptions {
+                data: a.data,
+                staging: a.staging,
+                kdf: KdfParams {
+                    memory_kib: a.kdf_memory_kib,
+                    iterations: a.kdf_iterations,
+                    ..KdfParams::default()
+                },
+                server: ServerSection {
+                    listen: a.listen,
+                    ..ServerSection::default()
+                },
+            };
+            Pool::init(&a.pool.pool, &opts, &pass)
+                .with_context(|| format!("cannot create pool {}", a.pool.pool.display()))?;
+            println!("created pool {}", a.pool.pool.display());
+            Ok(())
+        }
+        Command::Zone(ZoneCmd::Create { pool, name }) => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let id = p
+                .create_zone(&name)
+                .with_context(|| format!("cannot create zone {name:?}"))?;
+            println!("created zone {name} (id {id})");
+            Ok(())
+        }
+        Command::Zone(ZoneCmd::List { pool, json }) => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let cat = p.catalog();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cat.zones)?);
+            } else {
+                println!("{:<6} {:<24} {:>8}", "ID", "NAME", "VOLUMES");
+                for z in &cat.zones {
+                    let n = cat.volumes.iter().filter(|v| v.zone == z.id).count();
+                    println!("{:<6} {:<24} {:>8}", z.id, z.name, n);
+                }
+            }
+            Ok(())
+        }
+        Command::Volume(VolumeCmd::Create {
+            pool,
+            zone,
+            size,
+            name,
+        }) => {
+            let bytes = parse_size(&size)?;
+            let p = open_pool(&pool, &default_profile()?)?;
+            p.create_volume(&name, &zone, bytes)
+                .with_context(|| format!("cannot create volume {name:?}"))?;
+            println!("created volume {name} ({bytes} bytes) in zone {zone}");
+            Ok(())
+        }
+        Command::Volume(VolumeCmd::List { pool, json }) => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let cat = p.catalog();
+            let usage = p.volume_usage();
+            if json {
+                let rows: Vec<_> = cat
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        let zone = cat
+                            .zones
+                            .iter()
+                            .find(|z| z.id == v.zone)
+                            .map(|z| z.name.clone());
+                        serde_json::json!({
+                            "name": v.name, "id": v.id, "zone": zone, "size": v.size,
+                            "allocated_bytes": usage.get(&v.name).copied().unwrap_or(0) * 4096,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:<16} {:>16} {:>16}",
+                    "NAME", "ZONE", "SIZE", "ALLOCATED"
+                );
+                for v in &cat.volumes {
+                    let zone = cat
+                        .zones
+                        .iter()
+                        .find(|z| z.id == v.zone)
+                        .map_or("?", |z| z.name.as_str());
+                    let used = usage.get(&v.name).copied().unwrap_or(0) * 4096;
+                    println!("{:<24} {:<16} {:>16} {:>16}", v.name, zone, v.size, used);
+                }
+            }
+            Ok(())
+        }
+        Command::Volume(VolumeCmd::Delete { pool, name }) => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            p.delete_volume(&name)
+                .with_context(|| format!("cannot delete volume {name:?}"))?;
+            println!("deleted volume {name}");
+            Ok(())
+        }
+        Command::Serve(a) => {
+            let pass = passphrase(&a.pool)?;
+            serve(&a.pool.pool, &pass, a.listen, a.unix, a.profile, None)
+        }
+        Command::Demo(a) => demo(a),
+    }
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let dir = match a.dir {
+        Some(d) => d,
+        None => {
+            let d = std::env::temp_dir().join(format!("keyturn-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            d
+        }
+    };
+    let pass_file = dir.join("demo.passphrase");
+    if !Pool::exists(&dir) {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let pass = {
+            use rand::RngCore;
+            let mut b = [0u8; 24];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        };
+        write_secret_file(&pass_file, &pass)?;
+        let pass = Passphrase::new(pass)?;
+        let opts = InitOptions {
+            data: None,
+            staging: None,
+            kdf: KdfParams::default(),
+            server: ServerSection {
+                listen: a.listen.clone(),
+                ..ServerSection::default()
+            },
+        };
+        Pool::init(&dir, &opts, &pass)
+            .with_context(|| format!("cannot create demo pool in {}", dir.display()))?;
+        let pool = Pool::open(&dir, &pass, &default_profile()?)?;
+        pool.create_zone("demo")?;
+        pool.create_volume("vol0", "demo", 1 << 30)?;
+        eprintln!(
+            "keyturn demo: created a pool in {} with zone 'demo' and a 1 GiB volume 'vol0'",
+            dir.display()
+        );
+    } else {
+        eprintln!(
+            "keyturn demo: serving the pool already in {}",
+            dir.display()
+        );
+    }
+    let pass = Passphrase::resolve(Some(&pass_file), PASS_ENV, false)
+        .with_context(|| format!("the demo keeps its passphrase in {}", pass_file.display()))?;
+    serve(&dir, &pass, Some(a.listen), a.unix, None, Some(()))
+}
+
+fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn serve(
+    dir: &Path,
+    pass: &Passphrase,
+    listen: Option<String>,
+    unix: Option<PathBuf>,
+    profile: Option<String>,
+    demo: Option<()>,
+) -> Result<()> {
+    if !Pool::exists(dir) {
+        bail!(
+            "{} is not a keyturn pool (no pool.toml); create one with `keyturn init` or `keyturn demo`",
+            dir.display()
+        );
+    }
+    let config = crate::config::PoolConfig::load(&dir.join("pool.toml"))?;
+    let profile = Profile::load(profile.as_deref().unwrap_or(&config.server.profile))?;
+    let listen = listen.unwrap_or(config.server.listen.clone());
+    let unix = unix.or(config.server.unix.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(profile.server.worker_threads.max(1))
+        .thread_name("keyturn-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let pool = Arc::new(
+        Pool::open(dir, pass, &profile)
+            .with_context(|| format!("cannot open pool {}", dir.display()))?,
+    );
+    let result = runtime.block_on(async {
+        let server_config = nbd::server::ServerConfig {
+            max_inflight_per_conn: profile.server.max_inflight_per_conn,
+            ..nbd::server::ServerConfig::default()
+        };
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        let tcp = nbd::server::Listener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = tcp.local_addr_string();
+        let export = pool
+            .catalog()
+            .volumes
+            .first()
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        tasks.push(tokio::spawn(nbd::server::serve(
+            tcp,
+            pool.clone(),
+            server_config.clone(),
+            rx.clone(),
+        )));
+        let mut unix_uri = None;
+        if let Some(path) = &unix {
+            let _ = std::fs::remove_file(path);
+            let l = nbd::server::Listener::bind(&path.to_string_lossy())
+                .await
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            unix_uri = Some(format!("nbd+unix:///{export}?socket={}", path.display()));
+            tasks.push(tokio::spawn(nbd::server::serve(
+                l,
+                pool.clone(),
+                server_config.clone(),
+                rx.clone(),
+            )));
+        }
+        let uri = format!("nbd://{addr}/{export}");
+        if demo.is_some() {
+            eprintln!("keyturn demo: NBD URI {uri}");
+            eprintln!("  try: nbdinfo {uri}");
+            eprintln!("       qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+            eprintln!(
+                "  serve it again with: keyturn demo --dir {}",
+                dir.display()
+            );
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready: nbd://{addr}/")?;
+        if let Some(u) = &unix_uri {
+            writeln!(out, "ready: {u}")?;
+        }
+        out.flush()?;
+        drop(out);
+        tracing::info!(%addr, exports = pool.catalog().volumes.len(), "serving");
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        anyhow::Ok(())
+    });
+    pool.sync().context("final flush failed")?;
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `keyturn` binary.
+
+fn main() -> std::process::ExitCode {
+    keyturn::cli::main()
+}

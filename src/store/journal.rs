@@ -221,8 +221,16 @@ pub trait CommitHooks: Send + Sync + 'static {
     fn sync_data(&self) -> Result<(), std::io::Error>;
     /// Frames up to `seq` are durable: frees they recorded may be reused.
     fn durable(&self, seq: JournalSeq);
-    /// Copies every change up to `seq` into the tables and syncs them.
-    fn checkpoint(&self, seq: JournalSeq) -> Result<(), std::io::Error>;
+    /// Checkpoints: stops every appender (takes the zone locks), calls
+    /// `flush` to make every pending frame durable (it returns the last
+    /// sequence), copies all in-memory changes into the tables, syncs them,
+    /// and returns that sequence. With appenders stopped, no overlay entry
+    /// can be newer than the frames flushed, so the tables hold exactly the
+    /// state up to the returned sequence.
+    fn checkpoint(
+        &self,
+        flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
+    ) -> Result<JournalSeq, JournalError>;
 }
 
 struct Pending {
@@ -419,9 +427,7 @@ impl Journal {
             .open(path)
             .map_err(Writer::io("open"))?;
         let (generation, _) = Self::read_header(&file, path)?;
-        hooks
-            .checkpoint(last_seq)
-            .map_err(Writer::io("checkpoint"))?;
+        hooks.checkpoint(&mut || Ok(last_seq))?;
         let mut writer = Writer {
             file,
             generation,
@@ -558,14 +564,20 @@ fn committer_loop(
     config: JournalConfig,
     hooks: Arc<dyn CommitHooks>,
 ) {
+    let fail = |e: JournalError| {
+        // Fail-stop: after a failed write or fsync nothing later may be
+        // reported durable, because we cannot know what reached the disk.
+        tracing::error!(error = %e, "journal commit failed; refusing further commits");
+        shared.durable.send_modify(|d| d.error = Some(e));
+    };
     loop {
-        let (frames, closing) = {
+        let closing = {
             let mut p = shared.pending.lock();
             if !p.requested && !p.closing {
                 shared.wake.wait_for(&mut p, config.commit_interval);
             }
             p.requested = false;
-            (std::mem::take(&mut p.frames), p.closing)
+            p.closing
         };
         if shared.durable.borrow().error.is_some() {
             if closing {
@@ -573,48 +585,53 @@ fn committer_loop(
             }
             continue;
         }
-        if !frames.is_empty() {
-            let last = JournalSeq(frames.last().map_or(0, |f| f.0));
-            let result = hooks
-                .sync_data()
-                .map_err(|e| JournalError::Io {
-                    op: "data sync",
-                    message: e.to_string(),
-                })
-                .and_then(|()| writer.write_frames(&frames));
-            match result {
-                Ok(()) => {
-                    shared.durable.send_modify(|d| d.seq = last);
-                    hooks.durable(last);
-                    if writer.write_pos > config.checkpoint_bytes {
-                        let r = hooks
-                            .checkpoint(last)
-                            .map_err(|e| JournalError::Io {
-                                op: "checkpoint",
-                                message: e.to_string(),
-                            })
-                            .and_then(|()| writer.new_generation(writer.generation + 1, last.0));
-                        if let Err(e) = r {
-                            tracing::error!(error = %e, "journal checkpoint failed; refusing further commits");
-                            shared.durable.send_modify(|d| d.error = Some(e));
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Fail-stop: after a failed write or fsync nothing later may be
-                    // reported durable, because we cannot know what reached the disk.
-                    tracing::error!(error = %e, "journal commit failed; refusing further commits");
-                    shared.durable.send_modify(|d| d.error = Some(e));
-                }
+        match flush_pending(&shared, &mut writer, hooks.as_ref()) {
+            Ok(Some(last)) => {
+                shared.durable.send_modify(|d| d.seq = last);
+                hooks.durable(last);
             }
-        } else {
-            // Wake waiters that raced with an empty commit.
-            shared.durable.send_modify(|_| {});
+            Ok(None) => shared.durable.send_modify(|_| {}),
+            Err(e) => fail(e),
+        }
+        if writer.write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
+            let mut flush = || {
+                let last = flush_pending(&shared, &mut writer, hooks.as_ref())?;
+                Ok(last.unwrap_or(shared.durable.borrow().seq))
+            };
+            match hooks.checkpoint(&mut flush) {
+                Ok(seq) => match writer.new_generation(writer.generation + 1, seq.0) {
+                    Ok(()) => {
+                        shared.durable.send_modify(|d| d.seq = d.seq.max(seq));
+                        hooks.durable(seq);
+                    }
+                    Err(e) => fail(e),
+                },
+                Err(e) => fail(e),
+            }
         }
         if closing && shared.pending.lock().frames.is_empty() {
             return;
         }
     }
+}
+
+/// Writes every pending frame after making the data devices durable.
+/// Returns the last sequence written, or `None` if nothing was pending.
+fn flush_pending(
+    shared: &Shared,
+    writer: &mut Writer,
+    hooks: &dyn CommitHooks,
+) -> Result<Option<JournalSeq>, JournalError> {
+    let frames = std::mem::take(&mut shared.pending.lock().frames);
+    let Some(last) = frames.last().map(|f| JournalSeq(f.0)) else {
+        return Ok(None);
+    };
+    hooks.sync_data().map_err(|e| JournalError::Io {
+        op: "data sync",
+        message: e.to_string(),
+    })?;
+    writer.write_frames(&frames)?;
+    Ok(Some(last))
 }
 
 #[cfg(test)]
@@ -637,9 +654,12 @@ mod tests {
         fn durable(&self, seq: JournalSeq) {
             self.durable.store(seq.0, Ordering::SeqCst);
         }
-        fn checkpoint(&self, _seq: JournalSeq) -> Result<(), std::io::Error> {
+        fn checkpoint(
+            &self,
+            flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
+        ) -> Result<JournalSeq, JournalError> {
             self.checkpoints.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            flush()
         }
     }
 
