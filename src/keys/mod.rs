@@ -1,4 +1,184 @@
 //! The key hierarchy: root key → per-zone KEK versions → per-zone DEKs and
 //! MAC key. Only wrapped keys are ever stored.
+//!
+//! ```text
+//! RootKeyProvider (passphrase-sealed file today, PKCS#11 later)
+//!   └─ wraps  KEK v1, v2, …            (one zone; AES-256)
+//!        └─ wraps  DEK v1, v2, …       (one per rotation epoch; AES-256-XTS)
+//!        └─ wraps  MAC key             (keyed BLAKE3 for tags and dedup)
+//! ```
+//!
+//! - [`wrap`]: AES-256-GCM key wrapping whose associated data is the wrapped
+//!   key's [`KeyLabel`], so one wrapped key cannot stand in for another.
+//! - [`root`]: the [`RootKeyProvider`] trait. It never hands out the root key
+//!   itself, so an HSM can implement it.
+//! - [`sealed`]: [`SealedFileProvider`], the root key sealed under a
+//!   passphrase (Argon2id + AES-256-GCM) in a JSON file.
+//! - [`passphrase`]: [`Passphrase`] and where it comes from.
+//! - [`zone_keys`]: a zone's key file (wrapped keys plus NIST SP 800-57 state)
+//!   and the unlocked [`ZoneKeyring`].
+//!
+//! DESIGN invariant 8 holds here: no error message, `Debug` string or log line
+//! carries key bytes or a passphrase. Errors name keys by label and files by
+//! path; messages that come from parsers are reduced to their kind and
+//! position, because parsers echo the input they choke on.
 
+mod fsutil;
+pub mod passphrase;
+pub mod root;
+pub mod sealed;
 pub mod secret;
+pub mod wrap;
+pub mod zone_keys;
+
+#[cfg(test)]
+mod leak_tests;
+
+use std::path::PathBuf;
+
+use crate::ids::ZoneId;
+
+pub use passphrase::{PASSPHRASE_ENV, Passphrase};
+pub use root::RootKeyProvider;
+pub use sealed::{KdfParams, SealedFileProvider};
+pub use secret::{DataKey, Kek, MacKey, RootKey, mlock_failures};
+pub use wrap::{KeyLabel, Purpose, WrappingKey};
+pub use zone_keys::{KeyRecord, KeyState, ZoneKeyFile, ZoneKeyring};
+
+/// Everything that can go wrong while storing or unlocking keys.
+///
+/// Messages name labels, paths and counts only: never key bytes, wrapped
+/// bytes or passphrases.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A wrapped key did not unwrap: wrong wrapping key, wrong label, or
+    /// altered bytes. AES-GCM cannot tell these apart, and says so.
+    #[error("cannot unwrap key {label}: {reason}")]
+    Unwrap {
+        /// The label of the key that was being unwrapped.
+        label: String,
+        /// What failed, without any bytes.
+        reason: String,
+    },
+
+    /// The passphrase did not open the sealed root key file. A corrupt file
+    /// looks the same to AES-GCM.
+    #[error("wrong passphrase for root key file {} (or the file is corrupt)", path.display())]
+    WrongPassphrase {
+        /// The sealed root key file.
+        path: PathBuf,
+    },
+
+    /// A key file that should exist does not.
+    #[error("{what} {} does not exist", path.display())]
+    NotFound {
+        /// What the file is ("root key file", "zone key file", …).
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+
+    /// Creating a key file would have replaced an existing one.
+    #[error("{what} {} already exists; refusing to overwrite it", path.display())]
+    AlreadyExists {
+        /// What the file is.
+        what: &'static str,
+        /// The existing file.
+        path: PathBuf,
+    },
+
+    /// A key file could not be parsed or fails its own consistency rules.
+    #[error("{what} {} is corrupt or not a keyturn key file: {reason}", path.display())]
+    Corrupt {
+        /// What the file is.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (kind and position, never content).
+        reason: String,
+    },
+
+    /// A key file of a format version this build does not know.
+    #[error("{what} {} has format version {found}; this build reads version {supported}", path.display())]
+    UnsupportedFormat {
+        /// What the file is.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("read", "write", "rename", …).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Key derivation parameters out of range, or the KDF failed.
+    #[error("key derivation (Argon2id): {reason}")]
+    Kdf {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// No passphrase source was available.
+    #[error(
+        "no passphrase given: use a passphrase file, set {env_var}, \
+         or run on a terminal to be prompted"
+    )]
+    NoPassphrase {
+        /// The environment variable that was consulted.
+        env_var: String,
+    },
+
+    /// A passphrase was found but cannot be used.
+    #[error("the passphrase from {origin} is unusable: {reason}")]
+    BadPassphrase {
+        /// Where it came from ("file /x", "environment variable X", "terminal").
+        origin: String,
+        /// Why ("empty", "not valid UTF-8", …).
+        reason: &'static str,
+    },
+
+    /// Key material of the wrong shape (length, equal XTS halves, …).
+    #[error("key {label} is invalid: {reason}")]
+    InvalidKey {
+        /// The key's label.
+        label: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A zone's key records do not form a usable key chain.
+    #[error("keys of zone {zone}: {reason}")]
+    Inconsistent {
+        /// The zone.
+        zone: ZoneId,
+        /// What is missing or contradictory.
+        reason: String,
+    },
+}
+
+/// Describes a JSON parse failure by kind and position only. serde_json's own
+/// messages quote the offending input, and key files hold wrapped key bytes
+/// that have no business in an error.
+pub(crate) fn describe_json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Io => "I/O error",
+        Category::Syntax => "malformed JSON",
+        Category::Data => "unexpected or missing field or value",
+        Category::Eof => "file ends early",
+    };
+    format!("{kind} at line {}, column {}", e.line(), e.column())
+}

@@ -1,0 +1,182 @@
+//! Durable, private writes for key files, and bounded reads.
+//!
+//! A key file is replaced by writing a temporary file beside it (mode 0600,
+//! created exclusively), fsyncing it, moving it into place, and fsyncing the
+//! directory. A crash leaves the old file or the new one, never a torn mix,
+//! and never a moment where the file is readable by others.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::KeyError;
+
+/// Whether a write may replace an existing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replace {
+    /// Fail with [`KeyError::AlreadyExists`] if the target exists.
+    Never,
+    /// Atomically replace the target.
+    Allow,
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyError {
+    let path = path.to_path_buf();
+    move |source| KeyError::Io { op, path, source }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600.
+pub(crate) fn write_private_atomic(
+    what: &'static str,
+    path: &Path,
+    bytes: &[u8],
+    replace: Replace,
+) -> Result<(), KeyError> {
+    let dir = parent_dir(path);
+    let name = path.file_name().ok_or_else(|| KeyError::Io {
+        op: "write",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    if replace == Replace::Never && fs::symlink_metadata(path).is_ok() {
+        return Err(KeyError::AlreadyExists {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let tmp = dir.join(tmp_name);
+
+    let result = (|| {
+        // create_new: never follow or reuse something already at the temp name.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        drop(f);
+        match replace {
+            Replace::Allow => fs::rename(&tmp, path).map_err(io("rename into", path))?,
+            Replace::Never => {
+                // A hard link fails if the target exists, so a file created by
+                // someone else since the check above is never clobbered.
+                fs::hard_link(&tmp, path).map_err(|source| {
+                    if source.kind() == std::io::ErrorKind::AlreadyExists {
+                        KeyError::AlreadyExists {
+                            what,
+                            path: path.to_path_buf(),
+                        }
+                    } else {
+                        KeyError::Io {
+                            op: "link into",
+                            path: path.to_path_buf(),
+                            source,
+                        }
+                    }
+                })?;
+                fs::remove_file(&tmp).map_err(io("remove", &tmp))?;
+            }
+        }
+        // The rename or link is durable only once the directory is synced.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", &dir))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads a whole key file, refusing files over `limit` bytes (a key file is
+/// small; a huge one is a mistake or an attack on memory).
+pub(crate) fn read_limited(
+    what: &'static str,
+    path: &Path,
+    limit: u64,
+) -> Result<Vec<u8>, KeyError> {
+    let f = File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            KeyError::NotFound {
+                what,
+                path: path.to_path_buf(),
+            }
+        } else {
+            KeyError::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    // Sized up front so the buffer is not regrown: a regrown buffer leaves
+    // copies (of a passphrase, say) in freed memory.
+    let hint = f.metadata().map(|m| m.len()).unwrap_or(0).min(limit) + 1;
+    let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(io("read", path))?;
+    if buf.len() as u64 > limit {
+        return Err(KeyError::Corrupt {
+            what,
+            path: path.to_path_buf(),
+            reason: format!("larger than {limit} bytes"),
+        });
+    }
+    Ok(buf)
+}
+
+/// Serde helpers: binary fields as standard padded base64 (constant-time
+/// codec, since some of these bytes are secret-dependent).
+pub(crate) mod b64 {
+    use base64ct::{Base64, Encoding};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&Base64::encode_string(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        Base64::decode_vec(&s).map_err(|_| serde::de::Error::custom("invalid base64"))
+    }
+
+    /// The same for `Option<Vec<u8>>` (absent or null is `None`).
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match bytes {
+                Some(b) => s.serialize_some(&Base64::encode_string(b)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(s) => Base64::decode_vec(&s)
+                    .map(Some)
+                    .map_err(|_| serde::de::Error::custom("invalid base64")),
+                None => Ok(None),
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The root of the key hierarchy, behind a trait.
+//!
+//! A provider wraps and unwraps keys (in practice, zone KEKs) under a root
+//! key it never hands out. The passphrase-sealed file
+//! ([`SealedFileProvider`](super::SealedFileProvider)) keeps the root key in
+//! process memory; a PKCS#11 provider keeps it inside the token and sends it
+//! only the key to wrap. Nothing in this trait assumes either.
+
+use zeroize::Zeroizing;
+
+use super::KeyError;
+use super::wrap::KeyLabel;
+
+/// Wraps and unwraps keys under a root key that the caller never sees.
+///
+/// Implementations must bind `label` to the wrapped bytes (as associated
+/// data or an equivalent attribute), so that `unwrap_key` under any other
+/// label fails with [`KeyError::Unwrap`].
+pub trait RootKeyProvider: Send + Sync {
+    /// Wraps `key` (the raw bytes of a KEK) under the root key, bound to
+    /// `label`. The returned bytes are safe to store.
+    fn wrap_key(&self, label: &KeyLabel, key: &[u8]) -> Result<Vec<u8>, KeyError>;
+
+    /// Unwraps bytes produced by [`wrap_key`](Self::wrap_key) with the same
+    /// label. Wrong label, tampered bytes or another root key fail.
+    fn unwrap_key(&self, label: &KeyLabel, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+
+    /// A one-line description for logs and status output (kind and location,
+    /// never key material), e.g. `sealed root key file /etc/keyturn/root.json`.
+    fn describe(&self) -> String;
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A root key held in memory, for tests that need a provider without
+    //! paying for Argon2.
+
+    use super::*;
+    use crate::keys::secret::RootKey;
+    use crate::keys::wrap;
+
+    /// An in-memory root key. Test-only: production roots are sealed or in
+    /// an HSM.
+    #[derive(Debug)]
+    pub(crate) struct MemoryProvider(pub(crate) RootKey);
+
+    impl MemoryProvider {
+        pub(crate) fn new() -> Self {
+            Self(RootKey::generate())
+        }
+    }
+
+    impl RootKeyProvider for MemoryProvider {
+        fn wrap_key(&self, label: &KeyLabel, key: &[u8]) -> Result<Vec<u8>, KeyError> {
+            wrap::wrap(&self.0, label, key)
+        }
+
+        fn unwrap_key(
+            &self,
+            label: &KeyLabel,
+            wrapped: &[u8],
+        ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+            wrap::unwrap(&self.0, label, wrapped)
+        }
+
+        fn describe(&self) -> String {
+            "in-memory test root key".into()
+        }
+    }
+}

@@ -1,0 +1,747 @@
+//! A zone's key file (only wrapped keys, plus their life-cycle state) and the
+//! unlocked keyring the data path uses.
+//!
+//! File (JSON, mode 0600, replaced only atomically):
+//!
+//! ```json
+//! {
+//!   "format": "keyturn-zone-keys",
+//!   "version": 1,
+//!   "zone": 3,
+//!   "zone_name": "prod",
+//!   "keys": [
+//!     { "id": "z3-kek-v1", "zone": 3, "purpose": "kek", "version": 1,
+//!       "state": "active", "created_unix": 1700000000,
+//!       "activated_unix": 1700000000, "wrapped": "<base64>" },
+//!     { "id": "z3-dek-v1", "zone": 3, "purpose": "dek", "version": 1,
+//!       "state": "active", "wrapped_by_kek": 1, … },
+//!     { "id": "z3-mac-v1", "zone": 3, "purpose": "mac", "version": 1,
+//!       "state": "active", "wrapped_by_kek": 1, … }
+//!   ]
+//! }
+//! ```
+//!
+//! A KEK is wrapped by the root key provider; a DEK or the MAC key by the
+//! zone KEK whose version `wrapped_by_kek` names. `wrapped` is absent once a
+//! key is destroyed: destroying the wrapped copy is the crypto-erase. Every
+//! wrapped key is bound to its record's label (id, zone, purpose, version),
+//! so records cannot be swapped or renumbered in the file.
+//!
+//! States follow NIST SP 800-57: pre-active (the next DEK, during a rotation
+//! window) → active → decrypt-only → destroyed; compromised when revoked in an
+//! emergency (still decryptable, so its data can be re-encrypted).
+//!
+//! Times are unix seconds.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::fsutil::{self, Replace, b64};
+use super::root::RootKeyProvider;
+use super::secret::{DataKey, Kek, MacKey};
+use super::wrap::{self, KeyLabel, Purpose};
+use super::{KeyError, describe_json_error};
+use crate::ids::{KeyVersion, ZoneId};
+
+const WHAT: &str = "zone key file";
+const FORMAT: &str = "keyturn-zone-keys";
+const FORMAT_VERSION: u32 = 1;
+/// A record is a few hundred bytes; this allows thousands of versions.
+const MAX_FILE_LEN: u64 = 16 * 1024 * 1024;
+
+/// A key's life-cycle state (NIST SP 800-57 Part 1, §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// Generated, not yet used to protect data (the next DEK).
+    PreActive,
+    /// Protects new data.
+    Active,
+    /// Only decrypts data it protected earlier.
+    DecryptOnly,
+    /// Wrapped copy erased; data under it is unreadable.
+    Destroyed,
+    /// Revoked in an emergency; decrypts only so data can be re-encrypted.
+    Compromised,
+}
+
+impl KeyState {
+    /// Whether a wrapped copy of the key exists in this state.
+    pub fn has_material(self) -> bool {
+        self != KeyState::Destroyed
+    }
+}
+
+/// One key's metadata and wrapped bytes.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// Key id, e.g. `z3-dek-v1`; part of the wrap label.
+    pub id: String,
+    /// The zone; part of the wrap label.
+    pub zone: ZoneId,
+    /// What the key is for; part of the wrap label.
+    pub purpose: Purpose,
+    /// Version within zone and purpose; part of the wrap label.
+    pub version: u32,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// For a DEK or MAC key: the version of the zone KEK that wraps it.
+    /// `None` for a KEK (the root provider wraps those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped_by_kek: Option<u32>,
+    /// When the key was generated.
+    pub created_unix: u64,
+    /// When it became active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_unix: Option<u64>,
+    /// When it stopped protecting new data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivated_unix: Option<u64>,
+    /// When its wrapped copy was erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_unix: Option<u64>,
+    /// The wrapped key; `None` once destroyed.
+    #[serde(default, with = "b64::option", skip_serializing_if = "Option::is_none")]
+    pub wrapped: Option<Vec<u8>>,
+}
+
+impl KeyRecord {
+    /// The label its wrapped bytes are bound to.
+    pub fn label(&self) -> KeyLabel {
+        KeyLabel {
+            key_id: self.id.clone(),
+            zone: self.zone,
+            purpose: self.purpose,
+            version: self.version,
+        }
+    }
+
+    fn new(
+        zone: ZoneId,
+        purpose: Purpose,
+        version: u32,
+        state: KeyState,
+        wrapped_by_kek: Option<u32>,
+        now: u64,
+        wrapped: Vec<u8>,
+    ) -> Self {
+        let label = KeyLabel::new(zone, purpose, version);
+        Self {
+            id: label.key_id,
+            zone,
+            purpose,
+            version,
+            state,
+            wrapped_by_kek,
+            created_unix: now,
+            activated_unix: (state == KeyState::Active).then_some(now),
+            deactivated_unix: None,
+            destroyed_unix: None,
+            wrapped: Some(wrapped),
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyRecord {
+    // Wrapped bytes are ciphertext, but there is no reason to print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("zone", &self.zone)
+            .field("purpose", &self.purpose)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("wrapped_by_kek", &self.wrapped_by_kek)
+            .field("created_unix", &self.created_unix)
+            .field("activated_unix", &self.activated_unix)
+            .field("deactivated_unix", &self.deactivated_unix)
+            .field("destroyed_unix", &self.destroyed_unix)
+            .field(
+                "wrapped",
+                &self
+                    .wrapped
+                    .as_ref()
+                    .map(|w| format!("<{} bytes>", w.len())),
+            )
+            .finish()
+    }
+}
+
+/// A zone's stored key chain: wrapped KEK versions, DEK versions and MAC key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneKeyFile {
+    format: String,
+    version: u32,
+    zone: ZoneId,
+    zone_name: String,
+    keys: Vec<KeyRecord>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl ZoneKeyFile {
+    /// A new key chain for `zone`: KEK v1 wrapped by `provider`, and DEK v1
+    /// and the MAC key (both active) wrapped by KEK v1. Nothing is written
+    /// until [`save`](Self::save).
+    pub fn create(
+        provider: &dyn RootKeyProvider,
+        zone: ZoneId,
+        zone_name: &str,
+    ) -> Result<Self, KeyError> {
+        let now = unix_now();
+        let kek = Kek::generate();
+        let kek_label = KeyLabel::new(zone, Purpose::Kek, 1);
+        let kek_wrapped = provider.wrap_key(&kek_label, kek.expose())?;
+
+        let dek = DataKey::generate();
+        let dek_wrapped = wrap::wrap(&kek, &KeyLabel::new(zone, Purpose::Dek, 1), dek.expose())?;
+        let mac = MacKey::generate();
+        let mac_wrapped = wrap::wrap(&kek, &KeyLabel::new(zone, Purpose::Mac, 1), mac.expose())?;
+
+        let keys = vec![
+            KeyRecord::new(
+                zone,
+                Purpose::Kek,
+                1,
+                KeyState::Active,
+                None,
+                now,
+                kek_wrapped,
+            ),
+            KeyRecord::new(
+                zone,
+                Purpose::Dek,
+                1,
+                KeyState::Active,
+                Some(1),
+                now,
+                dek_wrapped,
+            ),
+            KeyRecord::new(
+                zone,
+                Purpose::Mac,
+                1,
+                KeyState::Active,
+                Some(1),
+                now,
+                mac_wrapped,
+            ),
+        ];
+        let file = Self {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            zone,
+            zone_name: zone_name.to_string(),
+            keys,
+        };
+        debug_assert!(file.check().is_ok());
+        Ok(file)
+    }
+
+    /// Writes the file atomically (mode 0600), replacing any previous one.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| KeyError::Corrupt {
+            what: WHAT,
+            path: path.to_path_buf(),
+            reason: format!("cannot serialise: {}", describe_json_error(&e)),
+        })?;
+        json.push(b'\n');
+        fsutil::write_private_atomic(WHAT, path, &json, Replace::Allow)
+    }
+
+    /// Reads and checks a zone key file. Nothing is unwrapped.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let bytes = fsutil::read_limited(WHAT, path, MAX_FILE_LEN)?;
+        let corrupt = |reason: String| KeyError::Corrupt {
+            what: WHAT,
+            path: path.to_path_buf(),
+            reason,
+        };
+        // Check the header first so a newer format is reported as such, not
+        // as a field this build does not know.
+        #[derive(Deserialize)]
+        struct Header {
+            format: String,
+            version: u32,
+        }
+        let header: Header =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
+        if header.format != FORMAT {
+            return Err(corrupt(
+                "the format field does not name a zone key file".into(),
+            ));
+        }
+        if header.version != FORMAT_VERSION {
+            return Err(KeyError::UnsupportedFormat {
+                what: WHAT,
+                path: path.to_path_buf(),
+                found: header.version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let file: Self =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(describe_json_error(&e)))?;
+        file.check().map_err(corrupt)?;
+        Ok(file)
+    }
+
+    /// Unwraps the keys the data path needs: every DEK that still has
+    /// material, and the MAC key. KEKs are unwrapped through `provider` and
+    /// dropped (zeroized) before this returns.
+    pub fn unlock(&self, provider: &dyn RootKeyProvider) -> Result<ZoneKeyring, KeyError> {
+        self.check().map_err(|reason| KeyError::Inconsistent {
+            zone: self.zone,
+            reason,
+        })?;
+        let mut keks: BTreeMap<u32, Kek> = BTreeMap::new();
+        let mut deks = BTreeMap::new();
+        let mut mac = None;
+        let mut active = None;
+        for r in &self.keys {
+            // The one active MAC key is used; a retired one is never needed.
+            if r.purpose == Purpose::Kek
+                || !r.state.has_material()
+                || (r.purpose == Purpose::Mac && r.state != KeyState::Active)
+            {
+                continue;
+            }
+            let (Some(kek_version), Some(wrapped)) = (r.wrapped_by_kek, r.wrapped.as_deref())
+            else {
+                continue; // check() rules this out
+            };
+            let kek = match keks.entry(kek_version) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.unwrap_kek(provider, kek_version)?),
+            };
+            let label = r.label();
+            let plain = wrap::unwrap(kek, &label, wrapped)?;
+            let invalid = |reason: String| KeyError::InvalidKey {
+                label: label.to_string(),
+                reason,
+            };
+            match r.purpose {
+                Purpose::Dek => {
+                    let dek = DataKey::from_slice(&plain).ok_or_else(|| {
+                        invalid(format!("{} bytes, expected {}", plain.len(), DataKey::LEN))
+                    })?;
+                    // DESIGN invariant 2, checked on every unlock, not only at
+                    // generation.
+                    if dek.expose()[..32] == dek.expose()[32..] {
+                        return Err(invalid("its two XTS halves are equal".into()));
+                    }
+                    if r.state == KeyState::Active {
+                        active = Some(KeyVersion(r.version));
+                    }
+                    deks.insert(KeyVersion(r.version), (r.state, dek));
+                }
+                Purpose::Mac => {
+                    mac = Some(MacKey::from_slice(&plain).ok_or_else(|| {
+                        invalid(format!("{} bytes, expected {}", plain.len(), MacKey::LEN))
+                    })?);
+                }
+                Purpose::Kek | Purpose::Root => {}
+            }
+        }
+        let inconsistent = |reason: &str| KeyError::Inconsistent {
+            zone: self.zone,
+            reason: reason.into(),
+        };
+        Ok(ZoneKeyring {
+            zone: self.zone,
+            active: active.ok_or_else(|| inconsistent("no active DEK"))?,
+            deks,
+            mac: mac.ok_or_else(|| inconsistent("no MAC key"))?,
+        })
+    }
+
+    /// Adds DEK version n+1 in state pre-active, wrapped under the active
+    /// KEK, for the next rotation. Fails if a pre-active DEK already exists.
+    /// Call [`save`](Self::save) to keep it.
+    pub fn add_dek_version(
+        &mut self,
+        provider: &dyn RootKeyProvider,
+    ) -> Result<KeyVersion, KeyError> {
+        let inconsistent = |reason: String| KeyError::Inconsistent {
+            zone: self.zone,
+            reason,
+        };
+        if let Some(r) = self.deks().find(|r| r.state == KeyState::PreActive) {
+            return Err(inconsistent(format!(
+                "pre-active DEK {} already exists; activate or destroy it first",
+                r.id
+            )));
+        }
+        let kek_version = self
+            .keys
+            .iter()
+            .filter(|r| r.purpose == Purpose::Kek && r.state == KeyState::Active)
+            .map(|r| r.version)
+            .max()
+            .ok_or_else(|| inconsistent("no active KEK".into()))?;
+        let next = self
+            .deks()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| inconsistent("DEK versions exhausted".into()))?;
+        let kek = self.unwrap_kek(provider, kek_version)?;
+        let dek = DataKey::generate();
+        let wrapped = wrap::wrap(
+            &kek,
+            &KeyLabel::new(self.zone, Purpose::Dek, next),
+            dek.expose(),
+        )?;
+        self.keys.push(KeyRecord::new(
+            self.zone,
+            Purpose::Dek,
+            next,
+            KeyState::PreActive,
+            Some(kek_version),
+            unix_now(),
+            wrapped,
+        ));
+        Ok(KeyVersion(next))
+    }
+
+    /// The zone this file belongs to.
+    pub fn zone(&self) -> ZoneId {
+        self.zone
+    }
+
+    /// The zone's human-readable name.
+    pub fn zone_name(&self) -> &str {
+        &self.zone_name
+    }
+
+    /// All key records, in creation order.
+    pub fn records(&self) -> &[KeyRecord] {
+        &self.keys
+    }
+
+    fn deks(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.keys.iter().filter(|r| r.purpose == Purpose::Dek)
+    }
+
+    fn unwrap_kek(&self, provider: &dyn RootKeyProvider, version: u32) -> Result<Kek, KeyError> {
+        let r = self
+            .keys
+            .iter()
+            .find(|r| r.purpose == Purpose::Kek && r.version == version)
+            .ok_or_else(|| KeyError::Inconsistent {
+                zone: self.zone,
+                reason: format!("KEK v{version} is referenced but has no record"),
+            })?;
+        let label = r.label();
+        let wrapped = r.wrapped.as_deref().ok_or_else(|| KeyError::Inconsistent {
+            zone: self.zone,
+            reason: format!("KEK {} is needed but destroyed", r.id),
+        })?;
+        let plain = provider.unwrap_key(&label, wrapped)?;
+        Kek::from_slice(&plain).ok_or_else(|| KeyError::InvalidKey {
+            label: label.to_string(),
+            reason: format!("{} bytes, expected {}", plain.len(), Kek::LEN),
+        })
+    }
+
+    /// The rules every stored key chain obeys. Returns what is broken.
+    fn check(&self) -> Result<(), String> {
+        let mut ids = std::collections::HashSet::new();
+        let mut versions = std::collections::HashSet::new();
+        for r in &self.keys {
+            if r.zone != self.zone {
+                return Err(format!(
+                    "key {} belongs to zone {}, not {}",
+                    r.id, r.zone, self.zone
+                ));
+            }
+            if !ids.insert(r.id.as_str()) {
+                return Err(format!("key id {} appears twice", r.id));
+            }
+            if !versions.insert((r.purpose, r.version)) {
+                return Err(format!("two {} keys have version {}", r.purpose, r.version));
+            }
+            match (r.purpose, r.wrapped_by_kek) {
+                (Purpose::Root, _) => {
+                    return Err(format!("key {} is a root key; zone files hold none", r.id));
+                }
+                (Purpose::Kek, Some(_)) => {
+                    return Err(format!("KEK {} names a wrapping KEK", r.id));
+                }
+                (Purpose::Dek | Purpose::Mac, None) => {
+                    return Err(format!("key {} does not name its wrapping KEK", r.id));
+                }
+                _ => {}
+            }
+            if r.state.has_material() != r.wrapped.is_some() {
+                return Err(format!(
+                    "key {} is {:?} but {} wrapped bytes",
+                    r.id,
+                    r.state,
+                    if r.wrapped.is_some() { "has" } else { "lacks" }
+                ));
+            }
+            if let Some(k) = r.wrapped_by_kek {
+                if r.state.has_material()
+                    && !self.keys.iter().any(|x| {
+                        x.purpose == Purpose::Kek && x.version == k && x.state.has_material()
+                    })
+                {
+                    return Err(format!(
+                        "key {} is wrapped by KEK v{k}, which is missing or destroyed",
+                        r.id
+                    ));
+                }
+            }
+        }
+        let count = |p: Purpose, s: KeyState| {
+            self.keys
+                .iter()
+                .filter(|r| r.purpose == p && r.state == s)
+                .count()
+        };
+        if count(Purpose::Dek, KeyState::Active) != 1 {
+            return Err("there must be exactly one active DEK".into());
+        }
+        if count(Purpose::Dek, KeyState::PreActive) > 1 {
+            return Err("there is more than one pre-active DEK".into());
+        }
+        if count(Purpose::Mac, KeyState::Active) != 1 {
+            return Err("there must be exactly one active MAC key".into());
+        }
+        Ok(())
+    }
+}
+
+/// A zone's unwrapped keys: every DEK that still has material, by version,
+/// and the MAC key. Zeroized on drop; `Debug` shows versions and states only.
+pub struct ZoneKeyring {
+    zone: ZoneId,
+    active: KeyVersion,
+    deks: BTreeMap<KeyVersion, (KeyState, DataKey)>,
+    mac: MacKey,
+}
+
+impl ZoneKeyring {
+    /// The zone.
+    pub fn zone(&self) -> ZoneId {
+        self.zone
+    }
+
+    /// The version new writes are encrypted under.
+    pub fn active_version(&self) -> KeyVersion {
+        self.active
+    }
+
+    /// The active DEK.
+    pub fn active_dek(&self) -> &DataKey {
+        // `unlock` inserts the active version into `deks` before it can set
+        // `active`, and nothing removes entries.
+        &self.deks[&self.active].1
+    }
+
+    /// The DEK of `version`, if it still has material.
+    pub fn dek(&self, version: KeyVersion) -> Option<&DataKey> {
+        self.deks.get(&version).map(|(_, k)| k)
+    }
+
+    /// The state of DEK `version`, if present.
+    pub fn state(&self, version: KeyVersion) -> Option<KeyState> {
+        self.deks.get(&version).map(|(s, _)| *s)
+    }
+
+    /// The pre-active (next) DEK version, during a rotation window.
+    pub fn next_version(&self) -> Option<KeyVersion> {
+        self.deks
+            .iter()
+            .find(|(_, (s, _))| *s == KeyState::PreActive)
+            .map(|(v, _)| *v)
+    }
+
+    /// The zone's MAC key.
+    pub fn mac_key(&self) -> &MacKey {
+        &self.mac
+    }
+
+    /// Every DEK version held, ascending.
+    pub fn versions(&self) -> impl Iterator<Item = KeyVersion> + '_ {
+        self.deks.keys().copied()
+    }
+}
+
+impl std::fmt::Debug for ZoneKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneKeyring")
+            .field("zone", &self.zone)
+            .field("active", &self.active)
+            .field(
+                "deks",
+                &self
+                    .deks
+                    .iter()
+                    .map(|(v, (s, _))| (v.0, *s))
+                    .collect::<Vec<_>>(),
+            )
+            .field("mac", &self.mac)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::passphrase::Passphrase;
+    use crate::keys::root::test_support::MemoryProvider;
+    use crate::keys::sealed::{KdfParams, SealedFileProvider};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn create_save_load_unlock_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = Passphrase::new("zone test".into()).unwrap();
+        let root_path = dir.path().join("root.json");
+        let provider =
+            SealedFileProvider::create(&root_path, &pass, KdfParams::INSECURE_FAST).unwrap();
+
+        let file = ZoneKeyFile::create(&provider, ZoneId(3), "prod").unwrap();
+        let ring1 = file.unlock(&provider).unwrap();
+        let path = dir.path().join("zone-3.keys.json");
+        file.save(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // A fresh process: reopen the root and the zone file.
+        let provider2 = SealedFileProvider::open(&root_path, &pass).unwrap();
+        let loaded = ZoneKeyFile::load(&path).unwrap();
+        assert_eq!(loaded.zone(), ZoneId(3));
+        assert_eq!(loaded.zone_name(), "prod");
+        let ids: Vec<_> = loaded.records().iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["z3-kek-v1", "z3-dek-v1", "z3-mac-v1"]);
+        let ring2 = loaded.unlock(&provider2).unwrap();
+
+        assert_eq!(ring2.zone(), ZoneId(3));
+        assert_eq!(ring2.active_version(), KeyVersion(1));
+        assert_eq!(ring2.versions().collect::<Vec<_>>(), [KeyVersion(1)]);
+        let dek = ring2.dek(KeyVersion(1)).unwrap();
+        assert_eq!(dek.expose(), ring1.dek(KeyVersion(1)).unwrap().expose());
+        assert_ne!(dek.expose()[..32], dek.expose()[32..]);
+        assert_eq!(ring2.mac_key().expose(), ring1.mac_key().expose());
+        assert!(ring2.dek(KeyVersion(2)).is_none());
+        assert_eq!(ring2.state(KeyVersion(1)), Some(KeyState::Active));
+    }
+
+    #[test]
+    fn add_pre_active_dek() {
+        let p = MemoryProvider::new();
+        let mut file = ZoneKeyFile::create(&p, ZoneId(1), "z").unwrap();
+        assert_eq!(file.add_dek_version(&p).unwrap(), KeyVersion(2));
+        assert!(matches!(
+            file.add_dek_version(&p),
+            Err(KeyError::Inconsistent { .. })
+        ));
+        let ring = file.unlock(&p).unwrap();
+        assert_eq!(ring.active_version(), KeyVersion(1));
+        assert_eq!(ring.next_version(), Some(KeyVersion(2)));
+        assert_ne!(
+            ring.dek(KeyVersion(1)).unwrap().expose(),
+            ring.dek(KeyVersion(2)).unwrap().expose()
+        );
+    }
+
+    #[test]
+    fn another_root_cannot_unlock() {
+        let file = ZoneKeyFile::create(&MemoryProvider::new(), ZoneId(1), "z").unwrap();
+        let e = file.unlock(&MemoryProvider::new()).unwrap_err();
+        assert!(matches!(e, KeyError::Unwrap { .. }), "{e}");
+        assert!(e.to_string().contains("z1-kek-v1"), "{e}");
+    }
+
+    #[test]
+    fn swapped_records_fail_to_unwrap() {
+        let p = MemoryProvider::new();
+        let mut file = ZoneKeyFile::create(&p, ZoneId(1), "z").unwrap();
+        file.add_dek_version(&p).unwrap();
+        // Move DEK v2's wrapped bytes into DEK v1's record.
+        let v2 = file.keys[3].wrapped.clone();
+        file.keys[1].wrapped = v2;
+        let e = file.unlock(&p).unwrap_err();
+        assert!(e.to_string().contains("z1-dek-v1"), "{e}");
+
+        // Moving the whole chain to another zone changes every label.
+        let mut file = ZoneKeyFile::create(&p, ZoneId(1), "z").unwrap();
+        file.zone = ZoneId(5);
+        for r in &mut file.keys {
+            r.zone = ZoneId(5);
+        }
+        let e = file.unlock(&p).unwrap_err();
+        assert!(matches!(e, KeyError::Unwrap { .. }), "{e}");
+    }
+
+    #[test]
+    fn load_rejects_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = MemoryProvider::new();
+        let file = ZoneKeyFile::create(&p, ZoneId(2), "z").unwrap();
+        let path = dir.path().join("k.json");
+
+        assert!(matches!(
+            ZoneKeyFile::load(&path),
+            Err(KeyError::NotFound { .. })
+        ));
+
+        let mut f2 = file.clone();
+        f2.keys[1].state = KeyState::DecryptOnly; // no active DEK left
+        f2.save(&path).unwrap();
+        let e = ZoneKeyFile::load(&path).unwrap_err();
+        assert!(e.to_string().contains("exactly one active DEK"), "{e}");
+
+        let mut f3 = file.clone();
+        f3.keys[1].wrapped = None; // active but no material
+        f3.save(&path).unwrap();
+        assert!(matches!(
+            ZoneKeyFile::load(&path),
+            Err(KeyError::Corrupt { .. })
+        ));
+
+        let mut f4 = file.clone();
+        f4.version = 2;
+        f4.save(&path).unwrap();
+        assert!(matches!(
+            ZoneKeyFile::load(&path),
+            Err(KeyError::UnsupportedFormat { found: 2, .. })
+        ));
+
+        std::fs::write(&path, "[]").unwrap();
+        assert!(matches!(
+            ZoneKeyFile::load(&path),
+            Err(KeyError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn destroyed_dek_is_absent_from_keyring() {
+        let p = MemoryProvider::new();
+        let mut file = ZoneKeyFile::create(&p, ZoneId(1), "z").unwrap();
+        file.add_dek_version(&p).unwrap();
+        // Hand-rotate: v2 active, v1 destroyed.
+        file.keys[1].state = KeyState::Destroyed;
+        file.keys[1].wrapped = None;
+        file.keys[3].state = KeyState::Active;
+        let ring = file.unlock(&p).unwrap();
+        assert_eq!(ring.active_version(), KeyVersion(2));
+        assert!(ring.dek(KeyVersion(1)).is_none());
+        assert_eq!(ring.versions().collect::<Vec<_>>(), [KeyVersion(2)]);
+    }
+}
