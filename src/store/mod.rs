@@ -2,3 +2,5 @@
 //! tables and slot allocators.
 
 pub mod device;
+pub mod fault;
+mod uring;
