@@ -396,15 +396,15 @@ fn serve(
     );
     let result = runtime.block_on(async {
         let server_config = nbd::server::ServerConfig {
-            max_inflight_per_conn: profile.server.max_inflight_per_conn,
+            max_in_flight: profile.server.max_inflight_per_conn,
             ..nbd::server::ServerConfig::default()
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        let tcp = nbd::server::Listener::bind(&listen)
+        let tcp = nbd::server::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let addr = tcp.local_addr_string();
+        let addr = tcp.local_addr().to_string();
         let export = pool
             .catalog()
             .volumes
@@ -420,7 +420,7 @@ fn serve(
         let mut unix_uri = None;
         if let Some(path) = &unix {
             let _ = std::fs::remove_file(path);
-            let l = nbd::server::Listener::bind(&path.to_string_lossy())
+            let l = nbd::server::bind(&format!("unix:{}", path.display()))
                 .await
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             unix_uri = Some(format!("nbd+unix:///{export}?socket={}", path.display()));

@@ -1,7 +1,45 @@
 //! Block device and file I/O through io_uring (with a plain-syscall
 //! backend for comparison and fallback), on 4 KiB-aligned buffers.
+//!
+//! An [`Engine`] runs the I/O: one io_uring driven by its own thread (see
+//! `uring.rs`, the only unsafe code here), or a small pool of threads doing
+//! pread/pwrite/fdatasync. A [`Device`] is an open file or block device whose
+//! async operations go through an engine. Every operation owns its
+//! [`AlignedBuf`] and hands it back when done, so a dropped future never
+//! leaves the kernel writing into freed memory.
+//!
+//! # Size
+//! A device's size only changes through [`Device::ensure_size`]; writes past
+//! it are refused with [`DeviceError::OutOfRange`]. Writes never extend a
+//! file themselves, so growing cannot race with them and never truncates
+//! data that a write just placed past the old end.
+//!
+//! # Fail-stop
+//! After a failed sync the device is poisoned: every later sync and write
+//! fails with [`DeviceError::Poisoned`] until the device is reopened and the
+//! journal recovered. The kernel may have dropped the dirty pages whose
+//! writeback failed, so a later fdatasync succeeding would prove nothing
+//! (redb and PostgreSQL's fsync lesson). Reads still work.
 
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+#[cfg(test)]
+use super::fault::FaultCounts;
+use super::fault::{FaultOp, FaultPlan};
+pub use super::uring::AlignedBuf;
+use super::uring::{self, OpKind, PAGE, Request, Waker};
 
 /// Errors from device I/O. Carries the operation, device and offset.
 #[derive(Debug, thiserror::Error)]
@@ -33,36 +71,19 @@ pub enum DeviceError {
         /// Device size.
         size: u64,
     },
+    /// An earlier sync failed, so nothing written since the last good sync
+    /// can be called durable; the device refuses writes and syncs until it
+    /// is reopened and recovered.
+    #[error("{op} on {device} refused: an earlier sync failed (fail-stop); reopen and recover")]
+    Poisoned {
+        /// Operation ("write" or "sync").
+        op: &'static str,
+        /// Device path.
+        device: String,
+    },
     /// The I/O engine has stopped.
     #[error("the I/O engine has stopped")]
     EngineStopped,
-}
-
-/// A heap buffer aligned to 4096 bytes, its length a multiple of 4096, for
-/// O_DIRECT I/O. Zero-filled on allocation.
-pub struct AlignedBuf {
-    _todo: (),
-}
-
-impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes (rounded up to a multiple of 4096).
-    pub fn zeroed(len: usize) -> Self {
-        let _ = len;
-        todo!()
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        todo!()
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        todo!()
-    }
 }
 
 /// Options for opening a device.
@@ -78,14 +99,134 @@ pub struct DeviceOptions {
 /// Cheap to clone; all clones share one open file and one I/O engine.
 #[derive(Clone)]
 pub struct Device {
-    _todo: (),
+    inner: Arc<DeviceInner>,
+    /// Fault injection, for failure tests; `None` costs one branch per op.
+    faults: Option<FaultPlan>,
+}
+
+struct DeviceInner {
+    /// For error messages.
+    name: String,
+    /// Shared with every in-flight request, which keeps the descriptor
+    /// open until the kernel is done with it.
+    file: Arc<File>,
+    engine: Engine,
+    direct: bool,
+    block_device: bool,
+    /// Authoritative size: only `ensure_size` changes it, under `grow`.
+    size: AtomicU64,
+    grow: Mutex<()>,
+    /// Set by the first failed sync; never cleared.
+    poisoned: AtomicBool,
+}
+
+/// The system calls that `open` makes, replaceable in tests so that the
+/// O_DIRECT fallback can be exercised on a filesystem that accepts O_DIRECT.
+struct OpenSys {
+    open: fn(&Path, &DeviceOptions, bool) -> io::Result<File>,
+    /// One aligned read, to see whether O_DIRECT I/O really works.
+    probe: fn(&File) -> io::Result<()>,
+}
+
+const REAL_SYS: OpenSys = OpenSys {
+    open: sys_open,
+    probe: sys_probe,
+};
+
+fn sys_open(path: &Path, opts: &DeviceOptions, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(opts.create);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+fn sys_probe(file: &File) -> io::Result<()> {
+    let mut buf = AlignedBuf::zeroed(PAGE);
+    loop {
+        match file.read_at(&mut buf, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r.map(drop),
+        }
+    }
+}
+
+fn is_einval(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
 }
 
 impl Device {
     /// Opens `path`, submitting its I/O through `engine`.
     pub fn open(path: &Path, opts: &DeviceOptions, engine: &Engine) -> Result<Self, DeviceError> {
-        let _ = (path, opts, engine);
-        todo!()
+        Self::open_with(path, opts, engine, &REAL_SYS)
+    }
+
+    fn open_with(
+        path: &Path,
+        opts: &DeviceOptions,
+        engine: &Engine,
+        sys: &OpenSys,
+    ) -> Result<Self, DeviceError> {
+        let name = path.display().to_string();
+        let io_err = |source| DeviceError::Io {
+            op: "open",
+            device: name.clone(),
+            offset: 0,
+            source,
+        };
+        let mut direct = opts.direct;
+        let mut file = match (sys.open)(path, opts, direct) {
+            Err(e) if direct && is_einval(&e) => {
+                direct = false;
+                (sys.open)(path, opts, false).map_err(io_err)?
+            }
+            r => r.map_err(io_err)?,
+        };
+        if direct {
+            match (sys.probe)(&file) {
+                Ok(()) => {}
+                Err(e) if is_einval(&e) => {
+                    direct = false;
+                    file = (sys.open)(path, opts, false).map_err(io_err)?;
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        if opts.direct && !direct {
+            tracing::info!(device = %name, "O_DIRECT refused; using buffered I/O");
+        }
+        let meta = file.metadata().map_err(io_err)?;
+        let block_device = meta.file_type().is_block_device();
+        let size = if block_device {
+            // Seeking is harmless: all I/O is positional.
+            (&file).seek(SeekFrom::End(0)).map_err(io_err)?
+        } else {
+            meta.len()
+        };
+        Ok(Self {
+            inner: Arc::new(DeviceInner {
+                name,
+                file: Arc::new(file),
+                engine: engine.clone(),
+                direct,
+                block_device,
+                size: AtomicU64::new(size),
+                grow: Mutex::new(()),
+                poisoned: AtomicBool::new(false),
+            }),
+            faults: None,
+        })
+    }
+
+    /// This device with faults injected according to `plan` (for failure
+    /// tests). The result shares the open file, size and poisoning with
+    /// `self`; only operations made through it see the faults.
+    pub fn with_faults(&self, plan: FaultPlan) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            faults: Some(plan),
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`. The buffer comes back
@@ -95,62 +236,836 @@ impl Device {
         offset: u64,
         buf: AlignedBuf,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
-        let _ = (offset, buf);
-        todo!()
+        if let Some(e) = self.inject(FaultOp::Read, offset, buf.len()) {
+            return (Err(self.io_err("read", offset, e)), buf);
+        }
+        if self.inner.block_device {
+            if let Err(e) = self.check_range("read", offset, buf.len()) {
+                return (Err(e), buf);
+            }
+        }
+        self.run(OpKind::Read, offset, buf).await
     }
 
     /// Writes all of `buf` at `offset`. The buffer comes back whatever the outcome.
+    ///
+    /// The range must lie within [`size`](Self::size) (grow a file with
+    /// [`ensure_size`](Self::ensure_size) first), else `OutOfRange`.
     pub async fn write_at(
         &self,
         offset: u64,
         buf: AlignedBuf,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
-        let _ = (offset, buf);
-        todo!()
+        if let Err(e) = self.check_poisoned("write") {
+            return (Err(e), buf);
+        }
+        if let Some(e) = self.inject(FaultOp::Write, offset, buf.len()) {
+            return (Err(self.io_err("write", offset, e)), buf);
+        }
+        if let Err(e) = self.check_range("write", offset, buf.len()) {
+            return (Err(e), buf);
+        }
+        self.run(OpKind::Write, offset, buf).await
     }
 
     /// fdatasync: every completed write is durable.
+    ///
+    /// Writes still in flight when this is called may or may not be covered.
+    /// The first failure poisons the device (see the module doc).
     pub async fn sync(&self) -> Result<(), DeviceError> {
-        todo!()
+        self.check_poisoned("sync")?;
+        let result = match self.inject(FaultOp::Sync, 0, 0) {
+            Some(e) => Err(self.io_err("sync", 0, e)),
+            None => self.run(OpKind::Sync, 0, AlignedBuf::zeroed(0)).await.0,
+        };
+        match result {
+            Err(e @ DeviceError::Io { .. }) => {
+                self.inner.poisoned.store(true, Ordering::SeqCst);
+                tracing::error!(device = %self.inner.name, error = %e, "sync failed; device is fail-stopped");
+                Err(e)
+            }
+            Err(e) => Err(e),
+            // A sync that overlapped a failed one must not report success:
+            // the failure may have consumed the error for pages it covered.
+            Ok(()) => self.check_poisoned("sync"),
+        }
     }
 
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
-        todo!()
+        self.inner.size.load(Ordering::Acquire)
     }
 
     /// Grows a regular file to at least `len` bytes (sparse); fails on a
     /// block device smaller than `len`.
+    ///
+    /// A file grows to `len` rounded up to a multiple of 4096, so O_DIRECT
+    /// reads never meet a partial block at its end. It never shrinks.
     pub fn ensure_size(&self, len: u64) -> Result<(), DeviceError> {
-        let _ = len;
-        todo!()
+        let inner = &self.inner;
+        let size = self.size();
+        if len <= size {
+            return Ok(());
+        }
+        let out_of_range = || DeviceError::OutOfRange {
+            op: "grow",
+            device: inner.name.clone(),
+            offset: 0,
+            len,
+            size,
+        };
+        if inner.block_device {
+            return Err(out_of_range());
+        }
+        let target = len
+            .checked_next_multiple_of(PAGE as u64)
+            .ok_or_else(out_of_range)?;
+        let _guard = inner.grow.lock();
+        // Re-read under the lock: a concurrent call may have grown it, and
+        // set_len must never shrink the file.
+        let current = inner
+            .file
+            .metadata()
+            .map_err(|e| self.io_err("grow", 0, e))?
+            .len();
+        if target > current {
+            inner
+                .file
+                .set_len(target)
+                .map_err(|e| self.io_err("grow", 0, e))?;
+        }
+        inner.size.fetch_max(target.max(current), Ordering::AcqRel);
+        Ok(())
     }
 
     /// Whether I/O bypasses the page cache.
     pub fn is_direct(&self) -> bool {
-        todo!()
+        self.inner.direct
+    }
+
+    /// Whether an earlier sync failed (see [`DeviceError::Poisoned`]).
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn inject(&self, op: FaultOp, offset: u64, len: usize) -> Option<io::Error> {
+        self.faults
+            .as_ref()
+            .and_then(|plan| plan.check(op, offset, len as u64))
+    }
+
+    fn check_poisoned(&self, op: &'static str) -> Result<(), DeviceError> {
+        if self.is_poisoned() {
+            return Err(DeviceError::Poisoned {
+                op,
+                device: self.inner.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, op: &'static str, offset: u64, len: usize) -> Result<(), DeviceError> {
+        let size = self.size();
+        let len = len as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(DeviceError::OutOfRange {
+                op,
+                device: self.inner.name.clone(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn io_err(&self, op: &'static str, offset: u64, source: io::Error) -> DeviceError {
+        DeviceError::Io {
+            op,
+            device: self.inner.name.clone(),
+            offset,
+            source,
+        }
+    }
+
+    /// Hands one request to the engine and awaits its completion.
+    async fn run(
+        &self,
+        kind: OpKind,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
+        let len = buf.len();
+        let (reply, done) = oneshot::channel();
+        let req = Request {
+            kind,
+            file: self.inner.file.clone(),
+            offset,
+            buf,
+            reply,
+        };
+        if let Err(req) = self.inner.engine.core.submit(req) {
+            return (Err(DeviceError::EngineStopped), req.buf);
+        }
+        match done.await {
+            Ok(c) => {
+                let op = match kind {
+                    OpKind::Read => "read",
+                    OpKind::Write => "write",
+                    OpKind::Sync => "sync",
+                };
+                (c.result.map_err(|e| self.io_err(op, offset, e)), c.buf)
+            }
+            // Only if the engine thread died mid-request: its buffer went
+            // with it, so the caller gets a fresh one of the same size.
+            Err(_) => (Err(DeviceError::EngineStopped), AlignedBuf::zeroed(len)),
+        }
     }
 }
 
 /// Settings of the I/O engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// io_uring submission queue entries.
+    /// io_uring submission queue entries. The syscall backend runs this
+    /// many threads (at most 64).
     pub queue_depth: u32,
     /// Use the plain-syscall backend instead of io_uring.
     pub sync_backend: bool,
 }
 
+/// Which backend an [`Engine`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One io_uring, driven by its own thread.
+    IoUring,
+    /// pread/pwrite/fdatasync on a pool of threads.
+    Syscalls,
+}
+
 /// The I/O engine: one io_uring (driven by its own thread) shared by every device.
+///
+/// The engine stops when [`shutdown`](Self::shutdown) is called or the last
+/// handle (devices hold one) is dropped: requests already submitted are
+/// finished, later ones fail with [`DeviceError::EngineStopped`].
 #[derive(Clone)]
 pub struct Engine {
-    _todo: (),
+    core: Arc<EngineCore>,
 }
 
 impl Engine {
-    /// Starts the engine.
+    /// Starts the engine. If io_uring cannot be set up, falls back to the
+    /// syscall backend with a warning.
     pub fn start(config: &EngineConfig) -> Result<Self, DeviceError> {
-        let _ = config;
-        todo!()
+        let core = if config.sync_backend {
+            EngineCore::start_syscalls(config.queue_depth)
+        } else {
+            EngineCore::start_uring(config.queue_depth).or_else(|e| {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "io_uring unavailable; using the syscall backend");
+                }
+                EngineCore::start_syscalls(config.queue_depth)
+            })
+        };
+        let core = core.map_err(|source| DeviceError::Io {
+            op: "start",
+            device: String::new(),
+            offset: 0,
+            source,
+        })?;
+        Ok(Self {
+            core: Arc::new(core),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.core.backend
+    }
+
+    /// Stops taking requests, waits for those already taken to finish, and
+    /// joins the engine's threads. Blocks; idempotent.
+    pub fn shutdown(&self) {
+        self.core.shutdown();
+    }
+}
+
+struct EngineCore {
+    /// `None` once shut down. Senders hold the read lock while sending, so
+    /// no request can enter the channel after `shutdown` took the sender:
+    /// every request sent is either served or handed back by `submit`.
+    tx: RwLock<Option<Sender<Request>>>,
+    /// io_uring only: wakes the driver thread.
+    waker: Option<Arc<Waker>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    backend: Backend,
+}
+
+impl EngineCore {
+    fn start_uring(queue_depth: u32) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (thread, waker) = uring::spawn(queue_depth, rx)?;
+        Ok(Self {
+            tx: RwLock::new(Some(tx)),
+            waker: Some(waker),
+            threads: Mutex::new(vec![thread]),
+            backend: Backend::IoUring,
+        })
+    }
+
+    fn start_syscalls(queue_depth: u32) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let n = queue_depth.clamp(1, 64);
+        let mut threads = Vec::new();
+        for i in 0..n {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("keyturn-io-{i}"))
+                .spawn(move || syscall_worker(&rx));
+            match spawned {
+                Ok(t) => threads.push(t),
+                // Dropping `tx` ends the threads already started.
+                Err(e) if threads.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(Self {
+            tx: RwLock::new(Some(tx)),
+            waker: None,
+            threads: Mutex::new(threads),
+            backend: Backend::Syscalls,
+        })
+    }
+
+    /// Queues `req`, or hands it back if the engine has stopped.
+    fn submit(&self, req: Request) -> Result<(), Request> {
+        {
+            let tx = self.tx.read();
+            let Some(tx) = tx.as_ref() else {
+                return Err(req);
+            };
+            // Fails only if the engine's threads are gone.
+            tx.send(req).map_err(|e| e.into_inner())?;
+        }
+        if let Some(waker) = &self.waker {
+            waker.wake_if_sleeping();
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        // Dropping the last sender disconnects the channel: the threads
+        // finish what is queued and in flight, then exit.
+        drop(self.tx.write().take());
+        if let Some(waker) = &self.waker {
+            waker.wake();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let me = std::thread::current().id();
+        for t in threads {
+            if t.thread().id() != me && t.join().is_err() {
+                tracing::error!("an I/O engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EngineCore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A thread of the syscall backend.
+fn syscall_worker(rx: &Receiver<Request>) {
+    while let Ok(mut req) = rx.recv() {
+        let result = match req.kind {
+            OpKind::Read => read_full(&req.file, &mut req.buf, req.offset),
+            OpKind::Write => req.file.write_all_at(&req.buf, req.offset),
+            OpKind::Sync => req.file.sync_data(),
+        };
+        req.complete(result);
+    }
+}
+
+/// Fills `buf` from `offset`; what lies past the end of the file reads as zeros.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! One suite, run against both backends (cloud-hypervisor's lesson).
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn uring() -> EngineConfig {
+        EngineConfig {
+            queue_depth: 64,
+            sync_backend: false,
+        }
+    }
+
+    fn syscalls() -> EngineConfig {
+        EngineConfig {
+            queue_depth: 8,
+            sync_backend: true,
+        }
+    }
+
+    fn engine(cfg: &EngineConfig) -> Engine {
+        let engine = Engine::start(cfg).expect("engine starts");
+        // The io_uring suite must not silently test the fallback.
+        let want = if cfg.sync_backend {
+            Backend::Syscalls
+        } else {
+            Backend::IoUring
+        };
+        assert_eq!(engine.backend(), want);
+        engine
+    }
+
+    const RW: DeviceOptions = DeviceOptions {
+        create: true,
+        direct: true,
+    };
+
+    /// A buffer of `len` bytes whose content depends on `seed` and position.
+    fn pattern(len: usize, seed: u64) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(len);
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(
+                &(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64).to_le_bytes(),
+            );
+        }
+        buf
+    }
+
+    async fn round_trip(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.ensure_size(64 << 20).expect("grow");
+        let cases = [
+            (0, 4096),
+            (4096, 16384),
+            (1 << 20, 1 << 20),
+            ((40 << 20) + 8192, 3 * 4096),
+        ];
+        for (i, &(offset, len)) in cases.iter().enumerate() {
+            let (r, _) = dev.write_at(offset, pattern(len, i as u64)).await;
+            r.expect("write");
+        }
+        for (i, &(offset, len)) in cases.iter().enumerate() {
+            let (r, buf) = dev.read_at(offset, AlignedBuf::zeroed(len)).await;
+            r.expect("read");
+            assert!(buf[..] == pattern(len, i as u64)[..], "data at {offset}");
+        }
+        dev.sync().await.expect("sync");
+    }
+
+    async fn concurrent(cfg: EngineConfig) {
+        const TASKS: u64 = 8;
+        const PER_TASK: u64 = 125; // 1000 writes, then 1000 reads
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.ensure_size(TASKS * PER_TASK * 4096).expect("grow");
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let dev = dev.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut inflight = Vec::new();
+                for i in 0..PER_TASK {
+                    let block = i * TASKS + t;
+                    let dev = dev.clone();
+                    inflight.push(tokio::spawn(async move {
+                        dev.write_at(block * 4096, pattern(4096, block)).await.0
+                    }));
+                }
+                for f in inflight {
+                    f.await.expect("join").expect("write");
+                }
+                let mut inflight = Vec::new();
+                for i in 0..PER_TASK {
+                    let block = i * TASKS + t;
+                    let dev = dev.clone();
+                    inflight.push(tokio::spawn(async move {
+                        let (r, buf) = dev.read_at(block * 4096, AlignedBuf::zeroed(4096)).await;
+                        r.expect("read");
+                        assert!(buf[..] == pattern(4096, block)[..], "block {block}");
+                    }));
+                }
+                for f in inflight {
+                    f.await.expect("join");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+    }
+
+    /// A queue depth of 2 leaves one slot for I/O: every request waits for
+    /// the one before it (back-pressure).
+    async fn concurrent_tiny_queue(cfg: EngineConfig) {
+        concurrent(EngineConfig {
+            queue_depth: 2,
+            ..cfg
+        })
+        .await;
+    }
+
+    async fn read_past_eof_is_zero(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.ensure_size(8192).expect("grow");
+        let (r, _) = dev.write_at(4096, pattern(4096, 7)).await;
+        r.expect("write");
+        // Stale bytes in a reused buffer must not survive past EOF.
+        let mut garbage = AlignedBuf::zeroed(16384);
+        garbage.fill(0xEE);
+        let (r, buf) = dev.read_at(4096, garbage).await;
+        r.expect("read across EOF");
+        assert!(buf[..4096] == pattern(4096, 7)[..]);
+        assert!(buf[4096..].iter().all(|&b| b == 0));
+        let mut garbage = AlignedBuf::zeroed(4096);
+        garbage.fill(0xEE);
+        let (r, buf) = dev.read_at(1 << 30, garbage).await;
+        r.expect("read past EOF");
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    async fn ensure_size_grows(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dev");
+        let dev = Device::open(&path, &RW, &engine(&cfg)).expect("open");
+        assert_eq!(dev.size(), 0);
+        let (r, _) = dev.write_at(0, AlignedBuf::zeroed(4096)).await;
+        assert!(
+            matches!(r, Err(DeviceError::OutOfRange { op: "write", .. })),
+            "{r:?}"
+        );
+        dev.ensure_size(10_000).expect("grow");
+        assert_eq!(dev.size(), 12288, "rounded up to whole blocks");
+        dev.ensure_size(4096).expect("no shrink");
+        assert_eq!(dev.size(), 12288);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 12288);
+        let (r, _) = dev.write_at(8192, pattern(4096, 1)).await;
+        r.expect("write within size");
+        dev.ensure_size(1 << 30).expect("grow sparse");
+        assert_eq!(dev.size(), 1 << 30);
+        let (r, buf) = dev.read_at(8192, AlignedBuf::zeroed(4096)).await;
+        r.expect("read");
+        assert!(buf[..] == pattern(4096, 1)[..], "growing kept data");
+    }
+
+    async fn sync_succeeds(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.sync().await.expect("sync of an empty file");
+        dev.ensure_size(4096).expect("grow");
+        let (r, _) = dev.write_at(0, pattern(4096, 3)).await;
+        r.expect("write");
+        dev.sync().await.expect("sync");
+        assert!(!dev.is_poisoned());
+    }
+
+    async fn dropped_futures(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.ensure_size(256 * 4096).expect("grow");
+        for i in 0..256u64 {
+            // Polled once (so submitted), then dropped at once.
+            let _ = tokio::time::timeout(
+                Duration::ZERO,
+                dev.read_at(i * 4096, AlignedBuf::zeroed(4096)),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::ZERO, dev.write_at(i * 4096, pattern(4096, i)))
+                .await;
+            let _ = tokio::time::timeout(Duration::ZERO, dev.sync()).await;
+        }
+        // The engine carries on, and later writes win over the dropped ones.
+        for i in 0..256u64 {
+            let (r, _) = dev.write_at(i * 4096, pattern(4096, i + 1000)).await;
+            r.expect("write");
+        }
+        for i in 0..256u64 {
+            let (r, buf) = dev.read_at(i * 4096, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            assert!(buf[..] == pattern(4096, i + 1000)[..]);
+        }
+    }
+
+    async fn tmpfs_direct(cfg: EngineConfig) {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        // Linux 6.6+ accepts O_DIRECT on tmpfs; older kernels refuse it. Either
+        // way the device must work; the refusal path is `direct_fallback`.
+        dev.ensure_size(8192).expect("grow");
+        let (r, _) = dev.write_at(4096, pattern(4096, 9)).await;
+        r.expect("write");
+        let (r, buf) = dev.read_at(4096, AlignedBuf::zeroed(4096)).await;
+        r.expect("read");
+        assert!(buf[..] == pattern(4096, 9)[..]);
+        dev.sync().await.expect("sync");
+    }
+
+    async fn direct_fallback(cfg: EngineConfig) {
+        fn refuse_open(path: &Path, opts: &DeviceOptions, direct: bool) -> io::Result<File> {
+            if direct {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                sys_open(path, opts, false)
+            }
+        }
+        fn refuse_io(_: &File) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let engine = engine(&cfg);
+        let cases = [
+            (
+                "open",
+                OpenSys {
+                    open: refuse_open,
+                    probe: sys_probe,
+                },
+            ),
+            (
+                "probe",
+                OpenSys {
+                    open: sys_open,
+                    probe: refuse_io,
+                },
+            ),
+        ];
+        for (what, sys) in cases {
+            let dev = Device::open_with(&dir.path().join(what), &RW, &engine, &sys).expect("open");
+            assert!(!dev.is_direct(), "{what} refused O_DIRECT");
+            dev.ensure_size(4096).expect("grow");
+            let (r, _) = dev.write_at(0, pattern(4096, 5)).await;
+            r.expect("write");
+            let (r, buf) = dev.read_at(0, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            assert!(buf[..] == pattern(4096, 5)[..]);
+        }
+        // On ext4 the real probe passes.
+        let disk = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&disk.path().join("dev"), &RW, &engine).expect("open");
+        assert!(dev.is_direct());
+        let buffered = DeviceOptions {
+            create: true,
+            direct: false,
+        };
+        let dev = Device::open(&disk.path().join("dev"), &buffered, &engine).expect("open");
+        assert!(!dev.is_direct());
+    }
+
+    fn is_eio(r: &Result<(), DeviceError>) -> bool {
+        matches!(r, Err(DeviceError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO))
+    }
+
+    async fn faults(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        plain.ensure_size(16 * 4096).expect("grow");
+        let plan = FaultPlan::new();
+        let dev = plain.with_faults(plan.clone());
+
+        plan.fail_next_writes(2);
+        plan.fail_next_reads(1);
+        assert!(is_eio(&dev.write_at(0, pattern(4096, 1)).await.0));
+        assert!(is_eio(&dev.write_at(0, pattern(4096, 1)).await.0));
+        dev.write_at(0, pattern(4096, 1))
+            .await
+            .0
+            .expect("third write");
+        assert!(is_eio(&dev.read_at(0, AlignedBuf::zeroed(4096)).await.0));
+        let (r, buf) = dev.read_at(0, AlignedBuf::zeroed(4096)).await;
+        r.expect("second read");
+        assert!(buf[..] == pattern(4096, 1)[..]);
+        assert_eq!(
+            plan.injected(),
+            FaultCounts {
+                reads: 1,
+                writes: 2,
+                syncs: 0
+            }
+        );
+
+        // A failing range catches overlapping writes only.
+        plan.fail_writes_in(8192..12288);
+        assert!(is_eio(
+            &dev.write_at(4096, AlignedBuf::zeroed(8192)).await.0
+        ));
+        dev.write_at(12288, AlignedBuf::zeroed(4096))
+            .await
+            .0
+            .expect("write after the range");
+        // The device without the plan sees no faults.
+        plain
+            .write_at(8192, AlignedBuf::zeroed(4096))
+            .await
+            .0
+            .expect("unfaulted write");
+        plan.clear();
+
+        // Fail-stop after k operations.
+        let before = plan.ops();
+        plan.fail_after(2);
+        dev.read_at(0, AlignedBuf::zeroed(4096))
+            .await
+            .0
+            .expect("op 1");
+        dev.read_at(0, AlignedBuf::zeroed(4096))
+            .await
+            .0
+            .expect("op 2");
+        for _ in 0..3 {
+            assert!(is_eio(&dev.read_at(0, AlignedBuf::zeroed(4096)).await.0));
+        }
+        assert_eq!(plan.ops() - before, 5);
+        plan.clear();
+
+        // A failed sync poisons every view of the device for good.
+        plan.fail_next_syncs(1);
+        assert!(is_eio(&dev.sync().await));
+        assert_eq!(plan.injected().syncs, 1);
+        assert!(plain.is_poisoned());
+        for d in [&dev, &plain] {
+            assert!(matches!(
+                d.sync().await,
+                Err(DeviceError::Poisoned { op: "sync", .. })
+            ));
+            let (r, _) = d.write_at(0, AlignedBuf::zeroed(4096)).await;
+            assert!(matches!(r, Err(DeviceError::Poisoned { op: "write", .. })));
+            d.read_at(0, AlignedBuf::zeroed(4096))
+                .await
+                .0
+                .expect("reads still work");
+        }
+        assert_eq!(
+            plan.injected().syncs,
+            1,
+            "later syncs fail without injection"
+        );
+    }
+
+    async fn shutdown_in_flight(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = engine(&cfg);
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine).expect("open");
+        dev.ensure_size(512 * 4096).expect("grow");
+        let mut ops = Vec::new();
+        for i in 0..512u64 {
+            let dev = dev.clone();
+            ops.push(tokio::spawn(async move {
+                let (r, buf) = if i % 2 == 0 {
+                    dev.write_at(i * 4096, pattern(4096, i)).await
+                } else {
+                    dev.read_at(i * 4096, AlignedBuf::zeroed(4096)).await
+                };
+                assert_eq!(buf.len(), 4096, "the buffer comes back");
+                match r {
+                    Ok(()) | Err(DeviceError::EngineStopped) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }));
+        }
+        tokio::task::yield_now().await;
+        tokio::task::spawn_blocking(move || engine.shutdown())
+            .await
+            .expect("shutdown");
+        for op in ops {
+            tokio::time::timeout(Duration::from_secs(10), op)
+                .await
+                .expect("no op hangs")
+                .expect("op");
+        }
+        let (r, buf) = dev.write_at(0, pattern(4096, 0)).await;
+        assert!(matches!(r, Err(DeviceError::EngineStopped)));
+        assert_eq!(buf.len(), 4096);
+        assert!(matches!(dev.sync().await, Err(DeviceError::EngineStopped)));
+        assert!(!dev.is_poisoned(), "a sync that never ran poisons nothing");
+    }
+
+    /// Dropping every handle stops the engine's threads after finishing
+    /// what is in flight.
+    async fn drop_engine(cfg: EngineConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&dir.path().join("dev"), &RW, &engine(&cfg)).expect("open");
+        dev.ensure_size(4096).expect("grow");
+        let op = tokio::spawn({
+            let dev = dev.clone();
+            async move { dev.write_at(0, pattern(4096, 2)).await.0 }
+        });
+        op.await.expect("join").expect("write");
+        tokio::task::spawn_blocking(move || drop(dev))
+            .await
+            .expect("drop");
+    }
+
+    macro_rules! suite {
+        ($($name:ident),* $(,)?) => {
+            mod io_uring {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(super::uring()).await;
+                    }
+                )*
+            }
+            mod syscalls {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(super::syscalls()).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    suite!(
+        round_trip,
+        concurrent,
+        concurrent_tiny_queue,
+        read_past_eof_is_zero,
+        ensure_size_grows,
+        sync_succeeds,
+        dropped_futures,
+        tmpfs_direct,
+        direct_fallback,
+        faults,
+        shutdown_in_flight,
+        drop_engine,
+    );
+
+    #[test]
+    fn aligned_buf() {
+        for len in [0, 1, 4096, 4097, 1 << 20] {
+            let buf = AlignedBuf::zeroed(len);
+            assert_eq!(buf.len(), len.div_ceil(4096) * 4096);
+            assert_eq!(buf.as_ptr() as usize % 4096, 0);
+            assert!(buf.iter().all(|&b| b == 0));
+        }
+        assert_eq!(
+            format!("{:?}", AlignedBuf::zeroed(1)),
+            "AlignedBuf { len: 4096 }"
+        );
     }
 }

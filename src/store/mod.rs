@@ -3,6 +3,8 @@
 
 pub mod alloc;
 pub mod device;
+pub mod fault;
+mod uring;
 pub mod journal;
 pub mod table;
 
