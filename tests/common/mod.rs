@@ -1,0 +1,264 @@
+//! Shared harness for integration tests: make a pool with the real
+//! `keyturn` binary, serve it, and run real NBD clients against it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The keyturn binary under test.
+pub fn keyturn_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keyturn"))
+}
+
+/// Fails the test (never skips) when a client tool is missing:
+/// `tools/test.sh` installs them.
+pub fn require_tool(name: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().is_ok_and(|o| o.status.success());
+    assert!(ok, "{name} is not installed; run the tests through tools/test.sh, which installs it");
+}
+
+/// Runs a command with a time limit; returns its output.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let mut full = vec!["120", cmd];
+    full.extend_from_slice(args);
+    Command::new("timeout").args(&full).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pool in a temporary directory, with its passphrase in a file.
+pub struct TestPool {
+    pub dir: tempfile::TempDir,
+    pub pass_file: PathBuf,
+    pub passphrase: String,
+}
+
+impl TestPool {
+    /// `keyturn init` with a cheap KDF cost (tests only).
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passphrase = format!("test-pass-{}", std::process::id());
+        let pass_file = dir.path().join("passphrase");
+        std::fs::write(&pass_file, &passphrase).unwrap();
+        let pool = Self { dir, pass_file, passphrase };
+        pool.keyturn_ok(&["init", "--kdf-memory-kib", "8192", "--kdf-iterations", "1"]);
+        pool
+    }
+
+    /// The pool directory.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("pool")
+    }
+
+    /// Runs `keyturn <args> --pool DIR --passphrase-file F`.
+    pub fn keyturn(&self, args: &[&str]) -> Output {
+        Command::new(keyturn_bin())
+            .args(args)
+            .arg("--pool")
+            .arg(self.path())
+            .arg("--passphrase-file")
+            .arg(&self.pass_file)
+            .env_remove("KEYTURN_PASSPHRASE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keyturn")
+    }
+
+    /// Like [`TestPool::keyturn`], asserting success; returns stdout.
+    pub fn keyturn_ok(&self, args: &[&str]) -> String {
+        let out = self.keyturn(args);
+        assert!(
+            out.status.success(),
+            "keyturn {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A pool with zone `z1` and one volume `vol0` of `size`.
+    pub fn with_volume(size: &str) -> Self {
+        let pool = Self::new();
+        pool.keyturn_ok(&["zone", "create", "z1"]);
+        pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", size, "vol0"]);
+        pool
+    }
+
+    /// Starts `keyturn serve` on a free port (and optionally a Unix socket).
+    pub fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    /// Starts `keyturn serve` with extra arguments.
+    pub fn serve_with(&self, extra: &[&str]) -> Server {
+        let log = self.dir.path().join(format!("server-{}.log", rand_suffix()));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(keyturn_bin())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--pool")
+            .arg(self.path())
+            .arg("--passphrase-file")
+            .arg(&self.pass_file)
+            .env("KEYTURN_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn keyturn serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut base = None;
+        let mut unix = None;
+        while base.is_none() || (extra.contains(&"--unix") && unix.is_none()) {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("ready: ") {
+                        if rest.starts_with("nbd://") {
+                            base = Some(rest.trim_end_matches('/').to_string());
+                        } else {
+                            unix = Some(rest.to_string());
+                        }
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("keyturn serve did not become ready; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+        }
+        Server { child: Some(child), base: base.unwrap(), unix, log }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+/// A running `keyturn serve`.
+pub struct Server {
+    child: Option<Child>,
+    /// `nbd://127.0.0.1:PORT`
+    pub base: String,
+    /// `nbd+unix:///EXPORT?socket=PATH` when a Unix socket was asked for.
+    pub unix: Option<String>,
+    /// Server log (stderr).
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// The URI of an export.
+    pub fn uri(&self, export: &str) -> String {
+        format!("{}/{export}", self.base)
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("nbd://").to_string()
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.addr().rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY-free: kill(1) by pid through the command line.
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            for _ in 0..300 {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return st.success();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        false
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for test data.
+pub fn pattern_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `data` to a file in `dir` and returns its path.
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// Every file under `dir`, recursively.
+pub fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# README's second command: installs what the tests need when it is missing,
+# then runs every test (unit tests, and integration tests that drive the real
+# keyturn binary with qemu-io, qemu-img, nbdinfo, nbdcopy and fio).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-io  >/dev/null || need+=(qemu-utils)
+command -v nbdinfo  >/dev/null || need+=(libnbd-bin)
+command -v fio      >/dev/null || need+=(fio)
+command -v python3  >/dev/null || need+=(python3)
+command -v timeout  >/dev/null || need+=(coreutils)
+if ((${#need[@]})); then
+    echo "tools/test.sh: installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install cargo-nextest --locked
+fi
+
+# Integration tests find the shared NBD conformance kit here.
+export KEYTURN_NBD_KIT="${KEYTURN_NBD_KIT:-$(cd .. && pwd)/shared/nbd-kit}"
+cargo nextest run --workspace --no-fail-fast "$@"
