@@ -310,6 +310,11 @@ impl Driver {
             // The SQ was full: submit and come back to push the rest.
             return 0;
         }
+        if !self.wake_armed && !self.disconnected && self.ops == 0 {
+            // Nothing could end a wait (the eventfd read did not fit in the
+            // SQ): submit, and arm it on the next turn.
+            return 0;
+        }
         if self.disconnected || self.ops >= self.cap {
             // Completions will come (ops > 0), and no request may be taken
             // before one does, so senders need not wake us.
