@@ -2,4 +2,10 @@
 //! nothing of keys or storage: it serves anything that implements
 //! [`export::Export`].
 
+#![forbid(unsafe_code)]
+
 pub mod export;
+pub mod proto;
+
+pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent};
+
