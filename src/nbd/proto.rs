@@ -422,7 +422,8 @@ impl ClientOption {
     pub fn parse(code: u32, payload: &[u8]) -> Result<Self, OptionError> {
         let mut r = Reader::new(payload);
         let opt = match code {
-            OPT_EXPORT_NAME => ClientOption::ExportName(parse_string(payload)?),
+            // The whole payload is the name: no length field, nothing after it.
+            OPT_EXPORT_NAME => return Ok(ClientOption::ExportName(parse_string(payload)?)),
             OPT_ABORT => {
                 // A payload on ABORT is tolerated: the spec requires an ACK
                 // and the connection ends either way.
@@ -709,7 +710,11 @@ impl RequestHeader {
     /// How many payload bytes follow this header on the wire, whether or not
     /// the request turns out valid: only a WRITE carries data.
     pub fn payload_len(&self) -> u32 {
-        if self.kind == CMD_WRITE { self.length } else { 0 }
+        if self.kind == CMD_WRITE {
+            self.length
+        } else {
+            0
+        }
     }
 
     /// Validates the request against what was negotiated. This is the only
@@ -721,7 +726,10 @@ impl RequestHeader {
             reason,
         };
         let Some(kind) = CommandKind::from_wire(self.kind) else {
-            return Err(reject(Errno::Inval, RejectReason::UnknownCommand(self.kind)));
+            return Err(reject(
+                Errno::Inval,
+                RejectReason::UnknownCommand(self.kind),
+            ));
         };
         // FUA is valid on every command once SEND_FUA is advertised (MUST
         // accept; it is ignored where nothing is written).
@@ -1088,7 +1096,11 @@ pub struct BlockDescriptor {
 /// (MUST NOT exceed it), and keeps one descriptor for `req_one`. If the
 /// export gave nothing usable, answers one descriptor of status 0 over the
 /// whole range, which is always true ("allocated, contents unknown").
-pub fn block_descriptors(extents: &[Extent], requested: u32, req_one: bool) -> Vec<BlockDescriptor> {
+pub fn block_descriptors(
+    extents: &[Extent],
+    requested: u32,
+    req_one: bool,
+) -> Vec<BlockDescriptor> {
     let mut out: Vec<BlockDescriptor> = Vec::new();
     let mut left = requested;
     for e in extents {
@@ -1119,7 +1131,11 @@ pub fn block_descriptors(extents: &[Extent], requested: u32, req_one: bool) -> V
 }
 
 /// A final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one context.
-pub fn block_status_chunk(cookie: u64, context_id: u32, descriptors: &[BlockDescriptor]) -> Vec<u8> {
+pub fn block_status_chunk(
+    cookie: u64,
+    context_id: u32,
+    descriptors: &[BlockDescriptor],
+) -> Vec<u8> {
     let payload = 4 + 8 * descriptors.len();
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload);
     // Descriptors are bounded by the request length (each is ≥ 1 byte of a
@@ -1240,7 +1256,10 @@ mod tests {
         // Every truncation is an error, never a panic.
         for cut in 0..p.len() {
             assert!(ClientOption::parse(OPT_GO, &p[..cut]).is_err(), "cut {cut}");
-            assert!(ClientOption::parse(OPT_INFO, &p[..cut]).is_err(), "cut {cut}");
+            assert!(
+                ClientOption::parse(OPT_INFO, &p[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
         let mut extra = p.clone();
         extra.push(0);
@@ -1279,6 +1298,10 @@ mod tests {
             ClientOption::parse(OPT_EXPORT_NAME, b""),
             Ok(ClientOption::ExportName(String::new()))
         );
+        assert_eq!(
+            ClientOption::parse(OPT_EXPORT_NAME, b"vol0"),
+            Ok(ClientOption::ExportName("vol0".into()))
+        );
     }
 
     #[test]
@@ -1292,7 +1315,10 @@ mod tests {
             ClientOption::parse(OPT_STRUCTURED_REPLY, b"x"),
             Err(OptionError::UnexpectedPayload)
         );
-        assert_eq!(ClientOption::parse(OPT_ABORT, b"x"), Ok(ClientOption::Abort));
+        assert_eq!(
+            ClientOption::parse(OPT_ABORT, b"x"),
+            Ok(ClientOption::Abort)
+        );
         assert_eq!(
             ClientOption::parse(OPT_STARTTLS, b""),
             Ok(ClientOption::StartTls)
@@ -1423,9 +1449,14 @@ mod tests {
             }
         );
         assert_eq!(
-            validate(CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 0, 4096)
-                .unwrap()
-                .command,
+            validate(
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                CMD_WRITE_ZEROES,
+                0,
+                4096
+            )
+            .unwrap()
+            .command,
             Command::WriteZeroes {
                 offset: 0,
                 length: 4096,
@@ -1458,7 +1489,10 @@ mod tests {
         assert_eq!(e(validate(0, CMD_READ, (1 << 20) - 256, 512)), Errno::Inval);
         assert_eq!(e(validate(0, CMD_READ, u64::MAX - 256, 512)), Errno::Inval);
         assert_eq!(e(validate(0, CMD_READ, (1 << 20) + 1, 0)), Errno::Inval);
-        assert_eq!(e(validate(0, CMD_WRITE, (1 << 20) - 256, 512)), Errno::NoSpc);
+        assert_eq!(
+            e(validate(0, CMD_WRITE, (1 << 20) - 256, 512)),
+            Errno::NoSpc
+        );
         assert_eq!(e(validate(0, CMD_WRITE_ZEROES, 1 << 20, 1)), Errno::NoSpc);
         assert_eq!(e(validate(0, CMD_TRIM, 1 << 20, 1)), Errno::Inval);
         assert_eq!(e(validate(0, CMD_BLOCK_STATUS, 1 << 20, 1)), Errno::Inval);
@@ -1478,7 +1512,10 @@ mod tests {
         assert!(h.validate(&big).is_ok());
         // DF needs structured replies; block status needs a context.
         let h = RequestHeader::parse(&header(CMD_FLAG_DF, CMD_READ, 1, 0, 1)).unwrap();
-        assert_eq!(h.validate(&session(false, false)).unwrap_err().errno, Errno::Inval);
+        assert_eq!(
+            h.validate(&session(false, false)).unwrap_err().errno,
+            Errno::Inval
+        );
         let h = RequestHeader::parse(&header(0, CMD_BLOCK_STATUS, 1, 0, 1)).unwrap();
         let r = h.validate(&session(true, false)).unwrap_err();
         assert_eq!((r.cookie, r.reason), (1, RejectReason::NoMetaContext));
@@ -1544,7 +1581,10 @@ mod tests {
         );
         assert_eq!(block_descriptors(&e, 10_000, true).len(), 1);
         assert_eq!(
-            block_descriptors(&e, 100_000, false).iter().map(|d| d.length as u64).sum::<u64>(),
+            block_descriptors(&e, 100_000, false)
+                .iter()
+                .map(|d| d.length as u64)
+                .sum::<u64>(),
             100_000
         );
         assert_eq!(
