@@ -6,6 +6,7 @@
 
 pub mod export;
 pub mod proto;
+pub mod server;
 
 pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent};
-
+pub use server::{BindError, BoundAddr, Listener, ServerConfig, bind, serve};
