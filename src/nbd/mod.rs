@@ -2,4 +2,11 @@
 //! nothing of keys or storage: it serves anything that implements
 //! [`export::Export`].
 
+#![forbid(unsafe_code)]
+
 pub mod export;
+pub mod proto;
+pub mod server;
+
+pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent};
+pub use server::{BindError, BoundAddr, Listener, ServerConfig, bind, serve};
