@@ -4,9 +4,9 @@
 pub mod alloc;
 pub mod device;
 pub mod fault;
-mod uring;
 pub mod journal;
 pub mod table;
+mod uring;
 
 use std::fs::File;
 
