@@ -12,9 +12,10 @@
 //! path (one carry-less multiply reduces the 16 bits shifted out), which keeps
 //! the eight tweak chains independent of each other.
 //!
-//! Register and stack copies of round keys left behind by the compiler are not
-//! scrubbed (no AES-NI implementation can promise that); the schedules this
-//! module owns are.
+//! The schedules in [`Keys`] are zeroized on drop, and the kernels overwrite
+//! their own stack arrays of round keys and tweaks before returning. Register
+//! spills the compiler makes on its own are not scrubbed (no AES-NI code in a
+//! compiled language can promise that).
 
 #![allow(unsafe_code)]
 
@@ -169,6 +170,15 @@ unsafe fn st2(p: *mut u8, v: __m256i) {
     unsafe { write_unaligned(p.cast::<__m256i>(), v) }
 }
 
+/// Overwrites a stack array of key-derived values before a kernel returns;
+/// `black_box` keeps the compiler from dropping the dead stores. Copies that
+/// the register allocator spilled elsewhere are not covered (module docs).
+#[inline(always)]
+fn wipe<T: Copy, const N: usize>(v: &mut [T; N], zero: T) {
+    *v = [zero; N];
+    black_box(v);
+}
+
 /// Loads a schedule into registers.
 #[inline(always)]
 fn load_keys(rk: &[[u8; 16]; 15]) -> [__m128i; 15] {
@@ -318,10 +328,10 @@ unsafe fn xts_aesni<const DEC: bool>(
     const W: usize = 8;
     let mut k = load_keys(if DEC { &keys.dec } else { &keys.enc });
     let mut t = first_tweak(keys, tweak);
+    // `last[j]` = rk[14] ^ T_j, the key of the fused final round.
+    let mut last = [_mm_setzero_si128(); W];
     let mut i = 0;
     while i + W <= n {
-        // `last[j]` = rk[14] ^ T_j, the key of the fused final round.
-        let mut last = [t; W];
         let mut x = [_mm_setzero_si128(); W];
         for j in 0..W {
             // SAFETY: block i + j < n is in range.
@@ -365,6 +375,8 @@ unsafe fn xts_aesni<const DEC: bool>(
         t = mul_alpha(t);
         i += 1;
     }
+    wipe(&mut k, _mm_setzero_si128());
+    wipe(&mut last, _mm_setzero_si128());
 }
 
 /// VAES kernel: 8 ymm registers of 2 blocks each (256 bytes) per iteration,
@@ -396,10 +408,10 @@ unsafe fn xts_vaes<const DEC: bool>(
         *twj = _mm256_set_m128i(hi, lo);
     }
 
+    let mut last = [_mm256_setzero_si256(); R];
     let mut i = 0;
     while i + W <= n {
         let mut x = [_mm256_setzero_si256(); R];
-        let mut last = [_mm256_setzero_si256(); R];
         for j in 0..R {
             // SAFETY: blocks i + 2j and i + 2j + 1 < n are in range.
             let p = unsafe { ld2(src.add((i + 2 * j) * BLOCK)) };
@@ -467,4 +479,8 @@ unsafe fn xts_vaes<const DEC: bool>(
             st(dst.add(i * BLOCK), c);
         }
     }
+    // `k` was never forced to memory, and `tw` alone (E_K2(tweak)·α^j, not a
+    // key) is harmless once `last` (= rk[14] ^ T) is gone; so only these two.
+    wipe(&mut ky, _mm256_setzero_si256());
+    wipe(&mut last, _mm256_setzero_si256());
 }
