@@ -21,7 +21,7 @@
 //!
 //! Speed on the Zen 3 dev box, one core, 4 KiB units (`tools/bench-xts.sh`,
 //! `cargo bench --bench xts`): VAES about 9.1 GB/s, AES-NI 5.2, portable
-//! 3.0, against 5.7 for OpenSSL 3.0; 512-byte units: 6.1 / 4.6 / 2.7 vs 4.4.
+//! 3.0, against 5.7 for OpenSSL 3.0; 512-byte units: 6.0 / 4.5 / 2.6 vs 4.5.
 
 #![deny(unsafe_code)] // only the `x86` submodule allows it
 
