@@ -262,3 +262,85 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+// ------------------------------------------------------------------------
+// Helpers for tests/interop.rs, bad_input.rs, cli.rs, at_rest.rs.
+
+impl Server {
+    /// The server's process id while it runs (for /proc checks).
+    pub fn pid_now(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Runs `qemu-io -f raw -c CMD... URI` (time-limited); returns its output.
+/// qemu-io exits non-zero when any command fails, including a `read -P`
+/// whose pattern does not match.
+pub fn qio_run(uri: &str, cmds: &[&str]) -> Output {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+/// Like [`qio_run`], asserting that every command succeeded (and that no
+/// pattern check failed); returns stdout.
+pub fn qio_ok(uri: &str, cmds: &[&str]) -> String {
+    let out = qio_run(uri, cmds);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stdout.contains("verification failed") && !stdout.contains("failed:"),
+        "qemu-io {cmds:?} on {uri} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Removes ANSI colour escapes (the server's log may be coloured).
+pub fn strip_ansi_codes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Offsets of every occurrence of `needle` in `hay`.
+pub fn find_bytes(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return Vec::new();
+    }
+    let first = needle[0];
+    let mut hits = Vec::new();
+    let last_start = hay.len() - needle.len();
+    let mut i = 0;
+    while i <= last_start {
+        match hay[i..=last_start].iter().position(|&b| b == first) {
+            None => break,
+            Some(p) => {
+                let at = i + p;
+                if &hay[at..at + needle.len()] == needle {
+                    hits.push(at);
+                }
+                i = at + 1;
+            }
+        }
+    }
+    hits
+}
