@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 use crate::ids::{BLOCK_SHIFT, BLOCK_SIZE, Cbid, JournalSeq, Lba, Slot, VolumeId};
 use crate::nbd::export::{Export, ExportError, Extent};
 use crate::store::Storage;
-use crate::store::device::AlignedBuf;
 use crate::store::journal::{CbRecord, Entry, Journal};
 use crate::zone::Zone;
 
@@ -188,33 +187,52 @@ impl Volume {
                 .slot;
             self.storage
                 .data
-                .read_at(Storage::offset(slot), AlignedBuf::zeroed(len * BLOCK_SIZE))
+                .read_at(Storage::offset(slot), self.storage.bufs.get(len))
         });
         let results = join_all(reads).await;
-        let crypto = &self.zone.crypto;
+        let mut outcome = Ok(());
         for ((start, len), (res, buf)) in runs.into_iter().zip(results) {
-            res.map_err(io_err)?;
-            for j in 0..len {
-                let i = start + j;
-                let loc = located[i].expect("mapped");
-                let xts = crypto.xts(loc.record.key_version).ok_or_else(|| {
-                    io_err(format!(
-                        "key version {} of zone {} is not available",
-                        loc.record.key_version, self.zone.name
-                    ))
-                })?;
-                let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                xts.decrypt(loc.cbid.0, &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE], dst);
-                if !crypto.tagger().verify(dst, &loc.record.tag) {
-                    dst.fill(0);
-                    tracing::error!(volume = %self.name, lba = first + i as u64, cbid = %loc.cbid,
+            if outcome.is_ok() {
+                outcome = res
+                    .map_err(io_err)
+                    .and_then(|()| self.decrypt_run(first, start, len, &located, &buf, out));
+            }
+            self.storage.bufs.put(buf);
+        }
+        outcome
+    }
+
+    /// Decrypts and verifies one run of blocks read from consecutive slots.
+    fn decrypt_run(
+        &self,
+        first: u64,
+        start: usize,
+        len: usize,
+        located: &[Option<Located>],
+        buf: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ExportError> {
+        let crypto = &self.zone.crypto;
+        for j in 0..len {
+            let i = start + j;
+            let loc = located[i].expect("mapped");
+            let xts = crypto.xts(loc.record.key_version).ok_or_else(|| {
+                io_err(format!(
+                    "key version {} of zone {} is not available",
+                    loc.record.key_version, self.zone.name
+                ))
+            })?;
+            let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            xts.decrypt(loc.cbid.0, &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE], dst);
+            if !crypto.tagger().verify(dst, &loc.record.tag) {
+                dst.fill(0);
+                tracing::error!(volume = %self.name, lba = first + i as u64, cbid = %loc.cbid,
                         "content block failed its integrity check");
-                    return Err(io_err(format!(
-                        "volume {} block {}: integrity check failed",
-                        self.name,
-                        first + i as u64
-                    )));
-                }
+                return Err(io_err(format!(
+                    "volume {} block {}: integrity check failed",
+                    self.name,
+                    first + i as u64
+                )));
             }
         }
         Ok(())
@@ -430,7 +448,7 @@ impl Volume {
             while k + len < which.len() && slots[k + len].0 == slots[k].0 + len as u64 {
                 len += 1;
             }
-            let mut buf = AlignedBuf::zeroed(len * BLOCK_SIZE);
+            let mut buf = self.storage.bufs.get(len);
             for j in 0..len {
                 let src = &plain[which[k + j] * BLOCK_SIZE..(which[k + j] + 1) * BLOCK_SIZE];
                 tags.push(crypto.tagger().tag(src));
@@ -443,10 +461,14 @@ impl Volume {
             writes.push(self.storage.data.write_at(Storage::offset(slots[k]), buf));
             k += len;
         }
-        for (res, _buf) in join_all(writes).await {
-            res.map_err(io_err)?;
+        let mut outcome = Ok(tags);
+        for (res, buf) in join_all(writes).await {
+            if let Err(e) = res {
+                outcome = Err(io_err(e));
+            }
+            self.storage.bufs.put(buf);
         }
-        Ok(tags)
+        outcome
     }
 
     /// Unmaps whole blocks, in frames of bounded size. The caller holds the

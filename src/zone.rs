@@ -14,7 +14,9 @@
 //! [16..48) tag: keyed BLAKE3 of the plaintext
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::path::Path;
 
 use parking_lot::Mutex;
@@ -87,7 +89,7 @@ impl VolumeMap {
         };
         Ok(Self {
             table,
-            overlay: HashMap::new(),
+            overlay: HashMap::default(),
             blocks,
         })
     }
@@ -189,9 +191,9 @@ impl ZoneMeta {
         };
         Ok(Self {
             cb_table,
-            cb_overlay: HashMap::new(),
+            cb_overlay: HashMap::default(),
             cbids: IdAllocator::new(u64::MAX),
-            volumes: HashMap::new(),
+            volumes: HashMap::default(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! tables and slot allocators.
 
 pub mod alloc;
+pub mod bufpool;
 pub mod device;
 pub mod fault;
 pub mod journal;
@@ -27,6 +28,8 @@ pub struct Storage {
     data_sync: File,
     /// Which slots are in use.
     pub slots: Mutex<IdAllocator>,
+    /// Recycled I/O buffers.
+    pub bufs: bufpool::BufPool,
     /// Whether the device is a regular file we may grow.
     growable: bool,
 }
@@ -43,6 +46,7 @@ impl Storage {
             data,
             data_sync,
             slots: Mutex::new(IdAllocator::new(limit)),
+            bufs: bufpool::BufPool::default(),
             growable,
         }
     }
