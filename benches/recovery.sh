@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Recovery time: write a volume randomly with fio (4 KiB blocks, no final
+# flush), kill -9 the server, and time a restart until it accepts clients
+# ("ready:" on stdout). Also reports the server's resident memory after the
+# writes, and the size of the metadata on disk.
+#
+#   benches/recovery.sh               # 1 GiB volume, 3 repetitions
+#   SIZE=4G REPS=5 benches/recovery.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+REPS=${REPS:-3}
+PORT=${PORT:-12060}
+PROFILE=${PROFILE:-ci-2core}
+cargo build --release --quiet
+K=$PWD/target/release/keyturn
+work=$(mktemp -d /tmp/keyturn-recovery.XXXXXX)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+echo "bench-pass" > "$work/pass"
+opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+
+start() { # prints the seconds from exec to "ready:"
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --profile "$PROFILE" >"$work/out" 2>>"$work/log" &
+    pid=$!
+    for _ in $(seq 1 6000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.005; done
+    t1=$(date +%s.%N)
+    python3 -c "print(f'{$t1 - $t0:.3f}')"
+}
+
+times=()
+for rep in $(seq 1 "$REPS"); do
+    rm -rf "$work/pool"
+    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null
+    "$K" zone create "${opts[@]}" z >/dev/null
+    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null
+    start >/dev/null
+    fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randwrite --bs=4k \
+        --iodepth=32 --size="$SIZE" --norandommap --randrepeat=0 --output=/dev/null
+    rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+    kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+    meta=$(du -sk --exclude=data --exclude=staging "$work/pool" | cut -f1)
+    journal=$(du -k "$work/pool/journal" | cut -f1)
+    t=$(start)
+    times+=("$t")
+    echo "rep $rep: restart to ready ${t}s; before the kill: server RSS ${rss} KiB, metadata ${meta} KiB (journal ${journal} KiB)"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+done
+printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "median restart to ready: " a[int((NR+1)/2)] " s over " NR " runs"}'
