@@ -41,6 +41,14 @@ enum Command {
     Serve(ServeArgs),
     /// Create (or reuse) a demo pool with one 1 GiB volume and serve it.
     Demo(DemoArgs),
+    /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
+    Check {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -299,6 +307,30 @@ fn run(cli: Cli) -> Result<()> {
             serve(&a.pool.pool, &pass, a.listen, a.unix, a.profile, None)
         }
         Command::Demo(a) => demo(a),
+        Command::Check { pool, json } => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let report = p.check();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} mapped blocks, {} content blocks, {} data slots in use",
+                    report.mapped_blocks, report.content_blocks, report.used_slots
+                );
+                for problem in &report.problems {
+                    println!("problem: {problem}");
+                }
+            }
+            if report.problems.is_empty() {
+                Ok(())
+            } else {
+                bail!(
+                    "{} problems found in pool {}",
+                    report.problems.len(),
+                    pool.pool.display()
+                )
+            }
+        }
     }
 }
 

@@ -220,6 +220,23 @@ impl ZoneMeta {
             .collect()
     }
 
+    /// Every live content block, overlay included.
+    pub fn live_records(&self) -> Vec<(Cbid, CbRecord)> {
+        let mut out: Vec<(Cbid, CbRecord)> = self
+            .cb_table
+            .iter_nonempty()
+            .filter(|(i, _)| !self.cb_overlay.contains_key(i))
+            .filter_map(|(i, b)| decode_cb(b).map(|r| (Cbid(i), r)))
+            .collect();
+        out.extend(
+            self.cb_overlay
+                .iter()
+                .filter_map(|(&c, &(r, _))| r.map(|r| (Cbid(c), r))),
+        );
+        out.sort_unstable_by_key(|(c, _)| *c);
+        out
+    }
+
     /// Moves every overlay entry up to `seq` into the tables and syncs them.
     pub fn checkpoint(&mut self, seq: JournalSeq) -> Result<(), TableError> {
         let mut moved = Vec::new();
