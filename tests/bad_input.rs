@@ -580,6 +580,71 @@ fn abuse_stalled_handshakes(addr: &str, f: &Fixture) -> Vec<&'static str> {
     vec!["client flags"; 50]
 }
 
+fn abuse_bad_go_options(addr: &str, f: &Fixture) -> Option<&'static str> {
+    const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+    const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
+    let mut c = Raw::options(addr);
+    let go = |name: &[u8]| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        p.extend_from_slice(name);
+        p.extend_from_slice(&0u16.to_be_bytes());
+        p
+    };
+    // An export that does not exist.
+    c.option(OPT_GO, &go(b"no-such-volume"));
+    assert_eq!(c.option_reply().1, REP_ERR_UNKNOWN, "GO to a missing export");
+    // A name with a NUL byte, and a name length pointing past the payload.
+    c.option(OPT_GO, &go(b"vol\0"));
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "GO with a NUL in the name");
+    let mut p = go(b"vol0");
+    p[0..4].copy_from_slice(&1000u32.to_be_bytes());
+    c.option(OPT_GO, &p);
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "GO with a name length past the payload");
+    // The handshake goes on and the right export works.
+    assert_eq!(c.opt_go("vol0"), SIZE);
+    assert_eq!(c.read(6, 0, 4096).expect("read after bad GOs"), f.head[..4096]);
+    c.disc();
+    Some("unknown export")
+}
+
+fn abuse_bad_write_flags(addr: &str, f: &Fixture) -> Option<&'static str> {
+    let (mut c, _) = Raw::go(addr);
+    // A WRITE with an undefined flag: refused, its payload skipped (the
+    // next request must still be framed), nothing applied.
+    let mut m = Raw::header(0x8000, CMD_WRITE, 60, 0, 8192);
+    m.extend_from_slice(&Raw::header(0, CMD_READ, 61, 0, 4096).repeat(8192 / 28 + 1)[..8192]);
+    c.send(&m);
+    let (err, cookie) = c.reply();
+    assert_eq!((err, cookie), (EINVAL, 60), "WRITE with an undefined flag");
+    assert_eq!(c.read(62, 0, 8192).expect("read after bad-flag write"), f.head[..8192], "bad-flag write applied");
+    // Zero-length requests at the very end are valid.
+    assert_eq!(c.read(63, SIZE, 0), Ok(Vec::new()));
+    assert_eq!(c.write(64, SIZE, &[]), Ok(()));
+    c.disc();
+    Some("not valid for WRITE")
+}
+
+fn abuse_reply_reader_stalls(addr: &str, f: &Fixture) -> Option<&'static str> {
+    // Pipelines 256 reads of 1 MiB and never reads a reply.
+    let (mut c, _) = Raw::go(addr);
+    c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    for i in 0..256u64 {
+        if c.s.write_all(&Raw::header(0, CMD_READ, 100 + i, 0, MIB as u32)).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = f.rss_kib();
+    assert!(rss < 500 * 1024, "server RSS {rss} KiB with one client not reading replies");
+    // Others are served meanwhile.
+    let (mut o, _) = Raw::go(addr);
+    assert_eq!(o.read(7, TAIL_AT, 4096).expect("read while another client stalls"), f.tail[..4096]);
+    o.disc();
+    drop(c);
+    None
+}
+
 // ------------------------------------------------------------------ tests
 
 /// Runs one abuse against a fresh server and checks the aftermath.
@@ -679,6 +744,30 @@ fn stalled_handshakes_do_not_block_others() {
     check_one(e, &mut f);
 }
 
+#[test]
+fn invalid_go_options_are_refused_and_handshake_continues() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let e = abuse_bad_go_options(&addr, &f);
+    check_one(e.into_iter().collect(), &mut f);
+}
+
+#[test]
+fn write_with_bad_flags_is_refused_and_framing_kept() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let e = abuse_bad_write_flags(&addr, &f);
+    check_one(e.into_iter().collect(), &mut f);
+}
+
+#[test]
+fn client_not_reading_replies_is_bounded() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let e = abuse_reply_reader_stalls(&addr, &f);
+    check_one(e.into_iter().collect(), &mut f);
+}
+
 /// Every abuse in a row on one server: still running, data intact, exactly
 /// one warning per rejected client.
 #[test]
@@ -704,7 +793,50 @@ fn every_abuse_in_a_row_on_one_server() {
     f.assert_healthy();
     expect.extend(abuse_vanishing_writer(&addr, &f));
     f.assert_healthy();
+    expect.extend(abuse_bad_go_options(&addr, &f));
+    f.assert_healthy();
+    expect.extend(abuse_bad_write_flags(&addr, &f));
+    f.assert_healthy();
+    expect.extend(abuse_reply_reader_stalls(&addr, &f));
+    f.assert_healthy();
     expect.extend(abuse_stalled_handshakes(&addr, &f));
     check_one(expect, &mut f);
     assert!(f.server.is_running());
+}
+
+/// Memory must be bounded for the server as a whole, not only per
+/// connection: a handful of clients that pipeline large READs and never read
+/// the replies must not pin hundreds of MiB each.
+#[test]
+fn clients_not_reading_replies_do_not_exhaust_memory() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let before = f.rss_kib();
+    let mut stalled = Vec::new();
+    for k in 0..6u64 {
+        let (mut c, _) = Raw::go(&addr);
+        c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        for i in 0..16u64 {
+            if c.s.write_all(&Raw::header(0, CMD_READ, k * 100 + i, 0, 8 << 20)).is_err() {
+                break;
+            }
+        }
+        stalled.push(c);
+    }
+    let mut peak = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(f.rss_kib());
+    }
+    // Others are still served.
+    let (mut o, _) = Raw::go(&addr);
+    assert_eq!(o.read(7, TAIL_AT, 4096).expect("read while others stall"), f.tail[..4096]);
+    o.disc();
+    drop(stalled);
+    assert!(
+        peak < 500 * 1024,
+        "server RSS went from {before} KiB to {peak} KiB with 6 clients that do not read their replies \
+         (each may pin max_in_flight_bytes = 128 MiB of read buffers; there is no server-wide bound)"
+    );
+    f.assert_healthy();
 }

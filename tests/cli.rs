@@ -24,16 +24,29 @@ fn stdout(o: &Output) -> String {
 /// The last line of stderr: the `keyturn: error:` line, without the log.
 fn error_line(o: &Output) -> String {
     let e = strip_ansi_codes(&stderr(o));
-    e.lines().filter(|l| l.contains("error")).last().unwrap_or("").to_string()
+    e.lines()
+        .filter(|l| l.contains("error"))
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Asserts a keyturn run failed (not by timeout) and its error says `want`.
 fn assert_fails_with(o: &Output, want: &[&str], what: &str) {
-    assert!(!o.status.success(), "{what}: succeeded but should not:\n{}{}", stdout(o), stderr(o));
+    assert!(
+        !o.status.success(),
+        "{what}: succeeded but should not:\n{}{}",
+        stdout(o),
+        stderr(o)
+    );
     assert_ne!(o.status.code(), Some(124), "{what}: timed out");
     let err = error_line(o).to_lowercase();
     for w in want {
-        assert!(err.contains(&w.to_lowercase()), "{what}: error does not mention {w:?}: {err:?}\nfull stderr:\n{}", stderr(o));
+        assert!(
+            err.contains(&w.to_lowercase()),
+            "{what}: error does not mention {w:?}: {err:?}\nfull stderr:\n{}",
+            stderr(o)
+        );
     }
 }
 
@@ -53,12 +66,15 @@ fn keyturn_plain(args: &[&str]) -> Output {
 
 fn volume_list_json(pool: &TestPool) -> Vec<Value> {
     let text = pool.keyturn_ok(&["volume", "list", "--json"]);
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("volume list --json: {e}\n{text}"));
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("volume list --json: {e}\n{text}"));
     v.as_array().expect("array").clone()
 }
 
 fn volume_entry(pool: &TestPool, name: &str) -> Option<Value> {
-    volume_list_json(pool).into_iter().find(|v| v["name"] == name)
+    volume_list_json(pool)
+        .into_iter()
+        .find(|v| v["name"] == name)
 }
 
 /// Number of non-zero 4 KiB blocks in a file (slots holding ciphertext).
@@ -72,13 +88,27 @@ fn nonzero_blocks(path: &Path) -> usize {
 fn init_creates_a_pool_and_refuses_to_overwrite_it() {
     let pool = TestPool::new();
     let p = pool.path();
-    for f in ["pool.toml", "catalog.json", "keys/root.sealed", "journal", "data", "staging"] {
+    for f in [
+        "pool.toml",
+        "catalog.json",
+        "keys/root.sealed",
+        "journal",
+        "data",
+        "staging",
+    ] {
         assert!(p.join(f).exists(), "init did not create {f}");
     }
     let sealed_before = std::fs::read(p.join("keys/root.sealed")).unwrap();
     let o = pool.keyturn(&["init", "--kdf-memory-kib", "8192", "--kdf-iterations", "1"]);
-    assert!(!o.status.success(), "second init over an existing pool succeeded");
-    assert_eq!(std::fs::read(p.join("keys/root.sealed")).unwrap(), sealed_before, "second init changed the root key");
+    assert!(
+        !o.status.success(),
+        "second init over an existing pool succeeded"
+    );
+    assert_eq!(
+        std::fs::read(p.join("keys/root.sealed")).unwrap(),
+        sealed_before,
+        "second init changed the root key"
+    );
     // The pool still opens.
     let v = volume_list_json(&pool);
     assert!(v.is_empty(), "fresh pool has volumes: {v:?}");
@@ -101,14 +131,32 @@ fn wrong_passphrase_is_refused_and_nothing_is_served() {
         ],
     );
     assert_fails_with(&o, &["wrong passphrase"], "serve with a wrong passphrase");
-    assert!(!stdout(&o).contains("ready"), "server announced readiness: {}", stdout(&o));
-    assert!(!stderr(&o).contains("not-the-passphrase"), "the passphrase was echoed");
+    assert!(
+        !stdout(&o).contains("ready"),
+        "server announced readiness: {}",
+        stdout(&o)
+    );
+    assert!(
+        !stderr(&o).contains("not-the-passphrase"),
+        "the passphrase was echoed"
+    );
     // Other commands too, and the right passphrase still works afterwards.
     let o = run(
         keyturn_bin().to_str().unwrap(),
-        &["volume", "list", "--pool", pool.path().to_str().unwrap(), "--passphrase-file", wrong.to_str().unwrap()],
+        &[
+            "volume",
+            "list",
+            "--pool",
+            pool.path().to_str().unwrap(),
+            "--passphrase-file",
+            wrong.to_str().unwrap(),
+        ],
     );
-    assert_fails_with(&o, &["wrong passphrase"], "volume list with a wrong passphrase");
+    assert_fails_with(
+        &o,
+        &["wrong passphrase"],
+        "volume list with a wrong passphrase",
+    );
     assert!(volume_entry(&pool, "vol0").is_some());
 }
 
@@ -118,20 +166,45 @@ fn missing_passphrase_without_a_terminal_is_a_clear_error() {
     let dir = pool.path();
     for args in [
         vec!["volume", "list", "--pool", dir.to_str().unwrap()],
-        vec!["serve", "--listen", "127.0.0.1:0", "--pool", dir.to_str().unwrap()],
+        vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            dir.to_str().unwrap(),
+        ],
     ] {
         let o = keyturn_plain(&args);
-        assert_fails_with(&o, &["passphrase", "KEYTURN_PASSPHRASE"], &format!("{args:?} without a passphrase"));
-        assert!(!stdout(&o).contains("ready"), "{args:?} served without a passphrase");
+        assert_fails_with(
+            &o,
+            &["passphrase", "KEYTURN_PASSPHRASE"],
+            &format!("{args:?} without a passphrase"),
+        );
+        assert!(
+            !stdout(&o).contains("ready"),
+            "{args:?} served without a passphrase"
+        );
     }
     // Control: the same command with the environment variable works.
     let o = Command::new("timeout")
-        .args(["30", keyturn_bin().to_str().unwrap(), "volume", "list", "--json", "--pool", dir.to_str().unwrap()])
+        .args([
+            "30",
+            keyturn_bin().to_str().unwrap(),
+            "volume",
+            "list",
+            "--json",
+            "--pool",
+            dir.to_str().unwrap(),
+        ])
         .env("KEYTURN_PASSPHRASE", &pool.passphrase)
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(o.status.success(), "KEYTURN_PASSPHRASE not accepted: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "KEYTURN_PASSPHRASE not accepted: {}",
+        stderr(&o)
+    );
     assert!(stdout(&o).contains("\"vol0\""));
 }
 
@@ -159,7 +232,10 @@ fn zones_create_list_and_duplicates() {
     let zones = json.as_array().expect("array");
     let names: Vec<&str> = zones.iter().filter_map(|z| z["name"].as_str()).collect();
     assert_eq!(names, ["alpha", "beta"], "{json:#}");
-    assert_ne!(zones[0]["id"], zones[1]["id"], "zone ids not distinct: {json:#}");
+    assert_ne!(
+        zones[0]["id"], zones[1]["id"],
+        "zone ids not distinct: {json:#}"
+    );
 
     let o = pool.keyturn(&["zone", "create", "alpha"]);
     assert_fails_with(&o, &["already exists"], "duplicate zone");
@@ -189,11 +265,23 @@ fn volume_create_rejects_bad_sizes() {
         let o = pool.keyturn(&["volume", "create", "--zone", "z1", &size_arg, "v"]);
         assert_fails_with(&o, &[want], &format!("size {size:?}"));
     }
-    assert!(volume_list_json(&pool).is_empty(), "a bad size created a volume");
+    assert!(
+        volume_list_json(&pool).is_empty(),
+        "a bad size created a volume"
+    );
     // Good sizes, in several spellings.
-    for (size, bytes, name) in [("8192", 8192u64, "a"), ("4K", 4096, "b"), ("3M", 3 * MIB, "c"), ("1GiB", 1 << 30, "d")] {
+    for (size, bytes, name) in [
+        ("8192", 8192u64, "a"),
+        ("4K", 4096, "b"),
+        ("3M", 3 * MIB, "c"),
+        ("1GiB", 1 << 30, "d"),
+    ] {
         pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", size, name]);
-        assert_eq!(volume_entry(&pool, name).unwrap()["size"].as_u64(), Some(bytes), "size {size}");
+        assert_eq!(
+            volume_entry(&pool, name).unwrap()["size"].as_u64(),
+            Some(bytes),
+            "size {size}"
+        );
     }
     let o = pool.keyturn(&["volume", "create", "--zone", "z1", "--size", "1M", "a"]);
     assert_fails_with(&o, &["already exists"], "duplicate volume");
@@ -217,7 +305,14 @@ fn volume_list_shows_size_and_allocated_bytes() {
     // block, and a block written then discarded.
     qio_ok(
         &server.uri("vol0"),
-        &[&format!("write -s {s} 0 1M"), &format!("write -s {s} 10M 4K"), "write -P 7 20000001 1", "write -P 9 30M 4K", "discard 30M 4K", "flush"],
+        &[
+            &format!("write -s {s} 0 1M"),
+            &format!("write -s {s} 10M 4K"),
+            "write -P 7 20000001 1",
+            "write -P 9 30M 4K",
+            "discard 30M 4K",
+            "flush",
+        ],
     );
     qio_ok(&server.uri("other"), &[&format!("write -s {s} 0 8K")]);
     assert!(server.stop(), "serve did not exit cleanly");
@@ -229,9 +324,21 @@ fn volume_list_shows_size_and_allocated_bytes() {
     assert_eq!(o["size"].as_u64(), Some(8 * MIB), "{o}");
     // The text listing agrees.
     let text = pool.keyturn_ok(&["volume", "list"]);
-    let line = text.lines().find(|l| l.starts_with("vol0 ")).unwrap_or_else(|| panic!("{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("vol0 "))
+        .unwrap_or_else(|| panic!("{text}"));
     let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols, ["vol0", "z1", &(64 * MIB).to_string(), &(MIB + 8192).to_string()], "{text}");
+    assert_eq!(
+        cols,
+        [
+            "vol0",
+            "z1",
+            &(64 * MIB).to_string(),
+            &(MIB + 8192).to_string()
+        ],
+        "{text}"
+    );
 }
 
 #[test]
@@ -242,20 +349,36 @@ fn delete_frees_the_volume_space_for_reuse() {
     let tmp = tempfile::tempdir().unwrap();
     let blocks = 2048; // 8 MiB of distinct 4 KiB blocks (no dedup)
     let write = |vol: &str, seed: u64| {
-        let src = write_file(tmp.path(), &format!("src-{seed}"), &pattern_bytes(seed, 8 * MIB as usize));
+        let src = write_file(
+            tmp.path(),
+            &format!("src-{seed}"),
+            &pattern_bytes(seed, 8 * MIB as usize),
+        );
         let mut server = pool.serve();
-        qio_ok(&server.uri(vol), &[&format!("write -s {} 0 8M", src.display()), "flush"]);
+        qio_ok(
+            &server.uri(vol),
+            &[&format!("write -s {} 0 8M", src.display()), "flush"],
+        );
         assert!(server.stop());
     };
 
     write("vol0", 1);
-    assert_eq!(volume_entry(&pool, "vol0").unwrap()["allocated_bytes"].as_u64(), Some(8 * MIB));
+    assert_eq!(
+        volume_entry(&pool, "vol0").unwrap()["allocated_bytes"].as_u64(),
+        Some(8 * MIB)
+    );
     let used_1 = nonzero_blocks(&data);
-    assert!(used_1 >= blocks, "8 MiB written but only {used_1} data blocks in use");
+    assert!(
+        used_1 >= blocks,
+        "8 MiB written but only {used_1} data blocks in use"
+    );
 
     let out = pool.keyturn_ok(&["volume", "delete", "vol0"]);
     assert!(out.contains("deleted volume vol0"), "{out}");
-    assert!(volume_entry(&pool, "vol0").is_none(), "vol0 still listed after delete");
+    assert!(
+        volume_entry(&pool, "vol0").is_none(),
+        "vol0 still listed after delete"
+    );
     let o = pool.keyturn(&["volume", "delete", "vol0"]);
     assert_fails_with(&o, &["no volume named"], "deleting twice");
 
@@ -264,21 +387,42 @@ fn delete_frees_the_volume_space_for_reuse() {
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "64M", "vol1"]);
     write("vol1", 2);
     let used_2 = nonzero_blocks(&data);
-    assert!(used_2 <= used_1, "data device use grew from {used_1} to {used_2} blocks: the deleted volume's space was not reused");
+    assert!(
+        used_2 <= used_1,
+        "data device use grew from {used_1} to {used_2} blocks: the deleted volume's space was not reused"
+    );
 
     // Control: without a delete the same write does need new space.
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "64M", "vol2"]);
     write("vol2", 3);
     let used_3 = nonzero_blocks(&data);
-    assert!(used_3 >= used_2 + blocks, "writing 8 MiB to a new volume used only {} new blocks", used_3 - used_2);
+    assert!(
+        used_3 >= used_2 + blocks,
+        "writing 8 MiB to a new volume used only {} new blocks",
+        used_3 - used_2
+    );
 
     // vol1's data is intact after all that.
     let server = pool.serve();
     let src = tmp.path().join("src-2");
     let out = tmp.path().join("vol1.bin");
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &server.uri("vol1"), out.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &server.uri("vol1"),
+            out.to_str().unwrap(),
+        ],
+    );
     let got = std::fs::read(&out).unwrap();
-    assert!(got[..8 * MIB as usize] == std::fs::read(&src).unwrap()[..], "vol1 data damaged");
+    assert!(
+        got[..8 * MIB as usize] == std::fs::read(&src).unwrap()[..],
+        "vol1 data damaged"
+    );
     assert!(got[8 * MIB as usize..].iter().all(|&b| b == 0));
 }
 
@@ -292,17 +436,31 @@ fn pool_changes_are_refused_while_served() {
 
     for (args, what) in [
         (vec!["volume", "delete", "vol0"], "delete"),
-        (vec!["volume", "create", "--zone", "z1", "--size", "1M", "v2"], "volume create"),
+        (
+            vec!["volume", "create", "--zone", "z1", "--size", "1M", "v2"],
+            "volume create",
+        ),
         (vec!["zone", "create", "z2"], "zone create"),
     ] {
         let o = pool.keyturn(&args);
         assert_fails_with(&o, &["in use"], &format!("{what} while served"));
     }
+    // A second server on the same pool is refused the same way, serving nothing.
+    let dir = pool.path();
+    let o = run(
+        keyturn_bin().to_str().unwrap(),
+        &["serve", "--listen", "127.0.0.1:0", "--pool", dir.to_str().unwrap(), "--passphrase-file", pool.pass_file.to_str().unwrap()],
+    );
+    assert_fails_with(&o, &["in use"], "second serve of the same pool");
+    assert!(!stdout(&o).contains("ready"), "a second server became ready");
     assert!(server.is_running());
     qio_ok(&uri, &["read -P 0x3c 0 2M", "read -P 0 2M 1M"]);
     assert!(server.stop());
     // Once the server is gone, the same changes work, and nothing was half-done.
-    let names: Vec<Value> = volume_list_json(&pool).iter().map(|v| v["name"].clone()).collect();
+    let names: Vec<Value> = volume_list_json(&pool)
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
     assert_eq!(names, [Value::from("vol0")]);
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "1M", "v2"]);
     pool.keyturn_ok(&["volume", "delete", "vol0"]);
@@ -317,7 +475,13 @@ struct Demo {
 impl Demo {
     fn start(dir: &Path) -> Demo {
         let mut child = Command::new(keyturn_bin())
-            .args(["demo", "--dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args([
+                "demo",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .env_remove("KEYTURN_PASSPHRASE")
             .env_remove("KEYTURN_POOL")
             .stdin(Stdio::null())
@@ -350,7 +514,10 @@ impl Demo {
 
     /// SIGTERM; whether it exited 0.
     fn stop(mut self) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..300 {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st.success();
@@ -370,15 +537,30 @@ fn demo_keeps_its_data_across_restarts() {
     let tmp = tempfile::tempdir().unwrap();
     let dir: PathBuf = tmp.path().join("demo");
     let demo = Demo::start(&dir);
-    assert_eq!(run_ok("nbdinfo", &["--size", &demo.uri]).trim(), (1u64 << 30).to_string());
-    qio_ok(&demo.uri, &["write -P 0xd7 123456 1M", "write -P 0xd8 1073737728 4096", "flush"]);
+    assert_eq!(
+        run_ok("nbdinfo", &["--size", &demo.uri]).trim(),
+        (1u64 << 30).to_string()
+    );
+    qio_ok(
+        &demo.uri,
+        &[
+            "write -P 0xd7 123456 1M",
+            "write -P 0xd8 1073737728 4096",
+            "flush",
+        ],
+    );
     assert!(demo.stop(), "demo did not exit cleanly on SIGTERM");
     assert!(dir.join("demo.passphrase").exists());
 
     let demo = Demo::start(&dir);
     qio_ok(
         &demo.uri,
-        &["read -P 0xd7 123456 1M", "read -P 0 0 123456", "read -P 0xd8 1073737728 4096", "read -P 0 1200000 1M"],
+        &[
+            "read -P 0xd7 123456 1M",
+            "read -P 0 0 123456",
+            "read -P 0xd8 1073737728 4096",
+            "read -P 0 1200000 1M",
+        ],
     );
     assert!(demo.stop());
 }
@@ -387,30 +569,71 @@ fn demo_keeps_its_data_across_restarts() {
 fn help_of_every_subcommand() {
     let cases: &[(&[&str], &[&str])] = &[
         (&[], &["init", "zone", "volume", "serve", "demo", "--log"]),
-        (&["init"], &["--pool", "--passphrase-file", "--data", "--staging", "--kdf-memory-kib", "--kdf-iterations", "--listen"]),
+        (
+            &["init"],
+            &[
+                "--pool",
+                "--passphrase-file",
+                "--data",
+                "--staging",
+                "--kdf-memory-kib",
+                "--kdf-iterations",
+                "--listen",
+            ],
+        ),
         (&["zone"], &["create", "list"]),
-        (&["zone", "create"], &["--pool", "--passphrase-file", "<NAME>"]),
+        (
+            &["zone", "create"],
+            &["--pool", "--passphrase-file", "<NAME>"],
+        ),
         (&["zone", "list"], &["--pool", "--json"]),
         (&["volume"], &["create", "list", "delete"]),
-        (&["volume", "create"], &["--pool", "--zone", "--size", "<NAME>"]),
+        (
+            &["volume", "create"],
+            &["--pool", "--zone", "--size", "<NAME>"],
+        ),
         (&["volume", "list"], &["--pool", "--json"]),
         (&["volume", "delete"], &["--pool", "<NAME>"]),
-        (&["serve"], &["--pool", "--passphrase-file", "--listen", "--unix", "--profile"]),
+        (
+            &["serve"],
+            &[
+                "--pool",
+                "--passphrase-file",
+                "--listen",
+                "--unix",
+                "--profile",
+            ],
+        ),
         (&["demo"], &["--dir", "--listen", "--unix"]),
     ];
     for (sub, opts) in cases {
         let mut args: Vec<&str> = sub.to_vec();
         args.push("--help");
         let o = keyturn_plain(&args);
-        assert!(o.status.success(), "keyturn {args:?} exited {}: {}", o.status, stderr(&o));
+        assert!(
+            o.status.success(),
+            "keyturn {args:?} exited {}: {}",
+            o.status,
+            stderr(&o)
+        );
         let text = stdout(&o);
-        assert!(text.contains("Usage:"), "keyturn {args:?}: no usage:\n{text}");
+        assert!(
+            text.contains("Usage:"),
+            "keyturn {args:?}: no usage:\n{text}"
+        );
         for opt in *opts {
-            assert!(text.contains(opt), "keyturn {args:?} does not mention {opt}:\n{text}");
+            assert!(
+                text.contains(opt),
+                "keyturn {args:?} does not mention {opt}:\n{text}"
+            );
         }
     }
     let o = keyturn_plain(&["--version"]);
-    assert!(o.status.success() && stdout(&o).contains(env!("CARGO_PKG_VERSION")), "{}", stdout(&o));
+    assert!(
+        o.status.success() && stdout(&o).contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        stdout(&o)
+    );
     // And an unknown subcommand fails.
     let o = keyturn_plain(&["frobnicate"]);
     assert!(!o.status.success());
@@ -422,7 +645,14 @@ fn serve_profiles_known_and_unknown() {
     let pool = TestPool::with_volume("16M");
     {
         let mut server = pool.serve_with(&["--profile", "nvme-server"]);
-        qio_ok(&server.uri("vol0"), &["write -P 0x4e 4095 8194", "read -P 0x4e 4095 8194", "read -P 0 0 4095"]);
+        qio_ok(
+            &server.uri("vol0"),
+            &[
+                "write -P 0x4e 4095 8194",
+                "read -P 0x4e 4095 8194",
+                "read -P 0 0 4095",
+            ],
+        );
         assert!(server.stop());
     }
     // A profile given as a file path works too.
@@ -447,5 +677,8 @@ fn serve_profiles_known_and_unknown() {
         ],
     );
     assert_fails_with(&o, &["nope", "profile"], "unknown profile");
-    assert!(!stdout(&o).contains("ready"), "served with an unknown profile");
+    assert!(
+        !stdout(&o).contains("ready"),
+        "served with an unknown profile"
+    );
 }
