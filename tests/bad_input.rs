@@ -593,17 +593,32 @@ fn abuse_bad_go_options(addr: &str, f: &Fixture) -> Option<&'static str> {
     };
     // An export that does not exist.
     c.option(OPT_GO, &go(b"no-such-volume"));
-    assert_eq!(c.option_reply().1, REP_ERR_UNKNOWN, "GO to a missing export");
+    assert_eq!(
+        c.option_reply().1,
+        REP_ERR_UNKNOWN,
+        "GO to a missing export"
+    );
     // A name with a NUL byte, and a name length pointing past the payload.
     c.option(OPT_GO, &go(b"vol\0"));
-    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "GO with a NUL in the name");
+    assert_eq!(
+        c.option_reply().1,
+        REP_ERR_INVALID,
+        "GO with a NUL in the name"
+    );
     let mut p = go(b"vol0");
     p[0..4].copy_from_slice(&1000u32.to_be_bytes());
     c.option(OPT_GO, &p);
-    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "GO with a name length past the payload");
+    assert_eq!(
+        c.option_reply().1,
+        REP_ERR_INVALID,
+        "GO with a name length past the payload"
+    );
     // The handshake goes on and the right export works.
     assert_eq!(c.opt_go("vol0"), SIZE);
-    assert_eq!(c.read(6, 0, 4096).expect("read after bad GOs"), f.head[..4096]);
+    assert_eq!(
+        c.read(6, 0, 4096).expect("read after bad GOs"),
+        f.head[..4096]
+    );
     c.disc();
     Some("unknown export")
 }
@@ -617,7 +632,11 @@ fn abuse_bad_write_flags(addr: &str, f: &Fixture) -> Option<&'static str> {
     c.send(&m);
     let (err, cookie) = c.reply();
     assert_eq!((err, cookie), (EINVAL, 60), "WRITE with an undefined flag");
-    assert_eq!(c.read(62, 0, 8192).expect("read after bad-flag write"), f.head[..8192], "bad-flag write applied");
+    assert_eq!(
+        c.read(62, 0, 8192).expect("read after bad-flag write"),
+        f.head[..8192],
+        "bad-flag write applied"
+    );
     // Zero-length requests at the very end are valid.
     assert_eq!(c.read(63, SIZE, 0), Ok(Vec::new()));
     assert_eq!(c.write(64, SIZE, &[]), Ok(()));
@@ -630,16 +649,26 @@ fn abuse_reply_reader_stalls(addr: &str, f: &Fixture) -> Option<&'static str> {
     let (mut c, _) = Raw::go(addr);
     c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     for i in 0..256u64 {
-        if c.s.write_all(&Raw::header(0, CMD_READ, 100 + i, 0, MIB as u32)).is_err() {
+        if c.s
+            .write_all(&Raw::header(0, CMD_READ, 100 + i, 0, MIB as u32))
+            .is_err()
+        {
             break;
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let rss = f.rss_kib();
-    assert!(rss < 500 * 1024, "server RSS {rss} KiB with one client not reading replies");
+    assert!(
+        rss < 500 * 1024,
+        "server RSS {rss} KiB with one client not reading replies"
+    );
     // Others are served meanwhile.
     let (mut o, _) = Raw::go(addr);
-    assert_eq!(o.read(7, TAIL_AT, 4096).expect("read while another client stalls"), f.tail[..4096]);
+    assert_eq!(
+        o.read(7, TAIL_AT, 4096)
+            .expect("read while another client stalls"),
+        f.tail[..4096]
+    );
     o.disc();
     drop(c);
     None
@@ -817,7 +846,10 @@ fn clients_not_reading_replies_do_not_exhaust_memory() {
         let (mut c, _) = Raw::go(&addr);
         c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
         for i in 0..16u64 {
-            if c.s.write_all(&Raw::header(0, CMD_READ, k * 100 + i, 0, 8 << 20)).is_err() {
+            if c.s
+                .write_all(&Raw::header(0, CMD_READ, k * 100 + i, 0, 8 << 20))
+                .is_err()
+            {
                 break;
             }
         }
@@ -830,7 +862,10 @@ fn clients_not_reading_replies_do_not_exhaust_memory() {
     }
     // Others are still served.
     let (mut o, _) = Raw::go(&addr);
-    assert_eq!(o.read(7, TAIL_AT, 4096).expect("read while others stall"), f.tail[..4096]);
+    assert_eq!(
+        o.read(7, TAIL_AT, 4096).expect("read while others stall"),
+        f.tail[..4096]
+    );
     o.disc();
     drop(stalled);
     assert!(

@@ -449,10 +449,21 @@ fn pool_changes_are_refused_while_served() {
     let dir = pool.path();
     let o = run(
         keyturn_bin().to_str().unwrap(),
-        &["serve", "--listen", "127.0.0.1:0", "--pool", dir.to_str().unwrap(), "--passphrase-file", pool.pass_file.to_str().unwrap()],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool",
+            dir.to_str().unwrap(),
+            "--passphrase-file",
+            pool.pass_file.to_str().unwrap(),
+        ],
     );
     assert_fails_with(&o, &["in use"], "second serve of the same pool");
-    assert!(!stdout(&o).contains("ready"), "a second server became ready");
+    assert!(
+        !stdout(&o).contains("ready"),
+        "a second server became ready"
+    );
     assert!(server.is_running());
     qio_ok(&uri, &["read -P 0x3c 0 2M", "read -P 0 2M 1M"]);
     assert!(server.stop());

@@ -589,7 +589,12 @@ fn fio_interleaved_sub_block_writes_from_two_connections() {
     let (a0, o0) = job(0, false);
     let (a1, o1) = job(1, false);
     let spawn = |args: &[String]| {
-        std::process::Command::new("timeout").arg("120").arg("fio").args(args).output().expect("fio")
+        std::process::Command::new("timeout")
+            .arg("120")
+            .arg("fio")
+            .args(args)
+            .output()
+            .expect("fio")
     };
     let (r0, r1) = std::thread::scope(|s| {
         let h0 = s.spawn(|| spawn(&a0));
@@ -597,20 +602,41 @@ fn fio_interleaved_sub_block_writes_from_two_connections() {
         (h0.join().unwrap(), h1.join().unwrap())
     });
     for (r, o) in [(&r0, &o0), (&r1, &o1)] {
-        assert!(r.status.success(), "fio writer failed: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.status.success(),
+            "fio writer failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let jobs = fio_jobs(o);
         assert_eq!(jobs.len(), 1);
-        assert_eq!((jobs[0].error, jobs[0].write_bytes), (0, 3 * MIB / 2), "{jobs:?}");
+        assert_eq!(
+            (jobs[0].error, jobs[0].write_bytes),
+            (0, 3 * MIB / 2),
+            "{jobs:?}"
+        );
     }
     // Verify both on new connections, after both finished.
     for j in 0..2 {
         let (a, o) = job(j, true);
         let r = spawn(&a);
-        assert!(r.status.success(), "fio verify of writer {j} failed: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.status.success(),
+            "fio verify of writer {j} failed: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let jobs = fio_jobs(&o);
-        assert_eq!((jobs[0].error, jobs[0].read_bytes), (0, 3 * MIB / 2), "{jobs:?}");
+        assert_eq!(
+            (jobs[0].error, jobs[0].read_bytes),
+            (0, 3 * MIB / 2),
+            "{jobs:?}"
+        );
     }
     // Nothing outside the interleaved area.
-    qio_ok(&uri, &[&format!("read -P 0 0 {BASE}"), &format!("read -P 0 {} 1M", BASE + 3 * MIB + 1536)]);
+    qio_ok(
+        &uri,
+        &[
+            &format!("read -P 0 0 {BASE}"),
+            &format!("read -P 0 {} 1M", BASE + 3 * MIB + 1536),
+        ],
+    );
 }
-

@@ -16,15 +16,25 @@ pub fn keyturn_bin() -> PathBuf {
 /// Fails the test (never skips) when a client tool is missing:
 /// `tools/test.sh` installs them.
 pub fn require_tool(name: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().is_ok_and(|o| o.status.success());
-    assert!(ok, "{name} is not installed; run the tests through tools/test.sh, which installs it");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{name} is not installed; run the tests through tools/test.sh, which installs it"
+    );
 }
 
 /// Runs a command with a time limit; returns its output.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
     let mut full = vec!["120", cmd];
     full.extend_from_slice(args);
-    Command::new("timeout").args(&full).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+    Command::new("timeout")
+        .args(&full)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 /// Runs a command and asserts it succeeded; returns stdout.
@@ -54,7 +64,11 @@ impl TestPool {
         let passphrase = format!("test-pass-{}", std::process::id());
         let pass_file = dir.path().join("passphrase");
         std::fs::write(&pass_file, &passphrase).unwrap();
-        let pool = Self { dir, pass_file, passphrase };
+        let pool = Self {
+            dir,
+            pass_file,
+            passphrase,
+        };
         pool.keyturn_ok(&["init", "--kdf-memory-kib", "8192", "--kdf-iterations", "1"]);
         pool
     }
@@ -105,7 +119,10 @@ impl TestPool {
 
     /// Starts `keyturn serve` with extra arguments.
     pub fn serve_with(&self, extra: &[&str]) -> Server {
-        let log = self.dir.path().join(format!("server-{}.log", rand_suffix()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("server-{}.log", rand_suffix()));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(keyturn_bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -144,17 +161,29 @@ impl TestPool {
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("keyturn serve did not become ready; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                    panic!(
+                        "keyturn serve did not become ready; log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                 }
             }
         }
-        Server { child: Some(child), base: base.unwrap(), unix, log }
+        Server {
+            child: Some(child),
+            base: base.unwrap(),
+            unix,
+            log,
+        }
     }
 }
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000_007
 }
 
 /// A running `keyturn serve`.
@@ -196,7 +225,10 @@ impl Server {
     pub fn stop(&mut self) -> bool {
         if let Some(mut c) = self.child.take() {
             // SAFETY-free: kill(1) by pid through the command line.
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             for _ in 0..300 {
                 if let Ok(Some(st)) = c.try_wait() {
                     return st.success();
@@ -211,7 +243,9 @@ impl Server {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
     }
 
     /// The server's log so far.
@@ -293,7 +327,9 @@ pub fn qio_ok(uri: &str, cmds: &[&str]) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.status.success() && !stdout.contains("verification failed") && !stdout.contains("failed:"),
+        out.status.success()
+            && !stdout.contains("verification failed")
+            && !stdout.contains("failed:"),
         "qemu-io {cmds:?} on {uri} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
         out.status
     );
