@@ -18,7 +18,12 @@
 //! from before its header is read until its reply has been written. The
 //! reader stops reading while it waits for them, so a client that sends
 //! faster than the export completes is throttled by TCP, and memory per
-//! connection is bounded by `max_in_flight_bytes`. Because every queued
+//! connection is bounded by `max_in_flight_bytes`. Over all connections,
+//! buffers also take from `max_total_in_flight_bytes`; a connection with
+//! nothing in flight may go beyond it by one request, so clients that hoard
+//! the shared budget cannot starve a well-behaved one. A client that stops
+//! reading replies is closed after `send_timeout`, which frees what it held,
+//! and `max_connections` bounds how many there can be. Because every queued
 //! reply holds a slot permit, the reply channel (capacity `max_in_flight`)
 //! can never be full when a task sends: request tasks never block on a slow
 //! client, and every write that was read is applied.
@@ -68,6 +73,16 @@ pub struct ServerConfig {
     /// READ/WRITE buffer bytes in flight per connection. Raised to at least
     /// `max_payload`. Default 128 MiB.
     pub max_in_flight_bytes: usize,
+    /// READ/WRITE buffer bytes in flight over all connections together.
+    /// A connection with nothing in flight may always take one request
+    /// beyond it, so a well-behaved client is never starved by others
+    /// that stop reading. Raised to at least `max_payload`. Default 256 MiB.
+    pub max_total_in_flight_bytes: usize,
+    /// Connections served at once; more are closed at accept. Default 1024.
+    pub max_connections: usize,
+    /// A reply that cannot be written for this long (a client that stopped
+    /// reading) closes the connection and frees what it held. Default 60 s.
+    pub send_timeout: Duration,
     /// Time a client gets from connecting to entering transmission (or
     /// leaving). Default 30 s.
     pub handshake_timeout: Duration,
@@ -88,7 +103,10 @@ impl Default for ServerConfig {
             max_option_length: 64 << 10,
             max_drain: 64 << 20,
             max_in_flight: 64,
-            max_in_flight_bytes: 128 << 20,
+            max_in_flight_bytes: 64 << 20,
+            max_total_in_flight_bytes: 256 << 20,
+            max_connections: 1024,
+            send_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(30),
             default_description: String::new(),
@@ -109,6 +127,11 @@ impl ServerConfig {
         // A request of max_payload bytes must always be able to get its
         // byte permits, or the reader would wait forever.
         let max_payload = usize::try_from(self.max_payload).unwrap_or(usize::MAX);
+        self.max_total_in_flight_bytes = self
+            .max_total_in_flight_bytes
+            .max(max_payload)
+            .min(Semaphore::MAX_PERMITS);
+        self.max_connections = self.max_connections.max(1);
         self.max_in_flight_bytes = self
             .max_in_flight_bytes
             .max(max_payload)
@@ -231,6 +254,7 @@ pub async fn serve<C: ExportCatalog>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config.normalized());
+    let global = Arc::new(Semaphore::new(config.max_total_in_flight_bytes));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     tracing::info!(addr = %listener.addr, "NBD server listening");
@@ -243,15 +267,18 @@ pub async fn serve<C: ExportCatalog>(
                 }
             }
             accepted = accept(&listener, &mut next_id) => match accepted {
+                Ok(Accepted::Tcp(_, peer) | Accepted::Unix(_, peer)) if conns.len() >= config.max_connections => {
+                    tracing::warn!(%peer, limit = config.max_connections, "rejected client: too many connections");
+                }
                 Ok(Accepted::Tcp(stream, peer)) => {
                     // Small replies (simple replies, chunks) must not wait for Nagle.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), shutdown.clone()));
                 }
                 Ok(Accepted::Unix(stream, peer)) => {
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off rather than spin.
@@ -383,6 +410,7 @@ async fn connection<C, S>(
     peer: Arc<str>,
     catalog: Arc<C>,
     config: Arc<ServerConfig>,
+    global: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     C: ExportCatalog,
@@ -400,7 +428,9 @@ async fn connection<C, S>(
         _ = shutdown_signal(&mut shutdown) => Ok(None),
     };
     let end = match negotiated {
-        Ok(Some(session)) => transmission(rd, wr, session, &config, shutdown, &mut log).await,
+        Ok(Some(session)) => {
+            transmission(rd, wr, session, &config, global, shutdown, &mut log).await
+        }
         Ok(None) => Ok(End::Handshake),
         Err(e) => Err(e),
     };
@@ -708,6 +738,8 @@ fn selected_context(structured: bool, meta_export: &Option<String>, name: &str) 
 struct Permits {
     _slot: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    /// Bytes of the budget shared by all connections, when it had room.
+    _shared: Option<OwnedSemaphorePermit>,
 }
 
 /// One reply, written whole by the writer task.
@@ -737,6 +769,7 @@ async fn transmission<E, R, W>(
     wr: W,
     session: Negotiated<E>,
     config: &ServerConfig,
+    global: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     log: &mut ClientLog,
 ) -> Result<End, Fatal>
@@ -757,7 +790,8 @@ where
         structured: session.structured,
     });
     let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight);
-    let mut writer = tokio::spawn(writer_loop(wr, rx));
+    let mut writer = tokio::spawn(writer_loop(wr, rx, config.send_timeout));
+    let mut writer_result = None;
     let slots = Arc::new(Semaphore::new(config.max_in_flight));
     let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes));
     let mut tasks = JoinSet::new();
@@ -770,7 +804,18 @@ where
             // Shutdown wins over a ready request: stop reading promptly.
             biased;
             _ = shutdown_signal(&mut shutdown) => break Ok(End::Shutdown),
-            r = read_request(&mut rd, &params, config, &slots, &budget) => r,
+            // The writer only ends early when the client stopped reading replies
+            // (or the socket broke): stop reading requests too.
+            done = &mut writer => {
+                let stalled = matches!(&done, Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut);
+                writer_result = Some(done);
+                if stalled {
+                    break Err(Fatal::Violation("stopped reading replies".into()));
+                }
+                // The client went away: like EOF, finish what was read.
+                break Ok(End::Eof);
+            }
+            r = read_request(&mut rd, &params, config, &slots, &budget, &global) => r,
         };
         match incoming {
             Ok(Incoming::Request(req, payload, permits)) => {
@@ -800,7 +845,11 @@ where
         report_join(&ctx.peer, done);
     }
     drop(tx);
-    match tokio::time::timeout(config.close_timeout, &mut writer).await {
+    let finished = match writer_result {
+        Some(done) => Ok(done),
+        None => tokio::time::timeout(config.close_timeout, &mut writer).await,
+    };
+    match finished {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::debug!(peer = %ctx.peer, error = %e, "reply not delivered"),
         Ok(Err(e)) => tracing::error!(peer = %ctx.peer, error = %e, "NBD writer task failed"),
@@ -825,6 +874,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     config: &ServerConfig,
     slots: &Arc<Semaphore>,
     budget: &Arc<Semaphore>,
+    global: &Arc<Semaphore>,
 ) -> Result<Incoming, Fatal> {
     // The semaphores are never closed, so acquiring cannot fail.
     let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -846,17 +896,20 @@ async fn read_request<R: AsyncRead + Unpin>(
                 Command::Read { length, .. } | Command::Write { length, .. } => length,
                 _ => 0,
             };
-            let bytes = if buffered > 0 {
+            let (bytes, shared) = if buffered > 0 {
+                let idle = budget.available_permits() == config.max_in_flight_bytes;
                 let Ok(p) = budget.clone().acquire_many_owned(buffered).await else {
                     return Ok(Incoming::Eof);
                 };
-                Some(p)
+                let shared = global_bytes(global, budget, buffered, idle, config).await;
+                (Some(p), shared)
             } else {
-                None
+                (None, None)
             };
             let permits = Permits {
                 _slot: slot,
                 _bytes: bytes,
+                _shared: shared,
             };
             // Validated: at most max_payload bytes.
             let mut payload = vec![0u8; usize::try_from(payload_len).unwrap_or(0)];
@@ -876,9 +929,40 @@ async fn read_request<R: AsyncRead + Unpin>(
                 Permits {
                     _slot: slot,
                     _bytes: None,
+                    _shared: None,
                 },
             ))
         }
+    }
+}
+
+/// Takes `n` bytes of the budget shared by all connections. A connection
+/// with nothing else in flight (`idle`, or once its own requests drain) goes
+/// ahead without them, so others that hoard the budget cannot starve it;
+/// the memory that costs is bounded by one request per connection.
+async fn global_bytes(
+    global: &Arc<Semaphore>,
+    own: &Arc<Semaphore>,
+    n: u32,
+    idle: bool,
+    config: &ServerConfig,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(p) = global.clone().try_acquire_many_owned(n) {
+        return Some(p);
+    }
+    if idle {
+        return None;
+    }
+    let own_drained = async {
+        // Our own request holds `n` permits; drained means only those are out.
+        let others = config.max_in_flight_bytes - n as usize;
+        while own.available_permits() < others {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        p = global.clone().acquire_many_owned(n) => p.ok(),
+        () = own_drained => None,
     }
 }
 
@@ -1024,17 +1108,25 @@ async fn run_request<E: Export>(
 async fn writer_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Outgoing>,
+    send_timeout: Duration,
 ) -> io::Result<()> {
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "client stopped reading replies");
     while let Some(msg) = rx.recv().await {
-        wr.write_all(&msg.head).await?;
-        if !msg.data.is_empty() {
-            wr.write_all(&msg.data).await?;
-        }
+        let send = async {
+            wr.write_all(&msg.head).await?;
+            if !msg.data.is_empty() {
+                wr.write_all(&msg.data).await?;
+            }
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+            io::Result::Ok(())
+        };
+        tokio::time::timeout(send_timeout, send)
+            .await
+            .map_err(|_| stalled())??;
         // Release the permits as soon as the bytes are handed to the socket.
         drop(msg);
-        if rx.is_empty() {
-            wr.flush().await?;
-        }
     }
     wr.flush().await?;
     wr.shutdown().await
