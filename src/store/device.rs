@@ -244,6 +244,14 @@ impl Device {
                 return (Err(e), buf);
             }
         }
+        let mut buf = buf;
+        // Buffered I/O: data in the page cache needs no trip through the ring.
+        if !self.inner.direct
+            && !buf.is_empty()
+            && uring::read_cached(&self.inner.file, offset, &mut buf)
+        {
+            return (Ok(()), buf);
+        }
         self.run(OpKind::Read, offset, buf).await
     }
 
