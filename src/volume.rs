@@ -73,6 +73,9 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
+/// Content-block records changed by one journal frame, latest value per CBID.
+type Changes = rustc_hash::FxHashMap<Cbid, Option<CbRecord>>;
+
 /// Where one logical block's data is.
 #[derive(Clone, Copy)]
 struct Located {
@@ -274,7 +277,7 @@ impl Volume {
             new_of_block[i] = Some((cbids[k], record));
         }
         let mut frees = Vec::new();
-        let mut changed_cbs: Vec<(Cbid, Option<CbRecord>)> = Vec::new();
+        let mut changed_cbs: Changes = Changes::default();
         let map = meta.volumes.get(&self.id).ok_or(ExportError::Shutdown)?;
         let olds: Vec<Option<Cbid>> = (0..n).map(|i| map.get(Lba(first + i as u64))).collect();
         for (i, new) in new_of_block.iter().enumerate() {
@@ -285,7 +288,7 @@ impl Volume {
                     cbid: *cbid,
                     record: *record,
                 });
-                changed_cbs.push((*cbid, Some(*record)));
+                changed_cbs.insert(*cbid, Some(*record));
             }
             if olds[i].is_none() && new.is_none() {
                 continue;
@@ -324,15 +327,11 @@ impl Volume {
         meta: &crate::zone::ZoneMeta,
         zone: crate::ids::ZoneId,
         cbid: Cbid,
-        changed: &mut Vec<(Cbid, Option<CbRecord>)>,
+        changed: &mut Changes,
         entries: &mut Vec<Entry>,
         frees: &mut Vec<(Cbid, Slot)>,
     ) {
-        let current = changed
-            .iter()
-            .rev()
-            .find(|(c, _)| *c == cbid)
-            .map_or_else(|| meta.cb(cbid), |(_, r)| *r);
+        let current = changed.get(&cbid).copied().unwrap_or_else(|| meta.cb(cbid));
         let Some(mut record) = current else {
             tracing::error!(%cbid, "map pointed to a content block with no record; ignoring");
             return;
@@ -340,11 +339,11 @@ impl Volume {
         record.refcount -= 1;
         if record.refcount == 0 {
             entries.push(Entry::CbFree { zone, cbid });
-            changed.push((cbid, None));
+            changed.insert(cbid, None);
             frees.push((cbid, record.slot));
         } else {
             entries.push(Entry::Cb { zone, cbid, record });
-            changed.push((cbid, Some(record)));
+            changed.insert(cbid, Some(record));
         }
     }
 
@@ -485,7 +484,7 @@ impl Volume {
                 .collect();
             if !olds.is_empty() {
                 let mut entries = Vec::with_capacity(olds.len() * 2);
-                let mut changed = Vec::new();
+                let mut changed = Changes::default();
                 let mut frees = Vec::new();
                 for &(lba, cbid) in &olds {
                     entries.push(Entry::Map {

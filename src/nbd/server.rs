@@ -471,6 +471,21 @@ async fn read_full<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads a WRITE payload of `len` bytes straight into a new vector's spare
+/// capacity, so up to 32 MiB is not zero-filled first.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> Result<Vec<u8>, Fatal> {
+    let want = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut payload = Vec::with_capacity(want);
+    // `take` keeps a larger spare capacity from reading into the next request.
+    let mut limited = rd.take(u64::from(len));
+    while payload.len() < want {
+        if limited.read_buf(&mut payload).await? == 0 {
+            return Err(Fatal::Truncated("write payload"));
+        }
+    }
+    Ok(payload)
+}
+
 /// Reads and discards `len` bytes without buffering them.
 async fn drain<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -912,8 +927,7 @@ async fn read_request<R: AsyncRead + Unpin>(
                 _shared: shared,
             };
             // Validated: at most max_payload bytes.
-            let mut payload = vec![0u8; usize::try_from(payload_len).unwrap_or(0)];
-            read_full(rd, &mut payload, "write payload").await?;
+            let payload = read_payload(rd, payload_len).await?;
             Ok(Incoming::Request(req, payload, permits))
         }
         Err(rej) => {
