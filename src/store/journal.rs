@@ -268,6 +268,9 @@ pub struct Replay {
     pub checkpoint_seq: JournalSeq,
     /// Frames after the checkpoint: `(seq, entries)`.
     pub frames: Vec<(JournalSeq, Vec<Entry>)>,
+    /// Intact frames found beyond the first damaged one (dropped). Zero for
+    /// a clean journal or a torn tail.
+    pub damaged_frames_after: u64,
 }
 
 fn crc_header(h: &[u8]) -> u32 {
@@ -389,10 +392,60 @@ impl Journal {
             pos += (FRAME_HEADER + payload.len()) as u64;
             expect += 1;
         }
+        let beyond = Self::valid_frames_after(&file, pos, generation, expect);
+        if beyond > 0 {
+            // A torn tail has nothing valid after it. Valid frames beyond a bad
+            // one mean damage inside the journal (or a torn multi-frame write
+            // that was never acknowledged): say so loudly, with what is dropped.
+            tracing::error!(
+                journal = %path.display(), offset = pos, frame = expect, later_valid_frames = beyond,
+                "journal frame is damaged but later frames are intact; replay stops at the damage \
+                 and the later frames are dropped"
+            );
+        }
         Ok(Replay {
             checkpoint_seq: JournalSeq(checkpoint),
             frames,
+            damaged_frames_after: beyond,
         })
+    }
+
+    /// Counts valid frames of `generation` with a sequence at or past
+    /// `expect` anywhere after `pos`: a damaged frame followed by intact ones.
+    fn valid_frames_after(file: &File, pos: u64, generation: u64, expect: u64) -> u64 {
+        let Ok(len) = file.metadata().map(|m| m.len()) else {
+            return 0;
+        };
+        let Some(tail_len) = len.checked_sub(pos).filter(|&n| n > FRAME_HEADER as u64) else {
+            return 0;
+        };
+        // Bounded: the journal is checkpointed long before this size.
+        let mut tail = vec![0u8; tail_len.min(1 << 30) as usize];
+        if file.read_exact_at(&mut tail, pos).is_err() {
+            return 0;
+        }
+        let gen_bytes = generation.to_le_bytes();
+        let mut found = 0;
+        let mut at = 1;
+        while at + FRAME_HEADER <= tail.len() {
+            let head = &tail[at..at + FRAME_HEADER];
+            if head[8..16] == gen_bytes {
+                let len = u32::from_le_bytes(head[0..4].try_into().expect("4")) as usize;
+                let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
+                let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
+                let end = at.saturating_add(FRAME_HEADER).saturating_add(len);
+                if seq >= expect
+                    && end <= tail.len()
+                    && frame_crc(generation, seq, &tail[at + FRAME_HEADER..end]) == crc
+                {
+                    found += 1;
+                    at = end;
+                    continue;
+                }
+            }
+            at += 1;
+        }
+        found
     }
 
     fn read_header(file: &File, path: &Path) -> Result<(u64, u64), JournalError> {
@@ -761,6 +814,10 @@ mod tests {
             .unwrap();
         let r = Journal::read(&p).unwrap();
         assert_eq!(r.frames.len(), 6, "replay stops at the torn frame");
+        assert_eq!(
+            r.damaged_frames_after, 3,
+            "frames 8..10 are intact beyond the damage"
+        );
         // Restart from seq 6: the new generation must not resurrect frames 8..10.
         let j = Journal::start(&p, JournalSeq(6), cfg(), Arc::new(Hooks::default())).unwrap();
         let s = j.append(&sample(100));
