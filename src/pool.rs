@@ -442,6 +442,7 @@ impl Pool {
             .open(&data_path)
             .map_err(io_at(&data_path))?;
         let growable = data_sync.metadata().map_err(io_at(&data_path))?.is_file();
+        tracing::info!(device = %data_path.display(), direct = data.is_direct(), growable, "data device open");
         let storage = Arc::new(Storage::new(data, data_sync, growable));
 
         let mut zones = BTreeMap::new();

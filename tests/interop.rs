@@ -640,3 +640,65 @@ fn fio_interleaved_sub_block_writes_from_two_connections() {
         ],
     );
 }
+
+/// The O_DIRECT path (the `nvme-server` profile) stores what it is given:
+/// fio writes and verifies through it, then a server on the buffered
+/// default profile verifies the same data on a new connection.
+#[test]
+fn o_direct_profile_round_trips_with_buffered_profile() {
+    require_tool("fio");
+    let pool = TestPool::with_volume("64M");
+    let tmp = tempfile::tempdir().unwrap();
+    let fio = |uri: &str, extra: &[&str], out: &std::path::Path| {
+        let uri_arg = format!("--uri={uri}");
+        let out_arg = format!("--output={}", out.display());
+        let mut args = vec![
+            "--name=direct",
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=16M",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--randrepeat=1",
+            "--output-format=json",
+            &out_arg,
+        ];
+        args.extend_from_slice(extra);
+        let o = run("fio", &args);
+        assert!(
+            o.status.success(),
+            "fio failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        fio_jobs(out)
+    };
+
+    let mut direct = pool.serve_with(&["--profile", "nvme-server"]);
+    let jobs = fio(&direct.uri("vol0"), &[], &tmp.path().join("w.json"));
+    assert_eq!(
+        (jobs[0].error, jobs[0].write_bytes, jobs[0].read_bytes),
+        (0, 16 * MIB, 16 * MIB),
+        "{jobs:?}"
+    );
+    assert!(direct.stop(), "clean stop");
+    let log = strip_ansi_codes(&direct.log_text());
+    assert!(
+        log.contains("data device open") && log.contains("direct=true"),
+        "the nvme-server profile should open the data device with O_DIRECT here:\n{log}"
+    );
+
+    let buffered = pool.serve();
+    let jobs = fio(
+        &buffered.uri("vol0"),
+        &["--verify_only=1"],
+        &tmp.path().join("v.json"),
+    );
+    assert_eq!(
+        (jobs[0].error, jobs[0].read_bytes),
+        (0, 16 * MIB),
+        "{jobs:?}"
+    );
+}
