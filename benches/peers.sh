@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-K=$PWD/target/release/keyturn
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
 PROFILE=${PROFILE:-ci-2core}
 POOL='$BENCH_WORKDIR/keyturn-pool'
 OPTS="--pool $POOL --passphrase-file \"\$BENCH_PASSFILE\""

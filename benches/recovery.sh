@@ -13,7 +13,7 @@ REPS=${REPS:-3}
 PORT=${PORT:-12060}
 PROFILE=${PROFILE:-ci-2core}
 cargo build --release --quiet
-K=$PWD/target/release/keyturn
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
 work=$(mktemp -d /tmp/keyturn-recovery.XXXXXX)
 pid=""
 cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
