@@ -21,32 +21,34 @@ trap cleanup EXIT
 echo "bench-pass" > "$work/pass"
 opts=(--pool "$work/pool" --passphrase-file "$work/pass")
 
-start() { # prints the seconds from exec to "ready:"
+start() { # sets $pid, and $secs: the seconds from exec to "ready:"
     local t0 t1
+    : >"$work/out"
     t0=$(date +%s.%N)
     "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --profile "$PROFILE" >"$work/out" 2>>"$work/log" &
     pid=$!
     for _ in $(seq 1 6000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.005; done
     t1=$(date +%s.%N)
-    python3 -c "print(f'{$t1 - $t0:.3f}')"
+    secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
 }
 
 times=()
 for rep in $(seq 1 "$REPS"); do
     rm -rf "$work/pool"
-    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null
-    "$K" zone create "${opts[@]}" z >/dev/null
-    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null
-    start >/dev/null
+    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
+    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
+    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null 2>&1
+    start
     fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randwrite --bs=4k \
         --iodepth=32 --size="$SIZE" --norandommap --randrepeat=0 --output=/dev/null
     rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
     kill -9 "$pid"; wait "$pid" 2>/dev/null || true
     meta=$(du -sk --exclude=data --exclude=staging "$work/pool" | cut -f1)
     journal=$(du -k "$work/pool/journal" | cut -f1)
-    t=$(start)
-    times+=("$t")
-    echo "rep $rep: restart to ready ${t}s; before the kill: server RSS ${rss} KiB, metadata ${meta} KiB (journal ${journal} KiB)"
+    start
+    times+=("$secs")
+    replayed=$(grep -o 'replayed_to=[0-9]*' "$work/log" | tail -1)
+    echo "rep $rep: restart to ready ${secs}s ($replayed); before the kill: server RSS ${rss} KiB, metadata ${meta} KiB (journal ${journal} KiB)"
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 done
 printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "median restart to ready: " a[int((NR+1)/2)] " s over " NR " runs"}'

@@ -168,10 +168,26 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keyturn: error: {e:#}");
+            eprintln!("keyturn: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors in the
+/// chain already include their cause's text in their own message.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 fn init_logging(filter: &str) {
@@ -180,6 +196,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -433,9 +450,7 @@ fn serve(
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
-        let tcp = nbd::server::bind(&listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
+        let tcp = nbd::server::bind(&listen).await?;
         let addr = tcp.local_addr().to_string();
         let export = pool
             .catalog()
@@ -452,9 +467,7 @@ fn serve(
         let mut unix_uri = None;
         if let Some(path) = &unix {
             let _ = std::fs::remove_file(path);
-            let l = nbd::server::bind(&format!("unix:{}", path.display()))
-                .await
-                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            let l = nbd::server::bind(&format!("unix:{}", path.display())).await?;
             unix_uri = Some(format!("nbd+unix:///{export}?socket={}", path.display()));
             tasks.push(tokio::spawn(nbd::server::serve(
                 l,
