@@ -167,6 +167,35 @@ pub enum KeyError {
         /// What is missing or contradictory.
         reason: String,
     },
+
+    /// NIST SP 800-57 does not allow this change of state.
+    #[error("key {key} cannot go from {from} to {to}")]
+    IllegalTransition {
+        /// Key id.
+        key: String,
+        /// Current state.
+        from: String,
+        /// Requested state.
+        to: String,
+    },
+
+    /// The key still protects data or other keys.
+    #[error("key {key} cannot be destroyed: {reason}")]
+    InUse {
+        /// Key id.
+        key: String,
+        /// What still depends on it.
+        reason: String,
+    },
+
+    /// No key with that id in the zone.
+    #[error("zone {zone} has no key {key}")]
+    UnknownKey {
+        /// The zone.
+        zone: ZoneId,
+        /// Key id asked for.
+        key: String,
+    },
 }
 
 /// Describes a JSON parse failure by kind and position only. serde_json's own

@@ -73,6 +73,49 @@ impl KeyState {
     pub fn has_material(self) -> bool {
         self != KeyState::Destroyed
     }
+
+    /// Whether NIST SP 800-57 lets a key go from `self` to `next`:
+    /// pre-active → active (or destroyed, when a rotation is abandoned);
+    /// active → decrypt-only or compromised; decrypt-only → destroyed or
+    /// compromised; compromised → destroyed. Nothing leaves destroyed.
+    pub fn may_become(self, next: KeyState) -> bool {
+        use KeyState::*;
+        matches!(
+            (self, next),
+            (PreActive, Active | Destroyed)
+                | (Active, DecryptOnly | Compromised)
+                | (DecryptOnly, Destroyed | Compromised)
+                | (Compromised, Destroyed)
+        )
+    }
+
+    /// The state's name as written in key files.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::PreActive => "pre-active",
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Destroyed => "destroyed",
+            KeyState::Compromised => "compromised",
+        }
+    }
+}
+
+/// How many content blocks each DEK version still protects. The key layer
+/// asks the block map before destroying a DEK; it does not trust a caller's
+/// word for it.
+pub trait BlockUsage {
+    /// Content blocks of `zone` encrypted under DEK `version`.
+    fn blocks_under(&self, zone: ZoneId, version: KeyVersion) -> u64;
+}
+
+/// Progress of a KEK rotation: keys still wrapped by an older KEK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KekRotation {
+    /// The new KEK version (pre-active until every key is re-wrapped).
+    pub new_version: u32,
+    /// DEK and MAC keys still wrapped by an older KEK.
+    pub remaining: usize,
 }
 
 /// One key's metadata and wrapped bytes.
@@ -414,6 +457,256 @@ impl ZoneKeyFile {
         Ok(KeyVersion(next))
     }
 
+    fn record_mut(&mut self, key_id: &str) -> Result<&mut KeyRecord, KeyError> {
+        let zone = self.zone;
+        self.keys
+            .iter_mut()
+            .find(|r| r.id == key_id)
+            .ok_or_else(|| KeyError::UnknownKey {
+                zone,
+                key: key_id.into(),
+            })
+    }
+
+    /// Moves key `key_id` to state `next`, if NIST SP 800-57 allows it and
+    /// the key chain stays usable (one active DEK and MAC key, every stored
+    /// key unwrappable). Destroying erases the wrapped bytes (crypto-erase);
+    /// a DEK is destroyed only when `usage` says no content block uses it,
+    /// and a KEK only when no key with material is wrapped by it. Call
+    /// [`save`](Self::save) to keep the change.
+    pub fn set_state(
+        &mut self,
+        key_id: &str,
+        next: KeyState,
+        usage: &dyn BlockUsage,
+    ) -> Result<(), KeyError> {
+        let zone = self.zone;
+        let record = self.record_mut(key_id)?.clone();
+        if !record.state.may_become(next) {
+            return Err(KeyError::IllegalTransition {
+                key: key_id.into(),
+                from: record.state.name().into(),
+                to: next.name().into(),
+            });
+        }
+        if next == KeyState::Destroyed {
+            match record.purpose {
+                Purpose::Dek => {
+                    let blocks = usage.blocks_under(zone, KeyVersion(record.version));
+                    if blocks > 0 {
+                        return Err(KeyError::InUse {
+                            key: key_id.into(),
+                            reason: format!("{blocks} content blocks are still encrypted under it"),
+                        });
+                    }
+                }
+                Purpose::Kek => {
+                    let dependants: Vec<&str> = self
+                        .keys
+                        .iter()
+                        .filter(|r| {
+                            r.wrapped_by_kek == Some(record.version) && r.state.has_material()
+                        })
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    if !dependants.is_empty() {
+                        return Err(KeyError::InUse {
+                            key: key_id.into(),
+                            reason: format!("it still wraps {}", dependants.join(", ")),
+                        });
+                    }
+                }
+                Purpose::Mac | Purpose::Root => {}
+            }
+        }
+        let before = self.keys.clone();
+        let now = unix_now();
+        let r = self.record_mut(key_id)?;
+        if r.state == KeyState::Active {
+            r.deactivated_unix = Some(now);
+        }
+        if next == KeyState::Active {
+            r.activated_unix = Some(now);
+        }
+        if next == KeyState::Destroyed {
+            r.destroyed_unix = Some(now);
+            // Crypto-erase: without the wrapped copy the key is gone.
+            r.wrapped = None;
+        }
+        r.state = next;
+        if let Err(reason) = self.check() {
+            self.keys = before;
+            return Err(KeyError::Inconsistent {
+                zone,
+                reason: format!("refused: {reason}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The flip at key level: the pre-active DEK becomes active and the
+    /// active one decrypt-only, in one change (one save). Returns (old, new).
+    pub fn flip_dek(&mut self) -> Result<(KeyVersion, KeyVersion), KeyError> {
+        let zone = self.zone;
+        let find = |s: KeyState| {
+            self.deks()
+                .find(|r| r.state == s)
+                .map(|r| r.version)
+                .ok_or_else(|| KeyError::Inconsistent {
+                    zone,
+                    reason: format!("no {} DEK", s.name()),
+                })
+        };
+        let (old, new) = (find(KeyState::Active)?, find(KeyState::PreActive)?);
+        let now = unix_now();
+        for r in self.keys.iter_mut().filter(|r| r.purpose == Purpose::Dek) {
+            if r.version == old {
+                r.state = KeyState::DecryptOnly;
+                r.deactivated_unix = Some(now);
+            } else if r.version == new {
+                r.state = KeyState::Active;
+                r.activated_unix = Some(now);
+            }
+        }
+        debug_assert!(self.check().is_ok());
+        Ok((KeyVersion(old), KeyVersion(new)))
+    }
+
+    /// The KEK rotation in progress, if any: a pre-active KEK exists.
+    pub fn kek_rotation(&self) -> Option<KekRotation> {
+        let new = self
+            .keys
+            .iter()
+            .find(|r| r.purpose == Purpose::Kek && r.state == KeyState::PreActive)?;
+        let remaining = self
+            .keys
+            .iter()
+            .filter(|r| {
+                r.state.has_material() && r.wrapped_by_kek.is_some_and(|v| v != new.version)
+            })
+            .count();
+        Some(KekRotation {
+            new_version: new.version,
+            remaining,
+        })
+    }
+
+    /// Starts a KEK rotation: KEK v(n+1), pre-active, wrapped by the root
+    /// provider. Both KEK versions stay usable until every DEK and MAC key is
+    /// re-wrapped, so a crash at any point leaves every key readable.
+    pub fn begin_kek_rotation(
+        &mut self,
+        provider: &dyn RootKeyProvider,
+    ) -> Result<KekRotation, KeyError> {
+        if let Some(r) = self.kek_rotation() {
+            return Ok(r);
+        }
+        let next = self
+            .keys
+            .iter()
+            .filter(|r| r.purpose == Purpose::Kek)
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| KeyError::Inconsistent {
+                zone: self.zone,
+                reason: "KEK versions exhausted".into(),
+            })?;
+        let kek = Kek::generate();
+        let wrapped =
+            provider.wrap_key(&KeyLabel::new(self.zone, Purpose::Kek, next), kek.expose())?;
+        self.keys.push(KeyRecord::new(
+            self.zone,
+            Purpose::Kek,
+            next,
+            KeyState::PreActive,
+            None,
+            unix_now(),
+            wrapped,
+        ));
+        Ok(self.kek_rotation().expect("just added"))
+    }
+
+    /// Re-wraps up to `max` keys still wrapped by an older KEK under the new
+    /// one. Only wrapped bytes change; the keys themselves, and so every
+    /// byte of volume data, stay the same. Returns the progress after it.
+    pub fn rewrap_batch(
+        &mut self,
+        provider: &dyn RootKeyProvider,
+        max: usize,
+    ) -> Result<KekRotation, KeyError> {
+        let Some(rotation) = self.kek_rotation() else {
+            return Err(KeyError::Inconsistent {
+                zone: self.zone,
+                reason: "no KEK rotation in progress".into(),
+            });
+        };
+        let new_kek = self.unwrap_kek(provider, rotation.new_version)?;
+        let mut old_keks: BTreeMap<u32, Kek> = BTreeMap::new();
+        let todo: Vec<usize> = (0..self.keys.len())
+            .filter(|&i| {
+                let r = &self.keys[i];
+                r.state.has_material()
+                    && r.wrapped_by_kek.is_some_and(|v| v != rotation.new_version)
+            })
+            .take(max)
+            .collect();
+        for i in todo {
+            let old = self.keys[i].wrapped_by_kek.expect("filtered");
+            if let Entry::Vacant(e) = old_keks.entry(old) {
+                e.insert(self.unwrap_kek(provider, old)?);
+            }
+            let label = self.keys[i].label();
+            let wrapped = self.keys[i].wrapped.as_deref().expect("has material");
+            let plain = wrap::unwrap(&old_keks[&old], &label, wrapped)?;
+            let rewrapped = wrap::wrap(&new_kek, &label, &plain)?;
+            let r = &mut self.keys[i];
+            r.wrapped = Some(rewrapped);
+            r.wrapped_by_kek = Some(rotation.new_version);
+        }
+        Ok(self.kek_rotation().expect("still in progress"))
+    }
+
+    /// Ends a KEK rotation once nothing is wrapped by an older KEK: the new
+    /// KEK becomes active, older ones decrypt-only and then destroyed (no
+    /// key depends on them any more). Returns the ids destroyed.
+    pub fn finish_kek_rotation(&mut self, usage: &dyn BlockUsage) -> Result<Vec<String>, KeyError> {
+        let Some(rotation) = self.kek_rotation() else {
+            return Err(KeyError::Inconsistent {
+                zone: self.zone,
+                reason: "no KEK rotation in progress".into(),
+            });
+        };
+        if rotation.remaining > 0 {
+            return Err(KeyError::Inconsistent {
+                zone: self.zone,
+                reason: format!("{} keys are not re-wrapped yet", rotation.remaining),
+            });
+        }
+        let olds: Vec<(String, KeyState)> = self
+            .keys
+            .iter()
+            .filter(|r| {
+                r.purpose == Purpose::Kek
+                    && r.version != rotation.new_version
+                    && r.state.has_material()
+            })
+            .map(|r| (r.id.clone(), r.state))
+            .collect();
+        let new_id = KeyLabel::new(self.zone, Purpose::Kek, rotation.new_version).key_id;
+        self.set_state(&new_id, KeyState::Active, usage)?;
+        let mut destroyed = Vec::new();
+        for (id, state) in olds {
+            if state == KeyState::Active {
+                self.set_state(&id, KeyState::DecryptOnly, usage)?;
+            }
+            self.set_state(&id, KeyState::Destroyed, usage)?;
+            destroyed.push(id);
+        }
+        Ok(destroyed)
+    }
+
     /// The zone this file belongs to.
     pub fn zone(&self) -> ZoneId {
         self.zone
@@ -743,5 +1036,145 @@ mod tests {
         assert_eq!(ring.active_version(), KeyVersion(2));
         assert!(ring.dek(KeyVersion(1)).is_none());
         assert_eq!(ring.versions().collect::<Vec<_>>(), [KeyVersion(2)]);
+    }
+
+    struct Usage(u64);
+    impl BlockUsage for Usage {
+        fn blocks_under(&self, _zone: ZoneId, _version: KeyVersion) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn transitions_follow_sp800_57() {
+        use KeyState::*;
+        let all = [PreActive, Active, DecryptOnly, Destroyed, Compromised];
+        let allowed = [
+            (PreActive, Active),
+            (PreActive, Destroyed),
+            (Active, DecryptOnly),
+            (Active, Compromised),
+            (DecryptOnly, Destroyed),
+            (DecryptOnly, Compromised),
+            (Compromised, Destroyed),
+        ];
+        for a in all {
+            for b in all {
+                assert_eq!(a.may_become(b), allowed.contains(&(a, b)), "{a:?} -> {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn set_state_enforces_rules_and_crypto_erases() {
+        let p = MemoryProvider::new();
+        let mut f = ZoneKeyFile::create(&p, ZoneId(4), "z").unwrap();
+        // Active -> destroyed skips decrypt-only: refused.
+        let e = f
+            .set_state("z4-dek-v1", KeyState::Destroyed, &Usage(0))
+            .unwrap_err();
+        assert!(matches!(e, KeyError::IllegalTransition { .. }), "{e}");
+        // Deactivating the only active DEK would leave none: refused, unchanged.
+        let e = f
+            .set_state("z4-dek-v1", KeyState::DecryptOnly, &Usage(0))
+            .unwrap_err();
+        assert!(matches!(e, KeyError::Inconsistent { .. }), "{e}");
+        assert_eq!(f.records()[1].state, KeyState::Active);
+        // A second DEK, activated, lets v1 retire; destroying it asks the map.
+        let v2 = f.add_dek_version(&p).unwrap();
+        f.set_state("z4-dek-v1", KeyState::DecryptOnly, &Usage(0))
+            .unwrap_err();
+        f.set_state(&format!("z4-dek-v{}", v2.0), KeyState::Active, &Usage(0))
+            .unwrap_err();
+        // The flip does both at once.
+        assert_eq!(f.flip_dek().unwrap(), (KeyVersion(1), KeyVersion(2)));
+        assert!(f.flip_dek().is_err(), "no pre-active DEK left");
+        let e = f
+            .set_state("z4-dek-v1", KeyState::Destroyed, &Usage(17))
+            .unwrap_err();
+        assert!(
+            matches!(e, KeyError::InUse { .. }) && e.to_string().contains("17"),
+            "{e}"
+        );
+        f.set_state("z4-dek-v1", KeyState::Destroyed, &Usage(0))
+            .unwrap();
+        let r = f.records().iter().find(|r| r.id == "z4-dek-v1").unwrap();
+        assert!(r.wrapped.is_none() && r.destroyed_unix.is_some());
+        let e = f
+            .set_state("z4-dek-v1", KeyState::Active, &Usage(0))
+            .unwrap_err();
+        assert!(matches!(e, KeyError::IllegalTransition { .. }));
+        assert!(matches!(
+            f.set_state("nope", KeyState::Active, &Usage(0)),
+            Err(KeyError::UnknownKey { .. })
+        ));
+        // The KEK still wraps live keys: it cannot be destroyed.
+        let e = f.set_state("z4-kek-v1", KeyState::DecryptOnly, &Usage(0));
+        assert!(e.is_ok());
+        let e = f
+            .set_state("z4-kek-v1", KeyState::Destroyed, &Usage(0))
+            .unwrap_err();
+        assert!(matches!(e, KeyError::InUse { .. }), "{e}");
+    }
+
+    #[test]
+    fn kek_rotation_rewraps_in_batches_and_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zone.json");
+        let p = MemoryProvider::new();
+        let mut f = ZoneKeyFile::create(&p, ZoneId(2), "z").unwrap();
+        for _ in 0..5 {
+            f.add_dek_version(&p).unwrap();
+            f.flip_dek().unwrap();
+        }
+        let before = f.unlock(&p).unwrap();
+        let r = f.begin_kek_rotation(&p).unwrap();
+        assert_eq!(
+            (r.new_version, r.remaining),
+            (2, 7),
+            "6 DEKs and the MAC key"
+        );
+        let r = f.rewrap_batch(&p, 3).unwrap();
+        assert_eq!(r.remaining, 4);
+        // A crash here: the file on disk is half re-wrapped, and every key
+        // still unwraps (both KEKs are usable).
+        f.save(&path).unwrap();
+        let mut f = ZoneKeyFile::load(&path).unwrap();
+        let mid = f.unlock(&p).unwrap();
+        assert!(
+            f.finish_kek_rotation(&Usage(0)).is_err(),
+            "not finished yet"
+        );
+        assert_eq!(
+            f.begin_kek_rotation(&p).unwrap().remaining,
+            4,
+            "resumes, no third KEK"
+        );
+        while f.rewrap_batch(&p, 3).unwrap().remaining > 0 {}
+        let destroyed = f.finish_kek_rotation(&Usage(0)).unwrap();
+        assert_eq!(destroyed, vec!["z2-kek-v1".to_string()]);
+        f.save(&path).unwrap();
+        let f = ZoneKeyFile::load(&path).unwrap();
+        assert!(f.kek_rotation().is_none());
+        let kek1 = f.records().iter().find(|r| r.id == "z2-kek-v1").unwrap();
+        assert!(kek1.wrapped.is_none() && kek1.state == KeyState::Destroyed);
+        assert!(
+            f.records()
+                .iter()
+                .filter(|r| r.purpose != Purpose::Kek)
+                .all(|r| r.wrapped_by_kek == Some(2))
+        );
+        let after = f.unlock(&p).unwrap();
+        // The data keys themselves are unchanged: volume data needs no work.
+        for ring in [&mid, &after] {
+            assert_eq!(ring.active_version(), before.active_version());
+            for v in before.versions() {
+                assert_eq!(
+                    ring.dek(v).unwrap().expose(),
+                    before.dek(v).unwrap().expose()
+                );
+            }
+            assert_eq!(ring.mac_key().expose(), before.mac_key().expose());
+        }
     }
 }
