@@ -41,6 +41,9 @@ enum Command {
     Serve(ServeArgs),
     /// Create (or reuse) a demo pool with one 1 GiB volume and serve it.
     Demo(DemoArgs),
+    /// Inspect and rotate keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
     Check {
         #[command(flatten)]
@@ -130,6 +133,42 @@ enum VolumeCmd {
         pool: PoolArgs,
         /// Volume name.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// List every key: version, state, age, wrapping KEK, content blocks per DEK.
+    List {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Only this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key by id (e.g. z1-dek-v2).
+    Show {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Key id.
+        key: String,
+    },
+    /// Rotate a zone's KEK: re-wrap its DEKs and MAC key under KEK v(n+1). Touches no volume data.
+    RotateKek {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Zone.
+        #[arg(long)]
+        zone: String,
+        /// Keys re-wrapped per atomic save.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Pause between batches, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
 }
 
@@ -324,6 +363,7 @@ fn run(cli: Cli) -> Result<()> {
             serve(&a.pool.pool, &pass, a.listen, a.unix, a.profile, None)
         }
         Command::Demo(a) => demo(a),
+        Command::Keys(cmd) => keys(cmd),
         Command::Check { pool, json } => {
             let p = open_pool(&pool, &default_profile()?)?;
             let report = p.check();
@@ -347,6 +387,126 @@ fn run(cli: Cli) -> Result<()> {
                     pool.pool.display()
                 )
             }
+        }
+    }
+}
+
+/// One row of `keys list`.
+#[derive(serde::Serialize)]
+struct KeyRow {
+    zone: String,
+    id: String,
+    purpose: String,
+    version: u32,
+    state: &'static str,
+    age_days: f64,
+    wrapped_by_kek: Option<u32>,
+    content_blocks: Option<u64>,
+    created_unix: u64,
+    activated_unix: Option<u64>,
+    deactivated_unix: Option<u64>,
+    destroyed_unix: Option<u64>,
+}
+
+fn key_rows(p: &Pool, zone: Option<&str>) -> Result<Vec<KeyRow>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = Vec::new();
+    for (name, file) in p.key_files()? {
+        if zone.is_some_and(|z| z != name) {
+            continue;
+        }
+        let blocks = p.blocks_per_key(file.zone());
+        for r in file.records() {
+            let is_dek = r.purpose == crate::keys::wrap::Purpose::Dek;
+            rows.push(KeyRow {
+                zone: name.clone(),
+                id: r.id.clone(),
+                purpose: r.purpose.to_string(),
+                version: r.version,
+                state: r.state.name(),
+                age_days: now.saturating_sub(r.created_unix) as f64 / 86400.0,
+                wrapped_by_kek: r.wrapped_by_kek,
+                content_blocks: is_dek.then(|| {
+                    blocks
+                        .get(&crate::ids::KeyVersion(r.version))
+                        .copied()
+                        .unwrap_or(0)
+                }),
+                created_unix: r.created_unix,
+                activated_unix: r.activated_unix,
+                deactivated_unix: r.deactivated_unix,
+                destroyed_unix: r.destroyed_unix,
+            });
+        }
+    }
+    if let Some(z) = zone
+        && rows.is_empty()
+    {
+        bail!("no zone named {z:?}");
+    }
+    Ok(rows)
+}
+
+fn keys(cmd: KeysCmd) -> Result<()> {
+    match cmd {
+        KeysCmd::List { pool, zone, json } => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let rows = key_rows(&p, zone.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<12} {:<16} {:<5} {:>3} {:<13} {:>8} {:>8} {:>12}",
+                    "ZONE", "ID", "KIND", "VER", "STATE", "AGE(d)", "WRAPPED", "BLOCKS"
+                );
+                for r in rows {
+                    println!(
+                        "{:<12} {:<16} {:<5} {:>3} {:<13} {:>8.1} {:>8} {:>12}",
+                        r.zone,
+                        r.id,
+                        r.purpose,
+                        r.version,
+                        r.state,
+                        r.age_days,
+                        r.wrapped_by_kek
+                            .map_or("root".into(), |v| format!("kek-v{v}")),
+                        r.content_blocks.map_or("-".into(), |b| b.to_string())
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCmd::Show { pool, key } => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let row = key_rows(&p, None)?
+                .into_iter()
+                .find(|r| r.id == key)
+                .with_context(|| format!("no key with id {key:?}"))?;
+            println!("{}", serde_json::to_string_pretty(&row)?);
+            Ok(())
+        }
+        KeysCmd::RotateKek {
+            pool,
+            zone,
+            batch,
+            pause_ms,
+        } => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            let report = p
+                .rotate_kek(&zone, batch, std::time::Duration::from_millis(pause_ms))
+                .with_context(|| format!("KEK rotation of zone {zone:?} failed"))?;
+            println!(
+                "zone {}: KEK v{} active, {} keys re-wrapped{}, destroyed {:?}, {:.3} s",
+                report.zone,
+                report.new_version,
+                report.rewrapped,
+                if report.resumed { " (resumed)" } else { "" },
+                report.destroyed,
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
         }
     }
 }
