@@ -8,7 +8,7 @@
 //! set of members never vary):
 //!
 //! ```text
-//! {"id":7,"time":"2025-01-31T09:30:00.123Z","zone":"prod","key_id":"z3-dek-v2",
+//! {"id":7,"time":"2025-01-31T09:30:00.123Z","zone":"prod","volume":null,"key_id":"z3-dek-v2",
 //!  "key_version":2,"action":"key.create","outcome":"ok","duration_ms":4,"count":null,
 //!  "approvers":[],"error":null,"prev":"<64 hex>","hash":"<64 hex>"}
 //! ```
@@ -16,7 +16,8 @@
 //!
 //! - `id`: 1, 2, 3, … with no gaps.
 //! - `time`: RFC 3339, UTC, milliseconds (`Z` suffix), from a [`Clock`].
-//! - `zone`, `key_id`, `key_version`, `count`, `error`: optional.
+//! - `zone`, `volume`, `key_id`, `key_version`, `count`, `error`: optional
+//!   (`volume` names the volume of `volume.*` events).
 //! - `action`: a fixed name such as `pool.init`, `zone.create`, `key.create`,
 //!   `kek.rotate`, `key.destroy`, `approval.refused`.
 //! - `outcome`: `ok`, `refused` or `failed`.
@@ -151,6 +152,7 @@ pub struct AuditEvent {
     action: &'static str,
     outcome: Outcome,
     zone: Option<String>,
+    volume: Option<String>,
     key_id: Option<String>,
     key_version: Option<u32>,
     duration_ms: u64,
@@ -166,6 +168,7 @@ impl AuditEvent {
             action,
             outcome,
             zone: None,
+            volume: None,
             key_id: None,
             key_version: None,
             duration_ms: 0,
@@ -193,6 +196,12 @@ impl AuditEvent {
     /// The zone (its name).
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// The volume (its name).
+    pub fn volume(mut self, volume: impl Into<String>) -> Self {
+        self.volume = Some(volume.into());
         self
     }
 
@@ -256,6 +265,9 @@ impl AuditEvent {
         if let Some(z) = &self.zone {
             ident("zone", z)?;
         }
+        if let Some(v) = &self.volume {
+            ident("volume", v)?;
+        }
         if let Some(k) = &self.key_id {
             ident("key id", k)?;
         }
@@ -277,6 +289,7 @@ struct Body<'a> {
     id: u64,
     time: &'a str,
     zone: Option<&'a str>,
+    volume: Option<&'a str>,
     key_id: Option<&'a str>,
     key_version: Option<u32>,
     action: &'a str,
@@ -298,6 +311,8 @@ pub struct Record {
     pub time: String,
     /// Zone name.
     pub zone: Option<String>,
+    /// Volume name.
+    pub volume: Option<String>,
     /// Key id.
     pub key_id: Option<String>,
     /// Key version.
@@ -566,6 +581,7 @@ fn encode(id: u64, time: &str, prev: &str, e: &AuditEvent) -> (Vec<u8>, String) 
         id,
         time,
         zone: e.zone.as_deref(),
+        volume: e.volume.as_deref(),
         key_id: e.key_id.as_deref(),
         key_version: e.key_version,
         action: e.action,
