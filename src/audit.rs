@@ -359,7 +359,8 @@ pub enum Break {
     },
     /// Records before this one are missing.
     #[error(
-        "records {from}..={to} are missing before it (deleted): its prev does not match the previous record"
+        "{} missing before it (deleted): its prev does not match the previous record",
+        if from == to { format!("event {from} is") } else { format!("events {from} to {to} are") }
     )]
     Deleted {
         /// First missing id.
