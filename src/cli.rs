@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::audit::AuditEvent;
 use crate::config::{Profile, ServerSection};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::sealed::KdfParams;
@@ -44,6 +45,9 @@ enum Command {
     /// Inspect and rotate keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
     Check {
         #[command(flatten)]
@@ -169,6 +173,20 @@ enum KeysCmd {
         /// Pause between batches, in milliseconds.
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Check the whole hash chain of POOL/audit.log against its anchor, and
+    /// name the first broken record. Reads only the log: no passphrase needed.
+    Verify {
+        /// Pool directory.
+        #[arg(long, env = "KEYTURN_POOL")]
+        pool: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -364,6 +382,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
+        Command::Audit(AuditCmd::Verify { pool, json }) => audit_verify(&pool, json),
         Command::Check { pool, json } => {
             let p = open_pool(&pool, &default_profile()?)?;
             let report = p.check();
@@ -511,6 +530,86 @@ fn keys(cmd: KeysCmd) -> Result<()> {
     }
 }
 
+/// `keyturn audit verify`: never opens the pool (no key, no lock), so it
+/// also runs while the pool is served.
+fn audit_verify(pool: &Path, json: bool) -> Result<()> {
+    use crate::audit::{self, AuditError};
+    let log = pool.join(audit::LOG_FILE);
+    match audit::verify(pool) {
+        Ok(report) => {
+            if json {
+                let mut v = serde_json::to_value(&report)?;
+                v["ok"] = true.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "audit log {}: {} records, chain intact, ends at event {} (hash {})",
+                    log.display(),
+                    report.records,
+                    report.last_id,
+                    report.last_hash
+                );
+                if report.unanchored > 0 {
+                    println!(
+                        "note: the last record is not yet in audit.head (an append was interrupted); the next open of the pool moves the anchor"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(AuditError::Broken {
+            path,
+            line,
+            id,
+            why,
+        }) => {
+            // Show the offending line, escaped and cut short: it may hold
+            // anything, including terminal escapes.
+            let text = std::fs::read(&path).ok().and_then(|data| {
+                let l = data
+                    .split(|&b| b == b'\n')
+                    .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+                let l = String::from_utf8_lossy(l);
+                let mut shown: String = l.chars().take(400).collect();
+                if l.chars().count() > 400 {
+                    shown.push('…');
+                }
+                Some(shown)
+            });
+            if json {
+                let v = serde_json::json!({
+                    "ok": false, "line": line, "id": id, "kind": why.kind(),
+                    "reason": why.to_string(), "record": text,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "first broken record: line {line}, event id {}",
+                    id.map_or_else(|| "unknown".into(), |i| i.to_string())
+                );
+                println!("why: {why}");
+                if let Some(t) = &text {
+                    println!("record: {t:?}");
+                }
+            }
+            bail!(
+                "audit log {} is broken at line {line} (event id {}): {why}",
+                path.display(),
+                id.map_or_else(|| "unknown".into(), |i| i.to_string())
+            )
+        }
+        Err(e) => {
+            if json {
+                let v =
+                    serde_json::json!({"ok": false, "kind": "unreadable", "reason": e.to_string()});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Err(e)
+                .with_context(|| format!("cannot verify the audit log of pool {}", pool.display()))
+        }
+    }
+}
+
 fn demo(a: DemoArgs) -> Result<()> {
     let dir = match a.dir {
         Some(d) => d,
@@ -603,6 +702,12 @@ fn serve(
         Pool::open(dir, pass, &profile)
             .with_context(|| format!("cannot open pool {}", dir.display()))?,
     );
+    // Serving is not refused when the audit log cannot take records: the
+    // pool already logged that loudly, and data availability comes first.
+    let started = std::time::Instant::now();
+    if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
+        tracing::warn!(error = %e, "serve.start not recorded");
+    }
     let result = runtime.block_on(async {
         let server_config = nbd::server::ServerConfig {
             max_in_flight: profile.server.max_inflight_per_conn,
@@ -662,7 +767,15 @@ fn serve(
         }
         anyhow::Ok(())
     });
-    pool.sync().context("final flush failed")?;
+    let synced = pool.sync().context("final flush failed");
+    let event = match (&result, &synced) {
+        (Ok(()), Ok(())) => AuditEvent::ok("serve.stop"),
+        (Err(e), _) | (_, Err(e)) => AuditEvent::failed("serve.stop", &error_chain(e)),
+    };
+    if let Err(e) = pool.record(event.duration(started.elapsed())) {
+        tracing::warn!(error = %e, "serve.stop not recorded");
+    }
+    synced?;
     result
 }
 

@@ -4,8 +4,10 @@
 //! [`nbd`] (protocol only) → [`volume`] (LBA map, read-modify-write) →
 //! [`zone`] (content blocks, keys in use) → [`crypto`] (pure functions) →
 //! [`store`] (devices, journal, tables, allocators). [`keys`] holds the key
-//! hierarchy; [`pool`] ties a pool directory together; [`cli`] is the edge.
+//! hierarchy; [`audit`] is the tamper-evident audit log; [`pool`] ties a pool
+//! directory together; [`cli`] is the edge.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -11,6 +11,7 @@
 //! DIR/tables/zone-<id>.cb    content-block table of a zone
 //! DIR/tables/vol-<id>.map    LBA map of a volume
 //! DIR/data, DIR/staging      default data and staging files
+//! DIR/audit.log, audit.head  hash-chained audit log and its anchor (see [`crate::audit`])
 //! ```
 //! Opening a pool replays the journal into memory, checkpoints, and
 //! rebuilds the allocators from the tables: recovery is the normal path.
@@ -21,17 +22,19 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditEvent, AuditLog};
 use crate::config::{ConfigError, PoolConfig, Profile, RootKeyConfig, ServerSection};
 use crate::ids::{BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, VolumeId, ZoneId};
 use crate::keys::KeyError;
 use crate::keys::passphrase::Passphrase;
 use crate::keys::root::RootKeyProvider;
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
+use crate::keys::wrap::{KeyLabel, Purpose};
 use crate::keys::zone_keys::{BlockUsage, ZoneKeyFile};
 use crate::nbd::export::{ExportCatalog, ExportInfo};
 use crate::store::Storage;
@@ -101,6 +104,10 @@ pub enum PoolError {
     /// The volume is being served.
     #[error("volume {0:?} is being served; disconnect its clients first")]
     Busy(String),
+    /// The audit log cannot take records (changes are refused), or a record
+    /// of a change that was made could not be written.
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 type Result<T, E = PoolError> = std::result::Result<T, E>;
@@ -324,6 +331,8 @@ pub struct Pool {
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     journal: Arc<Journal>,
     provider: Box<dyn RootKeyProvider>,
+    /// The audit log, or why it cannot take records (a damaged log).
+    audit: std::result::Result<AuditLog, String>,
     _engine: Engine,
     _lock: File,
 }
@@ -360,6 +369,7 @@ impl Pool {
 
     /// Creates a new pool in `dir` (which may exist but must not hold a pool).
     pub fn init(dir: &Path, opts: &InitOptions, passphrase: &Passphrase) -> Result<()> {
+        let started = Instant::now();
         if Self::exists(dir) {
             return Err(PoolError::Layout(format!(
                 "{} already holds a pool",
@@ -397,8 +407,16 @@ impl Pool {
             &Self::catalog_path(dir),
             &serde_json::to_vec_pretty(&catalog).expect("catalog serialises"),
         )?;
+        // The audit chain is part of a complete pool, so it exists before pool.toml.
+        let audit = AuditLog::create_or_open(dir).map_err(|e| PoolError::Audit(e.to_string()))?;
         // pool.toml last: its presence marks a complete pool.
-        write_atomic(&dir.join("pool.toml"), config.to_toml().as_bytes())
+        write_atomic(&dir.join("pool.toml"), config.to_toml().as_bytes())?;
+        audit
+            .append(AuditEvent::ok("pool.init").duration(started.elapsed()))
+            .map_err(|e| {
+                PoolError::Audit(format!("the pool was created, but not recorded: {e}"))
+            })?;
+        Ok(())
     }
 
     fn take_lock(dir: &Path) -> Result<File> {
@@ -527,6 +545,12 @@ impl Pool {
             }
         }
 
+        // A damaged audit log does not stop the data path; it stops changes
+        // (see `Pool::audit`), so nothing changes unrecorded.
+        let audit = AuditLog::open(dir).map_err(|e| {
+            tracing::error!(error = %e, "audit log unusable: zone, volume and key changes are refused until it is repaired (see `keyturn audit verify`)");
+            e.to_string()
+        });
         let pool = Self {
             dir: dir.to_path_buf(),
             config,
@@ -536,6 +560,7 @@ impl Pool {
             volumes: RwLock::new(BTreeMap::new()),
             journal,
             provider,
+            audit,
             _engine: engine,
             _lock: lock,
         };
@@ -635,8 +660,83 @@ impl Pool {
         self.catalog.lock().clone()
     }
 
-    /// Creates a zone with a fresh key chain.
+    /// The audit log, or why it cannot take records.
+    pub fn audit(&self) -> Result<&AuditLog> {
+        self.audit.as_ref().map_err(|e| {
+            PoolError::Audit(format!(
+                "{e}; changes are refused until the log is repaired (see `keyturn audit verify`)"
+            ))
+        })
+    }
+
+    /// Appends `event` to the audit log.
+    pub fn record(&self, event: AuditEvent) -> Result<u64> {
+        self.audit()?
+            .append(event)
+            .map_err(|e| PoolError::Audit(e.to_string()))
+    }
+
+    /// Records the outcome `r` of an operation (`events`: its success
+    /// records, or its failure). A success that cannot be recorded becomes an
+    /// error that says the change was made; a failure that cannot be recorded
+    /// keeps its own error.
+    fn record_outcome<T>(
+        audit: &AuditLog,
+        events: Vec<AuditEvent>,
+        done: &str,
+        r: Result<T>,
+    ) -> Result<T> {
+        for event in events {
+            if let Err(e) = audit.append(event) {
+                return match r {
+                    Ok(_) => Err(PoolError::Audit(format!("{done}, but not recorded: {e}"))),
+                    Err(op) => {
+                        tracing::error!(error = %e, "cannot record a failed operation in the audit log");
+                        Err(op)
+                    }
+                };
+            }
+        }
+        r
+    }
+
+    /// Creates a zone with a fresh key chain, and records `zone.create` and a
+    /// `key.create` for each of its keys. Refused while the audit log cannot
+    /// take records.
     pub fn create_zone(&self, name: &str) -> Result<ZoneId> {
+        let audit = self.audit()?;
+        let started = Instant::now();
+        let r = self.create_zone_unaudited(name);
+        let events = match &r {
+            Ok(id) => {
+                // The key ids come from the file just written: what is recorded
+                // is what is stored.
+                let records = ZoneKeyFile::load(&Self::zone_key_path(&self.dir, *id))
+                    .map(|f| f.records().to_vec())
+                    .unwrap_or_default();
+                let mut events = vec![
+                    AuditEvent::ok("zone.create")
+                        .zone(name)
+                        .count(records.len() as u64)
+                        .duration(started.elapsed()),
+                ];
+                events.extend(
+                    records
+                        .iter()
+                        .map(|k| AuditEvent::ok("key.create").zone(name).key(&k.label())),
+                );
+                events
+            }
+            Err(e) => vec![
+                AuditEvent::failed("zone.create", e)
+                    .zone(name)
+                    .duration(started.elapsed()),
+            ],
+        };
+        Self::record_outcome(audit, events, &format!("zone {name:?} was created"), r)
+    }
+
+    fn create_zone_unaudited(&self, name: &str) -> Result<ZoneId> {
         validate_name("zone", name)?;
         let mut catalog = self.catalog.lock();
         if catalog.zones.iter().any(|z| z.name == name) {
@@ -669,8 +769,26 @@ impl Pool {
         Ok(id)
     }
 
-    /// Creates a volume of `size` bytes (a multiple of 4096) in zone `zone`.
+    /// Creates a volume of `size` bytes (a multiple of 4096) in zone `zone`,
+    /// and records `volume.create` (its `count`: the size in 4 KiB blocks).
     pub fn create_volume(&self, name: &str, zone: &str, size: u64) -> Result<VolumeId> {
+        let audit = self.audit()?;
+        let started = Instant::now();
+        let r = self.create_volume_unaudited(name, zone, size);
+        let event = match &r {
+            Ok(_) => AuditEvent::ok("volume.create").count(size / BLOCK_SIZE as u64),
+            Err(e) => AuditEvent::failed("volume.create", e),
+        };
+        let event = event.zone(zone).volume(name).duration(started.elapsed());
+        Self::record_outcome(
+            audit,
+            vec![event],
+            &format!("volume {name:?} was created"),
+            r,
+        )
+    }
+
+    fn create_volume_unaudited(&self, name: &str, zone: &str, size: u64) -> Result<VolumeId> {
         validate_name("volume", name)?;
         if size == 0 || size % BLOCK_SIZE as u64 != 0 {
             return Err(PoolError::Invalid(format!(
@@ -725,8 +843,26 @@ impl Pool {
         Ok(id)
     }
 
-    /// Deletes a volume and frees its space. Refuses while it is served.
+    /// Deletes a volume and frees its space, and records `volume.delete`.
+    /// Refuses while it is served.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let audit = self.audit()?;
+        let started = Instant::now();
+        let r = self.delete_volume_unaudited(name);
+        let event = match &r {
+            Ok(()) => AuditEvent::ok("volume.delete"),
+            Err(e) => AuditEvent::failed("volume.delete", e),
+        };
+        let event = event.volume(name).duration(started.elapsed());
+        Self::record_outcome(
+            audit,
+            vec![event],
+            &format!("volume {name:?} was deleted"),
+            r,
+        )
+    }
+
+    fn delete_volume_unaudited(&self, name: &str) -> Result<()> {
         let mut volumes = self.volumes.write();
         let vol = volumes.get(name).ok_or_else(|| PoolError::NotFound {
             kind: "volume",
@@ -935,6 +1071,50 @@ impl Pool {
     /// rotation a crash interrupted. Volume data and the block map are not
     /// touched: only wrapped keys change.
     pub fn rotate_kek(
+        &self,
+        zone: &str,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<KekRotationReport> {
+        let audit = self.audit()?;
+        let started = Instant::now();
+        let r = self.rotate_kek_unaudited(zone, batch, pause);
+        let events = match &r {
+            Ok(report) => {
+                let mut events = vec![
+                    AuditEvent::ok("kek.rotate")
+                        .zone(zone)
+                        .key(&KeyLabel::new(
+                            self.zone_id(zone)?,
+                            Purpose::Kek,
+                            report.new_version,
+                        ))
+                        .count(report.rewrapped as u64)
+                        .duration(started.elapsed()),
+                ];
+                let zone_id = self.zone_id(zone)?;
+                for id in &report.destroyed {
+                    // Ids are made by `KeyLabel::new`: "z{zone}-kek-v{version}".
+                    if let Some(v) = id.rsplit_once("-v").and_then(|(_, v)| v.parse().ok()) {
+                        events.push(AuditEvent::ok("key.destroy").zone(zone).key(&KeyLabel::new(
+                            zone_id,
+                            Purpose::Kek,
+                            v,
+                        )));
+                    }
+                }
+                events
+            }
+            Err(e) => vec![
+                AuditEvent::failed("kek.rotate", e)
+                    .zone(zone)
+                    .duration(started.elapsed()),
+            ],
+        };
+        Self::record_outcome(audit, events, "the KEK was rotated", r)
+    }
+
+    fn rotate_kek_unaudited(
         &self,
         zone: &str,
         batch: usize,
