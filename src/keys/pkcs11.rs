@@ -512,13 +512,20 @@ impl RootKeyProvider for Pkcs11Provider {
         ) {
             Ok(pt) => Ok(Zeroizing::new(pt)),
             // A failed tag check: wrong label, altered bytes, or another
-            // root key. GCM cannot tell these apart.
+            // root key; GCM cannot tell these apart. The spec says
+            // CKR_ENCRYPTED_DATA_INVALID, but SoftHSM2 (OpenSSL backend)
+            // reports a failed tag as CKR_GENERAL_ERROR, so that counts as a
+            // failed unwrap too: either way nothing is returned, and the
+            // return value stays in the message for the operator.
             Err(CkError::Pkcs11(
-                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                rv @ (RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError),
                 _,
-            )) => Err(fail(
-                "authentication failed (wrong label, altered bytes, or another root key)",
-            )),
+            )) => Err(fail(&format!(
+                "authentication failed in the token (wrong label, altered bytes, \
+                 or another root key; C_Decrypt returned {rv:?})"
+            ))),
             Err(e) => Err(self.op_error("unwrap a key with", &e)),
         }
     }
@@ -540,5 +547,347 @@ impl Pkcs11Provider {
             token: self.config.token_label.clone(),
             reason: ck(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These run against a real SoftHSM2 token. SoftHSM2 finds its tokens
+    //! through `SOFTHSM2_CONF`, read once per process at `C_Initialize`, and
+    //! setting an environment variable in a multi-threaded test process is
+    //! unsound. So each outer test makes a token in a temporary directory and
+    //! re-runs this test binary for one `#[ignore]`d inner test with
+    //! `SOFTHSM2_CONF` set in the child's environment only.
+
+    use std::process::Command;
+
+    use super::*;
+    use crate::ids::ZoneId;
+    use crate::keys::wrap::Purpose;
+
+    /// Where Debian's softhsm2 package installs the module.
+    pub(crate) const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+    const TOKEN: &str = "keyturn-test";
+    const USER_PIN: &str = "1234";
+    const SO_PIN: &str = "5678";
+    /// Set in the child's environment; inner tests do nothing without it.
+    const CHILD_ENV: &str = "KEYTURN_TEST_SOFTHSM_CHILD";
+
+    /// A SoftHSM2 configuration and token store in a temporary directory,
+    /// with one initialised token labelled [`TOKEN`].
+    fn softhsm_token() -> (tempfile::TempDir, PathBuf) {
+        let ok = Command::new("sh")
+            .args(["-c", "command -v softhsm2-util"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok && Path::new(SOFTHSM_MODULE).exists(),
+            "SoftHSM2 is not installed (apt-get install softhsm2); tools/test.sh installs it"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", TOKEN])
+            .args(["--pin", USER_PIN, "--so-pin", SO_PIN])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (dir, conf)
+    }
+
+    /// Runs the inner test `name` in a child process of this test binary,
+    /// against a fresh token; returns its output.
+    fn run_child(name: &str) -> String {
+        let (_dir, conf) = softhsm_token();
+        let full = format!("keys::pkcs11::tests::{name}");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([full.as_str(), "--exact", "--ignored", "--nocapture"])
+            .env("SOFTHSM2_CONF", &conf)
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{name} failed:\n{text}");
+        // A filter that matched nothing would also exit 0.
+        assert!(
+            text.contains(&format!("{full} ... ok")),
+            "{name} did not run:\n{text}"
+        );
+        text
+    }
+
+    fn in_child() -> bool {
+        std::env::var_os(CHILD_ENV).is_some()
+    }
+
+    fn config(key_label: &str) -> Pkcs11Config {
+        Pkcs11Config {
+            module: SOFTHSM_MODULE.into(),
+            token_label: TOKEN.into(),
+            key_label: key_label.into(),
+        }
+    }
+
+    fn pin(s: &str) -> Pin {
+        Pin::new(s.into()).unwrap()
+    }
+
+    fn label(zone: u32, purpose: Purpose, version: u32) -> KeyLabel {
+        KeyLabel::new(ZoneId(zone), purpose, version)
+    }
+
+    fn is_unwrap(r: Result<Zeroizing<Vec<u8>>, KeyError>) -> bool {
+        match r {
+            Err(KeyError::Unwrap { .. }) => true,
+            Err(e) => {
+                eprintln!("not an unwrap error: {e}");
+                false
+            }
+            Ok(_) => false,
+        }
+    }
+
+    #[test]
+    fn provider_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Pkcs11Provider>();
+    }
+
+    #[test]
+    fn pin_sources_and_redaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pin");
+        std::fs::write(&f, "4321\n").unwrap();
+        let p = Pin::resolve_from(Some(&f), Some("env".into())).unwrap();
+        assert_eq!(p.0.as_str(), "4321");
+        assert_eq!(format!("{p:?}"), "Pin(<redacted>)");
+        let p = Pin::resolve_from(None, Some("9876".into())).unwrap();
+        assert_eq!(p.0.as_str(), "9876");
+        let e = Pin::resolve_from(None, None).unwrap_err();
+        assert!(e.to_string().contains(PIN_ENV), "{e}");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(matches!(
+            Pin::resolve_from(Some(&f), None),
+            Err(KeyError::BadPin { .. })
+        ));
+        let e = Pin::resolve_from(Some(&dir.path().join("nope")), None).unwrap_err();
+        assert!(matches!(e, KeyError::NotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn softhsm_provider() {
+        run_child("softhsm_provider_child");
+    }
+
+    /// Everything the provider promises, against one SoftHSM2 token.
+    #[test]
+    #[ignore = "inner test: run by softhsm_provider in a child process"]
+    fn softhsm_provider_child() {
+        if !in_child() {
+            return;
+        }
+        let cfg = config(DEFAULT_KEY_LABEL);
+        let good = pin(USER_PIN);
+
+        // No key yet: open refuses, naming the key and token.
+        let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
+        assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
+        assert!(e.to_string().contains("keyturn-root"), "{e}");
+
+        let p = Pkcs11Provider::create_key(&cfg, &good).unwrap();
+        let e = Pkcs11Provider::create_key(&cfg, &good).unwrap_err();
+        assert!(matches!(e, KeyError::RootKeyExists { .. }), "{e}");
+        assert!(p.describe().contains("keyturn-test"));
+        assert!(!format!("{p:?}").contains(USER_PIN));
+
+        // Round trip, fresh IV per wrap, expected size.
+        let kek = [0x42u8; 32];
+        let l1 = label(1, Purpose::Kek, 1);
+        let w1 = p.wrap_key(&l1, &kek).unwrap();
+        assert_eq!(w1.len(), 32 + PKCS11_WRAP_OVERHEAD);
+        assert_eq!(w1[0], PKCS11_WRAP_VERSION);
+        assert_ne!(p.wrap_key(&l1, &kek).unwrap(), w1);
+        assert_eq!(p.unwrap_key(&l1, &w1).unwrap().as_slice(), &kek);
+        // The wrapped bytes do not contain the key.
+        assert!(!w1.windows(8).any(|w| w == &kek[..8]));
+
+        // Another label: version, zone, purpose, id.
+        assert!(is_unwrap(p.unwrap_key(&label(1, Purpose::Kek, 2), &w1)));
+        assert!(is_unwrap(p.unwrap_key(&label(2, Purpose::Kek, 1), &w1)));
+        assert!(is_unwrap(p.unwrap_key(&label(1, Purpose::Dek, 1), &w1)));
+        let mut other_id = l1.clone();
+        other_id.key_id = "renamed".into();
+        assert!(is_unwrap(p.unwrap_key(&other_id, &w1)));
+
+        // Tampering anywhere: version byte, IV, ciphertext, tag; truncation.
+        for i in [0, 1, 12, 13, 30, w1.len() - 16, w1.len() - 1] {
+            let mut t = w1.clone();
+            t[i] ^= 0x01;
+            assert!(is_unwrap(p.unwrap_key(&l1, &t)), "flip at {i} accepted");
+        }
+        assert!(is_unwrap(p.unwrap_key(&l1, &w1[..w1.len() - 1])));
+        assert!(is_unwrap(p.unwrap_key(&l1, &w1[..PKCS11_WRAP_OVERHEAD])));
+        assert!(is_unwrap(p.unwrap_key(&l1, &[])));
+        assert!(matches!(
+            p.wrap_key(&l1, &[]),
+            Err(KeyError::InvalidKey { .. })
+        ));
+
+        // The key's value cannot be read out of the token.
+        {
+            let s = p.session();
+            let info = s
+                .get_attribute_info(p.key, &[AttributeType::Value])
+                .unwrap();
+            assert!(
+                matches!(
+                    info.as_slice(),
+                    [cryptoki::object::AttributeInfo::Sensitive]
+                ),
+                "CKA_VALUE readable: {info:?}"
+            );
+            let attrs = s
+                .get_attributes(
+                    p.key,
+                    &[
+                        AttributeType::Value,
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                        AttributeType::AlwaysSensitive,
+                        AttributeType::NeverExtractable,
+                        AttributeType::Token,
+                    ],
+                )
+                .unwrap();
+            assert!(!attrs.iter().any(|a| matches!(a, Attribute::Value(_))));
+            for want in [
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::AlwaysSensitive(true),
+                Attribute::NeverExtractable(true),
+                Attribute::Token(true),
+            ] {
+                assert!(attrs.contains(&want), "missing {want:?} in {attrs:?}");
+            }
+        }
+
+        // A provider opened later (fresh session and login) unwraps it.
+        drop(p);
+        let p2 = Pkcs11Provider::open(&cfg, &good).unwrap();
+        assert_eq!(p2.unwrap_key(&l1, &w1).unwrap().as_slice(), &kek);
+
+        // Another root key on the same token does not.
+        let other = Pkcs11Provider::create_key(&config("other-root"), &good).unwrap();
+        assert!(is_unwrap(other.unwrap_key(&l1, &w1)));
+        drop(other);
+
+        // A key that could leave the token is refused.
+        {
+            let s = login(&cfg, &good, true).unwrap();
+            s.generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Label(b"weak".to_vec()),
+                ],
+            )
+            .unwrap();
+        }
+        let e = Pkcs11Provider::open(&config("weak"), &good).unwrap_err();
+        assert!(matches!(e, KeyError::InvalidKey { .. }), "{e}");
+
+        // Missing token, missing module: clear errors.
+        let mut absent = cfg.clone();
+        absent.token_label = "absent".into();
+        let e = Pkcs11Provider::open(&absent, &good).unwrap_err();
+        assert!(matches!(e, KeyError::TokenNotFound { .. }), "{e}");
+        assert!(e.to_string().contains("\"keyturn-test\""), "{e}");
+        let mut no_module = cfg.clone();
+        no_module.module = "/nonexistent/libpkcs11.so".into();
+        let e = Pkcs11Provider::open(&no_module, &good).unwrap_err();
+        assert!(matches!(e, KeyError::Pkcs11Module { .. }), "{e}");
+
+        // Wrong PIN. Login state is per process and token, so only once no
+        // session of ours is logged in can the token judge the PIN.
+        drop(p2);
+        let e = Pkcs11Provider::open(&cfg, &pin("0000")).unwrap_err();
+        assert!(matches!(e, KeyError::WrongPin { .. }), "{e}");
+        assert!(!e.to_string().contains("0000"));
+
+        // The key removed from the token: open refuses.
+        {
+            let s = login(&cfg, &good, true).unwrap();
+            for k in find_keys(&s, &cfg).unwrap() {
+                s.destroy_object(k).unwrap();
+            }
+        }
+        let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
+        assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
+    }
+
+    #[test]
+    #[ignore = "benchmark: cargo test --lib softhsm_bench -- --ignored --nocapture"]
+    fn softhsm_bench() {
+        let out = run_child("softhsm_bench_child");
+        for line in out.lines().filter(|l| l.starts_with("bench:")) {
+            println!("{line}");
+        }
+    }
+
+    /// Wraps and unwraps 1,000 KEKs through SoftHSM2 and prints the time.
+    #[test]
+    #[ignore = "inner test: run by softhsm_bench in a child process"]
+    fn softhsm_bench_child() {
+        if !in_child() {
+            return;
+        }
+        let cfg = config(DEFAULT_KEY_LABEL);
+        let p = Pkcs11Provider::create_key(&cfg, &pin(USER_PIN)).unwrap();
+        let key = [7u8; 32];
+        let labels: Vec<KeyLabel> = (1..=1000).map(|v| label(1, Purpose::Dek, v)).collect();
+        let t = std::time::Instant::now();
+        let wrapped: Vec<Vec<u8>> = labels
+            .iter()
+            .map(|l| p.wrap_key(l, &key).unwrap())
+            .collect();
+        let wrap = t.elapsed();
+        let t = std::time::Instant::now();
+        for (l, w) in labels.iter().zip(&wrapped) {
+            assert_eq!(p.unwrap_key(l, w).unwrap().as_slice(), &key);
+        }
+        let unwrap = t.elapsed();
+        println!(
+            "bench: 1000 wraps {:.1} ms, 1000 unwraps {:.1} ms, total {:.1} ms ({:.0} us per wrap+unwrap)",
+            wrap.as_secs_f64() * 1e3,
+            unwrap.as_secs_f64() * 1e3,
+            (wrap + unwrap).as_secs_f64() * 1e3,
+            (wrap + unwrap).as_secs_f64() * 1e6 / 1000.0
+        );
     }
 }
