@@ -144,6 +144,7 @@ impl HsmPool {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!(
                         "keyturn serve did not become ready:\n{}",
                         std::fs::read_to_string(&log).unwrap_or_default()
