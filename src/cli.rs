@@ -9,11 +9,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::audit::AuditEvent;
+use crate::config::RootKeyConfig;
 use crate::config::{Profile, ServerSection};
 use crate::keys::passphrase::Passphrase;
+use crate::keys::pkcs11::{DEFAULT_KEY_LABEL, Pin, Pkcs11Config};
 use crate::keys::sealed::KdfParams;
 use crate::nbd;
-use crate::pool::{InitOptions, Pool, parse_size};
+use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 
@@ -66,6 +68,20 @@ struct PoolArgs {
     /// File holding the root key passphrase (else $KEYTURN_PASSPHRASE, else a prompt).
     #[arg(long)]
     passphrase_file: Option<PathBuf>,
+    /// File holding the PKCS#11 token user PIN, for pools whose root key is
+    /// in a token (else $KEYTURN_PKCS11_PIN).
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
+}
+
+/// `--root-key` of `keyturn init`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum RootKeyKind {
+    /// A root key file sealed with a passphrase (Argon2id).
+    #[default]
+    SealedFile,
+    /// An AES-256 key inside a PKCS#11 token (HSM), unlocked with a PIN.
+    Pkcs11,
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +103,21 @@ struct InitArgs {
     /// Default listen address written into pool.toml.
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: String,
+    /// Root key provider.
+    #[arg(long, value_enum, default_value_t = RootKeyKind::SealedFile)]
+    root_key: RootKeyKind,
+    /// PKCS#11 module (shared library), with --root-key pkcs11.
+    #[arg(long, required_if_eq("root_key", "pkcs11"))]
+    pkcs11_module: Option<PathBuf>,
+    /// Label of the PKCS#11 token, with --root-key pkcs11.
+    #[arg(long, required_if_eq("root_key", "pkcs11"))]
+    token_label: Option<String>,
+    /// Label of the root key object on the token.
+    #[arg(long, default_value = DEFAULT_KEY_LABEL)]
+    key_label: String,
+    /// Use an existing key with --key-label instead of generating one.
+    #[arg(long)]
+    use_existing_key: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,9 +294,46 @@ fn passphrase(args: &PoolArgs) -> Result<Passphrase> {
         .context("the root key passphrase is needed")
 }
 
+fn pin(args: &PoolArgs) -> Result<Pin> {
+    Pin::resolve(args.pin_file.as_deref()).context("the PKCS#11 token user PIN is needed")
+}
+
+/// The secret a pool's root key needs: a PIN when it is in a PKCS#11 token
+/// (no passphrase is asked for), else the passphrase of the sealed file.
+enum Secret {
+    Passphrase(Passphrase),
+    Pin(Pin),
+}
+
+impl Secret {
+    fn for_pool(args: &PoolArgs) -> Result<Self> {
+        let dir = &args.pool;
+        // Without a pool.toml, let Pool::open say so; ask for a passphrase
+        // as before so the message order is unchanged for sealed pools.
+        let pkcs11 = Pool::exists(dir)
+            && matches!(
+                Pool::root_key_config(dir)
+                    .with_context(|| format!("cannot open pool {}", dir.display()))?,
+                RootKeyConfig::Pkcs11 { .. }
+            );
+        Ok(if pkcs11 {
+            Secret::Pin(pin(args)?)
+        } else {
+            Secret::Passphrase(passphrase(args)?)
+        })
+    }
+
+    fn as_root(&self) -> RootSecret<'_> {
+        match self {
+            Secret::Passphrase(p) => RootSecret::Passphrase(p),
+            Secret::Pin(p) => RootSecret::Pin(p),
+        }
+    }
+}
+
 fn open_pool(args: &PoolArgs, profile: &Profile) -> Result<Pool> {
-    let pass = passphrase(args)?;
-    Pool::open(&args.pool, &pass, profile)
+    let secret = Secret::for_pool(args)?;
+    Pool::open_with(&args.pool, secret.as_root(), profile)
         .with_context(|| format!("cannot open pool {}", args.pool.display()))
 }
 
@@ -276,9 +344,34 @@ fn default_profile() -> Result<Profile> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(a) => {
-            let pass = Passphrase::resolve_new(a.pool.passphrase_file.as_deref(), PASS_ENV, true)
-                .context("a passphrase for the new root key is needed")?;
+            let (secret, root_key) = match a.root_key {
+                RootKeyKind::SealedFile => (
+                    Secret::Passphrase(
+                        Passphrase::resolve_new(a.pool.passphrase_file.as_deref(), PASS_ENV, true)
+                            .context("a passphrase for the new root key is needed")?,
+                    ),
+                    RootKeyChoice::SealedFile,
+                ),
+                RootKeyKind::Pkcs11 => {
+                    // clap enforces both with --root-key pkcs11.
+                    let (Some(module), Some(token_label)) = (a.pkcs11_module, a.token_label) else {
+                        bail!("--root-key pkcs11 needs --pkcs11-module and --token-label");
+                    };
+                    (
+                        Secret::Pin(pin(&a.pool)?),
+                        RootKeyChoice::Pkcs11 {
+                            config: Pkcs11Config {
+                                module,
+                                token_label,
+                                key_label: a.key_label,
+                            },
+                            use_existing: a.use_existing_key,
+                        },
+                    )
+                }
+            };
             let opts = InitOptions {
+                root_key,
                 data: a.data,
                 staging: a.staging,
                 kdf: KdfParams {
@@ -291,7 +384,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..ServerSection::default()
                 },
             };
-            Pool::init(&a.pool.pool, &opts, &pass)
+            Pool::init_with(&a.pool.pool, &opts, secret.as_root())
                 .with_context(|| format!("cannot create pool {}", a.pool.pool.display()))?;
             println!("created pool {}", a.pool.pool.display());
             Ok(())
@@ -377,8 +470,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(a) => {
-            let pass = passphrase(&a.pool)?;
-            serve(&a.pool.pool, &pass, a.listen, a.unix, a.profile, None)
+            let secret = Secret::for_pool(&a.pool)?;
+            serve(&a.pool.pool, &secret, a.listen, a.unix, a.profile, None)
         }
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
@@ -636,6 +729,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             data: None,
             staging: None,
             kdf: KdfParams::default(),
+            root_key: RootKeyChoice::SealedFile,
             server: ServerSection {
                 listen: a.listen.clone(),
                 ..ServerSection::default()
@@ -658,7 +752,14 @@ fn demo(a: DemoArgs) -> Result<()> {
     }
     let pass = Passphrase::resolve(Some(&pass_file), PASS_ENV, false)
         .with_context(|| format!("the demo keeps its passphrase in {}", pass_file.display()))?;
-    serve(&dir, &pass, Some(a.listen), a.unix, None, Some(()))
+    serve(
+        &dir,
+        &Secret::Passphrase(pass),
+        Some(a.listen),
+        a.unix,
+        None,
+        Some(()),
+    )
 }
 
 fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
@@ -676,7 +777,7 @@ fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
 
 fn serve(
     dir: &Path,
-    pass: &Passphrase,
+    secret: &Secret,
     listen: Option<String>,
     unix: Option<PathBuf>,
     profile: Option<String>,
@@ -699,7 +800,7 @@ fn serve(
         .build()
         .context("cannot start the async runtime")?;
     let pool = Arc::new(
-        Pool::open(dir, pass, &profile)
+        Pool::open_with(dir, secret.as_root(), &profile)
             .with_context(|| format!("cannot open pool {}", dir.display()))?,
     );
     // Serving is not refused when the audit log cannot take records: the

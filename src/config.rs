@@ -56,6 +56,39 @@ pub enum RootKeyConfig {
         /// Path of the sealed key file, relative to the pool directory.
         path: PathBuf,
     },
+    /// An AES-256 key inside a PKCS#11 token (an HSM); wrapping happens in
+    /// the token and the key never leaves it. Unlocked with the user PIN.
+    Pkcs11 {
+        /// Path of the PKCS#11 module (shared library).
+        module: PathBuf,
+        /// Label of the token holding the root key.
+        token_label: String,
+        /// Label of the root key object on the token.
+        #[serde(default = "default_key_label")]
+        key_label: String,
+    },
+}
+
+fn default_key_label() -> String {
+    crate::keys::pkcs11::DEFAULT_KEY_LABEL.into()
+}
+
+impl RootKeyConfig {
+    /// The PKCS#11 settings, if this is a PKCS#11 root key.
+    pub fn pkcs11(&self) -> Option<crate::keys::Pkcs11Config> {
+        match self {
+            RootKeyConfig::Pkcs11 {
+                module,
+                token_label,
+                key_label,
+            } => Some(crate::keys::Pkcs11Config {
+                module: module.clone(),
+                token_label: token_label.clone(),
+                key_label: key_label.clone(),
+            }),
+            RootKeyConfig::SealedFile { .. } => None,
+        }
+    }
 }
 
 /// `[server]` in `pool.toml`.
@@ -234,5 +267,26 @@ mod tests {
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);
         assert!(toml::from_str::<PoolConfig>("format = 1\nbogus = 2").is_err());
+    }
+
+    #[test]
+    fn pkcs11_root_key_config() {
+        let text = r#"
+format = 1
+data = "data"
+staging = "staging"
+
+[root_key]
+provider = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "keyturn"
+"#;
+        let c: PoolConfig = toml::from_str(text).unwrap();
+        let p = c.root_key.pkcs11().unwrap();
+        assert_eq!(p.token_label, "keyturn");
+        assert_eq!(p.key_label, "keyturn-root");
+        let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.root_key.pkcs11(), Some(p));
+        assert!(c.to_toml().contains(r#"provider = "pkcs11""#));
     }
 }

@@ -5,7 +5,8 @@
 //! DIR/pool.toml              configuration (devices, root key provider, server)
 //! DIR/catalog.json           zones and volumes (replaced atomically)
 //! DIR/lock                   flock'd by the process that has the pool open
-//! DIR/keys/root.sealed       the sealed root key (sealed-file provider)
+//! DIR/keys/root.sealed       the sealed root key (sealed-file provider;
+//!                            a pkcs11 root key lives in its token instead)
 //! DIR/keys/zone-<id>.json    a zone's wrapped keys
 //! DIR/journal                write-ahead journal
 //! DIR/tables/zone-<id>.cb    content-block table of a zone
@@ -32,6 +33,7 @@ use crate::config::{ConfigError, PoolConfig, Profile, RootKeyConfig, ServerSecti
 use crate::ids::{BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, VolumeId, ZoneId};
 use crate::keys::KeyError;
 use crate::keys::passphrase::Passphrase;
+use crate::keys::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::wrap::{KeyLabel, Purpose};
@@ -177,8 +179,36 @@ pub struct InitOptions {
     pub staging: Option<PathBuf>,
     /// Argon2id cost for the sealed root key.
     pub kdf: KdfParams,
+    /// Which root key provider the pool uses.
+    pub root_key: RootKeyChoice,
     /// Server section written into pool.toml.
     pub server: ServerSection,
+}
+
+/// The root key provider chosen at `keyturn init`.
+#[derive(Clone, Debug, Default)]
+pub enum RootKeyChoice {
+    /// A new root key sealed with the passphrase in `DIR/keys/root.sealed`.
+    #[default]
+    SealedFile,
+    /// A root key inside a PKCS#11 token, generated there unless
+    /// `use_existing` (then an existing key with that label is used).
+    Pkcs11 {
+        /// Module, token and key label.
+        config: Pkcs11Config,
+        /// Use a key that already exists instead of generating one.
+        use_existing: bool,
+    },
+}
+
+/// The secret that unlocks a pool's root key: the passphrase of a sealed
+/// root key file, or the user PIN of a PKCS#11 token.
+#[derive(Clone, Copy, Debug)]
+pub enum RootSecret<'a> {
+    /// Passphrase (sealed-file provider).
+    Passphrase(&'a Passphrase),
+    /// Token user PIN (pkcs11 provider).
+    Pin(&'a Pin),
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
@@ -368,7 +398,17 @@ impl Pool {
     }
 
     /// Creates a new pool in `dir` (which may exist but must not hold a pool).
+    ///
+    /// Sealed-file pools only; [`init_with`](Self::init_with) takes either
+    /// provider's secret.
     pub fn init(dir: &Path, opts: &InitOptions, passphrase: &Passphrase) -> Result<()> {
+        Self::init_with(dir, opts, RootSecret::Passphrase(passphrase))
+    }
+
+    /// Creates a new pool in `dir` with the root key provider of
+    /// `opts.root_key`, unlocked by `secret` (a passphrase for a sealed file,
+    /// a PIN for a PKCS#11 token).
+    pub fn init_with(dir: &Path, opts: &InitOptions, secret: RootSecret<'_>) -> Result<()> {
         let started = Instant::now();
         if Self::exists(dir) {
             return Err(PoolError::Layout(format!(
@@ -376,6 +416,29 @@ impl Pool {
                 dir.display()
             )));
         }
+        // Check the secret matches the provider before touching the disk.
+        let root_key = match (&opts.root_key, secret) {
+            (RootKeyChoice::SealedFile, RootSecret::Passphrase(_)) => RootKeyConfig::SealedFile {
+                path: "keys/root.sealed".into(),
+            },
+            (RootKeyChoice::Pkcs11 { config, .. }, RootSecret::Pin(_)) => RootKeyConfig::Pkcs11 {
+                module: config.module.clone(),
+                token_label: config.token_label.clone(),
+                key_label: config.key_label.clone(),
+            },
+            (RootKeyChoice::SealedFile, RootSecret::Pin(_)) => {
+                return Err(KeyError::NoPassphrase {
+                    env_var: crate::keys::PASSPHRASE_ENV.into(),
+                }
+                .into());
+            }
+            (RootKeyChoice::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
+                return Err(KeyError::NoPin {
+                    env_var: crate::keys::pkcs11::PIN_ENV.into(),
+                }
+                .into());
+            }
+        };
         for sub in [dir.to_path_buf(), dir.join("keys"), dir.join("tables")] {
             std::fs::create_dir_all(&sub).map_err(io_at(&sub))?;
         }
@@ -383,13 +446,31 @@ impl Pool {
             format: 1,
             data: opts.data.clone().unwrap_or_else(|| "data".into()),
             staging: opts.staging.clone().unwrap_or_else(|| "staging".into()),
-            root_key: RootKeyConfig::SealedFile {
-                path: "keys/root.sealed".into(),
-            },
+            root_key,
             server: opts.server.clone(),
         };
-        let RootKeyConfig::SealedFile { path } = &config.root_key;
-        SealedFileProvider::create(&Self::resolve(dir, path), passphrase, opts.kdf)?;
+        match (&config.root_key, &opts.root_key, secret) {
+            (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
+                SealedFileProvider::create(&Self::resolve(dir, path), passphrase, opts.kdf)?;
+            }
+            (
+                RootKeyConfig::Pkcs11 { .. },
+                RootKeyChoice::Pkcs11 {
+                    config,
+                    use_existing,
+                },
+                RootSecret::Pin(pin),
+            ) => {
+                // Either way the key is opened, so a pool is only written
+                // once its root key is known to work.
+                if *use_existing {
+                    Pkcs11Provider::open(config, pin)?;
+                } else {
+                    Pkcs11Provider::create_key(config, pin)?;
+                }
+            }
+            _ => unreachable!("provider and secret were matched above"),
+        }
         for dev in [&config.data, &config.staging] {
             let p = Self::resolve(dir, dev);
             if !p.exists() {
@@ -448,7 +529,51 @@ impl Pool {
 
     /// Opens the pool in `dir`: unlocks its keys, replays the journal, and
     /// rebuilds the allocators.
+    ///
+    /// Sealed-file pools only; [`open_with`](Self::open_with) takes either
+    /// provider's secret.
     pub fn open(dir: &Path, passphrase: &Passphrase, profile: &Profile) -> Result<Self> {
+        Self::open_with(dir, RootSecret::Passphrase(passphrase), profile)
+    }
+
+    /// The root key provider configured in `dir/pool.toml`, without opening
+    /// the pool: callers use it to know which secret to ask for.
+    pub fn root_key_config(dir: &Path) -> Result<RootKeyConfig> {
+        Ok(PoolConfig::load(&dir.join("pool.toml"))?.root_key)
+    }
+
+    fn open_provider(
+        dir: &Path,
+        root_key: &RootKeyConfig,
+        secret: RootSecret<'_>,
+    ) -> Result<Box<dyn RootKeyProvider>> {
+        Ok(match (root_key, secret) {
+            (RootKeyConfig::SealedFile { path }, RootSecret::Passphrase(passphrase)) => Box::new(
+                SealedFileProvider::open(&Self::resolve(dir, path), passphrase)?,
+            ),
+            (RootKeyConfig::Pkcs11 { .. }, RootSecret::Pin(pin)) => {
+                let config = root_key.pkcs11().expect("a pkcs11 root key config");
+                Box::new(Pkcs11Provider::open(&config, pin)?)
+            }
+            (RootKeyConfig::SealedFile { .. }, RootSecret::Pin(_)) => {
+                return Err(KeyError::NoPassphrase {
+                    env_var: crate::keys::PASSPHRASE_ENV.into(),
+                }
+                .into());
+            }
+            (RootKeyConfig::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
+                return Err(KeyError::NoPin {
+                    env_var: crate::keys::pkcs11::PIN_ENV.into(),
+                }
+                .into());
+            }
+        })
+    }
+
+    /// Opens the pool in `dir` with the secret its root key provider needs
+    /// (passphrase or PIN): unlocks its keys, replays the journal, and
+    /// rebuilds the allocators.
+    pub fn open_with(dir: &Path, secret: RootSecret<'_>, profile: &Profile) -> Result<Self> {
         if !Self::exists(dir) {
             return Err(PoolError::Layout(format!(
                 "{} is not a keyturn pool (no pool.toml); create one with `keyturn init`",
@@ -461,11 +586,8 @@ impl Pool {
         let catalog: Catalog =
             serde_json::from_slice(&std::fs::read(&cat_path).map_err(io_at(&cat_path))?)
                 .map_err(|e| PoolError::Layout(format!("{}: {e}", cat_path.display())))?;
-        let RootKeyConfig::SealedFile { path } = &config.root_key;
-        let provider: Box<dyn RootKeyProvider> = Box::new(SealedFileProvider::open(
-            &Self::resolve(dir, path),
-            passphrase,
-        )?);
+        let provider = Self::open_provider(dir, &config.root_key, secret)?;
+        tracing::info!(root_key = %provider.describe(), "root key unlocked");
 
         let engine = Engine::start(&EngineConfig {
             queue_depth: profile.io.queue_depth,

@@ -2,7 +2,7 @@
 //! MAC key. Only wrapped keys are ever stored.
 //!
 //! ```text
-//! RootKeyProvider (passphrase-sealed file today, PKCS#11 later)
+//! RootKeyProvider (passphrase-sealed file, or a PKCS#11 token)
 //!   └─ wraps  KEK v1, v2, …            (one zone; AES-256)
 //!        └─ wraps  DEK v1, v2, …       (one per rotation epoch; AES-256-XTS)
 //!        └─ wraps  MAC key             (keyed BLAKE3 for tags and dedup)
@@ -14,6 +14,8 @@
 //!   itself, so an HSM can implement it.
 //! - [`sealed`]: [`SealedFileProvider`], the root key sealed under a
 //!   passphrase (Argon2id + AES-256-GCM) in a JSON file.
+//! - [`pkcs11`]: [`Pkcs11Provider`], the root key inside a PKCS#11 token
+//!   (AES-256, sensitive, non-extractable); wrapping happens in the token.
 //! - [`passphrase`]: [`Passphrase`] and where it comes from.
 //! - [`zone_keys`]: a zone's key file (wrapped keys plus NIST SP 800-57 state)
 //!   and the unlocked [`ZoneKeyring`].
@@ -25,6 +27,7 @@
 
 mod fsutil;
 pub mod passphrase;
+pub mod pkcs11;
 pub mod root;
 pub mod sealed;
 pub mod secret;
@@ -39,6 +42,7 @@ use std::path::PathBuf;
 use crate::ids::ZoneId;
 
 pub use passphrase::{PASSPHRASE_ENV, Passphrase};
+pub use pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 pub use root::RootKeyProvider;
 pub use sealed::{KdfParams, SealedFileProvider};
 pub use secret::{DataKey, Kek, MacKey, RootKey, mlock_failures};
@@ -157,6 +161,86 @@ pub enum KeyError {
         label: String,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("cannot load PKCS#11 module {}: {reason}", module.display())]
+    Pkcs11Module {
+        /// The module (shared library) path.
+        module: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+
+    /// No token with the configured label is present.
+    #[error(
+        "no PKCS#11 token labelled {token:?} through module {}; tokens present: {available}",
+        module.display()
+    )]
+    TokenNotFound {
+        /// The configured token label.
+        token: String,
+        /// The module searched.
+        module: PathBuf,
+        /// Labels of the tokens that are present, or "none".
+        available: String,
+    },
+
+    /// The token refused the user PIN.
+    #[error("wrong user PIN for PKCS#11 token {token:?}")]
+    WrongPin {
+        /// The token's label.
+        token: String,
+    },
+
+    /// The token holds no root key with the configured label.
+    #[error(
+        "PKCS#11 token {token:?} holds no AES key labelled {key:?}; \
+         create one with `keyturn init --root-key pkcs11` or fix key_label in pool.toml"
+    )]
+    RootKeyMissing {
+        /// The configured key label.
+        key: String,
+        /// The token's label.
+        token: String,
+    },
+
+    /// Creating the root key would have shadowed an existing one.
+    #[error(
+        "PKCS#11 token {token:?} already holds a key labelled {key:?}; refusing to create another"
+    )]
+    RootKeyExists {
+        /// The key label.
+        key: String,
+        /// The token's label.
+        token: String,
+    },
+
+    /// Another PKCS#11 operation failed.
+    #[error("cannot {op} PKCS#11 token {token:?}: {reason}")]
+    Pkcs11 {
+        /// What was being done, phrased to precede "PKCS#11 token".
+        op: &'static str,
+        /// The token's label.
+        token: String,
+        /// The PKCS#11 function and return value, never data.
+        reason: String,
+    },
+
+    /// No PIN source was available.
+    #[error("no PKCS#11 user PIN given: use a PIN file (--pin-file) or set {env_var}")]
+    NoPin {
+        /// The environment variable that was consulted.
+        env_var: String,
+    },
+
+    /// A PIN was found but cannot be used.
+    #[error("the PKCS#11 PIN from {origin} is unusable: {reason}")]
+    BadPin {
+        /// Where it came from.
+        origin: String,
+        /// Why.
+        reason: &'static str,
     },
 
     /// A zone's key records do not form a usable key chain.
