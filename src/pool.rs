@@ -26,9 +26,12 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, PoolConfig, Profile, RootKeyConfig, ServerSection};
+use crate::config::{
+    ConfigError, DualControlSection, PoolConfig, Profile, RootKeyConfig, ServerSection,
+};
 use crate::ids::{BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, VolumeId, ZoneId};
 use crate::keys::KeyError;
+use crate::keys::approval::{ApprovalError, Authorized, Operation, Target};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::root::RootKeyProvider;
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
@@ -59,6 +62,9 @@ pub enum PoolError {
     /// Key error (wrong passphrase, missing key file, ...).
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// Dual control refused or was not satisfied.
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
     /// Table error.
     #[error(transparent)]
     Table(#[from] TableError),
@@ -172,6 +178,8 @@ pub struct InitOptions {
     pub kdf: KdfParams,
     /// Server section written into pool.toml.
     pub server: ServerSection,
+    /// Dual control section written into pool.toml.
+    pub dual_control: DualControlSection,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
@@ -377,6 +385,7 @@ impl Pool {
                 path: "keys/root.sealed".into(),
             },
             server: opts.server.clone(),
+            dual_control: opts.dual_control.clone(),
         };
         let RootKeyConfig::SealedFile { path } = &config.root_key;
         SealedFileProvider::create(&Self::resolve(dir, path), passphrase, opts.kdf)?;
@@ -934,7 +943,49 @@ impl Pool {
     /// between saves, then retires and destroys the old KEK. Resumes a
     /// rotation a crash interrupted. Volume data and the block map are not
     /// touched: only wrapped keys change.
+    ///
+    /// Refused when the pool requires dual control: use
+    /// [`Pool::rotate_kek_approved`] then.
     pub fn rotate_kek(
+        &self,
+        zone: &str,
+        batch: usize,
+        pause: Duration,
+    ) -> Result<KekRotationReport> {
+        if self.config.dual_control.required {
+            return Err(ApprovalError::NotEnough {
+                got: 0,
+                required: self.config.dual_control.approvals,
+            }
+            .into());
+        }
+        self.rotate_kek_inner(zone, batch, pause)
+    }
+
+    /// [`Pool::rotate_kek`] under dual control: `auth` (from
+    /// [`crate::keys::approval::authorize`]) must approve a KEK rotation of
+    /// exactly this zone. Works on pools without dual control too.
+    pub fn rotate_kek_approved(
+        &self,
+        zone: &str,
+        batch: usize,
+        pause: Duration,
+        auth: Authorized,
+    ) -> Result<KekRotationReport> {
+        let expected = Target::new(Operation::RotateKek, Some(zone), None);
+        if *auth.target() != expected {
+            return Err(ApprovalError::WrongRequest {
+                operator: auth.approvers().join(","),
+                approved: auth.target().to_string(),
+                expected: expected.to_string(),
+            }
+            .into());
+        }
+        tracing::info!(zone, approvers = ?auth.approvers(), nonce = auth.nonce(), "KEK rotation approved");
+        self.rotate_kek_inner(zone, batch, pause)
+    }
+
+    fn rotate_kek_inner(
         &self,
         zone: &str,
         batch: usize,
