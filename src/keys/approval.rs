@@ -611,11 +611,20 @@ pub struct Operator {
 }
 
 /// `POOL/operators.json`: the operators whose approvals count.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorRegistry {
     format: u32,
     operators: Vec<Operator>,
+}
+
+impl Default for OperatorRegistry {
+    fn default() -> Self {
+        Self {
+            format: FORMAT,
+            operators: Vec::new(),
+        }
+    }
 }
 
 impl OperatorRegistry {
@@ -629,12 +638,7 @@ impl OperatorRegistry {
         let path = Self::path(pool_dir);
         let bytes = match fsutil::read_limited("operator registry", &path, FILE_LIMIT) {
             Ok(b) => b,
-            Err(KeyError::NotFound { .. }) => {
-                return Ok(Self {
-                    format: FORMAT,
-                    operators: Vec::new(),
-                });
-            }
+            Err(KeyError::NotFound { .. }) => return Ok(Self::default()),
             Err(e) => return Err(e.into()),
         };
         let corrupt = |reason: String| {
@@ -734,12 +738,18 @@ fn decode_public(b64: &str) -> std::result::Result<VerifyingKey, &'static str> {
 
 /// Nonces already spent on an operation, with their expiry. Kept until the
 /// request expires: after that the expiry check refuses it anyway.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsedNonces {
     format: u32,
     /// nonce → expires_unix
     used: BTreeMap<String, u64>,
+}
+
+impl Default for UsedNonces {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl UsedNonces {
@@ -1045,5 +1055,400 @@ pub fn authorize(
             );
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Fixture {
+        reg: OperatorRegistry,
+        alice: OperatorKey,
+        bob: OperatorKey,
+        carol: OperatorKey,
+        req: ApprovalRequest,
+        target: Target,
+    }
+
+    fn fixture() -> Fixture {
+        let mut reg = OperatorRegistry::default();
+        let (alice, bob, carol) = (
+            OperatorKey::generate("alice"),
+            OperatorKey::generate("bob"),
+            OperatorKey::generate("carol"),
+        );
+        for k in [&alice, &bob, &carol] {
+            reg.add(k.name(), &k.public(), NOW).unwrap();
+        }
+        let target = Target::new(Operation::RotateKek, Some("z1"), None);
+        let req = ApprovalRequest::new(target.clone(), NOW, Duration::from_secs(3600)).unwrap();
+        Fixture {
+            reg,
+            alice,
+            bob,
+            carol,
+            req,
+            target,
+        }
+    }
+
+    fn verify(
+        f: &Fixture,
+        approvals: &[Approval],
+        now: u64,
+        used: &mut UsedNonces,
+    ) -> Result<Vec<String>> {
+        verify_approvals(&f.reg, 2, &f.target, approvals, now, used)
+    }
+
+    #[test]
+    fn two_distinct_operators_are_accepted_and_the_nonce_is_spent() {
+        let f = fixture();
+        let mut used = UsedNonces::new();
+        let ids = verify(
+            &f,
+            &[f.alice.approve(&f.req), f.bob.approve(&f.req)],
+            NOW + 10,
+            &mut used,
+        )
+        .unwrap();
+        let mut want = vec![f.alice.id(), f.bob.id()];
+        want.sort();
+        assert_eq!(ids, want);
+        assert!(used.contains(&f.req.nonce));
+        // Three of three also passes.
+        let req2 = ApprovalRequest::new(f.target.clone(), NOW, Duration::from_secs(60)).unwrap();
+        let all = [&f.alice, &f.bob, &f.carol].map(|k| k.approve(&req2));
+        assert_eq!(verify(&f, &all, NOW, &mut used).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn too_few_approvals_are_refused() {
+        let f = fixture();
+        let mut used = UsedNonces::new();
+        assert!(matches!(
+            verify(&f, &[], NOW, &mut used),
+            Err(ApprovalError::NotEnough {
+                got: 0,
+                required: 2
+            })
+        ));
+        assert!(matches!(
+            verify(&f, &[f.alice.approve(&f.req)], NOW, &mut used),
+            Err(ApprovalError::NotEnough {
+                got: 1,
+                required: 2
+            })
+        ));
+        assert!(used.is_empty(), "a refused set spends nothing");
+    }
+
+    #[test]
+    fn the_same_operator_twice_is_refused() {
+        let f = fixture();
+        let a = f.alice.approve(&f.req);
+        let e = verify(&f, &[a.clone(), a], NOW, &mut UsedNonces::new()).unwrap_err();
+        assert!(
+            matches!(&e, ApprovalError::DuplicateOperator { operator } if *operator == f.alice.id())
+        );
+        assert!(e.to_string().contains("more than once"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_operator_is_refused() {
+        let f = fixture();
+        let mallory = OperatorKey::generate("mallory");
+        let e = verify(
+            &f,
+            &[f.alice.approve(&f.req), mallory.approve(&f.req)],
+            NOW,
+            &mut UsedNonces::new(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ApprovalError::UnknownOperator { operator } if *operator == mallory.id())
+        );
+    }
+
+    #[test]
+    fn bad_signatures_are_refused() {
+        let f = fixture();
+        let mut used = UsedNonces::new();
+        // Signed by someone else but claiming to be bob.
+        let mallory = OperatorKey::generate("mallory");
+        let mut forged = mallory.approve(&f.req);
+        forged.operator = f.bob.id();
+        let e = verify(&f, &[f.alice.approve(&f.req), forged], NOW, &mut used).unwrap_err();
+        assert!(matches!(&e, ApprovalError::BadSignature { operator } if *operator == f.bob.id()));
+        // A flipped signature bit, and garbage.
+        let mut flipped = f.bob.approve(&f.req);
+        let mut sig = Base64::decode_vec(&flipped.signature).unwrap();
+        sig[5] ^= 1;
+        flipped.signature = Base64::encode_string(&sig);
+        assert!(matches!(
+            verify(&f, &[f.alice.approve(&f.req), flipped], NOW, &mut used),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+        let mut garbage = f.bob.approve(&f.req);
+        garbage.signature = "not base64!".into();
+        assert!(matches!(
+            verify(&f, &[f.alice.approve(&f.req), garbage], NOW, &mut used),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+        // A request edited after signing (zone changed) no longer verifies.
+        let mut edited = f.bob.approve(&f.req);
+        edited.request.zone = Some("z2".into());
+        assert!(matches!(
+            verify(&f, &[f.alice.approve(&f.req), edited], NOW, &mut used),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+        assert!(used.is_empty());
+    }
+
+    #[test]
+    fn expired_and_too_long_lived_requests_are_refused() {
+        let f = fixture();
+        let both = [f.alice.approve(&f.req), f.bob.approve(&f.req)];
+        let e = verify(&f, &both, f.req.expires_unix, &mut UsedNonces::new()).unwrap_err();
+        assert!(matches!(e, ApprovalError::Expired { .. }), "{e}");
+        assert!(e.to_string().contains("expired"), "{e}");
+        // Valid until far in the future: a standing authorisation.
+        let mut long = f.req.clone();
+        long.expires_unix = NOW + 365 * 86400;
+        let both = [f.alice.approve(&long), f.bob.approve(&long)];
+        assert!(matches!(
+            verify(&f, &both, NOW, &mut UsedNonces::new()),
+            Err(ApprovalError::TooLongLived { .. })
+        ));
+        assert!(
+            ApprovalRequest::new(f.target.clone(), NOW, Duration::from_secs(8 * 86400)).is_err()
+        );
+    }
+
+    #[test]
+    fn a_request_for_another_operation_zone_or_key_is_refused() {
+        let f = fixture();
+        for target in [
+            Target::new(Operation::DestroyKey, Some("z1"), None),
+            Target::new(Operation::RotateKek, Some("z2"), None),
+            Target::new(Operation::RotateKek, Some("z1"), Some("z1-kek-v1")),
+            Target::new(Operation::RotateKek, None, None),
+        ] {
+            let req = ApprovalRequest::new(target, NOW, Duration::from_secs(60)).unwrap();
+            let e = verify(
+                &f,
+                &[f.alice.approve(&req), f.bob.approve(&req)],
+                NOW,
+                &mut UsedNonces::new(),
+            )
+            .unwrap_err();
+            assert!(matches!(e, ApprovalError::WrongRequest { .. }), "{e}");
+            assert!(
+                e.to_string().contains("but this is rotate-kek of zone z1"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn approvals_of_different_requests_are_refused() {
+        let f = fixture();
+        let other = ApprovalRequest::new(f.target.clone(), NOW, Duration::from_secs(3600)).unwrap();
+        let e = verify(
+            &f,
+            &[f.alice.approve(&f.req), f.bob.approve(&other)],
+            NOW,
+            &mut UsedNonces::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApprovalError::DifferentRequests { .. }), "{e}");
+        // Same nonce, different expiry: still not the same request.
+        let mut later = f.req.clone();
+        later.expires_unix += 1;
+        let e = verify(
+            &f,
+            &[f.alice.approve(&f.req), f.bob.approve(&later)],
+            NOW,
+            &mut UsedNonces::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApprovalError::DifferentRequests { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_replayed_nonce_is_refused_durably_until_expiry() {
+        let f = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let both = [f.alice.approve(&f.req), f.bob.approve(&f.req)];
+        let mut used = UsedNonces::load(dir.path(), NOW).unwrap();
+        verify(&f, &both, NOW, &mut used).unwrap();
+        used.save(dir.path()).unwrap();
+        let mode = std::fs::metadata(UsedNonces::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let mut used = UsedNonces::load(dir.path(), NOW + 60).unwrap();
+        let e = verify(&f, &both, NOW + 60, &mut used).unwrap_err();
+        assert!(
+            matches!(&e, ApprovalError::Replayed { nonce } if *nonce == f.req.nonce),
+            "{e}"
+        );
+
+        // Pruned once expired (plus skew); the expiry check refuses it then.
+        let late = f.req.expires_unix + CLOCK_SKEW_SECS + 1;
+        let mut used = UsedNonces::load(dir.path(), late).unwrap();
+        assert!(!used.contains(&f.req.nonce));
+        assert!(matches!(
+            verify(&f, &both, late, &mut used),
+            Err(ApprovalError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_nonce_and_weak_policy_are_refused() {
+        let f = fixture();
+        let mut req = f.req.clone();
+        req.nonce = "1234".into();
+        let both = [f.alice.approve(&req), f.bob.approve(&req)];
+        assert!(matches!(
+            verify(&f, &both, NOW, &mut UsedNonces::new()),
+            Err(ApprovalError::Malformed { .. })
+        ));
+        let both = [f.alice.approve(&f.req), f.bob.approve(&f.req)];
+        assert!(matches!(
+            verify_approvals(&f.reg, 1, &f.target, &both, NOW, &mut UsedNonces::new()),
+            Err(ApprovalError::Policy(_))
+        ));
+        // Two approvals are not enough when three are required.
+        assert!(matches!(
+            verify_approvals(&f.reg, 3, &f.target, &both, NOW, &mut UsedNonces::new()),
+            Err(ApprovalError::NotEnough {
+                got: 2,
+                required: 3
+            })
+        ));
+    }
+
+    #[test]
+    fn canonical_encoding_is_length_prefixed_and_unambiguous() {
+        let req = ApprovalRequest {
+            operation: Operation::RotateKek,
+            zone: Some("z1".into()),
+            key: None,
+            nonce: "00112233445566778899aabbccddeeff".into(),
+            expires_unix: 0x0102030405060708,
+        };
+        let mut want = Vec::new();
+        want.extend_from_slice(&19u32.to_be_bytes());
+        want.extend_from_slice(b"keyturn-approval-v1");
+        want.extend_from_slice(&10u32.to_be_bytes());
+        want.extend_from_slice(b"rotate-kek");
+        want.extend_from_slice(&[1, 0, 0, 0, 2]);
+        want.extend_from_slice(b"z1");
+        want.push(0);
+        want.extend_from_slice(&32u32.to_be_bytes());
+        want.extend_from_slice(b"00112233445566778899aabbccddeeff");
+        want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(req.canonical_bytes(), want);
+        // Moving characters between fields changes the bytes.
+        let mut a = req.clone();
+        a.zone = Some("ab".into());
+        a.key = Some("c".into());
+        let mut b = req.clone();
+        b.zone = Some("a".into());
+        b.key = Some("bc".into());
+        assert_ne!(a.canonical_bytes(), b.canonical_bytes());
+        let mut empty = req.clone();
+        empty.zone = Some(String::new());
+        let mut none = req;
+        none.zone = None;
+        assert_ne!(empty.canonical_bytes(), none.canonical_bytes());
+    }
+
+    #[test]
+    fn operator_keys_and_registry_round_trip_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = OperatorKey::generate("alice");
+        assert!(
+            key.id().starts_with("op-") && key.id().len() == 19,
+            "{}",
+            key.id()
+        );
+        let dbg = format!("{key:?}");
+        assert!(dbg.contains("redacted"), "{dbg}");
+        let seed_b64 = Base64::encode_string(&key.signing.to_bytes());
+        assert!(!dbg.contains(&seed_b64));
+
+        let path = dir.path().join("alice.key");
+        key.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            key.save(&path),
+            Err(ApprovalError::File(KeyError::AlreadyExists { .. }))
+        ));
+        let back = OperatorKey::load(&path).unwrap();
+        assert_eq!(back.id(), key.id());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            OperatorKey::load(&path),
+            Err(ApprovalError::InsecureKeyFile { .. })
+        ));
+
+        let mut reg = OperatorRegistry::load(dir.path()).unwrap();
+        assert!(reg.operators().is_empty());
+        reg.add("alice", &key.public(), NOW).unwrap();
+        assert!(matches!(
+            reg.add("alice", &OperatorKey::generate("x").public(), NOW),
+            Err(ApprovalError::OperatorExists { .. })
+        ));
+        assert!(matches!(
+            reg.add("alice2", &key.public(), NOW),
+            Err(ApprovalError::OperatorExists { .. })
+        ));
+        reg.save(dir.path()).unwrap();
+        let back = OperatorRegistry::load(dir.path()).unwrap();
+        assert_eq!(back.operators(), reg.operators());
+        let text = std::fs::read_to_string(OperatorRegistry::path(dir.path())).unwrap();
+        assert!(
+            !text.contains(&seed_b64),
+            "the registry holds public keys only"
+        );
+
+        // An entry whose id does not match its key is refused on load.
+        let tampered = text.replace(&key.id(), "op-0000000000000000");
+        std::fs::write(OperatorRegistry::path(dir.path()), tampered).unwrap();
+        assert!(OperatorRegistry::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn authorize_spends_the_nonce_and_refuses_a_replay() {
+        let f = fixture();
+        let dir = tempfile::tempdir().unwrap();
+        f.reg.save(dir.path()).unwrap();
+        let policy = DualControlSection {
+            required: true,
+            approvals: 2,
+        };
+        let files: Vec<PathBuf> = [&f.alice, &f.bob]
+            .iter()
+            .map(|k| {
+                let p = dir.path().join(format!("{}.approval", k.name()));
+                k.approve(&f.req).save(&p).unwrap();
+                p
+            })
+            .collect();
+        let auth = authorize(dir.path(), &policy, &f.target, &files, NOW).unwrap();
+        assert_eq!(auth.approvers().len(), 2);
+        assert_eq!(auth.nonce(), f.req.nonce);
+        assert!(matches!(
+            authorize(dir.path(), &policy, &f.target, &files, NOW + 1),
+            Err(ApprovalError::Replayed { .. })
+        ));
     }
 }
