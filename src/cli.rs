@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
-use crate::config::{Profile, ServerSection};
+use crate::config::{DualControlSection, Profile, ServerSection};
+use crate::keys::approval::{
+    self, ApprovalRequest, Operation, OperatorKey, OperatorRegistry, Target,
+};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{DEFAULT_KEY_LABEL, Pin, Pkcs11Config};
 use crate::keys::sealed::KdfParams;
@@ -50,6 +53,14 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Manage the operators whose approvals dual control counts (no passphrase needed).
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// Propose a dual-controlled operation: print a request (fresh nonce and
+    /// expiry) as JSON for every approving operator to sign with `approve`.
+    ApprovalRequest(ApprovalRequestArgs),
+    /// Sign a request file with an operator key, producing an approval token.
+    Approve(ApproveArgs),
     /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
     Check {
         #[command(flatten)]
@@ -82,6 +93,72 @@ enum RootKeyKind {
     SealedFile,
     /// An AES-256 key inside a PKCS#11 token (HSM), unlocked with a PIN.
     Pkcs11,
+}
+
+/// The pool directory alone: operator commands touch only
+/// `operators.json`, so they never ask for the passphrase.
+#[derive(Args, Debug, Clone)]
+struct PoolDirArg {
+    /// Pool directory.
+    #[arg(long, env = "KEYTURN_POOL")]
+    pool: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCmd {
+    /// Generate an operator key pair: register the public key in the pool,
+    /// write the private key to a new file (mode 0600).
+    Add {
+        #[command(flatten)]
+        pool: PoolDirArg,
+        /// Operator name.
+        name: String,
+        /// Where to write the private key (must not exist).
+        #[arg(long)]
+        key_out: PathBuf,
+    },
+    /// List registered operators.
+    List {
+        #[command(flatten)]
+        pool: PoolDirArg,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ApprovalRequestArgs {
+    /// rotate-kek, rotate-root, destroy-key or compromise-key.
+    #[arg(long)]
+    operation: String,
+    /// Zone the operation acts on.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Key id the operation acts on.
+    #[arg(long)]
+    key: Option<String>,
+    /// How long the request stays valid (e.g. 30m, 1h, 2d; at most 7d).
+    #[arg(long, default_value = "1h")]
+    expires_in: String,
+    /// Also write the request to this file (must not exist).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ApproveArgs {
+    #[command(flatten)]
+    pool: PoolDirArg,
+    /// The operator's private key file (from `operator add`).
+    #[arg(long)]
+    operator_key: PathBuf,
+    /// The request file (from `approval-request`).
+    #[arg(long)]
+    request: PathBuf,
+    /// Where to write the approval token (must not exist).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +195,10 @@ struct InitArgs {
     /// Use an existing key with --key-label instead of generating one.
     #[arg(long)]
     use_existing_key: bool,
+    /// Require approvals from two distinct operators for KEK and root key
+    /// rotation, key destruction and compromise ([dual_control] in pool.toml).
+    #[arg(long)]
+    dual_control: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +285,10 @@ enum KeysCmd {
         /// Pause between batches, in milliseconds.
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
+        /// An approval token (from `approve`); once per operator when the
+        /// pool requires dual control.
+        #[arg(long = "approval", value_name = "FILE")]
+        approvals: Vec<PathBuf>,
     },
 }
 
@@ -383,6 +468,10 @@ fn run(cli: Cli) -> Result<()> {
                     listen: a.listen,
                     ..ServerSection::default()
                 },
+                dual_control: DualControlSection {
+                    required: a.dual_control,
+                    ..DualControlSection::default()
+                },
             };
             Pool::init_with(&a.pool.pool, &opts, secret.as_root())
                 .with_context(|| format!("cannot create pool {}", a.pool.pool.display()))?;
@@ -476,6 +565,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
         Command::Audit(AuditCmd::Verify { pool, json }) => audit_verify(&pool, json),
+        Command::Operator(cmd) => operator(cmd),
+        Command::ApprovalRequest(a) => approval_request(a),
+        Command::Approve(a) => approve(a),
         Command::Check { pool, json } => {
             let p = open_pool(&pool, &default_profile()?)?;
             let report = p.check();
@@ -604,11 +696,27 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             zone,
             batch,
             pause_ms,
+            approvals,
         } => {
             let p = open_pool(&pool, &default_profile()?)?;
-            let report = p
-                .rotate_kek(&zone, batch, std::time::Duration::from_millis(pause_ms))
-                .with_context(|| format!("KEK rotation of zone {zone:?} failed"))?;
+            let pause = std::time::Duration::from_millis(pause_ms);
+            let policy = p.config().dual_control.clone();
+            let report = if policy.required || !approvals.is_empty() {
+                // Checked after the pool opened (so a wrong passphrase does
+                // not spend the approvals) and before any key changes.
+                if !p.catalog().zones.iter().any(|z| z.name == zone) {
+                    bail!("no zone named {zone:?}");
+                }
+                let target = Target::new(Operation::RotateKek, Some(&zone), None);
+                let auth =
+                    approval::authorize(&pool.pool, &policy, &target, &approvals, now_unix())
+                        .with_context(|| format!("KEK rotation of zone {zone:?} refused"))?;
+                println!("approved by {}", auth.approvers().join(", "));
+                p.rotate_kek_approved(&zone, batch, pause, auth)
+            } else {
+                p.rotate_kek(&zone, batch, pause)
+            }
+            .with_context(|| format!("KEK rotation of zone {zone:?} failed"))?;
             println!(
                 "zone {}: KEK v{} active, {} keys re-wrapped{}, destroyed {:?}, {:.3} s",
                 report.zone,
@@ -703,6 +811,132 @@ fn audit_verify(pool: &Path, json: bool) -> Result<()> {
     }
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Parses "90s", "30m", "1h", "2d" (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad duration {s:?} (use e.g. 30m, 1h, 2d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("bad duration unit in {s:?} (use s, m, h or d)"),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(mult)))
+}
+
+fn require_pool_dir(dir: &Path) -> Result<()> {
+    if !Pool::exists(dir) {
+        bail!(
+            "{} is not a keyturn pool (no pool.toml); create one with `keyturn init`",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn operator(cmd: OperatorCmd) -> Result<()> {
+    match cmd {
+        OperatorCmd::Add {
+            pool,
+            name,
+            key_out,
+        } => {
+            require_pool_dir(&pool.pool)?;
+            let key = OperatorKey::generate(&name);
+            let _lock = approval::lock(&pool.pool)?;
+            let mut reg = OperatorRegistry::load(&pool.pool)?;
+            reg.add(&name, &key.public(), now_unix())?;
+            // Key file before registry: if registering then fails, the key
+            // file is removed; a registered key nobody holds never exists.
+            key.save(&key_out)?;
+            if let Err(e) = reg.save(&pool.pool) {
+                let _ = std::fs::remove_file(&key_out);
+                return Err(e.into());
+            }
+            tracing::info!(operator = %key.id(), name, "operator registered");
+            println!(
+                "added operator {name} (id {}); private key in {}",
+                key.id(),
+                key_out.display()
+            );
+            Ok(())
+        }
+        OperatorCmd::List { pool, json } => {
+            require_pool_dir(&pool.pool)?;
+            let reg = OperatorRegistry::load(&pool.pool)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(reg.operators())?);
+            } else {
+                println!("{:<20} {:<24} {:>12}", "ID", "NAME", "ADDED");
+                for o in reg.operators() {
+                    println!("{:<20} {:<24} {:>12}", o.id, o.name, o.added_unix);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn approval_request(a: ApprovalRequestArgs) -> Result<()> {
+    let operation: Operation = a.operation.parse()?;
+    let lifetime = parse_duration(&a.expires_in)?;
+    let target = Target::new(operation, a.zone.as_deref(), a.key.as_deref());
+    let req = ApprovalRequest::new(target, now_unix(), lifetime)?;
+    let json = serde_json::to_string_pretty(&req)?;
+    if let Some(out) = &a.out {
+        write_secret_file(out, &json)?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+fn approve(a: ApproveArgs) -> Result<()> {
+    require_pool_dir(&a.pool.pool)?;
+    let key = OperatorKey::load(&a.operator_key)?;
+    let reg = OperatorRegistry::load(&a.pool.pool)?;
+    if reg.get(&key.id()).is_none() {
+        bail!(
+            "operator key {} (id {}) is not registered in pool {}",
+            a.operator_key.display(),
+            key.id(),
+            a.pool.pool.display()
+        );
+    }
+    let req = ApprovalRequest::load(&a.request)?;
+    if now_unix() >= req.expires_unix {
+        bail!(
+            "the request (nonce {}) expired at {}; ask for a new one",
+            req.nonce,
+            req.expires_unix
+        );
+    }
+    let token = key.approve(&req);
+    token.save(&a.out)?;
+    tracing::info!(operator = %token.operator, operation = %req.operation, nonce = %req.nonce, "approval signed");
+    println!(
+        "operator {} approved {} (nonce {}, expires {}); token in {}",
+        token.operator,
+        req.target(),
+        req.nonce,
+        req.expires_unix,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn demo(a: DemoArgs) -> Result<()> {
     let dir = match a.dir {
         Some(d) => d,
@@ -734,6 +968,7 @@ fn demo(a: DemoArgs) -> Result<()> {
                 listen: a.listen.clone(),
                 ..ServerSection::default()
             },
+            dual_control: DualControlSection::default(),
         };
         Pool::init(&dir, &opts, &pass)
             .with_context(|| format!("cannot create demo pool in {}", dir.display()))?;

@@ -45,6 +45,36 @@ pub struct PoolConfig {
     /// Server settings.
     #[serde(default)]
     pub server: ServerSection,
+    /// Dual control for dangerous key operations. Defaulted so pools made
+    /// before it existed still parse (with dual control off).
+    #[serde(default)]
+    pub dual_control: DualControlSection,
+}
+
+/// `[dual_control]` in `pool.toml`: whether KEK/root rotation, key
+/// destruction and compromise need signed approvals from distinct operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DualControlSection {
+    /// Whether approvals are required at all.
+    #[serde(default)]
+    pub required: bool,
+    /// How many distinct operators must approve (at least 2 when required).
+    #[serde(default = "default_approvals")]
+    pub approvals: usize,
+}
+
+fn default_approvals() -> usize {
+    2
+}
+
+impl Default for DualControlSection {
+    fn default() -> Self {
+        Self {
+            required: false,
+            approvals: default_approvals(),
+        }
+    }
 }
 
 /// How the root key is held.
@@ -263,9 +293,20 @@ mod tests {
                 path: "keys/root.sealed".into(),
             },
             server: ServerSection::default(),
+            dual_control: DualControlSection {
+                required: true,
+                approvals: 3,
+            },
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);
+        assert_eq!(back.dual_control, c.dual_control);
+        // A pool.toml from before dual control existed parses, with it off.
+        let old = "format = 1\ndata = \"data\"\nstaging = \"staging\"\n\
+                   [root_key]\nprovider = \"sealed-file\"\npath = \"k\"\n";
+        let old: PoolConfig = toml::from_str(old).unwrap();
+        assert_eq!(old.dual_control, DualControlSection::default());
+        assert!(!old.dual_control.required);
         assert!(toml::from_str::<PoolConfig>("format = 1\nbogus = 2").is_err());
     }
 

@@ -29,9 +29,12 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::config::{ConfigError, PoolConfig, Profile, RootKeyConfig, ServerSection};
+use crate::config::{
+    ConfigError, DualControlSection, PoolConfig, Profile, RootKeyConfig, ServerSection,
+};
 use crate::ids::{BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, VolumeId, ZoneId};
 use crate::keys::KeyError;
+use crate::keys::approval::{ApprovalError, Authorized, Operation, Target};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
@@ -64,6 +67,9 @@ pub enum PoolError {
     /// Key error (wrong passphrase, missing key file, ...).
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// Dual control refused or was not satisfied.
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
     /// Table error.
     #[error(transparent)]
     Table(#[from] TableError),
@@ -183,6 +189,8 @@ pub struct InitOptions {
     pub root_key: RootKeyChoice,
     /// Server section written into pool.toml.
     pub server: ServerSection,
+    /// Dual control section written into pool.toml.
+    pub dual_control: DualControlSection,
 }
 
 /// The root key provider chosen at `keyturn init`.
@@ -448,6 +456,7 @@ impl Pool {
             staging: opts.staging.clone().unwrap_or_else(|| "staging".into()),
             root_key,
             server: opts.server.clone(),
+            dual_control: opts.dual_control.clone(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
@@ -1192,11 +1201,61 @@ impl Pool {
     /// between saves, then retires and destroys the old KEK. Resumes a
     /// rotation a crash interrupted. Volume data and the block map are not
     /// touched: only wrapped keys change.
+    ///
+    /// Refused when the pool requires dual control: use
+    /// [`Pool::rotate_kek_approved`] then.
     pub fn rotate_kek(
         &self,
         zone: &str,
         batch: usize,
         pause: Duration,
+    ) -> Result<KekRotationReport> {
+        if self.config.dual_control.required {
+            let e = ApprovalError::NotEnough {
+                got: 0,
+                required: self.config.dual_control.approvals,
+            };
+            let _ = self.record(AuditEvent::refused("kek.rotate", &e).zone(zone));
+            return Err(e.into());
+        }
+        self.rotate_kek_audited(zone, batch, pause, Vec::new())
+    }
+
+    /// [`Pool::rotate_kek`] under dual control: `auth` (from
+    /// [`crate::keys::approval::authorize`]) must approve a KEK rotation of
+    /// exactly this zone. Works on pools without dual control too. The
+    /// approvers are recorded in the audit log.
+    pub fn rotate_kek_approved(
+        &self,
+        zone: &str,
+        batch: usize,
+        pause: Duration,
+        auth: Authorized,
+    ) -> Result<KekRotationReport> {
+        let expected = Target::new(Operation::RotateKek, Some(zone), None);
+        if *auth.target() != expected {
+            let e = ApprovalError::WrongRequest {
+                operator: auth.approvers().join(","),
+                approved: auth.target().to_string(),
+                expected: expected.to_string(),
+            };
+            let _ = self.record(
+                AuditEvent::refused("kek.rotate", &e)
+                    .zone(zone)
+                    .approvers(auth.approvers()),
+            );
+            return Err(e.into());
+        }
+        tracing::info!(zone, approvers = ?auth.approvers(), nonce = auth.nonce(), "KEK rotation approved");
+        self.rotate_kek_audited(zone, batch, pause, auth.approvers().to_vec())
+    }
+
+    fn rotate_kek_audited(
+        &self,
+        zone: &str,
+        batch: usize,
+        pause: Duration,
+        approvers: Vec<String>,
     ) -> Result<KekRotationReport> {
         let audit = self.audit()?;
         let started = Instant::now();
@@ -1206,6 +1265,7 @@ impl Pool {
                 let mut events = vec![
                     AuditEvent::ok("kek.rotate")
                         .zone(zone)
+                        .approvers(approvers.iter())
                         .key(&KeyLabel::new(
                             self.zone_id(zone)?,
                             Purpose::Kek,
@@ -1230,6 +1290,7 @@ impl Pool {
             Err(e) => vec![
                 AuditEvent::failed("kek.rotate", e)
                     .zone(zone)
+                    .approvers(approvers.iter())
                     .duration(started.elapsed()),
             ],
         };

@@ -25,6 +25,7 @@
 //! path; messages that come from parsers are reduced to their kind and
 //! position, because parsers echo the input they choke on.
 
+pub mod approval;
 mod fsutil;
 pub mod passphrase;
 pub mod pkcs11;

@@ -1,0 +1,199 @@
+//! Dual control through the real binary: operators, requests, approvals,
+//! and a KEK rotation that needs two of them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+/// Like `TestPool::new`, but `keyturn init --dual-control`.
+fn dual_pool() -> TestPool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passphrase = format!("test-pass-{}", std::process::id());
+    let pass_file = dir.path().join("passphrase");
+    std::fs::write(&pass_file, &passphrase).unwrap();
+    let pool = TestPool {
+        dir,
+        pass_file,
+        passphrase,
+    };
+    pool.keyturn_ok(&[
+        "init",
+        "--dual-control",
+        "--kdf-memory-kib",
+        "8192",
+        "--kdf-iterations",
+        "1",
+    ]);
+    pool.keyturn_ok(&["zone", "create", "z1"]);
+    pool
+}
+
+/// Runs keyturn without any passphrase source (operator commands need none).
+fn bare(pool: &TestPool, args: &[&str]) -> Output {
+    Command::new(keyturn_bin())
+        .args(args)
+        .arg("--pool")
+        .arg(pool.path())
+        .env_remove("KEYTURN_PASSPHRASE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keyturn")
+}
+
+fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
+    let out = bare(pool, args);
+    assert!(
+        out.status.success(),
+        "keyturn {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn request(dir: &Path, name: &str, expires_in: &str) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new(keyturn_bin())
+        .args([
+            "approval-request",
+            "--operation",
+            "rotate-kek",
+            "--zone",
+            "z1",
+        ])
+        .args(["--expires-in", expires_in, "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+fn approve(pool: &TestPool, who: &str, req: &Path, out: &str) -> PathBuf {
+    let token = pool.dir.path().join(out);
+    let key = pool.dir.path().join(format!("{who}.key"));
+    bare_ok(
+        pool,
+        &[
+            "approve",
+            "--operator-key",
+            key.to_str().unwrap(),
+            "--request",
+            req.to_str().unwrap(),
+            "--out",
+            token.to_str().unwrap(),
+        ],
+    );
+    token
+}
+
+fn rotate(pool: &TestPool, tokens: &[&Path]) -> Output {
+    let mut args = vec!["keys", "rotate-kek", "--zone", "z1"];
+    for t in tokens {
+        args.push("--approval");
+        args.push(t.to_str().unwrap());
+    }
+    pool.keyturn(&args)
+}
+
+fn assert_refused(out: &Output, reason: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected a refusal ({reason}):\n{err}"
+    );
+    assert!(err.contains(reason), "expected {reason:?} in:\n{err}");
+}
+
+fn kek_state(pool: &TestPool, id: &str) -> String {
+    let rows: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .map_or("absent".into(), |r| {
+            r["state"].as_str().unwrap().to_string()
+        })
+}
+
+#[test]
+fn kek_rotation_needs_two_distinct_fresh_approvals() {
+    let pool = dual_pool();
+    let toml = std::fs::read_to_string(pool.path().join("pool.toml")).unwrap();
+    assert!(
+        toml.contains("[dual_control]") && toml.contains("required = true"),
+        "{toml}"
+    );
+
+    for who in ["alice", "bob"] {
+        let key = pool.dir.path().join(format!("{who}.key"));
+        let out = bare_ok(
+            &pool,
+            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
+        );
+        assert!(out.contains("op-"), "{out}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&key).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Refuses to overwrite a key file.
+    let alice_key = pool.dir.path().join("alice.key");
+    let out = bare(
+        &pool,
+        &[
+            "operator",
+            "add",
+            "carol",
+            "--key-out",
+            alice_key.to_str().unwrap(),
+        ],
+    );
+    assert_refused(&out, "already exists");
+    let list: serde_json::Value =
+        serde_json::from_str(&bare_ok(&pool, &["operator", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+    let req = request(pool.dir.path(), "req1.json", "1h");
+    let a = approve(&pool, "alice", &req, "alice1.approval");
+    let b = approve(&pool, "bob", &req, "bob1.approval");
+
+    assert_refused(&rotate(&pool, &[]), "0 approval(s) given");
+    assert_refused(&rotate(&pool, &[&a]), "1 approval(s) given");
+    assert_refused(&rotate(&pool, &[&a, &a]), "approved more than once");
+    assert_eq!(
+        kek_state(&pool, "z1-kek-v2"),
+        "absent",
+        "refusals change nothing"
+    );
+
+    let out = rotate(&pool, &[&a, &b]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("KEK v2 active")
+            && stdout.contains("approved by op-"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kek_state(&pool, "z1-kek-v2"), "active");
+
+    // The same two tokens cannot rotate again.
+    assert_refused(&rotate(&pool, &[&a, &b]), "already used");
+    assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
+
+    // An expired request.
+    let req = request(pool.dir.path(), "req2.json", "1s");
+    let a = approve(&pool, "alice", &req, "alice2.approval");
+    let b = approve(&pool, "bob", &req, "bob2.approval");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_refused(&rotate(&pool, &[&a, &b]), "expired");
+    assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
+}
