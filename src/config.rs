@@ -219,6 +219,13 @@ pub struct JournalProfile {
     pub commit_interval_ms: u64,
     /// Checkpoint threshold in MiB of journal.
     pub checkpoint_mib: u64,
+    /// Commit when this many MiB of journal frames are pending.
+    #[serde(default = "default_commit_mib")]
+    pub commit_mib: u64,
+}
+
+fn default_commit_mib() -> u64 {
+    4
 }
 
 /// `[batch]` of a profile.

@@ -655,6 +655,7 @@ impl Pool {
         });
         let jconfig = JournalConfig {
             commit_interval: Duration::from_millis(profile.journal.commit_interval_ms),
+            commit_bytes: (profile.journal.commit_mib << 20) as usize,
             checkpoint_bytes: profile.journal.checkpoint_mib << 20,
         };
         let journal = Arc::new(Journal::start(&dir.join("journal"), last, jconfig, hooks)?);

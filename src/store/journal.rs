@@ -210,7 +210,13 @@ pub struct Durable {
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
     /// Commit pending frames at least this often, even without a FLUSH.
+    /// Each commit makes the data device durable first, so a short interval
+    /// turns buffered writes into device-speed writes; FLUSH and FUA commit
+    /// at once whatever the interval.
     pub commit_interval: Duration,
+    /// Commit when this many bytes of frames are pending, whatever the
+    /// interval: bounds the memory they hold and the frees they delay.
+    pub commit_bytes: usize,
     /// Checkpoint when the journal file grows past this many bytes.
     pub checkpoint_bytes: u64,
 }
@@ -238,6 +244,8 @@ struct Pending {
     frames: Vec<(u64, Vec<u8>)>,
     /// Sequence the next appended frame gets.
     next_seq: u64,
+    /// Bytes of `frames`.
+    bytes: usize,
     /// Someone waits for a commit.
     requested: bool,
     closing: bool,
@@ -252,6 +260,7 @@ struct Shared {
 /// The journal. Append from any thread; wait for durability with [`Journal::commit`].
 pub struct Journal {
     shared: Arc<Shared>,
+    commit_bytes: usize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -495,6 +504,7 @@ impl Journal {
             pending: Mutex::new(Pending {
                 frames: Vec::new(),
                 next_seq: last_seq.0 + 1,
+                bytes: 0,
                 requested: false,
                 closing: false,
             }),
@@ -502,12 +512,14 @@ impl Journal {
             durable,
         });
         let s = shared.clone();
+        let commit_bytes = config.commit_bytes.max(1);
         let committer = std::thread::Builder::new()
             .name("keyturn-journal".into())
             .spawn(move || committer_loop(s, writer, config, hooks))
             .map_err(Writer::io("spawn committer"))?;
         Ok(Self {
             shared,
+            commit_bytes,
             committer: Mutex::new(Some(committer)),
         })
     }
@@ -522,7 +534,12 @@ impl Journal {
         let mut p = self.shared.pending.lock();
         let seq = p.next_seq;
         p.next_seq += 1;
+        p.bytes += payload.len();
         p.frames.push((seq, payload));
+        if p.bytes >= self.commit_bytes && !p.requested {
+            p.requested = true;
+            self.shared.wake.notify_one();
+        }
         JournalSeq(seq)
     }
 
@@ -675,7 +692,11 @@ fn flush_pending(
     writer: &mut Writer,
     hooks: &dyn CommitHooks,
 ) -> Result<Option<JournalSeq>, JournalError> {
-    let frames = std::mem::take(&mut shared.pending.lock().frames);
+    let frames = {
+        let mut p = shared.pending.lock();
+        p.bytes = 0;
+        std::mem::take(&mut p.frames)
+    };
     let Some(last) = frames.last().map(|f| JournalSeq(f.0)) else {
         return Ok(None);
     };
@@ -719,6 +740,7 @@ mod tests {
     fn cfg() -> JournalConfig {
         JournalConfig {
             commit_interval: Duration::from_millis(5),
+            commit_bytes: 1 << 20,
             checkpoint_bytes: 1 << 30,
         }
     }
@@ -838,6 +860,7 @@ mod tests {
         let hooks = Arc::new(Hooks::default());
         let config = JournalConfig {
             commit_interval: Duration::from_millis(5),
+            commit_bytes: 1 << 20,
             checkpoint_bytes: 10_000,
         };
         let j = Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap();

@@ -949,7 +949,8 @@ mod tests {
             assert_eq!(errno(&c), Some(libc::EPERM));
         }
         let mut got = vec![0; 3 * PAGE];
-        file.read_exact_at(&mut got, 4 * PAGE as u64).expect("read back");
+        file.read_exact_at(&mut got, 4 * PAGE as u64)
+            .expect("read back");
         assert!(got[..PAGE] == pattern(PAGE, 4)[..], "first member written");
         assert!(
             got[PAGE..] == pattern(4 * PAGE, 5)[..2 * PAGE],
