@@ -284,6 +284,22 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| PoolError::Invalid(format!("size {s:?} is too large")))
 }
 
+/// The error for a secret of the wrong kind: a PIN for a sealed-file pool,
+/// or a passphrase for a PKCS#11 one.
+fn wrong_secret(needs_pin: bool) -> PoolError {
+    if needs_pin {
+        KeyError::NoPin {
+            env_var: crate::keys::pkcs11::PIN_ENV.into(),
+        }
+        .into()
+    } else {
+        KeyError::NoPassphrase {
+            env_var: crate::keys::PASSPHRASE_ENV.into(),
+        }
+        .into()
+    }
+}
+
 /// Journal hooks: what the committer needs from the pool.
 struct Hooks {
     storage: Arc<Storage>,
@@ -434,17 +450,9 @@ impl Pool {
                 token_label: config.token_label.clone(),
                 key_label: config.key_label.clone(),
             },
-            (RootKeyChoice::SealedFile, RootSecret::Pin(_)) => {
-                return Err(KeyError::NoPassphrase {
-                    env_var: crate::keys::PASSPHRASE_ENV.into(),
-                }
-                .into());
-            }
+            (RootKeyChoice::SealedFile, RootSecret::Pin(_)) => return Err(wrong_secret(false)),
             (RootKeyChoice::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
-                return Err(KeyError::NoPin {
-                    env_var: crate::keys::pkcs11::PIN_ENV.into(),
-                }
-                .into());
+                return Err(wrong_secret(true));
             }
         };
         for sub in [dir.to_path_buf(), dir.join("keys"), dir.join("tables")] {
@@ -565,16 +573,10 @@ impl Pool {
                 Box::new(Pkcs11Provider::open(&config, pin)?)
             }
             (RootKeyConfig::SealedFile { .. }, RootSecret::Pin(_)) => {
-                return Err(KeyError::NoPassphrase {
-                    env_var: crate::keys::PASSPHRASE_ENV.into(),
-                }
-                .into());
+                return Err(wrong_secret(false));
             }
             (RootKeyConfig::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
-                return Err(KeyError::NoPin {
-                    env_var: crate::keys::pkcs11::PIN_ENV.into(),
-                }
-                .into());
+                return Err(wrong_secret(true));
             }
         })
     }
@@ -1030,64 +1032,19 @@ impl Pool {
             .get(&v.zone)
             .cloned()
             .expect("volume zones are checked at open");
-        let mut last = None;
-        {
-            let mut meta = zone.meta.lock();
-            let mapped = meta
-                .volumes
-                .get(&v.id)
-                .map(|m| m.mapped())
-                .unwrap_or_default();
-            for chunk in mapped.chunks(16384) {
-                let mut entries = Vec::with_capacity(chunk.len() * 2);
-                let mut frees = Vec::new();
-                let mut changed: BTreeMap<Cbid, Option<crate::store::journal::CbRecord>> =
-                    BTreeMap::new();
-                for &(lba, cbid) in chunk {
-                    entries.push(Entry::Map {
-                        volume: v.id,
-                        lba,
-                        cbid: None,
-                    });
-                    let current = changed.get(&cbid).copied().unwrap_or_else(|| meta.cb(cbid));
-                    if let Some(mut rec) = current {
-                        rec.refcount -= 1;
-                        if rec.refcount == 0 {
-                            entries.push(Entry::CbFree {
-                                zone: zone.id,
-                                cbid,
-                            });
-                            changed.insert(cbid, None);
-                            frees.push((cbid, rec.slot));
-                        } else {
-                            entries.push(Entry::Cb {
-                                zone: zone.id,
-                                cbid,
-                                record: rec,
-                            });
-                            changed.insert(cbid, Some(rec));
-                        }
-                    }
-                }
-                let seq = self.journal.append(&entries);
-                for (cbid, rec) in changed {
-                    meta.set_cb(cbid, rec, seq);
-                }
-                if let Some(map) = meta.volumes.get_mut(&v.id) {
-                    for &(lba, _) in chunk {
-                        map.set(lba, None, seq);
-                    }
-                }
-                for (cbid, _) in &frees {
-                    meta.cbids.free_after(seq, cbid.0);
-                }
-                let mut slots = self.storage.slots.lock();
-                for (_, slot) in &frees {
-                    slots.free_after(seq, slot.0);
-                }
-                last = Some(seq);
-            }
-        }
+        // A volume object for the one being deleted: unmapping goes through
+        // the same path as TRIM, so refcounts and frees are journaled alike.
+        let doomed = Volume::new(
+            v.id,
+            v.name.clone(),
+            v.size,
+            zone.clone(),
+            self.storage.clone(),
+            self.journal.clone(),
+        );
+        let last = doomed
+            .unmap_everything()
+            .map_err(|e| PoolError::Layout(format!("cannot free volume {}: {e}", v.name)))?;
         if let Some(seq) = last {
             self.journal.commit_blocking(seq)?;
         }

@@ -18,7 +18,7 @@ use crate::ids::{BLOCK_SHIFT, BLOCK_SIZE, Cbid, JournalSeq, Lba, Slot, VolumeId}
 use crate::nbd::export::{Export, ExportError, Extent};
 use crate::store::Storage;
 use crate::store::journal::{CbRecord, Entry, Journal};
-use crate::zone::Zone;
+use crate::zone::{Zone, ZoneMeta};
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest number of entries in one journal frame for unmapping.
@@ -324,7 +324,7 @@ impl Volume {
     /// Drops one reference to `cbid` (looking through changes made earlier
     /// in the same frame), recording the new record or its freeing.
     fn unref(
-        meta: &crate::zone::ZoneMeta,
+        meta: &ZoneMeta,
         zone: crate::ids::ZoneId,
         cbid: Cbid,
         changed: &mut Changes,
@@ -482,39 +482,72 @@ impl Volume {
             let olds: Vec<(Lba, Cbid)> = (b..end)
                 .filter_map(|l| map.get(Lba(l)).map(|c| (Lba(l), c)))
                 .collect();
-            if !olds.is_empty() {
-                let mut entries = Vec::with_capacity(olds.len() * 2);
-                let mut changed = Changes::default();
-                let mut frees = Vec::new();
-                for &(lba, cbid) in &olds {
-                    entries.push(Entry::Map {
-                        volume: self.id,
-                        lba,
-                        cbid: None,
-                    });
-                    Self::unref(
-                        &meta,
-                        self.zone.id,
-                        cbid,
-                        &mut changed,
-                        &mut entries,
-                        &mut frees,
-                    );
-                }
-                let seq = self.journal.append(&entries);
-                for (cbid, record) in changed {
-                    meta.set_cb(cbid, record, seq);
-                }
-                let map = meta.volumes.get_mut(&self.id).expect("checked above");
-                for &(lba, _) in &olds {
-                    map.set(lba, None, seq);
-                }
-                self.free_after(&mut meta, seq, &frees);
-                last = Some(seq);
-            }
+            last = self.unmap_locked(&mut meta, &olds)?.or(last);
             b = end;
         }
         Ok(last)
+    }
+
+    /// Unmaps every mapped block (deleting the volume), in bounded frames.
+    /// Returns the last frame written, if any.
+    pub(crate) fn unmap_everything(&self) -> Result<Option<JournalSeq>, ExportError> {
+        let mapped = {
+            let meta = self.zone.meta.lock();
+            meta.volumes
+                .get(&self.id)
+                .map(|m| m.mapped())
+                .unwrap_or_default()
+        };
+        let mut last = None;
+        for chunk in mapped.chunks(UNMAP_FRAME) {
+            last = self
+                .unmap_locked(&mut self.zone.meta.lock(), chunk)?
+                .or(last);
+        }
+        Ok(last)
+    }
+
+    /// Unmaps `olds` (blocks and the content blocks they map to now) in one
+    /// journal frame, under the zone lock the caller holds.
+    fn unmap_locked(
+        &self,
+        meta: &mut ZoneMeta,
+        olds: &[(Lba, Cbid)],
+    ) -> Result<Option<JournalSeq>, ExportError> {
+        if olds.is_empty() {
+            return Ok(None);
+        }
+        let mut entries = Vec::with_capacity(olds.len() * 2);
+        let mut changed = Changes::default();
+        let mut frees = Vec::new();
+        for &(lba, cbid) in olds {
+            entries.push(Entry::Map {
+                volume: self.id,
+                lba,
+                cbid: None,
+            });
+            Self::unref(
+                meta,
+                self.zone.id,
+                cbid,
+                &mut changed,
+                &mut entries,
+                &mut frees,
+            );
+        }
+        let seq = self.journal.append(&entries);
+        for (cbid, record) in changed {
+            meta.set_cb(cbid, record, seq);
+        }
+        let map = meta
+            .volumes
+            .get_mut(&self.id)
+            .ok_or(ExportError::Shutdown)?;
+        for &(lba, _) in olds {
+            map.set(lba, None, seq);
+        }
+        self.free_after(meta, seq, &frees);
+        Ok(Some(seq))
     }
 
     /// Makes `[offset, offset+len)` read as zeros: whole blocks are unmapped,
