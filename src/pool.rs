@@ -924,7 +924,7 @@ impl Pool {
 
     fn create_volume_unaudited(&self, name: &str, zone: &str, size: u64) -> Result<VolumeId> {
         validate_name("volume", name)?;
-        if size == 0 || size % BLOCK_SIZE as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err(PoolError::Invalid(format!(
                 "volume size {size} must be a positive multiple of 4096 bytes"
             )));

@@ -605,7 +605,7 @@ impl Export for Volume {
         }
         let blocks = Self::block_range(offset, len);
         let _guard = self.locks.lock(blocks.clone(), false).await;
-        if offset % BS == 0 && len % BS == 0 {
+        if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
             return self.read_blocks(blocks.start, buf).await;
         }
         let mut tmp = vec![0u8; ((blocks.end - blocks.start) * BS) as usize];
@@ -623,17 +623,17 @@ impl Export for Volume {
         }
         let blocks = Self::block_range(offset, len);
         let guard = self.locks.lock(blocks.clone(), true).await;
-        let seq = if offset % BS == 0 && len % BS == 0 {
+        let seq = if offset.is_multiple_of(BS) && len.is_multiple_of(BS) {
             self.write_blocks(blocks.start, data).await?
         } else {
             // Read-modify-write of the partial blocks at either end, under the lock.
             let mut tmp = vec![0u8; ((blocks.end - blocks.start) * BS) as usize];
             let head = blocks.start;
             let tail = blocks.end - 1;
-            if offset % BS != 0 || (head == tail && len % BS != 0) {
+            if !offset.is_multiple_of(BS) || (head == tail && !len.is_multiple_of(BS)) {
                 self.read_blocks(head, &mut tmp[..BLOCK_SIZE]).await?;
             }
-            if tail != head && (offset + len) % BS != 0 {
+            if tail != head && !(offset + len).is_multiple_of(BS) {
                 let at = ((tail - head) * BS) as usize;
                 self.read_blocks(tail, &mut tmp[at..at + BLOCK_SIZE])
                     .await?;
@@ -684,7 +684,7 @@ impl Export for Volume {
             let from = (b * BS).max(offset);
             let to = ((b + 1) * BS).min(end);
             match extents.last_mut() {
-                Some(e) if e.hole == !m => e.length += to - from,
+                Some(e) if e.hole != m => e.length += to - from,
                 _ => extents.push(Extent {
                     length: to - from,
                     hole: !m,

@@ -26,7 +26,7 @@ fn error_line(o: &Output) -> String {
     let e = strip_ansi_codes(&stderr(o));
     e.lines()
         .filter(|l| l.contains("error"))
-        .last()
+        .next_back()
         .unwrap_or("")
         .to_string()
 }

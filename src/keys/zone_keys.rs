@@ -784,17 +784,17 @@ impl ZoneKeyFile {
                     if r.wrapped.is_some() { "has" } else { "lacks" }
                 ));
             }
-            if let Some(k) = r.wrapped_by_kek {
-                if r.state.has_material()
-                    && !self.keys.iter().any(|x| {
-                        x.purpose == Purpose::Kek && x.version == k && x.state.has_material()
-                    })
-                {
-                    return Err(format!(
-                        "key {} is wrapped by KEK v{k}, which is missing or destroyed",
-                        r.id
-                    ));
-                }
+            if let Some(k) = r.wrapped_by_kek
+                && r.state.has_material()
+                && !self
+                    .keys
+                    .iter()
+                    .any(|x| x.purpose == Purpose::Kek && x.version == k && x.state.has_material())
+            {
+                return Err(format!(
+                    "key {} is wrapped by KEK v{k}, which is missing or destroyed",
+                    r.id
+                ));
             }
         }
         let count = |p: Purpose, s: KeyState| {

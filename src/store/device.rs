@@ -239,10 +239,10 @@ impl Device {
         if let Some(e) = self.inject(FaultOp::Read, offset, buf.len()) {
             return (Err(self.io_err("read", offset, e)), buf);
         }
-        if self.inner.block_device {
-            if let Err(e) = self.check_range("read", offset, buf.len()) {
-                return (Err(e), buf);
-            }
+        if self.inner.block_device
+            && let Err(e) = self.check_range("read", offset, buf.len())
+        {
+            return (Err(e), buf);
         }
         let mut buf = buf;
         // Buffered I/O: data in the page cache needs no trip through the ring.
