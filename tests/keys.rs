@@ -103,3 +103,107 @@ fn key_listing_filters_by_zone_and_rejects_unknown() {
     let out = pool.keyturn(&["keys", "show", "z9-dek-v1"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("16M");
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["write -P 0x71 0 2M", "flush"]);
+    assert!(server.stop());
+
+    // One key per batch and a long pause: the kill lands between two atomic
+    // saves, with the DEK re-wrapped under KEK v2 and the MAC key not yet.
+    let mut child = std::process::Command::new(keyturn_bin())
+        .args([
+            "keys",
+            "rotate-kek",
+            "--zone",
+            "z1",
+            "--batch",
+            "1",
+            "--pause-ms",
+            "5000",
+            "--pool",
+        ])
+        .arg(pool.path())
+        .arg("--passphrase-file")
+        .arg(&pool.pass_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let keyfile = pool.path().join("keys/zone-1.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&keyfile).unwrap_or_default();
+        if text.contains("\"z1-kek-v2\"") && text.contains("\"wrapped_by_kek\": 2") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation never reached its first batch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Half re-wrapped: KEK v2 is pre-active, and the pool still opens and serves.
+    let rows: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
+    let get = |id: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(get("z1-kek-v2")["state"], "pre-active");
+    assert_eq!(get("z1-kek-v1")["state"], "active");
+    let wrapped_by: Vec<u64> = ["z1-dek-v1", "z1-mac-v1"]
+        .iter()
+        .map(|id| get(id)["wrapped_by_kek"].as_u64().unwrap())
+        .collect();
+    assert!(
+        wrapped_by.contains(&1) && wrapped_by.contains(&2),
+        "one key re-wrapped, one not: {wrapped_by:?}"
+    );
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["read -P 0x71 0 2M"]);
+    assert!(server.stop());
+
+    // Running it again finishes the same rotation: no KEK v3.
+    let out = pool.keyturn_ok(&["keys", "rotate-kek", "--zone", "z1"]);
+    assert!(
+        out.contains("KEK v2 active")
+            && out.contains("(resumed)")
+            && out.contains("1 keys re-wrapped"),
+        "{out}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["id"] != "z1-kek-v3")
+    );
+    let server = pool.serve();
+    qio_ok(
+        &server.uri("vol0"),
+        &["read -P 0x71 0 2M", "read -P 0 2M 2M"],
+    );
+    // The audit chain holds the failed-then-resumed rotation.
+    let audit = run_ok(
+        keyturn_bin().to_str().unwrap(),
+        &["audit", "verify", "--pool", pool.path().to_str().unwrap()],
+    );
+    assert!(audit.contains("chain intact"), "{audit}");
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    assert!(
+        log.contains("\"kek.rotate\"") && log.contains("\"key.destroy\""),
+        "{log}"
+    );
+}
