@@ -17,6 +17,7 @@ use crate::keys::approval::{
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{DEFAULT_KEY_LABEL, Pin, Pkcs11Config};
 use crate::keys::sealed::KdfParams;
+use crate::keys::zone_keys::KeyState;
 use crate::nbd;
 use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
@@ -287,6 +288,28 @@ enum KeysCmd {
         pause_ms: u64,
         /// An approval token (from `approve`); once per operator when the
         /// pool requires dual control.
+        #[arg(long = "approval", value_name = "FILE")]
+        approvals: Vec<PathBuf>,
+    },
+    /// Destroy a key (crypto-erase: its wrapped bytes are erased). A DEK only
+    /// when no content block uses it; never the active DEK or MAC key.
+    Destroy {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Key id.
+        key: String,
+        /// An approval token; once per operator when the pool requires dual control.
+        #[arg(long = "approval", value_name = "FILE")]
+        approvals: Vec<PathBuf>,
+    },
+    /// Mark a key compromised: never used to encrypt again, kept for
+    /// decryption until no block references it.
+    Compromise {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Key id.
+        key: String,
+        /// An approval token; once per operator when the pool requires dual control.
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
@@ -691,6 +714,16 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&row)?);
             Ok(())
         }
+        KeysCmd::Destroy {
+            pool,
+            key,
+            approvals,
+        } => set_key_state(&pool, &key, KeyState::Destroyed, &approvals),
+        KeysCmd::Compromise {
+            pool,
+            key,
+            approvals,
+        } => set_key_state(&pool, &key, KeyState::Compromised, &approvals),
         KeysCmd::RotateKek {
             pool,
             zone,
@@ -729,6 +762,43 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `keys destroy` and `keys compromise`: approvals are checked after the
+/// pool opened (a wrong passphrase spends none) and before anything changes.
+fn set_key_state(pool: &PoolArgs, key: &str, state: KeyState, approvals: &[PathBuf]) -> Result<()> {
+    let p = open_pool(pool, &default_profile()?)?;
+    let verb = if state == KeyState::Destroyed {
+        "destroy"
+    } else {
+        "compromise"
+    };
+    let policy = p.config().dual_control.clone();
+    let auth = if policy.required || !approvals.is_empty() {
+        let zone = p
+            .key_files()?
+            .into_iter()
+            .find(|(_, f)| f.records().iter().any(|r| r.id == key))
+            .map(|(z, _)| z)
+            .with_context(|| format!("no key with id {key:?}"))?;
+        let operation = if state == KeyState::Destroyed {
+            Operation::DestroyKey
+        } else {
+            Operation::CompromiseKey
+        };
+        let target = Target::new(operation, Some(&zone), Some(key));
+        let auth = approval::authorize(&pool.pool, &policy, &target, approvals, now_unix())
+            .with_context(|| format!("{verb} of key {key:?} refused"))?;
+        println!("approved by {}", auth.approvers().join(", "));
+        Some(auth)
+    } else {
+        None
+    };
+    let zone = p
+        .set_key_state(key, state, auth)
+        .with_context(|| format!("cannot {verb} key {key:?}"))?;
+    println!("key {key} of zone {zone} is now {}", state.name());
+    Ok(())
 }
 
 /// `keyturn audit verify`: never opens the pool (no key, no lock), so it

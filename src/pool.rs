@@ -40,7 +40,7 @@ use crate::keys::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::wrap::{KeyLabel, Purpose};
-use crate::keys::zone_keys::{BlockUsage, ZoneKeyFile};
+use crate::keys::zone_keys::{BlockUsage, KeyState, ZoneKeyFile};
 use crate::nbd::export::{ExportCatalog, ExportInfo};
 use crate::store::Storage;
 use crate::store::device::{Device, DeviceError, DeviceOptions, Engine, EngineConfig};
@@ -1298,6 +1298,91 @@ impl Pool {
             resumed,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Moves key `key_id` to `state` (destroyed or compromised, the two
+    /// operations dual control guards): checked against SP 800-57 and the
+    /// key chain's rules, a DEK destroyed only when the block map has no
+    /// content block under it, and recorded in the audit log with its
+    /// approvers. `auth` must approve exactly this operation on this key when
+    /// the pool requires dual control. Returns the key's zone name.
+    pub fn set_key_state(
+        &self,
+        key_id: &str,
+        state: KeyState,
+        auth: Option<Authorized>,
+    ) -> Result<String> {
+        let (action, operation) = match state {
+            KeyState::Destroyed => ("key.destroy", Operation::DestroyKey),
+            KeyState::Compromised => ("key.compromise", Operation::CompromiseKey),
+            other => {
+                return Err(PoolError::Invalid(format!(
+                    "only destroy and compromise are operator commands; {} is reached through a rotation",
+                    other.name()
+                )));
+            }
+        };
+        let audit = self.audit()?;
+        let (zone_name, mut file) = self
+            .key_files()?
+            .into_iter()
+            .find(|(_, f)| f.records().iter().any(|r| r.id == key_id))
+            .ok_or_else(|| PoolError::NotFound {
+                kind: "key",
+                name: key_id.into(),
+            })?;
+        let label = file
+            .records()
+            .iter()
+            .find(|r| r.id == key_id)
+            .map(|r| r.label())
+            .expect("found above");
+        let approvers: Vec<String> = auth
+            .as_ref()
+            .map(|a| a.approvers().to_vec())
+            .unwrap_or_default();
+        let expected = Target::new(operation, Some(&zone_name), Some(key_id));
+        let refused = match &auth {
+            None if self.config.dual_control.required => {
+                Some(PoolError::from(ApprovalError::NotEnough {
+                    got: 0,
+                    required: self.config.dual_control.approvals,
+                }))
+            }
+            Some(a) if *a.target() != expected => {
+                Some(PoolError::from(ApprovalError::WrongRequest {
+                    operator: a.approvers().join(","),
+                    approved: a.target().to_string(),
+                    expected: expected.to_string(),
+                }))
+            }
+            _ => None,
+        };
+        if let Some(e) = refused {
+            let _ = audit.append(
+                AuditEvent::refused(action, &e)
+                    .zone(&zone_name)
+                    .key(&label)
+                    .approvers(approvers.iter()),
+            );
+            return Err(e);
+        }
+        let started = Instant::now();
+        let usage = ZoneUsage(self.blocks_per_key(file.zone()));
+        let r = file
+            .set_state(key_id, state, &usage)
+            .and_then(|()| file.save(&Self::zone_key_path(&self.dir, file.zone())))
+            .map(|()| zone_name.clone())
+            .map_err(PoolError::from);
+        let event = match &r {
+            Ok(_) => AuditEvent::ok(action),
+            Err(e) => AuditEvent::failed(action, e),
+        }
+        .zone(&zone_name)
+        .key(&label)
+        .approvers(approvers.iter())
+        .duration(started.elapsed());
+        Self::record_outcome(audit, vec![event], "the key state changed", r)
     }
 
     /// Bytes of the data device in use.

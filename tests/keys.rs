@@ -207,3 +207,83 @@ fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
         "{log}"
     );
 }
+
+/// `keys destroy` / `keys compromise`: SP 800-57 transitions only, and a
+/// DEK is destroyed only when the block map says nothing uses it.
+#[test]
+fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
+    use keyturn::keys::passphrase::Passphrase;
+    use keyturn::keys::sealed::SealedFileProvider;
+    use keyturn::keys::zone_keys::ZoneKeyFile;
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("16M");
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["write -P 0x41 0 1M", "flush"]);
+    assert!(server.stop());
+
+    let err = |args: &[&str]| {
+        let out = pool.keyturn(args);
+        assert!(!out.status.success(), "{args:?} should be refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(err(&["keys", "destroy", "z1-dek-v1"]).contains("cannot go from active to destroyed"));
+    assert!(err(&["keys", "compromise", "z1-dek-v1"]).contains("exactly one active DEK"));
+    assert!(err(&["keys", "destroy", "z1-kek-v1"]).contains("cannot go from active to destroyed"));
+    assert!(err(&["keys", "destroy", "z1-dek-v7"]).contains("no key named"));
+
+    // A rotation at key level (the flip itself comes with the rotation
+    // issue): DEK v2 active, v1 decrypt-only and still protecting 256 blocks.
+    let pass = Passphrase::new(pool.passphrase.clone()).unwrap();
+    let root = SealedFileProvider::open(&pool.path().join("keys/root.sealed"), &pass).unwrap();
+    let path = pool.path().join("keys/zone-1.json");
+    let mut file = ZoneKeyFile::load(&path).unwrap();
+    file.add_dek_version(&root).unwrap();
+    file.flip_dek().unwrap();
+    file.save(&path).unwrap();
+
+    let e = err(&["keys", "destroy", "z1-dek-v1"]);
+    assert!(
+        e.contains("256 content blocks are still encrypted under it"),
+        "{e}"
+    );
+    // Overwrite the data: the new blocks are under v2, v1 protects nothing.
+    let mut server = pool.serve();
+    qio_ok(
+        &server.uri("vol0"),
+        &["read -P 0x41 0 1M", "write -P 0x42 0 1M", "flush"],
+    );
+    assert!(server.stop());
+    let rows: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
+    let blocks = |id: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()["content_blocks"]
+            .clone()
+    };
+    assert_eq!(
+        (blocks("z1-dek-v1"), blocks("z1-dek-v2")),
+        (0.into(), 256.into())
+    );
+    let out = pool.keyturn_ok(&["keys", "destroy", "z1-dek-v1"]);
+    assert!(out.contains("now destroyed"), "{out}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v1 = text
+        .split("\"id\"")
+        .find(|r| r.contains("z1-dek-v1"))
+        .unwrap();
+    assert!(
+        !v1.contains("\"wrapped\""),
+        "the wrapped bytes are erased: {v1}"
+    );
+    let server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["read -P 0x42 0 1M"]);
+    drop(server);
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    assert!(
+        log.contains("\"key.destroy\"") && log.contains("\"failed\"") && log.contains("\"ok\""),
+        "{log}"
+    );
+}
