@@ -1149,10 +1149,11 @@ fn serve(
         }
         let uri = format!("nbd://{addr}/{export}");
         if demo.is_some() {
-            eprintln!("keyturn demo: NBD URI {uri}");
-            eprintln!("  try: nbdinfo {uri}");
-            eprintln!("       qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
-            eprintln!(
+            // On stdout, before the ready line: what a person (or a script) needs.
+            println!("keyturn demo: NBD URI {uri}");
+            println!("  try: nbdinfo {uri}");
+            println!("       qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+            println!(
                 "  serve it again with: keyturn demo --dir {}",
                 dir.display()
             );
