@@ -775,12 +775,7 @@ fn set_key_state(pool: &PoolArgs, key: &str, state: KeyState, approvals: &[PathB
     };
     let policy = p.config().dual_control.clone();
     let auth = if policy.required || !approvals.is_empty() {
-        let zone = p
-            .key_files()?
-            .into_iter()
-            .find(|(_, f)| f.records().iter().any(|r| r.id == key))
-            .map(|(z, _)| z)
-            .with_context(|| format!("no key with id {key:?}"))?;
+        let (zone, _) = p.key_file_of(key)?;
         let operation = if state == KeyState::Destroyed {
             Operation::DestroyKey
         } else {

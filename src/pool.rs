@@ -754,21 +754,26 @@ impl Pool {
         }
     }
 
-    fn attach_volume(&self, v: &VolumeEntry) {
+    /// The `Volume` of a catalog entry (its zone is checked at open).
+    fn volume_for(&self, v: &VolumeEntry) -> Volume {
         let zone = self
             .zones
             .read()
             .get(&v.zone)
             .cloned()
             .expect("volume zones are checked at open");
-        let vol = Volume::new(
+        Volume::new(
             v.id,
             v.name.clone(),
             v.size,
             zone,
             self.storage.clone(),
             self.journal.clone(),
-        );
+        )
+    }
+
+    fn attach_volume(&self, v: &VolumeEntry) {
+        let vol = self.volume_for(v);
         self.volumes.write().insert(v.name.clone(), Arc::new(vol));
     }
 
@@ -1026,22 +1031,10 @@ impl Pool {
 
     /// Frees every block of a volume marked deleting, then drops it from the catalog.
     fn finish_delete(&self, v: &VolumeEntry) -> Result<()> {
-        let zone = self
-            .zones
-            .read()
-            .get(&v.zone)
-            .cloned()
-            .expect("volume zones are checked at open");
         // A volume object for the one being deleted: unmapping goes through
         // the same path as TRIM, so refcounts and frees are journaled alike.
-        let doomed = Volume::new(
-            v.id,
-            v.name.clone(),
-            v.size,
-            zone.clone(),
-            self.storage.clone(),
-            self.journal.clone(),
-        );
+        let doomed = self.volume_for(v);
+        let zone = doomed.zone().clone();
         let last = doomed
             .unmap_everything()
             .map_err(|e| PoolError::Layout(format!("cannot free volume {}: {e}", v.name)))?;
@@ -1141,6 +1134,17 @@ impl Pool {
                 ))
             })
             .collect()
+    }
+
+    /// The zone name and key file that hold key `key_id`.
+    pub fn key_file_of(&self, key_id: &str) -> Result<(String, ZoneKeyFile)> {
+        self.key_files()?
+            .into_iter()
+            .find(|(_, f)| f.records().iter().any(|r| r.id == key_id))
+            .ok_or_else(|| PoolError::NotFound {
+                kind: "key",
+                name: key_id.into(),
+            })
     }
 
     /// Content blocks per DEK version in `zone`, from the block map.
@@ -1323,14 +1327,7 @@ impl Pool {
             }
         };
         let audit = self.audit()?;
-        let (zone_name, mut file) = self
-            .key_files()?
-            .into_iter()
-            .find(|(_, f)| f.records().iter().any(|r| r.id == key_id))
-            .ok_or_else(|| PoolError::NotFound {
-                kind: "key",
-                name: key_id.into(),
-            })?;
+        let (zone_name, mut file) = self.key_file_of(key_id)?;
         let label = file
             .records()
             .iter()

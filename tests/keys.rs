@@ -12,6 +12,17 @@ fn sha(path: &std::path::Path) -> String {
         .to_string()
 }
 
+/// `keys list --json`, by key id.
+fn key_rows(pool: &TestPool) -> std::collections::HashMap<String, serde_json::Value> {
+    let rows: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
 #[test]
 fn kek_rotation_rewraps_keys_and_leaves_data_untouched() {
     require_tool("qemu-io");
@@ -58,16 +69,8 @@ fn kek_rotation_rewraps_keys_and_leaves_data_untouched() {
     let after = std::fs::read_to_string(pool.path().join("keys/zone-1.json")).unwrap();
     assert_ne!(keyfile, after, "the wrapped keys changed");
 
-    let rows: serde_json::Value =
-        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
-    let get = |id: &str| {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone()
-    };
+    let rows = key_rows(&pool);
+    let get = |id: &str| rows[id].clone();
     assert_eq!(get("z1-kek-v1")["state"], "destroyed");
     assert_eq!(get("z1-kek-v2")["state"], "active");
     assert_eq!(get("z1-dek-v1")["wrapped_by_kek"], 2);
@@ -150,16 +153,8 @@ fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
     child.wait().unwrap();
 
     // Half re-wrapped: KEK v2 is pre-active, and the pool still opens and serves.
-    let rows: serde_json::Value =
-        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
-    let get = |id: &str| {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()
-            .clone()
-    };
+    let rows = key_rows(&pool);
+    let get = |id: &str| rows[id].clone();
     assert_eq!(get("z1-kek-v2")["state"], "pre-active");
     assert_eq!(get("z1-kek-v1")["state"], "active");
     let wrapped_by: Vec<u64> = ["z1-dek-v1", "z1-mac-v1"]
@@ -182,14 +177,7 @@ fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
             && out.contains("1 keys re-wrapped"),
         "{out}"
     );
-    let rows: serde_json::Value =
-        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
-    assert!(
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["id"] != "z1-kek-v3")
-    );
+    assert!(!key_rows(&pool).contains_key("z1-kek-v3"));
     let server = pool.serve();
     qio_ok(
         &server.uri("vol0"),
@@ -253,16 +241,8 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
         &["read -P 0x41 0 1M", "write -P 0x42 0 1M", "flush"],
     );
     assert!(server.stop());
-    let rows: serde_json::Value =
-        serde_json::from_str(&pool.keyturn_ok(&["keys", "list", "--json"])).unwrap();
-    let blocks = |id: &str| {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"] == id)
-            .unwrap()["content_blocks"]
-            .clone()
-    };
+    let rows = key_rows(&pool);
+    let blocks = |id: &str| rows[id]["content_blocks"].clone();
     assert_eq!(
         (blocks("z1-dek-v1"), blocks("z1-dek-v2")),
         (0.into(), 256.into())
