@@ -7,6 +7,7 @@
 //! hierarchy; [`audit`] is the tamper-evident audit log; [`pool`] ties a pool
 //! directory together; [`cli`] is the edge.
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;

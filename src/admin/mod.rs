@@ -1,0 +1,233 @@
+//! The admin API: what a running server lets an operator do and see, over
+//! HTTP on loopback with a bearer token.
+//!
+//! [`AdminBackend`] is the contract between the HTTP layer (which knows
+//! routes, authentication and JSON, nothing of keys or blocks) and the pool
+//! (which implements it). The types here are the JSON bodies.
+
+use serde::{Deserialize, Serialize};
+
+/// Errors an admin operation returns; each maps to one HTTP status.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum AdminError {
+    /// No zone (or volume) of that name: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed or names an impossible value: 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation does not fit the current state (e.g. flip without a window): 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// Dual control refused the request: 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The operation failed inside the server: 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Where a zone is in its DEK rotation cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationPhase {
+    /// No rotation under way: every content block is under the active key.
+    Idle,
+    /// The window is open: the next key exists, writes go to both keys and
+    /// the pipeline stages existing blocks.
+    Window,
+    /// The window is open but the staging pipeline is paused.
+    Paused,
+    /// Flipped: the migrator re-encrypts what was not staged and destages.
+    Migrating,
+    /// Migration is done; the old key waits out the grace period before it
+    /// is destroyed.
+    Grace,
+}
+
+/// Body of `POST /api/v1/zones/{zone}/rotation/prepare`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    /// Flip automatically at this time (Unix seconds).
+    #[serde(default)]
+    pub at_unix: Option<u64>,
+    /// Flip automatically this many seconds after the window opens.
+    #[serde(default)]
+    pub window_secs: Option<u64>,
+}
+
+/// Body of `POST /api/v1/zones/{zone}/rotation/emergency`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyRequest {
+    /// Why (recorded in the audit log).
+    pub reason: String,
+    /// Dual-control approval tokens, each the JSON text of one approval file.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
+/// Body of `POST /api/v1/zones/{zone}/kek/rotate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekRotateRequest {
+    /// Dual-control approval tokens, each the JSON text of one approval file.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
+/// Content blocks under one DEK version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyBlocks {
+    /// DEK version.
+    pub version: u32,
+    /// Its state (pre-active, active, decrypt-only, compromised, destroyed).
+    pub state: String,
+    /// Live content blocks whose live copy is under this version.
+    pub blocks: u64,
+}
+
+/// `GET /api/v1/zones/{zone}/rotation`: everything an operator needs to
+/// follow a rotation. Counters are since the window opened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationStatus {
+    /// Zone name.
+    pub zone: String,
+    /// Phase.
+    pub phase: RotationPhase,
+    /// Active DEK version.
+    pub active_version: u32,
+    /// The next DEK version (during a window).
+    pub next_version: Option<u32>,
+    /// The version being migrated away from (after a flip).
+    pub old_version: Option<u32>,
+    /// Content blocks per DEK version.
+    pub keys: Vec<KeyBlocks>,
+    /// Live content blocks in the zone.
+    pub content_blocks: u64,
+    /// Content blocks with a staged copy under the next key.
+    pub staged_blocks: u64,
+    /// Content blocks migrated (re-encrypted or destaged) since the flip.
+    pub migrated_blocks: u64,
+    /// Percentage of the zone's content blocks staged (window) or already
+    /// under the active key (after the flip), 0..=100.
+    pub progress_percent: f64,
+    /// Recent throughput of the pipeline or migrator, bytes per second.
+    pub rate_bytes_per_sec: f64,
+    /// Estimated seconds to the end of staging or migration, if known.
+    pub eta_secs: Option<f64>,
+    /// Staging device bytes in use.
+    pub staging_used_bytes: u64,
+    /// Staging device bytes free (within the configured capacity).
+    pub staging_free_bytes: u64,
+    /// Foreground writes acknowledged without a staged copy (staging full or failed).
+    pub unstaged_writes: u64,
+    /// Staging or migration I/O errors and integrity failures.
+    pub errors: u64,
+    /// The last error, if any (never key material).
+    pub last_error: Option<String>,
+    /// When the window opened (Unix seconds).
+    pub window_opened_unix: Option<u64>,
+    /// When the flip is scheduled (Unix seconds).
+    pub flip_at_unix: Option<u64>,
+    /// When the flip happened (Unix seconds).
+    pub flipped_unix: Option<u64>,
+    /// When the old key is due for destruction (end of grace, Unix seconds).
+    pub destroy_at_unix: Option<u64>,
+    /// Whether the current rotation is an emergency one.
+    pub emergency: bool,
+}
+
+/// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// Zone name.
+    pub zone: String,
+    /// Whether a scrub is running.
+    pub running: bool,
+    /// Content-block copies checked so far (data and staged copies).
+    pub checked: u64,
+    /// Copies to check in all.
+    pub total: u64,
+    /// Every bad block found, one line each: volume, LBA, content block, reason.
+    pub bad: Vec<BadBlock>,
+    /// When the last scrub finished (Unix seconds).
+    pub finished_unix: Option<u64>,
+}
+
+/// One block that failed a scrub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BadBlock {
+    /// Volume name (empty when no volume maps the content block).
+    pub volume: String,
+    /// Logical block address in that volume.
+    pub lba: u64,
+    /// Content block id.
+    pub cbid: u64,
+    /// Which copy: "data" or "staging".
+    pub copy: String,
+    /// What went wrong (I/O error, integrity check failed, key missing).
+    pub reason: String,
+}
+
+/// `GET /api/v1/volumes`: usage and dedup per volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStats {
+    /// Volume name.
+    pub name: String,
+    /// Zone name.
+    pub zone: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical blocks mapped (not reading as holes).
+    pub mapped_blocks: u64,
+    /// Distinct content blocks those map to.
+    pub content_blocks: u64,
+    /// mapped_blocks / content_blocks (1.0 when nothing is shared).
+    pub dedup_ratio: f64,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// "ok", or "degraded" with reasons.
+    pub status: String,
+    /// Why it is degraded (a poisoned device, a damaged audit log, ...).
+    pub problems: Vec<String>,
+}
+
+/// What the admin API asks of the pool. Methods may block (they wait for
+/// journal commits and key files); the HTTP layer calls them off the async
+/// worker threads.
+pub trait AdminBackend: Send + Sync + 'static {
+    /// Zone names.
+    fn zones(&self) -> Vec<String>;
+    /// Rotation status of a zone.
+    fn rotation_status(&self, zone: &str) -> Result<RotationStatus, AdminError>;
+    /// Opens a rotation window (makes the next DEK, starts staging).
+    fn rotation_prepare(&self, zone: &str, req: &PrepareRequest) -> Result<RotationStatus, AdminError>;
+    /// Flips the zone to the next DEK now.
+    fn rotation_flip(&self, zone: &str) -> Result<RotationStatus, AdminError>;
+    /// Pauses the staging pipeline or migrator.
+    fn rotation_pause(&self, zone: &str) -> Result<RotationStatus, AdminError>;
+    /// Resumes it.
+    fn rotation_resume(&self, zone: &str) -> Result<RotationStatus, AdminError>;
+    /// Aborts the window: discards staged copies and destroys the next key.
+    fn rotation_abort(&self, zone: &str) -> Result<RotationStatus, AdminError>;
+    /// Emergency rotation: compromise the active key, flip at once, migrate unthrottled.
+    fn rotation_emergency(&self, zone: &str, req: &EmergencyRequest) -> Result<RotationStatus, AdminError>;
+    /// Starts a scrub of the zone (or returns the running one).
+    fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError>;
+    /// The running or last scrub of the zone.
+    fn scrub_status(&self, zone: &str) -> Result<ScrubStatus, AdminError>;
+    /// KEK rotation of a zone while serving (re-wraps the zone's keys; no
+    /// data moves). `approvals` as in [`EmergencyRequest`]. Returns the
+    /// report as JSON.
+    fn kek_rotate(&self, zone: &str, approvals: &[String]) -> Result<serde_json::Value, AdminError>;
+    /// Usage and dedup of every volume.
+    fn volume_stats(&self) -> Vec<VolumeStats>;
+    /// Health.
+    fn health(&self) -> Health;
+}
