@@ -49,6 +49,71 @@ pub struct PoolConfig {
     /// before it existed still parse (with dual control off).
     #[serde(default)]
     pub dual_control: DualControlSection,
+    /// DEK rotation: staging area, throttle, grace period.
+    #[serde(default)]
+    pub rotation: RotationSection,
+}
+
+/// `[rotation]` in `pool.toml`: how DEK rotations use the staging device
+/// and how hard they may push.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationSection {
+    /// Staging capacity in MiB (on a block device: at most its size).
+    pub staging_capacity_mib: u64,
+    /// MiB of staging kept for foreground writes: the pipeline stops picking
+    /// before it eats into them.
+    pub staging_reserve_mib: u64,
+    /// Throttle for the staging pipeline and the migrator while volumes are
+    /// busy, in MiB/s of re-encrypted data (0: no byte limit).
+    pub rate_mib_s: u64,
+    /// Share of one core the pipeline's crypto may use while volumes are
+    /// busy (0 < share <= 1).
+    pub cpu_share: f64,
+    /// After this many milliseconds without foreground I/O in the zone the
+    /// throttle is lifted (an idle zone re-encrypts at full speed).
+    pub idle_after_ms: u64,
+    /// Content blocks per pipeline or migration batch.
+    pub batch_blocks: usize,
+    /// Seconds an old DEK is kept (decrypt-only, unused) after migration,
+    /// before it is destroyed.
+    pub grace_secs: u64,
+}
+
+impl Default for RotationSection {
+    fn default() -> Self {
+        Self {
+            staging_capacity_mib: 1024,
+            staging_reserve_mib: 64,
+            rate_mib_s: 0,
+            cpu_share: 0.25,
+            idle_after_ms: 200,
+            batch_blocks: 64,
+            grace_secs: 3600,
+        }
+    }
+}
+
+impl RotationSection {
+    /// Checks the values make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.cpu_share > 0.0 && self.cpu_share <= 1.0) {
+            return Err(format!(
+                "rotation.cpu_share must be in (0, 1], not {}",
+                self.cpu_share
+            ));
+        }
+        if self.batch_blocks == 0 || self.batch_blocks > 4096 {
+            return Err(format!(
+                "rotation.batch_blocks must be in 1..=4096, not {}",
+                self.batch_blocks
+            ));
+        }
+        if self.staging_reserve_mib > self.staging_capacity_mib {
+            return Err("rotation.staging_reserve_mib exceeds staging_capacity_mib".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[dual_control]` in `pool.toml`: whether KEK/root rotation, key
@@ -161,10 +226,18 @@ impl PoolConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.to_string(),
-        })
+        })?;
+        config
+            .rotation
+            .validate()
+            .map_err(|message| ConfigError::Parse {
+                path: path.into(),
+                message,
+            })?;
+        Ok(config)
     }
 
     /// The TOML text of this configuration.
@@ -304,6 +377,7 @@ mod tests {
                 required: true,
                 approvals: 3,
             },
+            rotation: RotationSection::default(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);

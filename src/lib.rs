@@ -16,6 +16,7 @@ pub mod ids;
 pub mod keys;
 pub mod nbd;
 pub mod pool;
+pub mod rotation;
 pub mod store;
 pub mod volume;
 pub mod zone;

@@ -42,7 +42,7 @@ use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::wrap::{KeyLabel, Purpose};
 use crate::keys::zone_keys::{BlockUsage, KeyState, ZoneKeyFile};
 use crate::nbd::export::{ExportCatalog, ExportInfo};
-use crate::store::Storage;
+use crate::store::{Staging, Storage};
 use crate::store::device::{Device, DeviceError, DeviceOptions, Engine, EngineConfig};
 use crate::store::journal::{CommitHooks, Entry, Journal, JournalConfig, JournalError};
 use crate::store::table::TableError;
@@ -109,6 +109,9 @@ pub enum PoolError {
     /// A bad argument (name, size).
     #[error("{0}")]
     Invalid(String),
+    /// The operation does not fit the zone's rotation state.
+    #[error("{0}")]
+    Conflict(String),
     /// The volume is being served.
     #[error("volume {0:?} is being served; disconnect its clients first")]
     Busy(String),
@@ -134,6 +137,13 @@ pub struct ZoneEntry {
     pub id: ZoneId,
     /// Name.
     pub name: String,
+    /// Whether equal blocks written to the zone share one content block.
+    #[serde(default = "dedup_default")]
+    pub dedup: bool,
+}
+
+fn dedup_default() -> bool {
+    true
 }
 
 /// Life state of a volume in the catalog.
@@ -313,6 +323,9 @@ impl CommitHooks for Hooks {
 
     fn durable(&self, seq: JournalSeq) {
         self.storage.slots.lock().release_durable(seq);
+        if let Some(staging) = &self.storage.staging {
+            staging.slots.lock().release_durable(seq);
+        }
         for zone in self.zones.read().values() {
             zone.meta.lock().cbids.release_durable(seq);
         }
@@ -375,16 +388,22 @@ impl BlockUsage for ZoneUsage {
     }
 }
 
+/// The on-disk format this build reads and writes (2: content-block
+/// records carry a staged copy; journal entries for flips).
+pub const POOL_FORMAT: u32 = 2;
+
 /// An open pool.
 pub struct Pool {
-    dir: PathBuf,
-    config: PoolConfig,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: PoolConfig,
     catalog: Mutex<Catalog>,
-    storage: Arc<Storage>,
-    zones: Arc<RwLock<BTreeMap<ZoneId, Arc<Zone>>>>,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) zones: Arc<RwLock<BTreeMap<ZoneId, Arc<Zone>>>>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
-    journal: Arc<Journal>,
-    provider: Box<dyn RootKeyProvider>,
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) provider: Box<dyn RootKeyProvider>,
+    /// Per-zone rotation state and workers.
+    pub(crate) rotations: crate::rotation::Rotations,
     /// The audit log, or why it cannot take records (a damaged log).
     audit: std::result::Result<AuditLog, String>,
     _engine: Engine,
@@ -396,11 +415,11 @@ impl Pool {
         dir.join("catalog.json")
     }
 
-    fn zone_key_path(dir: &Path, id: ZoneId) -> PathBuf {
+    pub(crate) fn zone_key_path(dir: &Path, id: ZoneId) -> PathBuf {
         dir.join("keys").join(format!("zone-{}.json", id.0))
     }
 
-    fn cb_table_path(dir: &Path, id: ZoneId) -> PathBuf {
+    pub(crate) fn cb_table_path(dir: &Path, id: ZoneId) -> PathBuf {
         dir.join("tables").join(format!("zone-{}.cb", id.0))
     }
 
@@ -459,12 +478,13 @@ impl Pool {
             std::fs::create_dir_all(&sub).map_err(io_at(&sub))?;
         }
         let config = PoolConfig {
-            format: 1,
+            format: POOL_FORMAT,
             data: opts.data.clone().unwrap_or_else(|| "data".into()),
             staging: opts.staging.clone().unwrap_or_else(|| "staging".into()),
             root_key,
             server: opts.server.clone(),
             dual_control: opts.dual_control.clone(),
+            rotation: Default::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
@@ -593,6 +613,13 @@ impl Pool {
         }
         let lock = Self::take_lock(dir)?;
         let config = PoolConfig::load(&dir.join("pool.toml"))?;
+        if config.format != POOL_FORMAT {
+            return Err(PoolError::Layout(format!(
+                "{} is a format {} pool; this keyturn reads format {POOL_FORMAT} (copy the volumes out with an older keyturn and into a new pool)",
+                dir.display(),
+                config.format
+            )));
+        }
         let cat_path = Self::catalog_path(dir);
         let catalog: Catalog =
             serde_json::from_slice(&std::fs::read(&cat_path).map_err(io_at(&cat_path))?)
@@ -620,7 +647,8 @@ impl Pool {
             .map_err(io_at(&data_path))?;
         let growable = data_sync.metadata().map_err(io_at(&data_path))?.is_file();
         tracing::info!(device = %data_path.display(), direct = data.is_direct(), growable, "data device open");
-        let storage = Arc::new(Storage::new(data, data_sync, growable));
+        let staging = Self::open_staging(dir, &config, &engine)?;
+        let storage = Arc::new(Storage::new(data, data_sync, growable).with_staging(staging));
 
         let mut zones = BTreeMap::new();
         for z in &catalog.zones {
@@ -650,6 +678,11 @@ impl Pool {
             }
             last = seq;
         }
+        for z in &catalog.zones {
+            if let Some(zone) = zones.get(&z.id) {
+                zone.meta.lock().set_dedup(z.dedup);
+            }
+        }
         let zones = Arc::new(RwLock::new(zones));
         let hooks = Arc::new(Hooks {
             storage: storage.clone(),
@@ -669,6 +702,14 @@ impl Pool {
                 let mut meta = zone.meta.lock();
                 for (cbid, rec) in meta.live_cbs() {
                     meta.cbids.mark_used(cbid.0);
+                    if let (Some(st), Some(area)) = (rec.staged, &storage.staging)
+                        && !area.slots.lock().mark_used(st.slot.0)
+                    {
+                        return Err(PoolError::Layout(format!(
+                            "staging slot {} is claimed twice (zone {}, content block {cbid}); the pool is damaged",
+                            st.slot, zone.name
+                        )));
+                    }
                     if !slots.mark_used(rec.slot.0) {
                         return Err(PoolError::Layout(format!(
                             "slot {} is claimed twice (zone {}, content block {cbid}); the pool is damaged",
@@ -694,6 +735,7 @@ impl Pool {
             volumes: RwLock::new(BTreeMap::new()),
             journal,
             provider,
+            rotations: Default::default(),
             audit,
             _engine: engine,
             _lock: lock,
@@ -705,6 +747,7 @@ impl Pool {
                 VolumeState::Deleting => pool.finish_delete(&v)?,
             }
         }
+        pool.recover_rotations()?;
         tracing::info!(pool = %dir.display(), zones = pool.zones.read().len(), volumes = pool.volumes.read().len(),
             replayed_to = last.0, "pool open");
         Ok(pool)
@@ -715,19 +758,55 @@ impl Pool {
         let ring = keyfile.unlock(provider)?;
         let versions: Vec<KeyVersion> = ring.versions().collect();
         let crypto = ZoneCrypto::new(
-            ring.active_version(),
             versions
                 .iter()
                 .filter_map(|v| ring.dek(*v).map(|k| (*v, k))),
             ring.mac_key(),
         );
-        let meta = ZoneMeta::open(&Self::cb_table_path(dir, z.id), false)?;
-        Ok(Zone {
-            id: z.id,
-            name: z.name.clone(),
-            crypto,
-            meta: Mutex::new(meta),
-        })
+        let mut meta = ZoneMeta::open(&Self::cb_table_path(dir, z.id), false)?;
+        // The table header knows flips a checkpoint retired from the journal;
+        // the key file knows the active key of a zone never flipped. Replay
+        // may move it further.
+        meta.active = meta.active.max(ring.active_version());
+        Ok(Zone::new(z.id, z.name.clone(), crypto, meta))
+    }
+
+    /// Opens the staging device (creating a missing file) with its capacity.
+    fn open_staging(dir: &Path, config: &PoolConfig, engine: &Engine) -> Result<Staging> {
+        let path = Self::resolve(dir, &config.staging);
+        if !path.exists() {
+            File::create(&path).map_err(io_at(&path))?;
+        }
+        let device = Device::open(
+            &path,
+            &DeviceOptions {
+                create: false,
+                direct: false,
+            },
+            engine,
+        )?;
+        let sync = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let growable = sync.metadata().map_err(io_at(&path))?.is_file();
+        let device = match crate::store::fault::FaultPlan::from_env("staging") {
+            Some(plan) => {
+                tracing::warn!(device = %path.display(), "fault injection armed on the staging device (KEYTURN_FAULTS)");
+                device.with_faults(plan)
+            }
+            None => device,
+        };
+        let slots = |mib: u64| (mib << 20) / BLOCK_SIZE as u64;
+        let r = &config.rotation;
+        Ok(Staging::new(
+            device,
+            sync,
+            growable,
+            slots(r.staging_capacity_mib),
+            slots(r.staging_reserve_mib),
+        ))
     }
 
     fn apply(zones: &BTreeMap<ZoneId, Arc<Zone>>, e: Entry, seq: JournalSeq) {
@@ -749,6 +828,12 @@ impl Pool {
             Entry::CbFree { zone, cbid } => {
                 if let Some(z) = zones.get(&zone) {
                     z.meta.lock().set_cb(cbid, None, seq);
+                }
+            }
+            Entry::Flip { zone, to } => {
+                if let Some(z) = zones.get(&zone) {
+                    let mut meta = z.meta.lock();
+                    meta.active = meta.active.max(to);
                 }
             }
         }
@@ -819,7 +904,7 @@ impl Pool {
     /// records, or its failure). A success that cannot be recorded becomes an
     /// error that says the change was made; a failure that cannot be recorded
     /// keeps its own error.
-    fn record_outcome<T>(
+    pub(crate) fn record_outcome<T>(
         audit: &AuditLog,
         events: Vec<AuditEvent>,
         done: &str,
@@ -894,6 +979,7 @@ impl Pool {
         keyfile.save(&kpath)?;
         ZoneMeta::open(&tpath, true)?;
         let entry = ZoneEntry {
+            dedup: true,
             id,
             name: name.into(),
         };
@@ -1109,7 +1195,7 @@ impl Pool {
     }
 
     /// A zone's id by name.
-    fn zone_id(&self, name: &str) -> Result<ZoneId> {
+    pub(crate) fn zone_id(&self, name: &str) -> Result<ZoneId> {
         self.catalog
             .lock()
             .zones

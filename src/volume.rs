@@ -14,11 +14,12 @@ use futures::future::join_all;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::ids::{BLOCK_SHIFT, BLOCK_SIZE, Cbid, JournalSeq, Lba, Slot, VolumeId};
+use crate::crypto::tag::Tag;
+use crate::ids::{BLOCK_SHIFT, BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, Lba, Slot, VolumeId};
 use crate::nbd::export::{Export, ExportError, Extent};
 use crate::store::Storage;
-use crate::store::journal::{CbRecord, Entry, Journal};
-use crate::zone::{Zone, ZoneMeta};
+use crate::store::journal::{CbRecord, Entry, Journal, LiveCopy, Place, StagedCopy};
+use crate::zone::{Zone, ZoneCrypto, ZoneMeta};
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest number of entries in one journal frame for unmapping.
@@ -77,10 +78,53 @@ impl Drop for RangeGuard<'_> {
 type Changes = rustc_hash::FxHashMap<Cbid, Option<CbRecord>>;
 
 /// Where one logical block's data is.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Located {
     cbid: Cbid,
     record: CbRecord,
+    live: LiveCopy,
+}
+
+/// A content block freed by a frame: its id and every slot it held.
+#[derive(Clone, Copy)]
+pub(crate) struct Freed {
+    pub cbid: Cbid,
+    pub slot: Slot,
+    pub staged: Option<Slot>,
+}
+
+/// A new content block a write creates.
+struct NewCb {
+    cbid: Cbid,
+    slot: Slot,
+    /// Staging slot for the copy under the next key, during a window.
+    staged: Option<Slot>,
+    tag: Tag,
+    /// Index (into the request's blocks) of its plaintext.
+    block: usize,
+}
+
+/// Where each block of a write goes.
+#[derive(Clone, Copy)]
+enum Target {
+    /// An all-zero block: unmapped.
+    Zero,
+    /// A new content block (index into `WritePlan::new`).
+    New(usize),
+    /// An existing content block with equal content (dedup).
+    Shared(Cbid),
+}
+
+/// What a write decided under the zone lock before doing any I/O.
+struct WritePlan {
+    targets: Vec<Target>,
+    new: Vec<NewCb>,
+    /// DEK version of the data-device copies.
+    active: KeyVersion,
+    /// DEK version of the staged copies (the window's next key).
+    window: Option<KeyVersion>,
+    /// How many of `new` hold data (and staging) slots.
+    placed: usize,
 }
 
 /// A volume being served.
@@ -99,6 +143,9 @@ pub struct Volume {
 fn io_err(what: impl std::fmt::Display) -> ExportError {
     ExportError::Io(what.to_string())
 }
+
+/// Number of times a read re-locates a block whose copy moved under it.
+const READ_RETRIES: usize = 3;
 
 impl Volume {
     /// A volume of `size` bytes in `zone`.
@@ -150,7 +197,11 @@ impl Volume {
                     return Ok(None);
                 };
                 match meta.cb(cbid) {
-                    Some(record) => Ok(Some(Located { cbid, record })),
+                    Some(record) => Ok(Some(Located {
+                        cbid,
+                        record,
+                        live: meta.live(&record),
+                    })),
                     None => Err(io_err(format!(
                         "volume {} block {b} maps to content block {cbid}, which has no record",
                         self.name
@@ -165,80 +216,205 @@ impl Volume {
     async fn read_blocks(&self, first: u64, out: &mut [u8]) -> Result<(), ExportError> {
         let n = (out.len() / BLOCK_SIZE) as u64;
         let located = self.locate(first..first + n)?;
-        // Group blocks into runs of consecutive slots: one device read each.
+        self.zone.note_io();
+        // Group blocks into runs of consecutive slots on one device: one
+        // device read each.
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, loc) in located.iter().enumerate() {
             match loc {
                 None => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
-                Some(l) => match runs.last_mut() {
-                    Some((start, len))
-                        if *start + *len == i
-                            && located[*start].is_some_and(|s| {
-                                s.record.slot.0 + *len as u64 == l.record.slot.0
-                            }) =>
-                    {
-                        *len += 1
+                Some(l) => {
+                    self.zone.heat.touch(l.cbid);
+                    match runs.last_mut() {
+                        Some((start, len))
+                            if *start + *len == i
+                                && located[*start].is_some_and(|s| {
+                                    s.live.place == l.live.place
+                                        && s.live.slot.0 + *len as u64 == l.live.slot.0
+                                }) =>
+                        {
+                            *len += 1
+                        }
+                        _ => runs.push((i, 1)),
                     }
-                    _ => runs.push((i, 1)),
-                },
+                }
             }
         }
         let reads = runs.iter().map(|&(start, len)| {
-            let slot = located[start]
-                .expect("run starts at a mapped block")
-                .record
-                .slot;
-            self.storage
-                .data
-                .read_at(Storage::offset(slot), self.storage.bufs.get(len))
+            let live = located[start].expect("run starts at a mapped block").live;
+            let buf = self.storage.bufs.get(len);
+            async move {
+                match self.storage.device(live.place) {
+                    Some(dev) => dev.read_at(Storage::offset(live.slot), buf).await,
+                    None => (
+                        Err(crate::store::device::DeviceError::Io {
+                            op: "read",
+                            device: "staging".into(),
+                            offset: 0,
+                            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+                        }),
+                        buf,
+                    ),
+                }
+            }
         });
         let results = join_all(reads).await;
-        let mut outcome = Ok(());
+        let crypto = self.zone.crypto();
+        let mut failed = Vec::new();
         for ((start, len), (res, buf)) in runs.into_iter().zip(results) {
-            if outcome.is_ok() {
-                outcome = res
-                    .map_err(io_err)
-                    .and_then(|()| self.decrypt_run(first, start, len, &located, &buf, out));
+            match res {
+                Ok(()) => {
+                    for j in 0..len {
+                        let i = start + j;
+                        let loc = located[i].expect("mapped");
+                        let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                        if !decrypt_verify(&crypto, &loc, loc.live.key_version, &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE], dst) {
+                            failed.push(i);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, error = %e, "read failed; retrying block by block");
+                    failed.extend(start..start + len);
+                }
             }
             self.storage.bufs.put(buf);
         }
-        outcome
-    }
-
-    /// Decrypts and verifies one run of blocks read from consecutive slots.
-    fn decrypt_run(
-        &self,
-        first: u64,
-        start: usize,
-        len: usize,
-        located: &[Option<Located>],
-        buf: &[u8],
-        out: &mut [u8],
-    ) -> Result<(), ExportError> {
-        let crypto = &self.zone.crypto;
-        for j in 0..len {
-            let i = start + j;
-            let loc = located[i].expect("mapped");
-            let xts = crypto.xts(loc.record.key_version).ok_or_else(|| {
-                io_err(format!(
-                    "key version {} of zone {} is not available",
-                    loc.record.key_version, self.zone.name
-                ))
-            })?;
+        for i in failed {
             let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-            xts.decrypt(loc.cbid.0, &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE], dst);
-            if !crypto.tagger().verify(dst, &loc.record.tag) {
-                dst.fill(0);
-                tracing::error!(volume = %self.name, lba = first + i as u64, cbid = %loc.cbid,
-                        "content block failed its integrity check");
-                return Err(io_err(format!(
-                    "volume {} block {}: integrity check failed",
-                    self.name,
-                    first + i as u64
-                )));
-            }
+            self.reread_block(first + i as u64, dst).await?;
         }
         Ok(())
+    }
+
+    /// Reads one block whose first read failed: the content block may have
+    /// moved under the read (migration, destaging), or its live copy may sit
+    /// on a failing device while another copy is intact. Tries the block's
+    /// current copies, then reports EIO. Never serves unverified data.
+    async fn reread_block(&self, lba: u64, dst: &mut [u8]) -> Result<(), ExportError> {
+        let mut last_error = String::from("integrity check failed");
+        let mut tried: Vec<LiveCopy> = Vec::new();
+        for _ in 0..READ_RETRIES {
+            let Some(loc) = self.locate(lba..lba + 1)?[0] else {
+                dst.fill(0);
+                return Ok(());
+            };
+            let mut copies = vec![loc.live];
+            if loc.live.place == Place::Staging {
+                copies.push(LiveCopy {
+                    place: Place::Data,
+                    slot: loc.record.slot,
+                    key_version: loc.record.key_version,
+                });
+            }
+            let fresh: Vec<LiveCopy> = copies.into_iter().filter(|c| !tried.contains(c)).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for copy in fresh {
+                tried.push(copy);
+                let Some(dev) = self.storage.device(copy.place) else { continue };
+                let (res, buf) = dev.read_at(Storage::offset(copy.slot), self.storage.bufs.get(1)).await;
+                let ok = match res {
+                    Ok(()) => {
+                        let crypto = self.zone.crypto();
+                        decrypt_verify(&crypto, &loc, copy.key_version, &buf, dst)
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        false
+                    }
+                };
+                self.storage.bufs.put(buf);
+                if ok {
+                    if copy != loc.live {
+                        self.zone.stats.read_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(volume = %self.name, lba, cbid = %loc.cbid,
+                            "live copy unreadable; served the verified copy on the {:?} device", copy.place);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        dst.fill(0);
+        if let Some(loc) = self.locate(lba..lba + 1)?[0] {
+            self.zone.meta.lock().forget_damaged(loc.cbid);
+        }
+        tracing::error!(volume = %self.name, lba, error = %last_error,
+            "content block failed its integrity check or could not be read");
+        Err(io_err(format!(
+            "volume {} block {lba}: {last_error}",
+            self.name
+        )))
+    }
+
+    /// Decides where each block of a write goes, under the zone lock:
+    /// all-zero blocks unmap, blocks equal to a live content block share it
+    /// (dedup), the rest get fresh CBIDs. Registers the write as in flight
+    /// under the active key.
+    fn plan_write(&self, tags: &[Option<Tag>], dedup: bool) -> Result<WritePlan, ExportError> {
+        let mut meta = self.zone.meta.lock();
+        let dedup = dedup && meta.dedup_enabled();
+        let mut targets = Vec::with_capacity(tags.len());
+        let mut new: Vec<NewCb> = Vec::new();
+        let mut in_request: rustc_hash::FxHashMap<Tag, usize> = Default::default();
+        for (i, tag) in tags.iter().enumerate() {
+            let Some(tag) = tag else {
+                targets.push(Target::Zero);
+                continue;
+            };
+            if dedup {
+                if let Some((cbid, r)) = meta.find_by_tag(tag)
+                    && r.refcount < u32::MAX / 2
+                {
+                    targets.push(Target::Shared(cbid));
+                    continue;
+                }
+                if let Some(&k) = in_request.get(tag) {
+                    targets.push(Target::New(k));
+                    continue;
+                }
+                in_request.insert(*tag, new.len());
+            }
+            targets.push(Target::New(new.len()));
+            new.push(NewCb {
+                cbid: Cbid(0),
+                slot: Slot(0),
+                staged: None,
+                tag: *tag,
+                block: i,
+            });
+        }
+        let mut k = 0;
+        while k < new.len() {
+            let (f, c) = meta
+                .cbids
+                .alloc_run((new.len() - k) as u64)
+                .ok_or_else(|| io_err("out of CBIDs"))?;
+            for id in f..f + c {
+                new[k].cbid = Cbid(id);
+                k += 1;
+            }
+        }
+        let active = meta.active;
+        *meta.writers.entry(active).or_default() += 1;
+        Ok(WritePlan {
+            targets,
+            new,
+            active,
+            window: meta.window,
+            placed: 0,
+        })
+    }
+
+    /// Ends a write's registration as in flight (see [`ZoneMeta::writers`]).
+    fn unregister_writer(meta: &mut ZoneMeta, active: KeyVersion) {
+        if let Some(n) = meta.writers.get_mut(&active) {
+            *n -= 1;
+            if *n == 0 {
+                meta.writers.remove(&active);
+            }
+        }
     }
 
     /// Writes whole blocks of plaintext `plain` starting at block `first`,
@@ -247,89 +423,226 @@ impl Volume {
     async fn write_blocks(&self, first: u64, plain: &[u8]) -> Result<JournalSeq, ExportError> {
         let n = plain.len() / BLOCK_SIZE;
         let block = |i: usize| &plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        self.zone.note_io();
+        let crypto = self.zone.crypto();
         // All-zero blocks are unmapped rather than stored: they read as zeros
         // without touching a device, and block status can say so truthfully.
-        let nonzero: Vec<usize> = (0..n)
-            .filter(|&i| block(i).iter().any(|&b| b != 0))
+        let tags: Vec<Option<Tag>> = (0..n)
+            .map(|i| {
+                let b = block(i);
+                b.iter().any(|&x| x != 0).then(|| crypto.tagger().tag(b))
+            })
             .collect();
-        let (cbids, slots) = self.allocate(nonzero.len())?;
-        let result = self
-            .encrypt_and_write(plain, &nonzero, &cbids, &slots)
-            .await;
-        let tags = match result {
-            Ok(tags) => tags,
-            Err(e) => {
-                self.release_unrecorded(&cbids, &slots);
+        let mut plan = self.plan_write(&tags, true)?;
+        let mut written = 0;
+        loop {
+            if let Err(e) = self.place_and_write(plain, &mut plan, written).await {
+                self.abandon(&plan);
                 return Err(e);
             }
-        };
-        let active = self.zone.crypto.active();
-        let mut meta = self.zone.meta.lock();
-        let mut entries = Vec::with_capacity(n * 2 + 2);
-        let mut new_of_block: Vec<Option<(Cbid, CbRecord)>> = vec![None; n];
-        for (k, &i) in nonzero.iter().enumerate() {
-            let record = CbRecord {
-                slot: slots[k],
-                key_version: active,
-                refcount: 1,
-                tag: tags[k],
-            };
-            new_of_block[i] = Some((cbids[k], record));
+            written = plan.new.len();
+            // Under the zone lock: every shared block must still be live with
+            // the same content; one freed meanwhile is written after all.
+            let mut meta = self.zone.meta.lock();
+            let mut lost = false;
+            for (i, tag) in tags.iter().enumerate() {
+                if let Target::Shared(cbid) = plan.targets[i]
+                    && meta.cb(cbid).is_none_or(|r| Some(r.tag) != *tag)
+                {
+                    let tag = tag.expect("shared blocks are non-zero");
+                    let Some((f, _)) = meta.cbids.alloc_run(1) else {
+                        drop(meta);
+                        self.abandon(&plan);
+                        return Err(io_err("out of CBIDs"));
+                    };
+                    plan.targets[i] = Target::New(plan.new.len());
+                    plan.new.push(NewCb {
+                        cbid: Cbid(f),
+                        slot: Slot(0),
+                        staged: None,
+                        tag,
+                        block: i,
+                    });
+                    lost = true;
+                }
+            }
+            if !lost {
+                return self.record_write(&mut meta, first, &plan);
+            }
         }
-        let mut frees = Vec::new();
-        let mut changed_cbs: Changes = Changes::default();
-        let map = meta.volumes.get(&self.id).ok_or(ExportError::Shutdown)?;
-        let olds: Vec<Option<Cbid>> = (0..n).map(|i| map.get(Lba(first + i as u64))).collect();
-        for (i, new) in new_of_block.iter().enumerate() {
-            let lba = Lba(first + i as u64);
-            if let Some((cbid, record)) = new {
+    }
+
+    /// Allocates slots for the new content blocks from `from` on, encrypts
+    /// them (under both keys in a window) and writes them.
+    async fn place_and_write(
+        &self,
+        plain: &[u8],
+        plan: &mut WritePlan,
+        from: usize,
+    ) -> Result<(), ExportError> {
+        let count = plan.new.len() - from;
+        if count == 0 {
+            return Ok(());
+        }
+        let slots = self.allocate_slots(count)?;
+        for (nc, slot) in plan.new[from..].iter_mut().zip(slots) {
+            nc.slot = slot;
+        }
+        plan.placed = plan.new.len();
+        if let (Some(_), Some(staging)) = (plan.window, &self.storage.staging) {
+            let staged = staging.alloc_foreground(count as u64);
+            if (staged.len()) < count {
+                self.zone.stats
+                    .unstaged
+                    .fetch_add((count - staged.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            for (nc, slot) in plan.new[from..].iter_mut().zip(staged) {
+                nc.staged = Some(slot);
+            }
+        }
+        self.encrypt_and_write(plain, plan, from).await
+    }
+
+    /// Gives back everything a failed write reserved: nothing durable points to it.
+    fn abandon(&self, plan: &WritePlan) {
+        let mut meta = self.zone.meta.lock();
+        for nc in &plan.new {
+            meta.cbids.release_now(nc.cbid.0, 1);
+        }
+        Self::unregister_writer(&mut meta, plan.active);
+        drop(meta);
+        let placed = &plan.new[..plan.placed];
+        let mut alloc = self.storage.slots.lock();
+        for nc in placed {
+            alloc.release_now(nc.slot.0, 1);
+        }
+        drop(alloc);
+        if let Some(staging) = &self.storage.staging {
+            let staged: Vec<Slot> = placed.iter().filter_map(|nc| nc.staged).collect();
+            staging.release_now(&staged);
+        }
+    }
+
+    /// Moves the map and records the write in one journal frame, under the
+    /// zone lock the caller holds.
+    fn record_write(
+        &self,
+        meta: &mut ZoneMeta,
+        first: u64,
+        plan: &WritePlan,
+    ) -> Result<JournalSeq, ExportError> {
+        let n = plan.targets.len();
+        Self::unregister_writer(meta, plan.active);
+        // A staged copy is kept only if its key is still the window's next
+        // key or has become active; after an abort it is dropped.
+        let keep_staged = plan
+            .window
+            .is_some_and(|w| meta.window == Some(w) || meta.active == w);
+        let mut refs: rustc_hash::FxHashMap<usize, u32> = Default::default();
+        for t in &plan.targets {
+            if let Target::New(k) = t {
+                *refs.entry(*k).or_default() += 1;
+            }
+        }
+        let mut dropped_staging = Vec::new();
+        let mut entries = Vec::with_capacity(n * 2 + 2);
+        let mut changed = Changes::default();
+        for (k, nc) in plan.new.iter().enumerate() {
+            let Some(&refcount) = refs.get(&k) else {
+                // Replaced by a later plan entry (cannot happen) or unused.
+                continue;
+            };
+            let staged = match (nc.staged, plan.window) {
+                (Some(slot), Some(v)) if keep_staged => Some(StagedCopy {
+                    slot,
+                    key_version: v,
+                }),
+                (Some(slot), _) => {
+                    dropped_staging.push(slot);
+                    None
+                }
+                _ => None,
+            };
+            let record = CbRecord {
+                slot: nc.slot,
+                key_version: plan.active,
+                refcount,
+                tag: nc.tag,
+                staged,
+            };
+            entries.push(Entry::Cb {
+                zone: self.zone.id,
+                cbid: nc.cbid,
+                record,
+            });
+            changed.insert(nc.cbid, Some(record));
+            self.zone.heat.touch(nc.cbid);
+        }
+        // New references to shared blocks before dropping old ones, so a
+        // block rewritten with its own content never reaches zero.
+        for t in &plan.targets {
+            if let Target::Shared(cbid) = *t {
+                let mut r = changed
+                    .get(&cbid)
+                    .copied()
+                    .unwrap_or_else(|| meta.cb(cbid))
+                    .expect("checked live by the caller");
+                r.refcount += 1;
                 entries.push(Entry::Cb {
                     zone: self.zone.id,
-                    cbid: *cbid,
-                    record: *record,
+                    cbid,
+                    record: r,
                 });
-                changed_cbs.insert(*cbid, Some(*record));
+                changed.insert(cbid, Some(r));
+                self.zone.heat.touch(cbid);
             }
-            if olds[i].is_none() && new.is_none() {
+        }
+        let mut frees = Vec::new();
+        let map = meta.volumes.get(&self.id).ok_or(ExportError::Shutdown)?;
+        let olds: Vec<Option<Cbid>> = (0..n).map(|i| map.get(Lba(first + i as u64))).collect();
+        let new_of = |i: usize| match plan.targets[i] {
+            Target::Zero => None,
+            Target::New(k) => Some(plan.new[k].cbid),
+            Target::Shared(c) => Some(c),
+        };
+        for (i, old) in olds.iter().enumerate() {
+            let new = new_of(i);
+            if old.is_none() && new.is_none() {
                 continue;
             }
             entries.push(Entry::Map {
                 volume: self.id,
-                lba,
-                cbid: new.map(|(c, _)| c),
+                lba: Lba(first + i as u64),
+                cbid: new,
             });
         }
         for old in olds.into_iter().flatten() {
-            Self::unref(
-                &meta,
-                self.zone.id,
-                old,
-                &mut changed_cbs,
-                &mut entries,
-                &mut frees,
-            );
+            Self::unref(meta, self.zone.id, old, &mut changed, &mut entries, &mut frees);
         }
         let seq = self.journal.append(&entries);
-        for (cbid, record) in changed_cbs {
+        for (cbid, record) in changed {
             meta.set_cb(cbid, record, seq);
         }
         let map = meta.volumes.get_mut(&self.id).expect("checked above");
-        for (i, new) in new_of_block.iter().enumerate() {
-            map.set(Lba(first + i as u64), new.map(|(c, _)| c), seq);
+        for i in 0..n {
+            map.set(Lba(first + i as u64), new_of(i), seq);
         }
-        self.free_after(&mut meta, seq, &frees);
+        free_after(&self.storage, meta, seq, &frees);
+        if let Some(staging) = &self.storage.staging {
+            staging.release_now(&dropped_staging);
+        }
         Ok(seq)
     }
 
     /// Drops one reference to `cbid` (looking through changes made earlier
     /// in the same frame), recording the new record or its freeing.
-    fn unref(
+    pub(crate) fn unref(
         meta: &ZoneMeta,
         zone: crate::ids::ZoneId,
         cbid: Cbid,
         changed: &mut Changes,
         entries: &mut Vec<Entry>,
-        frees: &mut Vec<(Cbid, Slot)>,
+        frees: &mut Vec<Freed>,
     ) {
         let current = changed.get(&cbid).copied().unwrap_or_else(|| meta.cb(cbid));
         let Some(mut record) = current else {
@@ -340,48 +653,20 @@ impl Volume {
         if record.refcount == 0 {
             entries.push(Entry::CbFree { zone, cbid });
             changed.insert(cbid, None);
-            frees.push((cbid, record.slot));
+            frees.push(Freed {
+                cbid,
+                slot: record.slot,
+                staged: record.staged.map(|s| s.slot),
+            });
         } else {
             entries.push(Entry::Cb { zone, cbid, record });
             changed.insert(cbid, Some(record));
         }
     }
 
-    fn free_after(
-        &self,
-        meta: &mut crate::zone::ZoneMeta,
-        seq: JournalSeq,
-        frees: &[(Cbid, Slot)],
-    ) {
-        if frees.is_empty() {
-            return;
-        }
-        for (cbid, _) in frees {
-            meta.cbids.free_after(seq, cbid.0);
-        }
-        let mut slots = self.storage.slots.lock();
-        for (_, slot) in frees {
-            slots.free_after(seq, slot.0);
-        }
-    }
-
-    /// Reserves `n` CBIDs and `n` slots (in as few runs as the allocator gives).
-    fn allocate(&self, n: usize) -> Result<(Vec<Cbid>, Vec<Slot>), ExportError> {
-        let mut cbids = Vec::with_capacity(n);
+    /// Reserves `n` data slots (in as few runs as the allocator gives).
+    fn allocate_slots(&self, n: usize) -> Result<Vec<Slot>, ExportError> {
         let mut slots = Vec::with_capacity(n);
-        if n == 0 {
-            return Ok((cbids, slots));
-        }
-        {
-            let mut meta = self.zone.meta.lock();
-            while cbids.len() < n {
-                let (f, c) = meta
-                    .cbids
-                    .alloc_run((n - cbids.len()) as u64)
-                    .ok_or_else(|| io_err("out of CBIDs"))?;
-                cbids.extend((f..f + c).map(Cbid));
-            }
-        }
         let mut alloc = self.storage.slots.lock();
         while slots.len() < n {
             match alloc.alloc_run((n - slots.len()) as u64) {
@@ -390,41 +675,26 @@ impl Volume {
                     for s in &slots {
                         alloc.release_now(s.0, 1);
                     }
-                    drop(alloc);
-                    let mut meta = self.zone.meta.lock();
-                    for c in &cbids {
-                        meta.cbids.release_now(c.0, 1);
-                    }
                     return Err(ExportError::NoSpace("the data device is full".into()));
                 }
             }
         }
-        Ok((cbids, slots))
+        Ok(slots)
     }
 
-    /// Returns a failed write's reservation: nothing durable points to it.
-    fn release_unrecorded(&self, cbids: &[Cbid], slots: &[Slot]) {
-        let mut meta = self.zone.meta.lock();
-        for c in cbids {
-            meta.cbids.release_now(c.0, 1);
-        }
-        drop(meta);
-        let mut alloc = self.storage.slots.lock();
-        for s in slots {
-            alloc.release_now(s.0, 1);
-        }
-    }
-
-    /// Encrypts the chosen blocks into their slots and writes them, one
-    /// device write per run of consecutive slots. Returns the tags.
+    /// Encrypts the new content blocks from `from` on into their slots and
+    /// writes them, one device write per run of consecutive slots; in a
+    /// window also under the next key to their staging slots. A staging
+    /// failure is counted and the copy dropped: the write still succeeds
+    /// on the data device (migration re-encrypts the block after the flip).
     async fn encrypt_and_write(
         &self,
         plain: &[u8],
-        which: &[usize],
-        cbids: &[Cbid],
-        slots: &[Slot],
-    ) -> Result<Vec<crate::crypto::tag::Tag>, ExportError> {
-        if let Some(end) = slots.iter().map(|s| s.0 + 1).max() {
+        plan: &mut WritePlan,
+        from: usize,
+    ) -> Result<(), ExportError> {
+        let new = &plan.new[from..];
+        if let Some(end) = new.iter().map(|nc| nc.slot.0 + 1).max() {
             self.storage.ensure_slots(end).map_err(|e| match e {
                 crate::store::device::DeviceError::OutOfRange { .. } => {
                     ExportError::NoSpace(e.to_string())
@@ -432,40 +702,73 @@ impl Volume {
                 e => io_err(e),
             })?;
         }
-        let crypto = &self.zone.crypto;
-        let xts = crypto.xts(crypto.active()).ok_or_else(|| {
-            io_err(format!(
-                "the active key of zone {} is not available",
-                self.zone.name
-            ))
-        })?;
-        let mut tags = Vec::with_capacity(which.len());
-        let mut writes = Vec::new();
-        let mut k = 0;
-        while k < which.len() {
-            let mut len = 1;
-            while k + len < which.len() && slots[k + len].0 == slots[k].0 + len as u64 {
-                len += 1;
-            }
+        let crypto = self.zone.crypto();
+        let key = |v: KeyVersion| {
+            crypto.xts(v).ok_or_else(|| {
+                io_err(format!(
+                    "key version {v} of zone {} is not available",
+                    self.zone.name
+                ))
+            })
+        };
+        let xts = key(plan.active)?;
+        let staging = self.storage.staging.as_ref().filter(|_| plan.window.is_some());
+        let next = match plan.window {
+            Some(v) if staging.is_some() => Some(key(v)?),
+            _ => None,
+        };
+        let src = |nc: &NewCb| &plain[nc.block * BLOCK_SIZE..(nc.block + 1) * BLOCK_SIZE];
+        let mut data_writes = Vec::new();
+        for (start, len) in runs(new.iter().map(|nc| Some(nc.slot))) {
             let mut buf = self.storage.bufs.get(len);
-            for j in 0..len {
-                let src = &plain[which[k + j] * BLOCK_SIZE..(which[k + j] + 1) * BLOCK_SIZE];
-                tags.push(crypto.tagger().tag(src));
-                xts.encrypt(
-                    cbids[k + j].0,
-                    src,
-                    &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
-                );
+            for (j, nc) in new[start..start + len].iter().enumerate() {
+                xts.encrypt(nc.cbid.0, src(nc), &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]);
             }
-            writes.push(self.storage.data.write_at(Storage::offset(slots[k]), buf));
-            k += len;
+            data_writes.push(self.storage.data.write_at(Storage::offset(new[start].slot), buf));
         }
-        let mut outcome = Ok(tags);
-        for (res, buf) in join_all(writes).await {
+        let mut staging_writes = Vec::new();
+        let mut staging_runs = Vec::new();
+        if let (Some(staging), Some(next)) = (staging, next) {
+            if let Some(end) = new.iter().filter_map(|nc| nc.staged).map(|s| s.0 + 1).max()
+                && staging.ensure_slots(end).is_err()
+            {
+                // Treated like a failed staging write below.
+            }
+            for (start, len) in runs(new.iter().map(|nc| nc.staged)) {
+                let mut buf = self.storage.bufs.get(len);
+                for (j, nc) in new[start..start + len].iter().enumerate() {
+                    next.encrypt(nc.cbid.0, src(nc), &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]);
+                }
+                let slot = new[start].staged.expect("runs skip unstaged blocks");
+                staging_runs.push((start, len));
+                staging_writes.push(staging.device.write_at(Storage::offset(slot), buf));
+            }
+        }
+        let (data_results, staging_results) =
+            futures::future::join(join_all(data_writes), join_all(staging_writes)).await;
+        let mut outcome = Ok(());
+        for (res, buf) in data_results {
             if let Err(e) = res {
                 outcome = Err(io_err(e));
             }
             self.storage.bufs.put(buf);
+        }
+        let mut failed = Vec::new();
+        for ((start, len), (res, buf)) in staging_runs.into_iter().zip(staging_results) {
+            if let Err(e) = res {
+                tracing::warn!(zone = %self.zone.name, error = %e, blocks = len,
+                    "staging write failed; the blocks stay under the active key until migration");
+                self.zone.stats
+                    .staging_errors
+                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                for nc in &mut plan.new[from + start..from + start + len] {
+                    failed.extend(nc.staged.take());
+                }
+            }
+            self.storage.bufs.put(buf);
+        }
+        if let Some(staging) = &self.storage.staging {
+            staging.release_now(&failed);
         }
         outcome
     }
@@ -546,7 +849,7 @@ impl Volume {
         for &(lba, _) in olds {
             map.set(lba, None, seq);
         }
-        self.free_after(meta, seq, &frees);
+        free_after(&self.storage, meta, seq, &frees);
         Ok(Some(seq))
     }
 
@@ -589,6 +892,74 @@ impl Volume {
             self.journal.commit(seq).await.map_err(io_err)?;
         }
         Ok(())
+    }
+}
+
+/// Groups consecutive slots into runs `(start index, length)`; `None`
+/// entries belong to no run.
+fn runs(slots: impl Iterator<Item = Option<Slot>>) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize, u64)> = Vec::new();
+    for (i, s) in slots.enumerate() {
+        let Some(s) = s else { continue };
+        match out.last_mut() {
+            Some((start, len, first)) if *start + *len == i && *first + *len as u64 == s.0 => {
+                *len += 1
+            }
+            _ => out.push((i, 1, s.0)),
+        }
+    }
+    out.into_iter().map(|(s, l, _)| (s, l)).collect()
+}
+
+/// Decrypts one block of ciphertext under `version` and checks its tag.
+/// On failure `dst` is zeroed (never left holding unverified plaintext).
+fn decrypt_verify(
+    crypto: &ZoneCrypto,
+    loc: &Located,
+    version: KeyVersion,
+    src: &[u8],
+    dst: &mut [u8],
+) -> bool {
+    let Some(xts) = crypto.xts(version) else {
+        dst.fill(0);
+        return false;
+    };
+    xts.decrypt(loc.cbid.0, src, dst);
+    if crypto.tagger().verify(dst, &loc.record.tag) {
+        return true;
+    }
+    dst.fill(0);
+    false
+}
+
+/// Queues the content blocks and slots a frame freed, to be released once
+/// that frame is durable (invariant 7).
+pub(crate) fn free_after(storage: &Storage, meta: &mut ZoneMeta, seq: JournalSeq, frees: &[Freed]) {
+    if frees.is_empty() {
+        return;
+    }
+    for f in frees {
+        meta.cbids.free_after(seq, f.cbid.0);
+    }
+    free_slots_after(storage, seq, frees);
+}
+
+/// Queues the data and staging slots of `frees` (not their CBIDs: the
+/// content blocks moved, they were not freed), released once `seq` is durable.
+pub(crate) fn free_slots_after(storage: &Storage, seq: JournalSeq, frees: &[Freed]) {
+    if frees.is_empty() {
+        return;
+    }
+    let mut slots = storage.slots.lock();
+    for f in frees {
+        slots.free_after(seq, f.slot.0);
+    }
+    drop(slots);
+    if let Some(staging) = &storage.staging {
+        let mut slots = staging.slots.lock();
+        for s in frees.iter().filter_map(|f| f.staged) {
+            slots.free_after(seq, s.0);
+        }
     }
 }
 

@@ -771,7 +771,7 @@ fn table_records(path: &Path, record: usize) -> Vec<(u64, Vec<u8>)> {
 /// every mapped block points to a live content block, refcounts equal the
 /// references, no live content block is unreferenced (leak), no slot is
 /// claimed twice, and `allocated_bytes` equals `expect_blocks` blocks.
-/// Layouts: `store/table.rs` (header), `zone.rs` (48-byte CB records,
+/// Layouts: `store/table.rs` (header), `zone/mod.rs` (64-byte CB records,
 /// 8-byte map records holding CBID+1).
 fn check_pool(pool: &TestPool, expect_blocks: u64, ctx: &str) {
     let allocated = allocated_bytes(pool);
@@ -790,7 +790,7 @@ fn check_pool(pool: &TestPool, expect_blocks: u64, ctx: &str) {
         .unwrap();
     let (vid, zid) = (vol["id"].as_u64().unwrap(), vol["zone"].as_u64().unwrap());
     let map = table_records(&pool.path().join(format!("tables/vol-{vid}.map")), 8);
-    let cbs = table_records(&pool.path().join(format!("tables/zone-{zid}.cb")), 48);
+    let cbs = table_records(&pool.path().join(format!("tables/zone-{zid}.cb")), 64);
     let mut refs: HashMap<u64, u32> = HashMap::new();
     for (_, r) in &map {
         let cbid = u64::from_le_bytes(r[..8].try_into().unwrap()) - 1;
@@ -853,7 +853,7 @@ fn journal_generation(pool: &TestPool) -> u64 {
         .filter_map(|s| {
             let h = &j[s * 4096..s * 4096 + 64];
             let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-            (&h[..8] == b"KTJRNL01" && crc32c::crc32c(&h[..24]) == crc)
+            (&h[..8] == b"KTJRNL02" && crc32c::crc32c(&h[..24]) == crc)
                 .then(|| u64::from_le_bytes(h[8..16].try_into().unwrap()))
         })
         .max()
@@ -1241,7 +1241,7 @@ fn journal_frames(j: &[u8]) -> (u64, usize, Vec<(usize, usize)>) {
     for s in 0..2 {
         let h = &j[s * 4096..s * 4096 + 64];
         let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-        if &h[..8] == b"KTJRNL01" && crc32c::crc32c(&h[..24]) == crc {
+        if &h[..8] == b"KTJRNL02" && crc32c::crc32c(&h[..24]) == crc {
             let g = u64::from_le_bytes(h[8..16].try_into().unwrap());
             let c = u64::from_le_bytes(h[16..24].try_into().unwrap());
             if best.is_none_or(|b| g > b.0) {

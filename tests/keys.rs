@@ -46,8 +46,8 @@ fn kek_rotation_rewraps_keys_and_leaves_data_untouched() {
     assert_eq!(dek["state"], "active");
     assert_eq!(dek["wrapped_by_kek"], 1);
     assert_eq!(
-        dek["content_blocks"], 1280,
-        "4 MiB + 1 MiB of data in 4 KiB blocks: {dek}"
+        dek["content_blocks"], 2,
+        "4 MiB + 1 MiB of two patterns: dedup stores each 4 KiB block once: {dek}"
     );
 
     let data = pool.path().join("data");
@@ -220,7 +220,7 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
     assert!(err(&["keys", "destroy", "z1-dek-v7"]).contains("no key named"));
 
     // A rotation at key level (the flip itself comes with the rotation
-    // issue): DEK v2 active, v1 decrypt-only and still protecting 256 blocks.
+    // issue): DEK v2 active, v1 decrypt-only and still protecting the one (deduplicated) block.
     let pass = Passphrase::new(pool.passphrase.clone()).unwrap();
     let root = SealedFileProvider::open(&pool.path().join("keys/root.sealed"), &pass).unwrap();
     let path = pool.path().join("keys/zone-1.json");
@@ -231,7 +231,7 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
 
     let e = err(&["keys", "destroy", "z1-dek-v1"]);
     assert!(
-        e.contains("256 content blocks are still encrypted under it"),
+        e.contains("1 content blocks are still encrypted under it"),
         "{e}"
     );
     // Overwrite the data: the new blocks are under v2, v1 protects nothing.
@@ -245,7 +245,7 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
     let blocks = |id: &str| rows[id]["content_blocks"].clone();
     assert_eq!(
         (blocks("z1-dek-v1"), blocks("z1-dek-v2")),
-        (0.into(), 256.into())
+        (0.into(), 1.into())
     );
     let out = pool.keyturn_ok(&["keys", "destroy", "z1-dek-v1"]);
     assert!(out.contains("now destroyed"), "{out}");

@@ -138,6 +138,10 @@ pub struct RotationStatus {
     pub destroy_at_unix: Option<u64>,
     /// Whether the current rotation is an emergency one.
     pub emergency: bool,
+    /// Blocks decrypted and encrypted under another key since the server
+    /// started (staging and migration; destaging is not re-encryption).
+    #[serde(default)]
+    pub reencrypted_blocks: u64,
 }
 
 /// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.

@@ -218,15 +218,18 @@ pub enum Operation {
     DestroyKey,
     /// Mark a key compromised.
     CompromiseKey,
+    /// Emergency DEK rotation of a zone (compromise the active key, flip now).
+    EmergencyRotation,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 4] = [
+    pub const ALL: [Operation; 5] = [
         Self::RotateKek,
         Self::RotateRoot,
         Self::DestroyKey,
         Self::CompromiseKey,
+        Self::EmergencyRotation,
     ];
 
     /// The name used on the command line, in files and in the signed bytes.
@@ -236,6 +239,7 @@ impl Operation {
             Self::RotateRoot => "rotate-root",
             Self::DestroyKey => "destroy-key",
             Self::CompromiseKey => "compromise-key",
+            Self::EmergencyRotation => "emergency-rotation",
         }
     }
 }
@@ -256,7 +260,7 @@ impl FromStr for Operation {
             .ok_or_else(|| ApprovalError::Malformed {
                 what: "operation".into(),
                 reason: format!(
-                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key"
+                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation"
                 ),
             })
     }

@@ -116,6 +116,11 @@ impl KeyLabel {
         }
     }
 
+    /// The key id (`z{zone}-{purpose}-v{version}` for labels made by [`KeyLabel::new`]).
+    pub fn id(&self) -> String {
+        self.key_id.clone()
+    }
+
     /// The canonical byte encoding used as associated data (see module docs).
     pub fn to_aad(&self) -> Vec<u8> {
         let id = self.key_id.as_bytes();

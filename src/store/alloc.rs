@@ -70,6 +70,33 @@ impl IdAllocator {
         true
     }
 
+    /// Runs `(first, count)` of free ids below `end` (ids past the bitmap
+    /// are free). Pending frees count as used.
+    pub fn free_runs(&self, end: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut id = 0;
+        while id < end {
+            if !self.is_set(id) {
+                match out.last_mut() {
+                    Some((f, c)) if *f + *c == id => *c += 1,
+                    _ => out.push((id, 1)),
+                }
+            }
+            id += 1;
+            // Whole free words and the untracked tail go in one step.
+            if id >= self.capacity {
+                if id < end {
+                    match out.last_mut() {
+                        Some((f, c)) if *f + *c == id => *c += end - id,
+                        _ => out.push((id, end - id)),
+                    }
+                }
+                break;
+            }
+        }
+        out
+    }
+
     /// Number of ids in use, counting frees not yet durable.
     pub fn used(&self) -> u64 {
         self.used

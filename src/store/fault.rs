@@ -137,6 +137,38 @@ impl FaultPlan {
         self.state.ops.load(Ordering::Acquire)
     }
 
+    /// A plan for `device` from the `KEYTURN_FAULTS` environment variable,
+    /// for failure tests of the real binary: a comma-separated list of
+    /// `DEVICE:ACTION`, where ACTION is `fail-writes` (every write fails),
+    /// `fail-reads`, `fail-next-writes=N` or `fail-next-reads=N`. `None` when
+    /// nothing names `device`; unknown actions are ignored with a warning.
+    pub fn from_env(device: &str) -> Option<Self> {
+        let spec = std::env::var("KEYTURN_FAULTS").ok()?;
+        let mut plan = None;
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((dev, action)) = item.split_once(':') else {
+                tracing::warn!(item, "KEYTURN_FAULTS: expected DEVICE:ACTION");
+                continue;
+            };
+            if dev != device {
+                continue;
+            }
+            let p: &mut FaultPlan = plan.get_or_insert_with(FaultPlan::new);
+            let (name, n) = match action.split_once('=') {
+                Some((a, n)) => (a, n.parse::<u64>().ok()),
+                None => (action, None),
+            };
+            match (name, n) {
+                ("fail-writes", None) => p.fail_writes_in(0..u64::MAX),
+                ("fail-reads", None) => p.fail_next_reads(u64::MAX),
+                ("fail-next-writes", Some(n)) => p.fail_next_writes(n),
+                ("fail-next-reads", Some(n)) => p.fail_next_reads(n),
+                _ => tracing::warn!(item, "KEYTURN_FAULTS: unknown action"),
+            }
+        }
+        plan
+    }
+
     /// Decides the fate of one operation: `Some(EIO)` to fail it.
     pub(crate) fn check(&self, op: FaultOp, offset: u64, len: u64) -> Option<io::Error> {
         let s = &self.state;

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use crate::crypto::tag::Tag;
 use crate::ids::{Cbid, JournalSeq, KeyVersion, Lba, Slot, VolumeId, ZoneId};
 
-const MAGIC: &[u8; 8] = b"KTJRNL01";
+const MAGIC: &[u8; 8] = b"KTJRNL02";
 const HEADER_SLOT: u64 = 4096;
 const FRAMES_START: u64 = 8192;
 const FRAME_HEADER: usize = 24;
@@ -80,17 +80,71 @@ pub enum JournalError {
     Closed,
 }
 
+/// A content block's copy on the staging device, under the next DEK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StagedCopy {
+    /// Slot on the staging device.
+    pub slot: Slot,
+    /// Version of the DEK that encrypted this copy.
+    pub key_version: KeyVersion,
+}
+
+/// Which device a copy lives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// The data device.
+    Data,
+    /// The staging device.
+    Staging,
+}
+
+/// The copy of a content block that reads are served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LiveCopy {
+    /// Device.
+    pub place: Place,
+    /// Slot on that device.
+    pub slot: Slot,
+    /// DEK version of that copy.
+    pub key_version: KeyVersion,
+}
+
 /// One content block's record: where it lives and how to check it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CbRecord {
     /// Slot on the data device.
     pub slot: Slot,
-    /// Version of the DEK that encrypted it.
+    /// Version of the DEK that encrypted the data-device copy.
     pub key_version: KeyVersion,
     /// Number of logical blocks mapped to it (0 = free).
     pub refcount: u32,
     /// Keyed BLAKE3 of the plaintext.
     pub tag: Tag,
+    /// A copy under a newer DEK on the staging device, if staged.
+    pub staged: Option<StagedCopy>,
+}
+
+impl CbRecord {
+    /// The copy that holds the block's live ciphertext, given the zone's
+    /// active DEK version. A staged copy becomes live when the flip makes
+    /// its key active (or older than active): the flip itself touches no
+    /// record. Staged copies of an aborted window are cleared before any
+    /// later flip, so a version above the active one never turns live by
+    /// accident.
+    pub fn live(&self, active: KeyVersion) -> LiveCopy {
+        match self.staged {
+            Some(s) if s.key_version <= active => LiveCopy {
+                place: Place::Staging,
+                slot: s.slot,
+                key_version: s.key_version,
+            },
+            _ => LiveCopy {
+                place: Place::Data,
+                slot: self.slot,
+                key_version: self.key_version,
+            },
+        }
+    }
 }
 
 /// One metadata change.
@@ -114,18 +168,27 @@ pub enum Entry {
         /// Its record.
         record: CbRecord,
     },
-    /// Content block `cbid` of `zone` is free (its slot too).
+    /// Content block `cbid` of `zone` is free (its slots too).
     CbFree {
         /// Zone.
         zone: ZoneId,
         /// Content block.
         cbid: Cbid,
     },
+    /// The flip: DEK `to` becomes the active key of `zone`. One record, so
+    /// recovery sees the zone either before or after it.
+    Flip {
+        /// Zone.
+        zone: ZoneId,
+        /// The newly active DEK version.
+        to: KeyVersion,
+    },
 }
 
 const E_MAP: u8 = 1;
 const E_CB: u8 = 2;
 const E_CB_FREE: u8 = 3;
+const E_FLIP: u8 = 4;
 
 impl Entry {
     /// Appends the encoding of `self` to `out`.
@@ -145,11 +208,21 @@ impl Entry {
                 out.extend_from_slice(&record.key_version.0.to_le_bytes());
                 out.extend_from_slice(&record.refcount.to_le_bytes());
                 out.extend_from_slice(&record.tag.0);
+                let (slot, kv) = record
+                    .staged
+                    .map_or((0, 0), |s| (s.slot.0 + 1, s.key_version.0));
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&kv.to_le_bytes());
             }
             Entry::CbFree { zone, cbid } => {
                 out.push(E_CB_FREE);
                 out.extend_from_slice(&zone.0.to_le_bytes());
                 out.extend_from_slice(&cbid.0.to_le_bytes());
+            }
+            Entry::Flip { zone, to } => {
+                out.push(E_FLIP);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&to.0.to_le_bytes());
             }
         }
     }
@@ -160,8 +233,9 @@ impl Entry {
         while let Some((&kind, rest)) = p.split_first() {
             let need = match kind {
                 E_MAP => 20,
-                E_CB => 60,
+                E_CB => 72,
                 E_CB_FREE => 12,
+                E_FLIP => 8,
                 _ => return Err(JournalError::UnknownEntry { seq, kind }),
             };
             if rest.len() < need {
@@ -184,7 +258,15 @@ impl Entry {
                         key_version: KeyVersion(u32_at(20)),
                         refcount: u32_at(24),
                         tag: Tag(b[28..60].try_into().expect("32 bytes")),
+                        staged: u64_at(60).checked_sub(1).map(|slot| StagedCopy {
+                            slot: Slot(slot),
+                            key_version: KeyVersion(u32_at(68)),
+                        }),
                     },
+                },
+                E_FLIP => Entry::Flip {
+                    zone: ZoneId(u32_at(0)),
+                    to: KeyVersion(u32_at(4)),
                 },
                 _ => Entry::CbFree {
                     zone: ZoneId(u32_at(0)),
@@ -755,7 +837,15 @@ mod tests {
                     key_version: KeyVersion(1),
                     refcount: 1,
                     tag: Tag([i as u8; 32]),
+                    staged: (i % 2 == 1).then_some(StagedCopy {
+                        slot: Slot(i),
+                        key_version: KeyVersion(2),
+                    }),
                 },
+            },
+            Entry::Flip {
+                zone: ZoneId(1),
+                to: KeyVersion(i as u32 + 2),
             },
             Entry::Map {
                 volume: VolumeId(2),

@@ -20,6 +20,134 @@ use device::{Device, DeviceError};
 /// How much a growable data file is extended at a time.
 const GROW_STEP: u64 = 256 << 20;
 
+/// The staging device: fast storage for copies under the next DEK during
+/// a rotation window, with its own slot allocator bounded by the configured
+/// capacity.
+pub struct Staging {
+    /// The device.
+    pub device: Device,
+    /// A plain handle for fdatasync from the committer thread.
+    sync: File,
+    /// Which staging slots are in use.
+    pub slots: Mutex<IdAllocator>,
+    /// Slots the staging pipeline leaves free for foreground writes.
+    pub reserve: u64,
+    /// Capacity in slots.
+    pub capacity: u64,
+    growable: bool,
+}
+
+impl Staging {
+    /// Wraps an open staging device with `capacity` slots, `reserve` of them
+    /// kept for foreground writes.
+    pub fn new(device: Device, sync: File, growable: bool, capacity: u64, reserve: u64) -> Self {
+        let capacity = if growable {
+            capacity
+        } else {
+            capacity.min(device.size() / BLOCK_SIZE as u64)
+        };
+        Self {
+            device,
+            sync,
+            slots: Mutex::new(IdAllocator::new(capacity)),
+            reserve: reserve.min(capacity),
+            capacity,
+            growable,
+        }
+    }
+
+    /// Takes up to `want` slots for foreground writes (which may use the
+    /// reserve). Fewer (or none) when the area is full.
+    pub fn alloc_foreground(&self, want: u64) -> Vec<Slot> {
+        self.alloc(want, 0)
+    }
+
+    /// Takes up to `want` slots for the staging pipeline, leaving the
+    /// reserve free.
+    pub fn alloc_background(&self, want: u64) -> Vec<Slot> {
+        self.alloc(want, self.reserve)
+    }
+
+    fn alloc(&self, want: u64, keep: u64) -> Vec<Slot> {
+        let mut a = self.slots.lock();
+        let free = self.capacity.saturating_sub(a.used());
+        let mut n = want.min(free.saturating_sub(keep));
+        let mut out = Vec::with_capacity(n as usize);
+        while n > 0 {
+            let Some((f, c)) = a.alloc_run(n) else { break };
+            out.extend((f..f + c).map(Slot));
+            n -= c;
+        }
+        out
+    }
+
+    /// Returns slots nothing durable points to.
+    pub fn release_now(&self, slots: &[Slot]) {
+        let mut a = self.slots.lock();
+        for s in slots {
+            a.release_now(s.0, 1);
+        }
+    }
+
+    /// Slots in use (including frees not yet durable).
+    pub fn used(&self) -> u64 {
+        self.slots.lock().used()
+    }
+
+    /// Makes sure slots below `end` exist on the device.
+    pub fn ensure_slots(&self, end: u64) -> Result<(), DeviceError> {
+        let need = end * BLOCK_SIZE as u64;
+        if need <= self.device.size() || !self.growable {
+            return Ok(());
+        }
+        self.device
+            .ensure_size((need.div_ceil(GROW_STEP) * GROW_STEP).min(self.capacity * BLOCK_SIZE as u64).max(need))
+    }
+}
+
+/// Punches every free run of `slots` below the device's end, in chunks
+/// reserved from the allocator while they are punched.
+fn discard(slots: &Mutex<IdAllocator>, file: &File, size: u64) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const CHUNK: u64 = 1 << 16;
+    let end = size / BLOCK_SIZE as u64;
+    let mut total = 0;
+    let mut from = 0;
+    while from < end {
+        let to = (from + CHUNK).min(end);
+        let a = slots.lock();
+        let runs: Vec<(u64, u64)> = a
+            .free_runs(to)
+            .into_iter()
+            .filter_map(|(f, c)| {
+                let (s, e) = (f.max(from), (f + c).min(to));
+                (s < e).then_some((s, e - s))
+            })
+            .collect();
+        for &(f, c) in &runs {
+            let len = (c * BLOCK_SIZE as u64) as libc::off_t;
+            let off = (f * BLOCK_SIZE as u64) as libc::off_t;
+            // SAFETY: fallocate on an fd we own, with no memory arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            total += c;
+        }
+        drop(a);
+        from = to;
+    }
+    file.sync_data()?;
+    Ok(total)
+}
+
 /// The data device with its slot allocator.
 pub struct Storage {
     /// The data device.
@@ -32,6 +160,8 @@ pub struct Storage {
     pub bufs: bufpool::BufPool,
     /// Whether the device is a regular file we may grow.
     growable: bool,
+    /// The staging device, if the pool has one open.
+    pub staging: Option<Staging>,
 }
 
 impl Storage {
@@ -48,6 +178,21 @@ impl Storage {
             slots: Mutex::new(IdAllocator::new(limit)),
             bufs: bufpool::BufPool::default(),
             growable,
+            staging: None,
+        }
+    }
+
+    /// Adds the staging device.
+    pub fn with_staging(mut self, staging: Staging) -> Self {
+        self.staging = Some(staging);
+        self
+    }
+
+    /// The device a copy lives on.
+    pub fn device(&self, place: journal::Place) -> Option<&Device> {
+        match place {
+            journal::Place::Data => Some(&self.data),
+            journal::Place::Staging => self.staging.as_ref().map(|s| &s.device),
         }
     }
 
@@ -65,8 +210,25 @@ impl Storage {
         self.data.ensure_size(need.div_ceil(GROW_STEP) * GROW_STEP)
     }
 
-    /// fdatasync of the data device, for the journal committer.
+    /// Discards the free slots of the data and staging devices (punches
+    /// holes in files), so ciphertext under a destroyed key does not linger
+    /// in freed slots. Free runs are reserved while they are punched, so no
+    /// write can land in them meanwhile. Returns the slots discarded.
+    pub fn discard_free(&self) -> std::io::Result<u64> {
+        let mut total = discard(&self.slots, &self.data_sync, self.data.size())?;
+        if let Some(s) = &self.staging {
+            total += discard(&s.slots, &s.sync, s.device.size())?;
+        }
+        Ok(total)
+    }
+
+    /// fdatasync of the data and staging devices, for the journal committer
+    /// (a frame never becomes durable before the data it points to).
     pub fn sync_data(&self) -> std::io::Result<()> {
-        self.data_sync.sync_data()
+        self.data_sync.sync_data()?;
+        if let Some(s) = &self.staging {
+            s.sync.sync_data()?;
+        }
+        Ok(())
     }
 }

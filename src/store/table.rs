@@ -13,7 +13,7 @@
 //!                [0..8)   magic  b"KTTABLE1"
 //!                [8..12)  record size, u32 LE
 //!                [12..16) reserved, zero
-//!                [16..64) reserved, zero
+//!                [16..64) six u64 LE words for the table's owner (zero when new)
 //! offset 4096  : record 0, record 1, ... (record size bytes each)
 //! ```
 //! A record of all zeros means "empty" for every record type.
@@ -135,6 +135,19 @@ impl Table {
         self.len == 0
     }
 
+    /// Owner word `i` (0..6) of the header: state that is checkpointed with
+    /// the table (a zone keeps its active key version here).
+    pub fn header_word(&self, i: usize) -> u64 {
+        assert!(i < 6, "a table header has six owner words");
+        u64::from_le_bytes(self.map[16 + 8 * i..24 + 8 * i].try_into().expect("8 bytes"))
+    }
+
+    /// Sets owner word `i`; it reaches the disk with the next [`sync`](Self::sync).
+    pub fn set_header_word(&mut self, i: usize, v: u64) {
+        assert!(i < 6, "a table header has six owner words");
+        self.map[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+
     /// Record `index`, or `None` past the end (which reads as empty).
     pub fn get(&self, index: u64) -> Option<&[u8]> {
         if index >= self.len {
@@ -204,5 +217,11 @@ mod tests {
         let ids: Vec<u64> = t.iter_nonempty().map(|(i, _)| i).collect();
         assert_eq!(ids, vec![2, 5000]);
         assert!(matches!(Table::open(&p, 8), Err(TableError::Format { .. })));
+        let mut t = Table::open(&p, 16).unwrap();
+        assert_eq!(t.header_word(0), 0);
+        t.set_header_word(0, 42);
+        t.sync().unwrap();
+        drop(t);
+        assert_eq!(Table::open(&p, 16).unwrap().header_word(0), 42);
     }
 }

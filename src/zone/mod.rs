@@ -6,64 +6,90 @@
 //! checkpoint lives in overlays tagged with the journal sequence that made
 //! it; a checkpoint moves durable overlay entries into the mmap tables.
 //!
-//! Content-block table record (48 bytes, little-endian), indexed by CBID:
+//! Content-block table record (64 bytes, little-endian), indexed by CBID:
 //! ```text
 //! [0..8)   slot on the data device
-//! [8..12)  key version
+//! [8..12)  key version of the data-device copy
 //! [12..16) refcount (0 = free record)
 //! [16..48) tag: keyed BLAKE3 of the plaintext
+//! [48..56) staged copy: slot on the staging device + 1 (0 = none)
+//! [56..60) staged copy: key version
+//! [60..64) reserved, zero
 //! ```
+//! Header word 0 of the table holds the zone's active DEK version as of
+//! the checkpoint, so a flip whose journal record a checkpoint retired is
+//! not forgotten.
+
+pub mod heat;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
 use std::path::Path;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::crypto::tag::{Tag, Tagger};
 use crate::crypto::xts::Xts;
 use crate::ids::{Cbid, JournalSeq, KeyVersion, Lba, Slot, VolumeId, ZoneId};
 use crate::keys::secret::{DataKey, MacKey};
 use crate::store::alloc::IdAllocator;
-use crate::store::journal::CbRecord;
+use crate::store::journal::{CbRecord, LiveCopy, StagedCopy};
 use crate::store::table::{Table, TableError};
 
 /// Size of one content-block table record.
-pub const CB_RECORD: usize = 48;
+pub const CB_RECORD: usize = 64;
+/// Header word of the content-block table holding the active DEK version.
+const HEADER_ACTIVE: usize = 0;
 /// Size of one LBA map record.
 pub const MAP_RECORD: usize = 8;
 
-/// The keys a zone encrypts and verifies with, expanded and ready.
+/// The keys a zone encrypts and verifies with, expanded and ready. Which
+/// of them is active is block-map state (see [`ZoneMeta::active`]).
+#[derive(Clone)]
 pub struct ZoneCrypto {
-    active: KeyVersion,
-    xts: BTreeMap<KeyVersion, Xts>,
-    tagger: Tagger,
+    xts: BTreeMap<KeyVersion, Arc<Xts>>,
+    tagger: Arc<Tagger>,
 }
 
 impl ZoneCrypto {
     /// Expands the unwrapped keys of a zone.
-    pub fn new<'a>(
-        active: KeyVersion,
-        deks: impl IntoIterator<Item = (KeyVersion, &'a DataKey)>,
-        mac: &MacKey,
-    ) -> Self {
-        let xts = deks.into_iter().map(|(v, k)| (v, Xts::new(k))).collect();
+    pub fn new<'a>(deks: impl IntoIterator<Item = (KeyVersion, &'a DataKey)>, mac: &MacKey) -> Self {
+        let xts = deks
+            .into_iter()
+            .map(|(v, k)| (v, Arc::new(Xts::new(k))))
+            .collect();
         Self {
-            active,
             xts,
-            tagger: Tagger::new(mac),
+            tagger: Arc::new(Tagger::new(mac)),
         }
     }
 
-    /// The version new content blocks are encrypted under.
-    pub fn active(&self) -> KeyVersion {
-        self.active
+    /// This key set with DEK `version` added.
+    pub fn with_key(&self, version: KeyVersion, key: &DataKey) -> Self {
+        let mut next = self.clone();
+        next.xts.insert(version, Arc::new(Xts::new(key)));
+        next
+    }
+
+    /// This key set without DEK `version` (after it is destroyed).
+    pub fn without_key(&self, version: KeyVersion) -> Self {
+        let mut next = self.clone();
+        next.xts.remove(&version);
+        next
+    }
+
+    /// The versions held.
+    pub fn versions(&self) -> impl Iterator<Item = KeyVersion> + '_ {
+        self.xts.keys().copied()
     }
 
     /// The cipher for `version`, if that key is available.
     pub fn xts(&self, version: KeyVersion) -> Option<&Xts> {
-        self.xts.get(&version)
+        self.xts.get(&version).map(|x| &**x)
     }
 
     /// The zone's tagger.
@@ -160,6 +186,22 @@ pub struct ZoneMeta {
     pub cbids: IdAllocator,
     /// LBA maps of the zone's volumes.
     pub volumes: HashMap<VolumeId, VolumeMap>,
+    /// The DEK version new content blocks are encrypted under. Changed only
+    /// by a flip, under this lock, in the same step as its journal record.
+    pub active: KeyVersion,
+    /// The next DEK version while a rotation window is open: writes also
+    /// put a copy under it on the staging device.
+    pub window: Option<KeyVersion>,
+    /// Writes between allocation and record, by the key version they
+    /// encrypt under (the migrator waits for those under old keys).
+    pub writers: HashMap<KeyVersion, u32>,
+    /// Content index for dedup: tag prefix → content block (`None`: dedup off).
+    dedup: Option<HashMap<u64, Cbid>>,
+}
+
+/// The dedup index key of a tag.
+fn tag_key(tag: &Tag) -> u64 {
+    u64::from_le_bytes(tag.0[..8].try_into().expect("8 bytes"))
 }
 
 fn encode_cb(r: &CbRecord) -> [u8; CB_RECORD] {
@@ -167,7 +209,11 @@ fn encode_cb(r: &CbRecord) -> [u8; CB_RECORD] {
     b[..8].copy_from_slice(&r.slot.0.to_le_bytes());
     b[8..12].copy_from_slice(&r.key_version.0.to_le_bytes());
     b[12..16].copy_from_slice(&r.refcount.to_le_bytes());
-    b[16..].copy_from_slice(&r.tag.0);
+    b[16..48].copy_from_slice(&r.tag.0);
+    if let Some(s) = r.staged {
+        b[48..56].copy_from_slice(&(s.slot.0 + 1).to_le_bytes());
+        b[56..60].copy_from_slice(&s.key_version.0.to_le_bytes());
+    }
     b
 }
 
@@ -178,6 +224,12 @@ fn decode_cb(b: &[u8]) -> Option<CbRecord> {
         key_version: KeyVersion(u32::from_le_bytes(b[8..12].try_into().expect("4"))),
         refcount,
         tag: Tag(b[16..48].try_into().expect("32")),
+        staged: u64::from_le_bytes(b[48..56].try_into().expect("8"))
+            .checked_sub(1)
+            .map(|slot| StagedCopy {
+                slot: Slot(slot),
+                key_version: KeyVersion(u32::from_le_bytes(b[56..60].try_into().expect("4"))),
+            }),
     })
 }
 
@@ -189,12 +241,60 @@ impl ZoneMeta {
         } else {
             Table::open(path, CB_RECORD)?
         };
+        let active = KeyVersion(cb_table.header_word(HEADER_ACTIVE) as u32);
         Ok(Self {
             cb_table,
             cb_overlay: HashMap::default(),
             cbids: IdAllocator::new(u64::MAX),
             volumes: HashMap::default(),
+            active,
+            window: None,
+            writers: HashMap::default(),
+            dedup: None,
         })
+    }
+
+    /// Turns the content index on (built from every live record) or off.
+    pub fn set_dedup(&mut self, on: bool) {
+        self.dedup = on.then(|| {
+            let mut index = HashMap::default();
+            for (cbid, r) in self.live_records() {
+                index.entry(tag_key(&r.tag)).or_insert(cbid);
+            }
+            index
+        });
+    }
+
+    /// Whether dedup is on.
+    pub fn dedup_enabled(&self) -> bool {
+        self.dedup.is_some()
+    }
+
+    /// A live content block whose plaintext has tag `tag`, if dedup is on.
+    pub fn find_by_tag(&self, tag: &Tag) -> Option<(Cbid, CbRecord)> {
+        let cbid = *self.dedup.as_ref()?.get(&tag_key(tag))?;
+        self.cb(cbid)
+            .filter(|r| r.tag == *tag)
+            .map(|r| (cbid, r))
+    }
+
+    /// Takes a content block that failed an integrity check out of the
+    /// dedup index, so no new write shares the damaged copy (a rewrite of
+    /// the same content gets a fresh block and repairs the volume).
+    pub fn forget_damaged(&mut self, cbid: Cbid) {
+        let Some(tag) = self.cb(cbid).map(|r| r.tag) else {
+            return;
+        };
+        if let Some(index) = self.dedup.as_mut()
+            && index.get(&tag_key(&tag)) == Some(&cbid)
+        {
+            index.remove(&tag_key(&tag));
+        }
+    }
+
+    /// The live copy of a record under this zone's active key.
+    pub fn live(&self, record: &CbRecord) -> LiveCopy {
+        record.live(self.active)
     }
 
     /// The record of content block `cbid`, if it is live.
@@ -207,6 +307,18 @@ impl ZoneMeta {
 
     /// Records a change made by the journal frame `seq` (`None`: freed).
     pub fn set_cb(&mut self, cbid: Cbid, record: Option<CbRecord>, seq: JournalSeq) {
+        let old = self.dedup.as_ref().and_then(|_| self.cb(cbid));
+        if let Some(index) = self.dedup.as_mut() {
+            if let Some(old) = old
+                && record.is_none_or(|r| r.tag != old.tag)
+                && index.get(&tag_key(&old.tag)) == Some(&cbid)
+            {
+                index.remove(&tag_key(&old.tag));
+            }
+            if let Some(r) = &record {
+                index.entry(tag_key(&r.tag)).or_insert(cbid);
+            }
+        }
         self.cb_overlay.insert(cbid.0, (record, seq));
     }
 
@@ -250,6 +362,8 @@ impl ZoneMeta {
         for cbid in moved {
             self.cb_overlay.remove(&cbid);
         }
+        self.cb_table
+            .set_header_word(HEADER_ACTIVE, u64::from(self.active.0));
         self.cb_table.sync()?;
         for v in self.volumes.values_mut() {
             v.checkpoint(seq)?;
@@ -268,16 +382,79 @@ impl ZoneMeta {
     }
 }
 
+/// Data-path counters the rotation status reports.
+#[derive(Default)]
+pub struct ZoneStats {
+    /// Writes in a window acknowledged without a staged copy (staging full).
+    pub unstaged: std::sync::atomic::AtomicU64,
+    /// Staging writes that failed (the write was still acknowledged).
+    pub staging_errors: std::sync::atomic::AtomicU64,
+    /// Reads served from the other copy because the live one failed.
+    pub read_fallbacks: std::sync::atomic::AtomicU64,
+}
+
 /// A zone: its id, name, keys, and metadata.
 pub struct Zone {
     /// Numeric id.
     pub id: ZoneId,
     /// Name.
     pub name: String,
-    /// Keys in use.
-    pub crypto: ZoneCrypto,
+    /// Keys in use (replaced whole when a key is added or destroyed).
+    crypto: RwLock<Arc<ZoneCrypto>>,
     /// Metadata behind the zone lock.
     pub meta: Mutex<ZoneMeta>,
+    /// Access counters for staging priority.
+    pub heat: heat::Heat,
+    /// Serialises changes to the zone's key file (rotation, KEK re-wrap,
+    /// destroy) inside one process.
+    pub key_file_lock: Mutex<()>,
+    /// Milliseconds (since process start) of the last foreground I/O.
+    last_io: AtomicU64,
+    /// Data-path counters.
+    pub stats: ZoneStats,
+}
+
+/// Milliseconds since the first call in this process: a cheap clock for
+/// "when was this zone last busy".
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Zone {
+    /// A zone with its keys and metadata.
+    pub fn new(id: ZoneId, name: String, crypto: ZoneCrypto, meta: ZoneMeta) -> Self {
+        Self {
+            id,
+            name,
+            crypto: RwLock::new(Arc::new(crypto)),
+            meta: Mutex::new(meta),
+            heat: heat::Heat::default(),
+            key_file_lock: Mutex::new(()),
+            last_io: AtomicU64::new(0),
+            stats: ZoneStats::default(),
+        }
+    }
+
+    /// Notes foreground I/O (the rotation throttle backs off while a zone is busy).
+    pub fn note_io(&self) {
+        self.last_io.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the zone has gone without foreground I/O.
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_io.load(Ordering::Relaxed)))
+    }
+
+    /// The keys as they are now.
+    pub fn crypto(&self) -> Arc<ZoneCrypto> {
+        self.crypto.read().clone()
+    }
+
+    /// Replaces the key set.
+    pub fn set_crypto(&self, crypto: ZoneCrypto) {
+        *self.crypto.write() = Arc::new(crypto);
+    }
 }
 
 #[cfg(test)]
@@ -297,6 +474,10 @@ mod tests {
             key_version: KeyVersion(2),
             refcount: 1,
             tag: Tag([5; 32]),
+            staged: Some(StagedCopy {
+                slot: Slot(4),
+                key_version: KeyVersion(3),
+            }),
         };
         m.set_cb(Cbid(3), Some(rec), JournalSeq(1));
         m.set_cb(Cbid(4), Some(rec), JournalSeq(2));

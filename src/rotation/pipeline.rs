@@ -1,0 +1,513 @@
+//! The re-encryption pipeline, shared by staging (before the flip) and
+//! migration (after it): pick → read → decrypt/verify/encrypt → write →
+//! record, one thread per stage, joined by bounded channels so a slow stage
+//! holds the others back (back-pressure) and memory stays bounded.
+//!
+//! Every block is decrypted and its tag checked before its new copy is
+//! written, so the pipeline is also the verifier of what it moves. The
+//! record stage changes a content block only if its record is exactly the
+//! one the pick stage saw: a block rewritten, freed or moved meanwhile is
+//! skipped and its new slot given back, so the pipeline never races a
+//! foreground write into a wrong map. It never overwrites a slot a durable
+//! record points to: new copies go to freshly allocated slots.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use futures::future::join_all;
+use zeroize::Zeroize;
+
+use crate::ids::{BLOCK_SIZE, Cbid, KeyVersion, Slot};
+use crate::store::Storage;
+use crate::store::device::AlignedBuf;
+use crate::store::journal::{CbRecord, Entry, Journal, LiveCopy, Place, StagedCopy};
+use crate::volume::{Freed, free_slots_after};
+use crate::zone::Zone;
+
+use super::throttle::Throttle;
+
+/// What the pipeline does to each block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Put a copy under the window's next key on the staging device.
+    Stage {
+        /// The next DEK version.
+        next: KeyVersion,
+    },
+    /// Move the block under the active key to a new data-device slot
+    /// (re-encrypting, or destaging a staged copy as it is).
+    Migrate {
+        /// The active DEK version.
+        active: KeyVersion,
+    },
+}
+
+/// Counters shared with the status report.
+#[derive(Default)]
+pub struct Counters {
+    /// Blocks given a staged copy by the pipeline.
+    pub staged: AtomicU64,
+    /// Blocks moved under the active key since the flip.
+    pub migrated: AtomicU64,
+    /// Blocks decrypted and encrypted again under another key.
+    pub reencrypted: AtomicU64,
+    /// Blocks copied from staging to the data device without re-encryption.
+    pub destaged: AtomicU64,
+    /// Read, write or integrity errors met.
+    pub errors: AtomicU64,
+    /// Bytes processed (for the rate).
+    pub bytes: AtomicU64,
+    /// The last error, for the status.
+    pub last_error: parking_lot::Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %what, "rotation pipeline");
+        *self.last_error.lock() = Some(what);
+    }
+}
+
+/// What a pipeline run needs.
+pub struct Context {
+    /// The zone.
+    pub zone: Arc<Zone>,
+    /// Devices and allocators.
+    pub storage: Arc<Storage>,
+    /// The pool's journal.
+    pub journal: Arc<Journal>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Set to stop at the next batch.
+    pub stop: Arc<AtomicBool>,
+    /// Blocks whose staged copy failed: read their data copy instead.
+    pub avoid_staged: Arc<parking_lot::Mutex<rustc_hash::FxHashSet<Cbid>>>,
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every picked block was handled (some may have been skipped).
+    Done,
+    /// Stopped by the stop flag.
+    Stopped,
+    /// The staging area has no room left for the pipeline.
+    StagingFull,
+}
+
+/// One block in flight.
+struct Item {
+    cbid: Cbid,
+    record: CbRecord,
+    src: LiveCopy,
+    dst: Slot,
+    ok: bool,
+}
+
+/// A batch in flight.
+struct Job {
+    items: Vec<Item>,
+    /// Runs of items whose sources are consecutive slots on one device.
+    src_runs: Vec<(usize, usize)>,
+    src_bufs: Vec<AlignedBuf>,
+    /// Runs of items whose destinations are consecutive slots.
+    dst_runs: Vec<(usize, usize)>,
+    dst_bufs: Vec<AlignedBuf>,
+}
+
+fn runs_by(items: &[Item], key: impl Fn(&Item) -> (Place, u64)) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let (p, s) = key(it);
+        match out.last_mut() {
+            Some((start, len)) if {
+                let (p0, s0) = key(&items[*start]);
+                p0 == p && s0 + *len as u64 == s
+            } =>
+            {
+                *len += 1
+            }
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// Runs the pipeline over `batches` of candidate content blocks (best
+/// first) until they are exhausted, the stop flag is set or, when staging,
+/// the staging area is full. `throttle` paces the pick stage.
+pub fn run(
+    ctx: &Context,
+    mode: Mode,
+    batches: impl Iterator<Item = Vec<Cbid>>,
+    throttle: &mut Throttle,
+) -> Ended {
+    let busy_ns = Arc::new(AtomicU64::new(0));
+    let (to_read, read_rx) = bounded::<Job>(2);
+    let (to_crypt, crypt_rx) = bounded::<Job>(2);
+    let (to_write, write_rx) = bounded::<Job>(2);
+    let (to_record, record_rx) = bounded::<Job>(2);
+    std::thread::scope(|s| {
+        s.spawn(|| read_stage(ctx, read_rx, to_crypt));
+        let busy = busy_ns.clone();
+        s.spawn(move || crypt_stage(ctx, mode, crypt_rx, to_write, &busy));
+        s.spawn(|| write_stage(ctx, mode, write_rx, to_record));
+        s.spawn(|| record_stage(ctx, mode, record_rx));
+        pick_stage(ctx, mode, batches, throttle, &busy_ns, to_read)
+    })
+}
+
+fn pick_stage(
+    ctx: &Context,
+    mode: Mode,
+    batches: impl Iterator<Item = Vec<Cbid>>,
+    throttle: &mut Throttle,
+    busy_ns: &AtomicU64,
+    out: Sender<Job>,
+) -> Ended {
+    for batch in batches {
+        if ctx.stop.load(Ordering::Acquire) {
+            return Ended::Stopped;
+        }
+        let mut items = Vec::with_capacity(batch.len());
+        {
+            let meta = ctx.zone.meta.lock();
+            let avoid = ctx.avoid_staged.lock();
+            for cbid in batch {
+                let Some(record) = meta.cb(cbid) else { continue };
+                let live = meta.live(&record);
+                let src = match mode {
+                    Mode::Stage { next } => {
+                        if meta.window != Some(next)
+                            || record.staged.is_some()
+                            || live.key_version != meta.active
+                        {
+                            continue;
+                        }
+                        live
+                    }
+                    Mode::Migrate { active } => {
+                        if live.key_version == active && record.staged.is_none() {
+                            continue;
+                        }
+                        if live.place == Place::Staging && avoid.contains(&cbid) {
+                            LiveCopy {
+                                place: Place::Data,
+                                slot: record.slot,
+                                key_version: record.key_version,
+                            }
+                        } else {
+                            live
+                        }
+                    }
+                };
+                items.push(Item {
+                    cbid,
+                    record,
+                    src,
+                    dst: Slot(0),
+                    ok: true,
+                });
+            }
+        }
+        if items.is_empty() {
+            continue;
+        }
+        // Sources in slot order: runs of consecutive slots become one read.
+        items.sort_unstable_by_key(|it| (it.src.place == Place::Staging, it.src.slot));
+        let dsts = match mode {
+            Mode::Stage { .. } => {
+                let Some(staging) = &ctx.storage.staging else {
+                    return Ended::StagingFull;
+                };
+                let got = staging.alloc_background(items.len() as u64);
+                if got.is_empty() {
+                    return Ended::StagingFull;
+                }
+                if let Some(end) = got.iter().map(|s| s.0 + 1).max()
+                    && let Err(e) = staging.ensure_slots(end)
+                {
+                    staging.release_now(&got);
+                    ctx.counters.error(format!("staging device: {e}"));
+                    return Ended::StagingFull;
+                }
+                got
+            }
+            Mode::Migrate { .. } => match alloc_data(&ctx.storage, items.len()) {
+                Ok(got) => got,
+                Err(e) => {
+                    ctx.counters.error(e);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        items.truncate(dsts.len());
+        for (it, d) in items.iter_mut().zip(&dsts) {
+            it.dst = *d;
+        }
+        let n = items.len() as u64;
+        let src_runs = runs_by(&items, |it| (it.src.place, it.src.slot.0));
+        let dst_runs = runs_by(&items, |it| (Place::Data, it.dst.0));
+        let job = Job {
+            items,
+            src_runs,
+            src_bufs: Vec::new(),
+            dst_runs,
+            dst_bufs: Vec::new(),
+        };
+        if out.send(job).is_err() {
+            return Ended::Stopped;
+        }
+        let busy = Duration::from_nanos(busy_ns.swap(0, Ordering::Relaxed));
+        throttle.pace(&ctx.zone, n * BLOCK_SIZE as u64, busy);
+    }
+    Ended::Done
+}
+
+/// Data slots for migrated copies, growing the data file as needed.
+fn alloc_data(storage: &Storage, n: usize) -> Result<Vec<Slot>, String> {
+    let mut slots = Vec::with_capacity(n);
+    {
+        let mut a = storage.slots.lock();
+        while slots.len() < n {
+            match a.alloc_run((n - slots.len()) as u64) {
+                Some((f, c)) => slots.extend((f..f + c).map(Slot)),
+                None => {
+                    for s in &slots {
+                        a.release_now(s.0, 1);
+                    }
+                    return Err("the data device is full; migration waits for space".into());
+                }
+            }
+        }
+    }
+    if let Some(end) = slots.iter().map(|s| s.0 + 1).max()
+        && let Err(e) = storage.ensure_slots(end)
+    {
+        let mut a = storage.slots.lock();
+        for s in &slots {
+            a.release_now(s.0, 1);
+        }
+        return Err(format!("data device: {e}"));
+    }
+    Ok(slots)
+}
+
+fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>) {
+    for mut job in input {
+        let reads = job.src_runs.iter().map(|&(start, len)| {
+            let src = job.items[start].src;
+            let buf = ctx.storage.bufs.get(len);
+            async move {
+                match ctx.storage.device(src.place) {
+                    Some(dev) => dev.read_at(Storage::offset(src.slot), buf).await,
+                    None => (
+                        Err(crate::store::device::DeviceError::Io {
+                            op: "read",
+                            device: "staging".into(),
+                            offset: 0,
+                            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+                        }),
+                        buf,
+                    ),
+                }
+            }
+        });
+        let results = futures::executor::block_on(join_all(reads));
+        for (&(start, len), (res, buf)) in job.src_runs.iter().zip(results) {
+            if let Err(e) = res {
+                ctx.counters
+                    .error(format!("reading {len} block(s) to re-encrypt: {e}"));
+                for it in &mut job.items[start..start + len] {
+                    it.ok = false;
+                    if it.src.place == Place::Staging {
+                        ctx.avoid_staged.lock().insert(it.cbid);
+                    }
+                }
+            }
+            job.src_bufs.push(buf);
+        }
+        if out.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>, busy: &AtomicU64) {
+    let mut plain = vec![0u8; BLOCK_SIZE];
+    for mut job in input {
+        let started = Instant::now();
+        let crypto = ctx.zone.crypto();
+        let target = match mode {
+            Mode::Stage { next } => next,
+            Mode::Migrate { active } => active,
+        };
+        // Item index → (source run, offset in it).
+        let mut src_at = vec![(0usize, 0usize); job.items.len()];
+        for (r, &(start, len)) in job.src_runs.iter().enumerate() {
+            for j in 0..len {
+                src_at[start + j] = (r, j);
+            }
+        }
+        let mut dst_bufs = Vec::with_capacity(job.dst_runs.len());
+        for &(start, len) in &job.dst_runs {
+            let mut buf = ctx.storage.bufs.get(len);
+            for j in 0..len {
+                let it = &mut job.items[start + j];
+                if !it.ok {
+                    continue;
+                }
+                let (r, off) = src_at[start + j];
+                let src = &job.src_bufs[r][off * BLOCK_SIZE..(off + 1) * BLOCK_SIZE];
+                let dst = &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+                let (Some(from), Some(to)) = (crypto.xts(it.src.key_version), crypto.xts(target))
+                else {
+                    it.ok = false;
+                    ctx.counters.error(format!(
+                        "content block {}: key version {} or {target} is not available",
+                        it.cbid, it.src.key_version
+                    ));
+                    continue;
+                };
+                from.decrypt(it.cbid.0, src, &mut plain);
+                if !crypto.tagger().verify(&plain, &it.record.tag) {
+                    it.ok = false;
+                    ctx.counters.error(format!(
+                        "content block {} failed its integrity check on the {:?} device",
+                        it.cbid, it.src.place
+                    ));
+                    if it.src.place == Place::Staging {
+                        ctx.avoid_staged.lock().insert(it.cbid);
+                    }
+                    continue;
+                }
+                if it.src.key_version == target {
+                    // Destage: same key, same tweak, so the verified
+                    // ciphertext moves as it is.
+                    dst.copy_from_slice(src);
+                    ctx.counters.destaged.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    to.encrypt(it.cbid.0, &plain, dst);
+                    ctx.counters.reencrypted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            dst_bufs.push(buf);
+        }
+        plain.as_mut_slice().zeroize();
+        for b in job.src_bufs.drain(..) {
+            ctx.storage.bufs.put(b);
+        }
+        job.dst_bufs = dst_bufs;
+        busy.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if out.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>) {
+    for mut job in input {
+        let device = match mode {
+            Mode::Stage { .. } => ctx.storage.staging.as_ref().map(|s| &s.device),
+            Mode::Migrate { .. } => Some(&ctx.storage.data),
+        };
+        let Some(device) = device else { return };
+        let bufs = std::mem::take(&mut job.dst_bufs);
+        let writes = job
+            .dst_runs
+            .iter()
+            .zip(bufs)
+            .map(|(&(start, _), buf)| device.write_at(Storage::offset(job.items[start].dst), buf));
+        let results = futures::executor::block_on(join_all(writes));
+        for (&(start, len), (res, buf)) in job.dst_runs.iter().zip(results) {
+            if let Err(e) = res {
+                ctx.counters
+                    .error(format!("writing {len} re-encrypted block(s): {e}"));
+                for it in &mut job.items[start..start + len] {
+                    it.ok = false;
+                }
+            }
+            ctx.storage.bufs.put(buf);
+        }
+        if out.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>) {
+    for job in input {
+        let mut unused = Vec::new();
+        let mut entries = Vec::new();
+        let mut frees = Vec::new();
+        let mut changed = Vec::new();
+        let mut meta = ctx.zone.meta.lock();
+        for it in &job.items {
+            let current = meta.cb(it.cbid);
+            let still = it.ok && current == Some(it.record);
+            let record = match mode {
+                Mode::Stage { next } if still && meta.window == Some(next) => CbRecord {
+                    staged: Some(StagedCopy {
+                        slot: it.dst,
+                        key_version: next,
+                    }),
+                    ..it.record
+                },
+                Mode::Migrate { active } if still && meta.active == active => {
+                    frees.push(Freed {
+                        cbid: it.cbid,
+                        slot: it.record.slot,
+                        staged: it.record.staged.map(|s| s.slot),
+                    });
+                    CbRecord {
+                        slot: it.dst,
+                        key_version: active,
+                        staged: None,
+                        ..it.record
+                    }
+                }
+                _ => {
+                    unused.push(it.dst);
+                    continue;
+                }
+            };
+            entries.push(Entry::Cb {
+                zone: ctx.zone.id,
+                cbid: it.cbid,
+                record,
+            });
+            changed.push((it.cbid, record));
+        }
+        if !entries.is_empty() {
+            let seq = ctx.journal.append(&entries);
+            for (cbid, record) in &changed {
+                meta.set_cb(*cbid, Some(*record), seq);
+            }
+            free_slots_after(&ctx.storage, seq, &frees);
+        }
+        drop(meta);
+        let done = changed.len() as u64;
+        match mode {
+            Mode::Stage { .. } => {
+                ctx.counters.staged.fetch_add(done, Ordering::Relaxed);
+                if let Some(staging) = &ctx.storage.staging {
+                    staging.release_now(&unused);
+                }
+            }
+            Mode::Migrate { .. } => {
+                ctx.counters.migrated.fetch_add(done, Ordering::Relaxed);
+                let mut a = ctx.storage.slots.lock();
+                for s in &unused {
+                    a.release_now(s.0, 1);
+                }
+            }
+        }
+        ctx.counters
+            .bytes
+            .fetch_add(job.items.len() as u64 * BLOCK_SIZE as u64, Ordering::Relaxed);
+    }
+}

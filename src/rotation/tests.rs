@@ -1,0 +1,148 @@
+//! A whole rotation in one process: window, staging, flip, migration,
+//! destroy, with data checked at each step and the crypto-erase checked
+//! with the old key itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{DualControlSection, PoolConfig, Profile, ServerSection};
+use crate::crypto::xts::Xts;
+use crate::ids::{BLOCK_SIZE, KeyVersion};
+use crate::keys::passphrase::Passphrase;
+use crate::keys::sealed::{KdfParams, SealedFileProvider};
+use crate::keys::zone_keys::ZoneKeyFile;
+use crate::nbd::export::{Export, ExportCatalog};
+use crate::pool::{InitOptions, Pool, RootKeyChoice};
+
+fn block(i: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for (j, x) in b.chunks_mut(8).enumerate() {
+        x.copy_from_slice(&(i * 1_000_003 + j as u64).to_le_bytes());
+    }
+    b
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn full_rotation_stages_flips_migrates_and_erases() {
+    let dir = tempfile::tempdir().unwrap();
+    let pdir = dir.path().join("pool");
+    let pass = Passphrase::new("correct horse".into()).unwrap();
+    Pool::init(
+        &pdir,
+        &InitOptions {
+            data: None,
+            staging: None,
+            kdf: KdfParams::INSECURE_FAST,
+            root_key: RootKeyChoice::SealedFile,
+            server: ServerSection::default(),
+            dual_control: DualControlSection::default(),
+        },
+        &pass,
+    )
+    .unwrap();
+    let mut config = PoolConfig::load(&pdir.join("pool.toml")).unwrap();
+    config.rotation.grace_secs = 0;
+    config.rotation.batch_blocks = 32;
+    std::fs::write(pdir.join("pool.toml"), config.to_toml()).unwrap();
+    let profile = Profile::load("ci-2core").unwrap();
+    {
+        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
+        pool.create_zone("z").unwrap();
+        pool.create_volume("v", "z", 64 << 20).unwrap();
+    }
+    let pool = Arc::new(Pool::open(&pdir, &pass, &profile).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let vol = pool.open("v").unwrap();
+    // 600 distinct blocks, then 200 copies of one block (dedup: 1 content block).
+    rt.block_on(async {
+        for i in 0..600u64 {
+            vol.write(i * 4096, &block(i), false).await.unwrap();
+        }
+        for i in 600..800u64 {
+            vol.write(i * 4096, &block(7777), false).await.unwrap();
+        }
+        vol.flush().await.unwrap();
+    });
+    let expect = |i: u64| if i < 600 { block(i) } else { block(7777) };
+    let check_all = |ctx: &str| {
+        rt.block_on(async {
+            for i in 0..800u64 {
+                let mut got = vec![0u8; BLOCK_SIZE];
+                vol.read(i * 4096, &mut got).await.unwrap_or_else(|e| panic!("{ctx}: block {i}: {e}"));
+                assert!(got == expect(i), "{ctx}: block {i} reads wrong data");
+            }
+        })
+    };
+    let st = pool.rotation_status("z").unwrap();
+    assert_eq!(st.content_blocks, 601, "dedup stores the repeated block once");
+
+    // The old key, kept by the test to prove the crypto-erase later.
+    let provider = SealedFileProvider::open(&pdir.join("keys/root.sealed"), &pass).unwrap();
+    let ring = ZoneKeyFile::load(&Pool::zone_key_path(&pdir, crate::ids::ZoneId(1)))
+        .unwrap()
+        .unlock(&provider)
+        .unwrap();
+    let old_xts = Xts::new(ring.dek(KeyVersion(1)).unwrap());
+
+    pool.start_background();
+    let st = pool.rotation_prepare("z", None).unwrap();
+    assert_eq!(st.next_version, Some(2));
+    // A write in the window lands under both keys.
+    rt.block_on(async { vol.write(800 * 4096, &block(800), true).await.unwrap() });
+    wait_for("staging to finish", || {
+        let s = pool.rotation_status("z").unwrap();
+        s.staged_blocks == s.content_blocks
+    });
+    let st = pool.rotation_status("z").unwrap();
+    assert_eq!(st.reencrypted_blocks, 601, "each content block staged once (the shared one once)");
+    check_all("window");
+    let zone = pool.zones.read().values().next().unwrap().clone();
+    let before: Vec<_> = zone.meta.lock().live_records();
+
+    let st = pool.rotation_flip("z").unwrap();
+    assert_eq!(st.active_version, 2);
+    let old_blocks = st.keys.iter().find(|k| k.version == 1).map_or(0, |k| k.blocks);
+    assert_eq!(old_blocks, 0, "fully staged: nothing is under the old key after the flip");
+    check_all("after flip");
+
+    wait_for("migration and destroy", || {
+        let s = pool.rotation_status("z").unwrap();
+        s.phase == crate::admin::RotationPhase::Idle
+            && s.keys.iter().any(|k| k.version == 1 && k.state == "destroyed")
+    });
+    check_all("after migration");
+    let refs = pool.key_references(&zone);
+    assert_eq!(refs.get(&KeyVersion(1)), None, "nothing refers to the old key");
+    assert!(zone.crypto().xts(KeyVersion(1)).is_none(), "old key gone from memory");
+    let staging_used = pool.storage.staging.as_ref().unwrap().used();
+    assert_eq!(staging_used, 0, "destaging freed the staging area");
+
+    // Crypto-erase: no slot of either device decrypts under the old key to
+    // any block it held, nor does any staged copy under the next key linger.
+    let data = std::fs::read(pdir.join("data")).unwrap();
+    let mut plain = vec![0u8; BLOCK_SIZE];
+    let crypto = zone.crypto();
+    let tagger = crypto.tagger();
+    let mut hits = 0;
+    for (cbid, r) in &before {
+        let at = r.slot.0 as usize * BLOCK_SIZE;
+        if at + BLOCK_SIZE <= data.len() {
+            old_xts.decrypt(cbid.0, &data[at..at + BLOCK_SIZE], &mut plain);
+            if tagger.verify(&plain, &r.tag) {
+                hits += 1;
+            }
+        }
+    }
+    assert_eq!(hits, 0, "old-key ciphertext is still readable in {hits} data slots");
+    let staging = std::fs::read(pdir.join("staging")).unwrap();
+    assert!(staging.iter().all(|&b| b == 0), "the staging area was discarded");
+    pool.stop_background();
+}
