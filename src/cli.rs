@@ -1106,6 +1106,7 @@ fn serve(
     // Serving is not refused when the audit log cannot take records: the
     // pool already logged that loudly, and data availability comes first.
     let started = std::time::Instant::now();
+    pool.start_background();
     if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
         tracing::warn!(error = %e, "serve.start not recorded");
     }
@@ -1169,6 +1170,7 @@ fn serve(
         }
         anyhow::Ok(())
     });
+    pool.stop_background();
     let synced = pool.sync().context("final flush failed");
     let event = match (&result, &synced) {
         (Ok(()), Ok(())) => AuditEvent::ok("serve.stop"),

@@ -17,6 +17,8 @@ pub mod keys;
 pub mod nbd;
 pub mod pool;
 pub mod rotation;
+pub mod pool_admin;
+pub mod scrub;
 pub mod store;
 pub mod volume;
 pub mod zone;

@@ -1353,6 +1353,9 @@ impl Pool {
     ) -> Result<KekRotationReport> {
         let started = std::time::Instant::now();
         let id = self.zone_id(zone)?;
+        let z = self.zones.read().get(&id).cloned();
+        // One key-file writer at a time (a DEK rotation may run beside this).
+        let _k = z.as_ref().map(|z| z.key_file_lock.lock());
         let path = Self::zone_key_path(&self.dir, id);
         let mut file = ZoneKeyFile::load(&path)?;
         let resumed = file.kek_rotation().is_some();

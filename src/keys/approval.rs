@@ -432,6 +432,21 @@ impl Approval {
         Ok(())
     }
 
+    /// Parses a token's JSON text (as sent to the admin API); `what` names
+    /// it in errors.
+    pub fn from_json(what: &str, text: &str) -> Result<Self> {
+        if text.len() as u64 > FILE_LIMIT {
+            return Err(ApprovalError::Malformed {
+                what: what.into(),
+                reason: "too large".into(),
+            });
+        }
+        serde_json::from_str(text).map_err(|e| ApprovalError::Malformed {
+            what: what.into(),
+            reason: super::describe_json_error(&e),
+        })
+    }
+
     /// Reads a token file.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = fsutil::read_limited("approval token", path, FILE_LIMIT)?;
@@ -1004,14 +1019,40 @@ pub fn authorize(
     token_files: &[PathBuf],
     now: u64,
 ) -> Result<Authorized> {
+    authorize_with(pool_dir, policy, expected, now, || {
+        token_files.iter().map(|p| Approval::load(p)).collect()
+    })
+}
+
+/// [`authorize`] with the tokens' JSON texts (from the admin API) instead of files.
+pub fn authorize_json(
+    pool_dir: &Path,
+    policy: &DualControlSection,
+    expected: &Target,
+    tokens: &[String],
+    now: u64,
+) -> Result<Authorized> {
+    authorize_with(pool_dir, policy, expected, now, || {
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Approval::from_json(&format!("approval {}", i + 1), t))
+            .collect()
+    })
+}
+
+fn authorize_with(
+    pool_dir: &Path,
+    policy: &DualControlSection,
+    expected: &Target,
+    now: u64,
+    load: impl FnOnce() -> Result<Vec<Approval>>,
+) -> Result<Authorized> {
     // Ids as the tokens claim them: logged on refusal too, marked unverified.
     let mut claimed: Vec<String> = Vec::new();
     let mut nonce: Option<String> = None;
     let outcome = (|| {
-        let approvals = token_files
-            .iter()
-            .map(|p| Approval::load(p))
-            .collect::<Result<Vec<_>>>()?;
+        let approvals = load()?;
         claimed = approvals.iter().map(|a| a.operator.clone()).collect();
         nonce = approvals.first().map(|a| a.request.nonce.clone());
         let _lock = lock(pool_dir)?;

@@ -115,6 +115,8 @@ pub struct Rotations {
     zones: RwLock<BTreeMap<ZoneId, Arc<ZoneRotation>>>,
     scheduler: Mutex<Option<JoinHandle<()>>>,
     shutdown: Arc<AtomicBool>,
+    /// Each zone's last or running scrub.
+    pub(crate) scrubs: Mutex<BTreeMap<ZoneId, Arc<crate::scrub::Scrub>>>,
 }
 
 /// Block counts per key version, as the key layer asks for them.
