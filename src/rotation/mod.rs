@@ -63,6 +63,9 @@ pub struct ZoneRotation {
     op: Mutex<()>,
     /// (when, bytes) samples for the rate.
     rate: Mutex<(Instant, u64, f64)>,
+    /// When the last worker started (a migrator pass that leaves work
+    /// behind, say on a failing device, is retried at most once a second).
+    last_start: Mutex<Option<Instant>>,
 }
 
 impl ZoneRotation {
@@ -76,6 +79,7 @@ impl ZoneRotation {
             worker: Mutex::new(None),
             op: Mutex::new(()),
             rate: Mutex::new((Instant::now(), 0, 0.0)),
+            last_start: Mutex::new(None),
         }
     }
 
@@ -721,12 +725,21 @@ impl Pool {
             self.destroy_old_key(rot, p)?;
         }
         let st = rot.state.lock().clone();
-        if matches!(st.phase, Phase::Window | Phase::Migrating) && !st.paused && !rot.worker_running() {
-            self.start_worker(rot, &st);
+        if !matches!(st.phase, Phase::Window | Phase::Migrating) || st.paused || rot.worker_running() {
+            return Ok(());
         }
-        if st.phase == Phase::Migrating && !rot.worker_running() && self.migration_done(rot)? {
-            self.finish_migration(rot)?;
+        if st.phase == Phase::Migrating && self.migration_done(rot)? {
+            return self.finish_migration(rot);
         }
+        if rot
+            .last_start
+            .lock()
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        *rot.last_start.lock() = Some(Instant::now());
+        self.start_worker(rot, &st);
         Ok(())
     }
 
