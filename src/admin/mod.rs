@@ -142,6 +142,10 @@ pub struct RotationStatus {
     /// started (staging and migration; destaging is not re-encryption).
     #[serde(default)]
     pub reencrypted_blocks: u64,
+    /// How long the last flip took, from taking the zone lock to its journal
+    /// record being durable, in microseconds.
+    #[serde(default)]
+    pub last_flip_micros: Option<u64>,
 }
 
 /// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.

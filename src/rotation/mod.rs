@@ -340,6 +340,7 @@ impl Pool {
         st.phase = Phase::Migrating;
         st.next = None;
         st.flipped_unix = Some(unix_now());
+        st.flip_micros = Some(flip_time.as_micros() as u64);
         st.old_version = Some(old.0);
         st.emergency = emergency;
         {
@@ -655,6 +656,7 @@ impl Pool {
             destroy_at_unix: st.pending_destroy.iter().map(|p| p.due_unix).min(),
             emergency: st.emergency,
             reencrypted_blocks: c.reencrypted.load(Ordering::Relaxed),
+            last_flip_micros: st.flip_micros,
         })
     }
 

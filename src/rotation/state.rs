@@ -57,6 +57,8 @@ pub struct RotationState {
     pub reason: Option<String>,
     /// When the last flip happened.
     pub flipped_unix: Option<u64>,
+    /// How long the last flip took, in microseconds.
+    pub flip_micros: Option<u64>,
     /// The version the last flip moved away from.
     pub old_version: Option<u32>,
     /// Old DEKs waiting to be destroyed.

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# DEK rotation on an idle server, against cryptsetup reencrypt on the same
+# machine and data size (../shared/bench/reencrypt-speed.sh), interleaved
+# per repetition; medians reported.
+#
+#   stage    rotate prepare → every content block staged under the next key
+#            (read, decrypt, verify, encrypt, write to staging): MB/s
+#   flip     the flip itself (zone lock → durable journal record), in µs,
+#            for a small zone (64 MiB) and the full one (SIZE)
+#   destage  migration after a fully staged flip (verify, copy back): MB/s
+#   reenc    emergency rotation with nothing staged: the migrator
+#            re-encrypts the whole zone in place: MB/s
+#   cryptsetup-checksum / -none, dd-direct-write: from reencrypt-speed.sh
+#
+#   benches/rotation.sh                 # SIZE=1G REPS=3
+#   SIZE=256M REPS=1 CRYPTSETUP=0 benches/rotation.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+REPS=${REPS:-3}
+PORT=${PORT:-12070}
+CRYPTSETUP=${CRYPTSETUP:-1}
+PEERS=../shared/bench/reencrypt-speed.sh
+cargo build --release --quiet
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
+work=$(mktemp -d /tmp/keyturn-rotbench.XXXXXX)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+echo "bench-pass" > "$work/pass"
+opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+BYTES=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)([kKmMgG]?)',sys.argv[1]); print(int(m.group(1))*{'':1,'k':1<<10,'m':1<<20,'g':1<<30}[m.group(2).lower()])" "$SIZE")
+if [ "$CRYPTSETUP" = 1 ] && ! command -v cryptsetup >/dev/null; then
+    apt-get install -y -qq cryptsetup-bin >/dev/null
+fi
+head -c "$BYTES" /dev/urandom > "$work/random"
+csv="$work/results.csv"; echo "rep,variant,value,unit" > "$csv"
+
+status() { "$K" rotate status "${opts[@]}" --zone z --json; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+now() { date +%s.%N; }
+wait_for() { # python predicate on the status JSON `s`
+    for _ in $(seq 1 12000); do
+        if status | python3 -c "import json,sys; s=json.load(sys.stdin); sys.exit(0 if ($1) else 1)"; then return 0; fi
+        sleep 0.05
+    done
+    echo "timed out waiting for: $1" >&2; exit 1
+}
+
+pool_with() { # SIZE of data → a served pool at $PORT holding it
+    local size=$1
+    rm -rf "$work/pool"
+    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
+    python3 - "$work/pool/pool.toml" <<'EOF'
+import sys, re
+p = sys.argv[1]; t = open(p).read()
+t = re.sub(r"grace_secs = \d+", "grace_secs = 0", t)
+t = re.sub(r"staging_capacity_mib = \d+", "staging_capacity_mib = 4096", t)
+open(p, "w").write(t)
+EOF
+    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
+    "$K" volume create "${opts[@]}" --zone z --size "$size" vol0 >/dev/null 2>&1
+    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
+    pid=$!
+    for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+    head -c "$size" "$work/random" > "$work/src"
+    nbdcopy "$work/src" "nbd://127.0.0.1:$PORT/vol0"
+    sync
+}
+
+stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""; }
+
+for rep in $(seq 1 "$REPS"); do
+    # Flip time on a small zone.
+    pool_with 64M
+    "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
+    wait_for 's["staged_blocks"] == s["content_blocks"]'
+    "$K" rotate flip "${opts[@]}" --zone z >/dev/null
+    echo "$rep,flip-64M,$(status | field '["last_flip_micros"]'),us" >> "$csv"
+    stop
+
+    pool_with "$SIZE"
+    t0=$(now)
+    "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
+    wait_for 's["staged_blocks"] == s["content_blocks"]'
+    t1=$(now)
+    echo "$rep,stage,$(python3 -c "print(f'{$BYTES / ($t1 - $t0) / 1e6:.1f}')"),MB/s" >> "$csv"
+    "$K" rotate flip "${opts[@]}" --zone z >/dev/null
+    t2=$(now)
+    echo "$rep,flip-$SIZE,$(status | field '["last_flip_micros"]'),us" >> "$csv"
+    wait_for 's["phase"] == "idle" and s["staging_used_bytes"] == 0'
+    t3=$(now)
+    echo "$rep,destage,$(python3 -c "print(f'{$BYTES / ($t3 - $t2) / 1e6:.1f}')"),MB/s" >> "$csv"
+    t4=$(now)
+    "$K" rotate emergency "${opts[@]}" --zone z --reason "benchmark" >/dev/null
+    wait_for 's["phase"] == "idle"'
+    t5=$(now)
+    echo "$rep,reenc,$(python3 -c "print(f'{$BYTES / ($t5 - $t4) / 1e6:.1f}')"),MB/s" >> "$csv"
+    # Everything still reads back.
+    nbdcopy "nbd://127.0.0.1:$PORT/vol0" "$work/back"
+    cmp -s "$work/src" "$work/back" || { echo "DATA MISMATCH after rotation" >&2; exit 1; }
+    rm -f "$work/back"
+    stop
+
+    if [ "$CRYPTSETUP" = 1 ] && [ -x "$PEERS" ]; then
+        out="$work/peers-$rep"
+        SIZE=$SIZE REPS=1 MODES="checksum none" QEMU=0 DISK=1 OUTDIR="$out" "$PEERS" >/dev/null 2>&1 || true
+        tail -n +2 "$out/runs.csv" | while IFS=, read -r _ variant _ _ mbps _; do
+            echo "$rep,$variant,$mbps,MB/s" >> "$csv"
+        done
+    fi
+    tail -n +2 "$csv" | grep "^$rep," | sed 's/^/  /'
+done
+echo "== medians over $REPS repetition(s), SIZE=$SIZE"
+python3 - "$csv" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+by = {}
+for r in rows:
+    by.setdefault((r["variant"], r["unit"]), []).append(float(r["value"]))
+med = {k: statistics.median(v) for k, v in by.items()}
+for (v, u), m in sorted(med.items()):
+    print(f"  {v:28s} {m:10.1f} {u}   (n={len(by[(v, u)])})")
+def get(name):
+    return next((m for (v, u), m in med.items() if v == name), None)
+for ours in ("stage", "reenc", "destage"):
+    for peer in ("cryptsetup-checksum", "cryptsetup-none", "dd-direct-write"):
+        a, b = get(ours), get(peer)
+        if a and b:
+            print(f"  {ours} / {peer}: {a / b:.2f}x")
+EOF
