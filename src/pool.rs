@@ -465,6 +465,7 @@ impl Pool {
             root_key,
             server: opts.server.clone(),
             dual_control: opts.dual_control.clone(),
+            admin: crate::config::AdminSection::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {

@@ -4,8 +4,30 @@
 //! [`AdminBackend`] is the contract between the HTTP layer (which knows
 //! routes, authentication and JSON, nothing of keys or blocks) and the pool
 //! (which implements it). The types here are the JSON bodies.
+//!
+//! - [`http`]: the server (routes, authentication, errors);
+//! - [`client`]: the blocking client the CLI uses;
+//! - [`token`]: the bearer token and its file;
+//! - [`metrics`]: the Prometheus recorder and the rotation gauges.
+
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
+
+/// The body of every answer that is not a success:
+/// `{"error": "what went wrong", "kind": "not_found"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The message, for a person.
+    pub error: String,
+    /// What kind of failure: `not_found`, `invalid`, `conflict`,
+    /// `forbidden`, `internal` (from [`AdminError`]), or `unauthorized`,
+    /// `bad_request`, `payload_too_large`, `no_route`, `method_not_allowed`.
+    pub kind: String,
+}
 
 /// Errors an admin operation returns; each maps to one HTTP status.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
@@ -207,7 +229,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Rotation status of a zone.
     fn rotation_status(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Opens a rotation window (makes the next DEK, starts staging).
-    fn rotation_prepare(&self, zone: &str, req: &PrepareRequest) -> Result<RotationStatus, AdminError>;
+    fn rotation_prepare(
+        &self,
+        zone: &str,
+        req: &PrepareRequest,
+    ) -> Result<RotationStatus, AdminError>;
     /// Flips the zone to the next DEK now.
     fn rotation_flip(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Pauses the staging pipeline or migrator.
@@ -217,7 +243,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Aborts the window: discards staged copies and destroys the next key.
     fn rotation_abort(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Emergency rotation: compromise the active key, flip at once, migrate unthrottled.
-    fn rotation_emergency(&self, zone: &str, req: &EmergencyRequest) -> Result<RotationStatus, AdminError>;
+    fn rotation_emergency(
+        &self,
+        zone: &str,
+        req: &EmergencyRequest,
+    ) -> Result<RotationStatus, AdminError>;
     /// Starts a scrub of the zone (or returns the running one).
     fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError>;
     /// The running or last scrub of the zone.
@@ -225,7 +255,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// KEK rotation of a zone while serving (re-wraps the zone's keys; no
     /// data moves). `approvals` as in [`EmergencyRequest`]. Returns the
     /// report as JSON.
-    fn kek_rotate(&self, zone: &str, approvals: &[String]) -> Result<serde_json::Value, AdminError>;
+    fn kek_rotate(&self, zone: &str, approvals: &[String])
+    -> Result<serde_json::Value, AdminError>;
     /// Usage and dedup of every volume.
     fn volume_stats(&self) -> Vec<VolumeStats>;
     /// Health.
