@@ -16,6 +16,7 @@ use super::{
     ScrubStatus, VolumeStats,
 };
 use crate::config::{ConfigError, PoolConfig};
+use crate::keys::KeyError;
 
 /// File in the pool directory holding the running server's admin address.
 pub const ADDR_FILE: &str = "admin.addr";
@@ -101,7 +102,17 @@ impl AdminClient {
                 });
             }
         };
-        let token = AdminToken::load(&config.admin.token_path(dir))?;
+        // Every server writes the token file before it listens: without
+        // one, no server has run for this pool.
+        let token = match AdminToken::load(&config.admin.token_path(dir)) {
+            Err(TokenError::File(KeyError::NotFound { .. })) => {
+                return Err(ClientError::NotRunning {
+                    pool: dir.display().to_string(),
+                    addr,
+                });
+            }
+            t => t?,
+        };
         let agent = ureq::Agent::config_builder()
             // Loopback only: never through a proxy from the environment.
             .proxy(None)

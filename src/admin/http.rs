@@ -303,7 +303,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             b"" => b"{}",
             t if t.starts_with(b"{") => t,
             // serde would take a struct from an array, by position.
-            _ => return Err(ApiError::bad_request("bad JSON body: expected a JSON object")),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad JSON body: expected a JSON object",
+                ));
+            }
         };
         serde_json::from_slice(text)
             .map(Body)
