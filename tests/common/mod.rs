@@ -148,9 +148,13 @@ impl TestPool {
         });
         let mut base = None;
         let mut unix = None;
+        let mut admin = None;
         while base.is_none() || (extra.contains(&"--unix") && unix.is_none()) {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("admin: http://") {
+                        admin = Some(rest.trim_end_matches('/').to_string());
+                    }
                     if let Some(rest) = line.strip_prefix("ready: ") {
                         if rest.starts_with("nbd://") {
                             base = Some(rest.trim_end_matches('/').to_string());
@@ -172,6 +176,7 @@ impl TestPool {
             child: Some(child),
             base: base.unwrap(),
             unix,
+            admin,
             log,
         }
     }
@@ -193,6 +198,8 @@ pub struct Server {
     pub base: String,
     /// `nbd+unix:///EXPORT?socket=PATH` when a Unix socket was asked for.
     pub unix: Option<String>,
+    /// `host:port` of the admin API, from the `admin:` line (printed before `ready:`).
+    pub admin: Option<String>,
     /// Server log (stderr).
     pub log: PathBuf,
 }
