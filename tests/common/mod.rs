@@ -92,6 +92,20 @@ impl TestPool {
             .expect("run keyturn")
     }
 
+    /// Runs `keyturn <args> --pool DIR` without any passphrase source, stdin
+    /// not a terminal: for commands that need none (operator commands, the
+    /// admin API's).
+    pub fn keyturn_bare(&self, args: &[&str]) -> Output {
+        Command::new(keyturn_bin())
+            .args(args)
+            .arg("--pool")
+            .arg(self.path())
+            .env_remove("KEYTURN_PASSPHRASE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keyturn")
+    }
+
     /// Like [`TestPool::keyturn`], asserting success; returns stdout.
     pub fn keyturn_ok(&self, args: &[&str]) -> String {
         let out = self.keyturn(args);
