@@ -1298,10 +1298,13 @@ fn serve(
         for t in tasks {
             let _ = t.await;
         }
-        match admin.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "admin API server failed"),
-            Err(e) => tracing::error!(error = %e, "admin API task failed"),
+        // Bounded: a client stuck in the middle of a request must not hold
+        // the shutdown up.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), admin).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin API server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "admin API task failed"),
+            Err(_) => tracing::warn!("admin API requests still open after 5 s; closing them"),
         }
         anyhow::Ok(())
     });

@@ -478,6 +478,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn progress_lines_say_what_is_done() {
+        let mut s = RotationStatus {
+            zone: "z1".into(),
+            phase: RotationPhase::Window,
+            active_version: 1,
+            next_version: Some(2),
+            old_version: None,
+            keys: Vec::new(),
+            content_blocks: 1000,
+            staged_blocks: 420,
+            migrated_blocks: 0,
+            progress_percent: 42.0,
+            rate_bytes_per_sec: 2.0 * 1024.0 * 1024.0,
+            eta_secs: Some(200.0),
+            staging_used_bytes: 0,
+            staging_free_bytes: 0,
+            unstaged_writes: 0,
+            errors: 0,
+            last_error: None,
+            window_opened_unix: None,
+            flip_at_unix: None,
+            flipped_unix: None,
+            destroy_at_unix: None,
+            emergency: false,
+        };
+        assert_eq!(
+            progress_line(&s),
+            "42.0% staged (420/1000 blocks), 2.00 MiB/s, ETA 3m 20s"
+        );
+        s.phase = RotationPhase::Migrating;
+        s.migrated_blocks = 990;
+        s.progress_percent = 99.0;
+        s.eta_secs = None;
+        assert_eq!(
+            progress_line(&s),
+            "99.0% migrated (990/1000 blocks), 2.00 MiB/s, ETA unknown"
+        );
+    }
+
+    #[test]
     fn times_parse_as_unix_seconds() {
         assert_eq!(parse_time("1700000000").unwrap(), 1_700_000_000);
         assert_eq!(parse_time("2023-11-14T22:13:20Z").unwrap(), 1_700_000_000);
