@@ -1235,7 +1235,11 @@ fn serve(
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
+        // The admin port first: if it is taken, no NBD client was ever accepted.
+        let admin_listener = admin_http::bind(&listen_admin).await?;
+        let admin_addr = admin_listener.local_addr()?;
         let tcp = nbd::server::bind(&listen).await?;
+        crate::pool::write_atomic(&addr_file, format!("{admin_addr}\n").as_bytes())?;
         let addr = tcp.local_addr().to_string();
         let export = pool
             .catalog()
@@ -1261,9 +1265,6 @@ fn serve(
                 rx.clone(),
             )));
         }
-        let admin_listener = admin_http::bind(&listen_admin).await?;
-        let admin_addr = admin_listener.local_addr()?;
-        crate::pool::write_atomic(&addr_file, format!("{admin_addr}\n").as_bytes())?;
         let backend: Arc<dyn AdminBackend> = pool.clone();
         let admin = tokio::spawn(admin_http::serve(
             admin_listener,

@@ -321,6 +321,18 @@ fn the_admin_api_listens_on_loopback_only() {
             "{addr}"
         );
     }
+    // A taken admin port: nothing is served, and no admin.addr is left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let o = serve(&["--admin-listen", &port]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("cannot listen on {port} for the admin API")),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ready"));
+    assert!(!pool.path().join("admin.addr").exists());
     // The same from pool.toml.
     let toml = pool.path().join("pool.toml");
     let text = std::fs::read_to_string(&toml).unwrap();
