@@ -25,8 +25,7 @@ fn stdout(o: &Output) -> String {
 fn error_line(o: &Output) -> String {
     let e = strip_ansi_codes(&stderr(o));
     e.lines()
-        .filter(|l| l.contains("error"))
-        .next_back()
+        .rfind(|l| l.contains("error"))
         .unwrap_or("")
         .to_string()
 }
@@ -517,6 +516,7 @@ impl Demo {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("demo did not print a ready line");
                 }
             }
