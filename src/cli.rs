@@ -8,6 +8,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::admin::AdminBackend;
+use crate::admin::client::ADDR_FILE;
+use crate::admin::http as admin_http;
+use crate::admin::metrics::Exporter;
+use crate::admin::token::AdminToken;
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
 use crate::config::{DualControlSection, Profile, ServerSection};
@@ -20,6 +25,8 @@ use crate::keys::sealed::KdfParams;
 use crate::keys::zone_keys::KeyState;
 use crate::nbd;
 use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
+
+mod api;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 
@@ -62,6 +69,12 @@ enum Command {
     ApprovalRequest(ApprovalRequestArgs),
     /// Sign a request file with an operator key, producing an approval token.
     Approve(ApproveArgs),
+    /// DEK rotation of a zone, through the running server's admin API.
+    #[command(subcommand)]
+    Rotate(api::RotateCmd),
+    /// Check every content block of a zone (data and staged copies) through
+    /// the admin API; lists bad blocks and fails if there are any.
+    Scrub(api::ScrubArgs),
     /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
     Check {
         #[command(flatten)]
@@ -251,6 +264,14 @@ enum VolumeCmd {
         /// Volume name.
         name: String,
     },
+    /// Usage and dedup of every volume (from the running server, else the pool opened here).
+    Stats {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,17 +294,19 @@ enum KeysCmd {
         /// Key id.
         key: String,
     },
-    /// Rotate a zone's KEK: re-wrap its DEKs and MAC key under KEK v(n+1). Touches no volume data.
+    /// Rotate a zone's KEK: re-wrap its DEKs and MAC key under KEK v(n+1).
+    /// Touches no volume data. Through the running server's admin API when
+    /// one answers for the pool, else with the pool opened here.
     RotateKek {
         #[command(flatten)]
         pool: PoolArgs,
         /// Zone.
         #[arg(long)]
         zone: String,
-        /// Keys re-wrapped per atomic save.
+        /// Keys re-wrapped per atomic save (offline rotation only).
         #[arg(long, default_value_t = 64)]
         batch: usize,
-        /// Pause between batches, in milliseconds.
+        /// Pause between batches, in milliseconds (offline rotation only).
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
         /// An approval token (from `approve`); once per operator when the
@@ -342,6 +365,10 @@ struct ServeArgs {
     /// Hardware profile: a name from hw-profiles/ or a path to a profile file.
     #[arg(long)]
     profile: Option<String>,
+    /// Loopback address of the admin API [default: [admin] listen in
+    /// pool.toml, 127.0.0.1:10810; a free port when the NBD address has port 0].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -355,6 +382,9 @@ struct DemoArgs {
     /// Also listen on this Unix socket.
     #[arg(long)]
     unix: Option<PathBuf>,
+    /// Loopback address of the admin API [default: as for `serve`].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
 }
 
 /// Runs the command line and returns the process exit code.
@@ -498,7 +528,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             Pool::init_with(&a.pool.pool, &opts, secret.as_root())
                 .with_context(|| format!("cannot create pool {}", a.pool.pool.display()))?;
+            let token = new_admin_token(&a.pool.pool)?;
             println!("created pool {}", a.pool.pool.display());
+            println!("admin API token in {}", token.display());
             Ok(())
         }
         Command::Zone(ZoneCmd::Create { pool, name }) => {
@@ -583,8 +615,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(a) => {
             let secret = Secret::for_pool(&a.pool)?;
-            serve(&a.pool.pool, &secret, a.listen, a.unix, a.profile, None)
+            let listen = Listen {
+                nbd: a.listen,
+                unix: a.unix,
+                admin: a.admin_listen,
+            };
+            serve(&a.pool.pool, &secret, listen, a.profile, None)
         }
+        Command::Volume(VolumeCmd::Stats { pool, json }) => api::volume_stats(&pool, json),
+        Command::Rotate(cmd) => api::rotate(cmd),
+        Command::Scrub(a) => api::scrub(a),
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
         Command::Audit(AuditCmd::Verify { pool, json }) => audit_verify(&pool, json),
@@ -731,6 +771,10 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             pause_ms,
             approvals,
         } => {
+            if let Some(report) = api::rotate_kek_online(&pool.pool, &zone, &approvals)? {
+                print_kek_report(&report);
+                return Ok(());
+            }
             let p = open_pool(&pool, &default_profile()?)?;
             let pause = std::time::Duration::from_millis(pause_ms);
             let policy = p.config().dual_control.clone();
@@ -750,17 +794,39 @@ fn keys(cmd: KeysCmd) -> Result<()> {
                 p.rotate_kek(&zone, batch, pause)
             }
             .with_context(|| format!("KEK rotation of zone {zone:?} failed"))?;
-            println!(
-                "zone {}: KEK v{} active, {} keys re-wrapped{}, destroyed {:?}, {:.3} s",
-                report.zone,
-                report.new_version,
-                report.rewrapped,
-                if report.resumed { " (resumed)" } else { "" },
-                report.destroyed,
-                report.elapsed.as_secs_f64()
-            );
+            print_kek_report(&serde_json::to_value(&report)?);
             Ok(())
         }
+    }
+}
+
+/// Prints a KEK rotation report, from this process or from the server:
+/// one line when it has the fields of [`crate::pool::KekRotationReport`],
+/// else the JSON as it came.
+fn print_kek_report(report: &serde_json::Value) {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        zone: String,
+        new_version: u32,
+        rewrapped: usize,
+        destroyed: Vec<String>,
+        resumed: bool,
+        elapsed: std::time::Duration,
+    }
+    match serde_json::from_value::<Line>(report.clone()) {
+        Ok(r) => println!(
+            "zone {}: KEK v{} active, {} keys re-wrapped{}, destroyed {:?}, {:.3} s",
+            r.zone,
+            r.new_version,
+            r.rewrapped,
+            if r.resumed { " (resumed)" } else { "" },
+            r.destroyed,
+            r.elapsed.as_secs_f64()
+        ),
+        Err(_) => println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_else(|_| report.to_string())
+        ),
     }
 }
 
@@ -1037,6 +1103,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         };
         Pool::init(&dir, &opts, &pass)
             .with_context(|| format!("cannot create demo pool in {}", dir.display()))?;
+        new_admin_token(&dir)?;
         let pool = Pool::open(&dir, &pass, &default_profile()?)?;
         pool.create_zone("demo")?;
         pool.create_volume("vol0", "demo", 1 << 30)?;
@@ -1052,14 +1119,12 @@ fn demo(a: DemoArgs) -> Result<()> {
     }
     let pass = Passphrase::resolve(Some(&pass_file), PASS_ENV, false)
         .with_context(|| format!("the demo keeps its passphrase in {}", pass_file.display()))?;
-    serve(
-        &dir,
-        &Secret::Passphrase(pass),
-        Some(a.listen),
-        a.unix,
-        None,
-        Some(()),
-    )
+    let listen = Listen {
+        nbd: Some(a.listen),
+        unix: a.unix,
+        admin: a.admin_listen,
+    };
+    serve(&dir, &Secret::Passphrase(pass), listen, None, Some(()))
 }
 
 fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
@@ -1075,11 +1140,49 @@ fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes a fresh admin API token into the new pool in `dir`; returns its path.
+fn new_admin_token(dir: &Path) -> Result<PathBuf> {
+    let config = crate::config::PoolConfig::load(&dir.join("pool.toml"))?;
+    let path = config.admin.token_path(dir);
+    AdminToken::create(&path)
+        .with_context(|| format!("cannot write the admin API token {}", path.display()))?;
+    Ok(path)
+}
+
+/// Where `serve` listens; `None` takes pool.toml's setting.
+struct Listen {
+    nbd: Option<String>,
+    unix: Option<PathBuf>,
+    admin: Option<String>,
+}
+
+/// The admin API address: `--admin-listen`, else pool.toml's; with port 0
+/// when the NBD address has port 0 (a free port for each), so that servers
+/// started that way never collide on the admin port.
+fn admin_listen(
+    given: Option<String>,
+    nbd: &str,
+    config: &crate::config::AdminSection,
+) -> Result<String> {
+    if let Some(addr) = given {
+        return Ok(addr);
+    }
+    let nbd_port_0 = nbd
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse() == Ok(0u16));
+    if !nbd_port_0 {
+        return Ok(config.listen.clone());
+    }
+    let mut addr = admin_http::loopback_addr(&config.listen)
+        .with_context(|| format!("[admin] listen in pool.toml is {:?}", config.listen))?;
+    addr.set_port(0);
+    Ok(addr.to_string())
+}
+
 fn serve(
     dir: &Path,
     secret: &Secret,
-    listen: Option<String>,
-    unix: Option<PathBuf>,
+    listen: Listen,
     profile: Option<String>,
     demo: Option<()>,
 ) -> Result<()> {
@@ -1091,8 +1194,24 @@ fn serve(
     }
     let config = crate::config::PoolConfig::load(&dir.join("pool.toml"))?;
     let profile = Profile::load(profile.as_deref().unwrap_or(&config.server.profile))?;
-    let listen = listen.unwrap_or(config.server.listen.clone());
-    let unix = unix.or(config.server.unix.clone());
+    let unix = listen.unix.or(config.server.unix.clone());
+    let listen_admin = admin_listen(
+        listen.admin,
+        listen.nbd.as_deref().unwrap_or(&config.server.listen),
+        &config.admin,
+    )?;
+    let listen = listen.nbd.unwrap_or(config.server.listen.clone());
+    // Refused before anything is opened: the admin API is loopback only.
+    admin_http::loopback_addr(&listen_admin)?;
+    let token_path = config.admin.token_path(dir);
+    let token = AdminToken::load_or_create(&token_path).with_context(|| {
+        format!(
+            "cannot read or create the admin API token {}",
+            token_path.display()
+        )
+    })?;
+    let exporter = Exporter::install()?;
+    let addr_file = dir.join(ADDR_FILE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(profile.server.worker_threads.max(1))
         .thread_name("keyturn-worker")
@@ -1117,7 +1236,11 @@ fn serve(
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
+        // The admin port first: if it is taken, no NBD client was ever accepted.
+        let admin_listener = admin_http::bind(&listen_admin).await?;
+        let admin_addr = admin_listener.local_addr()?;
         let tcp = nbd::server::bind(&listen).await?;
+        crate::pool::write_atomic(&addr_file, format!("{admin_addr}\n").as_bytes())?;
         let addr = tcp.local_addr().to_string();
         let export = pool
             .catalog()
@@ -1143,6 +1266,14 @@ fn serve(
                 rx.clone(),
             )));
         }
+        let backend: Arc<dyn AdminBackend> = pool.clone();
+        let admin = tokio::spawn(admin_http::serve(
+            admin_listener,
+            backend,
+            token,
+            exporter,
+            rx.clone(),
+        ));
         let uri = format!("nbd://{addr}/{export}");
         if demo.is_some() {
             // On stdout, before the ready line: what a person (or a script) needs.
@@ -1155,6 +1286,7 @@ fn serve(
             );
         }
         let mut out = std::io::stdout().lock();
+        writeln!(out, "admin: http://{admin_addr}/")?;
         writeln!(out, "ready: nbd://{addr}/")?;
         if let Some(u) = &unix_uri {
             writeln!(out, "ready: {u}")?;
@@ -1168,9 +1300,22 @@ fn serve(
         for t in tasks {
             let _ = t.await;
         }
+        // Bounded: a client stuck in the middle of a request must not hold
+        // the shutdown up.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), admin).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin API server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "admin API task failed"),
+            Err(_) => tracing::warn!("admin API requests still open after 5 s; closing them"),
+        }
         anyhow::Ok(())
     });
     pool.stop_background();
+    if let Err(e) = std::fs::remove_file(&addr_file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(file = %addr_file.display(), error = %e, "cannot remove the admin address file");
+    }
     let synced = pool.sync().context("final flush failed");
     let event = match (&result, &synced) {
         (Ok(()), Ok(())) => AuditEvent::ok("serve.stop"),

@@ -52,6 +52,10 @@ pub struct PoolConfig {
     /// DEK rotation: staging area, throttle, grace period.
     #[serde(default)]
     pub rotation: RotationSection,
+    /// The admin HTTP API. Defaulted so pools made before it existed still
+    /// parse (on the default address, with the default token file).
+    #[serde(default)]
+    pub admin: AdminSection,
 }
 
 /// `[rotation]` in `pool.toml`: how DEK rotations use the staging device
@@ -94,6 +98,36 @@ impl Default for RotationSection {
     }
 }
 
+/// `[admin]` in `pool.toml`: where the admin API listens (loopback only)
+/// and which file holds its bearer token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Loopback address and port of the admin API (port 0 picks a free one).
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// The bearer token file, relative to the pool directory unless absolute.
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:10810".into()
+}
+
+fn default_token_file() -> PathBuf {
+    "admin.token".into()
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_file: default_token_file(),
+        }
+    }
+}
+
 impl RotationSection {
     /// Checks the values make sense.
     pub fn validate(&self) -> Result<(), String> {
@@ -113,6 +147,13 @@ impl RotationSection {
             return Err("rotation.staging_reserve_mib exceeds staging_capacity_mib".into());
         }
         Ok(())
+    }
+}
+
+impl AdminSection {
+    /// The token file of the pool in `pool_dir`.
+    pub fn token_path(&self, pool_dir: &Path) -> PathBuf {
+        pool_dir.join(&self.token_file)
     }
 }
 
@@ -378,6 +419,7 @@ mod tests {
                 approvals: 3,
             },
             rotation: RotationSection::default(),
+            admin: AdminSection::default(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);
@@ -389,6 +431,41 @@ mod tests {
         assert_eq!(old.dual_control, DualControlSection::default());
         assert!(!old.dual_control.required);
         assert!(toml::from_str::<PoolConfig>("format = 1\nbogus = 2").is_err());
+    }
+
+    const SEALED: &str = "format = 1\ndata = \"data\"\nstaging = \"staging\"\n\
+                          [root_key]\nprovider = \"sealed-file\"\npath = \"k\"\n";
+
+    #[test]
+    fn admin_section_defaults_and_overrides() {
+        // A pool.toml from before the admin API: the defaults.
+        let old: PoolConfig = toml::from_str(SEALED).unwrap();
+        assert_eq!(old.admin.listen, "127.0.0.1:10810");
+        assert_eq!(
+            old.admin.token_path(Path::new("/srv/pool")),
+            Path::new("/srv/pool/admin.token")
+        );
+        // One field given, the other defaulted; an absolute token path stays.
+        let c: PoolConfig = toml::from_str(&format!(
+            "{SEALED}[admin]\ntoken_file = \"/etc/kt.token\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:10810");
+        assert_eq!(
+            c.admin.token_path(Path::new("/srv/pool")),
+            Path::new("/etc/kt.token")
+        );
+        let c: PoolConfig =
+            toml::from_str(&format!("{SEALED}[admin]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:0");
+        let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.admin, c.admin);
+        assert!(c.to_toml().contains("[admin]"), "{}", c.to_toml());
+        // Typos are refused, not ignored.
+        let err = toml::from_str::<PoolConfig>(&format!("{SEALED}[admin]\nlisten_addr = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! [`zone`] (content blocks, keys in use) → [`crypto`] (pure functions) →
 //! [`store`] (devices, journal, tables, allocators). [`keys`] holds the key
 //! hierarchy; [`audit`] is the tamper-evident audit log; [`pool`] ties a pool
-//! directory together; [`cli`] is the edge.
+//! directory together; [`admin`] is the admin HTTP API (served by
+//! `keyturn serve`, implemented for the pool in `pool_admin.rs`) and its
+//! metrics; [`cli`] is the edge.
 
 pub mod admin;
 pub mod audit;

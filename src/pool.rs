@@ -485,6 +485,7 @@ impl Pool {
             server: opts.server.clone(),
             dual_control: opts.dual_control.clone(),
             rotation: Default::default(),
+            admin: crate::config::AdminSection::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {

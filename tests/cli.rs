@@ -25,8 +25,7 @@ fn stdout(o: &Output) -> String {
 fn error_line(o: &Output) -> String {
     let e = strip_ansi_codes(&stderr(o));
     e.lines()
-        .filter(|l| l.contains("error"))
-        .next_back()
+        .rfind(|l| l.contains("error"))
         .unwrap_or("")
         .to_string()
 }
@@ -517,6 +516,7 @@ impl Demo {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("demo did not print a ready line");
                 }
             }
@@ -579,7 +579,35 @@ fn demo_keeps_its_data_across_restarts() {
 #[test]
 fn help_of_every_subcommand() {
     let cases: &[(&[&str], &[&str])] = &[
-        (&[], &["init", "zone", "volume", "serve", "demo", "--log"]),
+        (
+            &[],
+            &[
+                "init", "zone", "volume", "serve", "demo", "rotate", "scrub", "--log",
+            ],
+        ),
+        (
+            &["rotate"],
+            &[
+                "prepare",
+                "flip",
+                "pause",
+                "resume",
+                "abort",
+                "emergency",
+                "status",
+            ],
+        ),
+        (
+            &["rotate", "prepare"],
+            &["--pool", "--zone", "--at", "--window"],
+        ),
+        (
+            &["rotate", "emergency"],
+            &["--zone", "--reason", "--approval"],
+        ),
+        (&["rotate", "status"], &["--zone", "--json", "--watch"]),
+        (&["scrub"], &["--pool", "--zone", "--json"]),
+        (&["volume", "stats"], &["--pool", "--json"]),
         (
             &["init"],
             &[
@@ -598,7 +626,7 @@ fn help_of_every_subcommand() {
             &["--pool", "--passphrase-file", "<NAME>"],
         ),
         (&["zone", "list"], &["--pool", "--json"]),
-        (&["volume"], &["create", "list", "delete"]),
+        (&["volume"], &["create", "list", "delete", "stats"]),
         (
             &["volume", "create"],
             &["--pool", "--zone", "--size", "<NAME>"],
@@ -613,9 +641,13 @@ fn help_of_every_subcommand() {
                 "--listen",
                 "--unix",
                 "--profile",
+                "--admin-listen",
             ],
         ),
-        (&["demo"], &["--dir", "--listen", "--unix"]),
+        (
+            &["demo"],
+            &["--dir", "--listen", "--unix", "--admin-listen"],
+        ),
     ];
     for (sub, opts) in cases {
         let mut args: Vec<&str> = sub.to_vec();

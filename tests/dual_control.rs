@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 
@@ -31,20 +31,8 @@ fn dual_pool() -> TestPool {
     pool
 }
 
-/// Runs keyturn without any passphrase source (operator commands need none).
-fn bare(pool: &TestPool, args: &[&str]) -> Output {
-    Command::new(keyturn_bin())
-        .args(args)
-        .arg("--pool")
-        .arg(pool.path())
-        .env_remove("KEYTURN_PASSPHRASE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run keyturn")
-}
-
 fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
-    let out = bare(pool, args);
+    let out = pool.keyturn_bare(args);
     assert!(
         out.status.success(),
         "keyturn {args:?} failed:\n{}",
@@ -146,16 +134,13 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
     }
     // Refuses to overwrite a key file.
     let alice_key = pool.dir.path().join("alice.key");
-    let out = bare(
-        &pool,
-        &[
-            "operator",
-            "add",
-            "carol",
-            "--key-out",
-            alice_key.to_str().unwrap(),
-        ],
-    );
+    let out = pool.keyturn_bare(&[
+        "operator",
+        "add",
+        "carol",
+        "--key-out",
+        alice_key.to_str().unwrap(),
+    ]);
     assert_refused(&out, "already exists");
     let list: serde_json::Value =
         serde_json::from_str(&bare_ok(&pool, &["operator", "list", "--json"])).unwrap();

@@ -386,7 +386,7 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     set_rotation(&pool, &[("rate_mib_s", "0"), ("cpu_share", "1.0"), ("idle_after_ms", "0")]);
     server.kill9();
     let mut server = pool.serve();
-    let uri = server.uri("vol0");
+    let _uri = server.uri("vol0");
     wait_until("grace", 60, || status(&pool)["phase"] == "grace");
     server.kill9();
     let server = pool.serve();

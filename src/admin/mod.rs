@@ -4,8 +4,30 @@
 //! [`AdminBackend`] is the contract between the HTTP layer (which knows
 //! routes, authentication and JSON, nothing of keys or blocks) and the pool
 //! (which implements it). The types here are the JSON bodies.
+//!
+//! - [`http`]: the server (routes, authentication, errors);
+//! - [`client`]: the blocking client the CLI uses;
+//! - [`token`]: the bearer token and its file;
+//! - [`metrics`]: the Prometheus recorder and the rotation gauges.
+
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
+
+/// The body of every answer that is not a success:
+/// `{"error": "what went wrong", "kind": "not_found"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The message, for a person.
+    pub error: String,
+    /// What kind of failure: `not_found`, `invalid`, `conflict`,
+    /// `forbidden`, `internal` (from [`AdminError`]), or `unauthorized`,
+    /// `bad_request`, `payload_too_large`, `no_route`, `method_not_allowed`.
+    pub kind: String,
+}
 
 /// Errors an admin operation returns; each maps to one HTTP status.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]

@@ -26,7 +26,7 @@
 //! position, because parsers echo the input they choke on.
 
 pub mod approval;
-mod fsutil;
+pub(crate) mod fsutil;
 pub mod passphrase;
 pub mod pkcs11;
 pub mod root;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod export;
+mod metrics;
 pub mod proto;
 pub mod server;
 

@@ -43,6 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::export::{Export, ExportCatalog, ExportError};
+use super::metrics::NbdMetrics;
 use super::proto::{
     self, BadRequestMagic, ClientFlags, ClientOption, Command, Errno, HandshakeError, OptionHeader,
     OptionReply, RepError, Request, RequestHeader, SessionParams,
@@ -255,6 +256,7 @@ pub async fn serve<C: ExportCatalog>(
 ) {
     let config = Arc::new(config.normalized());
     let global = Arc::new(Semaphore::new(config.max_total_in_flight_bytes));
+    let metrics = Arc::new(NbdMetrics::register());
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     tracing::info!(addr = %listener.addr, "NBD server listening");
@@ -269,16 +271,17 @@ pub async fn serve<C: ExportCatalog>(
             accepted = accept(&listener, &mut next_id) => match accepted {
                 Ok(Accepted::Tcp(_, peer) | Accepted::Unix(_, peer)) if conns.len() >= config.max_connections => {
                     tracing::warn!(%peer, limit = config.max_connections, "rejected client: too many connections");
+                    metrics.rejected_at_limit();
                 }
                 Ok(Accepted::Tcp(stream, peer)) => {
                     // Small replies (simple replies, chunks) must not wait for Nagle.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), metrics.clone(), shutdown.clone()));
                 }
                 Ok(Accepted::Unix(stream, peer)) => {
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), metrics.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off rather than spin.
@@ -365,18 +368,21 @@ enum End {
 
 /// Collects what a client did wrong so that the log gets exactly one
 /// warning per misbehaving client, however many bad requests it sent.
+/// It also counts the client in the metrics when it is dropped.
 struct ClientLog {
     peer: Arc<str>,
     rejected: u64,
     first: Option<String>,
+    metrics: Arc<NbdMetrics>,
 }
 
 impl ClientLog {
-    fn new(peer: Arc<str>) -> Self {
+    fn new(peer: Arc<str>, metrics: Arc<NbdMetrics>) -> Self {
         ClientLog {
             peer,
             rejected: 0,
             first: None,
+            metrics,
         }
     }
 
@@ -392,10 +398,13 @@ impl ClientLog {
     fn finish(self, end: Result<End, Fatal>) {
         let first = self.first.as_deref().unwrap_or("-");
         match end {
-            Err(reason) => tracing::warn!(
+            Err(reason) => {
+                self.metrics.dropped_for_protocol();
+                tracing::warn!(
                 peer = %self.peer, %reason, refused = self.rejected, first_refused = first,
                 "dropped NBD client"
-            ),
+                )
+            }
             Ok(end) if self.rejected > 0 => tracing::warn!(
                 peer = %self.peer, refused = self.rejected, first_refused = first, ?end,
                 "NBD client sent invalid options or requests"
@@ -411,15 +420,17 @@ async fn connection<C, S>(
     catalog: Arc<C>,
     config: Arc<ServerConfig>,
     global: Arc<Semaphore>,
+    metrics: Arc<NbdMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     C: ExportCatalog,
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let _open = metrics.open_connection();
+    let mut log = ClientLog::new(peer, metrics);
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
-    let mut log = ClientLog::new(peer);
     let negotiated = tokio::select! {
         r = tokio::time::timeout(
             config.handshake_timeout,
@@ -777,6 +788,7 @@ struct Ctx<E> {
     export: Arc<E>,
     peer: Arc<str>,
     structured: bool,
+    metrics: Arc<NbdMetrics>,
 }
 
 async fn transmission<E, R, W>(
@@ -803,6 +815,7 @@ where
         export: session.export,
         peer: log.peer.clone(),
         structured: session.structured,
+        metrics: log.metrics.clone(),
     });
     let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight);
     let mut writer = tokio::spawn(writer_loop(wr, rx, config.send_timeout));
@@ -838,6 +851,7 @@ where
             }
             Ok(Incoming::Rejected(rej, permits)) => {
                 log.note(&rej.reason);
+                ctx.metrics.invalid_request();
                 let head = error_reply(ctx.structured, rej.cookie, rej.errno);
                 // Never blocks (see the module doc); fails only if the writer is gone.
                 let _ = tx
@@ -848,7 +862,10 @@ where
                     })
                     .await;
             }
-            Ok(Incoming::Disc) => break Ok(End::Disc),
+            Ok(Incoming::Disc) => {
+                ctx.metrics.finished(&Command::Disc, true);
+                break Ok(End::Disc);
+            }
             Ok(Incoming::Eof) => break Ok(End::Eof),
             Err(e) => break Err(e),
         }
@@ -1078,7 +1095,9 @@ async fn run_request<E: Export>(
     tx: mpsc::Sender<Outgoing>,
 ) {
     let cookie = req.cookie;
-    let (head, data) = match execute(&*ctx.export, req.command, payload).await {
+    let result = execute(&*ctx.export, req.command, payload).await;
+    ctx.metrics.finished(&req.command, result.is_ok());
+    let (head, data) = match result {
         Ok(Done::Empty) => (proto::simple_reply(cookie, None).to_vec(), Vec::new()),
         Ok(Done::Data(offset, data)) => {
             if !ctx.structured {

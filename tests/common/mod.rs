@@ -92,6 +92,20 @@ impl TestPool {
             .expect("run keyturn")
     }
 
+    /// Runs `keyturn <args> --pool DIR` without any passphrase source, stdin
+    /// not a terminal: for commands that need none (operator commands, the
+    /// admin API's).
+    pub fn keyturn_bare(&self, args: &[&str]) -> Output {
+        Command::new(keyturn_bin())
+            .args(args)
+            .arg("--pool")
+            .arg(self.path())
+            .env_remove("KEYTURN_PASSPHRASE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keyturn")
+    }
+
     /// Like [`TestPool::keyturn`], asserting success; returns stdout.
     pub fn keyturn_ok(&self, args: &[&str]) -> String {
         let out = self.keyturn(args);
@@ -119,6 +133,11 @@ impl TestPool {
 
     /// Starts `keyturn serve` with extra arguments.
     pub fn serve_with(&self, extra: &[&str]) -> Server {
+        self.serve_env(extra, &[])
+    }
+
+    /// Starts `keyturn serve` with extra arguments and environment variables.
+    pub fn serve_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let log = self
             .dir
             .path()
@@ -127,6 +146,7 @@ impl TestPool {
         let mut child = Command::new(keyturn_bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
+            .envs(env.iter().copied())
             .arg("--pool")
             .arg(self.path())
             .arg("--passphrase-file")
@@ -148,9 +168,13 @@ impl TestPool {
         });
         let mut base = None;
         let mut unix = None;
+        let mut admin = None;
         while base.is_none() || (extra.contains(&"--unix") && unix.is_none()) {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("admin: http://") {
+                        admin = Some(rest.trim_end_matches('/').to_string());
+                    }
                     if let Some(rest) = line.strip_prefix("ready: ") {
                         if rest.starts_with("nbd://") {
                             base = Some(rest.trim_end_matches('/').to_string());
@@ -172,6 +196,7 @@ impl TestPool {
             child: Some(child),
             base: base.unwrap(),
             unix,
+            admin,
             log,
         }
     }
@@ -193,6 +218,8 @@ pub struct Server {
     pub base: String,
     /// `nbd+unix:///EXPORT?socket=PATH` when a Unix socket was asked for.
     pub unix: Option<String>,
+    /// `host:port` of the admin API, from the `admin:` line (printed before `ready:`).
+    pub admin: Option<String>,
     /// Server log (stderr).
     pub log: PathBuf,
 }

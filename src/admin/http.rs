@@ -1,0 +1,993 @@
+//! The admin API over HTTP: routes, bearer-token authentication, JSON
+//! bodies and errors. It knows nothing of keys or blocks; everything goes
+//! through [`AdminBackend`], whose (blocking) methods run on tokio's
+//! blocking pool.
+//!
+//! Every route needs the token, `/health` and `/metrics` included. Every
+//! answer that is not a success is JSON: `{"error": "...", "kind": "..."}`.
+//! The server listens on loopback only.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::metrics::Exporter;
+use super::token::AdminToken;
+use super::{
+    AdminBackend, AdminError, EmergencyRequest, ErrorBody, KekRotateRequest, PrepareRequest,
+};
+
+/// Largest request body accepted (413 beyond it).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+/// Errors starting the admin server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address is not on the loopback interface.
+    #[error(
+        "admin API address {0} is not a loopback address: the admin API listens on loopback only (use 127.0.0.1:PORT or [::1]:PORT)"
+    )]
+    NotLoopback(String),
+    /// The address cannot be parsed or resolved.
+    #[error("admin API address {addr:?} is not an address: {reason}")]
+    BadAddress {
+        /// What was given.
+        addr: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// Binding failed (in use, permission).
+    #[error("cannot listen on {addr} for the admin API: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("admin API server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Resolves `listen` and checks that every address it names is loopback.
+pub fn loopback_addr(listen: &str) -> Result<SocketAddr, ServeError> {
+    let bad = |reason: String| ServeError::BadAddress {
+        addr: listen.to_owned(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .collect();
+    match addrs.iter().find(|a| !a.ip().is_loopback()) {
+        Some(a) => Err(ServeError::NotLoopback(a.to_string())),
+        None => addrs
+            .first()
+            .copied()
+            .ok_or_else(|| bad("it resolves to nothing".into())),
+    }
+}
+
+/// Binds the admin API's listener on `listen`, which must be loopback.
+pub async fn bind(listen: &str) -> Result<TcpListener, ServeError> {
+    let addr = loopback_addr(listen)?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    backend: Arc<dyn AdminBackend>,
+    token: Arc<AdminToken>,
+    exporter: Exporter,
+}
+
+/// Serves the admin API on `listener` until `shutdown` becomes true, then
+/// finishes the requests in flight and returns. Refuses a listener that is
+/// not on loopback.
+pub async fn serve(
+    listener: TcpListener,
+    backend: Arc<dyn AdminBackend>,
+    token: AdminToken,
+    exporter: Exporter,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        return Err(ServeError::NotLoopback(local.to_string()));
+    }
+    let app = router(AppState {
+        backend,
+        token: Arc::new(token),
+        exporter,
+    });
+    tracing::info!(addr = %local, "admin API listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            // A dropped sender means the same as shutting down here.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    tracing::info!("admin API stopped");
+    Ok(())
+}
+
+fn router(state: AppState) -> Router {
+    let zone = Router::new()
+        .route("/rotation", get(rotation_status))
+        .route("/rotation/prepare", post(rotation_prepare))
+        .route("/rotation/flip", post(rotation_flip))
+        .route("/rotation/pause", post(rotation_pause))
+        .route("/rotation/resume", post(rotation_resume))
+        .route("/rotation/abort", post(rotation_abort))
+        .route("/rotation/emergency", post(rotation_emergency))
+        .route("/kek/rotate", post(kek_rotate))
+        .route("/scrub", get(scrub_status).post(scrub_start));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/zones", get(zones))
+        .route("/api/v1/volumes", get(volumes))
+        .nest("/api/v1/zones/{zone}", zone)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+// ------------------------------------------------------------------ errors
+
+/// A failed request: its status and JSON body.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let (status, kind) = match &e {
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            AdminError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AdminError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AdminError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.message,
+            kind: self.kind.to_owned(),
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        format!("no such route: {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+// ------------------------------------------------------------------ auth
+
+/// Lets a request through only with `Authorization: Bearer <token>`.
+/// Neither the expected nor the presented token is ever logged.
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| {
+        let v = v.as_bytes();
+        let scheme = v.get(..7)?;
+        scheme
+            .eq_ignore_ascii_case(b"bearer ")
+            .then(|| v[7..].trim_ascii())
+    });
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    if !presented.is_some_and(|t| state.token.matches(t)) {
+        let why = if presented.is_some() {
+            "wrong bearer token"
+        } else {
+            "missing bearer token"
+        };
+        tracing::warn!(%method, path, "admin API request refused: {why}");
+        let mut resp = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{why}: send `Authorization: Bearer TOKEN` with the token from the pool's admin token file"),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    let resp = next.run(req).await;
+    tracing::debug!(%method, path, status = resp.status().as_u16(), "admin API request");
+    resp
+}
+
+// ------------------------------------------------------------- extractors
+
+/// The `{zone}` of a route; a malformed one is a JSON 400.
+struct ZoneName(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ZoneName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(zone) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        Ok(ZoneName(zone))
+    }
+}
+
+/// A JSON body of type `T`. An empty body reads as `{}`, so bodies whose
+/// fields all have defaults may be left out. Unknown fields, bad JSON and
+/// bodies over [`MAX_BODY`] are refused with a JSON error.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body larger than {MAX_BODY} bytes"),
+            )
+        };
+        // Refuse a declared oversized body before reading any of it.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(too_large());
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {}", e.body_text()))
+            }
+        })?;
+        let text: &[u8] = match bytes.trim_ascii() {
+            b"" => b"{}",
+            t if t.starts_with(b"{") => t,
+            // serde would take a struct from an array, by position.
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad JSON body: expected a JSON object",
+                ));
+            }
+        };
+        serde_json::from_slice(text)
+            .map(Body)
+            .map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
+    }
+}
+
+// --------------------------------------------------------------- handlers
+
+/// Runs `f` against the backend on the blocking pool. A panic inside the
+/// backend is a 500, not a dead server.
+async fn call<T, F>(state: &AppState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn AdminBackend) -> Result<T, AdminError> + Send + 'static,
+{
+    let backend = state.backend.clone();
+    match tokio::task::spawn_blocking(move || f(&*backend)).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "admin operation panicked");
+            Err(ApiError::from(AdminError::Internal(
+                "the operation failed inside the server (see its log)".into(),
+            )))
+        }
+    }
+}
+
+type JsonResult<T> = Result<axum::Json<T>, ApiError>;
+
+/// [`call`] for handlers that answer with `f`'s value as JSON.
+async fn json<T, F>(state: &AppState, f: F) -> JsonResult<T>
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(&dyn AdminBackend) -> Result<T, AdminError> + Send + 'static,
+{
+    call(state, f).await.map(axum::Json)
+}
+
+async fn health(State(s): State<AppState>) -> JsonResult<super::Health> {
+    json(&s, |b| Ok(b.health())).await
+}
+
+async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let exporter = s.exporter.clone();
+    let text = call(&s, move |b| Ok(exporter.render(b))).await?;
+    Ok(([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response())
+}
+
+async fn zones(State(s): State<AppState>) -> JsonResult<Vec<String>> {
+    json(&s, |b| Ok(b.zones())).await
+}
+
+async fn volumes(State(s): State<AppState>) -> JsonResult<Vec<super::VolumeStats>> {
+    json(&s, |b| Ok(b.volume_stats())).await
+}
+
+async fn rotation_status(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_status(&z)).await
+}
+
+async fn rotation_prepare(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+    Body(req): Body<PrepareRequest>,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_prepare(&z, &req)).await
+}
+
+async fn rotation_flip(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_flip(&z)).await
+}
+
+async fn rotation_pause(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_pause(&z)).await
+}
+
+async fn rotation_resume(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_resume(&z)).await
+}
+
+async fn rotation_abort(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_abort(&z)).await
+}
+
+async fn rotation_emergency(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+    Body(req): Body<EmergencyRequest>,
+) -> JsonResult<super::RotationStatus> {
+    json(&s, move |b| b.rotation_emergency(&z, &req)).await
+}
+
+async fn kek_rotate(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+    Body(req): Body<KekRotateRequest>,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.kek_rotate(&z, &req.approvals)).await
+}
+
+async fn scrub_start(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::ScrubStatus> {
+    json(&s, move |b| b.scrub_start(&z)).await
+}
+
+async fn scrub_status(
+    State(s): State<AppState>,
+    ZoneName(z): ZoneName,
+) -> JsonResult<super::ScrubStatus> {
+    json(&s, move |b| b.scrub_status(&z)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::admin::{
+        Health, KeyBlocks, RotationPhase, RotationStatus, ScrubStatus, VolumeStats,
+    };
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// A backend whose every answer is known, and which records what it was asked.
+    #[derive(Default)]
+    struct Fake {
+        asked: Mutex<Vec<String>>,
+    }
+
+    fn status(zone: &str) -> RotationStatus {
+        RotationStatus {
+            zone: zone.into(),
+            phase: RotationPhase::Window,
+            active_version: 1,
+            next_version: Some(2),
+            old_version: None,
+            keys: vec![
+                KeyBlocks {
+                    version: 1,
+                    state: "active".into(),
+                    blocks: 10,
+                },
+                KeyBlocks {
+                    version: 2,
+                    state: "pre-active".into(),
+                    blocks: 3,
+                },
+            ],
+            content_blocks: 10,
+            staged_blocks: 3,
+            migrated_blocks: 0,
+            progress_percent: 30.0,
+            rate_bytes_per_sec: 4096.0,
+            eta_secs: Some(7.0),
+            staging_used_bytes: 12288,
+            staging_free_bytes: 1 << 20,
+            unstaged_writes: 0,
+            errors: 0,
+            last_error: None,
+            window_opened_unix: Some(1),
+            flip_at_unix: None,
+            flipped_unix: None,
+            destroy_at_unix: None,
+            emergency: false,
+            reencrypted_blocks: 0,
+            last_flip_micros: None,
+        }
+    }
+
+    impl Fake {
+        fn zone(&self, zone: &str) -> Result<RotationStatus, AdminError> {
+            if zone == "z1" {
+                Ok(status(zone))
+            } else {
+                Err(AdminError::NotFound(format!("no zone named {zone:?}")))
+            }
+        }
+    }
+
+    impl AdminBackend for Fake {
+        fn zones(&self) -> Vec<String> {
+            vec!["z1".into()]
+        }
+        fn rotation_status(&self, zone: &str) -> Result<RotationStatus, AdminError> {
+            self.zone(zone)
+        }
+        fn rotation_prepare(
+            &self,
+            zone: &str,
+            req: &PrepareRequest,
+        ) -> Result<RotationStatus, AdminError> {
+            self.asked.lock().push(format!(
+                "prepare {zone} {:?} {:?}",
+                req.at_unix, req.window_secs
+            ));
+            self.zone(zone)
+        }
+        fn rotation_flip(&self, _: &str) -> Result<RotationStatus, AdminError> {
+            Err(AdminError::Conflict("no window is open".into()))
+        }
+        fn rotation_pause(&self, _: &str) -> Result<RotationStatus, AdminError> {
+            Err(AdminError::Forbidden("two approvals needed".into()))
+        }
+        fn rotation_resume(&self, _: &str) -> Result<RotationStatus, AdminError> {
+            Err(AdminError::Invalid("nothing to resume".into()))
+        }
+        fn rotation_abort(&self, _: &str) -> Result<RotationStatus, AdminError> {
+            Err(AdminError::Internal("staging device failed".into()))
+        }
+        fn rotation_emergency(
+            &self,
+            zone: &str,
+            req: &EmergencyRequest,
+        ) -> Result<RotationStatus, AdminError> {
+            self.asked.lock().push(format!(
+                "emergency {zone} {} {:?}",
+                req.reason, req.approvals
+            ));
+            self.zone(zone)
+        }
+        fn scrub_start(&self, _: &str) -> Result<ScrubStatus, AdminError> {
+            panic!("scrub exploded");
+        }
+        fn scrub_status(&self, zone: &str) -> Result<ScrubStatus, AdminError> {
+            self.zone(zone)?;
+            Ok(ScrubStatus {
+                zone: zone.into(),
+                checked: 5,
+                total: 9,
+                ..Default::default()
+            })
+        }
+        fn kek_rotate(
+            &self,
+            zone: &str,
+            approvals: &[String],
+        ) -> Result<serde_json::Value, AdminError> {
+            self.zone(zone)?;
+            Ok(serde_json::json!({ "zone": zone, "approvals": approvals.len() }))
+        }
+        fn volume_stats(&self) -> Vec<VolumeStats> {
+            vec![VolumeStats {
+                name: "vol0".into(),
+                zone: "z1".into(),
+                size: 1 << 20,
+                mapped_blocks: 4,
+                content_blocks: 4,
+                dedup_ratio: 1.0,
+            }]
+        }
+        fn health(&self) -> Health {
+            Health {
+                status: "ok".into(),
+                problems: vec![],
+            }
+        }
+    }
+
+    struct TestServer {
+        addr: SocketAddr,
+        fake: Arc<Fake>,
+        stop: watch::Sender<bool>,
+        thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            let _ = self.stop.send(true);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn start() -> TestServer {
+        let fake = Arc::new(Fake::default());
+        let backend: Arc<dyn AdminBackend> = fake.clone();
+        let (stop, rx) = watch::channel(false);
+        let (tx, addr_rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = bind("127.0.0.1:0").await?;
+                tx.send(listener.local_addr()?).unwrap();
+                let token = AdminToken::parse(TOKEN).unwrap();
+                serve(listener, backend, token, Exporter::install().unwrap(), rx).await
+            })
+        });
+        let addr = addr_rx.recv().expect("server started");
+        TestServer {
+            addr,
+            fake,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// One request; returns the status, content type and body.
+    fn request(
+        srv: &TestServer,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String, String) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .build()
+            .into();
+        let url = format!("http://{}{path}", srv.addr);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let resp = match (method, body) {
+            ("GET", _) => {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            (m, b) => {
+                let mut r = if m == "POST" {
+                    agent.post(&url)
+                } else {
+                    agent.put(&url)
+                };
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(b.unwrap_or(""))
+            }
+        };
+        let mut resp = resp.expect("an HTTP answer");
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (
+            resp.status().as_u16(),
+            ctype,
+            resp.body_mut().read_to_string().unwrap(),
+        )
+    }
+
+    fn error_of(body: &str) -> ErrorBody {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+    }
+
+    #[test]
+    fn every_route_needs_the_token() {
+        let srv = start();
+        for path in [
+            "/health",
+            "/metrics",
+            "/api/v1/zones",
+            "/api/v1/volumes",
+            "/nope",
+        ] {
+            for token in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
+                let (code, ctype, body) = request(&srv, "GET", path, token, None);
+                assert_eq!(code, 401, "{path} with {token:?}: {body}");
+                assert!(ctype.starts_with("application/json"), "{ctype}");
+                let e = error_of(&body);
+                assert_eq!(e.kind, "unauthorized");
+                assert!(!body.contains(TOKEN), "{body}");
+            }
+        }
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            "/api/v1/zones/z1/rotation/prepare",
+            None,
+            Some("{}"),
+        );
+        assert_eq!(code, 401, "{body}");
+        assert!(
+            srv.fake.asked.lock().is_empty(),
+            "an unauthenticated call reached the backend"
+        );
+        let (code, _, body) = request(&srv, "GET", "/health", Some(TOKEN), None);
+        assert_eq!(code, 200, "{body}");
+        let h: Health = serde_json::from_str(&body).unwrap();
+        assert_eq!(h.status, "ok");
+    }
+
+    #[test]
+    fn bodies_reach_the_backend_and_answers_come_back() {
+        let srv = start();
+        let (code, _, body) = request(&srv, "GET", "/api/v1/zones", Some(TOKEN), None);
+        assert_eq!((code, body.as_str()), (200, r#"["z1"]"#));
+        let (code, _, body) = request(&srv, "GET", "/api/v1/volumes", Some(TOKEN), None);
+        assert_eq!(code, 200);
+        let v: Vec<VolumeStats> = serde_json::from_str(&body).unwrap();
+        assert_eq!((v[0].name.as_str(), v[0].mapped_blocks), ("vol0", 4));
+        let (code, _, body) = request(&srv, "GET", "/api/v1/zones/z1/rotation", Some(TOKEN), None);
+        assert_eq!(code, 200);
+        let st: RotationStatus = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (st.phase, st.staged_blocks, st.keys.len()),
+            (RotationPhase::Window, 3, 2)
+        );
+
+        let prepare = "/api/v1/zones/z1/rotation/prepare";
+        assert_eq!(request(&srv, "POST", prepare, Some(TOKEN), None).0, 200);
+        assert_eq!(
+            request(
+                &srv,
+                "POST",
+                prepare,
+                Some(TOKEN),
+                Some(r#"{"window_secs": 90}"#)
+            )
+            .0,
+            200
+        );
+        let emergency = r#"{"reason": "leak", "approvals": ["{\"a\":1}"]}"#;
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            "/api/v1/zones/z1/rotation/emergency",
+            Some(TOKEN),
+            Some(emergency),
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            *srv.fake.asked.lock(),
+            [
+                "prepare z1 None None",
+                "prepare z1 None Some(90)",
+                r#"emergency z1 leak ["{\"a\":1}"]"#
+            ]
+        );
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            "/api/v1/zones/z1/kek/rotate",
+            Some(TOKEN),
+            Some(r#"{"approvals": ["x", "y"]}"#),
+        );
+        assert_eq!(
+            (code, body.as_str()),
+            (200, r#"{"approvals":2,"zone":"z1"}"#)
+        );
+        let (code, _, body) = request(&srv, "GET", "/api/v1/zones/z1/scrub", Some(TOKEN), None);
+        assert_eq!(code, 200);
+        let sc: ScrubStatus = serde_json::from_str(&body).unwrap();
+        assert_eq!((sc.checked, sc.total), (5, 9));
+    }
+
+    #[test]
+    fn admin_errors_map_to_statuses_with_json_bodies() {
+        let srv = start();
+        for (path, code, kind, msg) in [
+            (
+                "/api/v1/zones/zz/rotation/prepare",
+                404,
+                "not_found",
+                "no zone named \"zz\"",
+            ),
+            (
+                "/api/v1/zones/z1/rotation/resume",
+                400,
+                "invalid",
+                "nothing to resume",
+            ),
+            (
+                "/api/v1/zones/z1/rotation/flip",
+                409,
+                "conflict",
+                "no window is open",
+            ),
+            (
+                "/api/v1/zones/z1/rotation/pause",
+                403,
+                "forbidden",
+                "two approvals needed",
+            ),
+            (
+                "/api/v1/zones/z1/rotation/abort",
+                500,
+                "internal",
+                "staging device failed",
+            ),
+            (
+                "/api/v1/zones/z1/scrub",
+                500,
+                "internal",
+                "the operation failed inside the server",
+            ),
+            (
+                "/api/v1/zones/z1/nothing",
+                404,
+                "no_route",
+                "no such route: POST /api/v1/zones/z1/nothing",
+            ),
+        ] {
+            let (got, ctype, body) = request(&srv, "POST", path, Some(TOKEN), None);
+            assert_eq!(got, code, "{path}: {body}");
+            assert!(ctype.starts_with("application/json"), "{path}: {ctype}");
+            let e = error_of(&body);
+            assert_eq!(e.kind, kind, "{path}");
+            assert!(e.error.starts_with(msg), "{path}: {}", e.error);
+        }
+        let (code, _, body) = request(&srv, "GET", "/api/v1/zones/zz/rotation", Some(TOKEN), None);
+        assert_eq!((code, error_of(&body).kind.as_str()), (404, "not_found"));
+        let (code, _, body) = request(&srv, "PUT", "/api/v1/zones", Some(TOKEN), Some("{}"));
+        assert_eq!(
+            (code, error_of(&body).kind.as_str()),
+            (405, "method_not_allowed")
+        );
+        // The server outlived the backend's panic.
+        assert_eq!(request(&srv, "GET", "/health", Some(TOKEN), None).0, 200);
+    }
+
+    #[test]
+    fn bad_bodies_are_refused_clearly() {
+        let srv = start();
+        let prepare = "/api/v1/zones/z1/rotation/prepare";
+        for (body, want) in [
+            ("{not json", "bad JSON body"),
+            (
+                r#"{"window_secs": 90, "colour": "red"}"#,
+                "unknown field `colour`",
+            ),
+            (r#"{"window_secs": -1}"#, "bad JSON body"),
+            ("[1, 2]", "bad JSON body"),
+        ] {
+            let (code, _, text) = request(&srv, "POST", prepare, Some(TOKEN), Some(body));
+            assert_eq!(code, 400, "{body}: {text}");
+            let e = error_of(&text);
+            assert_eq!(e.kind, "bad_request");
+            assert!(e.error.contains(want), "{body}: {}", e.error);
+        }
+        // An emergency needs its reason: an empty body is not enough.
+        let (code, _, text) = request(
+            &srv,
+            "POST",
+            "/api/v1/zones/z1/rotation/emergency",
+            Some(TOKEN),
+            None,
+        );
+        assert_eq!(code, 400, "{text}");
+        assert!(
+            error_of(&text).error.contains("missing field `reason`"),
+            "{text}"
+        );
+        assert!(
+            srv.fake.asked.lock().is_empty(),
+            "a refused body reached the backend"
+        );
+    }
+
+    /// Sends raw bytes (headers and part of a body) and returns the answer.
+    fn raw(srv: &TestServer, head: String, body: Vec<u8>) -> String {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut w = s.try_clone().unwrap();
+        // The server may answer before it has read everything: write from a
+        // thread and ignore a reset.
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&body);
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("}") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        drop(s);
+        let _ = writer.join();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn oversized_bodies_are_refused_with_413() {
+        let srv = start();
+        let path = "/api/v1/zones/z1/rotation/prepare";
+        // Declared too large: refused before a byte of it is read.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        let answer = raw(&srv, head, Vec::new());
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains(r#""kind":"payload_too_large""#), "{answer}");
+        // Chunked, so the size is only known while reading.
+        let big = MAX_BODY + 4096;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n{big:x}\r\n"
+        );
+        let answer = raw(&srv, head, vec![b' '; big]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains(r#""kind":"payload_too_large""#), "{answer}");
+        assert!(srv.fake.asked.lock().is_empty());
+    }
+
+    #[test]
+    fn metrics_render_zone_gauges() {
+        let srv = start();
+        let (code, ctype, text) = request(&srv, "GET", "/metrics", Some(TOKEN), None);
+        assert_eq!(code, 200, "{text}");
+        assert_eq!(ctype, PROMETHEUS_TEXT);
+        let value = |name: &str, labels: &[&str]| -> Option<f64> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}{{")))
+                .find(|l| labels.iter().all(|x| l.contains(x)))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        assert_eq!(
+            value("keyturn_rotation_phase", &[r#"zone="z1""#]),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value("keyturn_rotation_staged_blocks", &[r#"zone="z1""#]),
+            Some(3.0)
+        );
+        assert_eq!(
+            value("keyturn_rotation_staging_used_bytes", &[r#"zone="z1""#]),
+            Some(12288.0)
+        );
+        assert_eq!(
+            value(
+                "keyturn_zone_key_blocks",
+                &[r#"zone="z1""#, r#"version="1""#]
+            ),
+            Some(10.0)
+        );
+        assert_eq!(
+            value(
+                "keyturn_zone_key_blocks",
+                &[r#"zone="z1""#, r#"version="2""#]
+            ),
+            Some(3.0)
+        );
+        assert!(text.contains("# HELP keyturn_rotation_phase"), "{text}");
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        for ok in ["127.0.0.1:0", "[::1]:10810", "127.1.2.3:80", "localhost:0"] {
+            assert!(loopback_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in ["0.0.0.0:10810", "192.0.2.7:10810", "[::]:1"] {
+            let e = loopback_addr(bad).unwrap_err();
+            assert!(matches!(e, ServeError::NotLoopback(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("loopback only"), "{e}");
+        }
+        assert!(matches!(
+            loopback_addr("nonsense"),
+            Err(ServeError::BadAddress { .. })
+        ));
+    }
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics: the process's recorder, and the per-zone rotation
+//! gauges, which are set from [`AdminBackend::rotation_status`] on every
+//! scrape so they are never older than the scrape itself.
+//!
+//! The exporter opens no listener of its own: `GET /metrics` of the admin
+//! API renders it. Labels carry zone names and key version numbers only,
+//! never key material.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ::metrics::{describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+
+use super::{AdminBackend, RotationPhase, RotationStatus};
+
+/// The recorder can be installed once per process; this keeps its handle.
+static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+
+/// Errors setting up metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Another recorder was installed first (not by keyturn).
+    #[error("cannot install the Prometheus metrics recorder: {0}")]
+    Install(String),
+}
+
+/// Renders the Prometheus text of the process's metrics.
+#[derive(Clone)]
+pub struct Exporter {
+    handle: PrometheusHandle,
+    /// (zone, version) pairs given a per-version gauge, so that a version
+    /// that disappears reads 0 rather than its last count.
+    versions: Arc<Mutex<BTreeSet<(String, u32)>>>,
+}
+
+impl Exporter {
+    /// Installs the Prometheus recorder as the process's `metrics` recorder
+    /// (the first call does; later calls share it).
+    pub fn install() -> Result<Self, MetricsError> {
+        let mut installed = INSTALLED.lock();
+        let handle = match &*installed {
+            Some(h) => h.clone(),
+            None => {
+                let h = PrometheusBuilder::new()
+                    .install_recorder()
+                    .map_err(|e| MetricsError::Install(e.to_string()))?;
+                describe();
+                installed.insert(h).clone()
+            }
+        };
+        Ok(Exporter {
+            handle,
+            versions: Arc::default(),
+        })
+    }
+
+    /// Sets the rotation gauges of every zone, then renders everything.
+    /// Blocking: it asks the backend for each zone's status.
+    pub fn render(&self, backend: &dyn AdminBackend) -> String {
+        let mut seen = BTreeSet::new();
+        for zone in backend.zones() {
+            match backend.rotation_status(&zone) {
+                Ok(status) => {
+                    set_zone_gauges(&status);
+                    seen.extend(status.keys.iter().map(|k| (zone.clone(), k.version)));
+                }
+                Err(e) => {
+                    tracing::debug!(zone, error = %e, "no rotation status for the metrics")
+                }
+            }
+        }
+        let mut versions = self.versions.lock();
+        for (zone, version) in versions.difference(&seen) {
+            gauge!("keyturn_zone_key_blocks", "zone" => zone.clone(), "version" => version.to_string())
+                .set(0.0);
+        }
+        versions.extend(seen);
+        drop(versions);
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// The number `keyturn_rotation_phase` reports for a phase.
+pub fn phase_number(phase: RotationPhase) -> f64 {
+    match phase {
+        RotationPhase::Idle => 0.0,
+        RotationPhase::Window => 1.0,
+        RotationPhase::Paused => 2.0,
+        RotationPhase::Migrating => 3.0,
+        RotationPhase::Grace => 4.0,
+    }
+}
+
+fn describe() {
+    for (name, help) in [
+        (
+            "keyturn_rotation_phase",
+            "Rotation phase: 0 idle, 1 window, 2 paused, 3 migrating, 4 grace",
+        ),
+        ("keyturn_rotation_active_version", "Active DEK version"),
+        (
+            "keyturn_rotation_content_blocks",
+            "Live content blocks in the zone",
+        ),
+        (
+            "keyturn_rotation_staged_blocks",
+            "Content blocks with a staged copy under the next key",
+        ),
+        (
+            "keyturn_rotation_migrated_blocks",
+            "Content blocks migrated since the flip",
+        ),
+        (
+            "keyturn_rotation_progress_percent",
+            "Staged (window) or migrated (after the flip) percentage",
+        ),
+        (
+            "keyturn_rotation_rate_bytes_per_second",
+            "Recent staging or migration throughput",
+        ),
+        (
+            "keyturn_rotation_staging_used_bytes",
+            "Staging device bytes in use",
+        ),
+        (
+            "keyturn_rotation_staging_free_bytes",
+            "Staging device bytes free",
+        ),
+        (
+            "keyturn_rotation_unstaged_writes",
+            "Writes acknowledged without a staged copy since the window opened",
+        ),
+        (
+            "keyturn_rotation_errors",
+            "Staging or migration errors since the window opened",
+        ),
+        (
+            "keyturn_rotation_emergency",
+            "1 during an emergency rotation",
+        ),
+        (
+            "keyturn_zone_key_blocks",
+            "Content blocks whose live copy is under a DEK version",
+        ),
+    ] {
+        describe_gauge!(name, help);
+    }
+}
+
+fn set_zone_gauges(s: &RotationStatus) {
+    let z = || s.zone.clone();
+    gauge!("keyturn_rotation_phase", "zone" => z()).set(phase_number(s.phase));
+    gauge!("keyturn_rotation_active_version", "zone" => z()).set(f64::from(s.active_version));
+    for (name, value) in [
+        ("keyturn_rotation_content_blocks", s.content_blocks as f64),
+        ("keyturn_rotation_staged_blocks", s.staged_blocks as f64),
+        ("keyturn_rotation_migrated_blocks", s.migrated_blocks as f64),
+        ("keyturn_rotation_progress_percent", s.progress_percent),
+        (
+            "keyturn_rotation_rate_bytes_per_second",
+            s.rate_bytes_per_sec,
+        ),
+        (
+            "keyturn_rotation_staging_used_bytes",
+            s.staging_used_bytes as f64,
+        ),
+        (
+            "keyturn_rotation_staging_free_bytes",
+            s.staging_free_bytes as f64,
+        ),
+        ("keyturn_rotation_unstaged_writes", s.unstaged_writes as f64),
+        ("keyturn_rotation_errors", s.errors as f64),
+        (
+            "keyturn_rotation_emergency",
+            if s.emergency { 1.0 } else { 0.0 },
+        ),
+    ] {
+        gauge!(name, "zone" => z()).set(value);
+    }
+    for k in &s.keys {
+        gauge!("keyturn_zone_key_blocks", "zone" => z(), "version" => k.version.to_string())
+            .set(k.blocks as f64);
+    }
+}
