@@ -22,7 +22,8 @@ fn set_rotation(pool: &TestPool, settings: &[(&str, &str)]) {
         .as_table_mut()
         .unwrap();
     for (k, v) in settings {
-        rot.insert((*k).into(), v.parse::<toml::Value>().unwrap_or_else(|_| toml::Value::String((*v).into())));
+        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
+        rot.insert((*k).into(), value);
     }
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
 }
@@ -76,12 +77,18 @@ fn wait_staged(pool: &TestPool) -> Value {
 
 /// Waits until the rotation to `version` is complete and the old key destroyed.
 fn wait_destroyed(pool: &TestPool, old: u64) -> Value {
-    let mut last = Value::Null;
-    wait_until("migration and destruction of the old key", 90, || {
-        last = status(pool);
-        last["phase"] == "idle" && key_state(&last, old) == "destroyed"
-    });
-    last
+    let start = Instant::now();
+    loop {
+        let last = status(pool);
+        if last["phase"] == "idle" && key_state(&last, old) == "destroyed" {
+            return last;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "timed out waiting for migration and destruction of key v{old}: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Writes `len` bytes of seeded random data at `offset` with nbdcopy, and
@@ -277,6 +284,7 @@ fn abort_then_emergency_keep_every_block_readable() {
     pool.keyturn_ok(&["rotate", "emergency", "--zone", "z1", "--reason", "key seen in a core dump"]);
     let st = status(&pool);
     assert_eq!(st["active_version"], 3);
+    assert!(["compromised", "destroyed"].contains(&key_state(&st, 1).as_str()), "{st}");
     assert_eq!(st["emergency"], true);
     let st = wait_destroyed(&pool, 1);
     assert_eq!(blocks_under(&st, 3), st["content_blocks"].as_u64().unwrap());
@@ -286,8 +294,9 @@ fn abort_then_emergency_keep_every_block_readable() {
     let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
     assert!(log.contains("rotation.abort") && log.contains("rotation.emergency"));
     assert!(log.contains("key seen in a core dump"), "the reason is in the audit log");
-    let keys = pool.keyturn_ok(&["keys", "list", "--json"]);
-    assert!(keys.contains("compromised") || keys.contains("destroyed"));
+    let keys = std::fs::read_to_string(pool.path().join("keys/zone-1.json")).unwrap();
+    let v1 = keys.split("\"id\"").find(|r| r.contains("z1-dek-v1")).unwrap();
+    assert!(v1.contains("destroyed") && !v1.contains("\"wrapped\""), "v1 crypto-erased: {v1}");
 }
 
 /// A staging device that fails every write, and a staging area too small
@@ -389,14 +398,15 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     let _uri = server.uri("vol0");
     wait_until("grace", 60, || status(&pool)["phase"] == "grace");
     server.kill9();
-    let server = pool.serve();
+    let mut server = pool.serve();
     let uri = server.uri("vol0");
     check(&uri, "after a crash in the grace period");
     let st = wait_destroyed(&pool, 1);
     assert_eq!(blocks_under(&st, 2), st["content_blocks"].as_u64().unwrap());
     check(&uri, "at the end");
-    let check_out = pool.keyturn(&["check"]);
-    assert!(check_out.status.success() || !server.log_text().is_empty());
+    assert!(server.stop());
+    // The tables agree with each other: no leaked or doubly used slot.
+    pool.keyturn_ok(&["check"]);
 }
 
 /// Scrub reads every copy and names a damaged block by volume and LBA.

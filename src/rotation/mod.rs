@@ -192,6 +192,18 @@ impl Pool {
                 }
                 _ => {}
             }
+            if st.phase == Phase::Idle && !st.pending_destroy.is_empty() {
+                let refs = self.key_references(&zone);
+                if st
+                    .pending_destroy
+                    .iter()
+                    .any(|p| refs.get(&KeyVersion(p.version)).copied().unwrap_or(0) > 0)
+                {
+                    tracing::warn!(zone = %zone.name, "blocks remain under a key waiting for destruction; migrating again");
+                    st.phase = Phase::Migrating;
+                    st.save(&self.dir, zone.id).map_err(|e| self.state_err(&zone, e))?;
+                }
+            }
             let rot = Arc::new(ZoneRotation::new(zone.clone(), st.clone()));
             self.rotations.zones.write().insert(zone.id, rot.clone());
             if st.phase == Phase::Aborting {
@@ -792,6 +804,10 @@ impl Pool {
     /// Migration is complete: the old keys wait out the grace period.
     fn finish_migration(&self, rot: &ZoneRotation) -> Result<()> {
         let z = &rot.zone;
+        // The migrator's records must be durable before the state file says
+        // the old keys are unused: else a crash could bring blocks back
+        // under a key already queued for destruction.
+        self.journal.commit_blocking(self.journal.last_appended())?;
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
         let due = unix_now() + self.config.rotation.grace_secs;
@@ -825,7 +841,14 @@ impl Pool {
         let version = KeyVersion(p.version);
         let refs = self.key_references(z);
         if refs.get(&version).copied().unwrap_or(0) > 0 {
-            // Data under it again (cannot happen after migration): wait.
+            // Blocks under it again (a crash lost the tail of the migration):
+            // migrate again before anything is destroyed.
+            tracing::warn!(zone = %z.name, %version, "content blocks still use a key queued for destruction; migrating again");
+            let mut st = rot.state.lock().clone();
+            if st.phase == Phase::Idle {
+                st.phase = Phase::Migrating;
+                self.save_state(rot, &st)?;
+            }
             return Ok(());
         }
         let started = Instant::now();
