@@ -223,6 +223,19 @@ enum ZoneCmd {
         pool: PoolArgs,
         /// Zone name.
         name: String,
+        /// Do not share equal blocks between logical blocks of this zone.
+        #[arg(long)]
+        no_dedup: bool,
+    },
+    /// Turn dedup on or off for a zone's future writes.
+    SetDedup {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Zone name.
+        name: String,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// List zones.
     List {
@@ -533,12 +546,27 @@ fn run(cli: Cli) -> Result<()> {
             println!("admin API token in {}", token.display());
             Ok(())
         }
-        Command::Zone(ZoneCmd::Create { pool, name }) => {
+        Command::Zone(ZoneCmd::Create {
+            pool,
+            name,
+            no_dedup,
+        }) => {
             let p = open_pool(&pool, &default_profile()?)?;
             let id = p
                 .create_zone(&name)
                 .with_context(|| format!("cannot create zone {name:?}"))?;
-            println!("created zone {name} (id {id})");
+            if no_dedup {
+                p.set_zone_dedup(&name, false)
+                    .with_context(|| format!("zone {name:?} was created, but dedup is still on"))?;
+            }
+            println!("created zone {name} (id {id}, dedup {})", if no_dedup { "off" } else { "on" });
+            Ok(())
+        }
+        Command::Zone(ZoneCmd::SetDedup { pool, name, state }) => {
+            let p = open_pool(&pool, &default_profile()?)?;
+            p.set_zone_dedup(&name, state == "on")
+                .with_context(|| format!("cannot change dedup of zone {name:?}"))?;
+            println!("zone {name}: dedup {state}");
             Ok(())
         }
         Command::Zone(ZoneCmd::List { pool, json }) => {
@@ -547,10 +575,11 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&cat.zones)?);
             } else {
-                println!("{:<6} {:<24} {:>8}", "ID", "NAME", "VOLUMES");
+                println!("{:<6} {:<24} {:>8} {:>6}", "ID", "NAME", "VOLUMES", "DEDUP");
                 for z in &cat.zones {
                     let n = cat.volumes.iter().filter(|v| v.zone == z.id).count();
-                    println!("{:<6} {:<24} {:>8}", z.id, z.name, n);
+                    let d = if z.dedup { "on" } else { "off" };
+                    println!("{:<6} {:<24} {:>8} {:>6}", z.id, z.name, n, d);
                 }
             }
             Ok(())

@@ -925,6 +925,32 @@ impl Pool {
         r
     }
 
+    /// Turns dedup on or off for a zone's new writes (blocks already shared
+    /// stay shared). Recorded in the audit log.
+    pub fn set_zone_dedup(&self, name: &str, on: bool) -> Result<()> {
+        let audit = self.audit()?;
+        let id = self.zone_id(name)?;
+        let r = (|| {
+            let mut catalog = self.catalog.lock();
+            let mut next = catalog.clone();
+            if let Some(z) = next.zones.iter_mut().find(|z| z.id == id) {
+                z.dedup = on;
+            }
+            self.save_catalog(&next)?;
+            *catalog = next;
+            if let Some(z) = self.zones.read().get(&id) {
+                z.meta.lock().set_dedup(on);
+            }
+            Ok(())
+        })();
+        let event = match &r {
+            Ok(()) => AuditEvent::ok(if on { "zone.dedup.on" } else { "zone.dedup.off" }),
+            Err(e) => AuditEvent::failed(if on { "zone.dedup.on" } else { "zone.dedup.off" }, e),
+        }
+        .zone(name);
+        Self::record_outcome(audit, vec![event], "dedup was changed", r)
+    }
+
     /// Creates a zone with a fresh key chain, and records `zone.create` and a
     /// `key.create` for each of its keys. Refused while the audit log cannot
     /// take records.
