@@ -42,7 +42,7 @@ now() { date +%s.%N; }
 wait_for() { # python predicate on the status JSON `s`
     for _ in $(seq 1 12000); do
         if status | python3 -c "import json,sys; s=json.load(sys.stdin); sys.exit(0 if ($1) else 1)"; then return 0; fi
-        sleep 0.05
+        sleep 0.2
     done
     echo "timed out waiting for: $1" >&2; exit 1
 }

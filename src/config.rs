@@ -92,7 +92,7 @@ impl Default for RotationSection {
             rate_mib_s: 0,
             cpu_share: 0.25,
             idle_after_ms: 200,
-            batch_blocks: 64,
+            batch_blocks: 256,
             grace_secs: 3600,
         }
     }

@@ -1264,8 +1264,12 @@ impl Pool {
     pub fn blocks_per_key(&self, zone: ZoneId) -> BTreeMap<KeyVersion, u64> {
         let mut out = BTreeMap::new();
         if let Some(z) = self.zones.read().get(&zone) {
-            for (_, rec) in z.meta.lock().live_records() {
-                *out.entry(rec.key_version).or_default() += 1;
+            let mut meta = z.meta.lock();
+            let active = meta.active;
+            for (&(data, staged), &n) in meta.census() {
+                // A block counts under the key of its live copy.
+                let live = staged.filter(|s| *s <= active).unwrap_or(data);
+                *out.entry(live).or_default() += n;
             }
         }
         out
@@ -1481,7 +1485,15 @@ impl Pool {
             return Err(e);
         }
         let started = Instant::now();
-        let usage = ZoneUsage(self.blocks_per_key(file.zone()));
+        // Every copy counts, not just live ones: a data copy behind a
+        // staged one is still ciphertext under its key.
+        let usage = ZoneUsage(
+            self.zones
+                .read()
+                .get(&file.zone())
+                .map(|z| self.key_references(z))
+                .unwrap_or_default(),
+        );
         let r = file
             .set_state(key_id, state, &usage)
             .and_then(|()| file.save(&Self::zone_key_path(&self.dir, file.zone())))

@@ -151,10 +151,10 @@ impl Pool {
     /// only when nothing at all refers to it.
     pub(crate) fn key_references(&self, zone: &Zone) -> BTreeMap<KeyVersion, u64> {
         let mut out = BTreeMap::new();
-        for (_, r) in zone.meta.lock().live_records() {
-            *out.entry(r.key_version).or_default() += 1;
-            if let Some(s) = r.staged {
-                *out.entry(s.key_version).or_default() += 1;
+        for (&(data, staged), &n) in zone.meta.lock().census() {
+            *out.entry(data).or_default() += n;
+            if let Some(s) = staged {
+                *out.entry(s).or_default() += n;
             }
         }
         out
@@ -587,18 +587,19 @@ impl Pool {
         let z = &rot.zone;
         let st = rot.state.lock().clone();
         let (active, content, staged, mut per_key) = {
-            let meta = z.meta.lock();
+            let mut meta = z.meta.lock();
             let active = meta.active;
             let mut per_key: BTreeMap<KeyVersion, u64> = BTreeMap::new();
-            let mut staged = 0;
-            let records = meta.live_records();
-            for (_, r) in &records {
-                *per_key.entry(r.live(active).key_version).or_default() += 1;
-                if r.staged.is_some_and(|s| s.key_version > active) {
-                    staged += 1;
+            let (mut staged, mut content) = (0, 0);
+            for (&(data, st), &n) in meta.census() {
+                let live = st.filter(|s| *s <= active).unwrap_or(data);
+                *per_key.entry(live).or_default() += n;
+                if st.is_some_and(|s| s > active) {
+                    staged += n;
                 }
+                content += n;
             }
-            (active, records.len() as u64, staged, per_key)
+            (active, content, staged, per_key)
         };
         let states: BTreeMap<u32, String> = {
             let file = ZoneKeyFile::load(&Pool::zone_key_path(&self.dir, z.id))?;
@@ -790,15 +791,12 @@ impl Pool {
     /// Whether nothing is left under an old key (live or staged), and no
     /// write that started before the flip is still to record.
     fn migration_done(&self, rot: &ZoneRotation) -> Result<bool> {
-        let meta = rot.zone.meta.lock();
+        let mut meta = rot.zone.meta.lock();
         let active = meta.active;
         if meta.writers.keys().any(|v| *v != active) {
             return Ok(false);
         }
-        Ok(meta
-            .live_records()
-            .iter()
-            .all(|(_, r)| r.key_version == active && r.staged.is_none()))
+        Ok(meta.census().keys().all(|&k| k == (active, None)))
     }
 
     /// Migration is complete: the old keys wait out the grace period.

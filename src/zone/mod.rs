@@ -197,6 +197,15 @@ pub struct ZoneMeta {
     pub writers: HashMap<KeyVersion, u32>,
     /// Content index for dedup: tag prefix → content block (`None`: dedup off).
     dedup: Option<HashMap<u64, Cbid>>,
+    /// Live content blocks by (data-copy key version, staged-copy key
+    /// version), kept up to date by `set_cb` once built: rotation status and
+    /// the key layer's usage questions need no scan of the block map.
+    census: Option<HashMap<(KeyVersion, Option<KeyVersion>), u64>>,
+}
+
+/// The census key of a record.
+fn census_key(r: &CbRecord) -> (KeyVersion, Option<KeyVersion>) {
+    (r.key_version, r.staged.map(|s| s.key_version))
 }
 
 /// The dedup index key of a tag.
@@ -251,6 +260,7 @@ impl ZoneMeta {
             window: None,
             writers: HashMap::default(),
             dedup: None,
+            census: None,
         })
     }
 
@@ -276,6 +286,19 @@ impl ZoneMeta {
         self.cb(cbid)
             .filter(|r| r.tag == *tag)
             .map(|r| (cbid, r))
+    }
+
+    /// Live content blocks by (data-copy key version, staged-copy key
+    /// version). Built by one scan on first use, then maintained.
+    pub fn census(&mut self) -> &HashMap<(KeyVersion, Option<KeyVersion>), u64> {
+        if self.census.is_none() {
+            let mut c: HashMap<(KeyVersion, Option<KeyVersion>), u64> = HashMap::default();
+            for (_, r) in self.live_records() {
+                *c.entry(census_key(&r)).or_default() += 1;
+            }
+            self.census = Some(c);
+        }
+        self.census.as_ref().expect("built above")
     }
 
     /// Takes a content block that failed an integrity check out of the
@@ -307,7 +330,22 @@ impl ZoneMeta {
 
     /// Records a change made by the journal frame `seq` (`None`: freed).
     pub fn set_cb(&mut self, cbid: Cbid, record: Option<CbRecord>, seq: JournalSeq) {
-        let old = self.dedup.as_ref().and_then(|_| self.cb(cbid));
+        let old = (self.dedup.is_some() || self.census.is_some())
+            .then(|| self.cb(cbid))
+            .flatten();
+        if let Some(census) = self.census.as_mut() {
+            if let Some(old) = &old
+                && let Some(n) = census.get_mut(&census_key(old))
+            {
+                *n -= 1;
+                if *n == 0 {
+                    census.remove(&census_key(old));
+                }
+            }
+            if let Some(r) = &record {
+                *census.entry(census_key(r)).or_default() += 1;
+            }
+        }
         if let Some(index) = self.dedup.as_mut() {
             if let Some(old) = old
                 && record.is_none_or(|r| r.tag != old.tag)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Foreground cost of a rotation: 4 KiB random read IOPS at queue depth 32
+# (fio's nbd engine) on a volume of SIZE random data, with the default
+# throttle, in three states measured back to back in each repetition:
+#   idle     no rotation
+#   staging  a window is open and the pipeline is staging
+#   migrate  right after the flip, the migrator re-encrypts what staging
+#            had not reached and destages the rest
+# Reported: medians and the ratio to idle (target: >= 0.7x).
+#
+#   benches/rotation-impact.sh            # SIZE=1G REPS=3 RUNTIME=8
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1G}
+REPS=${REPS:-3}
+RUNTIME=${RUNTIME:-8}
+PORT=${PORT:-12080}
+cargo build --release --quiet
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
+work=$(mktemp -d /tmp/keyturn-rotimpact.XXXXXX)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+echo "bench-pass" > "$work/pass"
+opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+csv="$work/results.csv"; echo "rep,state,iops,progress_at_end" > "$csv"
+
+status() { "$K" rotate status "${opts[@]}" --zone z --json; }
+randread() { # → IOPS
+    fio --name=rr --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randread --bs=4k \
+        --iodepth=32 --size="$SIZE" --time_based --runtime="$RUNTIME" --norandommap \
+        --output-format=json 2>/dev/null | python3 -c "import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.index('{'):])['jobs'][0]['read']['iops']))"
+}
+progress() { status | python3 -c "import json,sys; s=json.load(sys.stdin); print(f\"{s['phase']}:{s['progress_percent']:.0f}%\")"; }
+
+for rep in $(seq 1 "$REPS"); do
+    rm -rf "$work/pool"
+    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
+    sed -i 's/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/' "$work/pool/pool.toml"
+    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
+    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null 2>&1
+    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
+    pid=$!
+    for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+    fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=write --bs=1m --iodepth=8 \
+        --size="$SIZE" --refill_buffers --output=/dev/null
+    echo "$rep,idle,$(randread),-" >> "$csv"
+    "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
+    iops=$(randread); echo "$rep,staging,$iops,$(progress)" >> "$csv"
+    "$K" rotate flip "${opts[@]}" --zone z >/dev/null
+    iops=$(randread); echo "$rep,migrate,$iops,$(progress)" >> "$csv"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+    grep "^$rep," "$csv" | sed 's/^/  /'
+done
+python3 - "$csv" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+med = {s: statistics.median(float(r["iops"]) for r in rows if r["state"] == s) for s in ("idle", "staging", "migrate")}
+print(f"== medians over {len(rows)//3} repetition(s)")
+for s, m in med.items():
+    print(f"  {s:8s} {m:10.0f} IOPS   {m / med['idle']:.2f}x idle")
+EOF
