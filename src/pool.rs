@@ -649,7 +649,19 @@ impl Pool {
         let growable = data_sync.metadata().map_err(io_at(&data_path))?.is_file();
         tracing::info!(device = %data_path.display(), direct = data.is_direct(), growable, "data device open");
         let staging = Self::open_staging(dir, &config, &engine)?;
-        let storage = Arc::new(Storage::new(data, data_sync, growable).with_staging(staging));
+        let bulk = Device::open(
+            &data_path,
+            &DeviceOptions {
+                create: false,
+                direct: true,
+            },
+            &engine,
+        )?;
+        let storage = Arc::new(
+            Storage::new(data, data_sync, growable)
+                .with_staging(staging)
+                .with_bulk(bulk),
+        );
 
         let mut zones = BTreeMap::new();
         for z in &catalog.zones {

@@ -107,6 +107,9 @@ impl ZoneRotation {
         if dt >= 1.0 {
             let now = (bytes - r.1) as f64 / dt;
             r.2 = if r.2 == 0.0 { now } else { 0.5 * r.2 + 0.5 * now };
+            if r.2 < 1.0 {
+                r.2 = 0.0;
+            }
             *r = (Instant::now(), bytes, r.2);
         }
         r.2

@@ -411,9 +411,16 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
 
 fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>) {
     for mut job in input {
+        let end = job.items.iter().map(|it| it.dst.0 + 1).max().unwrap_or(0);
         let device = match mode {
             Mode::Stage { .. } => ctx.storage.staging.as_ref().map(|s| &s.device),
-            Mode::Migrate { .. } => Some(&ctx.storage.data),
+            Mode::Migrate { .. } => match ctx.storage.bulk(end) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    ctx.counters.error(format!("data device: {e}"));
+                    Some(&ctx.storage.data)
+                }
+            },
         };
         let Some(device) = device else { return };
         let bufs = std::mem::take(&mut job.dst_bufs);
