@@ -182,3 +182,59 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
     assert_refused(&rotate(&pool, &[&a, &b]), "expired");
     assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
 }
+
+/// An emergency DEK rotation through the running server needs two
+/// approvals of exactly that operation on that zone.
+#[test]
+fn emergency_rotation_needs_two_approvals_through_the_server() {
+    require_tool("qemu-io");
+    let pool = dual_pool();
+    for who in ["alice", "bob"] {
+        let key = pool.dir.path().join(format!("{who}.key"));
+        bare_ok(&pool, &["operator", "add", who, "--key-out", key.to_str().unwrap()]);
+    }
+    pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "16M", "vol0"]);
+    let server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["write -P 0x2e 0 1M", "flush"]);
+    let emergency = |tokens: &[&Path]| {
+        let mut args = vec!["rotate", "emergency", "--zone", "z1", "--reason", "drill"];
+        for t in tokens {
+            args.push("--approval");
+            args.push(t.to_str().unwrap());
+        }
+        pool.keyturn(&args)
+    };
+    assert_refused(&emergency(&[]), "approval");
+    // Approvals of another operation (a KEK rotation) do not count.
+    let kek_req = request(pool.dir.path(), "kek.json", "1h");
+    let a = approve(&pool, "alice", &kek_req, "a-kek.approval");
+    let b = approve(&pool, "bob", &kek_req, "b-kek.approval");
+    assert_refused(&emergency(&[&a, &b]), "dual control");
+    // The right request, one approval: refused; two: accepted.
+    let req = pool.dir.path().join("em.json");
+    let out = Command::new(keyturn_bin())
+        .args(["approval-request", "--operation", "emergency-rotation", "--zone", "z1"])
+        .args(["--expires-in", "1h", "--out"])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = approve(&pool, "alice", &req, "a-em.approval");
+    let b = approve(&pool, "bob", &req, "b-em.approval");
+    assert_refused(&emergency(&[&a]), "approval");
+    let ok = emergency(&[&a, &b]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let st: serde_json::Value = serde_json::from_str(&pool.keyturn_ok(&["rotate", "status", "--zone", "z1", "--json"])).unwrap();
+    assert_eq!(st["active_version"], 2);
+    assert_eq!(st["emergency"], true);
+    // Replay of the same approvals is refused.
+    assert_refused(&emergency(&[&a, &b]), "dual control");
+    qio_ok(&server.uri("vol0"), &["read -P 0x2e 0 1M"]);
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("\"rotation.emergency\"") && l.contains("\"ok\""))
+        .expect("an accepted emergency rotation in the audit log");
+    assert!(accepted.contains("op-"), "approvers recorded: {accepted}");
+    assert!(log.lines().filter(|l| l.contains("\"rotation.emergency\"") && l.contains("\"refused\"")).count() >= 3);
+}
