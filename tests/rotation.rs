@@ -503,3 +503,43 @@ fn dedup_can_be_turned_off_per_zone() {
     let audit = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
     assert!(audit.contains("zone.dedup.off") && audit.contains("zone.dedup.on"));
 }
+
+/// Pause holds the pipeline still, resume finishes it, and a window opened
+/// with `--window` flips by itself when it ends.
+#[test]
+fn pause_resume_and_a_scheduled_flip() {
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("64M");
+    set_rotation(&pool, &[("grace_secs", "0"), ("batch_blocks", "16"), ("rate_mib_s", "2"), ("idle_after_ms", "600000")]);
+    let server = pool.serve();
+    let uri = server.uri("vol0");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_random(&uri, tmp.path(), 31, 0, 4 * MIB as usize);
+    pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1", "--window", "4s"]);
+    let st = status(&pool);
+    let flip_at = st["flip_at_unix"].as_u64().expect("a scheduled flip");
+    assert!(flip_at >= st["window_opened_unix"].as_u64().unwrap() + 3, "{st}");
+    std::thread::sleep(Duration::from_millis(300));
+    pool.keyturn_ok(&["rotate", "pause", "--zone", "z1"]);
+    let paused = status(&pool);
+    assert_eq!(paused["phase"], "paused");
+    std::thread::sleep(Duration::from_millis(800));
+    let later = status(&pool);
+    assert_eq!(paused["staged_blocks"], later["staged_blocks"], "staging went on while paused");
+    assert!(later["staged_blocks"].as_u64().unwrap() < 1024, "the throttle should keep staging partial: {later}");
+    pool.keyturn_ok(&["rotate", "resume", "--zone", "z1"]);
+    assert_eq!(status(&pool)["phase"], "window");
+    // The flip comes by itself once the window ends.
+    wait_until("the scheduled flip", 30, || status(&pool)["active_version"] == 2);
+    let st = wait_destroyed(&pool, 1);
+    assert_eq!(blocks_under(&st, 2), st["content_blocks"].as_u64().unwrap());
+    let all = read_all(&uri, tmp.path());
+    assert!(all[..data.len()] == data[..]);
+    // Flip without a window, abort without a window: clear conflicts.
+    let o = pool.keyturn(&["rotate", "flip", "--zone", "z1"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no open rotation window"));
+    let o = pool.keyturn(&["rotate", "prepare", "--zone", "nope"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
+}
