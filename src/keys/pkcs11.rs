@@ -392,6 +392,48 @@ impl Pkcs11Provider {
         Self::open(config, pin)
     }
 
+    /// Whether the token holds an AES key with the configured label.
+    pub fn key_exists(config: &Pkcs11Config, pin: &Pin) -> Result<bool, KeyError> {
+        let session = login(config, pin, false)?;
+        Ok(!find_keys(&session, config)?.is_empty())
+    }
+
+    /// Destroys the root key with the configured label in the token
+    /// (`C_DestroyObject`): the last step of a root key rotation, once no KEK
+    /// is wrapped by it. Returns whether a key was destroyed (`false`: it was
+    /// already gone). Refuses when several keys carry the label.
+    pub fn destroy_key(config: &Pkcs11Config, pin: &Pin) -> Result<bool, KeyError> {
+        let session = login(config, pin, true)?;
+        let key = match find_keys(&session, config)?.as_slice() {
+            [] => return Ok(false),
+            [k] => *k,
+            many => {
+                return Err(KeyError::Pkcs11 {
+                    op: "destroy the old root key on",
+                    token: config.token_label.clone(),
+                    reason: format!(
+                        "{} AES keys are labelled {:?}; refusing to guess which one",
+                        many.len(),
+                        config.key_label
+                    ),
+                });
+            }
+        };
+        session
+            .destroy_object(key)
+            .map_err(|e| KeyError::Pkcs11 {
+                op: "destroy the old root key on",
+                token: config.token_label.clone(),
+                reason: ck(&e),
+            })?;
+        tracing::info!(
+            token = %config.token_label,
+            key = %config.key_label,
+            "destroyed a PKCS#11 root key"
+        );
+        Ok(true)
+    }
+
     /// The configuration this provider was opened with.
     pub fn config(&self) -> &Pkcs11Config {
         &self.config
