@@ -217,3 +217,27 @@ pub(crate) mod b64 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destroy_file_overwrites_then_unlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sealed");
+        let secret = b"sealed root key bytes, 0123456789abcdef".repeat(4);
+        write_private_atomic("test file", &path, &secret, Replace::Never).unwrap();
+        // A second name for the same inode shows what the overwrite left.
+        let witness = dir.path().join("witness");
+        fs::hard_link(&path, &witness).unwrap();
+        destroy_file("test file", &path).unwrap();
+        assert!(!path.exists());
+        let left = fs::read(&witness).unwrap();
+        assert_eq!(left.len(), secret.len());
+        assert_ne!(left, secret);
+        assert!(!left.windows(8).any(|w| w == &secret[..8]), "content overwritten");
+        // Gone already: fine.
+        destroy_file("test file", &path).unwrap();
+    }
+}

@@ -882,13 +882,13 @@ mod tests {
         assert!(matches!(e, KeyError::WrongPin { .. }), "{e}");
         assert!(!e.to_string().contains("0000"));
 
-        // The key removed from the token: open refuses.
-        {
-            let s = login(&cfg, &good, true).unwrap();
-            for k in find_keys(&s, &cfg).unwrap() {
-                s.destroy_object(k).unwrap();
-            }
-        }
+        // The key destroyed in the token (as a root key rotation retires
+        // it): gone for key_exists, and open refuses.
+        assert!(Pkcs11Provider::key_exists(&cfg, &good).unwrap());
+        assert!(Pkcs11Provider::destroy_key(&cfg, &good).unwrap());
+        assert!(!Pkcs11Provider::key_exists(&cfg, &good).unwrap());
+        assert!(!Pkcs11Provider::destroy_key(&cfg, &good).unwrap(), "already gone");
+        assert!(Pkcs11Provider::key_exists(&config("other-root"), &good).unwrap());
         let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
         assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
     }
