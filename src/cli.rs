@@ -944,19 +944,17 @@ fn print_kek_report(report: &serde_json::Value) {
 /// (a wrong passphrase spends no approval) and before anything changes.
 fn authorize_root(
     p: &Pool,
-    dir: &Path,
     approvals: &[PathBuf],
+    action: &'static str,
     what: &str,
 ) -> Result<Option<approval::Authorized>> {
-    let policy = p.config().dual_control.clone();
-    if !policy.required && approvals.is_empty() {
-        return Ok(None);
-    }
-    let target = Target::new(Operation::RotateRoot, None, None);
-    let auth = approval::authorize(dir, &policy, &target, approvals, now_unix())
+    let auth = p
+        .authorize_root(action, approvals)
         .with_context(|| format!("{what} refused"))?;
-    println!("approved by {}", auth.approvers().join(", "));
-    Ok(Some(auth))
+    if let Some(a) = &auth {
+        println!("approved by {}", a.approvers().join(", "));
+    }
+    Ok(auth)
 }
 
 /// `keys rotate-root`.
@@ -1025,7 +1023,7 @@ fn rotate_root(
             key_label: new_key_label,
         }
     };
-    let auth = authorize_root(&p, &pool.pool, approvals, "root key rotation")?;
+    let auth = authorize_root(&p, approvals, "root.rotate", "root key rotation")?;
     let report = p
         .rotate_root(
             secret.as_root(),
@@ -1069,7 +1067,7 @@ fn change_passphrase(pool: &PoolArgs, new: &NewPassphraseArgs, approvals: &[Path
     let mut p = Pool::open(&pool.pool, &old, &default_profile()?)
         .with_context(|| format!("cannot open pool {}", pool.pool.display()))?;
     let new_pass = new.passphrase()?;
-    let auth = authorize_root(&p, &pool.pool, approvals, "passphrase change")?;
+    let auth = authorize_root(&p, approvals, "root.reseal", "passphrase change")?;
     p.change_passphrase(&old, &new_pass, new.kdf(), auth)
         .context("cannot change the passphrase")?;
     println!("the root key is sealed under the new passphrase; the old one no longer opens the pool");

@@ -283,6 +283,35 @@ impl Pool {
         Self::record_outcome(self.audit()?, events, "the root key was rotated", r)
     }
 
+    /// Checks approval token files for a root key operation (`rotate-root`,
+    /// no zone, no key) under the pool's policy and spends their nonce:
+    /// `None` when the pool does not require dual control and none were
+    /// given. A refusal is recorded as `action` (`root.rotate` or
+    /// `root.reseal`), refused, with the operators the tokens name.
+    pub fn authorize_root(
+        &self,
+        action: &'static str,
+        token_files: &[PathBuf],
+    ) -> Result<Option<Authorized>> {
+        let policy = &self.config.dual_control;
+        if !policy.required && token_files.is_empty() {
+            return Ok(None);
+        }
+        let target = Target::new(Operation::RotateRoot, None, None);
+        crate::keys::approval::authorize(&self.dir, policy, &target, token_files, unix_now())
+            .map(Some)
+            .map_err(|e| {
+                // Unverified: the ids as the tokens claim them.
+                let claimed: Vec<String> = token_files
+                    .iter()
+                    .filter_map(|f| crate::keys::approval::Approval::load(f).ok())
+                    .map(|a| a.operator)
+                    .collect();
+                let _ = self.record(AuditEvent::refused(action, &e).approvers(claimed));
+                e.into()
+            })
+    }
+
     /// Dual control for the root key commands: the approvers, or the refusal
     /// (recorded as `action`, refused).
     fn check_root_approval(
