@@ -346,10 +346,8 @@ enum KeysCmd {
         /// Pause between saves, in milliseconds.
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
-        /// An approval token for `rotate-root`; once per operator when the
-        /// pool requires dual control.
-        #[arg(long = "approval", value_name = "FILE")]
-        approvals: Vec<PathBuf>,
+        #[command(flatten)]
+        approvals: RootApprovals,
     },
     /// Seal the same root key under a new passphrase (sealed-file pools):
     /// cheap, no KEK is re-wrapped. A copy of the old sealed file still opens
@@ -361,10 +359,8 @@ enum KeysCmd {
         pool: PoolArgs,
         #[command(flatten)]
         new: NewPassphraseArgs,
-        /// An approval token for `rotate-root`; once per operator when the
-        /// pool requires dual control.
-        #[arg(long = "approval", value_name = "FILE")]
-        approvals: Vec<PathBuf>,
+        #[command(flatten)]
+        approvals: RootApprovals,
     },
     /// Destroy a key (crypto-erase: its wrapped bytes are erased). A DEK only
     /// when no content block uses it; never the active DEK or MAC key.
@@ -388,6 +384,15 @@ enum KeysCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
+}
+
+/// Approval tokens of the root key commands.
+#[derive(Args, Debug, Clone)]
+struct RootApprovals {
+    /// An approval token for `rotate-root`; once per operator when the pool
+    /// requires dual control.
+    #[arg(long = "approval", value_name = "FILE")]
+    approvals: Vec<PathBuf>,
 }
 
 /// The new passphrase of a sealed root key file, and its Argon2id cost.
@@ -858,12 +863,19 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             batch,
             pause_ms,
             approvals,
-        } => rotate_root(&pool, &new, new_key_label, batch, pause_ms, &approvals),
+        } => rotate_root(
+            &pool,
+            &new,
+            new_key_label,
+            batch,
+            pause_ms,
+            &approvals.approvals,
+        ),
         KeysCmd::ChangePassphrase {
             pool,
             new,
             approvals,
-        } => change_passphrase(&pool, &new, &approvals),
+        } => change_passphrase(&pool, &new, &approvals.approvals),
         KeysCmd::Destroy {
             pool,
             key,
@@ -968,18 +980,26 @@ fn rotate_root(
 ) -> Result<()> {
     use crate::pool_root::{NewRoot, RootRotationPhase};
     require_pool_dir(&pool.pool)?;
-    let pending = Pool::root_rotation(&pool.pool)
-        .with_context(|| format!("cannot read the root key rotation of {}", pool.pool.display()))?;
+    let pending = Pool::root_rotation(&pool.pool).with_context(|| {
+        format!(
+            "cannot read the root key rotation of {}",
+            pool.pool.display()
+        )
+    })?;
     let retiring = matches!(pending, Some((_, RootRotationPhase::Retire)));
     let sealed = matches!(
         Pool::root_key_config(&pool.pool)?,
         RootKeyConfig::SealedFile { .. }
     );
     if sealed && new_key_label.is_some() {
-        bail!("--new-key-label is for pools whose root key is in a PKCS#11 token; this pool's is a sealed file");
+        bail!(
+            "--new-key-label is for pools whose root key is in a PKCS#11 token; this pool's is a sealed file"
+        );
     }
     if !sealed && (new.given() || new.kdf().is_some()) {
-        bail!("a new passphrase is for pools whose root key is a sealed file; this pool's is in a PKCS#11 token (use --new-key-label)");
+        bail!(
+            "a new passphrase is for pools whose root key is a sealed file; this pool's is in a PKCS#11 token (use --new-key-label)"
+        );
     }
     if let Some((state, phase)) = &pending {
         println!(
@@ -1055,13 +1075,19 @@ fn rotate_root(
 }
 
 /// `keys change-passphrase`.
-fn change_passphrase(pool: &PoolArgs, new: &NewPassphraseArgs, approvals: &[PathBuf]) -> Result<()> {
+fn change_passphrase(
+    pool: &PoolArgs,
+    new: &NewPassphraseArgs,
+    approvals: &[PathBuf],
+) -> Result<()> {
     require_pool_dir(&pool.pool)?;
     if !matches!(
         Pool::root_key_config(&pool.pool)?,
         RootKeyConfig::SealedFile { .. }
     ) {
-        bail!("this pool's root key is in a PKCS#11 token: it has no passphrase (its PIN is the token's)");
+        bail!(
+            "this pool's root key is in a PKCS#11 token: it has no passphrase (its PIN is the token's)"
+        );
     }
     let old = passphrase(pool)?;
     let mut p = Pool::open(&pool.pool, &old, &default_profile()?)
@@ -1070,7 +1096,9 @@ fn change_passphrase(pool: &PoolArgs, new: &NewPassphraseArgs, approvals: &[Path
     let auth = authorize_root(&p, approvals, "root.reseal", "passphrase change")?;
     p.change_passphrase(&old, &new_pass, new.kdf(), auth)
         .context("cannot change the passphrase")?;
-    println!("the root key is sealed under the new passphrase; the old one no longer opens the pool");
+    println!(
+        "the root key is sealed under the new passphrase; the old one no longer opens the pool"
+    );
     Ok(())
 }
 

@@ -98,11 +98,13 @@ pub struct RootRotationReport {
 }
 
 /// The steps a rotation reports to its hook, so tests can stop it as a
-/// crash would: after the n-th atomic save of a zone key file, after the
-/// check (before pool.toml switches), after the switch, after the old root
-/// key is destroyed (before the record is removed).
+/// crash would: once the rotation is recorded (nothing re-wrapped yet),
+/// after the n-th atomic save of a zone key file, after the check (before
+/// pool.toml switches), after the switch, after the old root key is
+/// destroyed (before the record is removed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
+    Begun,
     Saved(usize),
     Checked,
     Switched,
@@ -127,11 +129,11 @@ fn phase_of(state: &RootRotationState, configured: &RootKeyConfig) -> Result<Roo
     }
 }
 
-fn secret_pin<'a>(secret: RootSecret<'a>, needs_pin: bool) -> Result<Option<&'a Pin>> {
-    match (secret, needs_pin) {
-        (RootSecret::Pin(p), true) => Ok(Some(p)),
-        (RootSecret::Passphrase(_), false) => Ok(None),
-        (_, needs_pin) => Err(crate::pool::wrong_secret(needs_pin)),
+/// The token PIN a PKCS#11 root key needs.
+fn pin_of(secret: RootSecret<'_>) -> Result<&Pin> {
+    match secret {
+        RootSecret::Pin(p) => Ok(p),
+        RootSecret::Passphrase(_) => Err(crate::pool::wrong_secret(true)),
     }
 }
 
@@ -219,7 +221,7 @@ impl Pool {
                 Ok(Some(Box::new(UnsealedRoot::new(root, what))))
             }
             RootKeyConfig::Pkcs11 { .. } => {
-                let pin = secret_pin(secret, true)?.expect("a PIN");
+                let pin = pin_of(secret)?;
                 let config = state.new.pkcs11().expect("pkcs11");
                 if !Pkcs11Provider::key_exists(&config, pin)? {
                     return Ok(None);
@@ -382,7 +384,7 @@ impl Pool {
                 existed
             }
             RootKeyConfig::Pkcs11 { .. } => {
-                let pin = secret_pin(secret, true)?.expect("a PIN");
+                let pin = pin_of(secret)?;
                 Pkcs11Provider::destroy_key(&state.old.pkcs11().expect("pkcs11"), pin)?
             }
         };
@@ -390,7 +392,9 @@ impl Pool {
             // Recorded now: a crash before the end must not leave it unrecorded.
             self.record(AuditEvent::ok("key.destroy").key(&root_label(&state.old_id())))
                 .map_err(|e| {
-                    PoolError::Audit(format!("the old root key was destroyed, but not recorded: {e}"))
+                    PoolError::Audit(format!(
+                        "the old root key was destroyed, but not recorded: {e}"
+                    ))
                 })?;
         }
         hook(Step::Retired)?;
@@ -448,7 +452,11 @@ impl Pool {
                 Self::check_resume(&s, new)?;
                 s
             }
-            None => self.begin_root_rotation(old.as_ref(), secret, new)?,
+            None => {
+                let s = self.begin_root_rotation(old.as_ref(), secret, new)?;
+                hook(Step::Begun)?;
+                s
+            }
         };
         let new_id = state.new_id();
         let new_root = match Self::open_new_root(&dir, &state, old.as_ref(), secret)? {
@@ -464,7 +472,7 @@ impl Pool {
                     }
                     .into());
                 }
-                let pin = secret_pin(secret, true)?.expect("a PIN");
+                let pin = pin_of(secret)?;
                 Box::new(Pkcs11Provider::create_key(
                     &state.new.pkcs11().expect("pkcs11"),
                     pin,
@@ -585,7 +593,7 @@ impl Pool {
                     token_label: token_label.clone(),
                     key_label: new_label.clone(),
                 };
-                let pin = secret_pin(secret, true)?.expect("a PIN");
+                let pin = pin_of(secret)?;
                 // An existing key may wrap someone else's keys: never adopt it.
                 if Pkcs11Provider::key_exists(&new_config.pkcs11().expect("pkcs11"), pin)? {
                     return Err(KeyError::RootKeyExists {
@@ -637,14 +645,21 @@ impl Pool {
         pause: Duration,
         hook: &dyn Fn(Step) -> Result<()>,
     ) -> Result<usize> {
-        let new_id = pair.root_id().expect("a pair names its new root").to_string();
+        let new_id = pair
+            .root_id()
+            .expect("a pair names its new root")
+            .to_string();
         let zones = self.catalog().zones;
         let mut left: usize = 0;
         for z in &zones {
             left += ZoneKeyFile::load(&Self::zone_key_path(&self.dir, z.id))?
                 .root_rewrap_remaining(&new_id);
         }
-        tracing::info!(kek = left, zones = zones.len(), "re-wrapping KEKs under the new root key");
+        tracing::info!(
+            kek = left,
+            zones = zones.len(),
+            "re-wrapping KEKs under the new root key"
+        );
         let (mut rewrapped, mut saves) = (0, 0);
         for z in &zones {
             let zone = self.zones.read().get(&z.id).cloned();
@@ -784,7 +799,8 @@ mod tests {
     fn keys_of(pool: &Pool, provider: &dyn RootKeyProvider) -> Result<Keys, KeyError> {
         let mut out = BTreeMap::new();
         for z in pool.catalog().zones {
-            let ring = ZoneKeyFile::load(&Pool::zone_key_path(pool.dir(), z.id))?.unlock(provider)?;
+            let ring =
+                ZoneKeyFile::load(&Pool::zone_key_path(pool.dir(), z.id))?.unlock(provider)?;
             let deks = ring
                 .versions()
                 .map(|v| (v.0, ring.dek(v).unwrap().expose().to_vec()))
@@ -837,7 +853,9 @@ mod tests {
             pool.rotate_kek("z3", 64, Duration::ZERO).unwrap();
         }
         let vol = pool.open("v").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             for i in 0..16u64 {
                 vol.write(i * 4096, &block(i), false).await.unwrap();
@@ -859,7 +877,9 @@ mod tests {
 
     fn read_back(pool: &Pool) {
         let vol = pool.open("v").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             for i in 0..16u64 {
                 let mut got = vec![0u8; BLOCK_SIZE];
@@ -874,6 +894,38 @@ mod tests {
             passphrase: Some(p),
             kdf: None,
         }
+    }
+
+    /// A root key rotation of `pool` to a sealed file under `new`.
+    fn rotate(
+        pool: &mut Pool,
+        current: &str,
+        new: &Passphrase,
+        batch: usize,
+    ) -> Result<RootRotationReport> {
+        pool.rotate_root(
+            RootSecret::Passphrase(&pass(current)),
+            sealed_new(new),
+            batch,
+            Duration::ZERO,
+            None,
+        )
+    }
+
+    /// [`rotate`], one KEK per batch, crashing at `at`.
+    fn crash(pool: &mut Pool, current: &str, new: &Passphrase, at: Step) -> PoolError {
+        let e = pool
+            .rotate_root_with(
+                RootSecret::Passphrase(&pass(current)),
+                sealed_new(new),
+                1,
+                Duration::ZERO,
+                None,
+                &crash_at(at),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("simulated crash"), "{at:?}: {e}");
+        e
     }
 
     fn crash_at(at: Step) -> impl Fn(Step) -> Result<()> {
@@ -917,8 +969,15 @@ mod tests {
         assert_ne!(path, Path::new("keys/root.sealed"));
         assert!(path.starts_with("keys"), "beside the old file: {path:?}");
         drop(pool);
-        assert!(is_wrong_passphrase(Pool::open(&fx.dir, &pass(OLD), &profile())));
-        assert!(!fx.dir.join("keys/root.sealed").exists(), "old file destroyed");
+        assert!(is_wrong_passphrase(Pool::open(
+            &fx.dir,
+            &pass(OLD),
+            &profile()
+        )));
+        assert!(
+            !fx.dir.join("keys/root.sealed").exists(),
+            "old file destroyed"
+        );
         assert!(!RootRotationState::path(&fx.dir).exists(), "record removed");
         let old = SealedFileProvider::open(&fx.old_copy, &pass(OLD)).unwrap();
         for z in 1..=3 {
@@ -942,8 +1001,9 @@ mod tests {
             .count();
         assert_eq!(ok, 1, "{log}");
         assert!(
-            log.lines()
-                .any(|l| l.contains("\"key.destroy\"") && l.contains("sealed-file:keys/root.sealed")),
+            log.lines().any(
+                |l| l.contains("\"key.destroy\"") && l.contains("sealed-file:keys/root.sealed")
+            ),
             "{log}"
         );
         crate::audit::verify(&fx.dir).unwrap();
@@ -954,15 +1014,7 @@ mod tests {
         let fx = fixture(false);
         let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         let new = pass(NEW);
-        let report = pool
-            .rotate_root(
-                RootSecret::Passphrase(&pass(OLD)),
-                sealed_new(&new),
-                64,
-                Duration::ZERO,
-                None,
-            )
-            .unwrap();
+        let report = rotate(&mut pool, OLD, &new, 64).unwrap();
         assert_eq!(
             (report.rewrapped, report.checked, report.zones),
             (4, 4, 3),
@@ -975,7 +1027,10 @@ mod tests {
         drop(pool);
         let mut fx = fx;
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
-        fx.keys.insert(4, keys_of(&pool, pool.provider.as_ref()).unwrap()[&4].clone());
+        fx.keys.insert(
+            4,
+            keys_of(&pool, pool.provider.as_ref()).unwrap()[&4].clone(),
+        );
         drop(pool);
         check_finished(&fx);
         // The new file keeps the old file's KDF cost.
@@ -997,6 +1052,7 @@ mod tests {
     #[test]
     fn crash_at_every_step_then_resume() {
         let steps = [
+            Step::Begun,
             Step::Saved(1),
             Step::Saved(2),
             Step::Saved(3),
@@ -1010,17 +1066,7 @@ mod tests {
             let new = pass(NEW);
             {
                 let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-                let e = pool
-                    .rotate_root_with(
-                        RootSecret::Passphrase(&pass(OLD)),
-                        sealed_new(&new),
-                        1,
-                        Duration::ZERO,
-                        None,
-                        &crash_at(at),
-                    )
-                    .unwrap_err();
-                assert!(e.to_string().contains("simulated crash"), "{at:?}: {e}");
+                crash(&mut pool, OLD, &new, at);
             }
             let switched = matches!(at, Step::Switched | Step::Retired);
             let (right, wrong) = if switched { (NEW, OLD) } else { (OLD, NEW) };
@@ -1042,25 +1088,27 @@ mod tests {
                 .filter(|r| r.as_deref() == Some(new_id.as_str()))
                 .count();
             let expect_moved = match at {
+                Step::Begun => 0,
                 Step::Saved(k) => k,
                 _ => 4,
             };
             assert_eq!(moved, expect_moved, "{at:?}");
             if let Step::Saved(_) = at {
-                assert!(pool.provider.describe().contains("rotation in progress"), "{at:?}");
+                assert!(
+                    pool.provider.describe().contains("rotation in progress"),
+                    "{at:?}"
+                );
                 // The old root alone no longer unlocks every zone.
-                assert!(keys_of(&pool, &SealedFileProvider::open(&fx.old_copy, &pass(OLD)).unwrap()).is_err());
+                assert!(
+                    keys_of(
+                        &pool,
+                        &SealedFileProvider::open(&fx.old_copy, &pass(OLD)).unwrap()
+                    )
+                    .is_err()
+                );
             }
             let mut pool = pool;
-            let report = pool
-                .rotate_root(
-                    RootSecret::Passphrase(&pass(right)),
-                    sealed_new(&new),
-                    1,
-                    Duration::ZERO,
-                    None,
-                )
-                .unwrap();
+            let report = rotate(&mut pool, right, &new, 1).unwrap();
             assert!(report.resumed, "{at:?}");
             assert_eq!(report.rewrapped, 4 - expect_moved, "{at:?}");
             assert_eq!(report.old_destroyed, at != Step::Retired, "{at:?}");
@@ -1084,30 +1132,17 @@ mod tests {
         let new = pass(NEW);
         {
             let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-            pool.rotate_root_with(
-                RootSecret::Passphrase(&pass(OLD)),
-                sealed_new(&new),
-                1,
-                Duration::ZERO,
-                None,
-                &crash_at(Step::Saved(2)),
-            )
-            .unwrap_err();
+            crash(&mut pool, OLD, &new, Step::Saved(2));
         }
         let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         pool.create_zone("z4").unwrap();
         let new_id = RootRotationState::load(&fx.dir).unwrap().unwrap().new_id();
         let f = ZoneKeyFile::load(&Pool::zone_key_path(&fx.dir, ZoneId(4))).unwrap();
-        assert_eq!(f.records()[0].wrapped_by_root.as_deref(), Some(new_id.as_str()));
-        let report = pool
-            .rotate_root(
-                RootSecret::Passphrase(&pass(OLD)),
-                sealed_new(&new),
-                64,
-                Duration::ZERO,
-                None,
-            )
-            .unwrap();
+        assert_eq!(
+            f.records()[0].wrapped_by_root.as_deref(),
+            Some(new_id.as_str())
+        );
+        let report = rotate(&mut pool, OLD, &new, 64).unwrap();
         assert_eq!((report.rewrapped, report.checked, report.zones), (2, 5, 4));
         drop(pool);
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
@@ -1121,34 +1156,28 @@ mod tests {
         let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         let new = pass(NEW);
         // Dual control: no approvals, refused and recorded.
-        let e = pool
-            .rotate_root(
-                RootSecret::Passphrase(&pass(OLD)),
-                sealed_new(&new),
-                64,
-                Duration::ZERO,
-                None,
-            )
-            .unwrap_err();
-        assert!(matches!(e, PoolError::Approval(ApprovalError::NotEnough { got: 0, .. })), "{e}");
+        let e = rotate(&mut pool, OLD, &new, 64).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::Approval(ApprovalError::NotEnough { got: 0, .. })
+            ),
+            "{e}"
+        );
         let log = std::fs::read_to_string(fx.dir.join("audit.log")).unwrap();
         assert!(
-            log.lines().any(|l| l.contains("\"root.rotate\"") && l.contains("\"refused\"")),
+            log.lines()
+                .any(|l| l.contains("\"root.rotate\"") && l.contains("\"refused\"")),
             "{log}"
         );
         // Without dual control, a wrong old passphrase is refused before
         // anything is written.
         pool.config.dual_control.required = false;
-        let e = pool
-            .rotate_root(
-                RootSecret::Passphrase(&pass("not the passphrase")),
-                sealed_new(&new),
-                64,
-                Duration::ZERO,
-                None,
-            )
-            .unwrap_err();
-        assert!(matches!(e, PoolError::Key(KeyError::WrongPassphrase { .. })), "{e}");
+        let e = rotate(&mut pool, "not the passphrase", &new, 64).unwrap_err();
+        assert!(
+            matches!(e, PoolError::Key(KeyError::WrongPassphrase { .. })),
+            "{e}"
+        );
         let e = pool
             .rotate_root(
                 RootSecret::Passphrase(&pass(OLD)),
@@ -1175,7 +1204,10 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("sealed file"), "{e}");
         assert!(RootRotationState::load(&fx.dir).unwrap().is_none());
-        assert_eq!(std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(1))).unwrap(), before);
+        assert_eq!(
+            std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(1))).unwrap(),
+            before
+        );
         assert!(fx.dir.join("keys/root.sealed").exists());
         drop(pool);
         assert!(Pool::open(&fx.dir, &pass(OLD), &profile()).is_ok());
@@ -1191,10 +1223,18 @@ mod tests {
         let e = pool
             .change_passphrase(&pass("wrong"), &pass(NEW), None, None)
             .unwrap_err();
-        assert!(matches!(e, PoolError::Key(KeyError::WrongPassphrase { .. })), "{e}");
-        pool.change_passphrase(&pass(OLD), &pass(NEW), None, None).unwrap();
+        assert!(
+            matches!(e, PoolError::Key(KeyError::WrongPassphrase { .. })),
+            "{e}"
+        );
+        pool.change_passphrase(&pass(OLD), &pass(NEW), None, None)
+            .unwrap();
         drop(pool);
-        assert!(is_wrong_passphrase(Pool::open(&fx.dir, &pass(OLD), &profile())));
+        assert!(is_wrong_passphrase(Pool::open(
+            &fx.dir,
+            &pass(OLD),
+            &profile()
+        )));
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
         assert_eq!(keys_of(&pool, pool.provider.as_ref()).unwrap(), fx.keys);
         read_back(&pool);
@@ -1203,24 +1243,24 @@ mod tests {
         // and a copy of the old file still opens them with the old passphrase
         // (which is what rotate-root is for).
         for (z, before) in (1..=3).zip(&zone_files) {
-            assert_eq!(&std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(z))).unwrap(), before);
+            assert_eq!(
+                &std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(z))).unwrap(),
+                before
+            );
         }
         let old = SealedFileProvider::open(&fx.old_copy, &pass(OLD)).unwrap();
-        assert!(ZoneKeyFile::load(&Pool::zone_key_path(&fx.dir, ZoneId(1))).unwrap().unlock(&old).is_ok());
+        assert!(
+            ZoneKeyFile::load(&Pool::zone_key_path(&fx.dir, ZoneId(1)))
+                .unwrap()
+                .unlock(&old)
+                .is_ok()
+        );
         let log = std::fs::read_to_string(fx.dir.join("audit.log")).unwrap();
         assert!(log.contains("\"root.reseal\""), "{log}");
         // Not during a root key rotation.
         let mut pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
         let third = pass("third");
-        pool.rotate_root_with(
-            RootSecret::Passphrase(&pass(NEW)),
-            sealed_new(&third),
-            1,
-            Duration::ZERO,
-            None,
-            &crash_at(Step::Saved(1)),
-        )
-        .unwrap_err();
+        crash(&mut pool, NEW, &third, Step::Saved(1));
         let e = pool
             .change_passphrase(&pass(NEW), &pass("fourth"), None, None)
             .unwrap_err();
@@ -1255,36 +1295,45 @@ mod tests {
         let new = pass(NEW);
         let mut texts: Vec<(String, Vec<u8>)> = Vec::new();
         let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-        let e = pool
-            .rotate_root_with(
-                RootSecret::Passphrase(&pass(OLD)),
-                sealed_new(&new),
-                1,
-                Duration::ZERO,
-                None,
-                &crash_at(Step::Saved(2)),
-            )
-            .unwrap_err();
+        let e = crash(&mut pool, OLD, &new, Step::Saved(2));
         texts.push(("crash error".into(), format!("{e} {e:?}").into_bytes()));
-        texts.push(("pair".into(), format!("{:?} {}", pool.provider.describe(), pool.provider.describe()).into_bytes()));
+        texts.push((
+            "pair".into(),
+            format!(
+                "{:?} {}",
+                pool.provider.describe(),
+                pool.provider.describe()
+            )
+            .into_bytes(),
+        ));
         drop(pool);
         let state = RootRotationState::load(&fx.dir).unwrap().unwrap();
         texts.push(("state".into(), format!("{state:?}").into_bytes()));
         texts.extend(all_files(&fx.dir));
         let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-        texts.push(("reopened pair".into(), pool.provider.describe().into_bytes()));
+        texts.push((
+            "reopened pair".into(),
+            pool.provider.describe().into_bytes(),
+        ));
         // The new root key, as the record holds it.
         let new_root = state.new_root(pool.provider.as_ref()).unwrap().unwrap();
         let new_root = new_root.expose().to_vec();
-        let e = state.new_root(&crate::keys::root::test_support::MemoryProvider::new()).unwrap_err();
+        let e = state
+            .new_root(&crate::keys::root::test_support::MemoryProvider::new())
+            .unwrap_err();
         texts.push(("unwrap error".into(), format!("{e} {e:?}").into_bytes()));
         let mut pool = pool;
-        pool.rotate_root(RootSecret::Passphrase(&pass(OLD)), sealed_new(&new), 1, Duration::ZERO, None)
-            .unwrap();
-        texts.push(("final provider".into(), format!("{}", pool.provider.describe()).into_bytes()));
+        rotate(&mut pool, OLD, &new, 1).unwrap();
+        texts.push((
+            "final provider".into(),
+            pool.provider.describe().into_bytes(),
+        ));
         drop(pool);
         let e = Pool::open(&fx.dir, &pass(OLD), &profile()).err().unwrap();
-        texts.push(("old passphrase refused".into(), format!("{e} {e:?}").into_bytes()));
+        texts.push((
+            "old passphrase refused".into(),
+            format!("{e} {e:?}").into_bytes(),
+        ));
         texts.extend(all_files(&fx.dir));
 
         let mut needles: Vec<(String, Vec<u8>)> = vec![
@@ -1295,9 +1344,12 @@ mod tests {
             use base64ct::{Base64, Encoding};
             let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
             needles.push((format!("{what} raw"), k.to_vec()));
-            needles.push((format!("{what} hex"), hex[..16].as_bytes().to_vec()));
+            needles.push((format!("{what} hex"), hex.as_bytes()[..16].to_vec()));
             needles.push((format!("{what} HEX"), hex[..16].to_uppercase().into_bytes()));
-            needles.push((format!("{what} base64"), Base64::encode_string(k)[..12].as_bytes().to_vec()));
+            needles.push((
+                format!("{what} base64"),
+                Base64::encode_string(k).as_bytes()[..12].to_vec(),
+            ));
         }
         assert_ne!(old_root, new_root);
         // The scan can fail: each needle is found where it is known to be.
@@ -1308,10 +1360,17 @@ mod tests {
         let mut hits = Vec::new();
         for (what, hay) in &texts {
             for m in ac.find_overlapping_iter(hay.as_slice()) {
-                hits.push(format!("{} found in {what}", needles[m.pattern().as_usize()].0));
+                hits.push(format!(
+                    "{} found in {what}",
+                    needles[m.pattern().as_usize()].0
+                ));
             }
         }
         assert!(hits.is_empty(), "secrets leaked:\n{}", hits.join("\n"));
-        assert!(texts.len() > 20, "files and messages to scan: {}", texts.len());
+        assert!(
+            texts.len() > 20,
+            "files and messages to scan: {}",
+            texts.len()
+        );
     }
 }

@@ -304,6 +304,28 @@ fn find_keys(session: &Session, config: &Pkcs11Config) -> Result<Vec<ObjectHandl
         })
 }
 
+/// The one AES key on the token with the configured label, if any; several
+/// are refused (as `op`): which one is the root key would be a guess.
+fn find_key(
+    session: &Session,
+    config: &Pkcs11Config,
+    op: &'static str,
+) -> Result<Option<ObjectHandle>, KeyError> {
+    match find_keys(session, config)?.as_slice() {
+        [] => Ok(None),
+        [k] => Ok(Some(*k)),
+        many => Err(KeyError::Pkcs11 {
+            op,
+            token: config.token_label.clone(),
+            reason: format!(
+                "{} AES keys are labelled {:?}; the root key label must be unique",
+                many.len(),
+                config.key_label
+            ),
+        }),
+    }
+}
+
 impl Pkcs11Provider {
     /// Opens the root key: loads the module, finds the token by label, logs
     /// in as the user, and finds the key by label. Each of these failing is a
@@ -311,26 +333,10 @@ impl Pkcs11Provider {
     /// (extractable or not sensitive) or is not AES-256.
     pub fn open(config: &Pkcs11Config, pin: &Pin) -> Result<Self, KeyError> {
         let session = login(config, pin, false)?;
-        let key = match find_keys(&session, config)?.as_slice() {
-            [k] => *k,
-            [] => {
-                return Err(KeyError::RootKeyMissing {
-                    key: config.key_label.clone(),
-                    token: config.token_label.clone(),
-                });
-            }
-            many => {
-                return Err(KeyError::Pkcs11 {
-                    op: "use",
-                    token: config.token_label.clone(),
-                    reason: format!(
-                        "{} AES keys are labelled {:?}; the root key label must be unique",
-                        many.len(),
-                        config.key_label
-                    ),
-                });
-            }
-        };
+        let key = find_key(&session, config, "use")?.ok_or_else(|| KeyError::RootKeyMissing {
+            key: config.key_label.clone(),
+            token: config.token_label.clone(),
+        })?;
         check_key(&session, key, config)?;
         tracing::info!(
             token = %config.token_label,
@@ -404,28 +410,14 @@ impl Pkcs11Provider {
     /// already gone). Refuses when several keys carry the label.
     pub fn destroy_key(config: &Pkcs11Config, pin: &Pin) -> Result<bool, KeyError> {
         let session = login(config, pin, true)?;
-        let key = match find_keys(&session, config)?.as_slice() {
-            [] => return Ok(false),
-            [k] => *k,
-            many => {
-                return Err(KeyError::Pkcs11 {
-                    op: "destroy the old root key on",
-                    token: config.token_label.clone(),
-                    reason: format!(
-                        "{} AES keys are labelled {:?}; refusing to guess which one",
-                        many.len(),
-                        config.key_label
-                    ),
-                });
-            }
+        let Some(key) = find_key(&session, config, "destroy the old root key on")? else {
+            return Ok(false);
         };
-        session
-            .destroy_object(key)
-            .map_err(|e| KeyError::Pkcs11 {
-                op: "destroy the old root key on",
-                token: config.token_label.clone(),
-                reason: ck(&e),
-            })?;
+        session.destroy_object(key).map_err(|e| KeyError::Pkcs11 {
+            op: "destroy the old root key on",
+            token: config.token_label.clone(),
+            reason: ck(&e),
+        })?;
         tracing::info!(
             token = %config.token_label,
             key = %config.key_label,
@@ -887,7 +879,10 @@ mod tests {
         assert!(Pkcs11Provider::key_exists(&cfg, &good).unwrap());
         assert!(Pkcs11Provider::destroy_key(&cfg, &good).unwrap());
         assert!(!Pkcs11Provider::key_exists(&cfg, &good).unwrap());
-        assert!(!Pkcs11Provider::destroy_key(&cfg, &good).unwrap(), "already gone");
+        assert!(
+            !Pkcs11Provider::destroy_key(&cfg, &good).unwrap(),
+            "already gone"
+        );
         assert!(Pkcs11Provider::key_exists(&config("other-root"), &good).unwrap());
         let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
         assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
