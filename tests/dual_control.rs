@@ -42,16 +42,27 @@ fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
 }
 
 fn request(dir: &Path, name: &str, expires_in: &str) -> PathBuf {
-    let path = dir.join(name);
-    let out = Command::new(keyturn_bin())
-        .args([
-            "approval-request",
+    request_for(
+        dir,
+        name,
+        &[
             "--operation",
             "rotate-kek",
             "--zone",
             "z1",
-        ])
-        .args(["--expires-in", expires_in, "--out"])
+            "--expires-in",
+            expires_in,
+        ],
+    )
+}
+
+/// `keyturn approval-request ARGS --out DIR/NAME`.
+fn request_for(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new(keyturn_bin())
+        .arg("approval-request")
+        .args(args)
+        .arg("--out")
         .arg(&path)
         .output()
         .unwrap();
@@ -183,22 +194,6 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
     assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
 }
 
-/// A `rotate-root` request (no zone, no key).
-fn root_request(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let out = Command::new(keyturn_bin())
-        .args(["approval-request", "--operation", "rotate-root", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
 fn rotate_root(pool: &TestPool, new_pass: &Path, tokens: &[&Path]) -> Output {
     let mut args = vec![
         "keys",
@@ -234,7 +229,11 @@ fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
         );
     }
     let new_pass = write_file(pool.dir.path(), "new-pass", b"dual control new passphrase");
-    let req = root_request(pool.dir.path(), "root-req.json");
+    let req = request_for(
+        pool.dir.path(),
+        "root-req.json",
+        &["--operation", "rotate-root"],
+    );
     let a = approve(&pool, "alice", &req, "alice-root.approval");
     let b = approve(&pool, "bob", &req, "bob-root.approval");
     // Approvals for a KEK rotation do not rotate the root key.
@@ -252,7 +251,11 @@ fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
         &rotate_root(&pool, &new_pass, &[&ka, &kb]),
         "but this is rotate-root",
     );
-    assert_eq!(root_path(&pool), "keys/root.sealed", "refusals change nothing");
+    assert_eq!(
+        root_path(&pool),
+        "keys/root.sealed",
+        "refusals change nothing"
+    );
     assert!(!pool.path().join("keys/root-rotation.json").exists());
 
     let out = rotate_root(&pool, &new_pass, &[&a, &b]);

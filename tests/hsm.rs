@@ -292,7 +292,12 @@ const LIST_ENV: &str = "KEYTURN_TEST_LIST_TOKEN_KEYS";
 /// SoftHSM2 reads `SOFTHSM2_CONF` once per process.
 fn token_key_labels(p: &HsmPool) -> Vec<String> {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["list_token_keys_child", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "list_token_keys_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("SOFTHSM2_CONF", &p.conf)
         .env(LIST_ENV, "1")
         .output()
@@ -375,18 +380,29 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
     let refused = |args: &[&str], why: &str| {
         let out = p.keyturn(args, None);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(why), "{args:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
     };
     let pass = write_file(p.dir.path(), "pass", b"a passphrase");
     refused(
-        &["keys", "rotate-root", "--new-passphrase-file", pass.to_str().unwrap()],
+        &[
+            "keys",
+            "rotate-root",
+            "--new-passphrase-file",
+            pass.to_str().unwrap(),
+        ],
         "PKCS#11 token (use --new-key-label)",
     );
     refused(
         &["keys", "rotate-root", "--new-key-label", "keyturn-root"],
         "label other than the current one",
     );
-    refused(&["keys", "rotate-root"], "name the new key with --new-key-label");
+    refused(
+        &["keys", "rotate-root"],
+        "name the new key with --new-key-label",
+    );
     let out = Command::new(keyturn_bin())
         .args(["init", "--root-key", "pkcs11", "--pkcs11-module", MODULE])
         .args(["--token-label", TOKEN, "--key-label", "taken", "--pool"])
@@ -396,7 +412,11 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
         .env("SOFTHSM2_CONF", &p.conf)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     refused(
         &["keys", "rotate-root", "--new-key-label", "taken"],
         "already holds a key labelled \"taken\"",
@@ -405,7 +425,14 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
     assert!(!p.pool().join("keys/root-rotation.json").exists());
 
     let out = p.keyturn_ok(
-        &["keys", "rotate-root", "--new-key-label", "keyturn-root-2", "--batch", "1"],
+        &[
+            "keys",
+            "rotate-root",
+            "--new-key-label",
+            "keyturn-root-2",
+            "--batch",
+            "1",
+        ],
         None,
     );
     assert!(
@@ -440,17 +467,9 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let keyfile = p.pool().join("keys/zone-1.json");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&keyfile)
-        .unwrap_or_default()
-        .contains("keyturn-root-3")
-    {
-        assert!(std::time::Instant::now() < deadline, "no batch saved");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when_file(&mut child, &p.pool().join("keys/zone-1.json"), |text| {
+        text.contains("keyturn-root-3")
+    });
     assert_eq!(
         token_key_labels(&p),
         ["keyturn-root-2", "keyturn-root-3", "taken"],
@@ -478,8 +497,12 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
         .filter(|l| l.contains("\"key.destroy\""))
         .collect();
     assert!(
-        destroyed.iter().any(|l| l.contains("pkcs11:keyturn-test/keyturn-root\""))
-            && destroyed.iter().any(|l| l.contains("pkcs11:keyturn-test/keyturn-root-2\"")),
+        destroyed
+            .iter()
+            .any(|l| l.contains("pkcs11:keyturn-test/keyturn-root\""))
+            && destroyed
+                .iter()
+                .any(|l| l.contains("pkcs11:keyturn-test/keyturn-root-2\"")),
         "{log}"
     );
 }

@@ -236,7 +236,10 @@ mod tests {
         let left = fs::read(&witness).unwrap();
         assert_eq!(left.len(), secret.len());
         assert_ne!(left, secret);
-        assert!(!left.windows(8).any(|w| w == &secret[..8]), "content overwritten");
+        assert!(
+            !left.windows(8).any(|w| w == &secret[..8]),
+            "content overwritten"
+        );
         // Gone already: fine.
         destroy_file("test file", &path).unwrap();
     }

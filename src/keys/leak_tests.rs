@@ -256,16 +256,23 @@ fn no_secrets_in_root_rotation_errors_or_debug() {
     )
     .unwrap();
     texts.push(format!("{new_file:?}"));
-    errors.push(
-        SealedFileProvider::open(&dir.path().join("keys/root-2.sealed"), &pass).unwrap_err(),
-    );
+    errors
+        .push(SealedFileProvider::open(&dir.path().join("keys/root-2.sealed"), &pass).unwrap_err());
     // A record whose fields hold secrets where the parser chokes.
     let path = RootRotationState::path(dir.path());
     let text = std::fs::read_to_string(&path).unwrap();
     let new_b64 = Base64::encode_string(&new_bytes);
-    std::fs::write(&path, text.replacen("\"version\": 1", &format!("\"version\": \"{new_b64}\""), 1)).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("\"version\": 1", &format!("\"version\": \"{new_b64}\""), 1),
+    )
+    .unwrap();
     errors.push(RootRotationState::load(dir.path()).unwrap_err());
-    std::fs::write(&path, text.replacen("\"keyturn-root-rotation\"", &format!("\"{NEW_PASS}\""), 1)).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("\"keyturn-root-rotation\"", &format!("\"{NEW_PASS}\""), 1),
+    )
+    .unwrap();
     errors.push(RootRotationState::load(dir.path()).unwrap_err());
     for e in &errors {
         texts.push(full_text(e));

@@ -422,7 +422,11 @@ mod tests {
         assert!(matches!(e, KeyError::Unwrap { .. }), "{e}");
         // The file holds the new root key only wrapped, and Debug none of it.
         let text = std::fs::read_to_string(RootRotationState::path(dir.path())).unwrap();
-        let hex: String = new_key.expose().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = new_key
+            .expose()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert!(!text.contains(&hex[..16]));
         assert!(!format!("{back:?}").contains(&hex[..16]));
         assert!(format!("{back:?}").contains("bytes>"));
