@@ -316,10 +316,13 @@ enum KeysCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
-    /// Rotate the root key: make a new one (a new random key sealed under a
-    /// new passphrase in a new file, or a new key in the same PKCS#11
-    /// token), re-wrap every zone's KEKs under it, switch pool.toml to it,
-    /// and destroy the old one (the old sealed file is overwritten and
+    /// Rotate the root key (offline): re-wrap every zone's KEKs under a new
+    /// root key, then destroy the old one.
+    ///
+    /// The new root key is a new random key sealed under a new passphrase in
+    /// a new file beside the old one, or a new key generated in the same
+    /// PKCS#11 token. Once every KEK is re-wrapped, pool.toml is switched to
+    /// it and the old one destroyed (the old sealed file is overwritten and
     /// removed; the old token key is destroyed with C_DestroyObject).
     ///
     /// Offline only: stop the server first (the pool lock refuses otherwise).
@@ -349,11 +352,12 @@ enum KeysCmd {
         #[command(flatten)]
         approvals: RootApprovals,
     },
-    /// Seal the same root key under a new passphrase (sealed-file pools):
-    /// cheap, no KEK is re-wrapped. A copy of the old sealed file still opens
-    /// with the old passphrase; when that matters, use `keys rotate-root`,
-    /// which replaces the root key itself. Offline; dual control as for
-    /// rotate-root.
+    /// Seal the same root key under a new passphrase (sealed-file pools,
+    /// offline): no KEK is re-wrapped.
+    ///
+    /// Cheap, but a copy of the old sealed file still opens with the old
+    /// passphrase; when that matters, use `keys rotate-root`, which replaces
+    /// the root key itself. Dual control as for rotate-root.
     ChangePassphrase {
         #[command(flatten)]
         pool: PoolArgs,
