@@ -29,6 +29,8 @@ use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 mod api;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
+/// The new passphrase of `keys rotate-root` and `keys change-passphrase`.
+const NEW_PASS_ENV: &str = "KEYTURN_NEW_PASSPHRASE";
 
 /// keyturn: encrypted block devices over NBD, with zero-downtime key rotation.
 #[derive(Parser, Debug)]
@@ -327,6 +329,56 @@ enum KeysCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
+    /// Rotate the root key (offline): re-wrap every zone's KEKs under a new
+    /// root key, then destroy the old one.
+    ///
+    /// The new root key is a new random key sealed under a new passphrase in
+    /// a new file beside the old one, or a new key generated in the same
+    /// PKCS#11 token. Once every KEK is re-wrapped, pool.toml is switched to
+    /// it and the old one destroyed (the old sealed file is overwritten and
+    /// removed; the old token key is destroyed with C_DestroyObject).
+    ///
+    /// Offline only: stop the server first (the pool lock refuses otherwise).
+    /// Both root keys work until every KEK is re-wrapped: after a crash the
+    /// pool still opens with the old passphrase (or the PIN), and running the
+    /// command again resumes. Once pool.toml names the new root key, the new
+    /// passphrase opens the pool. Touches no volume data, DEK or MAC key.
+    ///
+    /// To seal the same root key under a new passphrase (no re-wrap, but a
+    /// copy of the old file still opens with the old passphrase), use
+    /// `keys change-passphrase` instead.
+    RotateRoot {
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        new: NewPassphraseArgs,
+        /// Label of the new root key in the PKCS#11 token (pkcs11 pools): it
+        /// is generated there and must not exist yet. Resuming needs no label.
+        #[arg(long, value_name = "LABEL")]
+        new_key_label: Option<String>,
+        /// KEKs re-wrapped per atomic save of a zone key file.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Pause between saves, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        #[command(flatten)]
+        approvals: RootApprovals,
+    },
+    /// Seal the same root key under a new passphrase (sealed-file pools,
+    /// offline): no KEK is re-wrapped.
+    ///
+    /// Cheap, but a copy of the old sealed file still opens with the old
+    /// passphrase; when that matters, use `keys rotate-root`, which replaces
+    /// the root key itself. Dual control as for rotate-root.
+    ChangePassphrase {
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        new: NewPassphraseArgs,
+        #[command(flatten)]
+        approvals: RootApprovals,
+    },
     /// Destroy a key (crypto-erase: its wrapped bytes are erased). A DEK only
     /// when no content block uses it; never the active DEK or MAC key.
     Destroy {
@@ -349,6 +401,58 @@ enum KeysCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
+}
+
+/// Approval tokens of the root key commands.
+#[derive(Args, Debug, Clone)]
+struct RootApprovals {
+    /// An approval token for `rotate-root`; once per operator when the pool
+    /// requires dual control.
+    #[arg(long = "approval", value_name = "FILE")]
+    approvals: Vec<PathBuf>,
+}
+
+/// The new passphrase of a sealed root key file, and its Argon2id cost.
+#[derive(Args, Debug, Clone)]
+struct NewPassphraseArgs {
+    /// File holding the new passphrase (else $KEYTURN_NEW_PASSPHRASE, else a
+    /// prompt, twice). Sealed-file pools.
+    #[arg(long, value_name = "FILE")]
+    new_passphrase_file: Option<PathBuf>,
+    /// Argon2id memory cost in KiB for the new sealed file [default: the
+    /// current file's cost].
+    #[arg(long)]
+    kdf_memory_kib: Option<u32>,
+    /// Argon2id passes for the new sealed file [default: the current file's].
+    #[arg(long)]
+    kdf_iterations: Option<u32>,
+}
+
+impl NewPassphraseArgs {
+    /// Whether a new passphrase was given without a prompt (file or
+    /// environment).
+    fn given(&self) -> bool {
+        self.new_passphrase_file.is_some() || std::env::var_os(NEW_PASS_ENV).is_some()
+    }
+
+    fn passphrase(&self) -> Result<Passphrase> {
+        Passphrase::resolve_new(self.new_passphrase_file.as_deref(), NEW_PASS_ENV, true)
+            .context("a new passphrase for the root key file is needed")
+    }
+
+    /// The KDF cost asked for; `None` keeps the current file's. One flag
+    /// alone takes the other from the default cost.
+    fn kdf(&self) -> Option<KdfParams> {
+        if self.kdf_memory_kib.is_none() && self.kdf_iterations.is_none() {
+            return None;
+        }
+        let d = KdfParams::default();
+        Some(KdfParams {
+            memory_kib: self.kdf_memory_kib.unwrap_or(d.memory_kib),
+            iterations: self.kdf_iterations.unwrap_or(d.iterations),
+            ..d
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -697,6 +801,7 @@ struct KeyRow {
     state: &'static str,
     age_days: f64,
     wrapped_by_kek: Option<u32>,
+    wrapped_by_root: Option<String>,
     content_blocks: Option<u64>,
     created_unix: u64,
     activated_unix: Option<u64>,
@@ -724,6 +829,7 @@ fn key_rows(p: &Pool, zone: Option<&str>) -> Result<Vec<KeyRow>> {
                 state: r.state.name(),
                 age_days: now.saturating_sub(r.created_unix) as f64 / 86400.0,
                 wrapped_by_kek: r.wrapped_by_kek,
+                wrapped_by_root: r.wrapped_by_root.clone(),
                 content_blocks: is_dek.then(|| {
                     blocks
                         .get(&crate::ids::KeyVersion(r.version))
@@ -783,6 +889,26 @@ fn keys(cmd: KeysCmd) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&row)?);
             Ok(())
         }
+        KeysCmd::RotateRoot {
+            pool,
+            new,
+            new_key_label,
+            batch,
+            pause_ms,
+            approvals,
+        } => rotate_root(
+            &pool,
+            &new,
+            new_key_label,
+            batch,
+            pause_ms,
+            &approvals.approvals,
+        ),
+        KeysCmd::ChangePassphrase {
+            pool,
+            new,
+            approvals,
+        } => change_passphrase(&pool, &new, &approvals.approvals),
         KeysCmd::Destroy {
             pool,
             key,
@@ -857,6 +983,156 @@ fn print_kek_report(report: &serde_json::Value) {
             serde_json::to_string_pretty(report).unwrap_or_else(|_| report.to_string())
         ),
     }
+}
+
+/// Dual control for the root key commands: checked after the pool opened
+/// (a wrong passphrase spends no approval) and before anything changes.
+fn authorize_root(
+    p: &Pool,
+    approvals: &[PathBuf],
+    action: &'static str,
+    what: &str,
+) -> Result<Option<approval::Authorized>> {
+    let auth = p
+        .authorize_root(action, approvals)
+        .with_context(|| format!("{what} refused"))?;
+    if let Some(a) = &auth {
+        println!("approved by {}", a.approvers().join(", "));
+    }
+    Ok(auth)
+}
+
+/// `keys rotate-root`.
+fn rotate_root(
+    pool: &PoolArgs,
+    new: &NewPassphraseArgs,
+    new_key_label: Option<String>,
+    batch: usize,
+    pause_ms: u64,
+    approvals: &[PathBuf],
+) -> Result<()> {
+    use crate::pool_root::{NewRoot, RootRotationPhase};
+    require_pool_dir(&pool.pool)?;
+    let pending = Pool::root_rotation(&pool.pool).with_context(|| {
+        format!(
+            "cannot read the root key rotation of {}",
+            pool.pool.display()
+        )
+    })?;
+    let retiring = matches!(pending, Some((_, RootRotationPhase::Retire)));
+    let sealed = matches!(
+        Pool::root_key_config(&pool.pool)?,
+        RootKeyConfig::SealedFile { .. }
+    );
+    if sealed && new_key_label.is_some() {
+        bail!(
+            "--new-key-label is for pools whose root key is in a PKCS#11 token; this pool's is a sealed file"
+        );
+    }
+    if !sealed && (new.given() || new.kdf().is_some()) {
+        bail!(
+            "a new passphrase is for pools whose root key is a sealed file; this pool's is in a PKCS#11 token (use --new-key-label)"
+        );
+    }
+    if let Some((state, phase)) = &pending {
+        println!(
+            "resuming the root key rotation from {} to {} ({})",
+            state.old_id(),
+            state.new_id(),
+            match phase {
+                RootRotationPhase::Rewrap => "re-wrapping KEKs",
+                RootRotationPhase::Retire => "pool.toml already names the new root key",
+            }
+        );
+    }
+    // Once pool.toml names the new root key, the new passphrase opens the
+    // pool: running the same command again finishes the rotation.
+    let secret = if sealed && retiring && new.given() {
+        Secret::Passphrase(new.passphrase()?)
+    } else {
+        Secret::for_pool(pool)?
+    };
+    let mut p = Pool::open_with(&pool.pool, secret.as_root(), &default_profile()?)
+        .with_context(|| {
+            let hint = if retiring {
+                " (a root key rotation has switched it to the new root key: give the new passphrase)"
+            } else {
+                ""
+            };
+            format!("cannot open pool {}{hint}", pool.pool.display())
+        })?;
+    let new_pass = if sealed && !retiring {
+        Some(new.passphrase()?)
+    } else {
+        None
+    };
+    let new_root = if sealed {
+        NewRoot::SealedFile {
+            passphrase: new_pass.as_ref(),
+            kdf: new.kdf(),
+        }
+    } else {
+        NewRoot::Pkcs11 {
+            key_label: new_key_label,
+        }
+    };
+    let auth = authorize_root(&p, approvals, "root.rotate", "root key rotation")?;
+    let report = p
+        .rotate_root(
+            secret.as_root(),
+            new_root,
+            batch,
+            std::time::Duration::from_millis(pause_ms),
+            auth,
+        )
+        .context("root key rotation failed")?;
+    println!(
+        "root key rotated: {} -> {}; {} KEKs re-wrapped{}, {} KEKs of {} zones unwrap under the new root key; old root key {}; {:.3} s",
+        report.old_root,
+        report.new_root,
+        report.rewrapped,
+        if report.resumed { " (resumed)" } else { "" },
+        report.checked,
+        report.zones,
+        if report.old_destroyed {
+            "destroyed"
+        } else {
+            "was already gone"
+        },
+        report.elapsed.as_secs_f64()
+    );
+    if sealed {
+        println!("the pool now opens with the new passphrase");
+    }
+    Ok(())
+}
+
+/// `keys change-passphrase`.
+fn change_passphrase(
+    pool: &PoolArgs,
+    new: &NewPassphraseArgs,
+    approvals: &[PathBuf],
+) -> Result<()> {
+    require_pool_dir(&pool.pool)?;
+    if !matches!(
+        Pool::root_key_config(&pool.pool)?,
+        RootKeyConfig::SealedFile { .. }
+    ) {
+        bail!(
+            "this pool's root key is in a PKCS#11 token: it has no passphrase (its PIN is the token's)"
+        );
+    }
+    let old = passphrase(pool)?;
+    let mut p = Pool::open(&pool.pool, &old, &default_profile()?)
+        .with_context(|| format!("cannot open pool {}", pool.pool.display()))?;
+    let new_pass = new.passphrase()?;
+    let auth = authorize_root(&p, approvals, "root.reseal", "passphrase change")?;
+    p.change_passphrase(&old, &new_pass, new.kdf(), auth)
+        .context("cannot change the passphrase")?;
+    println!(
+        "the root key is sealed under the new passphrase; the old one no longer opens the pool"
+    );
+    Ok(())
 }
 
 /// `keys destroy` and `keys compromise`: approvals are checked after the

@@ -8,6 +8,7 @@
 //! DIR/keys/root.sealed       the sealed root key (sealed-file provider;
 //!                            a pkcs11 root key lives in its token instead)
 //! DIR/keys/zone-<id>.json    a zone's wrapped keys
+//! DIR/keys/root-rotation.json  a root key rotation in progress (see [`crate::pool_root`])
 //! DIR/journal                write-ahead journal
 //! DIR/tables/zone-<id>.cb    content-block table of a zone
 //! DIR/tables/vol-<id>.map    LBA map of a volume
@@ -296,7 +297,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// The error for a secret of the wrong kind: a PIN for a sealed-file pool,
 /// or a passphrase for a PKCS#11 one.
-fn wrong_secret(needs_pin: bool) -> PoolError {
+pub(crate) fn wrong_secret(needs_pin: bool) -> PoolError {
     if needs_pin {
         KeyError::NoPin {
             env_var: crate::keys::pkcs11::PIN_ENV.into(),
@@ -427,7 +428,7 @@ impl Pool {
         dir.join("tables").join(format!("vol-{}.map", id.0))
     }
 
-    fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    pub(crate) fn resolve(dir: &Path, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -580,7 +581,8 @@ impl Pool {
         Ok(PoolConfig::load(&dir.join("pool.toml"))?.root_key)
     }
 
-    fn open_provider(
+    /// The configured root key alone, unlocked by `secret`.
+    pub(crate) fn open_provider(
         dir: &Path,
         root_key: &RootKeyConfig,
         secret: RootSecret<'_>,
@@ -625,7 +627,7 @@ impl Pool {
         let catalog: Catalog =
             serde_json::from_slice(&std::fs::read(&cat_path).map_err(io_at(&cat_path))?)
                 .map_err(|e| PoolError::Layout(format!("{}: {e}", cat_path.display())))?;
-        let provider = Self::open_provider(dir, &config.root_key, secret)?;
+        let provider = Self::open_roots(dir, &config.root_key, secret)?;
         tracing::info!(root_key = %provider.describe(), "root key unlocked");
 
         let engine = Engine::start(&EngineConfig {

@@ -42,16 +42,27 @@ fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
 }
 
 fn request(dir: &Path, name: &str, expires_in: &str) -> PathBuf {
-    let path = dir.join(name);
-    let out = Command::new(keyturn_bin())
-        .args([
-            "approval-request",
+    request_for(
+        dir,
+        name,
+        &[
             "--operation",
             "rotate-kek",
             "--zone",
             "z1",
-        ])
-        .args(["--expires-in", expires_in, "--out"])
+            "--expires-in",
+            expires_in,
+        ],
+    )
+}
+
+/// `keyturn approval-request ARGS --out DIR/NAME`.
+fn request_for(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let out = Command::new(keyturn_bin())
+        .arg("approval-request")
+        .args(args)
+        .arg("--out")
         .arg(&path)
         .output()
         .unwrap();
@@ -237,4 +248,110 @@ fn emergency_rotation_needs_two_approvals_through_the_server() {
         .expect("an accepted emergency rotation in the audit log");
     assert!(accepted.contains("op-"), "approvers recorded: {accepted}");
     assert!(log.lines().filter(|l| l.contains("\"rotation.emergency\"") && l.contains("\"refused\"")).count() >= 3);
+}
+
+fn rotate_root(pool: &TestPool, new_pass: &Path, tokens: &[&Path]) -> Output {
+    let mut args = vec![
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_pass.to_str().unwrap(),
+    ];
+    for t in tokens {
+        args.push("--approval");
+        args.push(t.to_str().unwrap());
+    }
+    pool.keyturn(&args)
+}
+
+/// The sealed root key file pool.toml names.
+fn root_path(pool: &TestPool) -> String {
+    let toml = std::fs::read_to_string(pool.path().join("pool.toml")).unwrap();
+    toml.lines()
+        .find_map(|l| l.strip_prefix("path = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+#[test]
+fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
+    let pool = dual_pool();
+    for who in ["alice", "bob"] {
+        let key = pool.dir.path().join(format!("{who}.key"));
+        bare_ok(
+            &pool,
+            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
+        );
+    }
+    let new_pass = write_file(pool.dir.path(), "new-pass", b"dual control new passphrase");
+    let req = request_for(
+        pool.dir.path(),
+        "root-req.json",
+        &["--operation", "rotate-root"],
+    );
+    let a = approve(&pool, "alice", &req, "alice-root.approval");
+    let b = approve(&pool, "bob", &req, "bob-root.approval");
+    // Approvals for a KEK rotation do not rotate the root key.
+    let kek_req = request(pool.dir.path(), "kek-req.json", "1h");
+    let ka = approve(&pool, "alice", &kek_req, "alice-kek.approval");
+    let kb = approve(&pool, "bob", &kek_req, "bob-kek.approval");
+
+    assert_refused(&rotate_root(&pool, &new_pass, &[]), "0 approval(s) given");
+    assert_refused(&rotate_root(&pool, &new_pass, &[&a]), "1 approval(s) given");
+    assert_refused(
+        &rotate_root(&pool, &new_pass, &[&a, &a]),
+        "approved more than once",
+    );
+    assert_refused(
+        &rotate_root(&pool, &new_pass, &[&ka, &kb]),
+        "but this is rotate-root",
+    );
+    assert_eq!(
+        root_path(&pool),
+        "keys/root.sealed",
+        "refusals change nothing"
+    );
+    assert!(!pool.path().join("keys/root-rotation.json").exists());
+
+    let out = rotate_root(&pool, &new_pass, &[&a, &b]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("approved by op-")
+            && stdout.contains("root key rotated"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root_path(&pool).starts_with("keys/root-"));
+    assert!(!pool.path().join("keys/root.sealed").exists());
+
+    // Every attempt is in the audit log, with the operators it named.
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    let root_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"action\":\"root.rotate\""))
+        .collect();
+    let refused = root_lines
+        .iter()
+        .filter(|l| l.contains("\"outcome\":\"refused\""))
+        .count();
+    assert_eq!(refused, 4, "{log}");
+    let ok: Vec<&&str> = root_lines
+        .iter()
+        .filter(|l| l.contains("\"outcome\":\"ok\""))
+        .collect();
+    assert_eq!(ok.len(), 1, "{log}");
+    let v: serde_json::Value = serde_json::from_str(ok[0]).unwrap();
+    assert_eq!(v["approvers"].as_array().unwrap().len(), 2, "{v}");
+    assert!(
+        root_lines
+            .iter()
+            .any(|l| l.contains("\"outcome\":\"refused\"") && l.contains("op-")),
+        "a refusal names the operators the tokens claim: {log}"
+    );
+
+    // The same tokens cannot rotate again (and the new passphrase is needed).
+    std::fs::copy(&new_pass, &pool.pass_file).unwrap();
+    assert_refused(&rotate_root(&pool, &new_pass, &[&a, &b]), "already used");
 }

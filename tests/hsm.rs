@@ -283,3 +283,226 @@ fn pkcs11_pool_refuses_to_serve_with_a_wrong_pin_or_no_token() {
         "{err}"
     );
 }
+
+/// Set in the environment of the child that lists the token's keys.
+const LIST_ENV: &str = "KEYTURN_TEST_LIST_TOKEN_KEYS";
+
+/// Labels of the AES keys on the token, sorted, read with the `cryptoki`
+/// crate (not keyturn's own code) in a child process of this test binary:
+/// SoftHSM2 reads `SOFTHSM2_CONF` once per process.
+fn token_key_labels(p: &HsmPool) -> Vec<String> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "list_token_keys_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SOFTHSM2_CONF", &p.conf)
+        .env(LIST_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("list_token_keys_child ... ok"),
+        "listing the token failed:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token keys: "))
+        .unwrap_or_else(|| panic!("no listing in:\n{text}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+#[ignore = "inner test: run by token_key_labels in a child process"]
+fn list_token_keys_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    if std::env::var_os(LIST_ENV).is_none() {
+        return;
+    }
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
+        .expect("the test token");
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .unwrap();
+    let mut labels: Vec<String> = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+        ])
+        .unwrap()
+        .into_iter()
+        .flat_map(|h| session.get_attributes(h, &[AttributeType::Label]).unwrap())
+        .filter_map(|a| match a {
+            Attribute::Label(l) => Some(String::from_utf8(l).unwrap()),
+            _ => None,
+        })
+        .collect();
+    labels.sort();
+    println!("token keys: {}", serde_json::to_string(&labels).unwrap());
+}
+
+#[test]
+fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
+    let p = HsmPool::new();
+    p.keyturn_ok(&["zone", "create", "z1"], None);
+    p.keyturn_ok(&["zone", "create", "z2"], None);
+    p.keyturn_ok(
+        &["volume", "create", "--zone", "z1", "--size", "16M", "vol0"],
+        None,
+    );
+    let mut s = p.serve();
+    qio_ok(
+        &format!("{}/vol0", s.base),
+        &["write -P 0x61 0 1M", "write -P 0x16 8M 1M"],
+    );
+    s.stop();
+    assert_eq!(token_key_labels(&p), ["keyturn-root"]);
+
+    // Refusals first: a passphrase for a token, the current label, a label
+    // another key already has (made by a second pool's init).
+    let refused = |args: &[&str], why: &str| {
+        let out = p.keyturn(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    };
+    let pass = write_file(p.dir.path(), "pass", b"a passphrase");
+    refused(
+        &[
+            "keys",
+            "rotate-root",
+            "--new-passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        "PKCS#11 token (use --new-key-label)",
+    );
+    refused(
+        &["keys", "rotate-root", "--new-key-label", "keyturn-root"],
+        "label other than the current one",
+    );
+    refused(
+        &["keys", "rotate-root"],
+        "name the new key with --new-key-label",
+    );
+    let out = Command::new(keyturn_bin())
+        .args(["init", "--root-key", "pkcs11", "--pkcs11-module", MODULE])
+        .args(["--token-label", TOKEN, "--key-label", "taken", "--pool"])
+        .arg(p.dir.path().join("other-pool"))
+        .arg("--pin-file")
+        .arg(&p.pin_file)
+        .env("SOFTHSM2_CONF", &p.conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    refused(
+        &["keys", "rotate-root", "--new-key-label", "taken"],
+        "already holds a key labelled \"taken\"",
+    );
+    assert_eq!(token_key_labels(&p), ["keyturn-root", "taken"]);
+    assert!(!p.pool().join("keys/root-rotation.json").exists());
+
+    let out = p.keyturn_ok(
+        &[
+            "keys",
+            "rotate-root",
+            "--new-key-label",
+            "keyturn-root-2",
+            "--batch",
+            "1",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("pkcs11:keyturn-test/keyturn-root -> pkcs11:keyturn-test/keyturn-root-2")
+            && out.contains("2 KEKs re-wrapped")
+            && out.contains("old root key destroyed"),
+        "{out}"
+    );
+    let toml = std::fs::read_to_string(p.pool().join("pool.toml")).unwrap();
+    assert!(toml.contains("key_label = \"keyturn-root-2\""), "{toml}");
+    assert_eq!(
+        token_key_labels(&p),
+        ["keyturn-root-2", "taken"],
+        "the old key object is gone from the token"
+    );
+    let mut s = p.serve();
+    qio_ok(
+        &format!("{}/vol0", s.base),
+        &["read -P 0x61 0 1M", "read -P 0x16 8M 1M"],
+    );
+    s.stop();
+
+    // Again, killed after its first save: the pool serves on both token keys
+    // meanwhile, and running without a label resumes.
+    let mut child = p
+        .cmd(
+            &["keys", "rotate-root", "--new-key-label", "keyturn-root-3"],
+            None,
+        )
+        .args(["--batch", "1", "--pause-ms", "5000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    kill_when_file(&mut child, &p.pool().join("keys/zone-1.json"), |text| {
+        text.contains("keyturn-root-3")
+    });
+    assert_eq!(
+        token_key_labels(&p),
+        ["keyturn-root-2", "keyturn-root-3", "taken"],
+        "both root keys while the rotation is unfinished"
+    );
+    let mut s = p.serve();
+    qio_ok(&format!("{}/vol0", s.base), &["read -P 0x61 0 1M"]);
+    s.stop();
+    let out = p.keyturn_ok(&["keys", "rotate-root"], None);
+    assert!(
+        out.contains("resuming") && out.contains("1 KEKs re-wrapped (resumed)"),
+        "{out}"
+    );
+    assert_eq!(token_key_labels(&p), ["keyturn-root-3", "taken"]);
+    let mut s = p.serve();
+    qio_ok(
+        &format!("{}/vol0", s.base),
+        &["read -P 0x61 0 1M", "read -P 0x16 8M 1M"],
+    );
+    s.stop();
+
+    let log = std::fs::read_to_string(p.pool().join("audit.log")).unwrap();
+    let destroyed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"key.destroy\""))
+        .collect();
+    assert!(
+        destroyed
+            .iter()
+            .any(|l| l.contains("pkcs11:keyturn-test/keyturn-root\""))
+            && destroyed
+                .iter()
+                .any(|l| l.contains("pkcs11:keyturn-test/keyturn-root-2\"")),
+        "{log}"
+    );
+}

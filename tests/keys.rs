@@ -117,40 +117,19 @@ fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
 
     // One key per batch and a long pause: the kill lands between two atomic
     // saves, with the DEK re-wrapped under KEK v2 and the MAC key not yet.
-    let mut child = std::process::Command::new(keyturn_bin())
-        .args([
-            "keys",
-            "rotate-kek",
-            "--zone",
-            "z1",
-            "--batch",
-            "1",
-            "--pause-ms",
-            "5000",
-            "--pool",
-        ])
-        .arg(pool.path())
-        .arg("--passphrase-file")
-        .arg(&pool.pass_file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let keyfile = pool.path().join("keys/zone-1.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&keyfile).unwrap_or_default();
-        if text.contains("\"z1-kek-v2\"") && text.contains("\"wrapped_by_kek\": 2") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rotation never reached its first batch"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut child = pool.spawn_keyturn(&[
+        "keys",
+        "rotate-kek",
+        "--zone",
+        "z1",
+        "--batch",
+        "1",
+        "--pause-ms",
+        "5000",
+    ]);
+    kill_when_file(&mut child, &pool.path().join("keys/zone-1.json"), |text| {
+        text.contains("\"z1-kek-v2\"") && text.contains("\"wrapped_by_kek\": 2")
+    });
 
     // Half re-wrapped: KEK v2 is pre-active, and the pool still opens and serves.
     let rows = key_rows(&pool);
@@ -184,16 +163,25 @@ fn kek_rotation_killed_mid_rewrap_resumes_and_keeps_every_key_readable() {
         &["read -P 0x71 0 2M", "read -P 0 2M 2M"],
     );
     // The audit chain holds the failed-then-resumed rotation.
+    audited(&pool, &["kek.rotate", "key.destroy"]);
+}
+
+/// Checks the audit chain is intact and records each of `actions`;
+/// returns the log.
+fn audited(pool: &TestPool, actions: &[&str]) -> String {
     let audit = run_ok(
         keyturn_bin().to_str().unwrap(),
         &["audit", "verify", "--pool", pool.path().to_str().unwrap()],
     );
     assert!(audit.contains("chain intact"), "{audit}");
     let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
-    assert!(
-        log.contains("\"kek.rotate\"") && log.contains("\"key.destroy\""),
-        "{log}"
-    );
+    for a in actions {
+        assert!(
+            log.contains(&format!("\"action\":\"{a}\"")),
+            "no {a} in {log}"
+        );
+    }
+    log
 }
 
 /// `keys destroy` / `keys compromise`: SP 800-57 transitions only, and a
@@ -266,4 +254,282 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
         log.contains("\"key.destroy\"") && log.contains("\"failed\"") && log.contains("\"ok\""),
         "{log}"
     );
+}
+
+/// `keyturn ARGS --pool DIR --passphrase-file FILE`.
+fn keyturn_with_pass(
+    pool: &TestPool,
+    pass_file: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(keyturn_bin())
+        .args(args)
+        .arg("--pool")
+        .arg(pool.path())
+        .arg("--passphrase-file")
+        .arg(pass_file)
+        .env_remove("KEYTURN_PASSPHRASE")
+        .env_remove("KEYTURN_NEW_PASSPHRASE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn assert_wrong_passphrase(out: &std::process::Output) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("wrong passphrase for root key file"),
+        "expected a wrong-passphrase refusal:\n{err}"
+    );
+}
+
+/// The sealed root key file pool.toml names.
+fn root_file(pool: &TestPool) -> String {
+    let toml = std::fs::read_to_string(pool.path().join("pool.toml")).unwrap();
+    let v: toml::Value = toml::from_str(&toml).unwrap();
+    v["root_key"]["path"].as_str().unwrap().to_string()
+}
+
+/// A pool with zones z1 (volume vol0, 32 MiB, written by `qemu_cmds`) and
+/// z2: two KEKs for a root key rotation to re-wrap.
+fn two_zone_pool(qemu_cmds: &[&str]) -> TestPool {
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("32M");
+    pool.keyturn_ok(&["zone", "create", "z2"]);
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), qemu_cmds);
+    assert!(server.stop());
+    pool
+}
+
+#[test]
+fn root_rotation_sealed_file_keeps_data_and_retires_the_old_passphrase() {
+    use keyturn::keys::passphrase::Passphrase;
+    use keyturn::keys::sealed::SealedFileProvider;
+    use keyturn::keys::zone_keys::ZoneKeyFile;
+    let pool = two_zone_pool(&["write -P 0x3c 0 2M", "write -P 0xc3 16M 1M", "flush"]);
+
+    // An open after the server checkpoints the journal into the tables;
+    // the checksums are taken after that.
+    pool.keyturn_ok(&["keys", "list"]);
+    let data = pool.path().join("data");
+    let map = pool.path().join("tables").join("vol-1.map");
+    let before = [sha(&data), sha(&map)];
+    let backup = pool.dir.path().join("root.sealed.backup");
+    std::fs::copy(pool.path().join("keys/root.sealed"), &backup).unwrap();
+    let old_pass_file = pool.dir.path().join("old-passphrase");
+    std::fs::copy(&pool.pass_file, &old_pass_file).unwrap();
+    let new_pass = "the new root passphrase";
+    let new_file = write_file(pool.dir.path(), "new-passphrase", new_pass.as_bytes());
+
+    let out = pool.keyturn_ok(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_file.to_str().unwrap(),
+        "--batch",
+        "1",
+    ]);
+    assert!(
+        out.contains("root key rotated: sealed-file:keys/root.sealed -> sealed-file:keys/root-")
+            && out.contains("2 KEKs re-wrapped")
+            && out.contains("old root key destroyed"),
+        "{out}"
+    );
+    assert_eq!(
+        [sha(&data), sha(&map)],
+        before,
+        "volume data and map untouched"
+    );
+    assert!(
+        !pool.path().join("keys/root.sealed").exists(),
+        "old sealed file gone"
+    );
+    assert!(!pool.path().join("keys/root-rotation.json").exists());
+    let new_root = root_file(&pool);
+    assert!(
+        new_root.starts_with("keys/root-") && pool.path().join(&new_root).exists(),
+        "{new_root}"
+    );
+
+    // The old passphrase no longer opens the pool; the new one does.
+    assert_wrong_passphrase(&pool.keyturn(&["keys", "list"]));
+    std::fs::write(&pool.pass_file, new_pass).unwrap();
+    let rows = key_rows(&pool);
+    for id in ["z1-kek-v1", "z2-kek-v1"] {
+        assert_eq!(
+            rows[id]["wrapped_by_root"],
+            format!("sealed-file:{new_root}"),
+            "{id}: {}",
+            rows[id]
+        );
+    }
+    let server = pool.serve();
+    qio_ok(
+        &server.uri("vol0"),
+        &[
+            "read -P 0x3c 0 2M",
+            "read -P 0xc3 16M 1M",
+            "read -P 0 2M 1M",
+        ],
+    );
+    drop(server);
+
+    // A backup of the old file, with the old passphrase, unwraps nothing.
+    let old = SealedFileProvider::open(&backup, &Passphrase::new(pool.passphrase.clone()).unwrap())
+        .unwrap();
+    for z in 1..=2 {
+        let f = ZoneKeyFile::load(&pool.path().join(format!("keys/zone-{z}.json"))).unwrap();
+        assert!(
+            f.unlock(&old).is_err(),
+            "zone {z} unlocked by the old root key"
+        );
+    }
+    // Nothing to resume: a second run starts a new rotation, which the old
+    // passphrase cannot.
+    assert_wrong_passphrase(&keyturn_with_pass(
+        &pool,
+        &old_pass_file,
+        &[
+            "keys",
+            "rotate-root",
+            "--new-passphrase-file",
+            new_file.to_str().unwrap(),
+        ],
+    ));
+
+    let log = audited(&pool, &["root.rotate", "key.destroy"]);
+    let line = |action: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("\"action\":\"{action}\"")) && l.contains("\"ok\""))
+            .unwrap_or_else(|| panic!("no {action} in {log}"))
+            .to_string()
+    };
+    assert!(line("root.rotate").contains("\"count\":2"), "{log}");
+    assert!(
+        line("key.destroy").contains("sealed-file:keys/root.sealed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn root_rotation_killed_mid_rewrap_resumes_with_both_passphrases_in_their_place() {
+    let pool = two_zone_pool(&["write -P 0x5e 0 1M", "flush"]);
+    let new_pass = "another new passphrase";
+    let new_file = write_file(pool.dir.path(), "new-passphrase", new_pass.as_bytes());
+
+    // One KEK per save and a long pause: the kill lands after zone 1's KEK
+    // moved to the new root key and before zone 2's did.
+    let mut child = pool.spawn_keyturn(&[
+        "keys",
+        "rotate-root",
+        "--batch",
+        "1",
+        "--pause-ms",
+        "5000",
+        "--new-passphrase-file",
+        new_file.to_str().unwrap(),
+    ]);
+    kill_when_file(&mut child, &pool.path().join("keys/zone-1.json"), |text| {
+        text.contains("wrapped_by_root")
+    });
+
+    // Half done: pool.toml still names the old file, the new passphrase is
+    // refused, and the old one opens the pool with every key.
+    assert_eq!(root_file(&pool), "keys/root.sealed");
+    assert!(pool.path().join("keys/root-rotation.json").exists());
+    assert_wrong_passphrase(&keyturn_with_pass(&pool, &new_file, &["keys", "list"]));
+    let rows = key_rows(&pool);
+    let new_id = rows["z1-kek-v1"]["wrapped_by_root"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(new_id.starts_with("sealed-file:keys/root-"), "{new_id}");
+    assert!(
+        rows["z2-kek-v1"]["wrapped_by_root"].is_null(),
+        "{}",
+        rows["z2-kek-v1"]
+    );
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["read -P 0x5e 0 1M"]);
+    assert!(server.stop());
+
+    // The same command again finishes the same rotation.
+    let out = pool.keyturn_ok(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("resuming the root key rotation")
+            && out.contains("1 KEKs re-wrapped (resumed)")
+            && out.contains(&format!("-> {new_id};")),
+        "{out}"
+    );
+    assert_wrong_passphrase(&pool.keyturn(&["keys", "list"]));
+    std::fs::write(&pool.pass_file, new_pass).unwrap();
+    let server = pool.serve();
+    qio_ok(
+        &server.uri("vol0"),
+        &["read -P 0x5e 0 1M", "read -P 0 1M 1M"],
+    );
+    drop(server);
+    audited(&pool, &["root.rotate", "key.destroy"]);
+}
+
+#[test]
+fn change_passphrase_reseals_without_rewrapping() {
+    let pool = TestPool::with_volume("4M");
+    let zone_file = pool.path().join("keys/zone-1.json");
+    let before = std::fs::read(&zone_file).unwrap();
+    let new_file = write_file(pool.dir.path(), "new-passphrase", b"changed passphrase");
+    let old_pass_file = pool.dir.path().join("old-passphrase");
+    std::fs::copy(&pool.pass_file, &old_pass_file).unwrap();
+    let help = pool.keyturn_ok(&["keys", "change-passphrase", "--help"]);
+    assert!(
+        help.contains("rotate-root") && help.contains("no KEK is re-wrapped"),
+        "{help}"
+    );
+    let out = pool.keyturn_ok(&[
+        "keys",
+        "change-passphrase",
+        "--new-passphrase-file",
+        new_file.to_str().unwrap(),
+    ]);
+    assert!(out.contains("sealed under the new passphrase"), "{out}");
+    assert_eq!(
+        std::fs::read(&zone_file).unwrap(),
+        before,
+        "no KEK re-wrapped"
+    );
+    assert_eq!(root_file(&pool), "keys/root.sealed", "same file");
+    assert_wrong_passphrase(&keyturn_with_pass(&pool, &old_pass_file, &["keys", "list"]));
+    let out = keyturn_with_pass(&pool, &new_file, &["keys", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    audited(&pool, &["root.reseal"]);
+}
+
+#[test]
+fn rotate_root_help_says_what_it_does() {
+    let out = std::process::Command::new(keyturn_bin())
+        .args(["keys", "rotate-root", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "Offline only",
+        "--new-passphrase-file",
+        "--new-key-label",
+        "--batch",
+        "--approval",
+        "change-passphrase",
+        "resumes",
+    ] {
+        assert!(help.contains(want), "{want:?} missing from:\n{help}");
+    }
 }

@@ -114,6 +114,37 @@ fn no_key_bytes_or_passphrase_in_logs_errors_or_files() {
     keep(&mut texts, "rotate-kek", &out);
     keys.extend(raw_keys(&pool, 2));
 
+    // A root key rotation (it re-wraps the same KEKs: no new zone keys), at
+    // trace level; from here the pool opens with the new passphrase, which
+    // joins the secrets.
+    let new_pass = format!("new-root-pass-{}", std::process::id());
+    let new_pass_file = write_file(pool.dir.path(), "new-passphrase", new_pass.as_bytes());
+    let out = trace(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_pass_file.to_str().unwrap(),
+        "--batch",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    keep(&mut texts, "rotate-root", &out);
+    let out = trace(&["keys", "list"]);
+    assert!(!out.status.success(), "the old passphrase is refused");
+    keep(&mut texts, "old passphrase after rotate-root", &out);
+    std::fs::write(&pool.pass_file, &new_pass).unwrap();
+    let out = trace(&["keys", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    keep(&mut texts, "keys list after rotate-root", &out);
+
     // Errors: a wrong passphrase, a bad key id, an illegal request.
     let wrong = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(wrong.path(), "not-the-passphrase").unwrap();
@@ -134,7 +165,8 @@ fn no_key_bytes_or_passphrase_in_logs_errors_or_files() {
     for f in all_files(&pool.path()) {
         texts.push((f.display().to_string(), std::fs::read(&f).unwrap()));
     }
-    let needles = needles(&keys, &pool.passphrase);
+    let mut needles = needles(&keys, &pool.passphrase);
+    needles.push(("new passphrase".into(), new_pass.as_bytes().to_vec()));
     assert!(
         keys.len() >= 7,
         "KEKs v1 and v2, DEKs and MAC keys of two zones: {}",

@@ -106,6 +106,43 @@ pub(crate) fn write_private_atomic(
     result
 }
 
+/// Destroys a key file that is no longer needed: overwrites its bytes with
+/// random ones and fsyncs them (so the old content is not merely unlinked
+/// but gone from the file's blocks, as far as the file system lets a file
+/// overwrite itself in place), then unlinks it and fsyncs the directory. A
+/// file already gone is fine.
+///
+/// Copy-on-write file systems, SSD wear levelling and backups may keep old
+/// blocks all the same; what protects those is the passphrase or the key
+/// the file was sealed under.
+pub(crate) fn destroy_file(what: &'static str, path: &Path) -> Result<(), KeyError> {
+    let mut f = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(KeyError::Io {
+                op: "open for destruction",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let len = f.metadata().map_err(io("stat", path))?.len();
+    let len = usize::try_from(len).unwrap_or(usize::MAX).min(1 << 24);
+    let mut noise = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut noise);
+    f.write_all(&noise).map_err(io("overwrite", path))?;
+    f.sync_all().map_err(io("fsync", path))?;
+    drop(f);
+    fs::remove_file(path).map_err(io("remove", path))?;
+    let dir = parent_dir(path);
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", &dir))?;
+    tracing::debug!(what, path = %path.display(), "key file overwritten and removed");
+    Ok(())
+}
+
 /// Reads a whole key file, refusing files over `limit` bytes (a key file is
 /// small; a huge one is a mistake or an attack on memory).
 pub(crate) fn read_limited(
@@ -178,5 +215,32 @@ pub(crate) mod b64 {
                 None => Ok(None),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destroy_file_overwrites_then_unlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sealed");
+        let secret = b"sealed root key bytes, 0123456789abcdef".repeat(4);
+        write_private_atomic("test file", &path, &secret, Replace::Never).unwrap();
+        // A second name for the same inode shows what the overwrite left.
+        let witness = dir.path().join("witness");
+        fs::hard_link(&path, &witness).unwrap();
+        destroy_file("test file", &path).unwrap();
+        assert!(!path.exists());
+        let left = fs::read(&witness).unwrap();
+        assert_eq!(left.len(), secret.len());
+        assert_ne!(left, secret);
+        assert!(
+            !left.windows(8).any(|w| w == &secret[..8]),
+            "content overwritten"
+        );
+        // Gone already: fine.
+        destroy_file("test file", &path).unwrap();
     }
 }

@@ -189,3 +189,104 @@ fn no_secrets_in_errors_or_debug() {
         }
     }
 }
+
+/// The same for a root key rotation: the old and the new root key, the old
+/// and the new passphrase, in every Debug string and error on the way.
+#[test]
+fn no_secrets_in_root_rotation_errors_or_debug() {
+    use super::root_rotation::{RootPair, RootRotationState, UnsealedRoot};
+    use crate::config::RootKeyConfig;
+
+    const NEW_PASS: &str = "a brand new passphrase 77";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let pass = Passphrase::new(PASS.into()).unwrap();
+    let new_pass = Passphrase::new(NEW_PASS.into()).unwrap();
+    let old_path = dir.path().join("keys/root.sealed");
+    let old = SealedFileProvider::create(&old_path, &pass, KdfParams::INSECURE_FAST).unwrap();
+    let old_root = old.root_for_tests().expose().to_vec();
+    let new_root = RootKey::generate();
+    let new_bytes = new_root.expose().to_vec();
+    let mut zone = ZoneKeyFile::create(&old, ZoneId(3), "rot").unwrap();
+
+    let sealed = |p: &str| RootKeyConfig::SealedFile { path: p.into() };
+    let state = RootRotationState::new(
+        sealed("keys/root.sealed"),
+        sealed("keys/root-2.sealed"),
+        1,
+        Some((&new_root, &old)),
+    )
+    .unwrap();
+    state.create(dir.path()).unwrap();
+
+    let mut texts: Vec<String> = vec![format!("{state:?}")];
+    let mut errors: Vec<KeyError> = Vec::new();
+    // Re-wrapping without a rotation; the record unwrapped by another root.
+    errors.push(zone.rewrap_root_batch(&old, 1).unwrap_err());
+    let stranger = SealedFileProvider::create(
+        &dir.path().join("stranger"),
+        &new_pass,
+        KdfParams::INSECURE_FAST,
+    )
+    .unwrap();
+    errors.push(state.new_root(&stranger).err().unwrap());
+
+    let pair = RootPair::new(
+        state.old_id(),
+        Box::new(SealedFileProvider::open(&old_path, &pass).unwrap()),
+        state.new_id(),
+        Box::new(UnsealedRoot::new(
+            state.new_root(&old).unwrap().unwrap(),
+            "new root".into(),
+        )),
+    );
+    zone.rewrap_root_batch(&pair, 8).unwrap();
+    texts.push(format!("{pair:?}"));
+    texts.push(pair.describe());
+    texts.push(format!("{:?}", zone.records()));
+    // The old root alone no longer unwraps the re-wrapped KEK.
+    errors.push(zone.check_keks_unwrap(&old).unwrap_err());
+    errors.push(zone.unlock(&old).unwrap_err());
+    // The new root key sealed under the new passphrase; opened with the old.
+    let new_file = SealedFileProvider::seal_root(
+        &dir.path().join("keys/root-2.sealed"),
+        &new_pass,
+        KdfParams::INSECURE_FAST,
+        state.new_root(&old).unwrap().unwrap(),
+    )
+    .unwrap();
+    texts.push(format!("{new_file:?}"));
+    errors
+        .push(SealedFileProvider::open(&dir.path().join("keys/root-2.sealed"), &pass).unwrap_err());
+    // A record whose fields hold secrets where the parser chokes.
+    let path = RootRotationState::path(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new_b64 = Base64::encode_string(&new_bytes);
+    std::fs::write(
+        &path,
+        text.replacen("\"version\": 1", &format!("\"version\": \"{new_b64}\""), 1),
+    )
+    .unwrap();
+    errors.push(RootRotationState::load(dir.path()).unwrap_err());
+    std::fs::write(
+        &path,
+        text.replacen("\"keyturn-root-rotation\"", &format!("\"{NEW_PASS}\""), 1),
+    )
+    .unwrap();
+    errors.push(RootRotationState::load(dir.path()).unwrap_err());
+    for e in &errors {
+        texts.push(full_text(e));
+    }
+    assert!(errors.len() >= 7);
+
+    let mut forbidden: Vec<String> = [old_root.as_slice(), new_bytes.as_slice()]
+        .iter()
+        .flat_map(|s| needles(s))
+        .collect();
+    forbidden.extend([PASS.to_string(), NEW_PASS.to_string(), "brand new".into()]);
+    for t in &texts {
+        for n in &forbidden {
+            assert!(!t.contains(n.as_str()), "secret {n:?} leaked into: {t}");
+        }
+    }
+}

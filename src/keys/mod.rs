@@ -16,6 +16,9 @@
 //!   passphrase (Argon2id + AES-256-GCM) in a JSON file.
 //! - [`pkcs11`]: [`Pkcs11Provider`], the root key inside a PKCS#11 token
 //!   (AES-256, sensitive, non-extractable); wrapping happens in the token.
+//! - [`root_rotation`]: the record of a root key rotation in progress and
+//!   the [`RootPair`](root_rotation::RootPair) of root keys that serves
+//!   meanwhile (the re-wrap itself is driven by the pool).
 //! - [`passphrase`]: [`Passphrase`] and where it comes from.
 //! - [`zone_keys`]: a zone's key file (wrapped keys plus NIST SP 800-57 state)
 //!   and the unlocked [`ZoneKeyring`].
@@ -30,6 +33,7 @@ pub(crate) mod fsutil;
 pub mod passphrase;
 pub mod pkcs11;
 pub mod root;
+pub mod root_rotation;
 pub mod sealed;
 pub mod secret;
 pub mod wrap;

@@ -304,6 +304,28 @@ fn find_keys(session: &Session, config: &Pkcs11Config) -> Result<Vec<ObjectHandl
         })
 }
 
+/// The one AES key on the token with the configured label, if any; several
+/// are refused (as `op`): which one is the root key would be a guess.
+fn find_key(
+    session: &Session,
+    config: &Pkcs11Config,
+    op: &'static str,
+) -> Result<Option<ObjectHandle>, KeyError> {
+    match find_keys(session, config)?.as_slice() {
+        [] => Ok(None),
+        [k] => Ok(Some(*k)),
+        many => Err(KeyError::Pkcs11 {
+            op,
+            token: config.token_label.clone(),
+            reason: format!(
+                "{} AES keys are labelled {:?}; the root key label must be unique",
+                many.len(),
+                config.key_label
+            ),
+        }),
+    }
+}
+
 impl Pkcs11Provider {
     /// Opens the root key: loads the module, finds the token by label, logs
     /// in as the user, and finds the key by label. Each of these failing is a
@@ -311,26 +333,10 @@ impl Pkcs11Provider {
     /// (extractable or not sensitive) or is not AES-256.
     pub fn open(config: &Pkcs11Config, pin: &Pin) -> Result<Self, KeyError> {
         let session = login(config, pin, false)?;
-        let key = match find_keys(&session, config)?.as_slice() {
-            [k] => *k,
-            [] => {
-                return Err(KeyError::RootKeyMissing {
-                    key: config.key_label.clone(),
-                    token: config.token_label.clone(),
-                });
-            }
-            many => {
-                return Err(KeyError::Pkcs11 {
-                    op: "use",
-                    token: config.token_label.clone(),
-                    reason: format!(
-                        "{} AES keys are labelled {:?}; the root key label must be unique",
-                        many.len(),
-                        config.key_label
-                    ),
-                });
-            }
-        };
+        let key = find_key(&session, config, "use")?.ok_or_else(|| KeyError::RootKeyMissing {
+            key: config.key_label.clone(),
+            token: config.token_label.clone(),
+        })?;
         check_key(&session, key, config)?;
         tracing::info!(
             token = %config.token_label,
@@ -390,6 +396,34 @@ impl Pkcs11Provider {
             );
         }
         Self::open(config, pin)
+    }
+
+    /// Whether the token holds an AES key with the configured label.
+    pub fn key_exists(config: &Pkcs11Config, pin: &Pin) -> Result<bool, KeyError> {
+        let session = login(config, pin, false)?;
+        Ok(!find_keys(&session, config)?.is_empty())
+    }
+
+    /// Destroys the root key with the configured label in the token
+    /// (`C_DestroyObject`): the last step of a root key rotation, once no KEK
+    /// is wrapped by it. Returns whether a key was destroyed (`false`: it was
+    /// already gone). Refuses when several keys carry the label.
+    pub fn destroy_key(config: &Pkcs11Config, pin: &Pin) -> Result<bool, KeyError> {
+        let session = login(config, pin, true)?;
+        let Some(key) = find_key(&session, config, "destroy the old root key on")? else {
+            return Ok(false);
+        };
+        session.destroy_object(key).map_err(|e| KeyError::Pkcs11 {
+            op: "destroy the old root key on",
+            token: config.token_label.clone(),
+            reason: ck(&e),
+        })?;
+        tracing::info!(
+            token = %config.token_label,
+            key = %config.key_label,
+            "destroyed a PKCS#11 root key"
+        );
+        Ok(true)
     }
 
     /// The configuration this provider was opened with.
@@ -840,13 +874,16 @@ mod tests {
         assert!(matches!(e, KeyError::WrongPin { .. }), "{e}");
         assert!(!e.to_string().contains("0000"));
 
-        // The key removed from the token: open refuses.
-        {
-            let s = login(&cfg, &good, true).unwrap();
-            for k in find_keys(&s, &cfg).unwrap() {
-                s.destroy_object(k).unwrap();
-            }
-        }
+        // The key destroyed in the token (as a root key rotation retires
+        // it): gone for key_exists, and open refuses.
+        assert!(Pkcs11Provider::key_exists(&cfg, &good).unwrap());
+        assert!(Pkcs11Provider::destroy_key(&cfg, &good).unwrap());
+        assert!(!Pkcs11Provider::key_exists(&cfg, &good).unwrap());
+        assert!(
+            !Pkcs11Provider::destroy_key(&cfg, &good).unwrap(),
+            "already gone"
+        );
+        assert!(Pkcs11Provider::key_exists(&config("other-root"), &good).unwrap());
         let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
         assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
     }

@@ -28,6 +28,28 @@ pub trait RootKeyProvider: Send + Sync {
     /// A one-line description for logs and status output (kind and location,
     /// never key material), e.g. `sealed root key file /etc/keyturn/root.json`.
     fn describe(&self) -> String;
+
+    /// The id to record on keys this provider wraps (a KEK record's
+    /// `wrapped_by_root`). `None` for a single root key: pool.toml names the
+    /// only root key there is. A root key rotation in progress names its new
+    /// root key, which is the one that wraps.
+    fn root_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// Unwraps a key whose record says root key `root` wrapped it (`None`:
+    /// not recorded). A single root key ignores the record, so a sealed file
+    /// moved and renamed in pool.toml still opens; a root key rotation in
+    /// progress routes by it to the old or the new root key.
+    fn unwrap_key_from(
+        &self,
+        root: Option<&str>,
+        label: &KeyLabel,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let _ = root;
+        self.unwrap_key(label, wrapped)
+    }
 }
 
 #[cfg(test)]

@@ -198,6 +198,23 @@ impl SealedFileProvider {
         })
     }
 
+    /// Seals `root` (a root key made elsewhere: the new root key of a root
+    /// key rotation) into `path` under `pass`, atomically replacing any file
+    /// there, and returns the provider holding it.
+    pub fn seal_root(
+        path: &Path,
+        pass: &Passphrase,
+        params: KdfParams,
+        root: RootKey,
+    ) -> Result<Self, KeyError> {
+        write_sealed(path, pass, params, &root, Replace::Allow)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            params,
+            root,
+        })
+    }
+
     /// Opens the sealed file at `path` with `pass`.
     pub fn open(path: &Path, pass: &Passphrase) -> Result<Self, KeyError> {
         let bytes = fsutil::read_limited(WHAT, path, MAX_FILE_LEN)?;

@@ -22,7 +22,11 @@
 //! ```
 //!
 //! A KEK is wrapped by the root key provider; a DEK or the MAC key by the
-//! zone KEK whose version `wrapped_by_kek` names. `wrapped` is absent once a
+//! zone KEK whose version `wrapped_by_kek` names. A KEK written during or
+//! since a root key rotation also names the root key that wraps it
+//! (`wrapped_by_root`, e.g. `"sealed-file:keys/root-1700000000.sealed"`), so
+//! a rotation interrupted half-way knows which of its two root keys to ask;
+//! older files lack the field and mean the root key in pool.toml. `wrapped` is absent once a
 //! key is destroyed: destroying the wrapped copy is the crypto-erase. Every
 //! wrapped key is bound to its record's label (id, zone, purpose, version),
 //! so records cannot be swapped or renumbered in the file.
@@ -136,6 +140,11 @@ pub struct KeyRecord {
     /// `None` for a KEK (the root provider wraps those).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wrapped_by_kek: Option<u32>,
+    /// For a KEK: the id of the root key that wrapped it, when a root key
+    /// rotation recorded one (see [`RootKeyProvider::root_id`]). `None` for
+    /// DEK and MAC keys, and for KEKs written before any root key rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped_by_root: Option<String>,
     /// When the key was generated.
     pub created_unix: u64,
     /// When it became active.
@@ -180,12 +189,19 @@ impl KeyRecord {
             version,
             state,
             wrapped_by_kek,
+            wrapped_by_root: None,
             created_unix: now,
             activated_unix: (state == KeyState::Active).then_some(now),
             deactivated_unix: None,
             destroyed_unix: None,
             wrapped: Some(wrapped),
         }
+    }
+
+    /// Records the root key that wrapped this KEK, when `provider` names one.
+    fn wrapped_by(mut self, provider: &dyn RootKeyProvider) -> Self {
+        self.wrapped_by_root = provider.root_id().map(Into::into);
+        self
     }
 }
 
@@ -199,6 +215,7 @@ impl std::fmt::Debug for KeyRecord {
             .field("version", &self.version)
             .field("state", &self.state)
             .field("wrapped_by_kek", &self.wrapped_by_kek)
+            .field("wrapped_by_root", &self.wrapped_by_root)
             .field("created_unix", &self.created_unix)
             .field("activated_unix", &self.activated_unix)
             .field("deactivated_unix", &self.deactivated_unix)
@@ -260,7 +277,8 @@ impl ZoneKeyFile {
                 None,
                 now,
                 kek_wrapped,
-            ),
+            )
+            .wrapped_by(provider),
             KeyRecord::new(
                 zone,
                 Purpose::Dek,
@@ -616,15 +634,18 @@ impl ZoneKeyFile {
         let kek = Kek::generate();
         let wrapped =
             provider.wrap_key(&KeyLabel::new(self.zone, Purpose::Kek, next), kek.expose())?;
-        self.keys.push(KeyRecord::new(
-            self.zone,
-            Purpose::Kek,
-            next,
-            KeyState::PreActive,
-            None,
-            unix_now(),
-            wrapped,
-        ));
+        self.keys.push(
+            KeyRecord::new(
+                self.zone,
+                Purpose::Kek,
+                next,
+                KeyState::PreActive,
+                None,
+                unix_now(),
+                wrapped,
+            )
+            .wrapped_by(provider),
+        );
         Ok(self.kek_rotation().expect("just added"))
     }
 
@@ -707,6 +728,77 @@ impl ZoneKeyFile {
         Ok(destroyed)
     }
 
+    /// KEKs that still have material and are not yet wrapped by root key
+    /// `new_root` (a root key rotation's progress in this zone).
+    pub fn root_rewrap_remaining(&self, new_root: &str) -> usize {
+        self.keks_not_under(new_root).count()
+    }
+
+    fn keks_not_under<'a>(&'a self, root: &'a str) -> impl Iterator<Item = usize> + 'a {
+        (0..self.keys.len()).filter(move |&i| {
+            let r = &self.keys[i];
+            r.purpose == Purpose::Kek
+                && r.state.has_material()
+                && r.wrapped_by_root.as_deref() != Some(root)
+        })
+    }
+
+    /// One batch of a root key rotation: re-wraps up to `max` KEKs not yet
+    /// under the new root key. `roots` is the rotation in progress (it
+    /// unwraps under the root key each record names and wraps under the new
+    /// one, whose id [`RootKeyProvider::root_id`] gives). Each re-wrapped
+    /// record names the new root key, so a crash after [`save`](Self::save)
+    /// leaves every KEK readable by one of the two. Only wrapped KEK bytes
+    /// change; DEKs, the MAC key and volume data do not. Returns how many
+    /// KEKs remain.
+    pub fn rewrap_root_batch(
+        &mut self,
+        roots: &dyn RootKeyProvider,
+        max: usize,
+    ) -> Result<usize, KeyError> {
+        let new_root = roots
+            .root_id()
+            .ok_or_else(|| KeyError::Inconsistent {
+                zone: self.zone,
+                reason: "re-wrapping KEKs needs a root key rotation in progress".into(),
+            })?
+            .to_string();
+        let todo: Vec<usize> = self.keks_not_under(&new_root).take(max).collect();
+        for i in todo {
+            let r = &self.keys[i];
+            let label = r.label();
+            let wrapped = r.wrapped.as_deref().expect("has material");
+            let plain = roots.unwrap_key_from(r.wrapped_by_root.as_deref(), &label, wrapped)?;
+            if plain.len() != Kek::LEN {
+                return Err(KeyError::InvalidKey {
+                    label: label.to_string(),
+                    reason: format!("{} bytes, expected {}", plain.len(), Kek::LEN),
+                });
+            }
+            let rewrapped = roots.wrap_key(&label, &plain)?;
+            let r = &mut self.keys[i];
+            r.wrapped = Some(rewrapped);
+            r.wrapped_by_root = Some(new_root.clone());
+        }
+        Ok(self.root_rewrap_remaining(&new_root))
+    }
+
+    /// Unwraps every KEK that still has material through `provider` alone
+    /// and drops it: the check made before an old root key is destroyed.
+    /// Returns how many KEKs it checked.
+    pub fn check_keks_unwrap(&self, provider: &dyn RootKeyProvider) -> Result<usize, KeyError> {
+        let versions: Vec<u32> = self
+            .keys
+            .iter()
+            .filter(|r| r.purpose == Purpose::Kek && r.state.has_material())
+            .map(|r| r.version)
+            .collect();
+        for v in &versions {
+            self.unwrap_kek(provider, *v)?;
+        }
+        Ok(versions.len())
+    }
+
     /// The zone this file belongs to.
     pub fn zone(&self) -> ZoneId {
         self.zone
@@ -740,7 +832,7 @@ impl ZoneKeyFile {
             zone: self.zone,
             reason: format!("KEK {} is needed but destroyed", r.id),
         })?;
-        let plain = provider.unwrap_key(&label, wrapped)?;
+        let plain = provider.unwrap_key_from(r.wrapped_by_root.as_deref(), &label, wrapped)?;
         Kek::from_slice(&plain).ok_or_else(|| KeyError::InvalidKey {
             label: label.to_string(),
             reason: format!("{} bytes, expected {}", plain.len(), Kek::LEN),
@@ -775,6 +867,9 @@ impl ZoneKeyFile {
                     return Err(format!("key {} does not name its wrapping KEK", r.id));
                 }
                 _ => {}
+            }
+            if r.purpose != Purpose::Kek && r.wrapped_by_root.is_some() {
+                return Err(format!("key {} names a root key; only KEKs do", r.id));
             }
             if r.state.has_material() != r.wrapped.is_some() {
                 return Err(format!(

@@ -78,18 +78,32 @@ impl TestPool {
         self.dir.path().join("pool")
     }
 
-    /// Runs `keyturn <args> --pool DIR --passphrase-file F`.
-    pub fn keyturn(&self, args: &[&str]) -> Output {
-        Command::new(keyturn_bin())
-            .args(args)
+    /// `keyturn <args> --pool DIR --passphrase-file F`, stdin not a terminal.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(keyturn_bin());
+        c.args(args)
             .arg("--pool")
             .arg(self.path())
             .arg("--passphrase-file")
             .arg(&self.pass_file)
             .env_remove("KEYTURN_PASSPHRASE")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run keyturn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `keyturn <args> --pool DIR --passphrase-file F`.
+    pub fn keyturn(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run keyturn")
+    }
+
+    /// Starts `keyturn <args> --pool DIR --passphrase-file F` in the
+    /// background, output discarded: for killing it mid-way.
+    pub fn spawn_keyturn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn keyturn")
     }
 
     /// Runs `keyturn <args> --pool DIR` without any passphrase source, stdin
@@ -285,6 +299,23 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Kills `child` (SIGKILL, as a crash would) as soon as `file` holds text
+/// for which `ready` is true; fails the test if that takes over 30 s. For
+/// stopping a batched key rotation between two of its atomic saves.
+pub fn kill_when_file(child: &mut Child, file: &Path, ready: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ready(&std::fs::read_to_string(file).unwrap_or_default()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never reached the awaited state",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 /// Deterministic pseudo-random bytes (xorshift), for test data.
