@@ -663,7 +663,10 @@ fn run(cli: Cli) -> Result<()> {
                 p.set_zone_dedup(&name, false)
                     .with_context(|| format!("zone {name:?} was created, but dedup is still on"))?;
             }
-            println!("created zone {name} (id {id}, dedup {})", if no_dedup { "off" } else { "on" });
+            println!(
+                "created zone {name} (id {id}, dedup {})",
+                if no_dedup { "off" } else { "on" }
+            );
             Ok(())
         }
         Command::Zone(ZoneCmd::SetDedup { pool, name, state }) => {

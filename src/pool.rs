@@ -43,10 +43,10 @@ use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::wrap::{KeyLabel, Purpose};
 use crate::keys::zone_keys::{BlockUsage, KeyState, ZoneKeyFile};
 use crate::nbd::export::{ExportCatalog, ExportInfo};
-use crate::store::{Staging, Storage};
 use crate::store::device::{Device, DeviceError, DeviceOptions, Engine, EngineConfig};
 use crate::store::journal::{CommitHooks, Entry, Journal, JournalConfig, JournalError};
 use crate::store::table::TableError;
+use crate::store::{Staging, Storage};
 use crate::volume::Volume;
 use crate::zone::{VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
@@ -958,8 +958,19 @@ impl Pool {
             Ok(())
         })();
         let event = match &r {
-            Ok(()) => AuditEvent::ok(if on { "zone.dedup.on" } else { "zone.dedup.off" }),
-            Err(e) => AuditEvent::failed(if on { "zone.dedup.on" } else { "zone.dedup.off" }, e),
+            Ok(()) => AuditEvent::ok(if on {
+                "zone.dedup.on"
+            } else {
+                "zone.dedup.off"
+            }),
+            Err(e) => AuditEvent::failed(
+                if on {
+                    "zone.dedup.on"
+                } else {
+                    "zone.dedup.off"
+                },
+                e,
+            ),
         }
         .zone(name);
         Self::record_outcome(audit, vec![event], "dedup was changed", r)
@@ -1473,31 +1484,9 @@ impl Pool {
             .map(|a| a.approvers().to_vec())
             .unwrap_or_default();
         let expected = Target::new(operation, Some(&zone_name), Some(key_id));
-        let refused = match &auth {
-            None if self.config.dual_control.required => {
-                Some(PoolError::from(ApprovalError::NotEnough {
-                    got: 0,
-                    required: self.config.dual_control.approvals,
-                }))
-            }
-            Some(a) if *a.target() != expected => {
-                Some(PoolError::from(ApprovalError::WrongRequest {
-                    operator: a.approvers().join(","),
-                    approved: a.target().to_string(),
-                    expected: expected.to_string(),
-                }))
-            }
-            _ => None,
-        };
-        if let Some(e) = refused {
-            let _ = audit.append(
-                AuditEvent::refused(action, &e)
-                    .zone(&zone_name)
-                    .key(&label)
-                    .approvers(approvers.iter()),
-            );
-            return Err(e);
-        }
+        self.check_approval(&expected, auth.as_ref(), |e| {
+            AuditEvent::refused(action, e).zone(&zone_name).key(&label)
+        })?;
         let started = Instant::now();
         // Every copy counts, not just live ones: a data copy behind a
         // staged one is still ciphertext under its key.
@@ -1522,6 +1511,36 @@ impl Pool {
         .approvers(approvers.iter())
         .duration(started.elapsed());
         Self::record_outcome(audit, vec![event], "the key state changed", r)
+    }
+
+    /// Checks that `auth` approves exactly `expected` when the pool needs
+    /// dual control (any approval given must match, required or not).
+    /// A refusal is recorded as `refused(error)` with the approvers, and
+    /// returned. Returns the approvers.
+    pub(crate) fn check_approval(
+        &self,
+        expected: &Target,
+        auth: Option<&Authorized>,
+        refused: impl FnOnce(&ApprovalError) -> AuditEvent,
+    ) -> Result<Vec<String>> {
+        let approvers: Vec<String> = auth.map(|a| a.approvers().to_vec()).unwrap_or_default();
+        let error = match auth {
+            None if self.config.dual_control.required => Some(ApprovalError::NotEnough {
+                got: 0,
+                required: self.config.dual_control.approvals,
+            }),
+            Some(a) if a.target() != expected => Some(ApprovalError::WrongRequest {
+                operator: a.approvers().join(","),
+                approved: a.target().to_string(),
+                expected: expected.to_string(),
+            }),
+            _ => None,
+        };
+        if let Some(e) = error {
+            let _ = self.record(refused(&e).approvers(approvers.iter()));
+            return Err(e.into());
+        }
+        Ok(approvers)
     }
 
     /// Bytes of the data device in use.

@@ -47,21 +47,27 @@ impl Pool {
             return Ok(None);
         }
         let target = Target::new(operation, Some(zone), None);
-        approval::authorize_json(self.dir(), &self.config().dual_control, &target, tokens, unix_now())
-            .map(Some)
-            .map_err(|e| {
-                let _ = self.record(
-                    crate::audit::AuditEvent::refused(
-                        match operation {
-                            Operation::RotateKek => "kek.rotate",
-                            _ => "rotation.emergency",
-                        },
-                        &e,
-                    )
-                    .zone(zone),
-                );
-                AdminError::Forbidden(e.to_string())
-            })
+        approval::authorize_json(
+            self.dir(),
+            &self.config().dual_control,
+            &target,
+            tokens,
+            unix_now(),
+        )
+        .map(Some)
+        .map_err(|e| {
+            let _ = self.record(
+                crate::audit::AuditEvent::refused(
+                    match operation {
+                        Operation::RotateKek => "kek.rotate",
+                        _ => "rotation.emergency",
+                    },
+                    &e,
+                )
+                .zone(zone),
+            );
+            AdminError::Forbidden(e.to_string())
+        })
     }
 
     fn scrub_of(&self, zone: &str) -> Result<std::sync::Arc<crate::scrub::Scrub>, AdminError> {
@@ -79,10 +85,16 @@ impl AdminBackend for Pool {
         Ok(Pool::rotation_status(self, zone)?)
     }
 
-    fn rotation_prepare(&self, zone: &str, req: &PrepareRequest) -> Result<RotationStatus, AdminError> {
+    fn rotation_prepare(
+        &self,
+        zone: &str,
+        req: &PrepareRequest,
+    ) -> Result<RotationStatus, AdminError> {
         let flip_at = match (req.at_unix, req.window_secs) {
             (Some(_), Some(_)) => {
-                return Err(AdminError::Invalid("give either at_unix or window_secs, not both".into()));
+                return Err(AdminError::Invalid(
+                    "give either at_unix or window_secs, not both".into(),
+                ));
             }
             (Some(t), None) => {
                 if t <= unix_now() {
@@ -116,7 +128,11 @@ impl AdminBackend for Pool {
         Ok(Pool::rotation_abort(self, zone)?)
     }
 
-    fn rotation_emergency(&self, zone: &str, req: &EmergencyRequest) -> Result<RotationStatus, AdminError> {
+    fn rotation_emergency(
+        &self,
+        zone: &str,
+        req: &EmergencyRequest,
+    ) -> Result<RotationStatus, AdminError> {
         self.zone_id(zone)?;
         let auth = self.authorize_tokens(Operation::EmergencyRotation, zone, &req.approvals)?;
         Ok(Pool::rotation_emergency(self, zone, &req.reason, auth)?)
@@ -150,7 +166,11 @@ impl AdminBackend for Pool {
         Ok(st)
     }
 
-    fn kek_rotate(&self, zone: &str, approvals: &[String]) -> Result<serde_json::Value, AdminError> {
+    fn kek_rotate(
+        &self,
+        zone: &str,
+        approvals: &[String],
+    ) -> Result<serde_json::Value, AdminError> {
         self.zone_id(zone)?;
         let auth = self.authorize_tokens(Operation::RotateKek, zone, approvals)?;
         let report = match auth {
@@ -200,7 +220,12 @@ impl AdminBackend for Pool {
             problems.push(e.to_string());
         }
         Health {
-            status: if problems.is_empty() { "ok" } else { "degraded" }.into(),
+            status: if problems.is_empty() {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .into(),
             problems,
         }
     }

@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
-use crate::keys::approval::{ApprovalError, Authorized, Operation, Target};
+use crate::keys::approval::{Authorized, Operation, Target};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{Pin, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
@@ -322,26 +322,8 @@ impl Pool {
         auth: Option<Authorized>,
     ) -> Result<Vec<String>> {
         let expected = Target::new(Operation::RotateRoot, None, None);
-        let approvers: Vec<String> = auth
-            .as_ref()
-            .map(|a| a.approvers().to_vec())
-            .unwrap_or_default();
-        let refused = match &auth {
-            None if self.config.dual_control.required => Some(ApprovalError::NotEnough {
-                got: 0,
-                required: self.config.dual_control.approvals,
-            }),
-            Some(a) if *a.target() != expected => Some(ApprovalError::WrongRequest {
-                operator: a.approvers().join(","),
-                approved: a.target().to_string(),
-                expected: expected.to_string(),
-            }),
-            _ => None,
-        };
-        if let Some(e) = refused {
-            let _ = self.record(AuditEvent::refused(action, &e).approvers(approvers.iter()));
-            return Err(e.into());
-        }
+        let approvers =
+            self.check_approval(&expected, auth.as_ref(), |e| AuditEvent::refused(action, e))?;
         if let Some(a) = &auth {
             tracing::info!(action, approvers = ?a.approvers(), nonce = a.nonce(), "root key operation approved");
         }
@@ -1160,7 +1142,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                PoolError::Approval(ApprovalError::NotEnough { got: 0, .. })
+                PoolError::Approval(crate::keys::approval::ApprovalError::NotEnough { got: 0, .. })
             ),
             "{e}"
         );

@@ -42,7 +42,12 @@ impl Scrub {
 
 /// Checks every copy of every live content block of `zone`. `volumes` maps
 /// volume ids to names, for the report.
-pub fn run(zone: &Zone, storage: &Storage, volumes: &[(crate::ids::VolumeId, String)], scrub: &Scrub) {
+pub fn run(
+    zone: &Zone,
+    storage: &Storage,
+    volumes: &[(crate::ids::VolumeId, String)],
+    scrub: &Scrub,
+) {
     let records = zone.meta.lock().live_records();
     let mut copies: Vec<(Cbid, Place, Slot, KeyVersion, crate::crypto::tag::Tag)> = Vec::new();
     for (cbid, r) in &records {
@@ -101,7 +106,9 @@ pub fn run(zone: &Zone, storage: &Storage, volumes: &[(crate::ids::VolumeId, Str
     if !bad.is_empty() {
         let meta = zone.meta.lock();
         for (vid, name) in volumes {
-            let Some(map) = meta.volumes.get(vid) else { continue };
+            let Some(map) = meta.volumes.get(vid) else {
+                continue;
+            };
             for (lba, cbid) in map.mapped() {
                 for (b, place, reason) in &bad {
                     if *b == cbid {

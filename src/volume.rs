@@ -242,21 +242,8 @@ impl Volume {
         }
         let reads = runs.iter().map(|&(start, len)| {
             let live = located[start].expect("run starts at a mapped block").live;
-            let buf = self.storage.bufs.get(len);
-            async move {
-                match self.storage.device(live.place) {
-                    Some(dev) => dev.read_at(Storage::offset(live.slot), buf).await,
-                    None => (
-                        Err(crate::store::device::DeviceError::Io {
-                            op: "read",
-                            device: "staging".into(),
-                            offset: 0,
-                            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-                        }),
-                        buf,
-                    ),
-                }
-            }
+            self.storage
+                .read_copy(live.place, live.slot, self.storage.bufs.get(len))
         });
         let results = join_all(reads).await;
         let crypto = self.zone.crypto();
@@ -268,7 +255,13 @@ impl Volume {
                         let i = start + j;
                         let loc = located[i].expect("mapped");
                         let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                        if !decrypt_verify(&crypto, &loc, loc.live.key_version, &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE], dst) {
+                        if !decrypt_verify(
+                            &crypto,
+                            &loc,
+                            loc.live.key_version,
+                            &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                            dst,
+                        ) {
                             failed.push(i);
                         }
                     }
@@ -313,8 +306,10 @@ impl Volume {
             }
             for copy in fresh {
                 tried.push(copy);
-                let Some(dev) = self.storage.device(copy.place) else { continue };
-                let (res, buf) = dev.read_at(Storage::offset(copy.slot), self.storage.bufs.get(1)).await;
+                let (res, buf) = self
+                    .storage
+                    .read_copy(copy.place, copy.slot, self.storage.bufs.get(1))
+                    .await;
                 let ok = match res {
                     Ok(()) => {
                         let crypto = self.zone.crypto();
@@ -328,7 +323,10 @@ impl Volume {
                 self.storage.bufs.put(buf);
                 if ok {
                     if copy != loc.live {
-                        self.zone.stats.read_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.zone
+                            .stats
+                            .read_fallbacks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(volume = %self.name, lba, cbid = %loc.cbid,
                             "live copy unreadable; served the verified copy on the {:?} device", copy.place);
                     }
@@ -492,9 +490,10 @@ impl Volume {
         if let (Some(_), Some(staging)) = (plan.window, &self.storage.staging) {
             let staged = staging.alloc_foreground(count as u64);
             if (staged.len()) < count {
-                self.zone.stats
-                    .unstaged
-                    .fetch_add((count - staged.len()) as u64, std::sync::atomic::Ordering::Relaxed);
+                self.zone.stats.unstaged.fetch_add(
+                    (count - staged.len()) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             for (nc, slot) in plan.new[from..].iter_mut().zip(staged) {
                 nc.staged = Some(slot);
@@ -617,7 +616,14 @@ impl Volume {
             });
         }
         for old in olds.into_iter().flatten() {
-            Self::unref(meta, self.zone.id, old, &mut changed, &mut entries, &mut frees);
+            Self::unref(
+                meta,
+                self.zone.id,
+                old,
+                &mut changed,
+                &mut entries,
+                &mut frees,
+            );
         }
         let seq = self.journal.append(&entries);
         for (cbid, record) in changed {
@@ -712,7 +718,11 @@ impl Volume {
             })
         };
         let xts = key(plan.active)?;
-        let staging = self.storage.staging.as_ref().filter(|_| plan.window.is_some());
+        let staging = self
+            .storage
+            .staging
+            .as_ref()
+            .filter(|_| plan.window.is_some());
         let next = match plan.window {
             Some(v) if staging.is_some() => Some(key(v)?),
             _ => None,
@@ -722,9 +732,17 @@ impl Volume {
         for (start, len) in runs(new.iter().map(|nc| Some(nc.slot))) {
             let mut buf = self.storage.bufs.get(len);
             for (j, nc) in new[start..start + len].iter().enumerate() {
-                xts.encrypt(nc.cbid.0, src(nc), &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]);
+                xts.encrypt(
+                    nc.cbid.0,
+                    src(nc),
+                    &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                );
             }
-            data_writes.push(self.storage.data.write_at(Storage::offset(new[start].slot), buf));
+            data_writes.push(
+                self.storage
+                    .data
+                    .write_at(Storage::offset(new[start].slot), buf),
+            );
         }
         let mut staging_writes = Vec::new();
         let mut staging_runs = Vec::new();
@@ -737,7 +755,11 @@ impl Volume {
             for (start, len) in runs(new.iter().map(|nc| nc.staged)) {
                 let mut buf = self.storage.bufs.get(len);
                 for (j, nc) in new[start..start + len].iter().enumerate() {
-                    next.encrypt(nc.cbid.0, src(nc), &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]);
+                    next.encrypt(
+                        nc.cbid.0,
+                        src(nc),
+                        &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                    );
                 }
                 let slot = new[start].staged.expect("runs skip unstaged blocks");
                 staging_runs.push((start, len));
@@ -758,7 +780,8 @@ impl Volume {
             if let Err(e) = res {
                 tracing::warn!(zone = %self.zone.name, error = %e, blocks = len,
                     "staging write failed; the blocks stay under the active key until migration");
-                self.zone.stats
+                self.zone
+                    .stats
                     .staging_errors
                     .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 for nc in &mut plan.new[from + start..from + start + len] {

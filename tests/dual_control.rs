@@ -202,7 +202,10 @@ fn emergency_rotation_needs_two_approvals_through_the_server() {
     let pool = dual_pool();
     for who in ["alice", "bob"] {
         let key = pool.dir.path().join(format!("{who}.key"));
-        bare_ok(&pool, &["operator", "add", who, "--key-out", key.to_str().unwrap()]);
+        bare_ok(
+            &pool,
+            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
+        );
     }
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "16M", "vol0"]);
     let server = pool.serve();
@@ -224,18 +227,34 @@ fn emergency_rotation_needs_two_approvals_through_the_server() {
     // The right request, one approval: refused; two: accepted.
     let req = pool.dir.path().join("em.json");
     let out = Command::new(keyturn_bin())
-        .args(["approval-request", "--operation", "emergency-rotation", "--zone", "z1"])
+        .args([
+            "approval-request",
+            "--operation",
+            "emergency-rotation",
+            "--zone",
+            "z1",
+        ])
         .args(["--expires-in", "1h", "--out"])
         .arg(&req)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = approve(&pool, "alice", &req, "a-em.approval");
     let b = approve(&pool, "bob", &req, "b-em.approval");
     assert_refused(&emergency(&[&a]), "approval");
     let ok = emergency(&[&a, &b]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let st: serde_json::Value = serde_json::from_str(&pool.keyturn_ok(&["rotate", "status", "--zone", "z1", "--json"])).unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&pool.keyturn_ok(&["rotate", "status", "--zone", "z1", "--json"]))
+            .unwrap();
     assert_eq!(st["active_version"], 2);
     assert_eq!(st["emergency"], true);
     // Replay of the same approvals is refused.
@@ -247,7 +266,12 @@ fn emergency_rotation_needs_two_approvals_through_the_server() {
         .find(|l| l.contains("\"rotation.emergency\"") && l.contains("\"ok\""))
         .expect("an accepted emergency rotation in the audit log");
     assert!(accepted.contains("op-"), "approvers recorded: {accepted}");
-    assert!(log.lines().filter(|l| l.contains("\"rotation.emergency\"") && l.contains("\"refused\"")).count() >= 3);
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("\"rotation.emergency\"") && l.contains("\"refused\""))
+            .count()
+            >= 3
+    );
 }
 
 fn rotate_root(pool: &TestPool, new_pass: &Path, tokens: &[&Path]) -> Output {

@@ -91,15 +91,14 @@ fn wait_destroyed(pool: &TestPool, old: u64) -> Value {
     }
 }
 
-/// Writes `len` bytes of seeded random data at `offset` with nbdcopy, and
+/// Writes `len` bytes of seeded random data at `offset` with qemu-io, and
 /// returns them.
 fn write_random(uri: &str, dir: &Path, seed: u64, offset: u64, len: usize) -> Vec<u8> {
     let data = pattern_bytes(seed, len);
     let file = write_file(dir, &format!("in-{seed}"), &data);
-    let target = format!("{uri}");
     // qemu-io writes a file's contents at an offset through the NBD export.
     let cmd = format!("write -s {} {offset} {len}", file.display());
-    qio_ok(&target, &[&cmd, "flush"]);
+    qio_ok(uri, &[&cmd, "flush"]);
     data
 }
 
@@ -120,7 +119,14 @@ fn rand_name() -> u64 {
 
 /// fio over NBD: `jobs` connections, each writing its own region with
 /// crc32c verification, `loops` times. Returns (success, output).
-fn fio(uri: &str, jobs: u32, region: u64, loops: u32, out: &Path, extra: &[&str]) -> (bool, String) {
+fn fio(
+    uri: &str,
+    jobs: u32,
+    region: u64,
+    loops: u32,
+    out: &Path,
+    extra: &[&str],
+) -> (bool, String) {
     let args = [
         "--name=rot".to_string(),
         "--ioengine=nbd".into(),
@@ -143,13 +149,15 @@ fn fio(uri: &str, jobs: u32, region: u64, loops: u32, out: &Path, extra: &[&str]
     let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
     all.extend_from_slice(extra);
     let o = run("fio", &all);
-    let text = std::fs::read_to_string(out).unwrap_or_default()
-        + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        std::fs::read_to_string(out).unwrap_or_default() + &String::from_utf8_lossy(&o.stderr);
     (o.status.success(), text)
 }
 
 fn fio_errors(text: &str) -> Vec<i64> {
-    let start = text.find('{').unwrap_or_else(|| panic!("no fio JSON:\n{text}"));
+    let start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("no fio JSON:\n{text}"));
     let mut de = serde_json::Deserializer::from_str(&text[start..]).into_iter::<Value>();
     let doc = de.next().unwrap().unwrap();
     doc["jobs"]
@@ -189,7 +197,10 @@ fn full_rotation_under_fio_verify() {
     assert_eq!(st["phase"], "window");
     assert_eq!(st["next_version"], v1 + 1);
     wait_staged(&pool);
-    assert!(!load.is_finished(), "fio finished before the flip; the test needs more load");
+    assert!(
+        !load.is_finished(),
+        "fio finished before the flip; the test needs more load"
+    );
     pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
     let st = status(&pool);
     assert_eq!(st["active_version"], v1 + 1);
@@ -197,16 +208,40 @@ fn full_rotation_under_fio_verify() {
     assert_eq!(blocks_under(&st, v1), 0);
     let (ok, text) = load.join().unwrap();
     assert!(ok, "fio failed:\n{text}");
-    assert!(fio_errors(&text).iter().all(|&e| e == 0), "fio errors:\n{text}");
+    assert!(
+        fio_errors(&text).iter().all(|&e| e == 0),
+        "fio errors:\n{text}"
+    );
     // The data written before the window reads back unchanged.
     let all = read_all(&uri, tmp.path());
-    assert!(all[(64 * MIB) as usize..(68 * MIB) as usize] == before[..], "pre-window data changed");
+    assert!(
+        all[(64 * MIB) as usize..(68 * MIB) as usize] == before[..],
+        "pre-window data changed"
+    );
     // A fresh verify pass over fio's regions on new connections.
-    let (ok, text) = fio(&uri, 3, 16 * MIB, 1, &tmp.path().join("v.json"), &["--verify_only"]);
-    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "verify pass:\n{text}");
+    let (ok, text) = fio(
+        &uri,
+        3,
+        16 * MIB,
+        1,
+        &tmp.path().join("v.json"),
+        &["--verify_only"],
+    );
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "verify pass:\n{text}"
+    );
     let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
-    for action in ["rotation.prepare", "rotation.flip", "rotation.migrated", "key.destroy"] {
-        assert!(log.contains(&format!("\"{action}\"")), "no {action} in the audit log");
+    for action in [
+        "rotation.prepare",
+        "rotation.flip",
+        "rotation.migrated",
+        "key.destroy",
+    ] {
+        assert!(
+            log.contains(&format!("\"{action}\"")),
+            "no {action} in the audit log"
+        );
     }
     assert!(!server.log_text().contains("integrity check failed"));
 }
@@ -225,10 +260,15 @@ fn fully_staged_flip_and_dedup_reencrypt_once() {
     let tmp = tempfile::tempdir().unwrap();
     qio_ok(&uri, &["write -P 0x5a 0 4M", "flush"]);
     let random = write_random(&uri, tmp.path(), 9, 8 * MIB, 2 * MIB as usize);
-    let stats: Value = serde_json::from_str(&pool.keyturn_ok(&["volume", "stats", "--json"])).unwrap();
+    let stats: Value =
+        serde_json::from_str(&pool.keyturn_ok(&["volume", "stats", "--json"])).unwrap();
     let vol = &stats.as_array().unwrap()[0];
     assert_eq!(vol["mapped_blocks"], 1024 + 512);
-    assert_eq!(vol["content_blocks"], 1 + 512, "one content block for the repeated pattern");
+    assert_eq!(
+        vol["content_blocks"],
+        1 + 512,
+        "one content block for the repeated pattern"
+    );
     assert!(vol["dedup_ratio"].as_f64().unwrap() > 2.9);
 
     let st = status(&pool);
@@ -241,14 +281,24 @@ fn fully_staged_flip_and_dedup_reencrypt_once() {
     );
     pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
     let st = status(&pool);
-    assert_eq!(blocks_under(&st, 1), 0, "fully staged, nothing is left under v1: {st}");
+    assert_eq!(
+        blocks_under(&st, 1),
+        0,
+        "fully staged, nothing is left under v1: {st}"
+    );
     assert_eq!(blocks_under(&st, 2), 513);
     qio_ok(&uri, &["read -P 0x5a 0 4M"]);
     let all = read_all(&uri, tmp.path());
     assert!(all[(8 * MIB) as usize..(10 * MIB) as usize] == random[..]);
     let st = wait_destroyed(&pool, 1);
-    assert_eq!(st["reencrypted_blocks"], 513, "destaging copies without re-encrypting: {st}");
-    assert_eq!(st["staging_used_bytes"], 0, "the staging area is free again");
+    assert_eq!(
+        st["reencrypted_blocks"], 513,
+        "destaging copies without re-encrypting: {st}"
+    );
+    assert_eq!(
+        st["staging_used_bytes"], 0,
+        "the staging area is free again"
+    );
     qio_ok(&uri, &["read -P 0x5a 0 4M"]);
 }
 
@@ -281,22 +331,44 @@ fn abort_then_emergency_keep_every_block_readable() {
     // Emergency: needs a reason; then v1 is compromised, v3 active.
     let o = pool.keyturn(&["rotate", "emergency", "--zone", "z1", "--reason", " "]);
     assert!(!o.status.success());
-    pool.keyturn_ok(&["rotate", "emergency", "--zone", "z1", "--reason", "key seen in a core dump"]);
+    pool.keyturn_ok(&[
+        "rotate",
+        "emergency",
+        "--zone",
+        "z1",
+        "--reason",
+        "key seen in a core dump",
+    ]);
     let st = status(&pool);
     assert_eq!(st["active_version"], 3);
-    assert!(["compromised", "destroyed"].contains(&key_state(&st, 1).as_str()), "{st}");
+    assert!(
+        ["compromised", "destroyed"].contains(&key_state(&st, 1).as_str()),
+        "{st}"
+    );
     assert_eq!(st["emergency"], true);
     let st = wait_destroyed(&pool, 1);
     assert_eq!(blocks_under(&st, 3), st["content_blocks"].as_u64().unwrap());
     let all = read_all(&uri, tmp.path());
-    assert!(all[..data.len()] == data[..], "data changed by the emergency rotation");
+    assert!(
+        all[..data.len()] == data[..],
+        "data changed by the emergency rotation"
+    );
     qio_ok(&uri, &["read -P 0x77 16M 1M"]);
     let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
     assert!(log.contains("rotation.abort") && log.contains("rotation.emergency"));
-    assert!(log.contains("key seen in a core dump"), "the reason is in the audit log");
+    assert!(
+        log.contains("key seen in a core dump"),
+        "the reason is in the audit log"
+    );
     let keys = std::fs::read_to_string(pool.path().join("keys/zone-1.json")).unwrap();
-    let v1 = keys.split("\"id\"").find(|r| r.contains("z1-dek-v1")).unwrap();
-    assert!(v1.contains("destroyed") && !v1.contains("\"wrapped\""), "v1 crypto-erased: {v1}");
+    let v1 = keys
+        .split("\"id\"")
+        .find(|r| r.contains("z1-dek-v1"))
+        .unwrap();
+    assert!(
+        v1.contains("destroyed") && !v1.contains("\"wrapped\""),
+        "v1 crypto-erased: {v1}"
+    );
 }
 
 /// A staging device that fails every write, and a staging area too small
@@ -310,7 +382,10 @@ fn staging_faults_and_a_full_staging_area_still_complete() {
         let pool = TestPool::with_volume("64M");
         fast_rotation(&pool);
         if case == "full" {
-            set_rotation(&pool, &[("staging_capacity_mib", "1"), ("staging_reserve_mib", "0")]);
+            set_rotation(
+                &pool,
+                &[("staging_capacity_mib", "1"), ("staging_reserve_mib", "0")],
+            );
         }
         let server = if case == "eio" {
             pool.serve_env(&[], &[("KEYTURN_FAULTS", "staging:fail-writes")])
@@ -326,18 +401,31 @@ fn staging_faults_and_a_full_staging_area_still_complete() {
         std::thread::sleep(Duration::from_secs(1));
         let st = status(&pool);
         if case == "eio" {
-            assert!(st["errors"].as_u64().unwrap() >= 1024, "staging faults counted: {st}");
+            assert!(
+                st["errors"].as_u64().unwrap() >= 1024,
+                "staging faults counted: {st}"
+            );
             assert_eq!(st["staged_blocks"], 0, "{st}");
         } else {
-            assert!(st["unstaged_writes"].as_u64().unwrap() > 0, "unstaged writes counted: {st}");
+            assert!(
+                st["unstaged_writes"].as_u64().unwrap() > 0,
+                "unstaged writes counted: {st}"
+            );
             assert!(st["staging_used_bytes"].as_u64().unwrap() <= MIB, "{st}");
         }
         pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
         let st = wait_destroyed(&pool, 1);
-        assert_eq!(blocks_under(&st, 2), st["content_blocks"].as_u64().unwrap(), "{case}: {st}");
+        assert_eq!(
+            blocks_under(&st, 2),
+            st["content_blocks"].as_u64().unwrap(),
+            "{case}: {st}"
+        );
         let all = read_all(&uri, tmp.path());
         assert!(all[..a.len()] == a[..], "{case}: data before the window");
-        assert!(all[(8 * MIB) as usize..(12 * MIB) as usize] == b[..], "{case}: data written in the window");
+        assert!(
+            all[(8 * MIB) as usize..(12 * MIB) as usize] == b[..],
+            "{case}: data written in the window"
+        );
     }
 }
 
@@ -349,7 +437,16 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     require_tool("qemu-io");
     require_tool("nbdcopy");
     let pool = TestPool::with_volume("64M");
-    set_rotation(&pool, &[("grace_secs", "3"), ("batch_blocks", "16"), ("rate_mib_s", "4"), ("cpu_share", "0.05"), ("idle_after_ms", "600000")]);
+    set_rotation(
+        &pool,
+        &[
+            ("grace_secs", "3"),
+            ("batch_blocks", "16"),
+            ("rate_mib_s", "4"),
+            ("cpu_share", "0.05"),
+            ("idle_after_ms", "600000"),
+        ],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let mut server = pool.serve();
     let uri = server.uri("vol0");
@@ -364,14 +461,20 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     std::thread::sleep(Duration::from_millis(700));
     let st = status(&pool);
     let staged = st["staged_blocks"].as_u64().unwrap();
-    assert!(staged < st["content_blocks"].as_u64().unwrap(), "staging should still be running: {st}");
+    assert!(
+        staged < st["content_blocks"].as_u64().unwrap(),
+        "staging should still be running: {st}"
+    );
     server.kill9();
     let mut server = pool.serve();
     let uri = server.uri("vol0");
     check(&uri, "after a crash in the window");
     let st = status(&pool);
     assert_eq!(st["phase"], "window", "{st}");
-    assert!(st["staged_blocks"].as_u64().unwrap() >= staged, "staged copies survive: {st}");
+    assert!(
+        st["staged_blocks"].as_u64().unwrap() >= staged,
+        "staged copies survive: {st}"
+    );
 
     // 2. Right after the flip.
     pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
@@ -381,7 +484,10 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     check(&uri, "after a crash right after the flip");
     let st = status(&pool);
     assert_eq!(st["active_version"], 2, "the flip survived: {st}");
-    assert!(st["phase"] == "migrating" || st["phase"] == "grace" || st["phase"] == "idle", "{st}");
+    assert!(
+        st["phase"] == "migrating" || st["phase"] == "grace" || st["phase"] == "idle",
+        "{st}"
+    );
     assert_eq!(key_state(&st, 2), "active");
 
     // 3. During migration (throttled).
@@ -392,7 +498,14 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     check(&uri, "after a crash during migration");
 
     // 4. During the grace period, then let it finish.
-    set_rotation(&pool, &[("rate_mib_s", "0"), ("cpu_share", "1.0"), ("idle_after_ms", "0")]);
+    set_rotation(
+        &pool,
+        &[
+            ("rate_mib_s", "0"),
+            ("cpu_share", "1.0"),
+            ("idle_after_ms", "0"),
+        ],
+    );
     server.kill9();
     let mut server = pool.serve();
     let _uri = server.uri("vol0");
@@ -436,7 +549,10 @@ fn scrub_reports_a_damaged_block_by_volume_and_lba() {
 
     let _server = pool.serve();
     let o = pool.keyturn(&["scrub", "--zone", "z1", "--json"]);
-    assert!(!o.status.success(), "a scrub that found damage exits non-zero");
+    assert!(
+        !o.status.success(),
+        "a scrub that found damage exits non-zero"
+    );
     let st: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     let bad = st["bad"].as_array().unwrap();
     assert_eq!(bad.len(), 1, "{st}");
@@ -466,9 +582,22 @@ fn kek_rotation_while_serving_under_fio() {
     assert_ne!(before, after);
     assert!(after.contains("z1-kek-v2"));
     let (ok, text) = load.join().unwrap();
-    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "fio:\n{text}");
-    let (ok, text) = fio(&uri, 2, 8 * MIB, 1, &tmp.path().join("v.json"), &["--verify_only"]);
-    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "verify pass:\n{text}");
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "fio:\n{text}"
+    );
+    let (ok, text) = fio(
+        &uri,
+        2,
+        8 * MIB,
+        1,
+        &tmp.path().join("v.json"),
+        &["--verify_only"],
+    );
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "verify pass:\n{text}"
+    );
 }
 
 /// Dedup is per zone and can be turned off: a zone without it stores every
@@ -482,24 +611,44 @@ fn dedup_can_be_turned_off_per_zone() {
     pool.keyturn_ok(&["volume", "create", "--zone", "plain", "--size", "16M", "a"]);
     pool.keyturn_ok(&["volume", "create", "--zone", "shared", "--size", "16M", "b"]);
     let list = pool.keyturn_ok(&["zone", "list", "--json"]);
-    assert!(list.contains("\"dedup\": false") && list.contains("\"dedup\": true"), "{list}");
+    assert!(
+        list.contains("\"dedup\": false") && list.contains("\"dedup\": true"),
+        "{list}"
+    );
     let mut server = pool.serve();
     for v in ["a", "b"] {
         qio_ok(&server.uri(v), &["write -P 0x33 0 1M", "flush"]);
     }
     assert!(server.stop());
     let stats = |name: &str| -> Value {
-        let all: Value = serde_json::from_str(&pool.keyturn_ok(&["volume", "stats", "--json"])).unwrap();
-        all.as_array().unwrap().iter().find(|v| v["name"] == name).unwrap().clone()
+        let all: Value =
+            serde_json::from_str(&pool.keyturn_ok(&["volume", "stats", "--json"])).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()
+            .clone()
     };
-    assert_eq!(stats("a")["content_blocks"], 256, "no dedup: one content block per block");
+    assert_eq!(
+        stats("a")["content_blocks"],
+        256,
+        "no dedup: one content block per block"
+    );
     assert_eq!(stats("b")["content_blocks"], 1, "dedup: one content block");
     // Never across zones: the same pattern in two zones is two sets of blocks.
     pool.keyturn_ok(&["zone", "set-dedup", "plain", "on"]);
     let server = pool.serve();
-    qio_ok(&server.uri("a"), &["write -P 0x44 4M 1M", "flush", "read -P 0x33 0 1M"]);
+    qio_ok(
+        &server.uri("a"),
+        &["write -P 0x44 4M 1M", "flush", "read -P 0x33 0 1M"],
+    );
     drop(server);
-    assert_eq!(stats("a")["content_blocks"], 257, "dedup on again for new writes");
+    assert_eq!(
+        stats("a")["content_blocks"],
+        257,
+        "dedup on again for new writes"
+    );
     let audit = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
     assert!(audit.contains("zone.dedup.off") && audit.contains("zone.dedup.on"));
 }
@@ -510,7 +659,15 @@ fn dedup_can_be_turned_off_per_zone() {
 fn pause_resume_and_a_scheduled_flip() {
     require_tool("qemu-io");
     let pool = TestPool::with_volume("64M");
-    set_rotation(&pool, &[("grace_secs", "0"), ("batch_blocks", "16"), ("rate_mib_s", "2"), ("idle_after_ms", "600000")]);
+    set_rotation(
+        &pool,
+        &[
+            ("grace_secs", "0"),
+            ("batch_blocks", "16"),
+            ("rate_mib_s", "2"),
+            ("idle_after_ms", "600000"),
+        ],
+    );
     let server = pool.serve();
     let uri = server.uri("vol0");
     let tmp = tempfile::tempdir().unwrap();
@@ -518,19 +675,30 @@ fn pause_resume_and_a_scheduled_flip() {
     pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1", "--window", "4s"]);
     let st = status(&pool);
     let flip_at = st["flip_at_unix"].as_u64().expect("a scheduled flip");
-    assert!(flip_at >= st["window_opened_unix"].as_u64().unwrap() + 3, "{st}");
+    assert!(
+        flip_at >= st["window_opened_unix"].as_u64().unwrap() + 3,
+        "{st}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     pool.keyturn_ok(&["rotate", "pause", "--zone", "z1"]);
     let paused = status(&pool);
     assert_eq!(paused["phase"], "paused");
     std::thread::sleep(Duration::from_millis(800));
     let later = status(&pool);
-    assert_eq!(paused["staged_blocks"], later["staged_blocks"], "staging went on while paused");
-    assert!(later["staged_blocks"].as_u64().unwrap() < 1024, "the throttle should keep staging partial: {later}");
+    assert_eq!(
+        paused["staged_blocks"], later["staged_blocks"],
+        "staging went on while paused"
+    );
+    assert!(
+        later["staged_blocks"].as_u64().unwrap() < 1024,
+        "the throttle should keep staging partial: {later}"
+    );
     pool.keyturn_ok(&["rotate", "resume", "--zone", "z1"]);
     assert_eq!(status(&pool)["phase"], "window");
     // The flip comes by itself once the window ends.
-    wait_until("the scheduled flip", 30, || status(&pool)["active_version"] == 2);
+    wait_until("the scheduled flip", 30, || {
+        status(&pool)["active_version"] == 2
+    });
     let st = wait_destroyed(&pool, 1);
     assert_eq!(blocks_under(&st, 2), st["content_blocks"].as_u64().unwrap());
     let all = read_all(&uri, tmp.path());

@@ -237,7 +237,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Rotation status of a zone.
     fn rotation_status(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Opens a rotation window (makes the next DEK, starts staging).
-    fn rotation_prepare(&self, zone: &str, req: &PrepareRequest) -> Result<RotationStatus, AdminError>;
+    fn rotation_prepare(
+        &self,
+        zone: &str,
+        req: &PrepareRequest,
+    ) -> Result<RotationStatus, AdminError>;
     /// Flips the zone to the next DEK now.
     fn rotation_flip(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Pauses the staging pipeline or migrator.
@@ -247,7 +251,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Aborts the window: discards staged copies and destroys the next key.
     fn rotation_abort(&self, zone: &str) -> Result<RotationStatus, AdminError>;
     /// Emergency rotation: compromise the active key, flip at once, migrate unthrottled.
-    fn rotation_emergency(&self, zone: &str, req: &EmergencyRequest) -> Result<RotationStatus, AdminError>;
+    fn rotation_emergency(
+        &self,
+        zone: &str,
+        req: &EmergencyRequest,
+    ) -> Result<RotationStatus, AdminError>;
     /// Starts a scrub of the zone (or returns the running one).
     fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError>;
     /// The running or last scrub of the zone.
@@ -255,7 +263,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// KEK rotation of a zone while serving (re-wraps the zone's keys; no
     /// data moves). `approvals` as in [`EmergencyRequest`]. Returns the
     /// report as JSON.
-    fn kek_rotate(&self, zone: &str, approvals: &[String]) -> Result<serde_json::Value, AdminError>;
+    fn kek_rotate(&self, zone: &str, approvals: &[String])
+    -> Result<serde_json::Value, AdminError>;
     /// Usage and dedup of every volume.
     fn volume_stats(&self) -> Vec<VolumeStats>;
     /// Health.

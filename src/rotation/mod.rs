@@ -25,7 +25,7 @@ use rustc_hash::FxHashSet;
 use crate::admin::{KeyBlocks, RotationPhase, RotationStatus};
 use crate::audit::AuditEvent;
 use crate::ids::{BLOCK_SIZE, Cbid, KeyVersion, ZoneId};
-use crate::keys::approval::{ApprovalError, Authorized, Operation, Target};
+use crate::keys::approval::{Authorized, Operation, Target};
 use crate::keys::wrap::{KeyLabel, Purpose};
 use crate::keys::zone_keys::{BlockUsage, KeyState, ZoneKeyFile};
 use crate::pool::{Pool, PoolError};
@@ -33,7 +33,7 @@ use crate::store::journal::{CbRecord, Entry};
 use crate::zone::Zone;
 
 use pipeline::{Context, Counters, Ended, Mode};
-use state::{Phase, PendingDestroy, RotationState};
+use state::{PendingDestroy, Phase, RotationState};
 use throttle::Throttle;
 
 type Result<T, E = PoolError> = std::result::Result<T, E>;
@@ -106,7 +106,11 @@ impl ZoneRotation {
         let dt = r.0.elapsed().as_secs_f64();
         if dt >= 1.0 {
             let now = (bytes - r.1) as f64 / dt;
-            r.2 = if r.2 == 0.0 { now } else { 0.5 * r.2 + 0.5 * now };
+            r.2 = if r.2 == 0.0 {
+                now
+            } else {
+                0.5 * r.2 + 0.5 * now
+            };
             if r.2 < 1.0 {
                 r.2 = 0.0;
             }
@@ -183,7 +187,8 @@ impl Pool {
                     st.old_version.get_or_insert(next.0.saturating_sub(1));
                     st.flipped_unix.get_or_insert(unix_now());
                     st.next = None;
-                    st.save(&self.dir, zone.id).map_err(|e| self.state_err(&zone, e))?;
+                    st.save(&self.dir, zone.id)
+                        .map_err(|e| self.state_err(&zone, e))?;
                 }
                 (Phase::Window, Some(next)) => {
                     if zone.crypto().xts(next).is_some() {
@@ -204,7 +209,8 @@ impl Pool {
                 {
                     tracing::warn!(zone = %zone.name, "blocks remain under a key waiting for destruction; migrating again");
                     st.phase = Phase::Migrating;
-                    st.save(&self.dir, zone.id).map_err(|e| self.state_err(&zone, e))?;
+                    st.save(&self.dir, zone.id)
+                        .map_err(|e| self.state_err(&zone, e))?;
                 }
             }
             let rot = Arc::new(ZoneRotation::new(zone.clone(), st.clone()));
@@ -239,7 +245,11 @@ impl Pool {
             let (old, _) = file.flip_dek()?;
             if emergency {
                 let usage = Usage(BTreeMap::new());
-                file.set_state(&KeyLabel::new(zone.id, Purpose::Dek, old.0).id(), KeyState::Compromised, &usage)?;
+                file.set_state(
+                    &KeyLabel::new(zone.id, Purpose::Dek, old.0).id(),
+                    KeyState::Compromised,
+                    &usage,
+                )?;
             }
             file.save(&path)?;
             tracing::info!(zone = %zone.name, %old, new = %active, "key file brought up to the flip");
@@ -278,19 +288,7 @@ impl Pool {
         }
         let started = Instant::now();
         let z = &rot.zone;
-        let next = {
-            let _k = z.key_file_lock.lock();
-            let path = Pool::zone_key_path(&self.dir, z.id);
-            let mut file = ZoneKeyFile::load(&path)?;
-            let next = file.add_dek_version(self.provider.as_ref())?;
-            file.save(&path)?;
-            let ring = file.unlock(self.provider.as_ref())?;
-            let key = ring.dek(next).ok_or_else(|| {
-                PoolError::Conflict(format!("DEK {next} of zone {zone} did not unwrap"))
-            })?;
-            z.set_crypto(z.crypto().with_key(next, key));
-            next
-        };
+        let next = self.make_next_key(z)?;
         let new = RotationState {
             phase: Phase::Window,
             next: Some(next.0),
@@ -311,6 +309,22 @@ impl Pool {
                 .duration(started.elapsed()),
         )?;
         self.rotation_status(zone)
+    }
+
+    /// Makes the zone's next DEK (pre-active, wrapped under its KEK) and
+    /// puts it in memory, before any write can ask for it.
+    fn make_next_key(&self, z: &Zone) -> Result<KeyVersion> {
+        let _k = z.key_file_lock.lock();
+        let path = Pool::zone_key_path(&self.dir, z.id);
+        let mut file = ZoneKeyFile::load(&path)?;
+        let next = file.add_dek_version(self.provider.as_ref())?;
+        file.save(&path)?;
+        let ring = file.unlock(self.provider.as_ref())?;
+        let key = ring.dek(next).ok_or_else(|| {
+            PoolError::Conflict(format!("DEK {next} of zone {} did not unwrap", z.name))
+        })?;
+        z.set_crypto(z.crypto().with_key(next, key));
+        Ok(next)
     }
 
     /// Flips `zone` to the window's next key now: one journal record.
@@ -342,7 +356,10 @@ impl Pool {
         let old = {
             let mut meta = z.meta.lock();
             let old = meta.active;
-            let seq = self.journal.append(&[Entry::Flip { zone: z.id, to: next }]);
+            let seq = self.journal.append(&[Entry::Flip {
+                zone: z.id,
+                to: next,
+            }]);
             meta.active = next;
             meta.window = None;
             drop(meta);
@@ -368,11 +385,15 @@ impl Pool {
         self.save_state(rot, &st)?;
         let staged = rot.counters.staged.load(Ordering::Relaxed);
         tracing::info!(zone = %z.name, %old, new = %next, ?flip_time, emergency, "flipped");
-        let mut event = AuditEvent::ok(if emergency { "rotation.emergency" } else { "rotation.flip" })
-            .zone(&z.name)
-            .key(&KeyLabel::new(z.id, Purpose::Dek, next.0))
-            .count(staged)
-            .duration(flip_time);
+        let mut event = AuditEvent::ok(if emergency {
+            "rotation.emergency"
+        } else {
+            "rotation.flip"
+        })
+        .zone(&z.name)
+        .key(&KeyLabel::new(z.id, Purpose::Dek, next.0))
+        .count(staged)
+        .duration(flip_time);
         if let Some(a) = approvers {
             event = event.approvers(a.iter());
         }
@@ -409,7 +430,14 @@ impl Pool {
         if paused {
             rot.stop_worker();
         }
-        self.audit_ok(AuditEvent::ok(if paused { "rotation.pause" } else { "rotation.resume" }).zone(zone))?;
+        self.audit_ok(
+            AuditEvent::ok(if paused {
+                "rotation.pause"
+            } else {
+                "rotation.resume"
+            })
+            .zone(zone),
+        )?;
         self.rotation_status(zone)
     }
 
@@ -516,31 +544,15 @@ impl Pool {
     ) -> Result<RotationStatus> {
         let rot = self.rotation(zone)?;
         let _op = rot.op.lock();
-        let audit = self.audit()?;
-        let approvers: Vec<String> = auth.as_ref().map(|a| a.approvers().to_vec()).unwrap_or_default();
+        self.audit()?;
         let expected = Target::new(Operation::EmergencyRotation, Some(zone), None);
-        let refused = match &auth {
-            None if self.config.dual_control.required => Some(PoolError::from(ApprovalError::NotEnough {
-                got: 0,
-                required: self.config.dual_control.approvals,
-            })),
-            Some(a) if *a.target() != expected => Some(PoolError::from(ApprovalError::WrongRequest {
-                operator: a.approvers().join(","),
-                approved: a.target().to_string(),
-                expected: expected.to_string(),
-            })),
-            _ => None,
-        };
-        if let Some(e) = refused {
-            let _ = audit.append(
-                AuditEvent::refused("rotation.emergency", &e)
-                    .zone(zone)
-                    .approvers(approvers.iter()),
-            );
-            return Err(e);
-        }
+        let approvers = self.check_approval(&expected, auth.as_ref(), |e| {
+            AuditEvent::refused("rotation.emergency", e).zone(zone)
+        })?;
         if reason.trim().is_empty() {
-            return Err(PoolError::Invalid("an emergency rotation needs a --reason".into()));
+            return Err(PoolError::Invalid(
+                "an emergency rotation needs a --reason".into(),
+            ));
         }
         let st = rot.state.lock().clone();
         if st.phase == Phase::Aborting {
@@ -551,19 +563,7 @@ impl Pool {
             // No window: make the next key now (nothing is staged).
             rot.stop_worker();
             let z = &rot.zone;
-            let next = {
-                let _k = z.key_file_lock.lock();
-                let path = Pool::zone_key_path(&self.dir, z.id);
-                let mut file = ZoneKeyFile::load(&path)?;
-                let next = file.add_dek_version(self.provider.as_ref())?;
-                file.save(&path)?;
-                let ring = file.unlock(self.provider.as_ref())?;
-                let key = ring.dek(next).ok_or_else(|| {
-                    PoolError::Conflict(format!("DEK {next} of zone {zone} did not unwrap"))
-                })?;
-                z.set_crypto(z.crypto().with_key(next, key));
-                next
-            };
+            let next = self.make_next_key(z)?;
             let new = RotationState {
                 phase: Phase::Window,
                 next: Some(next.0),
@@ -619,7 +619,10 @@ impl Pool {
             .iter()
             .map(|(v, n)| KeyBlocks {
                 version: v.0,
-                state: states.get(&v.0).cloned().unwrap_or_else(|| "unknown".into()),
+                state: states
+                    .get(&v.0)
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into()),
                 blocks: *n,
             })
             .collect();
@@ -636,12 +639,19 @@ impl Pool {
             Phase::Window => (staged, content.saturating_sub(staged)),
             _ => (under_active, content.saturating_sub(under_active)),
         };
-        let progress = if content == 0 { 100.0 } else { 100.0 * done as f64 / content as f64 };
+        let progress = if content == 0 {
+            100.0
+        } else {
+            100.0 * done as f64 / content as f64
+        };
         let rate = rot.rate();
         let (used, free) = match &self.storage.staging {
             Some(s) => {
                 let used = s.used();
-                (used * BLOCK_SIZE as u64, s.capacity.saturating_sub(used) * BLOCK_SIZE as u64)
+                (
+                    used * BLOCK_SIZE as u64,
+                    s.capacity.saturating_sub(used) * BLOCK_SIZE as u64,
+                )
             }
             None => (0, 0),
         };
@@ -743,7 +753,10 @@ impl Pool {
             self.destroy_old_key(rot, p)?;
         }
         let st = rot.state.lock().clone();
-        if !matches!(st.phase, Phase::Window | Phase::Migrating) || st.paused || rot.worker_running() {
+        if !matches!(st.phase, Phase::Window | Phase::Migrating)
+            || st.paused
+            || rot.worker_running()
+        {
             return Ok(());
         }
         if st.phase == Phase::Migrating && self.migration_done(rot)? {
@@ -779,7 +792,15 @@ impl Pool {
         let next = st.next_version();
         let emergency = st.emergency;
         let handle = std::thread::Builder::new()
-            .name(format!("keyturn-{}-{}", if phase == Phase::Window { "stage" } else { "migrate" }, rot.zone.id))
+            .name(format!(
+                "keyturn-{}-{}",
+                if phase == Phase::Window {
+                    "stage"
+                } else {
+                    "migrate"
+                },
+                rot.zone.id
+            ))
             .spawn(move || {
                 let mut throttle = Throttle::new(&config, emergency);
                 match (phase, next) {
@@ -830,7 +851,11 @@ impl Pool {
         self.save_state(rot, &st)?;
         let migrated = rot.counters.migrated.load(Ordering::Relaxed);
         tracing::info!(zone = %z.name, migrated, "migration complete");
-        self.audit_ok(AuditEvent::ok("rotation.migrated").zone(&z.name).count(migrated))
+        self.audit_ok(
+            AuditEvent::ok("rotation.migrated")
+                .zone(&z.name)
+                .count(migrated),
+        )
     }
 
     /// Destroys an old DEK whose grace period has passed: its wrapped bytes
@@ -858,7 +883,11 @@ impl Pool {
             let _k = z.key_file_lock.lock();
             let path = Pool::zone_key_path(&self.dir, z.id);
             let mut file = ZoneKeyFile::load(&path)?;
-            let state = file.records().iter().find(|r| r.id == label.id()).map(|r| r.state);
+            let state = file
+                .records()
+                .iter()
+                .find(|r| r.id == label.id())
+                .map(|r| r.state);
             if state.is_some_and(|s| s != KeyState::Destroyed) {
                 let old = std::fs::File::open(&path).ok();
                 file.set_state(&label.id(), KeyState::Destroyed, &Usage(refs))?;
@@ -894,14 +923,17 @@ fn scrub_replaced(old: Option<std::fs::File>) {
     use std::os::unix::fs::FileExt;
     let Some(old) = old else { return };
     let Ok(meta) = old.metadata() else { return };
-    let Ok(f) = std::fs::OpenOptions::new()
-        .write(true)
-        .open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&old)))
-    else {
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&old)
+    )) else {
         return;
     };
     let zeros = vec![0u8; meta.len() as usize];
-    if f.write_all_at(&zeros, 0).and_then(|()| f.sync_all()).is_err() {
+    if f.write_all_at(&zeros, 0)
+        .and_then(|()| f.sync_all())
+        .is_err()
+    {
         tracing::warn!("could not overwrite the replaced key file");
     }
 }
@@ -910,7 +942,12 @@ fn scrub_replaced(old: Option<std::fs::File>) {
 /// then hot ones, then the rest in slot order), until done, full, paused or
 /// stopped. Then waits a little and looks again (writes that found staging
 /// full or failing leave blocks to pick up).
-fn stage_pass(ctx: &Context, next: KeyVersion, config: &crate::config::RotationSection, throttle: &mut Throttle) {
+fn stage_pass(
+    ctx: &Context,
+    next: KeyVersion,
+    config: &crate::config::RotationSection,
+    throttle: &mut Throttle,
+) {
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;
@@ -958,7 +995,11 @@ fn migrate_pass(ctx: &Context, config: &crate::config::RotationSection, throttle
             .filter(|(_, r)| r.live(active).key_version != active || r.staged.is_some())
             .map(|(cbid, r)| {
                 let live = r.live(active);
-                (live.place == crate::store::journal::Place::Staging, live.slot.0, cbid)
+                (
+                    live.place == crate::store::journal::Place::Staging,
+                    live.slot.0,
+                    cbid,
+                )
             })
             .collect();
         c.sort_unstable();

@@ -123,10 +123,11 @@ fn runs_by(items: &[Item], key: impl Fn(&Item) -> (Place, u64)) -> Vec<(usize, u
     for (i, it) in items.iter().enumerate() {
         let (p, s) = key(it);
         match out.last_mut() {
-            Some((start, len)) if {
-                let (p0, s0) = key(&items[*start]);
-                p0 == p && s0 + *len as u64 == s
-            } =>
+            Some((start, len))
+                if {
+                    let (p0, s0) = key(&items[*start]);
+                    p0 == p && s0 + *len as u64 == s
+                } =>
             {
                 *len += 1
             }
@@ -177,7 +178,9 @@ fn pick_stage(
             let meta = ctx.zone.meta.lock();
             let avoid = ctx.avoid_staged.lock();
             for cbid in batch {
-                let Some(record) = meta.cb(cbid) else { continue };
+                let Some(record) = meta.cb(cbid) else {
+                    continue;
+                };
                 let live = meta.live(&record);
                 let src = match mode {
                     Mode::Stage { next } => {
@@ -301,21 +304,8 @@ fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>) {
     for mut job in input {
         let reads = job.src_runs.iter().map(|&(start, len)| {
             let src = job.items[start].src;
-            let buf = ctx.storage.bufs.get(len);
-            async move {
-                match ctx.storage.device(src.place) {
-                    Some(dev) => dev.read_at(Storage::offset(src.slot), buf).await,
-                    None => (
-                        Err(crate::store::device::DeviceError::Io {
-                            op: "read",
-                            device: "staging".into(),
-                            offset: 0,
-                            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-                        }),
-                        buf,
-                    ),
-                }
-            }
+            ctx.storage
+                .read_copy(src.place, src.slot, ctx.storage.bufs.get(len))
         });
         let results = futures::executor::block_on(join_all(reads));
         for (&(start, len), (res, buf)) in job.src_runs.iter().zip(results) {
@@ -337,7 +327,13 @@ fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>) {
     }
 }
 
-fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>, busy: &AtomicU64) {
+fn crypt_stage(
+    ctx: &Context,
+    mode: Mode,
+    input: Receiver<Job>,
+    out: Sender<Job>,
+    busy: &AtomicU64,
+) {
     let mut plain = vec![0u8; BLOCK_SIZE];
     for mut job in input {
         let started = Instant::now();
@@ -424,11 +420,10 @@ fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
         };
         let Some(device) = device else { return };
         let bufs = std::mem::take(&mut job.dst_bufs);
-        let writes = job
-            .dst_runs
-            .iter()
-            .zip(bufs)
-            .map(|(&(start, _), buf)| device.write_at(Storage::offset(job.items[start].dst), buf));
+        let writes =
+            job.dst_runs.iter().zip(bufs).map(|(&(start, _), buf)| {
+                device.write_at(Storage::offset(job.items[start].dst), buf)
+            });
         let results = futures::executor::block_on(join_all(writes));
         for (&(start, len), (res, buf)) in job.dst_runs.iter().zip(results) {
             if let Err(e) = res {
@@ -513,8 +508,9 @@ fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>) {
                 }
             }
         }
-        ctx.counters
-            .bytes
-            .fetch_add(job.items.len() as u64 * BLOCK_SIZE as u64, Ordering::Relaxed);
+        ctx.counters.bytes.fetch_add(
+            job.items.len() as u64 * BLOCK_SIZE as u64,
+            Ordering::Relaxed,
+        );
     }
 }

@@ -25,13 +25,16 @@ fn block(i: u64) -> Vec<u8> {
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-#[test]
-fn full_rotation_stages_flips_migrates_and_erases() {
+/// A fresh pool in a temporary directory: (the directory, the pool, its passphrase).
+fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) {
     let dir = tempfile::tempdir().unwrap();
     let pdir = dir.path().join("pool");
     let pass = Passphrase::new("correct horse".into()).unwrap();
@@ -48,6 +51,12 @@ fn full_rotation_stages_flips_migrates_and_erases() {
         &pass,
     )
     .unwrap();
+    (dir, pdir, pass)
+}
+
+#[test]
+fn full_rotation_stages_flips_migrates_and_erases() {
+    let (_dir, pdir, pass) = new_pool();
     let mut config = PoolConfig::load(&pdir.join("pool.toml")).unwrap();
     config.rotation.grace_secs = 0;
     config.rotation.batch_blocks = 32;
@@ -59,7 +68,10 @@ fn full_rotation_stages_flips_migrates_and_erases() {
         pool.create_volume("v", "z", 64 << 20).unwrap();
     }
     let pool = Arc::new(Pool::open(&pdir, &pass, &profile).unwrap());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let vol = pool.open("v").unwrap();
     // 600 distinct blocks, then 200 copies of one block (dedup: 1 content block).
     rt.block_on(async {
@@ -76,13 +88,18 @@ fn full_rotation_stages_flips_migrates_and_erases() {
         rt.block_on(async {
             for i in 0..800u64 {
                 let mut got = vec![0u8; BLOCK_SIZE];
-                vol.read(i * 4096, &mut got).await.unwrap_or_else(|e| panic!("{ctx}: block {i}: {e}"));
+                vol.read(i * 4096, &mut got)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: block {i}: {e}"));
                 assert!(got == expect(i), "{ctx}: block {i} reads wrong data");
             }
         })
     };
     let st = pool.rotation_status("z").unwrap();
-    assert_eq!(st.content_blocks, 601, "dedup stores the repeated block once");
+    assert_eq!(
+        st.content_blocks, 601,
+        "dedup stores the repeated block once"
+    );
 
     // The old key, kept by the test to prove the crypto-erase later.
     let provider = SealedFileProvider::open(&pdir.join("keys/root.sealed"), &pass).unwrap();
@@ -102,26 +119,45 @@ fn full_rotation_stages_flips_migrates_and_erases() {
         s.staged_blocks == s.content_blocks
     });
     let st = pool.rotation_status("z").unwrap();
-    assert_eq!(st.reencrypted_blocks, 601, "each content block staged once (the shared one once)");
+    assert_eq!(
+        st.reencrypted_blocks, 601,
+        "each content block staged once (the shared one once)"
+    );
     check_all("window");
     let zone = pool.zones.read().values().next().unwrap().clone();
     let before: Vec<_> = zone.meta.lock().live_records();
 
     let st = pool.rotation_flip("z").unwrap();
     assert_eq!(st.active_version, 2);
-    let old_blocks = st.keys.iter().find(|k| k.version == 1).map_or(0, |k| k.blocks);
-    assert_eq!(old_blocks, 0, "fully staged: nothing is under the old key after the flip");
+    let old_blocks = st
+        .keys
+        .iter()
+        .find(|k| k.version == 1)
+        .map_or(0, |k| k.blocks);
+    assert_eq!(
+        old_blocks, 0,
+        "fully staged: nothing is under the old key after the flip"
+    );
     check_all("after flip");
 
     wait_for("migration and destroy", || {
         let s = pool.rotation_status("z").unwrap();
         s.phase == crate::admin::RotationPhase::Idle
-            && s.keys.iter().any(|k| k.version == 1 && k.state == "destroyed")
+            && s.keys
+                .iter()
+                .any(|k| k.version == 1 && k.state == "destroyed")
     });
     check_all("after migration");
     let refs = pool.key_references(&zone);
-    assert_eq!(refs.get(&KeyVersion(1)), None, "nothing refers to the old key");
-    assert!(zone.crypto().xts(KeyVersion(1)).is_none(), "old key gone from memory");
+    assert_eq!(
+        refs.get(&KeyVersion(1)),
+        None,
+        "nothing refers to the old key"
+    );
+    assert!(
+        zone.crypto().xts(KeyVersion(1)).is_none(),
+        "old key gone from memory"
+    );
     let staging_used = pool.storage.staging.as_ref().unwrap().used();
     assert_eq!(staging_used, 0, "destaging freed the staging area");
 
@@ -141,9 +177,15 @@ fn full_rotation_stages_flips_migrates_and_erases() {
             }
         }
     }
-    assert_eq!(hits, 0, "old-key ciphertext is still readable in {hits} data slots");
+    assert_eq!(
+        hits, 0,
+        "old-key ciphertext is still readable in {hits} data slots"
+    );
     let staging = std::fs::read(pdir.join("staging")).unwrap();
-    assert!(staging.iter().all(|&b| b == 0), "the staging area was discarded");
+    assert!(
+        staging.iter().all(|&b| b == 0),
+        "the staging area was discarded"
+    );
     pool.stop_background();
 }
 
@@ -152,24 +194,12 @@ fn full_rotation_stages_flips_migrates_and_erases() {
 /// journal alone.
 #[test]
 fn flip_record_alone_completes_the_flip_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let pdir = dir.path().join("pool");
-    let pass = Passphrase::new("correct horse".into()).unwrap();
-    Pool::init(
-        &pdir,
-        &InitOptions {
-            data: None,
-            staging: None,
-            kdf: KdfParams::INSECURE_FAST,
-            root_key: RootKeyChoice::SealedFile,
-            server: ServerSection::default(),
-            dual_control: DualControlSection::default(),
-        },
-        &pass,
-    )
-    .unwrap();
+    let (_dir, pdir, pass) = new_pool();
     let profile = Profile::load("ci-2core").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     {
         let pool = Pool::open(&pdir, &pass, &profile).unwrap();
         pool.create_zone("z").unwrap();
@@ -200,7 +230,14 @@ fn flip_record_alone_completes_the_flip_at_open() {
     let st = pool.rotation_status("z").unwrap();
     assert_eq!(st.active_version, 2);
     assert_eq!(st.phase, crate::admin::RotationPhase::Migrating);
-    let state = |v: u32| st.keys.iter().find(|k| k.version == v).unwrap().state.clone();
+    let state = |v: u32| {
+        st.keys
+            .iter()
+            .find(|k| k.version == v)
+            .unwrap()
+            .state
+            .clone()
+    };
     assert_eq!(state(2), "active");
     assert_eq!(state(1), "decrypt-only");
     let vol = pool.open("v").unwrap();

@@ -81,7 +81,11 @@ mod tests {
     fn cpu_share_sets_the_rest_after_a_busy_batch() {
         let mut t = Throttle::new(&config(0, 0.25), false);
         let d = t.delay(1 << 20, Duration::from_millis(10), Duration::ZERO);
-        assert_eq!(d, Duration::from_millis(30), "10 ms busy at 25% → 30 ms rest");
+        assert_eq!(
+            d,
+            Duration::from_millis(30),
+            "10 ms busy at 25% → 30 ms rest"
+        );
     }
 
     #[test]

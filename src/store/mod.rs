@@ -100,8 +100,11 @@ impl Staging {
         if need <= self.device.size() || !self.growable {
             return Ok(());
         }
-        self.device
-            .ensure_size((need.div_ceil(GROW_STEP) * GROW_STEP).min(self.capacity * BLOCK_SIZE as u64).max(need))
+        self.device.ensure_size(
+            (need.div_ceil(GROW_STEP) * GROW_STEP)
+                .min(self.capacity * BLOCK_SIZE as u64)
+                .max(need),
+        )
     }
 }
 
@@ -213,6 +216,28 @@ impl Storage {
     pub fn with_staging(mut self, staging: Staging) -> Self {
         self.staging = Some(staging);
         self
+    }
+
+    /// Reads `buf.len()` bytes at `slot` of the device `place` names; a
+    /// missing staging device is an error (ENODEV), not a panic.
+    pub async fn read_copy(
+        &self,
+        place: journal::Place,
+        slot: Slot,
+        buf: device::AlignedBuf,
+    ) -> (Result<(), DeviceError>, device::AlignedBuf) {
+        match self.device(place) {
+            Some(dev) => dev.read_at(Self::offset(slot), buf).await,
+            None => (
+                Err(DeviceError::Io {
+                    op: "read",
+                    device: "staging".into(),
+                    offset: 0,
+                    source: std::io::Error::from_raw_os_error(libc::ENODEV),
+                }),
+                buf,
+            ),
+        }
     }
 
     /// The device a copy lives on.

@@ -139,7 +139,11 @@ impl Table {
     /// the table (a zone keeps its active key version here).
     pub fn header_word(&self, i: usize) -> u64 {
         assert!(i < 6, "a table header has six owner words");
-        u64::from_le_bytes(self.map[16 + 8 * i..24 + 8 * i].try_into().expect("8 bytes"))
+        u64::from_le_bytes(
+            self.map[16 + 8 * i..24 + 8 * i]
+                .try_into()
+                .expect("8 bytes"),
+        )
     }
 
     /// Sets owner word `i`; it reaches the disk with the next [`sync`](Self::sync).

@@ -57,7 +57,10 @@ pub struct ZoneCrypto {
 
 impl ZoneCrypto {
     /// Expands the unwrapped keys of a zone.
-    pub fn new<'a>(deks: impl IntoIterator<Item = (KeyVersion, &'a DataKey)>, mac: &MacKey) -> Self {
+    pub fn new<'a>(
+        deks: impl IntoIterator<Item = (KeyVersion, &'a DataKey)>,
+        mac: &MacKey,
+    ) -> Self {
         let xts = deks
             .into_iter()
             .map(|(v, k)| (v, Arc::new(Xts::new(k))))
@@ -283,9 +286,7 @@ impl ZoneMeta {
     /// A live content block whose plaintext has tag `tag`, if dedup is on.
     pub fn find_by_tag(&self, tag: &Tag) -> Option<(Cbid, CbRecord)> {
         let cbid = *self.dedup.as_ref()?.get(&tag_key(tag))?;
-        self.cb(cbid)
-            .filter(|r| r.tag == *tag)
-            .map(|r| (cbid, r))
+        self.cb(cbid).filter(|r| r.tag == *tag).map(|r| (cbid, r))
     }
 
     /// Live content blocks by (data-copy key version, staged-copy key
