@@ -20,6 +20,7 @@ SIZE=${SIZE:-1G}
 REPS=${REPS:-3}
 PORT=${PORT:-12070}
 CRYPTSETUP=${CRYPTSETUP:-1}
+BATCH=${BATCH:-}              # override [rotation] batch_blocks
 PEERS=../shared/bench/reencrypt-speed.sh
 cargo build --release --quiet
 K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
@@ -51,9 +52,11 @@ pool_with() { # SIZE of data → a served pool at $PORT holding it
     local size=$1
     rm -rf "$work/pool"
     "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-    python3 - "$work/pool/pool.toml" <<'EOF'
+    python3 - "$work/pool/pool.toml" "$BATCH" <<'EOF'
 import sys, re
 p = sys.argv[1]; t = open(p).read()
+if sys.argv[2]:
+    t = re.sub(r"batch_blocks = \d+", "batch_blocks = " + sys.argv[2], t)
 t = re.sub(r"grace_secs = \d+", "grace_secs = 0", t)
 t = re.sub(r"staging_capacity_mib = \d+", "staging_capacity_mib = 4096", t)
 open(p, "w").write(t)

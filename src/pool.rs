@@ -651,19 +651,7 @@ impl Pool {
         let growable = data_sync.metadata().map_err(io_at(&data_path))?.is_file();
         tracing::info!(device = %data_path.display(), direct = data.is_direct(), growable, "data device open");
         let staging = Self::open_staging(dir, &config, &engine)?;
-        let bulk = Device::open(
-            &data_path,
-            &DeviceOptions {
-                create: false,
-                direct: true,
-            },
-            &engine,
-        )?;
-        let storage = Arc::new(
-            Storage::new(data, data_sync, growable)
-                .with_staging(staging)
-                .with_bulk(bulk),
-        );
+        let storage = Arc::new(Storage::new(data, data_sync, growable).with_staging(staging));
 
         let mut zones = BTreeMap::new();
         for z in &catalog.zones {
@@ -792,11 +780,16 @@ impl Pool {
         if !path.exists() {
             File::create(&path).map_err(io_at(&path))?;
         }
+        // O_DIRECT where the filesystem allows: staged copies are written
+        // once and read rarely (after the flip, until destaged), so the page
+        // cache only costs a copy, and buffered io_uring writes are punted to
+        // one kernel worker thread, which was the staging pipeline's
+        // bottleneck here.
         let device = Device::open(
             &path,
             &DeviceOptions {
                 create: false,
-                direct: false,
+                direct: true,
             },
             engine,
         )?;

@@ -165,9 +165,6 @@ pub struct Storage {
     growable: bool,
     /// The staging device, if the pool has one open.
     pub staging: Option<Staging>,
-    /// The data device opened again with O_DIRECT, for the bulk writes of
-    /// background re-encryption (see [`Storage::bulk`]).
-    bulk: Option<Device>,
 }
 
 impl Storage {
@@ -185,30 +182,6 @@ impl Storage {
             bufs: bufpool::BufPool::default(),
             growable,
             staging: None,
-            bulk: None,
-        }
-    }
-
-    /// Adds an O_DIRECT handle on the data device for background writes.
-    /// Migration writes each block once and never reads it back soon, so
-    /// copying it through the page cache is wasted work (on this machine
-    /// the copy was the largest cost of re-encryption).
-    pub fn with_bulk(mut self, bulk: Device) -> Self {
-        self.bulk = bulk.is_direct().then_some(bulk);
-        self
-    }
-
-    /// The device background re-encryption writes through (O_DIRECT when
-    /// the filesystem allows), sized to hold slots below `end`.
-    pub fn bulk(&self, end: u64) -> Result<&Device, DeviceError> {
-        self.ensure_slots(end)?;
-        match &self.bulk {
-            Some(b) => {
-                // Its own view of the size: refresh it after growth.
-                b.ensure_size(end * BLOCK_SIZE as u64)?;
-                Ok(b)
-            }
-            None => Ok(&self.data),
         }
     }
 
