@@ -465,6 +465,9 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
         staged < st["content_blocks"].as_u64().unwrap(),
         "staging should still be running: {st}"
     );
+    // A client's FLUSH makes the pipeline's records so far durable too (one
+    // journal); staged copies recorded after it may be lost, and re-staged.
+    qio_ok(&uri, &["flush"]);
     server.kill9();
     let mut server = pool.serve();
     let uri = server.uri("vol0");
@@ -473,7 +476,7 @@ fn crashes_during_a_rotation_lose_nothing_and_resume() {
     assert_eq!(st["phase"], "window", "{st}");
     assert!(
         st["staged_blocks"].as_u64().unwrap() >= staged,
-        "staged copies survive: {st}"
+        "flushed staged copies survive: {st}"
     );
 
     // 2. Right after the flip.
