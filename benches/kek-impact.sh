@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Volume I/O during KEK rotations: fio 4 KiB random read/write (70/30) at
+# queue depth 32 for RUNTIME seconds, idle and while `keyturn keys
+# rotate-kek` runs back to back through the running server (each re-wraps
+# the zone's keys), interleaved, REPS times; medians and the ratio.
+#
+#   benches/kek-impact.sh             # REPS=3 RUNTIME=10
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${REPS:-3}
+RUNTIME=${RUNTIME:-10}
+PORT=${PORT:-12095}
+cargo build --release --quiet
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
+work=$(mktemp -d /tmp/keyturn-kekimpact.XXXXXX)
+pid=""
+cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+echo "bench-pass" > "$work/pass"
+opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+"$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
+"$K" zone create "${opts[@]}" z >/dev/null 2>&1
+"$K" volume create "${opts[@]}" --zone z --size 1G vol0 >/dev/null 2>&1
+"$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
+pid=$!
+for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=write --bs=1m --iodepth=8 \
+    --size=1G --refill_buffers --output=/dev/null
+load() {
+    fio --name=rw --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randrw --rwmixread=70 --bs=4k \
+        --iodepth=32 --size=1G --time_based --runtime="$RUNTIME" --norandommap --refill_buffers \
+        --output-format=json 2>/dev/null | python3 -c "import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']))"
+}
+csv="$work/r.csv"; : > "$csv"
+for rep in $(seq 1 "$REPS"); do
+    echo "idle,$(load)" >> "$csv"
+    ( n=0; end=$((SECONDS + RUNTIME)); while [ $SECONDS -lt $end ]; do "$K" keys rotate-kek "${opts[@]}" --zone z >/dev/null; n=$((n+1)); done; echo "$n" > "$work/n" ) &
+    rot=$!
+    echo "rotating,$(load)" >> "$csv"
+    wait $rot
+    echo "rep $rep: $(tail -2 "$csv" | tr '\n' ' ') ($(cat "$work/n") KEK rotations during the run)"
+done
+python3 - "$csv" <<'PY'
+import csv, statistics, sys
+rows = list(csv.reader(open(sys.argv[1])))
+m = {s: statistics.median(float(v) for k, v in rows if k == s) for s in ("idle", "rotating")}
+print(f"median IOPS: idle {m['idle']:.0f}, during KEK rotations {m['rotating']:.0f} ({m['rotating'] / m['idle']:.2f}x)")
+PY
