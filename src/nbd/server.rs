@@ -248,15 +248,27 @@ pub async fn bind(addr: &str) -> Result<Listener, BindError> {
 /// accepting, lets every connection finish the requests it has already
 /// read (connections still in the handshake are dropped), and returns.
 /// Dropping the sender of `shutdown` does not shut the server down.
-pub async fn serve<C: ExportCatalog>(
+pub fn serve<C: ExportCatalog>(
+    listener: Listener,
+    catalog: Arc<C>,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send {
+    // Registered now, not when the task first runs: a scrape right after
+    // "ready" must already see the counters (at zero).
+    let metrics = Arc::new(NbdMetrics::register());
+    serve_with_metrics(listener, catalog, config, shutdown, metrics)
+}
+
+async fn serve_with_metrics<C: ExportCatalog>(
     listener: Listener,
     catalog: Arc<C>,
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<NbdMetrics>,
 ) {
     let config = Arc::new(config.normalized());
     let global = Arc::new(Semaphore::new(config.max_total_in_flight_bytes));
-    let metrics = Arc::new(NbdMetrics::register());
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     tracing::info!(addr = %listener.addr, "NBD server listening");
