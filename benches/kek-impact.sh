@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Volume I/O during KEK rotations: fio 4 KiB random read/write (70/30) at
 # queue depth 32 for RUNTIME seconds, idle and while `keyturn keys
-# rotate-kek` runs back to back through the running server (each re-wraps
-# the zone's keys), interleaved, REPS times; medians and the ratio.
+# rotate-kek` runs through the running server every EVERY seconds (each
+# re-wraps the zone's keys; EVERY=0: back to back), interleaved, REPS
+# times; medians and the ratio.
 #
-#   benches/kek-impact.sh             # REPS=3 RUNTIME=10
+#   benches/kek-impact.sh             # REPS=3 RUNTIME=10 EVERY=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-10}
+EVERY=${EVERY:-1}
 PORT=${PORT:-12095}
 cargo build --release --quiet
 K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
@@ -34,7 +36,7 @@ load() {
 csv="$work/r.csv"; : > "$csv"
 for rep in $(seq 1 "$REPS"); do
     echo "idle,$(load)" >> "$csv"
-    ( n=0; end=$((SECONDS + RUNTIME)); while [ $SECONDS -lt $end ]; do "$K" keys rotate-kek "${opts[@]}" --zone z >/dev/null; n=$((n+1)); done; echo "$n" > "$work/n" ) &
+    ( n=0; end=$((SECONDS + RUNTIME)); while [ $SECONDS -lt $end ]; do "$K" keys rotate-kek "${opts[@]}" --zone z >/dev/null; n=$((n+1)); sleep "$EVERY"; done; echo "$n" > "$work/n" ) &
     rot=$!
     echo "rotating,$(load)" >> "$csv"
     wait $rot
