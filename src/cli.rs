@@ -944,8 +944,15 @@ fn keys(cmd: KeysCmd) -> Result<()> {
                 }
                 let target = Target::new(Operation::RotateKek, Some(&zone), None);
                 let auth =
-                    approval::authorize(&pool.pool, &policy, &target, &approvals, now_unix())
-                        .with_context(|| format!("KEK rotation of zone {zone:?} refused"))?;
+                    match approval::authorize(&pool.pool, &policy, &target, &approvals, now_unix()) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Every refused attempt is on the record, as on the API path.
+                            let _ = p.record(AuditEvent::refused("kek.rotate", &e).zone(&zone));
+                            return Err(anyhow::Error::new(e)
+                                .context(format!("KEK rotation of zone {zone:?} refused")));
+                        }
+                    };
                 println!("approved by {}", auth.approvers().join(", "));
                 p.rotate_kek_approved(&zone, batch, pause, auth)
             } else {

@@ -192,6 +192,14 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     assert_refused(&rotate(&pool, &[&a, &b]), "expired");
     assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
+    // Every refused attempt is on the record: none, one, the same twice,
+    // a replay, an expired request.
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("\"kek.rotate\"") && l.contains("\"refused\""))
+        .count();
+    assert_eq!(refused, 5, "{log}");
 }
 
 /// An emergency DEK rotation through the running server needs two
