@@ -944,7 +944,8 @@ fn keys(cmd: KeysCmd) -> Result<()> {
                 }
                 let target = Target::new(Operation::RotateKek, Some(&zone), None);
                 let auth =
-                    match approval::authorize(&pool.pool, &policy, &target, &approvals, now_unix()) {
+                    match approval::authorize(&pool.pool, &policy, &target, &approvals, now_unix())
+                    {
                         Ok(a) => a,
                         Err(e) => {
                             // Every refused attempt is on the record, as on the API path.
