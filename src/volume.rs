@@ -537,20 +537,22 @@ impl Volume {
         let keep_staged = plan
             .window
             .is_some_and(|w| meta.window == Some(w) || meta.active == w);
-        let mut refs: rustc_hash::FxHashMap<usize, u32> = Default::default();
+        // References per new content block, by index (a plain vector: this
+        // runs once per write, under the zone lock).
+        let mut refs = vec![0u32; plan.new.len()];
         for t in &plan.targets {
             if let Target::New(k) = t {
-                *refs.entry(*k).or_default() += 1;
+                refs[*k] += 1;
             }
         }
         let mut dropped_staging = Vec::new();
         let mut entries = Vec::with_capacity(n * 2 + 2);
         let mut changed = Changes::default();
         for (k, nc) in plan.new.iter().enumerate() {
-            let Some(&refcount) = refs.get(&k) else {
-                // Replaced by a later plan entry (cannot happen) or unused.
+            let refcount = refs[k];
+            if refcount == 0 {
                 continue;
-            };
+            }
             let staged = match (nc.staged, plan.window) {
                 (Some(slot), Some(v)) if keep_staged => Some(StagedCopy {
                     slot,

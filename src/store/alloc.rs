@@ -70,29 +70,24 @@ impl IdAllocator {
         true
     }
 
-    /// Runs `(first, count)` of free ids below `end` (ids past the bitmap
+    /// Runs `(first, count)` of free ids in `range` (ids past the bitmap
     /// are free). Pending frees count as used.
-    pub fn free_runs(&self, end: u64) -> Vec<(u64, u64)> {
+    pub fn free_runs(&self, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut id = 0;
-        while id < end {
+        let mut push = |id: u64, n: u64| match out.last_mut() {
+            Some((f, c)) if *f + *c == id => *c += n,
+            _ => out.push((id, n)),
+        };
+        let tracked = range.end.min(self.capacity);
+        for id in range.start..tracked {
             if !self.is_set(id) {
-                match out.last_mut() {
-                    Some((f, c)) if *f + *c == id => *c += 1,
-                    _ => out.push((id, 1)),
-                }
+                push(id, 1);
             }
-            id += 1;
-            // Whole free words and the untracked tail go in one step.
-            if id >= self.capacity {
-                if id < end {
-                    match out.last_mut() {
-                        Some((f, c)) if *f + *c == id => *c += end - id,
-                        _ => out.push((id, end - id)),
-                    }
-                }
-                break;
-            }
+        }
+        // The untracked tail is free in one run.
+        let tail = range.start.max(tracked);
+        if tail < range.end {
+            push(tail, range.end - tail);
         }
         out
     }

@@ -119,14 +119,7 @@ fn discard(slots: &Mutex<IdAllocator>, file: &File, size: u64) -> std::io::Resul
     while from < end {
         let to = (from + CHUNK).min(end);
         let a = slots.lock();
-        let runs: Vec<(u64, u64)> = a
-            .free_runs(to)
-            .into_iter()
-            .filter_map(|(f, c)| {
-                let (s, e) = (f.max(from), (f + c).min(to));
-                (s < e).then_some((s, e - s))
-            })
-            .collect();
+        let runs = a.free_runs(from..to);
         for &(f, c) in &runs {
             let len = (c * BLOCK_SIZE as u64) as libc::off_t;
             let off = (f * BLOCK_SIZE as u64) as libc::off_t;
