@@ -299,6 +299,11 @@ fn fully_staged_flip_and_dedup_reencrypt_once() {
         st["staging_used_bytes"], 0,
         "the staging area is free again"
     );
+    // The server timed both steps of this cycle.
+    for step in ["staging_secs", "migration_secs"] {
+        let secs = st[step].as_f64().unwrap_or(-1.0);
+        assert!(secs > 0.0 && secs < 600.0, "{step}: {st}");
+    }
     qio_ok(&uri, &["read -P 0x5a 0 4M"]);
 }
 

@@ -495,6 +495,8 @@ mod tests {
             emergency: false,
             reencrypted_blocks: 0,
             last_flip_micros: None,
+            staging_secs: None,
+            migration_secs: None,
         }
     }
 

@@ -168,6 +168,14 @@ pub struct RotationStatus {
     /// record being durable, in microseconds.
     #[serde(default)]
     pub last_flip_micros: Option<u64>,
+    /// Seconds from the window opening until every content block had a
+    /// staged copy (this server run only).
+    #[serde(default)]
+    pub staging_secs: Option<f64>,
+    /// Seconds from the flip until the migration's records were durable
+    /// (this server run only).
+    #[serde(default)]
+    pub migration_secs: Option<f64>,
 }
 
 /// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.

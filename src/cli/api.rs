@@ -341,6 +341,15 @@ fn print_status(s: &RotationStatus) {
             println!("{label}: {t}");
         }
     }
+    if let Some(us) = s.last_flip_micros {
+        println!("last flip took: {:.2} ms", us as f64 / 1000.0);
+    }
+    if let Some(secs) = s.staging_secs {
+        println!("everything staged after: {secs:.2} s");
+    }
+    if let Some(secs) = s.migration_secs {
+        println!("migration took: {secs:.2} s");
+    }
 }
 
 /// Parses `--at`: Unix seconds, or RFC 3339 with `Z` or a `±HH:MM` offset.
@@ -504,6 +513,8 @@ mod tests {
             emergency: false,
             reencrypted_blocks: 0,
             last_flip_micros: None,
+            staging_secs: None,
+            migration_secs: None,
         };
         assert_eq!(
             progress_line(&s),

@@ -32,7 +32,7 @@ use crate::pool::{Pool, PoolError};
 use crate::store::journal::{CbRecord, Entry};
 use crate::zone::Zone;
 
-use pipeline::{Context, Counters, Ended, Mode};
+use pipeline::{Context, Counters, Ended, Mode, Timeline};
 use state::{PendingDestroy, Phase, RotationState};
 use throttle::Throttle;
 
@@ -81,6 +81,14 @@ impl ZoneRotation {
             rate: Mutex::new((Instant::now(), 0, 0.0)),
             last_start: Mutex::new(None),
         }
+    }
+
+    /// A new window: forget the last cycle's timings.
+    fn open_timeline(&self) {
+        *self.counters.timeline.lock() = Timeline {
+            window_opened: Some(Instant::now()),
+            ..Timeline::default()
+        };
     }
 
     fn worker_running(&self) -> bool {
@@ -301,6 +309,7 @@ impl Pool {
         // The key is in memory before any write can ask for it.
         z.meta.lock().window = Some(next);
         rot.avoid_staged.lock().clear();
+        rot.open_timeline();
         tracing::info!(zone, %next, ?flip_at, "rotation window open");
         self.audit_ok(
             AuditEvent::ok("rotation.prepare")
@@ -367,6 +376,7 @@ impl Pool {
             old
         };
         let flip_time = started.elapsed();
+        rot.counters.timeline.lock().flipped = Some(Instant::now());
         // From here the flip has happened; the rest follows it (and recovery
         // completes it if we die now).
         st.phase = Phase::Migrating;
@@ -573,6 +583,7 @@ impl Pool {
             };
             self.save_state(&rot, &new)?;
             z.meta.lock().window = Some(next);
+            rot.open_timeline();
         }
         {
             let mut st = rot.state.lock().clone();
@@ -656,6 +667,7 @@ impl Pool {
             None => (0, 0),
         };
         let c = &rot.counters;
+        let timeline = *c.timeline.lock();
         Ok(RotationStatus {
             zone: z.name.clone(),
             phase,
@@ -683,6 +695,8 @@ impl Pool {
             emergency: st.emergency,
             reencrypted_blocks: c.reencrypted.load(Ordering::Relaxed),
             last_flip_micros: st.flip_micros,
+            staging_secs: timeline.staged_all.map(|d| d.as_secs_f64()),
+            migration_secs: timeline.migrated.map(|d| d.as_secs_f64()),
         })
     }
 
@@ -830,6 +844,10 @@ impl Pool {
         // the old keys are unused: else a crash could bring blocks back
         // under a key already queued for destruction.
         self.journal.commit_blocking(self.journal.last_appended())?;
+        {
+            let mut t = rot.counters.timeline.lock();
+            t.migrated = t.flipped.map(|f| f.elapsed());
+        }
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
         let due = unix_now() + self.config.rotation.grace_secs;
@@ -971,6 +989,7 @@ fn stage_pass(
             c.into_iter().map(|(_, _, cbid)| cbid).collect()
         };
         if candidates.is_empty() {
+            note_all_staged(ctx);
             sleep_unless_stopped(ctx, Duration::from_secs(1));
             continue;
         }
@@ -978,7 +997,10 @@ fn stage_pass(
         match pipeline::run(ctx, Mode::Stage { next }, batches, throttle) {
             Ended::Stopped => return,
             Ended::StagingFull => sleep_unless_stopped(ctx, Duration::from_secs(1)),
-            Ended::Done => sleep_unless_stopped(ctx, Duration::from_millis(500)),
+            Ended::Done => {
+                note_all_staged(ctx);
+                sleep_unless_stopped(ctx, Duration::from_millis(500));
+            }
         }
     }
 }
@@ -1011,6 +1033,22 @@ fn migrate_pass(ctx: &Context, config: &crate::config::RotationSection, throttle
     let active = ctx.zone.meta.lock().active;
     let batches = candidates.chunks(config.batch_blocks).map(<[Cbid]>::to_vec);
     pipeline::run(ctx, Mode::Migrate { active }, batches, throttle);
+}
+
+/// Records when the window first had every content block staged.
+fn note_all_staged(ctx: &Context) {
+    let all = {
+        let mut meta = ctx.zone.meta.lock();
+        let active = meta.active;
+        !meta
+            .census()
+            .iter()
+            .any(|(&(data, staged), &n)| data == active && staged.is_none() && n > 0)
+    };
+    let mut t = ctx.counters.timeline.lock();
+    if all && t.staged_all.is_none() {
+        t.staged_all = t.window_opened.map(|w| w.elapsed());
+    }
 }
 
 fn sleep_unless_stopped(ctx: &Context, d: Duration) {

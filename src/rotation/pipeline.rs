@@ -64,6 +64,24 @@ pub struct Counters {
     pub bytes: AtomicU64,
     /// The last error, for the status.
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// When this cycle's steps happened (this server run only).
+    pub timeline: parking_lot::Mutex<Timeline>,
+}
+
+/// How long the steps of the current or last rotation took, measured by
+/// the server itself (the status reports them; a benchmark polling the
+/// status from outside would add its own polling delay).
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Timeline {
+    /// When the window opened.
+    pub window_opened: Option<Instant>,
+    /// From the window opening to the first moment every content block had
+    /// a staged copy.
+    pub staged_all: Option<Duration>,
+    /// When the flip record was durable.
+    pub flipped: Option<Instant>,
+    /// From the flip to the migration's records being durable.
+    pub migrated: Option<Duration>,
 }
 
 impl Counters {
@@ -150,26 +168,68 @@ pub fn run(
     throttle: &mut Throttle,
 ) -> Ended {
     let busy_ns = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let stages = &StageBusy::default();
     let (to_read, read_rx) = bounded::<Job>(IO_THREADS);
     let (to_crypt, crypt_rx) = bounded::<Job>(IO_THREADS);
     let (to_write, write_rx) = bounded::<Job>(IO_THREADS);
     let (to_record, record_rx) = bounded::<Job>(IO_THREADS);
-    std::thread::scope(|s| {
+    let ended = std::thread::scope(|s| {
         // Several readers and writers: each waits for its batch's device I/O,
         // so one alone leaves the device idle between batches (O_DIRECT
         // staging writes are latency-bound).
         for _ in 0..IO_THREADS {
             let (rx, tx) = (read_rx.clone(), to_crypt.clone());
-            s.spawn(move || read_stage(ctx, rx, tx));
+            s.spawn(move || read_stage(ctx, rx, tx, stages));
             let (rx, tx) = (write_rx.clone(), to_record.clone());
-            s.spawn(move || write_stage(ctx, mode, rx, tx));
+            s.spawn(move || write_stage(ctx, mode, rx, tx, stages));
         }
         drop((read_rx, to_crypt, write_rx, to_record));
         let busy = busy_ns.clone();
-        s.spawn(move || crypt_stage(ctx, mode, crypt_rx, to_write, &busy));
-        s.spawn(|| record_stage(ctx, mode, record_rx));
-        pick_stage(ctx, mode, batches, throttle, &busy_ns, to_read)
-    })
+        s.spawn(move || crypt_stage(ctx, mode, crypt_rx, to_write, &busy, stages));
+        s.spawn(|| record_stage(ctx, mode, record_rx, stages));
+        pick_stage(ctx, mode, batches, throttle, &busy_ns, to_read, stages)
+    });
+    stages.log(mode, started.elapsed());
+    ended
+}
+
+/// The pipeline's stages, as indices into [`StageBusy`].
+#[derive(Clone, Copy)]
+enum Stage {
+    Pick,
+    Read,
+    Crypt,
+    Write,
+    Record,
+}
+
+/// Time each stage spent on its batches (not waiting for its neighbours),
+/// summed over its threads. Logged at the end of a run: the stage whose
+/// busy time is closest to its thread count times the run is the
+/// bottleneck.
+#[derive(Default)]
+struct StageBusy([AtomicU64; 5]);
+
+impl StageBusy {
+    fn add(&self, stage: Stage, since: Instant) {
+        self.0[stage as usize].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn log(&self, mode: Mode, elapsed: Duration) {
+        let secs = |s: Stage| Duration::from_nanos(self.0[s as usize].load(Ordering::Relaxed));
+        tracing::debug!(
+            ?mode,
+            ?elapsed,
+            pick = ?secs(Stage::Pick),
+            read = ?secs(Stage::Read),
+            crypt = ?secs(Stage::Crypt),
+            write = ?secs(Stage::Write),
+            record = ?secs(Stage::Record),
+            io_threads = IO_THREADS,
+            "pipeline run ended; busy time per stage"
+        );
+    }
 }
 
 fn pick_stage(
@@ -179,8 +239,10 @@ fn pick_stage(
     throttle: &mut Throttle,
     busy_ns: &AtomicU64,
     out: Sender<Job>,
+    stages: &StageBusy,
 ) -> Ended {
     for batch in batches {
+        let t0 = Instant::now();
         if ctx.stop.load(Ordering::Acquire) {
             return Ended::Stopped;
         }
@@ -273,6 +335,7 @@ fn pick_stage(
             dst_runs,
             dst_bufs: Vec::new(),
         };
+        stages.add(Stage::Pick, t0);
         if out.send(job).is_err() {
             return Ended::Stopped;
         }
@@ -311,8 +374,9 @@ fn alloc_data(storage: &Storage, n: usize) -> Result<Vec<Slot>, String> {
     Ok(slots)
 }
 
-fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>) {
+fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>, stages: &StageBusy) {
     for mut job in input {
+        let t0 = Instant::now();
         let reads = job.src_runs.iter().map(|&(start, len)| {
             let src = job.items[start].src;
             ctx.storage
@@ -332,6 +396,7 @@ fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>) {
             }
             job.src_bufs.push(buf);
         }
+        stages.add(Stage::Read, t0);
         if out.send(job).is_err() {
             return;
         }
@@ -344,6 +409,7 @@ fn crypt_stage(
     input: Receiver<Job>,
     out: Sender<Job>,
     busy: &AtomicU64,
+    stages: &StageBusy,
 ) {
     let mut plain = vec![0u8; BLOCK_SIZE];
     for mut job in input {
@@ -410,14 +476,22 @@ fn crypt_stage(
         }
         job.dst_bufs = dst_bufs;
         busy.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stages.add(Stage::Crypt, started);
         if out.send(job).is_err() {
             return;
         }
     }
 }
 
-fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>) {
+fn write_stage(
+    ctx: &Context,
+    mode: Mode,
+    input: Receiver<Job>,
+    out: Sender<Job>,
+    stages: &StageBusy,
+) {
     for mut job in input {
+        let t0 = Instant::now();
         // Migrated blocks go through the data device as the profile opened
         // it: an O_DIRECT side handle was measured here to make re-encryption
         // a little faster but foreground reads of migrated blocks much slower
@@ -443,14 +517,16 @@ fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
             }
             ctx.storage.bufs.put(buf);
         }
+        stages.add(Stage::Write, t0);
         if out.send(job).is_err() {
             return;
         }
     }
 }
 
-fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>) {
+fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, stages: &StageBusy) {
     for job in input {
+        let t0 = Instant::now();
         let mut unused = Vec::new();
         let mut entries = Vec::new();
         let mut frees = Vec::new();
@@ -520,5 +596,6 @@ fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>) {
             job.items.len() as u64 * BLOCK_SIZE as u64,
             Ordering::Relaxed,
         );
+        stages.add(Stage::Record, t0);
     }
 }
