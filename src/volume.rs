@@ -217,20 +217,24 @@ impl Volume {
         let n = (out.len() / BLOCK_SIZE) as u64;
         let located = self.locate(first..first + n)?;
         self.zone.note_io();
+        let crypto = self.zone.crypto();
+        let prefer_data = !self.storage.data.is_direct();
+        let sources: Vec<Option<LiveCopy>> = located
+            .iter()
+            .map(|l| l.map(|l| read_source(&l, prefer_data, &crypto)))
+            .collect();
         // Group blocks into runs of consecutive slots on one device: one
         // device read each.
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, loc) in located.iter().enumerate() {
-            match loc {
-                None => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
-                Some(l) => {
+        for (i, (loc, src)) in located.iter().zip(&sources).enumerate() {
+            match (loc, src) {
+                (Some(l), Some(c)) => {
                     self.zone.heat.touch(l.cbid);
                     match runs.last_mut() {
                         Some((start, len))
                             if *start + *len == i
-                                && located[*start].is_some_and(|s| {
-                                    s.live.place == l.live.place
-                                        && s.live.slot.0 + *len as u64 == l.live.slot.0
+                                && sources[*start].is_some_and(|s| {
+                                    s.place == c.place && s.slot.0 + *len as u64 == c.slot.0
                                 }) =>
                         {
                             *len += 1
@@ -238,15 +242,15 @@ impl Volume {
                         _ => runs.push((i, 1)),
                     }
                 }
+                _ => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
             }
         }
         let reads = runs.iter().map(|&(start, len)| {
-            let live = located[start].expect("run starts at a mapped block").live;
+            let src = sources[start].expect("run starts at a mapped block");
             self.storage
-                .read_copy(live.place, live.slot, self.storage.bufs.get(len))
+                .read_copy(src.place, src.slot, self.storage.bufs.get(len))
         });
         let results = join_all(reads).await;
-        let crypto = self.zone.crypto();
         let mut failed = Vec::new();
         for ((start, len), (res, buf)) in runs.into_iter().zip(results) {
             match res {
@@ -254,11 +258,12 @@ impl Volume {
                     for j in 0..len {
                         let i = start + j;
                         let loc = located[i].expect("mapped");
+                        let src = sources[i].expect("mapped");
                         let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
                         if !decrypt_verify(
                             &crypto,
                             &loc,
-                            loc.live.key_version,
+                            src.key_version,
                             &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
                             dst,
                         ) {
@@ -273,6 +278,7 @@ impl Volume {
             }
             self.storage.bufs.put(buf);
         }
+        drop(crypto);
         for i in failed {
             let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
             self.reread_block(first + i as u64, dst).await?;
@@ -938,6 +944,27 @@ fn runs(slots: impl Iterator<Item = Option<Slot>>) -> Vec<(usize, usize)> {
 
 /// Decrypts one block of ciphertext under `version` and checks its tag.
 /// On failure `dst` is zeroed (never left holding unverified plaintext).
+/// Which copy of a located block a read fetches first. Normally the live
+/// one. After a flip, a staged block keeps its data-device copy under the
+/// old key (decrypt-only, still in memory) until the migrator destages it;
+/// when the data device is read through the page cache that copy is most
+/// likely cached, while the staging device is read with O_DIRECT, so the
+/// data copy is read first. Both carry the same content and are checked
+/// against the same tag; a read that fails its check (the block moved, or
+/// the copy is damaged) falls back to every current copy.
+fn read_source(loc: &Located, prefer_data: bool, crypto: &ZoneCrypto) -> LiveCopy {
+    let data = LiveCopy {
+        place: Place::Data,
+        slot: loc.record.slot,
+        key_version: loc.record.key_version,
+    };
+    if prefer_data && loc.live.place == Place::Staging && crypto.xts(data.key_version).is_some() {
+        data
+    } else {
+        loc.live
+    }
+}
+
 fn decrypt_verify(
     crypto: &ZoneCrypto,
     loc: &Located,
