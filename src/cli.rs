@@ -1063,7 +1063,7 @@ fn rotate_root(
     } else {
         Secret::for_pool(pool)?
     };
-    let mut p = Pool::open_with(&pool.pool, secret.as_root(), &default_profile()?)
+    let p = Pool::open_with(&pool.pool, secret.as_root(), &default_profile()?)
         .with_context(|| {
             let hint = if retiring {
                 " (a root key rotation has switched it to the new root key: give the new passphrase)"
@@ -1134,7 +1134,7 @@ fn change_passphrase(
         );
     }
     let old = passphrase(pool)?;
-    let mut p = Pool::open(&pool.pool, &old, &default_profile()?)
+    let p = Pool::open(&pool.pool, &old, &default_profile()?)
         .with_context(|| format!("cannot open pool {}", pool.pool.display()))?;
     let new_pass = new.passphrase()?;
     let auth = authorize_root(&p, approvals, "root.reseal", "passphrase change")?;

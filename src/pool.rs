@@ -394,15 +394,32 @@ impl BlockUsage for ZoneUsage {
 pub const POOL_FORMAT: u32 = 2;
 
 /// An open pool.
+///
+/// The root key may be switched while the pool is shared (a root key
+/// rotation through the admin API), so the pool holds its configuration and
+/// root key provider behind locks. The rule that keeps key files and the
+/// provider consistent: whoever changes a zone's key file takes that zone's
+/// `key_file_lock` first and reads [`Pool::root`] after it; the provider is
+/// replaced only with the catalog lock and every zone's `key_file_lock` held
+/// (see [`Pool::with_key_files_frozen`]). So a key-file writer uses one
+/// provider from its load to its save, and no zone is created under a
+/// provider that is being replaced.
 pub struct Pool {
     pub(crate) dir: PathBuf,
-    pub(crate) config: PoolConfig,
+    /// pool.toml as this process holds it: read at open, replaced (with its
+    /// new `[root_key]`) when a root key rotation switches pool.toml.
+    config: RwLock<Arc<PoolConfig>>,
     catalog: Mutex<Catalog>,
     pub(crate) storage: Arc<Storage>,
     pub(crate) zones: Arc<RwLock<BTreeMap<ZoneId, Arc<Zone>>>>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     pub(crate) journal: Arc<Journal>,
-    pub(crate) provider: Box<dyn RootKeyProvider>,
+    /// Wraps and unwraps zone KEKs: the configured root key, or a
+    /// [`RootPair`](crate::keys::root_rotation::RootPair) while a root key
+    /// rotation re-wraps.
+    provider: RwLock<Arc<dyn RootKeyProvider>>,
+    /// Held by a root key rotation or passphrase change: one at a time.
+    pub(crate) root_op: Mutex<()>,
     /// Per-zone rotation state and workers.
     pub(crate) rotations: crate::rotation::Rotations,
     /// The audit log, or why it cannot take records (a damaged log).
@@ -731,13 +748,14 @@ impl Pool {
         });
         let pool = Self {
             dir: dir.to_path_buf(),
-            config,
+            config: RwLock::new(Arc::new(config)),
             catalog: Mutex::new(catalog),
             storage,
             zones,
             volumes: RwLock::new(BTreeMap::new()),
             journal,
-            provider,
+            provider: RwLock::new(Arc::from(provider)),
+            root_op: Mutex::new(()),
             rotations: Default::default(),
             audit,
             _engine: engine,
@@ -882,9 +900,44 @@ impl Pool {
         &self.dir
     }
 
-    /// The pool configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
+    /// The pool configuration (a snapshot: a root key rotation may replace
+    /// its `[root_key]` while the pool is served).
+    pub fn config(&self) -> Arc<PoolConfig> {
+        self.config.read().clone()
+    }
+
+    /// Replaces the configuration this process holds (pool.toml was
+    /// rewritten to match).
+    pub(crate) fn set_config(&self, config: PoolConfig) {
+        *self.config.write() = Arc::new(config);
+    }
+
+    /// The root key provider, as it is now. A key-file writer reads it after
+    /// taking the zone's `key_file_lock` and keeps this one until it releases
+    /// the lock (see [`Pool`]).
+    pub(crate) fn root(&self) -> Arc<dyn RootKeyProvider> {
+        self.provider.read().clone()
+    }
+
+    /// Runs `f` with the catalog lock and every zone's `key_file_lock` held
+    /// (in zone id order, after the catalog: the one lock order), so no zone
+    /// is created and no key file changes while it runs. `f` gets the zones.
+    /// The root key provider is replaced only in here.
+    pub(crate) fn with_key_files_frozen<T>(
+        &self,
+        f: impl FnOnce(&[ZoneEntry]) -> Result<T>,
+    ) -> Result<T> {
+        let catalog = self.catalog.lock();
+        let zones: Vec<Arc<Zone>> = self.zones.read().values().cloned().collect();
+        let _held: Vec<_> = zones.iter().map(|z| z.key_file_lock.lock()).collect();
+        f(&catalog.zones)
+    }
+
+    /// Replaces the root key provider; only inside
+    /// [`Pool::with_key_files_frozen`].
+    pub(crate) fn set_root_frozen(&self, provider: Arc<dyn RootKeyProvider>) {
+        tracing::info!(root_key = %provider.describe(), "root key provider replaced");
+        *self.provider.write() = provider;
     }
 
     /// The catalog as it stands.
@@ -1015,7 +1068,9 @@ impl Pool {
             });
         }
         let id = ZoneId(catalog.next_zone);
-        let keyfile = ZoneKeyFile::create(self.provider.as_ref(), id, name)?;
+        // Under the catalog lock: the provider cannot be replaced meanwhile.
+        let root = self.root();
+        let keyfile = ZoneKeyFile::create(root.as_ref(), id, name)?;
         let kpath = Self::zone_key_path(&self.dir, id);
         let tpath = Self::cb_table_path(&self.dir, id);
         // Leftovers of a create that crashed before the catalog named them.
@@ -1028,7 +1083,7 @@ impl Pool {
             id,
             name: name.into(),
         };
-        let zone = Self::load_zone(&self.dir, &entry, self.provider.as_ref())?;
+        let zone = Self::load_zone(&self.dir, &entry, root.as_ref())?;
         let mut next = catalog.clone();
         next.next_zone += 1;
         next.zones.push(entry);
@@ -1307,10 +1362,11 @@ impl Pool {
         batch: usize,
         pause: Duration,
     ) -> Result<KekRotationReport> {
-        if self.config.dual_control.required {
+        let policy = self.config().dual_control.clone();
+        if policy.required {
             let e = ApprovalError::NotEnough {
                 got: 0,
-                required: self.config.dual_control.approvals,
+                required: policy.approvals,
             };
             let _ = self.record(AuditEvent::refused("kek.rotate", &e).zone(zone));
             return Err(e.into());
@@ -1405,15 +1461,18 @@ impl Pool {
         let z = self.zones.read().get(&id).cloned();
         // One key-file writer at a time (a DEK rotation may run beside this).
         let _k = z.as_ref().map(|z| z.key_file_lock.lock());
+        // Read under the lock: a root key rotation cannot replace it until
+        // this KEK rotation is done.
+        let root = self.root();
         let path = Self::zone_key_path(&self.dir, id);
         let mut file = ZoneKeyFile::load(&path)?;
         let resumed = file.kek_rotation().is_some();
-        let first = file.begin_kek_rotation(self.provider.as_ref())?;
+        let first = file.begin_kek_rotation(root.as_ref())?;
         file.save(&path)?;
         let mut rewrapped = 0;
         let mut remaining = first.remaining;
         while remaining > 0 {
-            let progress = file.rewrap_batch(self.provider.as_ref(), batch.max(1))?;
+            let progress = file.rewrap_batch(root.as_ref(), batch.max(1))?;
             rewrapped += remaining - progress.remaining;
             remaining = progress.remaining;
             file.save(&path)?;
@@ -1517,10 +1576,11 @@ impl Pool {
         refused: impl FnOnce(&ApprovalError) -> AuditEvent,
     ) -> Result<Vec<String>> {
         let approvers: Vec<String> = auth.map(|a| a.approvers().to_vec()).unwrap_or_default();
+        let policy = self.config().dual_control.clone();
         let error = match auth {
-            None if self.config.dual_control.required => Some(ApprovalError::NotEnough {
+            None if policy.required => Some(ApprovalError::NotEnough {
                 got: 0,
-                required: self.config.dual_control.approvals,
+                required: policy.approvals,
             }),
             Some(a) if a.target() != expected => Some(ApprovalError::WrongRequest {
                 operator: a.approvers().join(","),
