@@ -1524,7 +1524,7 @@ impl Pool {
             }
         };
         let audit = self.audit()?;
-        let (zone_name, mut file) = self.key_file_of(key_id)?;
+        let (zone_name, file) = self.key_file_of(key_id)?;
         let label = file
             .records()
             .iter()
@@ -1540,20 +1540,25 @@ impl Pool {
             AuditEvent::refused(action, e).zone(&zone_name).key(&label)
         })?;
         let started = Instant::now();
+        let zone = self.zones.read().get(&file.zone()).cloned();
+        // One key-file writer at a time; loaded again under the lock, as a
+        // KEK or root key rotation may have saved the file since.
+        let _k = zone.as_ref().map(|z| z.key_file_lock.lock());
+        let path = Self::zone_key_path(&self.dir, file.zone());
         // Every copy counts, not just live ones: a data copy behind a
         // staged one is still ciphertext under its key.
         let usage = ZoneUsage(
-            self.zones
-                .read()
-                .get(&file.zone())
+            zone.as_ref()
                 .map(|z| self.key_references(z))
                 .unwrap_or_default(),
         );
-        let r = file
-            .set_state(key_id, state, &usage)
-            .and_then(|()| file.save(&Self::zone_key_path(&self.dir, file.zone())))
-            .map(|()| zone_name.clone())
-            .map_err(PoolError::from);
+        let r = (|| {
+            let mut file = ZoneKeyFile::load(&path)?;
+            file.set_state(key_id, state, &usage)?;
+            file.save(&path)
+        })()
+        .map(|()| zone_name.clone())
+        .map_err(PoolError::from);
         let event = match &r {
             Ok(_) => AuditEvent::ok(action),
             Err(e) => AuditEvent::failed(action, e),
