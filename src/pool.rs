@@ -418,6 +418,11 @@ pub struct Pool {
     /// [`RootPair`](crate::keys::root_rotation::RootPair) while a root key
     /// rotation re-wraps.
     provider: RwLock<Arc<dyn RootKeyProvider>>,
+    /// The token user PIN of a PKCS#11 root key, for the token sessions a
+    /// root key rotation through the admin API opens (this process is logged
+    /// in to the token for its whole life anyway). `None` for a sealed file:
+    /// its passphrase is never kept.
+    pin: Option<Pin>,
     /// Held by a root key rotation or passphrase change: one at a time.
     pub(crate) root_op: Mutex<()>,
     /// Per-zone rotation state and workers.
@@ -746,6 +751,10 @@ impl Pool {
             tracing::error!(error = %e, "audit log unusable: zone, volume and key changes are refused until it is repaired (see `keyturn audit verify`)");
             e.to_string()
         });
+        let pin = match secret {
+            RootSecret::Pin(p) => Some(p.duplicate()),
+            RootSecret::Passphrase(_) => None,
+        };
         let pool = Self {
             dir: dir.to_path_buf(),
             config: RwLock::new(Arc::new(config)),
@@ -755,6 +764,7 @@ impl Pool {
             volumes: RwLock::new(BTreeMap::new()),
             journal,
             provider: RwLock::new(Arc::from(provider)),
+            pin,
             root_op: Mutex::new(()),
             rotations: Default::default(),
             audit,
@@ -917,6 +927,11 @@ impl Pool {
     /// the lock (see [`Pool`]).
     pub(crate) fn root(&self) -> Arc<dyn RootKeyProvider> {
         self.provider.read().clone()
+    }
+
+    /// The token PIN this pool was opened with (PKCS#11 root keys).
+    pub(crate) fn pin(&self) -> Option<&Pin> {
+        self.pin.as_ref()
     }
 
     /// Runs `f` with the catalog lock and every zone's `key_file_lock` held
