@@ -399,9 +399,9 @@ pub const POOL_FORMAT: u32 = 2;
 /// rotation through the admin API), so the pool holds its configuration and
 /// root key provider behind locks. The rule that keeps key files and the
 /// provider consistent: whoever changes a zone's key file takes that zone's
-/// `key_file_lock` first and reads [`Pool::root`] after it; the provider is
+/// `key_file_lock` first and reads `Pool::root` after it; the provider is
 /// replaced only with the catalog lock and every zone's `key_file_lock` held
-/// (see [`Pool::with_key_files_frozen`]). So a key-file writer uses one
+/// (see `Pool::with_key_files_frozen`). So a key-file writer uses one
 /// provider from its load to its save, and no zone is created under a
 /// provider that is being replaced.
 pub struct Pool {

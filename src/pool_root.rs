@@ -1,6 +1,8 @@
 //! Root key rotation of a pool, and changing the passphrase of its sealed
-//! root key file. Offline: both need the pool opened here (its lock keeps a
-//! server out).
+//! root key file: offline (the CLI opens the pool; its lock keeps a server
+//! out) or online (the server runs them for the admin API, see
+//! [`crate::pool_admin`], while it serves volumes). Both go through the same
+//! code on a shared `&Pool`; one root key operation at a time.
 //!
 //! A root key rotation replaces the root key that wraps every zone's KEKs:
 //!
@@ -8,6 +10,7 @@
 //!    [`crate::keys::root_rotation`]): for a sealed file, a new random root
 //!    key wrapped by the old one; for a PKCS#11 token, the new key's label,
 //!    then the key is generated in the token (sensitive, non-extractable).
+//!    The pool then unwraps and wraps through the pair of root keys.
 //! 2. **re-wrap**: every zone's KEKs, a batch per atomic save of its key
 //!    file; each re-wrapped KEK names the new root key. Both root keys stay
 //!    usable, so a crash anywhere leaves every KEK readable, the pool opens
@@ -16,10 +19,22 @@
 //!    the new passphrase into its own file and opens it again; then every
 //!    KEK of every zone must unwrap under the new root key alone.
 //! 4. **switch**: pool.toml's `[root_key]` names the new root key (one
-//!    atomic rename). From here the new passphrase opens the pool.
+//!    atomic rename), and the pool uses it alone. From here the new
+//!    passphrase opens the pool.
 //! 5. **retire**: the old sealed file is overwritten and removed, or the old
 //!    key object destroyed in the token (`C_DestroyObject`); then the
 //!    rotation record is overwritten and removed.
+//!
+//! While the pool serves, KEK rotations, DEK rotations and zone creation
+//! write the same key files. The rule (see [`Pool`]): every key-file writer
+//! holds the zone's `key_file_lock` from its load to its save and uses the
+//! root key provider it read after taking the lock; step 2 takes that lock
+//! for each batch only, so the others run between batches; the provider is
+//! replaced (at 1 and 4) only with the catalog lock and every zone's
+//! `key_file_lock` held, and 3's check and 4 happen under one such hold.
+//! So whatever is wrapped during the rotation is wrapped by the new root key,
+//! whatever was re-wrapped is unwrapped with it, and nothing changes between
+//! the check and the switch.
 //!
 //! DEKs, MAC keys, volume data and the block map are not touched.
 
