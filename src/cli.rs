@@ -8,11 +8,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::AdminBackend;
 use crate::admin::client::ADDR_FILE;
 use crate::admin::http as admin_http;
 use crate::admin::metrics::Exporter;
 use crate::admin::token::AdminToken;
+use crate::admin::{AdminBackend, PassphraseRequest, RootRotateRequest, SecretText};
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
 use crate::config::{DualControlSection, Profile, ServerSection};
@@ -329,8 +329,8 @@ enum KeysCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
-    /// Rotate the root key (offline): re-wrap every zone's KEKs under a new
-    /// root key, then destroy the old one.
+    /// Rotate the root key: re-wrap every zone's KEKs under a new root key,
+    /// then destroy the old one.
     ///
     /// The new root key is a new random key sealed under a new passphrase in
     /// a new file beside the old one, or a new key generated in the same
@@ -338,9 +338,11 @@ enum KeysCmd {
     /// it and the old one destroyed (the old sealed file is overwritten and
     /// removed; the old token key is destroyed with C_DestroyObject).
     ///
-    /// Offline only: stop the server first (the pool lock refuses otherwise).
-    /// Both root keys work until every KEK is re-wrapped: after a crash the
-    /// pool still opens with the old passphrase (or the PIN), and running the
+    /// Through the running server's admin API when one answers for the pool
+    /// (it keeps serving; a sealed file still needs the current and the new
+    /// passphrase, a token no PIN), else with the pool opened here. Both
+    /// root keys work until every KEK is re-wrapped: after a crash the pool
+    /// still opens with the old passphrase (or the PIN), and running the
     /// command again resumes. Once pool.toml names the new root key, the new
     /// passphrase opens the pool. Touches no volume data, DEK or MAC key.
     ///
@@ -365,12 +367,13 @@ enum KeysCmd {
         #[command(flatten)]
         approvals: RootApprovals,
     },
-    /// Seal the same root key under a new passphrase (sealed-file pools,
-    /// offline): no KEK is re-wrapped.
+    /// Seal the same root key under a new passphrase (sealed-file pools): no
+    /// KEK is re-wrapped.
     ///
     /// Cheap, but a copy of the old sealed file still opens with the old
     /// passphrase; when that matters, use `keys rotate-root`, which replaces
-    /// the root key itself. Dual control as for rotate-root.
+    /// the root key itself. Dual control as for rotate-root. Through the
+    /// running server when one answers for the pool, else offline.
     ChangePassphrase {
         #[command(flatten)]
         pool: PoolArgs,
@@ -443,15 +446,7 @@ impl NewPassphraseArgs {
     /// The KDF cost asked for; `None` keeps the current file's. One flag
     /// alone takes the other from the default cost.
     fn kdf(&self) -> Option<KdfParams> {
-        if self.kdf_memory_kib.is_none() && self.kdf_iterations.is_none() {
-            return None;
-        }
-        let d = KdfParams::default();
-        Some(KdfParams {
-            memory_kib: self.kdf_memory_kib.unwrap_or(d.memory_kib),
-            iterations: self.kdf_iterations.unwrap_or(d.iterations),
-            ..d
-        })
+        KdfParams::with_cost(self.kdf_memory_kib, self.kdf_iterations)
     }
 }
 
@@ -1013,7 +1008,8 @@ fn authorize_root(
     Ok(auth)
 }
 
-/// `keys rotate-root`.
+/// `keys rotate-root`: through the running server when one answers for
+/// the pool, else with the pool opened here.
 fn rotate_root(
     pool: &PoolArgs,
     new: &NewPassphraseArgs,
@@ -1058,20 +1054,63 @@ fn rotate_root(
     }
     // Once pool.toml names the new root key, the new passphrase opens the
     // pool: running the same command again finishes the rotation.
-    let secret = if sealed && retiring && new.given() {
-        Secret::Passphrase(new.passphrase()?)
+    let current_passphrase = || -> Result<Passphrase> {
+        if retiring && new.given() {
+            new.passphrase()
+        } else {
+            passphrase(pool)
+        }
+    };
+    if let Some(client) = api::server_for(&pool.pool)? {
+        // A sealed file needs the same passphrases as offline; a token
+        // needs no PIN (the server is logged in to it).
+        let (current, new_pass) = if sealed {
+            let current = current_passphrase()?;
+            let new_pass = if retiring {
+                None
+            } else {
+                Some(new.passphrase()?)
+            };
+            (Some(current), new_pass)
+        } else {
+            (None, None)
+        };
+        let kdf = new.kdf();
+        let req = RootRotateRequest {
+            approvals: api::read_approvals(approvals)?,
+            passphrase: current.map(|p| SecretText::new(p.expose().to_owned())),
+            new_passphrase: new_pass.map(|p| SecretText::new(p.expose().to_owned())),
+            new_key_label,
+            batch: Some(batch),
+            pause_ms: Some(pause_ms),
+            kdf_memory_kib: kdf.map(|k| k.memory_kib),
+            kdf_iterations: kdf.map(|k| k.iterations),
+        };
+        println!(
+            "rotating the root key through the server at {} (it keeps serving)",
+            client.addr()
+        );
+        let report = client
+            .root_rotate(&req)
+            .context("root key rotation failed")?;
+        print_root_report(&report, sealed);
+        return Ok(());
+    }
+    let secret = if sealed {
+        Secret::Passphrase(current_passphrase()?)
     } else {
         Secret::for_pool(pool)?
     };
-    let mut p = Pool::open_with(&pool.pool, secret.as_root(), &default_profile()?)
-        .with_context(|| {
+    let p = Pool::open_with(&pool.pool, secret.as_root(), &default_profile()?).with_context(
+        || {
             let hint = if retiring {
                 " (a root key rotation has switched it to the new root key: give the new passphrase)"
             } else {
                 ""
             };
             format!("cannot open pool {}{hint}", pool.pool.display())
-        })?;
+        },
+    )?;
     let new_pass = if sealed && !retiring {
         Some(new.passphrase()?)
     } else {
@@ -1097,28 +1136,52 @@ fn rotate_root(
             auth,
         )
         .context("root key rotation failed")?;
-    println!(
-        "root key rotated: {} -> {}; {} KEKs re-wrapped{}, {} KEKs of {} zones unwrap under the new root key; old root key {}; {:.3} s",
-        report.old_root,
-        report.new_root,
-        report.rewrapped,
-        if report.resumed { " (resumed)" } else { "" },
-        report.checked,
-        report.zones,
-        if report.old_destroyed {
-            "destroyed"
-        } else {
-            "was already gone"
-        },
-        report.elapsed.as_secs_f64()
-    );
-    if sealed {
-        println!("the pool now opens with the new passphrase");
-    }
+    print_root_report(&serde_json::to_value(&report)?, sealed);
     Ok(())
 }
 
-/// `keys change-passphrase`.
+/// Prints a root key rotation report, from this process or from the
+/// server (the fields of [`crate::pool_root::RootRotationReport`]).
+fn print_root_report(report: &serde_json::Value, sealed: bool) {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        old_root: String,
+        new_root: String,
+        zones: usize,
+        rewrapped: usize,
+        checked: usize,
+        old_destroyed: bool,
+        resumed: bool,
+        elapsed: std::time::Duration,
+    }
+    match serde_json::from_value::<Line>(report.clone()) {
+        Ok(r) => println!(
+            "root key rotated: {} -> {}; {} KEKs re-wrapped{}, {} KEKs of {} zones unwrap under the new root key; old root key {}; {:.3} s",
+            r.old_root,
+            r.new_root,
+            r.rewrapped,
+            if r.resumed { " (resumed)" } else { "" },
+            r.checked,
+            r.zones,
+            if r.old_destroyed {
+                "destroyed"
+            } else {
+                "was already gone"
+            },
+            r.elapsed.as_secs_f64()
+        ),
+        Err(_) => println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_else(|_| report.to_string())
+        ),
+    }
+    if sealed {
+        println!("the pool now opens with the new passphrase");
+    }
+}
+
+/// `keys change-passphrase`: through the running server when one answers
+/// for the pool, else with the pool opened here.
 fn change_passphrase(
     pool: &PoolArgs,
     new: &NewPassphraseArgs,
@@ -1133,8 +1196,28 @@ fn change_passphrase(
             "this pool's root key is in a PKCS#11 token: it has no passphrase (its PIN is the token's)"
         );
     }
+    if let Some(client) = api::server_for(&pool.pool)? {
+        let old = passphrase(pool)?;
+        let new_pass = new.passphrase()?;
+        let kdf = new.kdf();
+        let req = PassphraseRequest {
+            approvals: api::read_approvals(approvals)?,
+            passphrase: Some(SecretText::new(old.expose().to_owned())),
+            new_passphrase: Some(SecretText::new(new_pass.expose().to_owned())),
+            kdf_memory_kib: kdf.map(|k| k.memory_kib),
+            kdf_iterations: kdf.map(|k| k.iterations),
+        };
+        client
+            .root_passphrase(&req)
+            .context("cannot change the passphrase")?;
+        println!(
+            "the root key is sealed under the new passphrase (through the server at {}); the old one no longer opens the pool",
+            client.addr()
+        );
+        return Ok(());
+    }
     let old = passphrase(pool)?;
-    let mut p = Pool::open(&pool.pool, &old, &default_profile()?)
+    let p = Pool::open(&pool.pool, &old, &default_profile()?)
         .with_context(|| format!("cannot open pool {}", pool.pool.display()))?;
     let new_pass = new.passphrase()?;
     let auth = authorize_root(&p, approvals, "root.reseal", "passphrase change")?;

@@ -394,15 +394,37 @@ impl BlockUsage for ZoneUsage {
 pub const POOL_FORMAT: u32 = 2;
 
 /// An open pool.
+///
+/// The root key may be switched while the pool is shared (a root key
+/// rotation through the admin API), so the pool holds its configuration and
+/// root key provider behind locks. The rule that keeps key files and the
+/// provider consistent: whoever changes a zone's key file takes that zone's
+/// `key_file_lock` first and reads `Pool::root` after it; the provider is
+/// replaced only with the catalog lock and every zone's `key_file_lock` held
+/// (see `Pool::with_key_files_frozen`). So a key-file writer uses one
+/// provider from its load to its save, and no zone is created under a
+/// provider that is being replaced.
 pub struct Pool {
     pub(crate) dir: PathBuf,
-    pub(crate) config: PoolConfig,
+    /// pool.toml as this process holds it: read at open, replaced (with its
+    /// new `[root_key]`) when a root key rotation switches pool.toml.
+    config: RwLock<Arc<PoolConfig>>,
     catalog: Mutex<Catalog>,
     pub(crate) storage: Arc<Storage>,
     pub(crate) zones: Arc<RwLock<BTreeMap<ZoneId, Arc<Zone>>>>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     pub(crate) journal: Arc<Journal>,
-    pub(crate) provider: Box<dyn RootKeyProvider>,
+    /// Wraps and unwraps zone KEKs: the configured root key, or a
+    /// [`RootPair`](crate::keys::root_rotation::RootPair) while a root key
+    /// rotation re-wraps.
+    provider: RwLock<Arc<dyn RootKeyProvider>>,
+    /// The token user PIN of a PKCS#11 root key, for the token sessions a
+    /// root key rotation through the admin API opens (this process is logged
+    /// in to the token for its whole life anyway). `None` for a sealed file:
+    /// its passphrase is never kept.
+    pin: Option<Pin>,
+    /// Held by a root key rotation or passphrase change: one at a time.
+    pub(crate) root_op: Mutex<()>,
     /// Per-zone rotation state and workers.
     pub(crate) rotations: crate::rotation::Rotations,
     /// The audit log, or why it cannot take records (a damaged log).
@@ -729,15 +751,21 @@ impl Pool {
             tracing::error!(error = %e, "audit log unusable: zone, volume and key changes are refused until it is repaired (see `keyturn audit verify`)");
             e.to_string()
         });
+        let pin = match secret {
+            RootSecret::Pin(p) => Some(p.duplicate()),
+            RootSecret::Passphrase(_) => None,
+        };
         let pool = Self {
             dir: dir.to_path_buf(),
-            config,
+            config: RwLock::new(Arc::new(config)),
             catalog: Mutex::new(catalog),
             storage,
             zones,
             volumes: RwLock::new(BTreeMap::new()),
             journal,
-            provider,
+            provider: RwLock::new(Arc::from(provider)),
+            pin,
+            root_op: Mutex::new(()),
             rotations: Default::default(),
             audit,
             _engine: engine,
@@ -882,9 +910,49 @@ impl Pool {
         &self.dir
     }
 
-    /// The pool configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
+    /// The pool configuration (a snapshot: a root key rotation may replace
+    /// its `[root_key]` while the pool is served).
+    pub fn config(&self) -> Arc<PoolConfig> {
+        self.config.read().clone()
+    }
+
+    /// Replaces the configuration this process holds (pool.toml was
+    /// rewritten to match).
+    pub(crate) fn set_config(&self, config: PoolConfig) {
+        *self.config.write() = Arc::new(config);
+    }
+
+    /// The root key provider, as it is now. A key-file writer reads it after
+    /// taking the zone's `key_file_lock` and keeps this one until it releases
+    /// the lock (see [`Pool`]).
+    pub(crate) fn root(&self) -> Arc<dyn RootKeyProvider> {
+        self.provider.read().clone()
+    }
+
+    /// The token PIN this pool was opened with (PKCS#11 root keys).
+    pub(crate) fn pin(&self) -> Option<&Pin> {
+        self.pin.as_ref()
+    }
+
+    /// Runs `f` with the catalog lock and every zone's `key_file_lock` held
+    /// (in zone id order, after the catalog: the one lock order), so no zone
+    /// is created and no key file changes while it runs. `f` gets the zones.
+    /// The root key provider is replaced only in here.
+    pub(crate) fn with_key_files_frozen<T>(
+        &self,
+        f: impl FnOnce(&[ZoneEntry]) -> Result<T>,
+    ) -> Result<T> {
+        let catalog = self.catalog.lock();
+        let zones: Vec<Arc<Zone>> = self.zones.read().values().cloned().collect();
+        let _held: Vec<_> = zones.iter().map(|z| z.key_file_lock.lock()).collect();
+        f(&catalog.zones)
+    }
+
+    /// Replaces the root key provider; only inside
+    /// [`Pool::with_key_files_frozen`].
+    pub(crate) fn set_root_frozen(&self, provider: Arc<dyn RootKeyProvider>) {
+        tracing::info!(root_key = %provider.describe(), "root key provider replaced");
+        *self.provider.write() = provider;
     }
 
     /// The catalog as it stands.
@@ -1015,7 +1083,9 @@ impl Pool {
             });
         }
         let id = ZoneId(catalog.next_zone);
-        let keyfile = ZoneKeyFile::create(self.provider.as_ref(), id, name)?;
+        // Under the catalog lock: the provider cannot be replaced meanwhile.
+        let root = self.root();
+        let keyfile = ZoneKeyFile::create(root.as_ref(), id, name)?;
         let kpath = Self::zone_key_path(&self.dir, id);
         let tpath = Self::cb_table_path(&self.dir, id);
         // Leftovers of a create that crashed before the catalog named them.
@@ -1028,7 +1098,7 @@ impl Pool {
             id,
             name: name.into(),
         };
-        let zone = Self::load_zone(&self.dir, &entry, self.provider.as_ref())?;
+        let zone = Self::load_zone(&self.dir, &entry, root.as_ref())?;
         let mut next = catalog.clone();
         next.next_zone += 1;
         next.zones.push(entry);
@@ -1307,10 +1377,11 @@ impl Pool {
         batch: usize,
         pause: Duration,
     ) -> Result<KekRotationReport> {
-        if self.config.dual_control.required {
+        let policy = self.config().dual_control.clone();
+        if policy.required {
             let e = ApprovalError::NotEnough {
                 got: 0,
-                required: self.config.dual_control.approvals,
+                required: policy.approvals,
             };
             let _ = self.record(AuditEvent::refused("kek.rotate", &e).zone(zone));
             return Err(e.into());
@@ -1405,15 +1476,18 @@ impl Pool {
         let z = self.zones.read().get(&id).cloned();
         // One key-file writer at a time (a DEK rotation may run beside this).
         let _k = z.as_ref().map(|z| z.key_file_lock.lock());
+        // Read under the lock: a root key rotation cannot replace it until
+        // this KEK rotation is done.
+        let root = self.root();
         let path = Self::zone_key_path(&self.dir, id);
         let mut file = ZoneKeyFile::load(&path)?;
         let resumed = file.kek_rotation().is_some();
-        let first = file.begin_kek_rotation(self.provider.as_ref())?;
+        let first = file.begin_kek_rotation(root.as_ref())?;
         file.save(&path)?;
         let mut rewrapped = 0;
         let mut remaining = first.remaining;
         while remaining > 0 {
-            let progress = file.rewrap_batch(self.provider.as_ref(), batch.max(1))?;
+            let progress = file.rewrap_batch(root.as_ref(), batch.max(1))?;
             rewrapped += remaining - progress.remaining;
             remaining = progress.remaining;
             file.save(&path)?;
@@ -1465,7 +1539,7 @@ impl Pool {
             }
         };
         let audit = self.audit()?;
-        let (zone_name, mut file) = self.key_file_of(key_id)?;
+        let (zone_name, file) = self.key_file_of(key_id)?;
         let label = file
             .records()
             .iter()
@@ -1481,20 +1555,25 @@ impl Pool {
             AuditEvent::refused(action, e).zone(&zone_name).key(&label)
         })?;
         let started = Instant::now();
+        let zone = self.zones.read().get(&file.zone()).cloned();
+        // One key-file writer at a time; loaded again under the lock, as a
+        // KEK or root key rotation may have saved the file since.
+        let _k = zone.as_ref().map(|z| z.key_file_lock.lock());
+        let path = Self::zone_key_path(&self.dir, file.zone());
         // Every copy counts, not just live ones: a data copy behind a
         // staged one is still ciphertext under its key.
         let usage = ZoneUsage(
-            self.zones
-                .read()
-                .get(&file.zone())
+            zone.as_ref()
                 .map(|z| self.key_references(z))
                 .unwrap_or_default(),
         );
-        let r = file
-            .set_state(key_id, state, &usage)
-            .and_then(|()| file.save(&Self::zone_key_path(&self.dir, file.zone())))
-            .map(|()| zone_name.clone())
-            .map_err(PoolError::from);
+        let r = (|| {
+            let mut file = ZoneKeyFile::load(&path)?;
+            file.set_state(key_id, state, &usage)?;
+            file.save(&path)
+        })()
+        .map(|()| zone_name.clone())
+        .map_err(PoolError::from);
         let event = match &r {
             Ok(_) => AuditEvent::ok(action),
             Err(e) => AuditEvent::failed(action, e),
@@ -1517,10 +1596,11 @@ impl Pool {
         refused: impl FnOnce(&ApprovalError) -> AuditEvent,
     ) -> Result<Vec<String>> {
         let approvers: Vec<String> = auth.map(|a| a.approvers().to_vec()).unwrap_or_default();
+        let policy = self.config().dual_control.clone();
         let error = match auth {
-            None if self.config.dual_control.required => Some(ApprovalError::NotEnough {
+            None if policy.required => Some(ApprovalError::NotEnough {
                 got: 0,
-                required: self.config.dual_control.approvals,
+                required: policy.approvals,
             }),
             Some(a) if a.target() != expected => Some(ApprovalError::WrongRequest {
                 operator: a.approvers().join(","),

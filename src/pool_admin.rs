@@ -4,11 +4,20 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::admin::{
-    AdminBackend, AdminError, EmergencyRequest, Health, PrepareRequest, RotationStatus,
-    ScrubStatus, VolumeStats,
+    AdminBackend, AdminError, EmergencyRequest, Health, PassphraseRequest, PrepareRequest,
+    RootRotateRequest, RootRotationStatus, RootStatus, RotationStatus, ScrubStatus, SecretText,
+    VolumeStats,
 };
+use crate::audit::AuditEvent;
+use crate::config::RootKeyConfig;
+use crate::keys::KeyError;
 use crate::keys::approval::{self, Operation, Target};
-use crate::pool::{Pool, PoolError};
+use crate::keys::passphrase::Passphrase;
+use crate::keys::root_rotation::{root_id, root_label};
+use crate::keys::sealed::{KdfParams, SealedFileProvider};
+use crate::keys::wrap::Purpose;
+use crate::pool::{Pool, PoolError, RootSecret};
+use crate::pool_root::{NewRoot, RootRotationPhase};
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -22,13 +31,20 @@ impl From<PoolError> for AdminError {
         match e {
             PoolError::NotFound { .. } => AdminError::NotFound(text),
             PoolError::Invalid(_) | PoolError::Exists { .. } => AdminError::Invalid(text),
-            PoolError::Conflict(_) | PoolError::Busy(_) => AdminError::Conflict(text),
+            PoolError::Conflict(_)
+            | PoolError::Busy(_)
+            | PoolError::Key(KeyError::RootKeyExists { .. }) => AdminError::Conflict(text),
             PoolError::Key(crate::keys::KeyError::IllegalTransition { .. })
             | PoolError::Key(crate::keys::KeyError::InUse { .. })
             | PoolError::Key(crate::keys::KeyError::Inconsistent { .. }) => {
                 AdminError::Conflict(text)
             }
-            PoolError::Approval(_) => AdminError::Forbidden(text),
+            PoolError::Approval(_)
+            | PoolError::Key(KeyError::WrongPassphrase { .. })
+            | PoolError::Key(KeyError::WrongPin { .. }) => AdminError::Forbidden(text),
+            PoolError::Key(KeyError::BadPassphrase { .. })
+            | PoolError::Key(KeyError::NoPassphrase { .. })
+            | PoolError::Key(KeyError::Kdf { .. }) => AdminError::Invalid(text),
             _ => AdminError::Internal(text),
         }
     }
@@ -68,6 +84,39 @@ impl Pool {
             );
             AdminError::Forbidden(e.to_string())
         })
+    }
+
+    /// Records a root key operation (`action`) refused before it began: a
+    /// request of the wrong shape, a wrong passphrase, another one running.
+    /// Offline these stop the command before the pool opens; through the
+    /// API they are attempts on a running pool, so they are on the record.
+    fn root_refused(&self, action: &'static str, e: PoolError) -> AdminError {
+        let root = root_label(&root_id(&self.config().root_key));
+        let _ = self.record(AuditEvent::failed(action, &e).key(&root));
+        e.into()
+    }
+
+    /// The current passphrase of a sealed-file pool from a request, checked
+    /// against the root key file pool.toml names, before any approval is
+    /// spent (offline, the pool opens with it first).
+    fn current_passphrase(
+        &self,
+        action: &'static str,
+        path: &std::path::Path,
+        given: Option<SecretText>,
+    ) -> Result<Passphrase, AdminError> {
+        let r = (|| {
+            let pass = given.ok_or_else(|| {
+                PoolError::Invalid(
+                    "the passphrase of the root key file pool.toml names is needed (`passphrase`)"
+                        .into(),
+                )
+            })?;
+            let pass = Passphrase::new(pass.take())?;
+            SealedFileProvider::open(&Self::resolve(self.dir(), path), &pass)?;
+            Ok(pass)
+        })();
+        r.map_err(|e| self.root_refused(action, e))
     }
 
     fn scrub_of(&self, zone: &str) -> Result<std::sync::Arc<crate::scrub::Scrub>, AdminError> {
@@ -178,6 +227,170 @@ impl AdminBackend for Pool {
             None => self.rotate_kek(zone, 16, Duration::ZERO)?,
         };
         serde_json::to_value(&report).map_err(|e| AdminError::Internal(e.to_string()))
+    }
+
+    fn root_status(&self) -> Result<RootStatus, AdminError> {
+        let config = self.config();
+        let rotation = match Pool::root_rotation(self.dir())? {
+            None => None,
+            Some((state, phase)) => {
+                let new_id = state.new_id();
+                let (mut keks, mut keks_rewrapped) = (0, 0);
+                for (_, file) in self.key_files()? {
+                    for r in file.records() {
+                        if r.purpose == Purpose::Kek && r.state.has_material() {
+                            keks += 1;
+                            if r.wrapped_by_root.as_deref() == Some(new_id.as_str()) {
+                                keks_rewrapped += 1;
+                            }
+                        }
+                    }
+                }
+                Some(RootRotationStatus {
+                    phase: match phase {
+                        RootRotationPhase::Rewrap => "rewrap",
+                        RootRotationPhase::Retire => "retire",
+                    }
+                    .into(),
+                    old_root: state.old_id(),
+                    new_root: new_id,
+                    started_unix: state.started_unix,
+                    keks,
+                    keks_rewrapped,
+                })
+            }
+        };
+        Ok(RootStatus {
+            provider: match &config.root_key {
+                RootKeyConfig::SealedFile { .. } => "sealed-file",
+                RootKeyConfig::Pkcs11 { .. } => "pkcs11",
+            }
+            .into(),
+            root_id: root_id(&config.root_key),
+            description: self.root().describe(),
+            busy: self.root_op.try_lock().is_none(),
+            rotation,
+        })
+    }
+
+    fn root_rotate(&self, req: RootRotateRequest) -> Result<serde_json::Value, AdminError> {
+        const ACTION: &str = "root.rotate";
+        let RootRotateRequest {
+            approvals,
+            passphrase,
+            new_passphrase,
+            new_key_label,
+            batch,
+            pause_ms,
+            kdf_memory_kib,
+            kdf_iterations,
+        } = req;
+        let _op = self
+            .root_op_guard()
+            .map_err(|e| self.root_refused(ACTION, e))?;
+        let config = self.config();
+        let (current, new_pass);
+        let (secret, new) = match &config.root_key {
+            RootKeyConfig::SealedFile { path } => {
+                if new_key_label.is_some() {
+                    return Err(self.root_refused(
+                        ACTION,
+                        PoolError::Invalid(
+                            "this pool's root key is a sealed file: rotate it with a new \
+                             passphrase, not a key label"
+                                .into(),
+                        ),
+                    ));
+                }
+                current = self.current_passphrase(ACTION, path, passphrase)?;
+                new_pass = new_passphrase
+                    .map(|p| Passphrase::new(p.take()))
+                    .transpose()
+                    .map_err(|e| self.root_refused(ACTION, e.into()))?;
+                (
+                    RootSecret::Passphrase(&current),
+                    NewRoot::SealedFile {
+                        passphrase: new_pass.as_ref(),
+                        kdf: KdfParams::with_cost(kdf_memory_kib, kdf_iterations),
+                    },
+                )
+            }
+            RootKeyConfig::Pkcs11 { .. } => {
+                if passphrase.is_some()
+                    || new_passphrase.is_some()
+                    || kdf_memory_kib.is_some()
+                    || kdf_iterations.is_some()
+                {
+                    return Err(self.root_refused(
+                        ACTION,
+                        PoolError::Invalid(
+                            "this pool's root key is in a PKCS#11 token: no passphrase; \
+                             name the new key with new_key_label"
+                                .into(),
+                        ),
+                    ));
+                }
+                let pin = self.pin().ok_or_else(|| {
+                    AdminError::Internal("the server holds no PIN for its token".into())
+                })?;
+                (
+                    RootSecret::Pin(pin),
+                    NewRoot::Pkcs11 {
+                        key_label: new_key_label,
+                    },
+                )
+            }
+        };
+        let auth = self.authorize_root_json(ACTION, &approvals)?;
+        let report = self.rotate_root_with(
+            secret,
+            new,
+            batch.unwrap_or(64).clamp(1, 4096),
+            Duration::from_millis(pause_ms.unwrap_or(0).min(60_000)),
+            auth,
+            &|_| Ok(()),
+        )?;
+        serde_json::to_value(&report).map_err(|e| AdminError::Internal(e.to_string()))
+    }
+
+    fn root_passphrase(&self, req: PassphraseRequest) -> Result<serde_json::Value, AdminError> {
+        const ACTION: &str = "root.reseal";
+        let PassphraseRequest {
+            approvals,
+            passphrase,
+            new_passphrase,
+            kdf_memory_kib,
+            kdf_iterations,
+        } = req;
+        let _op = self
+            .root_op_guard()
+            .map_err(|e| self.root_refused(ACTION, e))?;
+        let config = self.config();
+        let RootKeyConfig::SealedFile { path } = &config.root_key else {
+            return Err(self.root_refused(
+                ACTION,
+                PoolError::Invalid(
+                    "this pool's root key is in a PKCS#11 token: it has no passphrase \
+                     (its PIN is the token's)"
+                        .into(),
+                ),
+            ));
+        };
+        let old = self.current_passphrase(ACTION, path, passphrase)?;
+        let new = new_passphrase
+            .ok_or_else(|| {
+                PoolError::Invalid("a new passphrase is needed (`new_passphrase`)".into())
+            })
+            .and_then(|p| Ok(Passphrase::new(p.take())?))
+            .map_err(|e| self.root_refused(ACTION, e))?;
+        let auth = self.authorize_root_json(ACTION, &approvals)?;
+        self.change_passphrase_locked(
+            &old,
+            &new,
+            KdfParams::with_cost(kdf_memory_kib, kdf_iterations),
+            auth,
+        )?;
+        Ok(serde_json::json!({ "root_id": root_id(&config.root_key), "resealed": true }))
     }
 
     fn volume_stats(&self) -> Vec<VolumeStats> {

@@ -1,6 +1,8 @@
 //! Root key rotation of a pool, and changing the passphrase of its sealed
-//! root key file. Offline: both need the pool opened here (its lock keeps a
-//! server out).
+//! root key file: offline (the CLI opens the pool; its lock keeps a server
+//! out) or online (the server runs them for the admin API, see
+//! [`crate::pool_admin`], while it serves volumes). Both go through the same
+//! code on a shared `&Pool`; one root key operation at a time.
 //!
 //! A root key rotation replaces the root key that wraps every zone's KEKs:
 //!
@@ -8,6 +10,7 @@
 //!    [`crate::keys::root_rotation`]): for a sealed file, a new random root
 //!    key wrapped by the old one; for a PKCS#11 token, the new key's label,
 //!    then the key is generated in the token (sensitive, non-extractable).
+//!    The pool then unwraps and wraps through the pair of root keys.
 //! 2. **re-wrap**: every zone's KEKs, a batch per atomic save of its key
 //!    file; each re-wrapped KEK names the new root key. Both root keys stay
 //!    usable, so a crash anywhere leaves every KEK readable, the pool opens
@@ -16,21 +19,34 @@
 //!    the new passphrase into its own file and opens it again; then every
 //!    KEK of every zone must unwrap under the new root key alone.
 //! 4. **switch**: pool.toml's `[root_key]` names the new root key (one
-//!    atomic rename). From here the new passphrase opens the pool.
+//!    atomic rename), and the pool uses it alone. From here the new
+//!    passphrase opens the pool.
 //! 5. **retire**: the old sealed file is overwritten and removed, or the old
 //!    key object destroyed in the token (`C_DestroyObject`); then the
 //!    rotation record is overwritten and removed.
 //!
+//! While the pool serves, KEK rotations, DEK rotations and zone creation
+//! write the same key files. The rule (see [`Pool`]): every key-file writer
+//! holds the zone's `key_file_lock` from its load to its save and uses the
+//! root key provider it read after taking the lock; step 2 takes that lock
+//! for each batch only, so the others run between batches; the provider is
+//! replaced (at 1 and 4) only with the catalog lock and every zone's
+//! `key_file_lock` held, and 3's check and 4 happen under one such hold.
+//! So whatever is wrapped during the rotation is wrapped by the new root key,
+//! whatever was re-wrapped is unwrapped with it, and nothing changes between
+//! the check and the switch.
+//!
 //! DEKs, MAC keys, volume data and the block map are not touched.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::audit::AuditEvent;
-use crate::config::RootKeyConfig;
-use crate::keys::approval::{Authorized, Operation, Target};
+use crate::config::{PoolConfig, RootKeyConfig};
+use crate::keys::approval::{Approval, Authorized, Operation, Target};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{Pin, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
@@ -38,7 +54,7 @@ use crate::keys::root_rotation::{RootPair, RootRotationState, UnsealedRoot, root
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::zone_keys::ZoneKeyFile;
 use crate::keys::{KeyError, RootKey};
-use crate::pool::{Pool, PoolError, RootSecret, write_atomic};
+use crate::pool::{Pool, PoolError, RootSecret, ZoneEntry, write_atomic};
 
 type Result<T, E = PoolError> = std::result::Result<T, E>;
 
@@ -186,9 +202,9 @@ impl Pool {
                 match Self::open_new_root(dir, &state, current.as_ref(), secret)? {
                     Some(new) => Ok(Box::new(RootPair::new(
                         state.old_id(),
-                        current,
+                        Arc::from(current),
                         state.new_id(),
-                        new,
+                        Arc::from(new),
                     ))),
                     // A PKCS#11 rotation that crashed before generating its
                     // key: nothing is wrapped by it yet.
@@ -241,21 +257,38 @@ impl Pool {
     /// the old root key) in the audit log with its approvers.
     ///
     /// `auth` must approve a root key rotation (`rotate-root`, no zone, no
-    /// key) when the pool requires dual control. Afterwards this pool
-    /// unlocks with the new root key.
+    /// key) when the pool requires dual control. The pool keeps working
+    /// throughout (it may be serving): it unwraps with both root keys while
+    /// KEKs are re-wrapped, and with the new one alone afterwards. Refused
+    /// while another root key operation runs in this process.
     pub fn rotate_root(
-        &mut self,
+        &self,
         secret: RootSecret<'_>,
         new: NewRoot<'_>,
         batch: usize,
         pause: Duration,
         auth: Option<Authorized>,
     ) -> Result<RootRotationReport> {
+        let _op = self.root_op_guard()?;
         self.rotate_root_with(secret, new, batch, pause, auth, &|_| Ok(()))
     }
 
+    /// The guard of [`Pool::root_op`]: one root key rotation or passphrase
+    /// change at a time.
+    pub(crate) fn root_op_guard(&self) -> Result<parking_lot::MutexGuard<'_, ()>> {
+        self.root_op.try_lock().ok_or_else(|| {
+            PoolError::Conflict(
+                "a root key rotation or passphrase change is already running on this pool; \
+                 wait for it to finish"
+                    .into(),
+            )
+        })
+    }
+
+    /// [`Pool::rotate_root`] with the root operation guard already held by
+    /// the caller, and a hook called at each step (tests stop it there).
     pub(crate) fn rotate_root_with(
-        &mut self,
+        &self,
         secret: RootSecret<'_>,
         new: NewRoot<'_>,
         batch: usize,
@@ -295,21 +328,68 @@ impl Pool {
         action: &'static str,
         token_files: &[PathBuf],
     ) -> Result<Option<Authorized>> {
-        let policy = &self.config.dual_control;
-        if !policy.required && token_files.is_empty() {
+        self.authorize_root_from(
+            action,
+            token_files.is_empty(),
+            |policy, target, now| {
+                crate::keys::approval::authorize(&self.dir, policy, target, token_files, now)
+            },
+            || {
+                token_files
+                    .iter()
+                    .filter_map(|f| Approval::load(f).ok())
+                    .map(|a| a.operator)
+                    .collect()
+            },
+        )
+    }
+
+    /// [`Pool::authorize_root`] for approvals given as their JSON text (the
+    /// admin API's), refused and recorded alike.
+    pub fn authorize_root_json(
+        &self,
+        action: &'static str,
+        texts: &[String],
+    ) -> Result<Option<Authorized>> {
+        self.authorize_root_from(
+            action,
+            texts.is_empty(),
+            |policy, target, now| {
+                crate::keys::approval::authorize_json(&self.dir, policy, target, texts, now)
+            },
+            || {
+                texts
+                    .iter()
+                    .filter_map(|t| Approval::from_json("approval", t).ok())
+                    .map(|a| a.operator)
+                    .collect()
+            },
+        )
+    }
+
+    fn authorize_root_from(
+        &self,
+        action: &'static str,
+        none_given: bool,
+        authorize: impl FnOnce(
+            &crate::config::DualControlSection,
+            &Target,
+            u64,
+        )
+            -> std::result::Result<Authorized, crate::keys::approval::ApprovalError>,
+        claimed: impl FnOnce() -> Vec<String>,
+    ) -> Result<Option<Authorized>> {
+        let config = self.config();
+        let policy = &config.dual_control;
+        if !policy.required && none_given {
             return Ok(None);
         }
         let target = Target::new(Operation::RotateRoot, None, None);
-        crate::keys::approval::authorize(&self.dir, policy, &target, token_files, unix_now())
+        authorize(policy, &target, unix_now())
             .map(Some)
             .map_err(|e| {
                 // Unverified: the ids as the tokens claim them.
-                let claimed: Vec<String> = token_files
-                    .iter()
-                    .filter_map(|f| crate::keys::approval::Approval::load(f).ok())
-                    .map(|a| a.operator)
-                    .collect();
-                let _ = self.record(AuditEvent::refused(action, &e).approvers(claimed));
+                let _ = self.record(AuditEvent::refused(action, &e).approvers(claimed()));
                 e.into()
             })
     }
@@ -331,7 +411,7 @@ impl Pool {
     }
 
     fn rotate_root_unaudited(
-        &mut self,
+        &self,
         secret: RootSecret<'_>,
         new: NewRoot<'_>,
         batch: usize,
@@ -343,7 +423,7 @@ impl Pool {
         let recorded = RootRotationState::load(&dir)?;
         let resumed = recorded.is_some();
         let phase = match &recorded {
-            Some(s) => phase_of(s, &self.config.root_key)?,
+            Some(s) => phase_of(s, &self.config().root_key)?,
             None => RootRotationPhase::Rewrap,
         };
         let mut rewrapped = 0;
@@ -357,7 +437,7 @@ impl Pool {
             RootRotationPhase::Retire => recorded.expect("a recorded rotation"),
         };
         // Retire: nothing may depend on the old root key any more.
-        let (zones, checked) = self.check_keks(self.provider.as_ref())?;
+        let (zones, checked) = self.check_keks(self.root().as_ref())?;
         let old_destroyed = match &state.old {
             RootKeyConfig::SealedFile { path } => {
                 let path = Self::resolve(&dir, path);
@@ -406,7 +486,7 @@ impl Pool {
     /// unless `recorded` is one to resume, re-wraps, seals, checks and
     /// switches pool.toml. Returns the record and the KEKs re-wrapped.
     fn rewrap_and_switch(
-        &mut self,
+        &self,
         recorded: Option<RootRotationState>,
         secret: RootSecret<'_>,
         new: &NewRoot<'_>,
@@ -415,19 +495,22 @@ impl Pool {
         hook: &dyn Fn(Step) -> Result<()>,
     ) -> Result<(RootRotationState, usize)> {
         let dir = self.dir.clone();
-        let configured = self.config.root_key.clone();
+        let configured = self.config().root_key.clone();
         Self::check_kind(&configured, new)?;
         // The old root key on its own (the pool may hold a pair already).
-        let (old, old_kdf): (Box<dyn RootKeyProvider>, Option<KdfParams>) = match &configured {
+        let (old, old_kdf): (Arc<dyn RootKeyProvider>, Option<KdfParams>) = match &configured {
             RootKeyConfig::SealedFile { path } => {
                 let RootSecret::Passphrase(pass) = secret else {
                     return Err(crate::pool::wrong_secret(false));
                 };
                 let p = SealedFileProvider::open(&Self::resolve(&dir, path), pass)?;
                 let kdf = p.params();
-                (Box::new(p), Some(kdf))
+                (Arc::new(p), Some(kdf))
             }
-            RootKeyConfig::Pkcs11 { .. } => (Self::open_provider(&dir, &configured, secret)?, None),
+            RootKeyConfig::Pkcs11 { .. } => (
+                Arc::from(Self::open_provider(&dir, &configured, secret)?),
+                None,
+            ),
         };
         let state = match recorded {
             Some(s) => {
@@ -441,31 +524,39 @@ impl Pool {
             }
         };
         let new_id = state.new_id();
-        let new_root = match Self::open_new_root(&dir, &state, old.as_ref(), secret)? {
-            Some(p) => p,
-            None => {
-                // PKCS#11: the record exists, the key not yet. Generate it,
-                // unless KEKs claim to be wrapped by a key that vanished.
-                let claimed = self.keks_claiming(&new_id)?;
-                if claimed > 0 {
-                    return Err(KeyError::RootKeyMissing {
-                        key: format!("{new_id} (which already wraps {claimed} KEKs)"),
-                        token: state.new.pkcs11().expect("pkcs11").token_label,
+        let new_root: Arc<dyn RootKeyProvider> =
+            match Self::open_new_root(&dir, &state, old.as_ref(), secret)? {
+                Some(p) => Arc::from(p),
+                None => {
+                    // PKCS#11: the record exists, the key not yet. Generate it,
+                    // unless KEKs claim to be wrapped by a key that vanished.
+                    let claimed = self.keks_claiming(&new_id)?;
+                    if claimed > 0 {
+                        return Err(KeyError::RootKeyMissing {
+                            key: format!("{new_id} (which already wraps {claimed} KEKs)"),
+                            token: state.new.pkcs11().expect("pkcs11").token_label,
+                        }
+                        .into());
                     }
-                    .into());
+                    let pin = pin_of(secret)?;
+                    Arc::new(Pkcs11Provider::create_key(
+                        &state.new.pkcs11().expect("pkcs11"),
+                        pin,
+                    )?)
                 }
-                let pin = pin_of(secret)?;
-                Box::new(Pkcs11Provider::create_key(
-                    &state.new.pkcs11().expect("pkcs11"),
-                    pin,
-                )?)
-            }
-        };
-        let pair = RootPair::new(state.old_id(), old, new_id.clone(), new_root);
+            };
+        let pair = Arc::new(RootPair::new(state.old_id(), old, new_id.clone(), new_root));
+        // Before the first KEK moves: from here on every key-file writer
+        // unwraps a moved KEK with the new root key, and wraps new KEKs under
+        // it. (A resumed rotation may find an equal pair in place already.)
+        self.with_key_files_frozen(|_| {
+            self.set_root_frozen(pair.clone());
+            Ok(())
+        })?;
         let rewrapped = self.rewrap_keks(&pair, batch, pause, hook)?;
 
         // The new root key on its own, as it will be opened from now on.
-        let final_root: Box<dyn RootKeyProvider> = match &state.new {
+        let final_root: Arc<dyn RootKeyProvider> = match &state.new {
             RootKeyConfig::SealedFile { path } => {
                 let NewRoot::SealedFile {
                     passphrase: Some(pass),
@@ -476,24 +567,36 @@ impl Pool {
                         "the new root key file needs a new passphrase".into(),
                     ));
                 };
-                let root: RootKey = state.new_root(&pair)?.expect("sealed-file rotation");
+                let root: RootKey = state
+                    .new_root(pair.as_ref())?
+                    .expect("sealed-file rotation");
                 let path = Self::resolve(&dir, path);
                 let kdf = kdf.or(old_kdf).unwrap_or_default();
                 drop(SealedFileProvider::seal_root(&path, pass, kdf, root)?);
                 // Opened from the file, as every later open will.
-                Box::new(SealedFileProvider::open(&path, pass)?)
+                Arc::new(SealedFileProvider::open(&path, pass)?)
             }
-            RootKeyConfig::Pkcs11 { .. } => pair.into_new(),
+            RootKeyConfig::Pkcs11 { .. } => pair.new_root(),
         };
-        self.check_keks(final_root.as_ref())?;
-        hook(Step::Checked)?;
-
-        let mut config = self.config.clone();
-        config.root_key = state.new.clone();
-        write_atomic(&dir.join("pool.toml"), config.to_toml().as_bytes())?;
-        self.config = config;
-        self.provider = final_root;
-        tracing::info!(root_key = %self.provider.describe(), "pool.toml names the new root key");
+        // Check and switch with every key file frozen: no KEK is made or
+        // changed between the check and the switch, and every key-file
+        // writer after it uses the new root key alone.
+        self.with_key_files_frozen(|zones| {
+            self.check_keks_in(zones, final_root.as_ref())?;
+            hook(Step::Checked)?;
+            // pool.toml as it is on disk (an operator may have edited another
+            // section since this process read it), with the new root key.
+            let toml = dir.join("pool.toml");
+            let mut on_disk = PoolConfig::load(&toml)?;
+            on_disk.root_key = state.new.clone();
+            write_atomic(&toml, on_disk.to_toml().as_bytes())?;
+            let mut config = (*self.config()).clone();
+            config.root_key = state.new.clone();
+            self.set_config(config);
+            self.set_root_frozen(final_root.clone());
+            Ok(())
+        })?;
+        tracing::info!(root_key = %final_root.describe(), "pool.toml names the new root key");
         hook(Step::Switched)?;
         Ok((state, rewrapped))
     }
@@ -538,7 +641,7 @@ impl Pool {
         secret: RootSecret<'_>,
         new: &NewRoot<'_>,
     ) -> Result<RootRotationState> {
-        let configured = self.config.root_key.clone();
+        let configured = self.config().root_key.clone();
         let state = match (&configured, new) {
             (RootKeyConfig::SealedFile { path }, NewRoot::SealedFile { passphrase, .. }) => {
                 if passphrase.is_none() {
@@ -618,8 +721,12 @@ impl Pool {
             .expect("some name is free")
     }
 
-    /// Step 2: re-wraps every zone's KEKs under the pair's new root key.
-    /// Returns how many were re-wrapped.
+    /// Step 2: re-wraps every zone's KEKs under the pair's new root key,
+    /// which the pool already uses. Each batch takes the zone's
+    /// `key_file_lock` and loads, re-wraps and saves the file under it, so a
+    /// KEK or DEK rotation of the zone runs between two batches, never inside
+    /// one; what it wraps meanwhile is under the new root key already.
+    /// Returns how many KEKs were re-wrapped.
     fn rewrap_keks(
         &self,
         pair: &RootPair,
@@ -631,6 +738,8 @@ impl Pool {
             .root_id()
             .expect("a pair names its new root")
             .to_string();
+        // Read after the pair is in place: a zone created later has its KEK
+        // under the new root key already.
         let zones = self.catalog().zones;
         let mut left: usize = 0;
         for z in &zones {
@@ -644,18 +753,23 @@ impl Pool {
         );
         let (mut rewrapped, mut saves) = (0, 0);
         for z in &zones {
-            let zone = self.zones.read().get(&z.id).cloned();
-            // One key-file writer at a time.
-            let _k = zone.as_ref().map(|z| z.key_file_lock.lock());
             let path = Self::zone_key_path(&self.dir, z.id);
-            let mut file = ZoneKeyFile::load(&path)?;
-            let mut remaining = file.root_rewrap_remaining(&new_id);
-            while remaining > 0 {
-                let after = file.rewrap_root_batch(pair, batch.max(1))?;
-                file.save(&path)?;
-                rewrapped += remaining - after;
-                left -= remaining - after;
-                remaining = after;
+            loop {
+                let moved = {
+                    let zone = self.zones.read().get(&z.id).cloned();
+                    let _k = zone.as_ref().map(|z| z.key_file_lock.lock());
+                    let mut file = ZoneKeyFile::load(&path)?;
+                    let remaining = file.root_rewrap_remaining(&new_id);
+                    if remaining == 0 {
+                        break;
+                    }
+                    let after = file.rewrap_root_batch(pair, batch.max(1))?;
+                    file.save(&path)?;
+                    remaining - after
+                };
+                rewrapped += moved;
+                // A KEK rotation may have destroyed a KEK counted here.
+                left = left.saturating_sub(moved);
                 saves += 1;
                 tracing::debug!(zone = %z.name, left, "KEKs re-wrapped and saved");
                 hook(Step::Saved(saves))?;
@@ -683,12 +797,22 @@ impl Pool {
     /// Unwraps every KEK of every zone under `provider` alone. Returns the
     /// zones and KEKs checked.
     fn check_keks(&self, provider: &dyn RootKeyProvider) -> Result<(usize, usize)> {
-        let files = self.key_files()?;
+        self.check_keks_in(&self.catalog().zones, provider)
+    }
+
+    /// [`Pool::check_keks`] for the zones `zones` (the caller may hold the
+    /// catalog lock).
+    fn check_keks_in(
+        &self,
+        zones: &[ZoneEntry],
+        provider: &dyn RootKeyProvider,
+    ) -> Result<(usize, usize)> {
         let mut keks = 0;
-        for (_, file) in &files {
-            keks += file.check_keks_unwrap(provider)?;
+        for z in zones {
+            keks += ZoneKeyFile::load(&Self::zone_key_path(&self.dir, z.id))?
+                .check_keks_unwrap(provider)?;
         }
-        Ok((files.len(), keks))
+        Ok((zones.len(), keks))
     }
 
     /// Seals the same root key under a new passphrase (and KDF cost, `None`:
@@ -698,7 +822,20 @@ impl Pool {
     /// Sealed-file pools only, not during a root key rotation; dual control
     /// as for a root key rotation. Recorded as `root.reseal`.
     pub fn change_passphrase(
-        &mut self,
+        &self,
+        old: &Passphrase,
+        new: &Passphrase,
+        kdf: Option<KdfParams>,
+        auth: Option<Authorized>,
+    ) -> Result<()> {
+        let _op = self.root_op_guard()?;
+        self.change_passphrase_locked(old, new, kdf, auth)
+    }
+
+    /// [`Pool::change_passphrase`] with the root operation guard held by the
+    /// caller.
+    pub(crate) fn change_passphrase_locked(
+        &self,
         old: &Passphrase,
         new: &Passphrase,
         kdf: Option<KdfParams>,
@@ -707,9 +844,10 @@ impl Pool {
         let approvers = self.check_root_approval("root.reseal", auth)?;
         let audit = self.audit()?;
         let started = Instant::now();
-        let id = root_id(&self.config.root_key);
+        let config = self.config();
+        let id = root_id(&config.root_key);
         let r = (|| {
-            let RootKeyConfig::SealedFile { path } = &self.config.root_key else {
+            let RootKeyConfig::SealedFile { path } = &config.root_key else {
                 return Err(PoolError::Invalid(
                     "this pool's root key is in a PKCS#11 token; its PIN is the token's \
                      (change it with the token's own tools)"
@@ -829,7 +967,7 @@ mod tests {
         pool.create_volume("v", "z1", 8 << 20).unwrap();
         let path = Pool::zone_key_path(&dir, ZoneId(2));
         let mut f = ZoneKeyFile::load(&path).unwrap();
-        f.begin_kek_rotation(pool.provider.as_ref()).unwrap();
+        f.begin_kek_rotation(pool.root().as_ref()).unwrap();
         f.save(&path).unwrap();
         if !dual_control {
             pool.rotate_kek("z3", 64, Duration::ZERO).unwrap();
@@ -845,7 +983,7 @@ mod tests {
             vol.flush().await.unwrap();
         });
         drop(vol);
-        let keys = keys_of(&pool, pool.provider.as_ref()).unwrap();
+        let keys = keys_of(&pool, pool.root().as_ref()).unwrap();
         drop(pool);
         let old_copy = tmp.path().join("root.sealed.backup");
         std::fs::copy(dir.join("keys/root.sealed"), &old_copy).unwrap();
@@ -880,7 +1018,7 @@ mod tests {
 
     /// A root key rotation of `pool` to a sealed file under `new`.
     fn rotate(
-        pool: &mut Pool,
+        pool: &Pool,
         current: &str,
         new: &Passphrase,
         batch: usize,
@@ -895,7 +1033,7 @@ mod tests {
     }
 
     /// [`rotate`], one KEK per batch, crashing at `at`.
-    fn crash(pool: &mut Pool, current: &str, new: &Passphrase, at: Step) -> PoolError {
+    fn crash(pool: &Pool, current: &str, new: &Passphrase, at: Step) -> PoolError {
         let e = pool
             .rotate_root_with(
                 RootSecret::Passphrase(&pass(current)),
@@ -943,7 +1081,7 @@ mod tests {
     /// and the old root key (from a backup copy) unwraps nothing.
     fn check_finished(fx: &Fixture) {
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
-        assert_eq!(keys_of(&pool, pool.provider.as_ref()).unwrap(), fx.keys);
+        assert_eq!(keys_of(&pool, pool.root().as_ref()).unwrap(), fx.keys);
         read_back(&pool);
         let RootKeyConfig::SealedFile { path } = &pool.config().root_key else {
             panic!("sealed");
@@ -994,9 +1132,9 @@ mod tests {
     #[test]
     fn rotation_without_a_crash() {
         let fx = fixture(false);
-        let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         let new = pass(NEW);
-        let report = rotate(&mut pool, OLD, &new, 64).unwrap();
+        let report = rotate(&pool, OLD, &new, 64).unwrap();
         assert_eq!(
             (report.rewrapped, report.checked, report.zones),
             (4, 4, 3),
@@ -1009,10 +1147,8 @@ mod tests {
         drop(pool);
         let mut fx = fx;
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
-        fx.keys.insert(
-            4,
-            keys_of(&pool, pool.provider.as_ref()).unwrap()[&4].clone(),
-        );
+        fx.keys
+            .insert(4, keys_of(&pool, pool.root().as_ref()).unwrap()[&4].clone());
         drop(pool);
         check_finished(&fx);
         // The new file keeps the old file's KDF cost.
@@ -1047,8 +1183,8 @@ mod tests {
             let fx = fixture(false);
             let new = pass(NEW);
             {
-                let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-                crash(&mut pool, OLD, &new, at);
+                let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+                crash(&pool, OLD, &new, at);
             }
             let switched = matches!(at, Step::Switched | Step::Retired);
             let (right, wrong) = if switched { (NEW, OLD) } else { (OLD, NEW) };
@@ -1058,7 +1194,7 @@ mod tests {
             );
             let pool = Pool::open(&fx.dir, &pass(right), &profile()).unwrap();
             assert_eq!(
-                keys_of(&pool, pool.provider.as_ref()).unwrap(),
+                keys_of(&pool, pool.root().as_ref()).unwrap(),
                 fx.keys,
                 "{at:?}: every key unwraps"
             );
@@ -1077,7 +1213,7 @@ mod tests {
             assert_eq!(moved, expect_moved, "{at:?}");
             if let Step::Saved(_) = at {
                 assert!(
-                    pool.provider.describe().contains("rotation in progress"),
+                    pool.root().describe().contains("rotation in progress"),
                     "{at:?}"
                 );
                 // The old root alone no longer unlocks every zone.
@@ -1089,8 +1225,7 @@ mod tests {
                     .is_err()
                 );
             }
-            let mut pool = pool;
-            let report = rotate(&mut pool, right, &new, 1).unwrap();
+            let report = rotate(&pool, right, &new, 1).unwrap();
             assert!(report.resumed, "{at:?}");
             assert_eq!(report.rewrapped, 4 - expect_moved, "{at:?}");
             assert_eq!(report.old_destroyed, at != Step::Retired, "{at:?}");
@@ -1106,6 +1241,121 @@ mod tests {
         }
     }
 
+    /// The rotation on a shared pool, as the server runs it, while other
+    /// threads rotate KEKs, open and abort DEK rotation windows and create
+    /// zones on the same key files: each of them succeeds every time, the
+    /// pool reads its data throughout, every KEK ends under the new root key
+    /// alone, and the pool reopens with the new passphrase.
+    #[test]
+    fn online_rotation_beside_kek_and_dek_rotations_and_new_zones() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let fx = fixture(false);
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let new = pass(NEW);
+        let done = AtomicBool::new(false);
+        let (keks, windows, zones) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let report = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    for z in ["z2", "z3"] {
+                        pool.rotate_kek(z, 1, Duration::ZERO).unwrap();
+                        keks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    pool.rotation_prepare("z1", None).unwrap();
+                    read_back(&pool);
+                    pool.rotation_abort("z1").unwrap();
+                    windows.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    let n = zones.fetch_add(1, Ordering::Relaxed);
+                    pool.create_zone(&format!("n{n}")).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            // One KEK per batch and a pause: the others run between batches.
+            let r = pool.rotate_root(
+                RootSecret::Passphrase(&pass(OLD)),
+                sealed_new(&new),
+                1,
+                Duration::from_millis(40),
+                None,
+            );
+            done.store(true, Ordering::Release);
+            r
+        })
+        .unwrap();
+        assert!(report.rewrapped >= 1 && !report.resumed, "{report:?}");
+        for (what, n) in [
+            ("KEK rotations", &keks),
+            ("windows", &windows),
+            ("zones", &zones),
+        ] {
+            assert!(n.load(Ordering::Relaxed) >= 1, "no {what} ran beside it");
+        }
+        // The pool goes on: new keys come from the new root key.
+        pool.rotate_kek("z1", 64, Duration::ZERO).unwrap();
+        pool.rotation_prepare("z1", None).unwrap();
+        read_back(&pool);
+        pool.rotation_abort("z1").unwrap();
+        pool.create_zone("after").unwrap();
+        let all = keys_of(&pool, pool.root().as_ref()).unwrap();
+        drop(pool);
+        let new_root = SealedFileProvider::open(
+            &Pool::resolve(
+                &fx.dir,
+                match &Pool::root_key_config(&fx.dir).unwrap() {
+                    RootKeyConfig::SealedFile { path } => path,
+                    _ => unreachable!(),
+                },
+            ),
+            &new,
+        )
+        .unwrap();
+        let zones_now = Pool::open(&fx.dir, &new, &profile())
+            .map(|p| p.catalog().zones.len())
+            .unwrap();
+        assert_eq!(zones_now, all.len());
+        for z in 1..=all.len() as u32 {
+            let f = ZoneKeyFile::load(&Pool::zone_key_path(&fx.dir, ZoneId(z))).unwrap();
+            assert!(f.check_keks_unwrap(&new_root).unwrap() >= 1, "zone {z}");
+        }
+        assert!(is_wrong_passphrase(Pool::open(
+            &fx.dir,
+            &pass(OLD),
+            &profile()
+        )));
+        let pool = Pool::open(&fx.dir, &new, &profile()).unwrap();
+        read_back(&pool);
+        assert_eq!(keys_of(&pool, pool.root().as_ref()).unwrap(), all);
+    }
+
+    #[test]
+    fn one_root_operation_at_a_time() {
+        let fx = fixture(false);
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let guard = pool.root_op_guard().unwrap();
+        let e = pool
+            .change_passphrase(&pass(OLD), &pass(NEW), None, None)
+            .unwrap_err();
+        assert!(matches!(e, PoolError::Conflict(_)), "{e}");
+        let e = rotate(&pool, OLD, &pass(NEW), 64).unwrap_err();
+        assert!(e.to_string().contains("already running"), "{e}");
+        drop(guard);
+        assert!(RootRotationState::load(&fx.dir).unwrap().is_none());
+        pool.change_passphrase(&pass(OLD), &pass(NEW), None, None)
+            .unwrap();
+    }
+
     /// A zone created while a rotation is unfinished gets a KEK under the
     /// new root key, and the resumed rotation has nothing to do for it.
     #[test]
@@ -1113,10 +1363,10 @@ mod tests {
         let fx = fixture(false);
         let new = pass(NEW);
         {
-            let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-            crash(&mut pool, OLD, &new, Step::Saved(2));
+            let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+            crash(&pool, OLD, &new, Step::Saved(2));
         }
-        let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         pool.create_zone("z4").unwrap();
         let new_id = RootRotationState::load(&fx.dir).unwrap().unwrap().new_id();
         let f = ZoneKeyFile::load(&Pool::zone_key_path(&fx.dir, ZoneId(4))).unwrap();
@@ -1124,21 +1374,21 @@ mod tests {
             f.records()[0].wrapped_by_root.as_deref(),
             Some(new_id.as_str())
         );
-        let report = rotate(&mut pool, OLD, &new, 64).unwrap();
+        let report = rotate(&pool, OLD, &new, 64).unwrap();
         assert_eq!((report.rewrapped, report.checked, report.zones), (2, 5, 4));
         drop(pool);
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
-        assert_eq!(keys_of(&pool, pool.provider.as_ref()).unwrap().len(), 4);
+        assert_eq!(keys_of(&pool, pool.root().as_ref()).unwrap().len(), 4);
     }
 
     #[test]
     fn wrong_old_passphrase_and_missing_approvals_change_nothing() {
         let fx = fixture(true);
         let before = std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(1))).unwrap();
-        let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         let new = pass(NEW);
         // Dual control: no approvals, refused and recorded.
-        let e = rotate(&mut pool, OLD, &new, 64).unwrap_err();
+        let e = rotate(&pool, OLD, &new, 64).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -1154,8 +1404,10 @@ mod tests {
         );
         // Without dual control, a wrong old passphrase is refused before
         // anything is written.
-        pool.config.dual_control.required = false;
-        let e = rotate(&mut pool, "not the passphrase", &new, 64).unwrap_err();
+        let mut config = (*pool.config()).clone();
+        config.dual_control.required = false;
+        pool.set_config(config);
+        let e = rotate(&pool, "not the passphrase", &new, 64).unwrap_err();
         assert!(
             matches!(e, PoolError::Key(KeyError::WrongPassphrase { .. })),
             "{e}"
@@ -1201,7 +1453,7 @@ mod tests {
         let zone_files: Vec<Vec<u8>> = (1..=3)
             .map(|z| std::fs::read(Pool::zone_key_path(&fx.dir, ZoneId(z))).unwrap())
             .collect();
-        let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
         let e = pool
             .change_passphrase(&pass("wrong"), &pass(NEW), None, None)
             .unwrap_err();
@@ -1218,7 +1470,7 @@ mod tests {
             &profile()
         )));
         let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
-        assert_eq!(keys_of(&pool, pool.provider.as_ref()).unwrap(), fx.keys);
+        assert_eq!(keys_of(&pool, pool.root().as_ref()).unwrap(), fx.keys);
         read_back(&pool);
         drop(pool);
         // No KEK was re-wrapped: the zone key files are byte for byte the same,
@@ -1240,9 +1492,9 @@ mod tests {
         let log = std::fs::read_to_string(fx.dir.join("audit.log")).unwrap();
         assert!(log.contains("\"root.reseal\""), "{log}");
         // Not during a root key rotation.
-        let mut pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
+        let pool = Pool::open(&fx.dir, &pass(NEW), &profile()).unwrap();
         let third = pass("third");
-        crash(&mut pool, NEW, &third, Step::Saved(1));
+        crash(&pool, NEW, &third, Step::Saved(1));
         let e = pool
             .change_passphrase(&pass(NEW), &pass("fourth"), None, None)
             .unwrap_err();
@@ -1276,40 +1528,28 @@ mod tests {
             .to_vec();
         let new = pass(NEW);
         let mut texts: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-        let e = crash(&mut pool, OLD, &new, Step::Saved(2));
+        let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
+        let e = crash(&pool, OLD, &new, Step::Saved(2));
         texts.push(("crash error".into(), format!("{e} {e:?}").into_bytes()));
         texts.push((
             "pair".into(),
-            format!(
-                "{:?} {}",
-                pool.provider.describe(),
-                pool.provider.describe()
-            )
-            .into_bytes(),
+            format!("{:?} {}", pool.root().describe(), pool.root().describe()).into_bytes(),
         ));
         drop(pool);
         let state = RootRotationState::load(&fx.dir).unwrap().unwrap();
         texts.push(("state".into(), format!("{state:?}").into_bytes()));
         texts.extend(all_files(&fx.dir));
         let pool = Pool::open(&fx.dir, &pass(OLD), &profile()).unwrap();
-        texts.push((
-            "reopened pair".into(),
-            pool.provider.describe().into_bytes(),
-        ));
+        texts.push(("reopened pair".into(), pool.root().describe().into_bytes()));
         // The new root key, as the record holds it.
-        let new_root = state.new_root(pool.provider.as_ref()).unwrap().unwrap();
+        let new_root = state.new_root(pool.root().as_ref()).unwrap().unwrap();
         let new_root = new_root.expose().to_vec();
         let e = state
             .new_root(&crate::keys::root::test_support::MemoryProvider::new())
             .unwrap_err();
         texts.push(("unwrap error".into(), format!("{e} {e:?}").into_bytes()));
-        let mut pool = pool;
-        rotate(&mut pool, OLD, &new, 1).unwrap();
-        texts.push((
-            "final provider".into(),
-            pool.provider.describe().into_bytes(),
-        ));
+        rotate(&pool, OLD, &new, 1).unwrap();
+        texts.push(("final provider".into(), pool.root().describe().into_bytes()));
         drop(pool);
         let e = Pool::open(&fx.dir, &pass(OLD), &profile()).err().unwrap();
         texts.push((

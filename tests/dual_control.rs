@@ -387,3 +387,116 @@ fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
     std::fs::copy(&new_pass, &pool.pass_file).unwrap();
     assert_refused(&rotate_root(&pool, &new_pass, &[&a, &b]), "already used");
 }
+
+/// Root key commands through the running server under dual control: one
+/// approval, or a wrong current passphrase, is refused and recorded, and
+/// changes nothing (not even the approvals: the pair then works).
+#[test]
+fn root_rotation_through_the_server_refuses_one_approval() {
+    require_tool("qemu-io");
+    let pool = dual_pool();
+    for who in ["alice", "bob"] {
+        let key = pool.dir.path().join(format!("{who}.key"));
+        bare_ok(
+            &pool,
+            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
+        );
+    }
+    pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "16M", "vol0"]);
+    let new_pass = write_file(pool.dir.path(), "new-pass", b"online dual control pass");
+    let req = request_for(
+        pool.dir.path(),
+        "root-req.json",
+        &["--operation", "rotate-root"],
+    );
+    let a = approve(&pool, "alice", &req, "alice-root.approval");
+    let b = approve(&pool, "bob", &req, "bob-root.approval");
+    let server = pool.serve();
+    qio_ok(&server.uri("vol0"), &["write -P 0x3a 0 1M", "flush"]);
+    let zone_file = pool.path().join("keys/zone-1.json");
+    let before = (
+        std::fs::read(&zone_file).unwrap(),
+        std::fs::read(pool.path().join("pool.toml")).unwrap(),
+        std::fs::read(pool.path().join("keys/root.sealed")).unwrap(),
+    );
+    let unchanged = |what: &str| {
+        let now = (
+            std::fs::read(&zone_file).unwrap(),
+            std::fs::read(pool.path().join("pool.toml")).unwrap(),
+            std::fs::read(pool.path().join("keys/root.sealed")).unwrap(),
+        );
+        assert!(now == before, "{what} changed a key file or pool.toml");
+        assert!(
+            !pool.path().join("keys/root-rotation.json").exists(),
+            "{what}"
+        );
+    };
+
+    let out = rotate_root(&pool, &new_pass, &[&a]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("through the server"),
+        "{out:?}"
+    );
+    assert_refused(&out, "1 approval(s) given");
+    unchanged("one approval");
+    let out = pool.keyturn(&[
+        "keys",
+        "change-passphrase",
+        "--new-passphrase-file",
+        new_pass.to_str().unwrap(),
+        "--approval",
+        a.to_str().unwrap(),
+    ]);
+    assert_refused(&out, "1 approval(s) given");
+    unchanged("a passphrase change with one approval");
+    // A wrong current passphrase is refused before the approvals are
+    // looked at (so they are not spent).
+    let wrong = write_file(pool.dir.path(), "wrong-pass", b"not the passphrase");
+    let out = Command::new(keyturn_bin())
+        .args(["keys", "rotate-root", "--new-passphrase-file"])
+        .arg(&new_pass)
+        .args(["--approval", a.to_str().unwrap(), "--approval"])
+        .arg(&b)
+        .arg("--pool")
+        .arg(pool.path())
+        .arg("--passphrase-file")
+        .arg(&wrong)
+        .env_remove("KEYTURN_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert_refused(&out, "wrong passphrase for root key file");
+    unchanged("a wrong passphrase");
+    qio_ok(&server.uri("vol0"), &["read -P 0x3a 0 1M"]);
+
+    let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
+    let lines = |action: &str, outcome: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("\"action\":\"{action}\""))
+                    && l.contains(&format!("\"outcome\":\"{outcome}\""))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let refused = lines("root.rotate", "refused");
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(refused[0].contains("op-"), "names the operator: {log}");
+    assert_eq!(lines("root.reseal", "refused").len(), 1, "{log}");
+    let failed = lines("root.rotate", "failed");
+    assert!(
+        failed.len() == 1 && failed[0].contains("wrong passphrase"),
+        "{log}"
+    );
+    assert!(lines("root.rotate", "ok").is_empty(), "{log}");
+
+    // The same two approvals, unspent, rotate it.
+    let out = rotate_root(&pool, &new_pass, &[&a, &b]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("root key rotated"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root_path(&pool).starts_with("keys/root-"));
+    qio_ok(&server.uri("vol0"), &["read -P 0x3a 0 1M"]);
+}

@@ -506,3 +506,135 @@ fn pkcs11_root_rotation_rewraps_in_the_token_and_destroys_the_old_key() {
         "{log}"
     );
 }
+
+/// `keyturn ARGS --pool DIR` with this token but no PIN anywhere: what the
+/// root key commands through the running server need.
+fn keyturn_no_pin(p: &HsmPool, args: &[&str]) -> Output {
+    Command::new(keyturn_bin())
+        .args(args)
+        .arg("--pool")
+        .arg(p.pool())
+        .env("SOFTHSM2_CONF", &p.conf)
+        .env_remove("KEYTURN_PASSPHRASE")
+        .env_remove("KEYTURN_PKCS11_PIN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A PKCS#11 root key rotation through the running server: it generates
+/// the new key in the token with its own login (the command gives no PIN),
+/// re-wraps while serving, and destroys the old key object; the server goes
+/// on making keys under the new one, and a restart opens with it.
+#[test]
+fn pkcs11_root_rotation_through_the_running_server() {
+    let p = HsmPool::new();
+    p.keyturn_ok(&["zone", "create", "z1"], None);
+    p.keyturn_ok(&["zone", "create", "z2"], None);
+    p.keyturn_ok(
+        &["volume", "create", "--zone", "z1", "--size", "16M", "vol0"],
+        None,
+    );
+    p.keyturn_ok(
+        &["volume", "create", "--zone", "z2", "--size", "16M", "vol1"],
+        None,
+    );
+    let mut s = p.serve();
+    let (vol0, vol1) = (format!("{}/vol0", s.base), format!("{}/vol1", s.base));
+    qio_ok(&vol0, &["write -P 0x71 0 1M", "flush"]);
+    qio_ok(&vol1, &["write -P 0x17 4M 1M", "flush"]);
+    assert_eq!(token_key_labels(&p), ["keyturn-root"]);
+
+    // A passphrase is refused for a token pool, and changes nothing.
+    let pass = write_file(p.dir.path(), "pass", b"a passphrase");
+    let out = keyturn_no_pin(
+        &p,
+        &[
+            "keys",
+            "change-passphrase",
+            "--new-passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+
+    let out = keyturn_no_pin(
+        &p,
+        &[
+            "keys",
+            "rotate-root",
+            "--new-key-label",
+            "keyturn-root-2",
+            "--batch",
+            "1",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("through the server at")
+            && stdout
+                .contains("pkcs11:keyturn-test/keyturn-root -> pkcs11:keyturn-test/keyturn-root-2")
+            && stdout.contains("2 KEKs re-wrapped")
+            && stdout.contains("old root key destroyed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        token_key_labels(&p),
+        ["keyturn-root-2"],
+        "the old key object is gone from the token"
+    );
+    let toml = std::fs::read_to_string(p.pool().join("pool.toml")).unwrap();
+    assert!(toml.contains("key_label = \"keyturn-root-2\""), "{toml}");
+    let st = keyturn::admin::client::AdminClient::for_pool(&p.pool())
+        .unwrap()
+        .root_status()
+        .unwrap();
+    assert_eq!(
+        (st.provider.as_str(), st.root_id.as_str()),
+        ("pkcs11", "pkcs11:keyturn-test/keyturn-root-2")
+    );
+    assert!(st.rotation.is_none(), "{st:?}");
+
+    // The server reads on, and makes new keys under the new root key: a
+    // KEK rotation, a DEK rotation window and its flip.
+    qio_ok(&vol0, &["read -P 0x71 0 1M"]);
+    let out = keyturn_no_pin(&p, &["keys", "rotate-kek", "--zone", "z1"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("KEK v2 active"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for action in ["prepare", "flip"] {
+        let out = keyturn_no_pin(&p, &["rotate", action, "--zone", "z2"]);
+        assert!(
+            out.status.success(),
+            "rotate {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    qio_ok(&vol1, &["write -P 0x18 8M 1M", "flush"]);
+    qio_ok(&vol1, &["read -P 0x17 4M 1M", "read -P 0x18 8M 1M"]);
+    s.stop();
+
+    let mut s = p.serve();
+    qio_ok(&format!("{}/vol0", s.base), &["read -P 0x71 0 1M"]);
+    qio_ok(
+        &format!("{}/vol1", s.base),
+        &["read -P 0x17 4M 1M", "read -P 0x18 8M 1M", "read -P 0 0 1M"],
+    );
+    s.stop();
+    let log = std::fs::read_to_string(p.pool().join("audit.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"key.destroy\"")
+                && l.contains("pkcs11:keyturn-test/keyturn-root\"")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"root.rotate\"") && l.contains("\"ok\"")),
+        "{log}"
+    );
+}

@@ -522,7 +522,7 @@ fn rotate_root_help_says_what_it_does() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for want in [
-        "Offline only",
+        "running server",
         "--new-passphrase-file",
         "--new-key-label",
         "--batch",
@@ -532,4 +532,326 @@ fn rotate_root_help_says_what_it_does() {
     ] {
         assert!(help.contains(want), "{want:?} missing from:\n{help}");
     }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// `GET /api/v1/root` of the pool's running server.
+fn root_status(pool: &TestPool) -> keyturn::admin::RootStatus {
+    keyturn::admin::client::AdminClient::for_pool(&pool.path())
+        .unwrap()
+        .root_status()
+        .unwrap()
+}
+
+/// `rotate status --zone ZONE --json`, through the running server.
+fn dek_phase(pool: &TestPool, zone: &str) -> String {
+    let out = pool.keyturn_ok(&["rotate", "status", "--zone", zone, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["phase"].as_str().unwrap().to_string()
+}
+
+/// Zone key files (of zones 1..=zones) with a KEK that names a root key.
+fn keks_moved(pool: &TestPool, zones: u32) -> usize {
+    (1..=zones)
+        .filter(|z| {
+            std::fs::read_to_string(pool.path().join(format!("keys/zone-{z}.json")))
+                .unwrap()
+                .contains("wrapped_by_root")
+        })
+        .count()
+}
+
+/// Root key rotation of a sealed file while the server runs and fio writes
+/// and verifies through NBD: no I/O error, no verify error; afterwards the
+/// running server makes new keys under the new root key (a KEK rotation, a
+/// DEK rotation with its flip and migration); after a restart the new
+/// passphrase opens the pool and every byte reads back, the old one is
+/// refused, and neither passphrase is in any log or output.
+#[test]
+fn root_rotation_online_under_fio_then_kek_and_dek_rotations_and_a_restart() {
+    require_tool("fio");
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("64M");
+    pool.keyturn_ok(&["zone", "create", "z2"]);
+    pool.keyturn_ok(&["volume", "create", "--zone", "z2", "--size", "16M", "vol1"]);
+    let old_pass_file = pool.dir.path().join("old-passphrase");
+    std::fs::copy(&pool.pass_file, &old_pass_file).unwrap();
+    let new_pass = format!("online-root-pass-{}", std::process::id());
+    let new_file = write_file(pool.dir.path(), "new-passphrase", new_pass.as_bytes());
+    let mut outputs = String::new();
+
+    let mut server = pool.serve();
+    let mut logs = vec![server.log.clone()];
+    let (vol0, vol1) = (server.uri("vol0"), server.uri("vol1"));
+    qio_ok(
+        &vol1,
+        &["write -P 0x4d 0 2M", "write -P 0xd4 8M 1M", "flush"],
+    );
+    let st = root_status(&pool);
+    assert_eq!(
+        (st.provider.as_str(), st.root_id.as_str()),
+        ("sealed-file", "sealed-file:keys/root.sealed")
+    );
+    assert!(st.rotation.is_none() && !st.busy, "{st:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (u, o) = (vol0.clone(), tmp.path().join("fio.json"));
+    let load = std::thread::spawn(move || fio(&u, 2, 8 * MIB, 10, &o, &[]));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = pool.keyturn_ok(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_file.to_str().unwrap(),
+        "--batch",
+        "1",
+        "--pause-ms",
+        "200",
+    ]);
+    assert!(
+        !load.is_finished(),
+        "fio finished before the root key rotation; the test needs more load"
+    );
+    outputs.push_str(&out);
+    assert!(
+        out.contains("through the server at")
+            && out.contains(
+                "root key rotated: sealed-file:keys/root.sealed -> sealed-file:keys/root-"
+            )
+            && out.contains("2 KEKs re-wrapped")
+            && out.contains("old root key destroyed"),
+        "{out}"
+    );
+    let new_root = root_file(&pool);
+    let st = root_status(&pool);
+    assert_eq!(st.root_id, format!("sealed-file:{new_root}"));
+    assert!(
+        st.rotation.is_none() && st.description.contains(&new_root),
+        "{st:?}"
+    );
+    assert!(!pool.path().join("keys/root.sealed").exists());
+    assert!(!pool.path().join("keys/root-rotation.json").exists());
+
+    // The running pool goes on making keys, under the new root key: a KEK
+    // rotation and a whole DEK rotation of the zone fio is writing to.
+    let out = pool.keyturn_ok(&["keys", "rotate-kek", "--zone", "z1"]);
+    assert!(out.contains("KEK v2 active"), "{out}");
+    outputs.push_str(&out);
+    outputs.push_str(&pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1"]));
+    outputs.push_str(&pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]));
+    let start = std::time::Instant::now();
+    while !["grace", "idle"].contains(&dek_phase(&pool, "z1").as_str()) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "the DEK rotation never finished migrating"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    let (ok, text) = load.join().unwrap();
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "fio:\n{text}"
+    );
+    // A verify pass over fio's regions on new connections.
+    let (ok, text) = fio(
+        &vol0,
+        2,
+        8 * MIB,
+        1,
+        &tmp.path().join("v1.json"),
+        &["--verify_only"],
+    );
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "verify pass:\n{text}"
+    );
+    qio_ok(
+        &vol1,
+        &["read -P 0x4d 0 2M", "read -P 0xd4 8M 1M", "read -P 0 2M 6M"],
+    );
+    assert!(server.stop());
+
+    // The old passphrase is refused, clearly, by every command and by serve.
+    assert_wrong_passphrase(&keyturn_with_pass(&pool, &old_pass_file, &["keys", "list"]));
+    assert_wrong_passphrase(&keyturn_with_pass(
+        &pool,
+        &old_pass_file,
+        &["serve", "--listen", "127.0.0.1:0"],
+    ));
+    // The new one opens it: the metadata checks out and every byte reads
+    // back.
+    std::fs::write(&pool.pass_file, &new_pass).unwrap();
+    let out = pool.keyturn_ok(&["check"]);
+    assert!(!out.contains("problem"), "{out}");
+    let rows = key_rows(&pool);
+    assert_eq!(rows["z1-kek-v1"]["state"], "destroyed");
+    assert_eq!(rows["z1-kek-v2"]["state"], "active");
+    assert_eq!(rows["z1-dek-v2"]["state"], "active");
+    assert_eq!(
+        rows["z2-kek-v1"]["wrapped_by_root"],
+        format!("sealed-file:{new_root}")
+    );
+    let mut server = pool.serve();
+    logs.push(server.log.clone());
+    let vol0 = server.uri("vol0");
+    let (ok, text) = fio(
+        &vol0,
+        2,
+        8 * MIB,
+        1,
+        &tmp.path().join("v2.json"),
+        &["--verify_only"],
+    );
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "verify after restart:\n{text}"
+    );
+    qio_ok(
+        &server.uri("vol1"),
+        &["read -P 0x4d 0 2M", "read -P 0xd4 8M 1M"],
+    );
+    assert!(server.stop());
+
+    let log = audited(
+        &pool,
+        &["root.rotate", "key.destroy", "kek.rotate", "rotation.flip"],
+    );
+    let ok: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"action\":\"root.rotate\"") && l.contains("\"ok\""))
+        .collect();
+    assert!(ok.len() == 1 && ok[0].contains("\"count\":2"), "{log}");
+    // Neither passphrase went through a log or an answer in the clear.
+    let mut texts = outputs;
+    for l in &logs {
+        texts.push_str(&std::fs::read_to_string(l).unwrap());
+    }
+    assert!(texts.contains("root key rotated"), "the scan has text");
+    for (what, p) in [
+        ("old", pool.passphrase.as_str()),
+        ("new", new_pass.as_str()),
+    ] {
+        assert!(!texts.contains(p), "the {what} passphrase leaked");
+    }
+}
+
+/// kill -9 of the server in the middle of an online root key re-wrap: one
+/// KEK per save and a long pause, so the kill lands after the first of four
+/// KEKs moved. The restarted server opens with the old passphrase (both
+/// root keys), serves, rotates a KEK meanwhile (under the new root key), and
+/// the same command resumes the rotation through it; then only the new
+/// passphrase opens the pool and every byte reads back.
+#[test]
+fn root_rotation_online_killed_mid_rewrap_resumes_through_the_restarted_server() {
+    require_tool("qemu-io");
+    let pool = TestPool::with_volume("32M");
+    for z in ["z2", "z3", "z4"] {
+        pool.keyturn_ok(&["zone", "create", z]);
+    }
+    let new_file = write_file(
+        pool.dir.path(),
+        "new-passphrase",
+        b"resumed online root pass",
+    );
+    let new = new_file.to_str().unwrap();
+    let mut server = pool.serve();
+    let reads = ["read -P 0x6e 0 2M", "read -P 0xe6 4M 1M", "read -P 0 2M 2M"];
+    qio_ok(
+        &server.uri("vol0"),
+        &["write -P 0x6e 0 2M", "write -P 0xe6 4M 1M", "flush"],
+    );
+
+    let mut cli = pool.spawn_keyturn(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new,
+        "--batch",
+        "1",
+        "--pause-ms",
+        "4000",
+    ]);
+    let start = std::time::Instant::now();
+    while keks_moved(&pool, 4) == 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the rotation never saved a batch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Mid re-wrap, as the server sees it.
+    let st = root_status(&pool);
+    let rot = st.rotation.clone().expect("a rotation in progress");
+    assert_eq!(
+        (rot.phase.as_str(), rot.keks, rot.keks_rewrapped, st.busy),
+        ("rewrap", 4, 1, true),
+        "{st:?}"
+    );
+    assert!(st.description.contains("rotation in progress"), "{st:?}");
+    server.kill9();
+    assert!(
+        !cli.wait().unwrap().success(),
+        "the command reports the server's death"
+    );
+    assert_eq!(keks_moved(&pool, 4), 1, "killed between two saves");
+    assert_eq!(root_file(&pool), "keys/root.sealed");
+    assert!(pool.path().join("keys/root-rotation.json").exists());
+
+    // The new passphrase does not open the pool yet; the old one does, and
+    // the server unwraps with both root keys.
+    assert_wrong_passphrase(&keyturn_with_pass(
+        &pool,
+        &new_file,
+        &["serve", "--listen", "127.0.0.1:0"],
+    ));
+    let mut server = pool.serve();
+    qio_ok(&server.uri("vol0"), &reads);
+    let st = root_status(&pool);
+    let rot = st.rotation.clone().expect("still recorded");
+    assert_eq!(
+        (rot.phase.as_str(), rot.keks_rewrapped, st.busy),
+        ("rewrap", 1, false),
+        "{st:?}"
+    );
+    // A KEK rotation meanwhile: its new KEK is under the new root key
+    // already, so nothing is left to re-wrap in that zone.
+    let out = pool.keyturn_ok(&["keys", "rotate-kek", "--zone", "z3"]);
+    assert!(out.contains("KEK v2 active"), "{out}");
+    assert_eq!(keks_moved(&pool, 4), 2);
+
+    // The same command resumes the same rotation through the server.
+    let out = pool.keyturn_ok(&["keys", "rotate-root", "--new-passphrase-file", new]);
+    assert!(
+        out.contains("resuming the root key rotation")
+            && out.contains("through the server at")
+            && out.contains(&format!("-> {};", rot.new_root))
+            && out.contains("2 KEKs re-wrapped (resumed)")
+            && out.contains("4 KEKs of 4 zones unwrap under the new root key"),
+        "{out}"
+    );
+    qio_ok(&server.uri("vol0"), &reads);
+    let st = root_status(&pool);
+    assert!(
+        st.rotation.is_none() && st.root_id == rot.new_root,
+        "{st:?}"
+    );
+    assert!(server.stop());
+    assert!(!pool.path().join("keys/root-rotation.json").exists());
+    assert!(!pool.path().join("keys/root.sealed").exists());
+
+    assert_wrong_passphrase(&pool.keyturn(&["keys", "list"]));
+    std::fs::copy(&new_file, &pool.pass_file).unwrap();
+    let server = pool.serve();
+    qio_ok(&server.uri("vol0"), &reads);
+    drop(server);
+    let log = audited(&pool, &["root.rotate", "key.destroy"]);
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"action\":\"root.rotate\"") && l.contains("\"ok\""))
+            .count(),
+        1,
+        "{log}"
+    );
 }

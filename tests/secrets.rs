@@ -162,11 +162,37 @@ fn no_key_bytes_or_passphrase_in_logs_errors_or_files() {
     assert!(!out.status.success());
     keep(&mut texts, "unknown key", &out);
 
+    // Through the running server at trace level: a passphrase change, whose
+    // passphrases travel in the body of a request to the admin API.
+    let third_pass = format!("third-root-pass-{}", std::process::id());
+    let third_file = write_file(pool.dir.path(), "third-passphrase", third_pass.as_bytes());
+    let mut server = pool.serve_with(&["--log", "trace"]);
+    let out = trace(&[
+        "keys",
+        "change-passphrase",
+        "--new-passphrase-file",
+        third_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("through the server"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    keep(&mut texts, "change-passphrase through the server", &out);
+    assert!(server.stop());
+    let log = std::fs::read(&server.log).unwrap();
+    assert!(
+        String::from_utf8_lossy(&log).contains("/api/v1/root/passphrase"),
+        "the request is in the trace"
+    );
+    texts.push(("server log, online passphrase change".into(), log));
+
     for f in all_files(&pool.path()) {
         texts.push((f.display().to_string(), std::fs::read(&f).unwrap()));
     }
     let mut needles = needles(&keys, &pool.passphrase);
     needles.push(("new passphrase".into(), new_pass.as_bytes().to_vec()));
+    needles.push(("third passphrase".into(), third_pass.as_bytes().to_vec()));
     assert!(
         keys.len() >= 7,
         "KEKs v1 and v2, DEKs and MAC keys of two zones: {}",

@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 
 use super::token::{AdminToken, TokenError};
 use super::{
-    EmergencyRequest, ErrorBody, Health, KekRotateRequest, PrepareRequest, RotationStatus,
-    ScrubStatus, VolumeStats,
+    EmergencyRequest, ErrorBody, Health, KekRotateRequest, PassphraseRequest, PrepareRequest,
+    RootRotateRequest, RootStatus, RotationStatus, ScrubStatus, VolumeStats,
 };
 use crate::config::{ConfigError, PoolConfig};
 use crate::keys::KeyError;
@@ -148,6 +148,19 @@ impl AdminClient {
         self.decode(path, self.send(path, Some(&json))?)
     }
 
+    /// [`AdminClient::post`] for a body that carries secrets: its JSON text
+    /// is wiped once sent.
+    fn post_secret<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let json = zeroize::Zeroizing::new(
+            serde_json::to_vec(body).map_err(|e| self.bad(path, e.to_string()))?,
+        );
+        self.decode(path, self.send(path, Some(&json))?)
+    }
+
     /// `POST path` with no body, decoded as `T`.
     pub fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.decode(path, self.send(path, Some(b""))?)
@@ -278,6 +291,25 @@ impl AdminClient {
         req: &KekRotateRequest,
     ) -> Result<serde_json::Value, ClientError> {
         self.post(&zone_path(zone, "kek/rotate"), req)
+    }
+
+    /// `GET /api/v1/root`.
+    pub fn root_status(&self) -> Result<RootStatus, ClientError> {
+        self.get("/api/v1/root")
+    }
+
+    /// `POST /api/v1/root/rotate`. The request's passphrases travel in the
+    /// body only.
+    pub fn root_rotate(&self, req: &RootRotateRequest) -> Result<serde_json::Value, ClientError> {
+        self.post_secret("/api/v1/root/rotate", req)
+    }
+
+    /// `POST /api/v1/root/passphrase`.
+    pub fn root_passphrase(
+        &self,
+        req: &PassphraseRequest,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post_secret("/api/v1/root/passphrase", req)
     }
 
     /// `POST /api/v1/zones/{zone}/scrub`.

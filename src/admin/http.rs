@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use super::metrics::Exporter;
 use super::token::AdminToken;
 use super::{
-    AdminBackend, AdminError, EmergencyRequest, ErrorBody, KekRotateRequest, PrepareRequest,
+    AdminBackend, AdminError, EmergencyRequest, ErrorBody, KekRotateRequest, PassphraseRequest,
+    PrepareRequest, RootRotateRequest,
 };
 
 /// Largest request body accepted (413 beyond it).
@@ -145,6 +146,9 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/zones", get(zones))
         .route("/api/v1/volumes", get(volumes))
+        .route("/api/v1/root", get(root_status))
+        .route("/api/v1/root/rotate", post(root_rotate))
+        .route("/api/v1/root/passphrase", post(root_passphrase))
         .nest("/api/v1/zones/{zone}", zone)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -277,42 +281,73 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body larger than {MAX_BODY} bytes"),
-            )
-        };
-        // Refuse a declared oversized body before reading any of it.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(too_large());
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {}", e.body_text()))
-            }
-        })?;
-        let text: &[u8] = match bytes.trim_ascii() {
-            b"" => b"{}",
-            t if t.starts_with(b"{") => t,
-            // serde would take a struct from an array, by position.
-            _ => {
-                return Err(ApiError::bad_request(
-                    "bad JSON body: expected a JSON object",
-                ));
-            }
-        };
-        serde_json::from_slice(text)
+        let bytes = body_bytes(req, state).await?;
+        parse_json(&bytes)
             .map(Body)
             .map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
     }
+}
+
+/// A JSON body that carries secrets (passphrases): as [`Body`], but an
+/// error names only where the JSON went wrong, never a value from it, and
+/// the bytes read are wiped once parsed (best effort: the HTTP library's
+/// own read buffers are not ours to wipe).
+struct SecretBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for SecretBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Vec::from(Bytes) takes the buffer over when nothing else holds it.
+        let bytes = zeroize::Zeroizing::new(Vec::from(body_bytes(req, state).await?));
+        parse_json(&bytes).map(SecretBody).map_err(|e| {
+            ApiError::bad_request(format!(
+                "bad JSON body: {:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })
+    }
+}
+
+/// The body of `req`, refused beyond [`MAX_BODY`] bytes.
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body larger than {MAX_BODY} bytes"),
+        )
+    };
+    // Refuse a declared oversized body before reading any of it.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {}", e.body_text()))
+        }
+    })
+}
+
+/// `bytes` as a JSON object of type `T`; empty reads as `{}`.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    let text: &[u8] = match bytes.trim_ascii() {
+        b"" => b"{}",
+        t if t.starts_with(b"{") => t,
+        // serde would take a struct from an array, by position.
+        _ => {
+            return Err(serde::de::Error::custom("expected a JSON object"));
+        }
+    };
+    serde_json::from_slice(text)
 }
 
 // --------------------------------------------------------------- handlers
@@ -424,6 +459,24 @@ async fn kek_rotate(
     json(&s, move |b| b.kek_rotate(&z, &req.approvals)).await
 }
 
+async fn root_status(State(s): State<AppState>) -> JsonResult<super::RootStatus> {
+    json(&s, |b| b.root_status()).await
+}
+
+async fn root_rotate(
+    State(s): State<AppState>,
+    SecretBody(req): SecretBody<RootRotateRequest>,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.root_rotate(req)).await
+}
+
+async fn root_passphrase(
+    State(s): State<AppState>,
+    SecretBody(req): SecretBody<PassphraseRequest>,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.root_passphrase(req)).await
+}
+
 async fn scrub_start(
     State(s): State<AppState>,
     ZoneName(z): ZoneName,
@@ -447,7 +500,7 @@ mod tests {
 
     use super::*;
     use crate::admin::{
-        Health, KeyBlocks, RotationPhase, RotationStatus, ScrubStatus, VolumeStats,
+        Health, KeyBlocks, RootStatus, RotationPhase, RotationStatus, ScrubStatus, VolumeStats,
     };
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -571,6 +624,27 @@ mod tests {
             self.zone(zone)?;
             Ok(serde_json::json!({ "zone": zone, "approvals": approvals.len() }))
         }
+        fn root_status(&self) -> Result<RootStatus, AdminError> {
+            Ok(RootStatus {
+                provider: "sealed-file".into(),
+                root_id: "sealed-file:keys/root.sealed".into(),
+                description: "sealed root key file".into(),
+                busy: false,
+                rotation: None,
+            })
+        }
+        fn root_rotate(&self, req: RootRotateRequest) -> Result<serde_json::Value, AdminError> {
+            let secrets = [&req.passphrase, &req.new_passphrase].map(|p| p.is_some());
+            self.asked.lock().push(format!("root rotate {req:?}"));
+            if req.passphrase.is_some_and(|p| p.take() == "wrong") {
+                return Err(AdminError::Forbidden("wrong passphrase".into()));
+            }
+            Ok(serde_json::json!({ "secrets": secrets, "batch": req.batch }))
+        }
+        fn root_passphrase(&self, req: PassphraseRequest) -> Result<serde_json::Value, AdminError> {
+            self.asked.lock().push(format!("root passphrase {req:?}"));
+            Ok(serde_json::json!({ "resealed": true }))
+        }
         fn volume_stats(&self) -> Vec<VolumeStats> {
             vec![VolumeStats {
                 name: "vol0".into(),
@@ -691,6 +765,7 @@ mod tests {
             "/metrics",
             "/api/v1/zones",
             "/api/v1/volumes",
+            "/api/v1/root",
             "/nope",
         ] {
             for token in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
@@ -885,6 +960,64 @@ mod tests {
             srv.fake.asked.lock().is_empty(),
             "a refused body reached the backend"
         );
+    }
+
+    /// The root key routes: bodies with passphrases reach the backend, whose
+    /// Debug of them is redacted; a bad body is refused without echoing any
+    /// of its values.
+    #[test]
+    fn root_routes_carry_secrets_without_echoing_them() {
+        let srv = start();
+        let (code, _, body) = request(&srv, "GET", "/api/v1/root", Some(TOKEN), None);
+        assert_eq!(code, 200, "{body}");
+        let st: RootStatus = serde_json::from_str(&body).unwrap();
+        assert_eq!(st.provider, "sealed-file");
+        let rotate = "/api/v1/root/rotate";
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            rotate,
+            Some(TOKEN),
+            Some(r#"{"passphrase": "old-s3cret", "new_passphrase": "new-s3cret", "batch": 2}"#),
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body, r#"{"batch":2,"secrets":[true,true]}"#);
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            rotate,
+            Some(TOKEN),
+            Some(r#"{"passphrase": "wrong"}"#),
+        );
+        assert_eq!((code, error_of(&body).kind.as_str()), (403, "forbidden"));
+        let (code, _, body) = request(
+            &srv,
+            "POST",
+            "/api/v1/root/passphrase",
+            Some(TOKEN),
+            Some(r#"{"passphrase": "old-s3cret", "new_passphrase": "new-s3cret"}"#),
+        );
+        assert_eq!(code, 200, "{body}");
+        let asked = srv.fake.asked.lock().join("\n");
+        assert!(asked.contains("SecretText(<redacted>)"), "{asked}");
+        assert!(!asked.contains("s3cret"), "{asked}");
+        // A value in the wrong place, an unknown field named after a secret,
+        // bad JSON: refused, and nothing of the body comes back.
+        for bad in [
+            r#"{"passphrase": "old-s3cret", "batch": "new-s3cret"}"#,
+            r#"{"passphrase": "old-s3cret", "new-s3cret": 1}"#,
+            r#"{"passphrase": "old-s3cret" "#,
+            r#"{"passphrase": ["old-s3cret"]}"#,
+        ] {
+            for path in [rotate, "/api/v1/root/passphrase"] {
+                let (code, _, text) = request(&srv, "POST", path, Some(TOKEN), Some(bad));
+                assert_eq!(code, 400, "{bad}: {text}");
+                let e = error_of(&text);
+                assert!(e.error.starts_with("bad JSON body"), "{text}");
+                assert!(!text.contains("s3cret"), "{bad} echoed: {text}");
+            }
+        }
+        assert_eq!(srv.fake.asked.lock().len(), 3);
     }
 
     /// Sends raw bytes (headers and part of a body) and returns the answer.

@@ -15,7 +15,8 @@ pub mod http;
 pub mod metrics;
 pub mod token;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
 
 /// The body of every answer that is not a success:
 /// `{"error": "what went wrong", "kind": "not_found"}`.
@@ -98,6 +99,138 @@ pub struct KekRotateRequest {
     /// Dual-control approval tokens, each the JSON text of one approval file.
     #[serde(default)]
     pub approvals: Vec<String>,
+}
+
+/// A secret in a request body (a passphrase): zeroized on drop, redacted
+/// in `Debug`, never `Display`. It travels only inside the JSON body of a
+/// request to the loopback admin API, and is never logged.
+pub struct SecretText(Zeroizing<String>);
+
+impl SecretText {
+    /// Takes ownership of `s`.
+    pub fn new(s: String) -> Self {
+        Self(Zeroizing::new(s))
+    }
+
+    /// Moves the text out (the caller takes over wiping it); `self` is left
+    /// empty.
+    pub fn take(mut self) -> String {
+        std::mem::take(&mut *self.0)
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(<redacted>)")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
+/// Body of `POST /api/v1/root/rotate`: a root key rotation of the running
+/// pool (or the rest of one a crash interrupted).
+///
+/// A sealed-file pool needs the same secrets as `keyturn keys rotate-root`
+/// offline: the passphrase of the root key pool.toml names now (so the
+/// admin token alone cannot choose a passphrase for the root key) and the
+/// new one. A PKCS#11 pool needs neither: the server is logged in to its
+/// token.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootRotateRequest {
+    /// Dual-control approval tokens, each the JSON text of one approval file.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// Sealed file: the passphrase of the root key pool.toml names now (the
+    /// old one until the rotation switches pool.toml, the new one after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase: Option<SecretText>,
+    /// Sealed file: the passphrase of the new root key file (not needed to
+    /// finish a rotation that has switched pool.toml).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_passphrase: Option<SecretText>,
+    /// PKCS#11: the label of the new key, generated in the token; `None`
+    /// resumes the rotation in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_key_label: Option<String>,
+    /// KEKs re-wrapped per atomic save of a zone key file (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// Pause between saves, in milliseconds (default 0, at most 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// Sealed file: Argon2id memory cost of the new file in KiB (default:
+    /// the current file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf_memory_kib: Option<u32>,
+    /// Sealed file: Argon2id passes of the new file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf_iterations: Option<u32>,
+}
+
+/// Body of `POST /api/v1/root/passphrase`: the same root key sealed under a
+/// new passphrase (sealed-file pools).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassphraseRequest {
+    /// Dual-control approval tokens (`rotate-root` approvals).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// The current passphrase.
+    pub passphrase: Option<SecretText>,
+    /// The new passphrase.
+    pub new_passphrase: Option<SecretText>,
+    /// Argon2id memory cost in KiB (default: the current file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf_memory_kib: Option<u32>,
+    /// Argon2id passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf_iterations: Option<u32>,
+}
+
+/// `GET /api/v1/root`: the root key and any rotation of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootStatus {
+    /// `sealed-file` or `pkcs11`.
+    pub provider: String,
+    /// The id of the root key pool.toml names (`sealed-file:PATH` or
+    /// `pkcs11:TOKEN/LABEL`).
+    pub root_id: String,
+    /// What unwraps KEKs now, for people (kind and location only).
+    pub description: String,
+    /// Whether a root key rotation or passphrase change is running now.
+    pub busy: bool,
+    /// The root key rotation recorded in the pool, if one is unfinished.
+    pub rotation: Option<RootRotationStatus>,
+}
+
+/// An unfinished root key rotation (see [`RootStatus`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootRotationStatus {
+    /// `rewrap`: KEKs are being re-wrapped, the old root key's secret
+    /// opens the pool. `retire`: pool.toml names the new root key (its
+    /// secret opens the pool); the old one is still to be destroyed.
+    pub phase: String,
+    /// The id of the root key being retired.
+    pub old_root: String,
+    /// The id of the root key taking its place.
+    pub new_root: String,
+    /// When the rotation began (Unix seconds).
+    pub started_unix: u64,
+    /// KEKs that still have material, over all zones.
+    pub keks: usize,
+    /// Of those, the ones wrapped by the new root key.
+    pub keks_rewrapped: usize,
 }
 
 /// Content blocks under one DEK version.
@@ -273,6 +406,13 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// report as JSON.
     fn kek_rotate(&self, zone: &str, approvals: &[String])
     -> Result<serde_json::Value, AdminError>;
+    /// The root key and any unfinished rotation of it.
+    fn root_status(&self) -> Result<RootStatus, AdminError>;
+    /// Root key rotation while serving (re-wraps every zone's KEKs; no data
+    /// moves), or the rest of an interrupted one. Returns the report as JSON.
+    fn root_rotate(&self, req: RootRotateRequest) -> Result<serde_json::Value, AdminError>;
+    /// Seals the same root key under a new passphrase while serving.
+    fn root_passphrase(&self, req: PassphraseRequest) -> Result<serde_json::Value, AdminError>;
     /// Usage and dedup of every volume.
     fn volume_stats(&self) -> Vec<VolumeStats>;
     /// Health.

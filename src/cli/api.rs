@@ -1,7 +1,8 @@
 //! Commands that act on a running server through its admin API: DEK
-//! rotation, scrub, volume stats, and KEK rotation while serving. Status,
-//! scrub and volume stats open the pool here when no server answers (the
-//! pool lock makes that safe); the rotation commands need the server.
+//! rotation, scrub, volume stats, and KEK and root key rotation while
+//! serving. Status, scrub and volume stats open the pool here when no server
+//! answers (the pool lock makes that safe), and the key commands rotate
+//! offline; the DEK rotation commands need the server.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,7 +155,7 @@ fn server(args: &PoolArgs) -> Result<AdminClient> {
 }
 
 /// The JSON text of each approval file, as the API takes them.
-fn read_approvals(files: &[PathBuf]) -> Result<Vec<String>> {
+pub(super) fn read_approvals(files: &[PathBuf]) -> Result<Vec<String>> {
     files
         .iter()
         .map(|f| {
@@ -455,6 +456,19 @@ pub(super) fn volume_stats(pool: &PoolArgs, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The client of the server answering for `pool`; `None` when none does
+/// (the caller works with the pool opened in its own process).
+pub(super) fn server_for(pool: &Path) -> Result<Option<AdminClient>> {
+    if !Pool::exists(pool) {
+        return Ok(None);
+    }
+    match AdminClient::for_pool(pool).and_then(|c| c.health().map(|_| c)) {
+        Ok(c) => Ok(Some(c)),
+        Err(ClientError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `keys rotate-kek` on the running server, if one answers for the pool:

@@ -233,9 +233,9 @@ fn no_secrets_in_root_rotation_errors_or_debug() {
 
     let pair = RootPair::new(
         state.old_id(),
-        Box::new(SealedFileProvider::open(&old_path, &pass).unwrap()),
+        std::sync::Arc::new(SealedFileProvider::open(&old_path, &pass).unwrap()),
         state.new_id(),
-        Box::new(UnsealedRoot::new(
+        std::sync::Arc::new(UnsealedRoot::new(
             state.new_root(&old).unwrap().unwrap(),
             "new root".into(),
         )),

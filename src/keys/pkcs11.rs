@@ -142,6 +142,12 @@ impl Pin {
         Self::checked(Zeroizing::new(s.to_string()), &origin)
     }
 
+    /// A second copy (zeroized on drop like the first), for a pool that
+    /// keeps the PIN it was opened with.
+    pub(crate) fn duplicate(&self) -> Self {
+        Self(self.0.clone())
+    }
+
     fn auth_pin(&self) -> AuthPin {
         // secrecy's SecretString zeroizes its copy on drop.
         AuthPin::new(self.0.as_str().into())

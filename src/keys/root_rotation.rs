@@ -33,6 +33,7 @@
 //! that the old root key is still to be destroyed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -275,9 +276,9 @@ impl RootKeyProvider for UnsealedRoot {
 /// the new id, else the old one) and new wraps go under the new root key.
 pub struct RootPair {
     old_id: String,
-    old: Box<dyn RootKeyProvider>,
+    old: Arc<dyn RootKeyProvider>,
     new_id: String,
-    new: Box<dyn RootKeyProvider>,
+    new: Arc<dyn RootKeyProvider>,
 }
 
 impl std::fmt::Debug for RootPair {
@@ -293,9 +294,9 @@ impl RootPair {
     /// The pair for a rotation from `old` (id `old_id`) to `new` (`new_id`).
     pub fn new(
         old_id: String,
-        old: Box<dyn RootKeyProvider>,
+        old: Arc<dyn RootKeyProvider>,
         new_id: String,
-        new: Box<dyn RootKeyProvider>,
+        new: Arc<dyn RootKeyProvider>,
     ) -> Self {
         Self {
             old_id,
@@ -306,13 +307,8 @@ impl RootPair {
     }
 
     /// The new root key alone.
-    pub fn new_root(&self) -> &dyn RootKeyProvider {
-        self.new.as_ref()
-    }
-
-    /// The new root key, once the pair is no longer needed.
-    pub fn into_new(self) -> Box<dyn RootKeyProvider> {
-        self.new
+    pub fn new_root(&self) -> Arc<dyn RootKeyProvider> {
+        self.new.clone()
     }
 
     fn route(&self, root: Option<&str>) -> &dyn RootKeyProvider {
@@ -368,7 +364,7 @@ mod tests {
     }
 
     fn pair(old: MemoryProvider, new: MemoryProvider) -> RootPair {
-        RootPair::new("old".into(), Box::new(old), "new".into(), Box::new(new))
+        RootPair::new("old".into(), Arc::new(old), "new".into(), Arc::new(new))
     }
 
     /// Two providers holding the same root keys (MemoryProvider is not Clone).

@@ -87,6 +87,21 @@ impl KdfParams {
         parallelism: 1,
     };
 
+    /// The cost an operator asked for: `None` when neither value was given
+    /// (keep the current file's); one value alone takes the other from the
+    /// default cost.
+    pub fn with_cost(memory_kib: Option<u32>, iterations: Option<u32>) -> Option<Self> {
+        if memory_kib.is_none() && iterations.is_none() {
+            return None;
+        }
+        let d = Self::default();
+        Some(Self {
+            memory_kib: memory_kib.unwrap_or(d.memory_kib),
+            iterations: iterations.unwrap_or(d.iterations),
+            ..d
+        })
+    }
+
     fn to_argon2(self) -> Result<Argon2<'static>, KeyError> {
         if self.memory_kib > MAX_MEMORY_KIB
             || self.iterations > MAX_ITERATIONS

@@ -324,11 +324,14 @@ impl Pool {
     /// puts it in memory, before any write can ask for it.
     fn make_next_key(&self, z: &Zone) -> Result<KeyVersion> {
         let _k = z.key_file_lock.lock();
+        // Read under the lock (see `Pool`): a root key rotation cannot
+        // replace the provider until this key file is saved.
+        let root = self.root();
         let path = Pool::zone_key_path(&self.dir, z.id);
         let mut file = ZoneKeyFile::load(&path)?;
-        let next = file.add_dek_version(self.provider.as_ref())?;
+        let next = file.add_dek_version(root.as_ref())?;
         file.save(&path)?;
-        let ring = file.unlock(self.provider.as_ref())?;
+        let ring = file.unlock(root.as_ref())?;
         let key = ring.dek(next).ok_or_else(|| {
             PoolError::Conflict(format!("DEK {next} of zone {} did not unwrap", z.name))
         })?;
@@ -801,7 +804,7 @@ impl Pool {
             stop: rot.stop.clone(),
             avoid_staged: rot.avoid_staged.clone(),
         };
-        let config = self.config.rotation.clone();
+        let config = self.config().rotation.clone();
         let phase = st.phase;
         let next = st.next_version();
         let emergency = st.emergency;
@@ -850,7 +853,7 @@ impl Pool {
         }
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
-        let due = unix_now() + self.config.rotation.grace_secs;
+        let due = unix_now() + self.config().rotation.grace_secs;
         let file = ZoneKeyFile::load(&Pool::zone_key_path(&self.dir, z.id))?;
         for r in file.records() {
             if r.purpose == Purpose::Dek

@@ -438,3 +438,56 @@ pub fn find_bytes(hay: &[u8], needle: &[u8]) -> Vec<usize> {
     }
     hits
 }
+
+/// fio over NBD: `jobs` connections, each writing its own region with
+/// crc32c verification, `loops` times. Returns (success, output).
+pub fn fio(
+    uri: &str,
+    jobs: u32,
+    region: u64,
+    loops: u32,
+    out: &Path,
+    extra: &[&str],
+) -> (bool, String) {
+    let args = [
+        "--name=rot".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=16".into(),
+        format!("--numjobs={jobs}"),
+        format!("--size={region}"),
+        format!("--offset_increment={region}"),
+        format!("--loops={loops}"),
+        "--verify=crc32c".into(),
+        "--verify_fatal=1".into(),
+        "--verify_state_save=0".into(),
+        "--randrepeat=1".into(),
+        "--group_reporting=0".into(),
+        "--output-format=json".into(),
+        format!("--output={}", out.display()),
+    ];
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend_from_slice(extra);
+    let o = run("fio", &all);
+    let text =
+        std::fs::read_to_string(out).unwrap_or_default() + &String::from_utf8_lossy(&o.stderr);
+    (o.status.success(), text)
+}
+
+/// The `error` of each fio job in its JSON output.
+pub fn fio_errors(text: &str) -> Vec<i64> {
+    let start = text
+        .find('{')
+        .unwrap_or_else(|| panic!("no fio JSON:\n{text}"));
+    let mut de =
+        serde_json::Deserializer::from_str(&text[start..]).into_iter::<serde_json::Value>();
+    let doc = de.next().unwrap().unwrap();
+    doc["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["error"].as_i64().unwrap())
+        .collect()
+}
