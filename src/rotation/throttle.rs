@@ -64,6 +64,21 @@ impl Throttle {
     }
 }
 
+/// CPU time the calling thread has used.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass, which lives
+    // on this stack frame for the whole call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +115,20 @@ mod tests {
             t.delay(1 << 30, Duration::from_millis(50), Duration::ZERO),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_work_not_sleep() {
+        let t0 = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(50));
+        let slept = thread_cpu_time() - t0;
+        let t1 = thread_cpu_time();
+        let mut x = 0u64;
+        while thread_cpu_time() - t1 < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(slept < Duration::from_millis(20), "sleeping used {slept:?}");
+        assert!(thread_cpu_time() - t1 >= Duration::from_millis(20));
     }
 
     #[test]
