@@ -54,25 +54,42 @@ fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) {
     (dir, pdir, pass)
 }
 
-#[test]
-fn full_rotation_stages_flips_migrates_and_erases() {
-    let (_dir, pdir, pass) = new_pool();
+/// The pool at `pdir` with no grace period and `batch` blocks per
+/// pipeline batch, a zone "z" and a volume "v" of `size` bytes in it:
+/// (the pool, the volume, a runtime to drive it).
+fn open_rotating(
+    pdir: &std::path::Path,
+    pass: &Passphrase,
+    batch: usize,
+    size: u64,
+) -> (
+    Arc<Pool>,
+    Arc<crate::volume::Volume>,
+    tokio::runtime::Runtime,
+) {
     let mut config = PoolConfig::load(&pdir.join("pool.toml")).unwrap();
     config.rotation.grace_secs = 0;
-    config.rotation.batch_blocks = 32;
+    config.rotation.batch_blocks = batch;
     std::fs::write(pdir.join("pool.toml"), config.to_toml()).unwrap();
     let profile = Profile::load("ci-2core").unwrap();
     {
-        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
+        let pool = Pool::open(pdir, pass, &profile).unwrap();
         pool.create_zone("z").unwrap();
-        pool.create_volume("v", "z", 64 << 20).unwrap();
+        pool.create_volume("v", "z", size).unwrap();
     }
-    let pool = Arc::new(Pool::open(&pdir, &pass, &profile).unwrap());
+    let pool = Arc::new(Pool::open(pdir, pass, &profile).unwrap());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let vol = pool.open("v").unwrap();
+    (pool, vol, rt)
+}
+
+#[test]
+fn full_rotation_stages_flips_migrates_and_erases() {
+    let (_dir, pdir, pass) = new_pool();
+    let (pool, vol, rt) = open_rotating(&pdir, &pass, 32, 64 << 20);
     // 600 distinct blocks, then 200 copies of one block (dedup: 1 content block).
     rt.block_on(async {
         for i in 0..600u64 {
@@ -259,21 +276,7 @@ fn flip_record_alone_completes_the_flip_at_open() {
 fn reads_after_the_flip_use_either_verified_copy() {
     use std::os::unix::fs::FileExt;
     let (_dir, pdir, pass) = new_pool();
-    let mut config = PoolConfig::load(&pdir.join("pool.toml")).unwrap();
-    config.rotation.grace_secs = 0;
-    std::fs::write(pdir.join("pool.toml"), config.to_toml()).unwrap();
-    let profile = Profile::load("ci-2core").unwrap();
-    {
-        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
-        pool.create_zone("z").unwrap();
-        pool.create_volume("v", "z", 16 << 20).unwrap();
-    }
-    let pool = Arc::new(Pool::open(&pdir, &pass, &profile).unwrap());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let vol = pool.open("v").unwrap();
+    let (pool, vol, rt) = open_rotating(&pdir, &pass, 256, 16 << 20);
     const N: u64 = 64;
     rt.block_on(async {
         for i in 0..N {

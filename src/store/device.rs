@@ -118,6 +118,8 @@ struct DeviceInner {
     grow: Mutex<()>,
     /// Set by the first failed sync; never cleared.
     poisoned: AtomicBool,
+    /// Writes completed so far (see [`Device::completed_writes`]).
+    completed_writes: AtomicU64,
 }
 
 /// The system calls that `open` makes, replaceable in tests so that the
@@ -214,6 +216,7 @@ impl Device {
                 size: AtomicU64::new(size),
                 grow: Mutex::new(()),
                 poisoned: AtomicBool::new(false),
+                completed_writes: AtomicU64::new(0),
             }),
             faults: None,
         })
@@ -273,7 +276,17 @@ impl Device {
         if let Err(e) = self.check_range("write", offset, buf.len()) {
             return (Err(e), buf);
         }
-        self.run(OpKind::Write, offset, buf).await
+        let done = self.run(OpKind::Write, offset, buf).await;
+        self.inner.completed_writes.fetch_add(1, Ordering::AcqRel);
+        done
+    }
+
+    /// How many writes have completed (successfully or not) on this device.
+    /// Counted after each completion, so an fdatasync that starts after
+    /// reading N covers every write counted in N: a committer that finds
+    /// the count unchanged since its last sync may skip the next one.
+    pub fn completed_writes(&self) -> u64 {
+        self.inner.completed_writes.load(Ordering::Acquire)
     }
 
     /// fdatasync: every completed write is durable.

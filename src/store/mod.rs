@@ -26,8 +26,8 @@ const GROW_STEP: u64 = 256 << 20;
 pub struct Staging {
     /// The device.
     pub device: Device,
-    /// A plain handle for fdatasync from the committer thread.
-    sync: File,
+    /// For fdatasync from the committer thread.
+    sync: SyncHandle,
     /// Which staging slots are in use.
     pub slots: Mutex<IdAllocator>,
     /// Slots the staging pipeline leaves free for foreground writes.
@@ -48,7 +48,7 @@ impl Staging {
         };
         Self {
             device,
-            sync,
+            sync: SyncHandle::new(sync),
             slots: Mutex::new(IdAllocator::new(capacity)),
             reserve: reserve.min(capacity),
             capacity,
@@ -148,8 +148,8 @@ fn discard(slots: &Mutex<IdAllocator>, file: &File, size: u64) -> std::io::Resul
 pub struct Storage {
     /// The data device.
     pub data: Device,
-    /// A plain handle on the same file, for fdatasync from the committer thread.
-    data_sync: File,
+    /// For fdatasync from the committer thread.
+    data_sync: SyncHandle,
     /// Which slots are in use.
     pub slots: Mutex<IdAllocator>,
     /// Recycled I/O buffers.
@@ -170,7 +170,7 @@ impl Storage {
         };
         Self {
             data,
-            data_sync,
+            data_sync: SyncHandle::new(data_sync),
             slots: Mutex::new(IdAllocator::new(limit)),
             bufs: bufpool::BufPool::default(),
             growable,
@@ -233,20 +233,91 @@ impl Storage {
     /// in freed slots. Free runs are reserved while they are punched, so no
     /// write can land in them meanwhile. Returns the slots discarded.
     pub fn discard_free(&self) -> std::io::Result<u64> {
-        let mut total = discard(&self.slots, &self.data_sync, self.data.size())?;
+        let mut total = discard(&self.slots, &self.data_sync.file, self.data.size())?;
         if let Some(s) = &self.staging {
-            total += discard(&s.slots, &s.sync, s.device.size())?;
+            total += discard(&s.slots, &s.sync.file, s.device.size())?;
         }
         Ok(total)
     }
 
     /// fdatasync of the data and staging devices, for the journal committer
-    /// (a frame never becomes durable before the data it points to).
+    /// (a frame never becomes durable before the data it points to). A
+    /// device with no write completed since its last sync is skipped: a
+    /// commit of metadata alone (a flip, a trim, rotation records whose
+    /// copies were synced by an earlier commit) costs one fdatasync, of the
+    /// journal, instead of three.
     pub fn sync_data(&self) -> std::io::Result<()> {
-        self.data_sync.sync_data()?;
+        self.data_sync.sync_if_written(&self.data)?;
         if let Some(s) = &self.staging {
-            s.sync.sync_data()?;
+            s.sync.sync_if_written(&s.device)?;
         }
         Ok(())
+    }
+}
+
+/// A plain handle on a device's file for fdatasync from the committer
+/// thread, and how many of the device's writes the last sync covered.
+struct SyncHandle {
+    file: File,
+    synced: std::sync::atomic::AtomicU64,
+}
+
+impl SyncHandle {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            // Nothing is known to be synced at open: the first sync runs.
+            synced: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// fdatasync, unless no write of `device` completed since the last one.
+    /// Returns whether it synced.
+    fn sync_if_written(&self, device: &Device) -> std::io::Result<bool> {
+        use std::sync::atomic::Ordering;
+        // Read before the sync: writes completed by now are covered by it.
+        let writes = device.completed_writes();
+        if self.synced.load(Ordering::Acquire) == writes {
+            return Ok(false);
+        }
+        self.file.sync_data()?;
+        self.synced.store(writes, Ordering::Release);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device::{AlignedBuf, DeviceOptions, Engine, EngineConfig};
+    use super::*;
+
+    #[test]
+    fn sync_runs_only_after_a_completed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev");
+        let engine = Engine::start(&EngineConfig {
+            queue_depth: 8,
+            sync_backend: false,
+        })
+        .unwrap();
+        let opts = DeviceOptions {
+            create: true,
+            direct: false,
+        };
+        let dev = Device::open(&path, &opts, &engine).unwrap();
+        dev.ensure_size(1 << 20).unwrap();
+        let handle = SyncHandle::new(File::open(&path).unwrap());
+        assert!(handle.sync_if_written(&dev).unwrap(), "the first sync runs");
+        assert!(
+            !handle.sync_if_written(&dev).unwrap(),
+            "nothing written since"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (r, _) = rt.block_on(dev.write_at(0, AlignedBuf::zeroed(4096)));
+        r.unwrap();
+        assert!(handle.sync_if_written(&dev).unwrap(), "a write completed");
+        assert!(!handle.sync_if_written(&dev).unwrap());
     }
 }
