@@ -6,6 +6,7 @@
 #   staging  a window is open and the pipeline is staging
 #   migrate  right after the flip, the migrator re-encrypts what staging
 #            had not reached and destages the rest
+# and the flip's own time (server-timed) for the SIZE zone.
 # Reported: medians and the ratio to idle (target: >= 0.7x). The volume is
 # large enough that staging and migration are still running when each
 # measurement ends (the progress column shows it): with a smaller one they
@@ -51,7 +52,9 @@ for rep in $(seq 1 "$REPS"); do
     "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
     iops=$(randread); echo "$rep,staging,$iops,$(progress)" >> "$csv"
     "$K" rotate flip "${opts[@]}" --zone z >/dev/null
+    flip_us=$(status | python3 -c "import json,sys; print(json.load(sys.stdin)['last_flip_micros'])")
     iops=$(randread); echo "$rep,migrate,$iops,$(progress)" >> "$csv"
+    echo "$rep,flip-us,$flip_us,-" >> "$csv"
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
     grep "^$rep," "$csv" | sed 's/^/  /'
 done
@@ -59,7 +62,9 @@ python3 - "$csv" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 med = {s: statistics.median(float(r["iops"]) for r in rows if r["state"] == s) for s in ("idle", "staging", "migrate")}
-print(f"== medians over {len(rows)//3} repetition(s)")
+flips = sorted(float(r["iops"]) for r in rows if r["state"] == "flip-us")
+print(f"== medians over {len(flips)} repetition(s)")
+print(f"  flip of the whole zone while staging: median {statistics.median(flips) / 1000:.2f} ms ({', '.join(f'{f / 1000:.2f}' for f in flips)})")
 for s, m in med.items():
     print(f"  {s:8s} {m:10.0f} IOPS   {m / med['idle']:.2f}x idle")
 EOF
