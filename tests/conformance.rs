@@ -162,12 +162,18 @@ impl PidFileGuard {
         let _ = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
+        // Not our child, so no wait(): poll until every thread is gone. The
+        // leader turns zombie while other threads (a kernel I/O worker, one
+        // in fdatasync) may still be exiting and holding the pool's lock, so
+        // a zombie counts as gone only once it is alone.
+        let alive = || {
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "));
+            threads > 1 || (threads == 1 && !zombie)
+        };
         let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}/comm")).exists()
-            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| !s.contains(") Z "))
-            && t.elapsed() < Duration::from_secs(10)
-        {
+        while alive() && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
