@@ -219,21 +219,22 @@ impl Volume {
         self.zone.note_io();
         let crypto = self.zone.crypto();
         let prefer_data = !self.storage.data.is_direct();
-        let sources: Vec<Option<LiveCopy>> = located
-            .iter()
-            .map(|l| l.map(|l| read_source(&l, prefer_data, &crypto)))
-            .collect();
+        // The copy each block is read from (cheap: a comparison or two).
+        let source = |l: &Located| read_source(l, prefer_data, &crypto);
         // Group blocks into runs of consecutive slots on one device: one
         // device read each.
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (i, (loc, src)) in located.iter().zip(&sources).enumerate() {
-            match (loc, src) {
-                (Some(l), Some(c)) => {
+        for (i, loc) in located.iter().enumerate() {
+            match loc {
+                None => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
+                Some(l) => {
                     self.zone.heat.touch(l.cbid);
+                    let c = source(l);
                     match runs.last_mut() {
                         Some((start, len))
                             if *start + *len == i
-                                && sources[*start].is_some_and(|s| {
+                                && located[*start].is_some_and(|s| {
+                                    let s = source(&s);
                                     s.place == c.place && s.slot.0 + *len as u64 == c.slot.0
                                 }) =>
                         {
@@ -242,11 +243,10 @@ impl Volume {
                         _ => runs.push((i, 1)),
                     }
                 }
-                _ => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
             }
         }
         let reads = runs.iter().map(|&(start, len)| {
-            let src = sources[start].expect("run starts at a mapped block");
+            let src = source(&located[start].expect("run starts at a mapped block"));
             self.storage
                 .read_copy(src.place, src.slot, self.storage.bufs.get(len))
         });
@@ -258,7 +258,7 @@ impl Volume {
                     for j in 0..len {
                         let i = start + j;
                         let loc = located[i].expect("mapped");
-                        let src = sources[i].expect("mapped");
+                        let src = source(&loc);
                         let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
                         if !decrypt_verify(
                             &crypto,
