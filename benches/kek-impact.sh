@@ -7,25 +7,14 @@
 #
 #   benches/kek-impact.sh             # REPS=3 RUNTIME=10 EVERY=1
 set -euo pipefail
-cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-10}
 EVERY=${EVERY:-1}
 PORT=${PORT:-12095}
-cargo build --release --quiet
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
-work=$(mktemp -d /tmp/keyturn-kekimpact.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-echo "bench-pass" > "$work/pass"
-opts=(--pool "$work/pool" --passphrase-file "$work/pass")
-"$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-"$K" zone create "${opts[@]}" z >/dev/null 2>&1
-"$K" volume create "${opts[@]}" --zone z --size 1G vol0 >/dev/null 2>&1
-"$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
-pid=$!
-for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+. "$(dirname "$0")/lib.sh"
+bench_init kekimpact
+new_pool 1G
+serve "$PORT"
 fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=write --bs=1m --iodepth=8 \
     --size=1G --refill_buffers --output=/dev/null
 load() {

@@ -7,37 +7,24 @@
 #   benches/recovery.sh               # 1 GiB volume, 3 repetitions
 #   SIZE=4G REPS=5 benches/recovery.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1G}
 REPS=${REPS:-3}
 PORT=${PORT:-12060}
 PROFILE=${PROFILE:-ci-2core}
-cargo build --release --quiet
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
-work=$(mktemp -d /tmp/keyturn-recovery.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-echo "bench-pass" > "$work/pass"
-opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+. "$(dirname "$0")/lib.sh"
+bench_init recovery
 
 start() { # sets $pid, and $secs: the seconds from exec to "ready:"
     local t0 t1
-    : >"$work/out"
     t0=$(date +%s.%N)
-    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --profile "$PROFILE" >"$work/out" 2>>"$work/log" &
-    pid=$!
-    for _ in $(seq 1 6000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.005; done
+    serve "$PORT" --profile "$PROFILE"
     t1=$(date +%s.%N)
     secs=$(python3 -c "print(f'{$t1 - $t0:.3f}')")
 }
 
 times=()
 for rep in $(seq 1 "$REPS"); do
-    rm -rf "$work/pool"
-    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
-    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null 2>&1
+    new_pool "$SIZE"
     start
     fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randwrite --bs=4k \
         --iodepth=32 --size="$SIZE" --norandommap --randrepeat=0 --output=/dev/null
@@ -49,6 +36,6 @@ for rep in $(seq 1 "$REPS"); do
     times+=("$secs")
     replayed=$(grep -o 'replayed_to=[0-9]*' "$work/log" | tail -1)
     echo "rep $rep: restart to ready ${secs}s ($replayed); before the kill: server RSS ${rss} KiB, metadata ${meta} KiB (journal ${journal} KiB)"
-    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+    stop_server
 done
 printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "median restart to ready: " a[int((NR+1)/2)] " s over " NR " runs"}'

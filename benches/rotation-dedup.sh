@@ -6,25 +6,13 @@
 #
 #   benches/rotation-dedup.sh          # SIZE=256M DUP=4
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE=${SIZE:-256M}
 DUP=${DUP:-4}
 PORT=${PORT:-12085}
-cargo build --release --quiet
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
-work=$(mktemp -d /tmp/keyturn-rotdedup.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-echo "bench-pass" > "$work/pass"
-opts=(--pool "$work/pool" --passphrase-file "$work/pass")
-"$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-sed -i 's/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/' "$work/pool/pool.toml"
-"$K" zone create "${opts[@]}" z >/dev/null 2>&1
-"$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null 2>&1
-"$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
-pid=$!
-for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+. "$(dirname "$0")/lib.sh"
+bench_init rotdedup
+new_pool "$SIZE" 's/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/'
+serve "$PORT"
 python3 - "$work/src" "$SIZE" "$DUP" <<'PY'
 import os, re, sys
 path, size, dup = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -36,7 +24,6 @@ with open(path, "wb") as f:
         f.write(b * dup)
 PY
 nbdcopy "$work/src" "nbd://127.0.0.1:$PORT/vol0"
-status() { "$K" rotate status "${opts[@]}" --zone z --json; }
 t0=$(date +%s.%N)
 "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
 until status | python3 -c "import json,sys; s=json.load(sys.stdin); sys.exit(0 if s['staged_blocks']==s['content_blocks'] else 1)"; do sleep 0.2; done

@@ -14,22 +14,14 @@
 #
 #   benches/rotation-impact.sh            # SIZE=4G REPS=3 RUNTIME=8
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE=${SIZE:-4G}
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-8}
 PORT=${PORT:-12080}
-cargo build --release --quiet
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
-work=$(mktemp -d /tmp/keyturn-rotimpact.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-echo "bench-pass" > "$work/pass"
-opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+. "$(dirname "$0")/lib.sh"
+bench_init rotimpact
 csv="$work/results.csv"; echo "rep,state,iops,progress_at_end" > "$csv"
 
-status() { "$K" rotate status "${opts[@]}" --zone z --json; }
 randread() { # → IOPS
     fio --name=rr --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=randread --bs=4k \
         --iodepth=32 --size="$SIZE" --time_based --runtime="$RUNTIME" --norandommap \
@@ -38,14 +30,8 @@ randread() { # → IOPS
 progress() { status | python3 -c "import json,sys; s=json.load(sys.stdin); print(f\"{s['phase']}:{s['progress_percent']:.0f}%\")"; }
 
 for rep in $(seq 1 "$REPS"); do
-    rm -rf "$work/pool"
-    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-    sed -i 's/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/' "$work/pool/pool.toml"
-    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
-    "$K" volume create "${opts[@]}" --zone z --size "$SIZE" vol0 >/dev/null 2>&1
-    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
-    pid=$!
-    for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+    new_pool "$SIZE" 's/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/'
+    serve "$PORT"
     fio --name=fill --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/vol0 --rw=write --bs=1m --iodepth=8 \
         --size="$SIZE" --refill_buffers --output=/dev/null
     echo "$rep,idle,$(randread),-" >> "$csv"
@@ -55,7 +41,7 @@ for rep in $(seq 1 "$REPS"); do
     flip_us=$(status | python3 -c "import json,sys; print(json.load(sys.stdin)['last_flip_micros'])")
     iops=$(randread); echo "$rep,migrate,$iops,$(progress)" >> "$csv"
     echo "$rep,flip-us,$flip_us,-" >> "$csv"
-    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+    stop_server
     grep "^$rep," "$csv" | sed 's/^/  /'
 done
 python3 - "$csv" <<'EOF'

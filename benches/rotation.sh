@@ -20,21 +20,14 @@
 #   benches/rotation.sh                 # SIZE=1G REPS=3
 #   SIZE=256M REPS=1 CRYPTSETUP=0 benches/rotation.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
 SIZE=${SIZE:-1G}
 REPS=${REPS:-3}
 PORT=${PORT:-12070}
 CRYPTSETUP=${CRYPTSETUP:-1}
 BATCH=${BATCH:-}              # override [rotation] batch_blocks
 PEERS=../shared/bench/reencrypt-speed.sh
-cargo build --release --quiet
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
-work=$(mktemp -d /tmp/keyturn-rotbench.XXXXXX)
-pid=""
-cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-echo "bench-pass" > "$work/pass"
-opts=(--pool "$work/pool" --passphrase-file "$work/pass")
+. "$(dirname "$0")/lib.sh"
+bench_init rotbench
 BYTES=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)([kKmMgG]?)',sys.argv[1]); print(int(m.group(1))*{'':1,'k':1<<10,'m':1<<20,'g':1<<30}[m.group(2).lower()])" "$SIZE")
 if [ "$CRYPTSETUP" = 1 ] && ! command -v cryptsetup >/dev/null; then
     apt-get install -y -qq cryptsetup-bin >/dev/null
@@ -42,7 +35,6 @@ fi
 head -c "$BYTES" /dev/urandom > "$work/random"
 csv="$work/results.csv"; echo "rep,variant,value,unit" > "$csv"
 
-status() { "$K" rotate status "${opts[@]}" --zone z --json; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 rate() { python3 -c "import sys; print(f'{$BYTES / float(sys.stdin.read()) / 1e6:.1f}')"; }
 now() { date +%s.%N; }
@@ -56,28 +48,13 @@ wait_for() { # python predicate on the status JSON `s`
 
 pool_with() { # SIZE of data → a served pool at $PORT holding it
     local size=$1
-    rm -rf "$work/pool"
-    "$K" init "${opts[@]}" --kdf-memory-kib 8192 --kdf-iterations 1 >/dev/null 2>&1
-    python3 - "$work/pool/pool.toml" "$BATCH" <<'EOF'
-import sys, re
-p = sys.argv[1]; t = open(p).read()
-if sys.argv[2]:
-    t = re.sub(r"batch_blocks = \d+", "batch_blocks = " + sys.argv[2], t)
-t = re.sub(r"grace_secs = \d+", "grace_secs = 0", t)
-t = re.sub(r"staging_capacity_mib = \d+", "staging_capacity_mib = 4096", t)
-open(p, "w").write(t)
-EOF
-    "$K" zone create "${opts[@]}" z >/dev/null 2>&1
-    "$K" volume create "${opts[@]}" --zone z --size "$size" vol0 >/dev/null 2>&1
-    "$K" serve "${opts[@]}" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:0 >"$work/out" 2>>"$work/log" &
-    pid=$!
-    for _ in $(seq 1 2000); do grep -q '^ready:' "$work/out" 2>/dev/null && break; sleep 0.01; done
+    new_pool "$size" "s/^grace_secs = .*/grace_secs = 0/; s/^staging_capacity_mib = .*/staging_capacity_mib = 4096/${BATCH:+; s/^batch_blocks = .*/batch_blocks = $BATCH/}"
+    serve "$PORT"
     head -c "$size" "$work/random" > "$work/src"
     nbdcopy "$work/src" "nbd://127.0.0.1:$PORT/vol0"
     sync
 }
 
-stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""; }
 
 for rep in $(seq 1 "$REPS"); do
     # Flip time on a small zone.
@@ -86,7 +63,7 @@ for rep in $(seq 1 "$REPS"); do
     wait_for 's["staged_blocks"] == s["content_blocks"]'
     "$K" rotate flip "${opts[@]}" --zone z >/dev/null
     echo "$rep,flip-64M,$(status | field '["last_flip_micros"]'),us" >> "$csv"
-    stop
+    stop_server
 
     pool_with "$SIZE"
     t0=$(now)
@@ -112,7 +89,7 @@ for rep in $(seq 1 "$REPS"); do
     nbdcopy "nbd://127.0.0.1:$PORT/vol0" "$work/back"
     cmp -s "$work/src" "$work/back" || { echo "DATA MISMATCH after rotation" >&2; exit 1; }
     rm -f "$work/back"
-    stop
+    stop_server
 
     if [ "$CRYPTSETUP" = 1 ] && [ -x "$PEERS" ]; then
         out="$work/peers-$rep"
