@@ -897,10 +897,30 @@ mod tests {
     #[test]
     #[ignore = "benchmark: cargo test --lib softhsm_bench -- --ignored --nocapture"]
     fn softhsm_bench() {
-        let out = run_child("softhsm_bench_child");
-        for line in out.lines().filter(|l| l.starts_with("bench:")) {
-            println!("{line}");
+        for child in ["softhsm_bench_child", "softhsm_kek_rotation_child"] {
+            let out = run_child(child);
+            for line in out.lines().filter(|l| l.starts_with("bench:")) {
+                println!("{line}");
+            }
         }
+    }
+
+    /// A KEK rotation of a zone with 1,000 DEK versions under a SoftHSM2
+    /// root key (the figure beside the sealed file's in
+    /// `zone_keys::tests::kek_rotation_of_1000_deks`).
+    #[test]
+    #[ignore = "inner test: run by softhsm_bench in a child process"]
+    fn softhsm_kek_rotation_child() {
+        if !in_child() {
+            return;
+        }
+        let p = Pkcs11Provider::create_key(&config(DEFAULT_KEY_LABEL), &pin(USER_PIN)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (median, min, max) =
+            crate::keys::zone_keys::tests::time_kek_rotation_of_1000_deks(&p, dir.path());
+        println!(
+            "bench: KEK rotation of 1000 DEKs + MAC key under a SoftHSM2 root key, an atomic save per 64: median {median:.3} s (min {min:.3}, max {max:.3})"
+        );
     }
 
     /// Wraps and unwraps 1,000 KEKs through SoftHSM2 and prints the time.
