@@ -26,7 +26,7 @@ PY
 nbdcopy "$work/src" "nbd://127.0.0.1:$PORT/vol0"
 t0=$(date +%s.%N)
 "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
-until status | python3 -c "import json,sys; s=json.load(sys.stdin); sys.exit(0 if s['staged_blocks']==s['content_blocks'] else 1)"; do sleep 0.2; done
+wait_status 's["staged_blocks"] == s["content_blocks"]'
 t1=$(date +%s.%N)
 "$K" volume stats "${opts[@]}" --json > "$work/stats"
 status > "$work/status"

@@ -38,13 +38,6 @@ csv="$work/results.csv"; echo "rep,variant,value,unit" > "$csv"
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 rate() { python3 -c "import sys; print(f'{$BYTES / float(sys.stdin.read()) / 1e6:.1f}')"; }
 now() { date +%s.%N; }
-wait_for() { # python predicate on the status JSON `s`
-    for _ in $(seq 1 12000); do
-        if status | python3 -c "import json,sys; s=json.load(sys.stdin); sys.exit(0 if ($1) else 1)"; then return 0; fi
-        sleep 0.2
-    done
-    echo "timed out waiting for: $1" >&2; exit 1
-}
 
 pool_with() { # SIZE of data → a served pool at $PORT holding it
     local size=$1
@@ -60,7 +53,7 @@ for rep in $(seq 1 "$REPS"); do
     # Flip time on a small zone.
     pool_with 64M
     "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
-    wait_for 's["staged_blocks"] == s["content_blocks"]'
+    wait_status 's["staged_blocks"] == s["content_blocks"]'
     "$K" rotate flip "${opts[@]}" --zone z >/dev/null
     echo "$rep,flip-64M,$(status | field '["last_flip_micros"]'),us" >> "$csv"
     stop_server
@@ -68,20 +61,20 @@ for rep in $(seq 1 "$REPS"); do
     pool_with "$SIZE"
     t0=$(now)
     "$K" rotate prepare "${opts[@]}" --zone z >/dev/null
-    wait_for 's["staged_blocks"] == s["content_blocks"]'
+    wait_status 's["staged_blocks"] == s["content_blocks"]'
     t1=$(now)
     echo "$rep,stage-wall,$(python3 -c "print(f'{$BYTES / ($t1 - $t0) / 1e6:.1f}')"),MB/s" >> "$csv"
     echo "$rep,stage,$(status | field '["staging_secs"]' | rate),MB/s" >> "$csv"
     "$K" rotate flip "${opts[@]}" --zone z >/dev/null
     t2=$(now)
     echo "$rep,flip-$SIZE,$(status | field '["last_flip_micros"]'),us" >> "$csv"
-    wait_for 's["phase"] == "idle" and s["staging_used_bytes"] == 0'
+    wait_status 's["phase"] == "idle" and s["staging_used_bytes"] == 0'
     t3=$(now)
     echo "$rep,destage-wall,$(python3 -c "print(f'{$BYTES / ($t3 - $t2) / 1e6:.1f}')"),MB/s" >> "$csv"
     echo "$rep,destage,$(status | field '["migration_secs"]' | rate),MB/s" >> "$csv"
     t4=$(now)
     "$K" rotate emergency "${opts[@]}" --zone z --reason "benchmark" >/dev/null
-    wait_for 's["phase"] == "idle"'
+    wait_status 's["phase"] == "idle"'
     t5=$(now)
     echo "$rep,reenc-wall,$(python3 -c "print(f'{$BYTES / ($t5 - $t4) / 1e6:.1f}')"),MB/s" >> "$csv"
     echo "$rep,reenc,$(status | field '["migration_secs"]' | rate),MB/s" >> "$csv"

@@ -662,6 +662,8 @@ impl Pool {
             &DeviceOptions {
                 create: false,
                 direct: profile.io.direct,
+                // Migration writes: see `rotation::pipeline`.
+                uncached_writes: true,
             },
             &engine,
         )?;
@@ -818,6 +820,7 @@ impl Pool {
             &DeviceOptions {
                 create: false,
                 direct: true,
+                uncached_writes: false,
             },
             engine,
         )?;

@@ -55,6 +55,12 @@ impl Throttle {
         cpu.max(rate).min(Duration::from_millis(500))
     }
 
+    /// Whether `zone` has gone without foreground I/O long enough that the
+    /// budget does not apply.
+    pub fn zone_idle(&self, zone: &Zone) -> bool {
+        zone.idle_for() >= self.idle_after
+    }
+
     /// Sleeps as [`delay`](Self::delay) says, for `zone`.
     pub fn pace(&mut self, zone: &Zone, bytes: u64, busy: Duration) {
         let d = self.delay(bytes, busy, zone.idle_for());

@@ -93,6 +93,9 @@ pub struct DeviceOptions {
     pub create: bool,
     /// Try O_DIRECT, and fall back to buffered I/O where the filesystem refuses it.
     pub direct: bool,
+    /// On a buffered device, also open an O_DIRECT handle for
+    /// [`Device::write_at_uncached`]; skipped where O_DIRECT is refused.
+    pub uncached_writes: bool,
 }
 
 /// An open device: a regular file (grown on demand) or a raw block device.
@@ -110,6 +113,10 @@ struct DeviceInner {
     /// Shared with every in-flight request, which keeps the descriptor
     /// open until the kernel is done with it.
     file: Arc<File>,
+    /// An O_DIRECT handle on the same file, for writes that should not
+    /// fill the page cache; `None` when `file` is already direct or the
+    /// filesystem refuses O_DIRECT.
+    uncached: Option<Arc<File>>,
     engine: Engine,
     direct: bool,
     block_device: bool,
@@ -198,6 +205,24 @@ impl Device {
         if opts.direct && !direct {
             tracing::info!(device = %name, "O_DIRECT refused; using buffered I/O");
         }
+        let uncached = if opts.uncached_writes && !direct {
+            let reopen = DeviceOptions {
+                create: false,
+                ..opts.clone()
+            };
+            // Optional: without it, uncached writes are buffered writes.
+            match (sys.open)(path, &reopen, true).and_then(|f| (sys.probe)(&f).map(|()| f)) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    if !is_einval(&e) {
+                        tracing::warn!(device = %name, error = %e, "no O_DIRECT handle for uncached writes");
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let meta = file.metadata().map_err(io_err)?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
@@ -210,6 +235,7 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 name,
                 file: Arc::new(file),
+                uncached,
                 engine: engine.clone(),
                 direct,
                 block_device,
@@ -267,6 +293,39 @@ impl Device {
         offset: u64,
         buf: AlignedBuf,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
+        self.write_through(&self.inner.file, offset, buf).await
+    }
+
+    /// Like [`write_at`](Self::write_at), but the data does not stay in the
+    /// page cache: a buffered device writes it through its O_DIRECT handle
+    /// when it has one (see [`DeviceOptions::uncached_writes`]). For bulk
+    /// writes nobody is about to read: the page-cache copy is CPU, and it is
+    /// made on one kernel worker per file, which caps buffered bulk writes.
+    ///
+    /// The kernel writes back and drops any cached pages of the range
+    /// before a direct write, so buffered reads and writes of the same
+    /// range, before or after, stay coherent with it.
+    pub async fn write_at_uncached(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
+        let file = self.inner.uncached.as_ref().unwrap_or(&self.inner.file);
+        self.write_through(file, offset, buf).await
+    }
+
+    /// Whether [`write_at_uncached`](Self::write_at_uncached) bypasses the
+    /// page cache (a direct device, or a buffered one with its O_DIRECT handle).
+    pub fn writes_uncached(&self) -> bool {
+        self.inner.direct || self.inner.uncached.is_some()
+    }
+
+    async fn write_through(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
         if let Err(e) = self.check_poisoned("write") {
             return (Err(e), buf);
         }
@@ -276,7 +335,7 @@ impl Device {
         if let Err(e) = self.check_range("write", offset, buf.len()) {
             return (Err(e), buf);
         }
-        let done = self.run(OpKind::Write, offset, buf).await;
+        let done = self.run_on(file, OpKind::Write, offset, buf).await;
         self.inner.completed_writes.fetch_add(1, Ordering::AcqRel);
         done
     }
@@ -416,11 +475,21 @@ impl Device {
         offset: u64,
         buf: AlignedBuf,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
+        self.run_on(&self.inner.file, kind, offset, buf).await
+    }
+
+    async fn run_on(
+        &self,
+        file: &Arc<File>,
+        kind: OpKind,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
         let len = buf.len();
         let (reply, done) = oneshot::channel();
         let req = Request {
             kind,
-            file: self.inner.file.clone(),
+            file: file.clone(),
             offset,
             buf,
             reply,
@@ -663,6 +732,7 @@ mod tests {
     const RW: DeviceOptions = DeviceOptions {
         create: true,
         direct: true,
+        uncached_writes: false,
     };
 
     /// A buffer of `len` bytes whose content depends on `seed` and position.
@@ -950,9 +1020,74 @@ mod tests {
         let buffered = DeviceOptions {
             create: true,
             direct: false,
+            uncached_writes: false,
         };
         let dev = Device::open(&disk.path().join("dev"), &buffered, &engine).expect("open");
         assert!(!dev.is_direct());
+    }
+
+    async fn uncached_writes(cfg: EngineConfig) {
+        let engine = engine(&cfg);
+        let opts = DeviceOptions {
+            create: true,
+            direct: false,
+            uncached_writes: true,
+        };
+        let read = |dev: Device, at: u64| async move {
+            let (r, buf) = dev.read_at(at, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            buf
+        };
+        // ext4 takes O_DIRECT: a buffered device with a direct handle.
+        let disk = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&disk.path().join("dev"), &opts, &engine).expect("open");
+        assert!(!dev.is_direct() && dev.writes_uncached());
+        dev.ensure_size(4 * 4096).expect("grow");
+        // A dirty cached page, then an uncached write over it: the read
+        // (from the page cache if anything is left there) sees the new data.
+        let (r, _) = dev.write_at(0, pattern(4096, 1)).await;
+        r.expect("buffered write");
+        assert!(read(dev.clone(), 0).await[..] == pattern(4096, 1)[..]);
+        let (r, _) = dev.write_at_uncached(0, pattern(4096, 2)).await;
+        r.expect("uncached write");
+        assert!(read(dev.clone(), 0).await[..] == pattern(4096, 2)[..]);
+        // And the other way round: a buffered write over an uncached one.
+        let (r, _) = dev.write_at_uncached(8192, pattern(8192, 3)).await;
+        r.expect("uncached write");
+        let (r, _) = dev.write_at(12288, pattern(4096, 4)).await;
+        r.expect("buffered write");
+        assert!(read(dev.clone(), 8192).await[..] == pattern(8192, 3)[..4096]);
+        assert!(read(dev.clone(), 12288).await[..] == pattern(4096, 4)[..]);
+        let before = dev.completed_writes();
+        let (r, _) = dev.write_at_uncached(4096, pattern(4096, 5)).await;
+        r.expect("uncached write");
+        assert_eq!(dev.completed_writes(), before + 1, "counted for the commit's sync");
+        dev.sync().await.expect("sync");
+        drop(dev);
+        let on_disk = std::fs::read(disk.path().join("dev")).expect("read file");
+        assert!(on_disk[..4096] == pattern(4096, 2)[..]);
+        assert!(on_disk[4096..8192] == pattern(4096, 5)[..]);
+        assert!(on_disk[12288..] == pattern(4096, 4)[..]);
+
+        // Where O_DIRECT is refused, uncached writes are buffered writes.
+        fn refuse_open(path: &Path, opts: &DeviceOptions, direct: bool) -> io::Result<File> {
+            if direct {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                sys_open(path, opts, false)
+            }
+        }
+        let sys = OpenSys {
+            open: refuse_open,
+            probe: sys_probe,
+        };
+        let dev = Device::open_with(&disk.path().join("refused"), &opts, &engine, &sys)
+            .expect("open");
+        assert!(!dev.writes_uncached());
+        dev.ensure_size(4096).expect("grow");
+        let (r, _) = dev.write_at_uncached(0, pattern(4096, 6)).await;
+        r.expect("write");
+        assert!(read(dev.clone(), 0).await[..] == pattern(4096, 6)[..]);
     }
 
     fn is_eio(r: &Result<(), DeviceError>) -> bool {
@@ -1131,6 +1266,7 @@ mod tests {
         dropped_futures,
         tmpfs_direct,
         direct_fallback,
+        uncached_writes,
         faults,
         shutdown_in_flight,
         drop_engine,

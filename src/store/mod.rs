@@ -303,6 +303,7 @@ mod tests {
         let opts = DeviceOptions {
             create: true,
             direct: false,
+            uncached_writes: false,
         };
         let dev = Device::open(&path, &opts, &engine).unwrap();
         dev.ensure_size(1 << 20).unwrap();
