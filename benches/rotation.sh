@@ -16,6 +16,10 @@
 #   0.2 s) that sees the step done; destage-wall and reenc-wall also include
 #   the old key's destruction (grace 0: erase, discard of free space).
 #   cryptsetup-checksum / -none, dd-direct-write: from reencrypt-speed.sh
+#   dd-direct-read+write: dd reading SIZE and another writing SIZE at once
+#            (O_DIRECT), SIZE / time until both end: the disk's rate for
+#            the traffic of destaging or re-encrypting when the source and
+#            destination share it, as they do here
 #
 #   benches/rotation.sh                 # SIZE=1G REPS=3
 #   SIZE=256M REPS=1 CRYPTSETUP=0 benches/rotation.sh
@@ -91,6 +95,17 @@ for rep in $(seq 1 "$REPS"); do
             echo "$rep,$variant,$mbps,MB/s" >> "$csv"
         done
     fi
+    # What the disk does when one stream reads and another writes at once,
+    # as destaging and re-encryption do: BYTES each way, O_DIRECT.
+    rm -f "$work/dd.bin"
+    t0=$(now)
+    dd if="$work/src" of=/dev/null bs=1M iflag=direct status=none &
+    ddr=$!
+    dd if=/dev/zero of="$work/dd.bin" bs=1M count=$((BYTES >> 20)) oflag=direct status=none
+    wait "$ddr"
+    t1=$(now)
+    rm -f "$work/dd.bin"
+    echo "$rep,dd-direct-read+write,$(python3 -c "print(f'{$BYTES / ($t1 - $t0) / 1e6:.1f}')"),MB/s" >> "$csv"
     tail -n +2 "$csv" | grep "^$rep," | sed 's/^/  /'
 done
 echo "== medians over $REPS repetition(s), SIZE=$SIZE"
@@ -106,7 +121,7 @@ for (v, u), m in sorted(med.items()):
 def get(name):
     return next((m for (v, u), m in med.items() if v == name), None)
 for ours in ("stage", "reenc", "destage"):
-    for peer in ("cryptsetup-checksum", "cryptsetup-none", "dd-direct-write"):
+    for peer in ("cryptsetup-checksum", "cryptsetup-none", "dd-direct-write", "dd-direct-read+write"):
         a, b = get(ours), get(peer)
         if a and b:
             print(f"  {ours} / {peer}: {a / b:.2f}x")
