@@ -529,17 +529,16 @@ fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
         };
         let Some(device) = device else { return };
         let bufs = std::mem::take(&mut job.dst_bufs);
-        let writes =
-            job.dst_runs.iter().zip(bufs).map(|(&(start, _), buf)| {
-                let offset = Storage::offset(job.items[start].dst);
-                async move {
-                    if job.uncached {
-                        device.write_at_uncached(offset, buf).await
-                    } else {
-                        device.write_at(offset, buf).await
-                    }
+        let writes = job.dst_runs.iter().zip(bufs).map(|(&(start, _), buf)| {
+            let offset = Storage::offset(job.items[start].dst);
+            async move {
+                if job.uncached {
+                    device.write_at_uncached(offset, buf).await
+                } else {
+                    device.write_at(offset, buf).await
                 }
-            });
+            }
+        });
         let results = futures::executor::block_on(join_all(writes));
         for (&(start, len), (res, buf)) in job.dst_runs.iter().zip(results) {
             if let Err(e) = res {

@@ -1061,7 +1061,11 @@ mod tests {
         let before = dev.completed_writes();
         let (r, _) = dev.write_at_uncached(4096, pattern(4096, 5)).await;
         r.expect("uncached write");
-        assert_eq!(dev.completed_writes(), before + 1, "counted for the commit's sync");
+        assert_eq!(
+            dev.completed_writes(),
+            before + 1,
+            "counted for the commit's sync"
+        );
         dev.sync().await.expect("sync");
         drop(dev);
         let on_disk = std::fs::read(disk.path().join("dev")).expect("read file");
@@ -1081,8 +1085,8 @@ mod tests {
             open: refuse_open,
             probe: sys_probe,
         };
-        let dev = Device::open_with(&disk.path().join("refused"), &opts, &engine, &sys)
-            .expect("open");
+        let dev =
+            Device::open_with(&disk.path().join("refused"), &opts, &engine, &sys).expect("open");
         assert!(!dev.writes_uncached());
         dev.ensure_size(4096).expect("grow");
         let (r, _) = dev.write_at_uncached(0, pattern(4096, 6)).await;
