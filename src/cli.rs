@@ -1684,6 +1684,9 @@ fn serve(
                 dir.display()
             );
         }
+        // Handlers first: a SIGTERM sent as soon as "ready:" is read must
+        // stop the server cleanly, not kill it with the default action.
+        let shutdown = ShutdownSignals::install()?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "admin: http://{admin_addr}/")?;
         writeln!(out, "ready: nbd://{addr}/")?;
@@ -1693,7 +1696,7 @@ fn serve(
         out.flush()?;
         drop(out);
         tracing::info!(%addr, exports = pool.catalog().volumes.len(), "serving");
-        shutdown_signal().await;
+        shutdown.wait().await;
         tracing::info!("shutting down: finishing requests in flight");
         let _ = tx.send(true);
         for t in tasks {
@@ -1727,12 +1730,26 @@ fn serve(
     result
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment of `install` on.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Until either signal arrives (or arrived since `install`).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
     }
 }

@@ -215,3 +215,44 @@ fn verify_of_a_missing_log_fails() {
     assert!(!o.status.success());
     assert!(text(&o).contains("no audit log"), "{}", text(&o));
 }
+
+/// A SIGTERM sent the moment the server prints its first line (a service
+/// manager or a script stopping a server it just started) stops it
+/// cleanly: exit status 0 and a `serve.stop` record, every time. The
+/// signal handlers used to be installed only after the ready line, and a
+/// signal in between killed the process with the default action.
+#[test]
+fn sigterm_right_after_ready_stops_cleanly() {
+    use std::io::{BufRead, BufReader};
+    const CYCLES: usize = 10;
+    let pool = TestPool::new();
+    for i in 0..CYCLES {
+        let mut child = Command::new(keyturn_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--pool"])
+            .arg(pool.path())
+            .arg("--passphrase-file")
+            .arg(&pool.pass_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn keyturn serve");
+        // Kept open until the child exits: its later lines must not meet EPIPE.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        assert!(first.starts_with("admin: "), "cycle {i}: {first:?}");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: kill(2) takes no pointers; the pid is our own child,
+        // not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = child.wait().unwrap();
+        drop(stdout);
+        assert!(status.success(), "cycle {i}: {status}");
+    }
+    let stops = log_lines(&pool.path())
+        .iter()
+        .filter(|l| l.contains("\"serve.stop\"") && l.contains("\"ok\""))
+        .count();
+    assert_eq!(stops, CYCLES, "one clean serve.stop per cycle");
+}
