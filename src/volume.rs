@@ -222,8 +222,8 @@ impl Volume {
         // The copy each block is read from (cheap: a comparison or two).
         let source = |l: &Located| read_source(l, prefer_data, &crypto);
         // Group blocks into runs of consecutive slots on one device: one
-        // device read each.
-        let mut runs: Vec<(usize, usize)> = Vec::new();
+        // device read each, from the run's first copy on.
+        let mut runs: Vec<(usize, usize, LiveCopy)> = Vec::new();
         for (i, loc) in located.iter().enumerate() {
             match loc {
                 None => out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0),
@@ -231,28 +231,25 @@ impl Volume {
                     self.zone.heat.touch(l.cbid);
                     let c = source(l);
                     match runs.last_mut() {
-                        Some((start, len))
+                        Some((start, len, first))
                             if *start + *len == i
-                                && located[*start].is_some_and(|s| {
-                                    let s = source(&s);
-                                    s.place == c.place && s.slot.0 + *len as u64 == c.slot.0
-                                }) =>
+                                && first.place == c.place
+                                && first.slot.0 + *len as u64 == c.slot.0 =>
                         {
                             *len += 1
                         }
-                        _ => runs.push((i, 1)),
+                        _ => runs.push((i, 1, c)),
                     }
                 }
             }
         }
-        let reads = runs.iter().map(|&(start, len)| {
-            let src = source(&located[start].expect("run starts at a mapped block"));
+        let reads = runs.iter().map(|&(_, len, first)| {
             self.storage
-                .read_copy(src.place, src.slot, self.storage.bufs.get(len))
+                .read_copy(first.place, first.slot, self.storage.bufs.get(len))
         });
         let results = join_all(reads).await;
         let mut failed = Vec::new();
-        for ((start, len), (res, buf)) in runs.into_iter().zip(results) {
+        for ((start, len, _), (res, buf)) in runs.into_iter().zip(results) {
             match res {
                 Ok(()) => {
                     for j in 0..len {
@@ -942,8 +939,6 @@ fn runs(slots: impl Iterator<Item = Option<Slot>>) -> Vec<(usize, usize)> {
     out.into_iter().map(|(s, l, _)| (s, l)).collect()
 }
 
-/// Decrypts one block of ciphertext under `version` and checks its tag.
-/// On failure `dst` is zeroed (never left holding unverified plaintext).
 /// Which copy of a located block a read fetches first. Normally the live
 /// one. After a flip, a staged block keeps its data-device copy under the
 /// old key (decrypt-only, still in memory) until the migrator destages it;
@@ -965,6 +960,8 @@ fn read_source(loc: &Located, prefer_data: bool, crypto: &ZoneCrypto) -> LiveCop
     }
 }
 
+/// Decrypts one block of ciphertext under `version` and checks its tag.
+/// On failure `dst` is zeroed (never left holding unverified plaintext).
 fn decrypt_verify(
     crypto: &ZoneCrypto,
     loc: &Located,

@@ -8,6 +8,17 @@ use std::process::{Command, Output};
 
 use common::*;
 
+/// Registers operators alice and bob, their keys in `<name>.key` in the pool directory.
+fn add_operators(pool: &TestPool) {
+    for who in ["alice", "bob"] {
+        let key = pool.dir.path().join(format!("{who}.key"));
+        bare_ok(
+            pool,
+            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
+        );
+    }
+}
+
 /// Like `TestPool::new`, but `keyturn init --dual-control`.
 fn dual_pool() -> TestPool {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -208,13 +219,7 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
 fn emergency_rotation_needs_two_approvals_through_the_server() {
     require_tool("qemu-io");
     let pool = dual_pool();
-    for who in ["alice", "bob"] {
-        let key = pool.dir.path().join(format!("{who}.key"));
-        bare_ok(
-            &pool,
-            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
-        );
-    }
+    add_operators(&pool);
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "16M", "vol0"]);
     let server = pool.serve();
     qio_ok(&server.uri("vol0"), &["write -P 0x2e 0 1M", "flush"]);
@@ -309,13 +314,7 @@ fn root_path(pool: &TestPool) -> String {
 #[test]
 fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
     let pool = dual_pool();
-    for who in ["alice", "bob"] {
-        let key = pool.dir.path().join(format!("{who}.key"));
-        bare_ok(
-            &pool,
-            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
-        );
-    }
+    add_operators(&pool);
     let new_pass = write_file(pool.dir.path(), "new-pass", b"dual control new passphrase");
     let req = request_for(
         pool.dir.path(),
@@ -395,13 +394,7 @@ fn root_rotation_needs_two_distinct_approvals_for_rotate_root() {
 fn root_rotation_through_the_server_refuses_one_approval() {
     require_tool("qemu-io");
     let pool = dual_pool();
-    for who in ["alice", "bob"] {
-        let key = pool.dir.path().join(format!("{who}.key"));
-        bare_ok(
-            &pool,
-            &["operator", "add", who, "--key-out", key.to_str().unwrap()],
-        );
-    }
+    add_operators(&pool);
     pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "16M", "vol0"]);
     let new_pass = write_file(pool.dir.path(), "new-pass", b"online dual control pass");
     let req = request_for(

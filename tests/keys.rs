@@ -655,17 +655,12 @@ fn root_rotation_online_under_fio_then_kek_and_dek_rotations_and_a_restart() {
         "fio:\n{text}"
     );
     // A verify pass over fio's regions on new connections.
-    let (ok, text) = fio(
+    fio_verify(
         &vol0,
         2,
         8 * MIB,
-        1,
         &tmp.path().join("v1.json"),
-        &["--verify_only"],
-    );
-    assert!(
-        ok && fio_errors(&text).iter().all(|&e| e == 0),
-        "verify pass:\n{text}"
+        "verify pass",
     );
     qio_ok(
         &vol1,
@@ -696,17 +691,12 @@ fn root_rotation_online_under_fio_then_kek_and_dek_rotations_and_a_restart() {
     let mut server = pool.serve();
     logs.push(server.log.clone());
     let vol0 = server.uri("vol0");
-    let (ok, text) = fio(
+    fio_verify(
         &vol0,
         2,
         8 * MIB,
-        1,
         &tmp.path().join("v2.json"),
-        &["--verify_only"],
-    );
-    assert!(
-        ok && fio_errors(&text).iter().all(|&e| e == 0),
-        "verify after restart:\n{text}"
+        "verify after restart",
     );
     qio_ok(
         &server.uri("vol1"),

@@ -168,18 +168,7 @@ fn full_rotation_under_fio_verify() {
         "pre-window data changed"
     );
     // A fresh verify pass over fio's regions on new connections.
-    let (ok, text) = fio(
-        &uri,
-        3,
-        16 * MIB,
-        1,
-        &tmp.path().join("v.json"),
-        &["--verify_only"],
-    );
-    assert!(
-        ok && fio_errors(&text).iter().all(|&e| e == 0),
-        "verify pass:\n{text}"
-    );
+    fio_verify(&uri, 3, 16 * MIB, &tmp.path().join("v.json"), "verify pass");
     let log = std::fs::read_to_string(pool.path().join("audit.log")).unwrap();
     for action in [
         "rotation.prepare",
@@ -543,18 +532,7 @@ fn kek_rotation_while_serving_under_fio() {
         ok && fio_errors(&text).iter().all(|&e| e == 0),
         "fio:\n{text}"
     );
-    let (ok, text) = fio(
-        &uri,
-        2,
-        8 * MIB,
-        1,
-        &tmp.path().join("v.json"),
-        &["--verify_only"],
-    );
-    assert!(
-        ok && fio_errors(&text).iter().all(|&e| e == 0),
-        "verify pass:\n{text}"
-    );
+    fio_verify(&uri, 2, 8 * MIB, &tmp.path().join("v.json"), "verify pass");
 }
 
 /// Dedup is per zone and can be turned off: a zone without it stores every

@@ -553,7 +553,12 @@ fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
         // A buffered write's wait is the kernel copying it into the page
         // cache on another thread: CPU all the same. A direct write's wait
         // is the device.
-        let offloaded = if device.is_direct() || (job.uncached && device.writes_uncached()) {
+        let past_cache = if job.uncached {
+            device.writes_uncached()
+        } else {
+            device.is_direct()
+        };
+        let offloaded = if past_cache {
             Duration::ZERO
         } else {
             mark.at.elapsed()

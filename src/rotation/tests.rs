@@ -33,6 +33,18 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Until zone "z" is idle again with its first DEK destroyed: migration and
+/// destroy are done.
+fn wait_old_key_destroyed(pool: &Pool) {
+    wait_for("migration and destroy", || {
+        let s = pool.rotation_status("z").unwrap();
+        s.phase == crate::admin::RotationPhase::Idle
+            && s.keys
+                .iter()
+                .any(|k| k.version == 1 && k.state == "destroyed")
+    });
+}
+
 /// A fresh pool in a temporary directory: (the directory, the pool, its passphrase).
 fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) {
     let dir = tempfile::tempdir().unwrap();
@@ -157,13 +169,7 @@ fn full_rotation_stages_flips_migrates_and_erases() {
     );
     check_all("after flip");
 
-    wait_for("migration and destroy", || {
-        let s = pool.rotation_status("z").unwrap();
-        s.phase == crate::admin::RotationPhase::Idle
-            && s.keys
-                .iter()
-                .any(|k| k.version == 1 && k.state == "destroyed")
-    });
+    wait_old_key_destroyed(&pool);
     check_all("after migration");
     let refs = pool.key_references(&zone);
     assert_eq!(
@@ -348,13 +354,7 @@ fn reads_after_the_flip_use_either_verified_copy() {
     // The migrator destages block 3 and re-encrypts the rest from their
     // data copies (their staged copies fail their check).
     pool.rotation_resume("z").unwrap();
-    wait_for("migration and destroy", || {
-        let s = pool.rotation_status("z").unwrap();
-        s.phase == crate::admin::RotationPhase::Idle
-            && s.keys
-                .iter()
-                .any(|k| k.version == 1 && k.state == "destroyed")
-    });
+    wait_old_key_destroyed(&pool);
     check_all("after migration");
     let st = pool.rotation_status("z").unwrap();
     assert_eq!(

@@ -476,6 +476,16 @@ pub fn fio(
     (o.status.success(), text)
 }
 
+/// A verify-only pass of [`fio`] over the regions an earlier run of `jobs`
+/// jobs wrote, on new connections: panics, saying `what`, on any error.
+pub fn fio_verify(uri: &str, jobs: u32, region: u64, out: &Path, what: &str) {
+    let (ok, text) = fio(uri, jobs, region, 1, out, &["--verify_only"]);
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "{what}:\n{text}"
+    );
+}
+
 /// The `error` of each fio job in its JSON output.
 pub fn fio_errors(text: &str) -> Vec<i64> {
     let start = text
