@@ -317,6 +317,10 @@ pub struct IoProfile {
     pub queue_depth: u32,
     /// Try O_DIRECT on the data device.
     pub direct: bool,
+    /// With buffered I/O, foreground writes of at least this many KiB in one
+    /// contiguous run go past the page cache; 0 keeps them all buffered.
+    #[serde(default)]
+    pub uncached_write_kib: u64,
 }
 
 /// `[server]` of a profile.

@@ -662,7 +662,8 @@ impl Pool {
             &DeviceOptions {
                 create: false,
                 direct: profile.io.direct,
-                // Migration writes: see `rotation::pipeline`.
+                // Migration writes (see `rotation::pipeline`) and long
+                // foreground runs (`[io] uncached_write_kib`).
                 uncached_writes: true,
             },
             &engine,
@@ -675,7 +676,11 @@ impl Pool {
         let growable = data_sync.metadata().map_err(io_at(&data_path))?.is_file();
         tracing::info!(device = %data_path.display(), direct = data.is_direct(), growable, "data device open");
         let staging = Self::open_staging(dir, &config, &engine)?;
-        let storage = Arc::new(Storage::new(data, data_sync, growable).with_staging(staging));
+        let storage = Arc::new(
+            Storage::new(data, data_sync, growable)
+                .with_staging(staging)
+                .with_uncached_runs(profile.io.uncached_write_kib),
+        );
 
         let mut zones = BTreeMap::new();
         for z in &catalog.zones {

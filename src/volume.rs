@@ -743,11 +743,7 @@ impl Volume {
                     &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
                 );
             }
-            data_writes.push(
-                self.storage
-                    .data
-                    .write_at(Storage::offset(new[start].slot), buf),
-            );
+            data_writes.push(self.storage.write_data_run(new[start].slot, len, buf));
         }
         let mut staging_writes = Vec::new();
         let mut staging_runs = Vec::new();

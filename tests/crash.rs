@@ -941,6 +941,53 @@ fn flushed_writes_survive_kill9_at_random_points() {
     check_pool(&pool, v.nonzero, &format!("seed {seed}"));
 }
 
+/// (a2) The same contract for long writes, which the default profile sends
+/// past the page cache (`uncached_write_kib`): runs of up to 384 KiB, some
+/// over the threshold and some under, flushed and FUA, killed mid-stream.
+#[test]
+fn long_uncached_writes_survive_kill9() {
+    let seed = seed_from_env("long_uncached_writes_survive_kill9");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pool = TestPool::with_volume("256M");
+    let mut server = pool.serve();
+    let mut model = Model::new(4096, 8192);
+    let mut acked = 0;
+    for iter in 0..4 {
+        let cfg = LoadCfg {
+            iodepth: 16,
+            flush_every: 6,
+            fua: iter % 2 == 1,
+            max_run: 96,
+            trim_one_in: 16,
+        };
+        let delay = Duration::from_millis(rng.gen_range(150..900));
+        let (m, stats) = load_then_kill9(&mut server, model, cfg, rng.r#gen(), delay);
+        model = m;
+        acked += stats.flushes_acked + if cfg.fua { stats.writes_acked } else { 0 };
+        server = restart(&pool, &[]);
+        let v = verify_region(
+            &server.addr(),
+            &mut model,
+            &format!("seed {seed}, long-run iteration {iter} (killed after {delay:?})"),
+        );
+        println!(
+            "long-run iteration {iter}: killed after {delay:?}: {} writes acked, {} flushes acked; {} blocks non-zero, {} at the durable version, {} newer",
+            stats.writes_acked, stats.flushes_acked, v.nonzero, v.at_floor, v.newer
+        );
+    }
+    assert!(
+        acked > 0,
+        "nothing was made durable: the test proved nothing"
+    );
+    let v = verify_region(&server.addr(), &mut model, &format!("seed {seed}, final"));
+    assert!(
+        server.stop(),
+        "clean stop failed:\n{}",
+        tail(&server.log_text(), 20)
+    );
+    check_pool(&pool, v.nonzero, &format!("seed {seed}"));
+}
+
 /// (b) Writes answered with FUA survive kill -9 with no FLUSH at all.
 #[test]
 fn fua_writes_survive_kill9() {

@@ -158,6 +158,9 @@ pub struct Storage {
     growable: bool,
     /// The staging device, if the pool has one open.
     pub staging: Option<Staging>,
+    /// Foreground writes of at least this many contiguous blocks bypass the
+    /// page cache (see [`Storage::with_uncached_runs`]).
+    uncached_run_blocks: usize,
 }
 
 impl Storage {
@@ -175,6 +178,7 @@ impl Storage {
             bufs: bufpool::BufPool::default(),
             growable,
             staging: None,
+            uncached_run_blocks: usize::MAX,
         }
     }
 
@@ -182,6 +186,36 @@ impl Storage {
     pub fn with_staging(mut self, staging: Staging) -> Self {
         self.staging = Some(staging);
         self
+    }
+
+    /// Sends foreground data-device writes of at least `kib` KiB in one run
+    /// past the page cache ([`Device::write_at_uncached`]); 0 keeps them all
+    /// buffered. Streaming writes then cost no page-cache copy and no
+    /// writeback at commit, while small writes stay cached for the reads
+    /// that follow them.
+    pub fn with_uncached_runs(mut self, kib: u64) -> Self {
+        let blocks = kib * 1024 / BLOCK_SIZE as u64;
+        self.uncached_run_blocks = if kib == 0 {
+            usize::MAX
+        } else {
+            usize::try_from(blocks.max(1)).unwrap_or(usize::MAX)
+        };
+        self
+    }
+
+    /// Writes a run of `blocks` new content blocks at `slot` of the data
+    /// device, past the page cache when the run is long enough.
+    pub async fn write_data_run(
+        &self,
+        slot: Slot,
+        blocks: usize,
+        buf: device::AlignedBuf,
+    ) -> (Result<(), DeviceError>, device::AlignedBuf) {
+        if blocks >= self.uncached_run_blocks {
+            self.data.write_at_uncached(Self::offset(slot), buf).await
+        } else {
+            self.data.write_at(Self::offset(slot), buf).await
+        }
     }
 
     /// Reads `buf.len()` bytes at `slot` of the device `place` names; a
