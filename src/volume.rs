@@ -74,8 +74,34 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
-/// Content-block records changed by one journal frame, latest value per CBID.
-type Changes = rustc_hash::FxHashMap<Cbid, Option<CbRecord>>;
+/// Content-block records changed by one journal frame, by CBID.
+type Changes = rustc_hash::FxHashMap<Cbid, Change>;
+
+/// One content block's record before a journal frame and after it, so
+/// applying the frame needs no second lookup of the old record.
+#[derive(Clone, Copy)]
+pub(crate) struct Change {
+    before: Option<CbRecord>,
+    after: Option<CbRecord>,
+}
+
+/// The change to `cbid` in `changed`, started from its current record.
+fn change<'a>(changed: &'a mut Changes, meta: &ZoneMeta, cbid: Cbid) -> &'a mut Change {
+    changed.entry(cbid).or_insert_with(|| {
+        let now = meta.cb(cbid);
+        Change {
+            before: now,
+            after: now,
+        }
+    })
+}
+
+/// Applies a frame's changes to the zone's records.
+fn apply_changes(meta: &mut ZoneMeta, changed: Changes, seq: JournalSeq) {
+    for (cbid, c) in changed {
+        meta.replace_cb(cbid, c.before, c.after, seq);
+    }
+}
 
 /// Where one logical block's data is.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -579,25 +605,29 @@ impl Volume {
                 cbid: nc.cbid,
                 record,
             });
-            changed.insert(nc.cbid, Some(record));
+            // A fresh CBID has no record yet.
+            debug_assert!(meta.cb(nc.cbid).is_none());
+            changed.insert(
+                nc.cbid,
+                Change {
+                    before: None,
+                    after: Some(record),
+                },
+            );
             self.zone.heat.touch(nc.cbid);
         }
         // New references to shared blocks before dropping old ones, so a
         // block rewritten with its own content never reaches zero.
         for t in &plan.targets {
             if let Target::Shared(cbid) = *t {
-                let mut r = changed
-                    .get(&cbid)
-                    .copied()
-                    .unwrap_or_else(|| meta.cb(cbid))
-                    .expect("checked live by the caller");
+                let c = change(&mut changed, meta, cbid);
+                let r = c.after.as_mut().expect("checked live by the caller");
                 r.refcount += 1;
                 entries.push(Entry::Cb {
                     zone: self.zone.id,
                     cbid,
-                    record: r,
+                    record: *r,
                 });
-                changed.insert(cbid, Some(r));
                 self.zone.heat.touch(cbid);
             }
         }
@@ -631,9 +661,7 @@ impl Volume {
             );
         }
         let seq = self.journal.append(&entries);
-        for (cbid, record) in changed {
-            meta.set_cb(cbid, record, seq);
-        }
+        apply_changes(meta, changed, seq);
         let map = meta.volumes.get_mut(&self.id).expect("checked above");
         for i in 0..n {
             map.set(Lba(first + i as u64), new_of(i), seq);
@@ -655,15 +683,15 @@ impl Volume {
         entries: &mut Vec<Entry>,
         frees: &mut Vec<Freed>,
     ) {
-        let current = changed.get(&cbid).copied().unwrap_or_else(|| meta.cb(cbid));
-        let Some(mut record) = current else {
+        let c = change(changed, meta, cbid);
+        let Some(mut record) = c.after else {
             tracing::error!(%cbid, "map pointed to a content block with no record; ignoring");
             return;
         };
         record.refcount -= 1;
         if record.refcount == 0 {
             entries.push(Entry::CbFree { zone, cbid });
-            changed.insert(cbid, None);
+            c.after = None;
             frees.push(Freed {
                 cbid,
                 slot: record.slot,
@@ -671,7 +699,7 @@ impl Volume {
             });
         } else {
             entries.push(Entry::Cb { zone, cbid, record });
-            changed.insert(cbid, Some(record));
+            c.after = Some(record);
         }
     }
 
@@ -863,9 +891,7 @@ impl Volume {
             );
         }
         let seq = self.journal.append(&entries);
-        for (cbid, record) in changed {
-            meta.set_cb(cbid, record, seq);
-        }
+        apply_changes(meta, changed, seq);
         let map = meta
             .volumes
             .get_mut(&self.id)

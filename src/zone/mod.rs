@@ -331,9 +331,31 @@ impl ZoneMeta {
 
     /// Records a change made by the journal frame `seq` (`None`: freed).
     pub fn set_cb(&mut self, cbid: Cbid, record: Option<CbRecord>, seq: JournalSeq) {
-        let old = (self.dedup.is_some() || self.census.is_some())
-            .then(|| self.cb(cbid))
-            .flatten();
+        let old = self.tracks_records().then(|| self.cb(cbid)).flatten();
+        self.replace_cb(cbid, old, record, seq);
+    }
+
+    /// Whether a record change must know the record it replaces (for the
+    /// dedup index or the census).
+    fn tracks_records(&self) -> bool {
+        self.dedup.is_some() || self.census.is_some()
+    }
+
+    /// Like [`set_cb`](Self::set_cb) for a caller that already knows the
+    /// current record: `old` must be what [`cb`](Self::cb) returns now. The
+    /// write path knows it, and skipping the lookup matters there (a miss in
+    /// a large overlay per block).
+    pub fn replace_cb(
+        &mut self,
+        cbid: Cbid,
+        old: Option<CbRecord>,
+        record: Option<CbRecord>,
+        seq: JournalSeq,
+    ) {
+        debug_assert!(
+            !self.tracks_records() || old == self.cb(cbid),
+            "stale old record for {cbid}"
+        );
         if let Some(census) = self.census.as_mut() {
             if let Some(old) = &old
                 && let Some(n) = census.get_mut(&census_key(old))
