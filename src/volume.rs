@@ -278,21 +278,16 @@ impl Volume {
         for ((start, len, _), (res, buf)) in runs.into_iter().zip(results) {
             match res {
                 Ok(()) => {
-                    for j in 0..len {
-                        let i = start + j;
-                        let loc = located[i].expect("mapped");
-                        let src = source(&loc);
-                        let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                        if !decrypt_verify(
-                            &crypto,
-                            &loc,
-                            src.key_version,
-                            &buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
-                            dst,
-                        ) {
-                            failed.push(i);
-                        }
-                    }
+                    let blocks: Vec<(Located, KeyVersion)> = located[start..start + len]
+                        .iter()
+                        .map(|l| {
+                            let loc = l.expect("mapped");
+                            (loc, source(&loc).key_version)
+                        })
+                        .collect();
+                    let dst = &mut out[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE];
+                    let bad = decrypt_verify_run(&crypto, &blocks, &buf[..len * BLOCK_SIZE], dst);
+                    failed.extend(bad.into_iter().map(|j| start + j));
                 }
                 Err(e) => {
                     tracing::warn!(volume = %self.name, error = %e, "read failed; retrying block by block");
@@ -454,11 +449,12 @@ impl Volume {
         let crypto = self.zone.crypto();
         // All-zero blocks are unmapped rather than stored: they read as zeros
         // without touching a device, and block status can say so truthfully.
-        let tags: Vec<Option<Tag>> = (0..n)
-            .map(|i| {
-                let b = block(i);
-                b.iter().any(|&x| x != 0).then(|| crypto.tagger().tag(b))
-            })
+        let mut all = vec![Tag::default(); n];
+        crypto.tagger().tag_blocks(plain, &mut all);
+        let tags: Vec<Option<Tag>> = all
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| block(i).iter().any(|&x| x != 0).then_some(t))
             .collect();
         let mut plan = self.plan_write(&tags, true)?;
         let mut written = 0;
@@ -991,16 +987,38 @@ fn decrypt_verify(
     src: &[u8],
     dst: &mut [u8],
 ) -> bool {
-    let Some(xts) = crypto.xts(version) else {
-        dst.fill(0);
-        return false;
-    };
-    xts.decrypt(loc.cbid.0, src, dst);
-    if crypto.tagger().verify(dst, &loc.record.tag) {
-        return true;
+    decrypt_verify_run(crypto, &[(*loc, version)], src, dst).is_empty()
+}
+
+/// [`decrypt_verify`] for a run of blocks read in one piece: decrypts
+/// block `j` of `src` under `blocks[j].1` into `dst`, tags the run in one
+/// batch, and returns the indices that failed (their `dst` blocks zeroed).
+fn decrypt_verify_run(
+    crypto: &ZoneCrypto,
+    blocks: &[(Located, KeyVersion)],
+    src: &[u8],
+    dst: &mut [u8],
+) -> Vec<usize> {
+    let mut ok = vec![true; blocks.len()];
+    for (((loc, version), ok), (s, d)) in blocks.iter().zip(&mut ok).zip(
+        src.chunks_exact(BLOCK_SIZE)
+            .zip(dst.chunks_exact_mut(BLOCK_SIZE)),
+    ) {
+        match crypto.xts(*version) {
+            Some(xts) => xts.decrypt(loc.cbid.0, s, d),
+            None => *ok = false,
+        }
     }
-    dst.fill(0);
-    false
+    let mut tags = vec![Tag::default(); blocks.len()];
+    crypto.tagger().tag_blocks(dst, &mut tags);
+    let mut bad = Vec::new();
+    for (j, ((loc, _), tag)) in blocks.iter().zip(&tags).enumerate() {
+        if !(ok[j] && tag.ct_eq(&loc.record.tag)) {
+            dst[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].fill(0);
+            bad.push(j);
+        }
+    }
+    bad
 }
 
 /// Queues the content blocks and slots a frame freed, to be released once

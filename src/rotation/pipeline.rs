@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use futures::future::join_all;
 use zeroize::Zeroize;
 
+use crate::crypto::tag::Tag;
 use crate::ids::{BLOCK_SIZE, Cbid, KeyVersion, Slot};
 use crate::store::Storage;
 use crate::store::device::AlignedBuf;
@@ -443,7 +444,10 @@ fn read_stage(ctx: &Context, input: Receiver<Job>, out: Sender<Job>, meter: &Met
 }
 
 fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>, meter: &Meter) {
-    let mut plain = vec![0u8; BLOCK_SIZE];
+    // Plaintext of one destination run, tagged in one batch; zeroized
+    // after every job.
+    let mut plain: Vec<u8> = Vec::new();
+    let mut tags: Vec<Tag> = Vec::new();
     for mut job in input {
         let mark = meter.start();
         let crypto = ctx.zone.crypto();
@@ -461,15 +465,22 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
         let mut dst_bufs = Vec::with_capacity(job.dst_runs.len());
         for &(start, len) in &job.dst_runs {
             let mut buf = ctx.storage.bufs.get(len);
+            if plain.capacity() < len * BLOCK_SIZE {
+                // Grow without a reallocation that would free plaintext unwiped.
+                plain.zeroize();
+                plain = Vec::with_capacity(len * BLOCK_SIZE);
+            }
+            plain.resize(len * BLOCK_SIZE, 0);
+            let src_of = |j: usize| {
+                let (r, off) = src_at[start + j];
+                &job.src_bufs[r][off * BLOCK_SIZE..(off + 1) * BLOCK_SIZE]
+            };
             for j in 0..len {
                 let it = &mut job.items[start + j];
                 if !it.ok {
                     continue;
                 }
-                let (r, off) = src_at[start + j];
-                let src = &job.src_bufs[r][off * BLOCK_SIZE..(off + 1) * BLOCK_SIZE];
-                let dst = &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
-                let (Some(from), Some(to)) = (crypto.xts(it.src.key_version), crypto.xts(target))
+                let (Some(from), Some(_)) = (crypto.xts(it.src.key_version), crypto.xts(target))
                 else {
                     it.ok = false;
                     ctx.counters.error(format!(
@@ -478,8 +489,25 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
                     ));
                     continue;
                 };
-                from.decrypt(it.cbid.0, src, &mut plain);
-                if !crypto.tagger().verify(&plain, &it.record.tag) {
+                from.decrypt(
+                    it.cbid.0,
+                    src_of(j),
+                    &mut plain[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                );
+            }
+            tags.resize(len, Tag::default());
+            crypto.tagger().tag_blocks(&plain, &mut tags);
+            let to = crypto.xts(target);
+            for j in 0..len {
+                let it = &mut job.items[start + j];
+                if !it.ok {
+                    continue;
+                }
+                let to = to.expect("checked above for every block still ok");
+                let src = src_of(j);
+                let plain = &plain[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+                let dst = &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+                if !tags[j].ct_eq(&it.record.tag) {
                     it.ok = false;
                     ctx.counters.error(format!(
                         "content block {} failed its integrity check on the {:?} device",
@@ -496,7 +524,7 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
                     dst.copy_from_slice(src);
                     ctx.counters.destaged.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    to.encrypt(it.cbid.0, &plain, dst);
+                    to.encrypt(it.cbid.0, plain, dst);
                     ctx.counters.reencrypted.fetch_add(1, Ordering::Relaxed);
                 }
             }
