@@ -679,7 +679,8 @@ impl Pool {
         let storage = Arc::new(
             Storage::new(data, data_sync, growable)
                 .with_staging(staging)
-                .with_uncached_runs(profile.io.uncached_write_kib),
+                .with_uncached_runs(profile.io.uncached_write_kib)
+                .with_max_run(profile.batch.max_run_blocks),
         );
 
         let mut zones = BTreeMap::new();

@@ -259,6 +259,7 @@ impl Volume {
                     match runs.last_mut() {
                         Some((start, len, first))
                             if *start + *len == i
+                                && *len < self.storage.max_run_blocks()
                                 && first.place == c.place
                                 && first.slot.0 + *len as u64 == c.slot.0 =>
                         {
@@ -757,8 +758,9 @@ impl Volume {
             _ => None,
         };
         let src = |nc: &NewCb| &plain[nc.block * BLOCK_SIZE..(nc.block + 1) * BLOCK_SIZE];
+        let max_run = self.storage.max_run_blocks();
         let mut data_writes = Vec::new();
-        for (start, len) in runs(new.iter().map(|nc| Some(nc.slot))) {
+        for (start, len) in runs(new.iter().map(|nc| Some(nc.slot)), max_run) {
             let mut buf = self.storage.bufs.get(len);
             for (j, nc) in new[start..start + len].iter().enumerate() {
                 xts.encrypt(
@@ -777,7 +779,7 @@ impl Volume {
             {
                 // Treated like a failed staging write below.
             }
-            for (start, len) in runs(new.iter().map(|nc| nc.staged)) {
+            for (start, len) in runs(new.iter().map(|nc| nc.staged), max_run) {
                 let mut buf = self.storage.bufs.get(len);
                 for (j, nc) in new[start..start + len].iter().enumerate() {
                     next.encrypt(
@@ -943,12 +945,14 @@ impl Volume {
 
 /// Groups consecutive slots into runs `(start index, length)`; `None`
 /// entries belong to no run.
-fn runs(slots: impl Iterator<Item = Option<Slot>>) -> Vec<(usize, usize)> {
+fn runs(slots: impl Iterator<Item = Option<Slot>>, max: usize) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize, u64)> = Vec::new();
     for (i, s) in slots.enumerate() {
         let Some(s) = s else { continue };
         match out.last_mut() {
-            Some((start, len, first)) if *start + *len == i && *first + *len as u64 == s.0 => {
+            Some((start, len, first))
+                if *start + *len == i && *len < max && *first + *len as u64 == s.0 =>
+            {
                 *len += 1
             }
             _ => out.push((i, 1, s.0)),
@@ -1153,5 +1157,21 @@ impl Export for Volume {
             }
         }
         Ok(extents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_break_at_gaps_holes_and_the_cap() {
+        let slots = |v: &[Option<u64>]| v.iter().map(|s| s.map(Slot)).collect::<Vec<_>>();
+        let v = slots(&[Some(5), Some(6), Some(7), None, Some(8), Some(10), Some(11)]);
+        assert_eq!(runs(v.iter().copied(), 100), [(0, 3), (4, 1), (5, 2)]);
+        let v = slots(&[Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        assert_eq!(runs(v.iter().copied(), 2), [(0, 2), (2, 2), (4, 1)]);
+        assert_eq!(runs(v.iter().copied(), 1).len(), 5);
+        assert!(runs(std::iter::empty(), 4).is_empty());
     }
 }

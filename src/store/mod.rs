@@ -161,6 +161,8 @@ pub struct Storage {
     /// Foreground writes of at least this many contiguous blocks bypass the
     /// page cache (see [`Storage::with_uncached_runs`]).
     uncached_run_blocks: usize,
+    /// Most blocks one data or staging I/O carries.
+    max_run_blocks: usize,
 }
 
 impl Storage {
@@ -179,6 +181,7 @@ impl Storage {
             growable,
             staging: None,
             uncached_run_blocks: usize::MAX,
+            max_run_blocks: usize::MAX,
         }
     }
 
@@ -201,6 +204,18 @@ impl Storage {
             usize::try_from(blocks.max(1)).unwrap_or(usize::MAX)
         };
         self
+    }
+
+    /// Caps the blocks one foreground device I/O carries (a profile's
+    /// `[batch] max_run_blocks`; at least 1).
+    pub fn with_max_run(mut self, blocks: u64) -> Self {
+        self.max_run_blocks = usize::try_from(blocks.max(1)).unwrap_or(usize::MAX);
+        self
+    }
+
+    /// Most blocks one foreground device I/O carries.
+    pub fn max_run_blocks(&self) -> usize {
+        self.max_run_blocks
     }
 
     /// Writes a run of `blocks` new content blocks at `slot` of the data
