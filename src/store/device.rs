@@ -284,6 +284,32 @@ impl Device {
         self.run(OpKind::Read, offset, buf).await
     }
 
+    /// Like [`read_at`](Self::read_at), for bulk background reads: never
+    /// tries the page cache inline (on a range that is only partly cached,
+    /// that copies a part on the calling thread and then reads it all again
+    /// through the ring), and with `uncached`, a buffered device reads
+    /// through its O_DIRECT handle when it has one. The kernel writes back
+    /// dirty cached pages of the range before a direct read.
+    pub async fn read_at_bulk(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        uncached: bool,
+    ) -> (Result<(), DeviceError>, AlignedBuf) {
+        if let Some(e) = self.inject(FaultOp::Read, offset, buf.len()) {
+            return (Err(self.io_err("read", offset, e)), buf);
+        }
+        if self.inner.block_device
+            && let Err(e) = self.check_range("read", offset, buf.len())
+        {
+            return (Err(e), buf);
+        }
+        match self.inner.uncached.as_ref().filter(|_| uncached) {
+            Some(file) => self.run_on(file, OpKind::Read, offset, buf).await,
+            None => self.run(OpKind::Read, offset, buf).await,
+        }
+    }
+
     /// Writes all of `buf` at `offset`. The buffer comes back whatever the outcome.
     ///
     /// The range must lie within [`size`](Self::size) (grow a file with
@@ -1058,6 +1084,19 @@ mod tests {
         r.expect("buffered write");
         assert!(read(dev.clone(), 8192).await[..] == pattern(8192, 3)[..4096]);
         assert!(read(dev.clone(), 12288).await[..] == pattern(4096, 4)[..]);
+        // Bulk reads, direct and through the ring, see the dirty cached page
+        // and the uncached one alike.
+        for uncached in [true, false] {
+            let (r, buf) = dev
+                .read_at_bulk(8192, AlignedBuf::zeroed(8192), uncached)
+                .await;
+            r.expect("bulk read");
+            assert!(
+                buf[..4096] == pattern(8192, 3)[..4096],
+                "uncached={uncached}"
+            );
+            assert!(buf[4096..] == pattern(4096, 4)[..], "uncached={uncached}");
+        }
         let before = dev.completed_writes();
         let (r, _) = dev.write_at_uncached(4096, pattern(4096, 5)).await;
         r.expect("uncached write");

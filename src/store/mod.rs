@@ -255,6 +255,21 @@ impl Storage {
         }
     }
 
+    /// [`read_copy`](Self::read_copy) for the rotation pipeline's bulk reads
+    /// (see [`Device::read_at_bulk`]).
+    pub async fn read_copy_bulk(
+        &self,
+        place: journal::Place,
+        slot: Slot,
+        buf: device::AlignedBuf,
+        uncached: bool,
+    ) -> (Result<(), DeviceError>, device::AlignedBuf) {
+        match self.device(place) {
+            Some(dev) => dev.read_at_bulk(Self::offset(slot), buf, uncached).await,
+            None => self.read_copy(place, slot, buf).await,
+        }
+    }
+
     /// The device a copy lives on.
     pub fn device(&self, place: journal::Place) -> Option<&Device> {
         match place {
