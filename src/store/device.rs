@@ -265,12 +265,7 @@ impl Device {
         offset: u64,
         buf: AlignedBuf,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
-        if let Some(e) = self.inject(FaultOp::Read, offset, buf.len()) {
-            return (Err(self.io_err("read", offset, e)), buf);
-        }
-        if self.inner.block_device
-            && let Err(e) = self.check_range("read", offset, buf.len())
-        {
+        if let Err(e) = self.check_read(offset, buf.len()) {
             return (Err(e), buf);
         }
         let mut buf = buf;
@@ -282,6 +277,17 @@ impl Device {
             return (Ok(()), buf);
         }
         self.run(OpKind::Read, offset, buf).await
+    }
+
+    /// An injected read fault, or a read past the end of a block device.
+    fn check_read(&self, offset: u64, len: usize) -> Result<(), DeviceError> {
+        if let Some(e) = self.inject(FaultOp::Read, offset, len) {
+            return Err(self.io_err("read", offset, e));
+        }
+        if self.inner.block_device {
+            self.check_range("read", offset, len)?;
+        }
+        Ok(())
     }
 
     /// Like [`read_at`](Self::read_at), for bulk background reads: never
@@ -296,12 +302,7 @@ impl Device {
         buf: AlignedBuf,
         uncached: bool,
     ) -> (Result<(), DeviceError>, AlignedBuf) {
-        if let Some(e) = self.inject(FaultOp::Read, offset, buf.len()) {
-            return (Err(self.io_err("read", offset, e)), buf);
-        }
-        if self.inner.block_device
-            && let Err(e) = self.check_range("read", offset, buf.len())
-        {
+        if let Err(e) = self.check_read(offset, buf.len()) {
             return (Err(e), buf);
         }
         match self.inner.uncached.as_ref().filter(|_| uncached) {
