@@ -573,7 +573,9 @@ impl Volume {
         }
         let mut dropped_staging = Vec::new();
         let mut entries = Vec::with_capacity(n * 2 + 2);
-        let mut changed = Changes::default();
+        // At most one change per new block and one per block overwritten;
+        // sized once, so a long write does not rehash it on the way.
+        let mut changed = Changes::with_capacity_and_hasher(plan.new.len() + n, Default::default());
         for (k, nc) in plan.new.iter().enumerate() {
             let refcount = refs[k];
             if refcount == 0 {
@@ -871,7 +873,7 @@ impl Volume {
             return Ok(None);
         }
         let mut entries = Vec::with_capacity(olds.len() * 2);
-        let mut changed = Changes::default();
+        let mut changed = Changes::with_capacity_and_hasher(olds.len(), Default::default());
         let mut frees = Vec::new();
         for &(lba, cbid) in olds {
             entries.push(Entry::Map {
