@@ -457,3 +457,42 @@ fn serve_creates_a_missing_token_and_refuses_a_world_readable_one() {
     assert!(err.contains("chmod 600"), "{err}");
     assert!(!err.contains(made.trim()), "the token is in the error");
 }
+
+/// Two pools on one host: a CLI command on a pool whose server is down must
+/// not stop at another pool's server found at the configured address (it
+/// refuses this pool's token): no server runs for this pool, so the command
+/// opens it here, as it would with nothing listening.
+#[test]
+fn another_pools_server_at_the_configured_address_means_no_server() {
+    let a = TestPool::with_volume("16M");
+    let b = TestPool::with_volume("16M");
+    let mut server_a = a.serve();
+    let addr_a = server_a.admin.clone().expect("admin address");
+    let toml = b.path().join("pool.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:10810\""), "{text}");
+    std::fs::write(&toml, text.replace("127.0.0.1:10810", &addr_a)).unwrap();
+
+    let o = b.keyturn(&["volume", "stats", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("opening it here"), "{}", stderr(&o));
+    let stats: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats[0]["name"], "vol0");
+    assert_eq!(
+        stats[0]["mapped_blocks"], 0,
+        "pool b's own volume, untouched"
+    );
+    // Operator commands that only a server can run say that none runs.
+    let o = b.keyturn_bare(&["rotate", "flip", "--zone", "z1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no keyturn server is answering for pool"),
+        "{}",
+        stderr(&o)
+    );
+    // Pool a's server is unaffected and still answers for pool a.
+    let o = a.keyturn_bare(&["volume", "stats", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("opening it here"), "{}", stderr(&o));
+    assert!(server_a.stop());
+}

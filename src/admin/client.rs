@@ -83,6 +83,9 @@ pub struct AdminClient {
     agent: ureq::Agent,
     pool: PathBuf,
     addr: String,
+    /// `addr` is `pool.toml`'s, not the one a running server of this pool
+    /// wrote to `admin.addr`.
+    configured: bool,
     token: AdminToken,
 }
 
@@ -92,9 +95,11 @@ impl AdminClient {
     pub fn for_pool(dir: &Path) -> Result<Self, ClientError> {
         let config = PoolConfig::load(&dir.join("pool.toml"))?;
         let addr_file = dir.join(ADDR_FILE);
-        let addr = match std::fs::read_to_string(&addr_file) {
-            Ok(text) => text.trim().to_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => config.admin.listen.clone(),
+        let (addr, configured) = match std::fs::read_to_string(&addr_file) {
+            Ok(text) => (text.trim().to_owned(), false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (config.admin.listen.clone(), true)
+            }
             Err(source) => {
                 return Err(ClientError::AddrFile {
                     path: addr_file,
@@ -124,6 +129,7 @@ impl AdminClient {
             agent,
             pool: dir.to_path_buf(),
             addr,
+            configured,
             token,
         })
     }
@@ -193,6 +199,17 @@ impl AdminClient {
             .map_err(|e| self.bad(path, e.to_string()))?;
         if (200..300).contains(&status) {
             return Ok(text);
+        }
+        if status == 401 && self.configured {
+            // A server of this pool writes `admin.addr` before it listens,
+            // so one found only at the configured address that refuses this
+            // pool's token serves another pool (two pools on one host, both
+            // on the default address): none runs for this one. Opening the
+            // pool here is still guarded by its lock.
+            return Err(ClientError::NotRunning {
+                pool: self.pool.display().to_string(),
+                addr: self.addr.clone(),
+            });
         }
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => Err(ClientError::Api {
