@@ -80,7 +80,7 @@ type Changes = rustc_hash::FxHashMap<Cbid, Change>;
 /// One content block's record before a journal frame and after it, so
 /// applying the frame needs no second lookup of the old record.
 #[derive(Clone, Copy)]
-pub(crate) struct Change {
+struct Change {
     before: Option<CbRecord>,
     after: Option<CbRecord>,
 }
@@ -279,16 +279,15 @@ impl Volume {
         for ((start, len, _), (res, buf)) in runs.into_iter().zip(results) {
             match res {
                 Ok(()) => {
-                    let blocks: Vec<(Located, KeyVersion)> = located[start..start + len]
-                        .iter()
-                        .map(|l| {
-                            let loc = l.expect("mapped");
-                            (loc, source(&loc).key_version)
-                        })
-                        .collect();
-                    let dst = &mut out[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE];
-                    let bad = decrypt_verify_run(&crypto, &blocks, &buf[..len * BLOCK_SIZE], dst);
-                    failed.extend(bad.into_iter().map(|j| start + j));
+                    decrypt_verify_run(
+                        &crypto,
+                        &located[start..start + len],
+                        |loc| source(loc).key_version,
+                        &buf[..len * BLOCK_SIZE],
+                        &mut out[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE],
+                        start,
+                        &mut failed,
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(volume = %self.name, error = %e, "read failed; retrying block by block");
@@ -450,13 +449,24 @@ impl Volume {
         let crypto = self.zone.crypto();
         // All-zero blocks are unmapped rather than stored: they read as zeros
         // without touching a device, and block status can say so truthfully.
-        let mut all = vec![Tag::default(); n];
-        crypto.tagger().tag_blocks(plain, &mut all);
-        let tags: Vec<Option<Tag>> = all
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| block(i).iter().any(|&x| x != 0).then_some(t))
+        let mut tags: Vec<Option<Tag>> = (0..n)
+            .map(|i| block(i).iter().any(|&x| x != 0).then(Tag::default))
             .collect();
+        // Each run of non-zero blocks is tagged in one batch.
+        let mut all = vec![Tag::default(); n];
+        let nonzero = tags.iter().enumerate();
+        for (start, len) in runs(nonzero.map(|(i, t)| t.map(|_| Slot(i as u64))), n) {
+            let range = start..start + len;
+            crypto.tagger().tag_blocks(
+                &plain[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE],
+                &mut all[range],
+            );
+        }
+        for (t, a) in tags.iter_mut().zip(all) {
+            if let Some(t) = t {
+                *t = a;
+            }
+        }
         let mut plan = self.plan_write(&tags, true)?;
         let mut written = 0;
         loop {
@@ -674,7 +684,7 @@ impl Volume {
 
     /// Drops one reference to `cbid` (looking through changes made earlier
     /// in the same frame), recording the new record or its freeing.
-    pub(crate) fn unref(
+    fn unref(
         meta: &ZoneMeta,
         zone: crate::ids::ZoneId,
         cbid: Cbid,
@@ -993,38 +1003,55 @@ fn decrypt_verify(
     src: &[u8],
     dst: &mut [u8],
 ) -> bool {
-    decrypt_verify_run(crypto, &[(*loc, version)], src, dst).is_empty()
+    let mut bad = Vec::new();
+    decrypt_verify_run(crypto, &[Some(*loc)], |_| version, src, dst, 0, &mut bad);
+    bad.is_empty()
 }
 
-/// [`decrypt_verify`] for a run of blocks read in one piece: decrypts
-/// block `j` of `src` under `blocks[j].1` into `dst`, tags the run in one
-/// batch, and returns the indices that failed (their `dst` blocks zeroed).
+/// [`decrypt_verify`] for a run of (mapped) blocks read in one piece:
+/// decrypts each under the key version `version` picks, tags them in
+/// batches, and pushes `first + j` to `bad` for each block `j` that failed
+/// (its `dst` block zeroed). No allocation: batches of up to 64 blocks use
+/// stack arrays.
 fn decrypt_verify_run(
     crypto: &ZoneCrypto,
-    blocks: &[(Located, KeyVersion)],
+    blocks: &[Option<Located>],
+    version: impl Fn(&Located) -> KeyVersion,
     src: &[u8],
     dst: &mut [u8],
-) -> Vec<usize> {
-    let mut ok = vec![true; blocks.len()];
-    for (((loc, version), ok), (s, d)) in blocks.iter().zip(&mut ok).zip(
-        src.chunks_exact(BLOCK_SIZE)
-            .zip(dst.chunks_exact_mut(BLOCK_SIZE)),
-    ) {
-        match crypto.xts(*version) {
-            Some(xts) => xts.decrypt(loc.cbid.0, s, d),
-            None => *ok = false,
+    first: usize,
+    bad: &mut Vec<usize>,
+) {
+    const BATCH: usize = 64;
+    let batches = blocks
+        .chunks(BATCH)
+        .zip(src.chunks(BATCH * BLOCK_SIZE))
+        .zip(dst.chunks_mut(BATCH * BLOCK_SIZE));
+    for (b, ((blocks, src), dst)) in batches.enumerate() {
+        let mut ok = [false; BATCH];
+        for (((loc, ok), s), d) in blocks
+            .iter()
+            .zip(&mut ok)
+            .zip(src.chunks_exact(BLOCK_SIZE))
+            .zip(dst.chunks_exact_mut(BLOCK_SIZE))
+        {
+            let loc = loc.expect("runs hold mapped blocks");
+            if let Some(xts) = crypto.xts(version(&loc)) {
+                xts.decrypt(loc.cbid.0, s, d);
+                *ok = true;
+            }
+        }
+        let mut tags = [Tag::default(); BATCH];
+        let tags = &mut tags[..blocks.len()];
+        crypto.tagger().tag_blocks(dst, tags);
+        for (j, (loc, tag)) in blocks.iter().zip(tags.iter()).enumerate() {
+            let loc = loc.expect("runs hold mapped blocks");
+            if !(ok[j] && tag.ct_eq(&loc.record.tag)) {
+                dst[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].fill(0);
+                bad.push(first + b * BATCH + j);
+            }
         }
     }
-    let mut tags = vec![Tag::default(); blocks.len()];
-    crypto.tagger().tag_blocks(dst, &mut tags);
-    let mut bad = Vec::new();
-    for (j, ((loc, _), tag)) in blocks.iter().zip(&tags).enumerate() {
-        if !(ok[j] && tag.ct_eq(&loc.record.tag)) {
-            dst[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].fill(0);
-            bad.push(j);
-        }
-    }
-    bad
 }
 
 /// Queues the content blocks and slots a frame freed, to be released once
@@ -1175,5 +1202,50 @@ mod tests {
         assert_eq!(runs(v.iter().copied(), 2), [(0, 2), (2, 2), (4, 1)]);
         assert_eq!(runs(v.iter().copied(), 1).len(), 5);
         assert!(runs(std::iter::empty(), 4).is_empty());
+    }
+
+    /// One write mixing all-zero blocks (unmapped, never tagged) with runs
+    /// of data blocks (tagged a run at a time): every block reads back, in
+    /// one read and block by block, and only data blocks take space.
+    #[test]
+    fn a_write_mixing_zero_and_data_blocks_reads_back() {
+        use crate::config::Profile;
+        use crate::nbd::export::ExportCatalog;
+        use crate::pool::Pool;
+
+        let (_dir, pdir, pass) = crate::rotation::tests::new_pool();
+        let profile = Profile::load("ci-2core").unwrap();
+        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
+        pool.create_zone("z").unwrap();
+        pool.create_volume("v", "z", 1 << 20).unwrap();
+        let vol = pool.open("v").unwrap();
+        // Zero at 0, 3, 4 and 9: data runs of 2, 4 and 2 blocks between.
+        let zero = [0, 3, 4, 9];
+        let mut data = vec![0u8; 12 * BLOCK_SIZE];
+        for (i, b) in data.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            if !zero.contains(&i) {
+                b.fill(i as u8 + 1);
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            vol.write(BLOCK_SIZE as u64, &data, true).await.unwrap();
+            let mut back = vec![0xffu8; data.len()];
+            vol.read(BLOCK_SIZE as u64, &mut back).await.unwrap();
+            assert!(back == data, "one read");
+            for (i, want) in data.chunks_exact(BLOCK_SIZE).enumerate() {
+                let mut b = vec![0xffu8; BLOCK_SIZE];
+                vol.read(((i + 1) * BLOCK_SIZE) as u64, &mut b)
+                    .await
+                    .unwrap();
+                assert!(b == want, "block {i}");
+            }
+        });
+        let meta = vol.zone.meta.lock();
+        let mapped = meta.volumes.get(&vol.id).unwrap().mapped();
+        assert_eq!(mapped.len(), 12 - zero.len());
     }
 }

@@ -57,14 +57,7 @@ impl Tagger {
         if out.len() >= X16_MIN_BLOCKS
             && let Some(x16) = *X16
         {
-            let mut raw = [[0u8; 32]; 64];
-            for (d, o) in data.chunks(64 * BLOCK_SIZE).zip(out.chunks_mut(64)) {
-                let raw = &mut raw[..o.len()];
-                x16.keyed_hash_blocks(self.key.expose(), d, raw);
-                for (t, r) in o.iter_mut().zip(raw.iter()) {
-                    *t = Tag(*r);
-                }
-            }
+            x16.keyed_hash_blocks(self.key.expose(), data, out);
             return;
         }
         for (t, b) in out.iter_mut().zip(data.chunks_exact(BLOCK_SIZE)) {

@@ -1062,4 +1062,4 @@ fn sleep_unless_stopped(ctx: &Context, d: Duration) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

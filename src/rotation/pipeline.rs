@@ -470,6 +470,7 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
                 src_at[start + j] = (r, j);
             }
         }
+        let to = crypto.xts(target);
         let mut dst_bufs = Vec::with_capacity(job.dst_runs.len());
         for &(start, len) in &job.dst_runs {
             let mut buf = ctx.storage.bufs.get(len);
@@ -488,8 +489,7 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
                 if !it.ok {
                     continue;
                 }
-                let (Some(from), Some(_)) = (crypto.xts(it.src.key_version), crypto.xts(target))
-                else {
+                let (Some(from), Some(_)) = (crypto.xts(it.src.key_version), to) else {
                     it.ok = false;
                     ctx.counters.error(format!(
                         "content block {}: key version {} or {target} is not available",
@@ -505,7 +505,6 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
             }
             tags.resize(len, Tag::default());
             crypto.tagger().tag_blocks(&plain, &mut tags);
-            let to = crypto.xts(target);
             for j in 0..len {
                 let it = &mut job.items[start + j];
                 if !it.ok {

@@ -46,7 +46,7 @@ fn wait_old_key_destroyed(pool: &Pool) {
 }
 
 /// A fresh pool in a temporary directory: (the directory, the pool, its passphrase).
-fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) {
+pub(crate) fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) {
     let dir = tempfile::tempdir().unwrap();
     let pdir = dir.path().join("pool");
     let pass = Passphrase::new("correct horse".into()).unwrap();

@@ -21,6 +21,8 @@ use core::arch::x86_64::*;
 
 use zeroize::Zeroizing;
 
+use super::Tag;
+
 /// Bytes in one content block: the tree below is the tree of this size.
 const BLOCK: usize = 4096;
 const _: () = assert!(BLOCK == crate::ids::BLOCK_SIZE);
@@ -81,7 +83,7 @@ impl X16 {
 
     /// Keyed BLAKE3 of each 4 KiB block of `data` into `out`
     /// (`data.len() == out.len() * BLOCK`).
-    pub fn keyed_hash_blocks(self, key: &[u8; 32], data: &[u8], out: &mut [[u8; 32]]) {
+    pub fn keyed_hash_blocks(self, key: &[u8; 32], data: &[u8], out: &mut [Tag]) {
         assert_eq!(
             data.len(),
             out.len() * BLOCK,
@@ -104,7 +106,7 @@ impl X16 {
 /// # Safety
 /// The CPU has AVX-512F, and `data.len() == out.len() * BLOCK <= GROUP * BLOCK`.
 #[target_feature(enable = "avx512f")]
-unsafe fn group(key: &[u32; 8], data: &[u8], out: &mut [[u8; 32]]) {
+unsafe fn group(key: &[u32; 8], data: &[u8], out: &mut [Tag]) {
     let n = out.len();
     debug_assert!(n <= GROUP && data.len() == n * BLOCK);
     let mut chunks = [[0u32; 8]; 4 * GROUP];
@@ -143,7 +145,7 @@ unsafe fn group(key: &[u32; 8], data: &[u8], out: &mut [[u8; 32]]) {
     let mut roots = [[0u32; 8]; GROUP];
     nodes(key, &parents, n, KEYED_HASH | PARENT | ROOT, &mut roots);
     for (o, r) in out.iter_mut().zip(&roots) {
-        for (b, w) in o.chunks_exact_mut(4).zip(r) {
+        for (b, w) in o.0.chunks_exact_mut(4).zip(r) {
             b.copy_from_slice(&w.to_le_bytes());
         }
     }
@@ -301,9 +303,9 @@ mod tests {
             rng.fill_bytes(&mut key);
             let mut data = vec![0u8; n * BLOCK];
             rng.fill_bytes(&mut data);
-            let mut out = vec![[0u8; 32]; n];
+            let mut out = vec![Tag::default(); n];
             x16.keyed_hash_blocks(&key, &data, &mut out);
-            for (i, o) in out.iter().enumerate() {
+            for (i, o) in out.iter().map(|t| &t.0).enumerate() {
                 let want = blake3::keyed_hash(&key, &data[i * BLOCK..(i + 1) * BLOCK]);
                 assert_eq!(o, want.as_bytes(), "batch of {n}, block {i}");
             }
@@ -319,17 +321,17 @@ mod tests {
         let key: [u8; 32] = rng.r#gen();
         let mut data = vec![0u8; 5 * BLOCK];
         rng.fill_bytes(&mut data);
-        let mut base = vec![[0u8; 32]; 5];
+        let mut base = vec![Tag::default(); 5];
         x16.keyed_hash_blocks(&key, &data, &mut base);
         for _ in 0..64 {
             let bit = rng.gen_range(0..data.len() * 8);
             let mut d = data.clone();
             d[bit / 8] ^= 1 << (bit % 8);
-            let mut out = vec![[0u8; 32]; 5];
+            let mut out = vec![Tag::default(); 5];
             x16.keyed_hash_blocks(&key, &d, &mut out);
             for i in 0..5 {
                 let want = blake3::keyed_hash(&key, &d[i * BLOCK..(i + 1) * BLOCK]);
-                assert_eq!(&out[i], want.as_bytes());
+                assert_eq!(&out[i].0, want.as_bytes());
                 assert_eq!(
                     out[i] != base[i],
                     i == bit / 8 / BLOCK,
@@ -339,7 +341,7 @@ mod tests {
         }
         let mut k2 = key;
         k2[31] ^= 0x80;
-        let mut out = vec![[0u8; 32]; 5];
+        let mut out = vec![Tag::default(); 5];
         x16.keyed_hash_blocks(&k2, &data, &mut out);
         assert!(out.iter().zip(&base).all(|(a, b)| a != b));
     }
