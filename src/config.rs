@@ -321,6 +321,12 @@ pub struct IoProfile {
     /// contiguous run go past the page cache; 0 keeps them all buffered.
     #[serde(default)]
     pub uncached_write_kib: u64,
+    /// With buffered I/O, writes of at most this many KiB are made on the
+    /// calling worker thread instead of through io_uring, by at most one
+    /// fewer workers than `[server] worker_threads` at once; 0 sends them
+    /// all through io_uring.
+    #[serde(default)]
+    pub inline_write_kib: u64,
 }
 
 /// `[server]` of a profile.

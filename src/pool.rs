@@ -653,8 +653,12 @@ impl Pool {
         tracing::info!(root_key = %provider.describe(), "root key unlocked");
 
         let engine = Engine::start(&EngineConfig {
-            queue_depth: profile.io.queue_depth,
-            sync_backend: false,
+            inline_write_bytes: usize::try_from(profile.io.inline_write_kib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1024),
+            // One worker always free of a write blocked in the kernel.
+            inline_writers: profile.server.worker_threads.saturating_sub(1),
+            ..EngineConfig::new(profile.io.queue_depth)
         })?;
         let data_path = Self::resolve(dir, &config.data);
         let data = Device::open(

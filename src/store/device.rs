@@ -28,7 +28,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -362,9 +362,39 @@ impl Device {
         if let Err(e) = self.check_range("write", offset, buf.len()) {
             return (Err(e), buf);
         }
-        let done = self.run_on(file, OpKind::Write, offset, buf).await;
+        let done = match self.write_inline(file, offset, &buf) {
+            Some(result) => (result, buf),
+            None => self.run_on(file, OpKind::Write, offset, buf).await,
+        };
         self.inner.completed_writes.fetch_add(1, Ordering::AcqRel);
         done
+    }
+
+    /// Writes `buf` with `pwrite` on the calling thread, when the engine
+    /// allows it (see [`EngineConfig::inline_write_bytes`]): a buffered
+    /// write to the page-cache file, small enough, with an inline slot free.
+    /// `None` means "go through the engine".
+    fn write_inline(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: &[u8],
+    ) -> Option<Result<(), DeviceError>> {
+        if self.inner.direct || !Arc::ptr_eq(file, &self.inner.file) {
+            return None;
+        }
+        let core = &self.inner.engine.core;
+        let _slot = core.inline.enter(buf.len())?;
+        // Held across the write, as a queued request would be: shutdown
+        // waits for it, and nothing is written once the engine has stopped.
+        let running = core.tx.read();
+        if running.is_none() {
+            return Some(Err(DeviceError::EngineStopped));
+        }
+        Some(
+            file.write_all_at(buf, offset)
+                .map_err(|e| self.io_err("write", offset, e)),
+        )
     }
 
     /// How many writes have completed (successfully or not) on this device.
@@ -548,6 +578,82 @@ pub struct EngineConfig {
     pub queue_depth: u32,
     /// Use the plain-syscall backend instead of io_uring.
     pub sync_backend: bool,
+    /// Writes of at most this many bytes to a buffered device are made
+    /// with `pwrite` on the calling thread instead of through the engine;
+    /// 0 sends every write through the engine.
+    ///
+    /// Why: ext4 cannot write to the page cache without possibly blocking
+    /// (it refuses `RWF_NOWAIT` for buffered writes), so io_uring hands
+    /// every such write to an io-wq worker, and its completion comes back
+    /// through the driver thread: two thread hand-offs, which cost more
+    /// than the copy of a few pages. Measured here, 4 KiB random writes
+    /// went from about 60k to 70k IOPS with one inline writer (README,
+    /// "Benchmarks").
+    pub inline_write_bytes: usize,
+    /// At most this many inline writes at once; the others go through the
+    /// engine. A buffered write can block in the kernel (dirty-page
+    /// throttling, a filesystem journal commit), so the server allows one
+    /// fewer than its worker threads: a blocked write never holds every
+    /// worker, and the rest keep serving other requests.
+    pub inline_writers: usize,
+}
+
+impl EngineConfig {
+    /// `queue_depth` entries, io_uring, every write through the engine.
+    pub fn new(queue_depth: u32) -> Self {
+        Self {
+            queue_depth,
+            sync_backend: false,
+            inline_write_bytes: 0,
+            inline_writers: 0,
+        }
+    }
+}
+
+/// Admission of inline writes (see [`EngineConfig::inline_write_bytes`]).
+struct InlineWrites {
+    max_bytes: usize,
+    slots: usize,
+    busy: AtomicUsize,
+    /// Slots ever taken, so tests can tell which way a write went.
+    #[cfg(test)]
+    taken: AtomicU64,
+}
+
+impl InlineWrites {
+    fn new(config: &EngineConfig) -> Self {
+        Self {
+            max_bytes: config.inline_write_bytes,
+            slots: config.inline_writers,
+            busy: AtomicUsize::new(0),
+            #[cfg(test)]
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    /// A slot for an inline write of `len` bytes, released on drop; `None`
+    /// when the write is too long or every slot is taken.
+    fn enter(&self, len: usize) -> Option<InlineSlot<'_>> {
+        if len == 0 || len > self.max_bytes {
+            return None;
+        }
+        self.busy
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < self.slots).then_some(n + 1)
+            })
+            .ok()?;
+        #[cfg(test)]
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        Some(InlineSlot(&self.busy))
+    }
+}
+
+struct InlineSlot<'a>(&'a AtomicUsize);
+
+impl Drop for InlineSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// Which backend an [`Engine`] runs.
@@ -574,14 +680,14 @@ impl Engine {
     /// syscall backend with a warning.
     pub fn start(config: &EngineConfig) -> Result<Self, DeviceError> {
         let core = if config.sync_backend {
-            EngineCore::start_syscalls(config.queue_depth)
+            EngineCore::start_syscalls(config)
         } else {
-            EngineCore::start_uring(config.queue_depth).or_else(|e| {
+            EngineCore::start_uring(config).or_else(|e| {
                 static WARNED: AtomicBool = AtomicBool::new(false);
                 if !WARNED.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "io_uring unavailable; using the syscall backend");
                 }
-                EngineCore::start_syscalls(config.queue_depth)
+                EngineCore::start_syscalls(config)
             })
         };
         let core = core.map_err(|source| DeviceError::Io {
@@ -616,23 +722,25 @@ struct EngineCore {
     waker: Option<Arc<Waker>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     backend: Backend,
+    inline: InlineWrites,
 }
 
 impl EngineCore {
-    fn start_uring(queue_depth: u32) -> io::Result<Self> {
+    fn start_uring(config: &EngineConfig) -> io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (thread, waker) = uring::spawn(queue_depth, rx)?;
+        let (thread, waker) = uring::spawn(config.queue_depth, rx)?;
         Ok(Self {
             tx: RwLock::new(Some(tx)),
             waker: Some(waker),
             threads: Mutex::new(vec![thread]),
             backend: Backend::IoUring,
+            inline: InlineWrites::new(config),
         })
     }
 
-    fn start_syscalls(queue_depth: u32) -> io::Result<Self> {
+    fn start_syscalls(config: &EngineConfig) -> io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let n = queue_depth.clamp(1, 64);
+        let n = config.queue_depth.clamp(1, 64);
         let mut threads = Vec::new();
         for i in 0..n {
             let rx = rx.clone();
@@ -651,6 +759,7 @@ impl EngineCore {
             waker: None,
             threads: Mutex::new(threads),
             backend: Backend::Syscalls,
+            inline: InlineWrites::new(config),
         })
     }
 
@@ -731,16 +840,13 @@ mod tests {
     use super::*;
 
     fn uring() -> EngineConfig {
-        EngineConfig {
-            queue_depth: 64,
-            sync_backend: false,
-        }
+        EngineConfig::new(64)
     }
 
     fn syscalls() -> EngineConfig {
         EngineConfig {
-            queue_depth: 8,
             sync_backend: true,
+            ..EngineConfig::new(8)
         }
     }
 
@@ -1134,6 +1240,102 @@ mod tests {
         assert!(read(dev.clone(), 0).await[..] == pattern(4096, 6)[..]);
     }
 
+    /// Small buffered writes made on the calling thread land like any
+    /// other: concurrent writes of every size, inline and through the
+    /// engine, read back and reach the file; nothing is written inline
+    /// once the engine has stopped.
+    async fn inline_writes(cfg: EngineConfig) {
+        const TASKS: u64 = 8;
+        const PER_TASK: u64 = 32;
+        let cfg = EngineConfig {
+            inline_write_bytes: 16384,
+            inline_writers: 1,
+            ..cfg
+        };
+        let engine = engine(&cfg);
+        let buffered = DeviceOptions {
+            create: true,
+            direct: false,
+            uncached_writes: false,
+        };
+        let disk = tempfile::tempdir().expect("tempdir");
+        let dev = Device::open(&disk.path().join("dev"), &buffered, &engine).expect("open");
+        assert!(!dev.is_direct());
+        // Write i of task t: 1 to 5 blocks (4 and 8 KiB inline when a slot
+        // is free, 20 KiB always through the engine) in its own 20 KiB cell.
+        let cell = |t: u64, i: u64| (t * PER_TASK + i) * 5 * 4096;
+        let len = |t: u64, i: u64| (((t + i) % 5 + 1) * 4096) as usize;
+        dev.ensure_size(cell(TASKS, 0)).expect("grow");
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let dev = dev.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..PER_TASK {
+                    let (r, buf) = dev
+                        .write_at(cell(t, i), pattern(len(t, i), t << 32 | i))
+                        .await;
+                    r.expect("write");
+                    assert_eq!(buf.len(), len(t, i), "the buffer comes back");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        let taken = engine.core.inline.taken.load(Ordering::Relaxed);
+        assert!(taken > 0, "some writes went inline");
+        assert!(
+            taken < TASKS * PER_TASK,
+            "20 KiB writes never go inline ({taken})"
+        );
+        assert_eq!(engine.core.inline.busy.load(Ordering::Relaxed), 0);
+        assert_eq!(dev.completed_writes(), TASKS * PER_TASK);
+        dev.sync().await.expect("sync");
+        let on_disk = std::fs::read(disk.path().join("dev")).expect("read file");
+        for t in 0..TASKS {
+            for i in 0..PER_TASK {
+                let at = cell(t, i) as usize;
+                let want = pattern(len(t, i), t << 32 | i);
+                assert!(on_disk[at..at + want.len()] == want[..], "write {t}/{i}");
+                let (r, buf) = dev
+                    .read_at(cell(t, i), AlignedBuf::zeroed(want.len()))
+                    .await;
+                r.expect("read");
+                assert!(buf[..] == want[..], "read {t}/{i}");
+            }
+        }
+        tokio::task::spawn_blocking({
+            let engine = engine.clone();
+            move || engine.shutdown()
+        })
+        .await
+        .expect("shutdown");
+        let (r, _) = dev.write_at(0, pattern(4096, 99)).await;
+        assert!(matches!(r, Err(DeviceError::EngineStopped)), "{r:?}");
+        let on_disk = std::fs::read(disk.path().join("dev")).expect("read file");
+        assert!(on_disk[..4096] == pattern(4096, 0)[..], "nothing written");
+    }
+
+    #[test]
+    fn inline_slots_are_bounded_and_released() {
+        let inline = InlineWrites::new(&EngineConfig {
+            inline_write_bytes: 8192,
+            inline_writers: 2,
+            ..EngineConfig::new(8)
+        });
+        assert!(inline.enter(0).is_none(), "nothing to write");
+        assert!(inline.enter(8193).is_none(), "too long");
+        let a = inline.enter(8192).expect("first slot");
+        let b = inline.enter(4096).expect("second slot");
+        assert!(inline.enter(4096).is_none(), "both taken");
+        drop(a);
+        let c = inline.enter(4096).expect("released on drop");
+        drop((b, c));
+        assert_eq!(inline.busy.load(Ordering::Relaxed), 0);
+        let none = InlineWrites::new(&EngineConfig::new(8));
+        assert!(none.enter(4096).is_none(), "off by default");
+    }
+
     fn is_eio(r: &Result<(), DeviceError>) -> bool {
         matches!(r, Err(DeviceError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO))
     }
@@ -1311,6 +1513,7 @@ mod tests {
         tmpfs_direct,
         direct_fallback,
         uncached_writes,
+        inline_writes,
         faults,
         shutdown_in_flight,
         drop_engine,

@@ -359,11 +359,7 @@ mod tests {
     fn sync_runs_only_after_a_completed_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dev");
-        let engine = Engine::start(&EngineConfig {
-            queue_depth: 8,
-            sync_backend: false,
-        })
-        .unwrap();
+        let engine = Engine::start(&EngineConfig::new(8)).unwrap();
         let opts = DeviceOptions {
             create: true,
             direct: false,
