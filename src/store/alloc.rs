@@ -9,8 +9,31 @@
 //!
 //! The bitmap is rebuilt at start-up from the tables, so the allocator keeps
 //! no on-disk state of its own.
+//!
+//! # Placement
+//! Short runs take the lowest free ids (first fit), which keeps a growable
+//! file small. Long runs ([`LONG_RUN`] ids or more) look for whole free
+//! bitmap words (64 contiguous free ids) first: after random overwrites the
+//! low free ids are scattered singletons, and first fit would split a long
+//! write into as many device writes. When no free word is left below the
+//! highest used id, a long run may extend the file, but only while it stays
+//! within [`GROWTH_SLACK_DIV`] of the ids in use (at least
+//! [`GROWTH_SLACK_MIN`] ids); past that it takes fragments like a short run.
+//! So contiguity costs at most that much space, never an unbounded file.
 
 use crate::ids::JournalSeq;
+
+/// Runs of at least this many ids prefer whole free words to the lowest
+/// free ids.
+pub const LONG_RUN: u64 = 32;
+
+/// A long run may grow the id space past the highest used id while the
+/// total stays within `used + used / GROWTH_SLACK_DIV`...
+pub const GROWTH_SLACK_DIV: u64 = 8;
+
+/// ...or within `used + GROWTH_SLACK_MIN`, whichever is larger
+/// (64 MiB of 4 KiB slots).
+pub const GROWTH_SLACK_MIN: u64 = 16384;
 
 /// Allocates `u64` ids densely from zero, preferring contiguous runs.
 #[derive(Debug, Default)]
@@ -21,6 +44,8 @@ pub struct IdAllocator {
     capacity: u64,
     /// Lowest id that may be free; a search hint.
     hint: u64,
+    /// Lowest id whose bitmap word may be all free; the long runs' hint.
+    word_hint: u64,
     /// Frees waiting for their journal record to be durable, in sequence order.
     pending: Vec<(JournalSeq, u64)>,
     /// Number of ids in use (including pending frees).
@@ -111,12 +136,63 @@ impl IdAllocator {
     }
 
     /// Allocates up to `want` contiguous ids; returns `(first, count)` with
-    /// `count >= 1`, or `None` when the limit is reached.
+    /// `count >= 1`, or `None` when the limit is reached. See the module
+    /// doc for where the run is placed.
     pub fn alloc_run(&mut self, want: u64) -> Option<(u64, u64)> {
+        let want = want.max(1);
+        if want >= LONG_RUN
+            && let Some(first) = self.find_long_run(want)
+        {
+            let run = self.take_run_at(first, want);
+            self.word_hint = run.0 + run.1;
+            if self.hint == first {
+                self.hint = run.0 + run.1;
+            }
+            return Some(run);
+        }
         let first = self
             .find_free_from(self.hint)
             .or_else(|| self.find_free_from(0))?;
-        Some(self.take_run_at(first, want.max(1)))
+        let run = self.take_run_at(first, want);
+        self.hint = run.0 + run.1;
+        Some(run)
+    }
+
+    /// Where a long run of `want` ids should start: the first all-free word
+    /// below the highest used id, from `word_hint` on; else just past the
+    /// highest used id, if that stays within the growth bound; else `None`
+    /// (take fragments).
+    fn find_long_run(&mut self, want: u64) -> Option<u64> {
+        let high = self.high_water();
+        let end_word = high.div_ceil(64);
+        let mut w = self.word_hint / 64;
+        let offset = self.word_hint % 64;
+        if offset != 0 && self.word_hint < high {
+            // Mid-word, where the last long run ended: go on from there if
+            // the rest of the word is free, so a stream of long writes
+            // lands in one contiguous range.
+            if self.words[w as usize] >> offset == 0 && self.word_hint < self.limit {
+                return Some(self.word_hint);
+            }
+            w += 1;
+        }
+        while w < end_word {
+            if self.words[w as usize] == 0 {
+                let first = w * 64;
+                return (first < self.limit).then_some(first);
+            }
+            w += 1;
+        }
+        // No free word below the high-water mark until something is freed.
+        self.word_hint = end_word * 64;
+        let first = high;
+        let bound = if self.limit == u64::MAX {
+            let slack = (self.used / GROWTH_SLACK_DIV).max(GROWTH_SLACK_MIN);
+            self.used.saturating_add(want).saturating_add(slack)
+        } else {
+            self.limit
+        };
+        (first.saturating_add(want) <= bound && first < self.limit).then_some(first)
     }
 
     /// The first free id at or after `start`, skipping whole used words.
@@ -142,7 +218,6 @@ impl IdAllocator {
             n += 1;
         }
         self.used += n;
-        self.hint = first + n;
         (first, n)
     }
 
@@ -156,6 +231,7 @@ impl IdAllocator {
             }
         }
         self.hint = self.hint.min(first);
+        self.word_hint = self.word_hint.min(first / 64 * 64);
     }
 
     /// Frees `id` once the journal record at `seq` is durable.
@@ -175,11 +251,18 @@ impl IdAllocator {
                 self.clear(id);
                 self.used -= 1;
                 self.hint = self.hint.min(id);
+                self.word_hint = self.word_hint.min(id / 64 * 64);
             } else {
                 keep.push((seq, id));
             }
         }
         self.pending = keep;
+    }
+
+    /// Lowers the limit (tests: a raw device of `limit` slots).
+    #[cfg(test)]
+    pub(crate) fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
     }
 
     /// Number of frees still waiting for durability.
@@ -238,6 +321,129 @@ mod tests {
         assert_eq!(a.used(), 2);
     }
 
+    /// `n` ids in use but every other one of the first `head`: free space
+    /// with no run longer than one.
+    fn fragmented(n: u64, head: u64) -> IdAllocator {
+        let mut a = IdAllocator::new(u64::MAX);
+        assert_eq!(a.alloc_run(n), Some((0, n)));
+        for id in (0..head).step_by(2) {
+            a.release_now(id, 1);
+        }
+        a
+    }
+
+    #[test]
+    fn long_runs_take_whole_free_words_and_short_ones_fill_holes() {
+        let mut a = fragmented(1024, 1024);
+        // Two whole free words in the middle of the fragments.
+        for id in (320..448).filter(|id| id % 2 == 1) {
+            a.release_now(id, 1);
+        }
+        assert_eq!(a.alloc_run(LONG_RUN), Some((320, LONG_RUN)));
+        assert_eq!(
+            a.alloc_run(1),
+            Some((0, 1)),
+            "short runs fill from the bottom"
+        );
+        assert_eq!(a.alloc_run(3), Some((2, 1)));
+        // The next long run goes on where the last one ended...
+        assert_eq!(a.alloc_run(64), Some((352, 64)));
+        assert_eq!(a.alloc_run(64), Some((416, 33)), "448 was free too");
+        // ...and with no free word left, past the end.
+        assert_eq!(a.alloc_run(100), Some((1024, 100)));
+        assert_eq!(a.alloc_run(1), Some((4, 1)));
+    }
+
+    #[test]
+    fn long_runs_grow_the_file_only_while_free_space_inside_is_within_the_slack() {
+        let n = 4 * GROWTH_SLACK_MIN;
+        // Exactly the slack is free (in fragments) below the end.
+        let mut a = fragmented(n, 2 * GROWTH_SLACK_MIN);
+        assert_eq!(a.high_water() - a.used(), GROWTH_SLACK_MIN);
+        assert_eq!(a.alloc_run(256), Some((n, 256)));
+        assert_eq!(a.alloc_run(256), Some((n + 256, 256)), "contiguous");
+        // More free space inside the file than the slack: long runs take
+        // fragments until it is back within the slack.
+        a.release_now(1, 1);
+        a.release_now(3, 1);
+        let high = a.high_water();
+        assert_eq!(a.alloc_run(256), Some((0, 5)));
+        assert_eq!(a.high_water(), high);
+        assert_eq!(a.alloc_run(256), Some((high, 256)));
+        // However long runs and frees mix, the free space inside the file
+        // stays within the slack (plus the word alignment of a run).
+        for i in 0..1000 {
+            a.alloc_run([1, 256, 100][i as usize % 3]);
+            if i % 7 == 0 {
+                a.release_now(i * 11 % a.high_water(), 1);
+            }
+            assert!(
+                a.high_water() - a.used() <= GROWTH_SLACK_MIN + 64,
+                "{} free inside",
+                a.high_water() - a.used()
+            );
+        }
+        // When fragments run out, the end is the only free space left.
+        let mut b = fragmented(1024, 1024);
+        while b.alloc_run(1).is_some_and(|(first, _)| first < 1024) {}
+        assert_eq!(b.alloc_run(256), Some((1025, 256)));
+        // A fixed-size device uses all of its space for long runs.
+        let mut c = IdAllocator::new(n + 1000);
+        c.alloc_run(n);
+        for id in (0..n).step_by(2) {
+            c.release_now(id, 1);
+        }
+        assert_eq!(c.alloc_run(1000), Some((n, 1000)));
+        assert_eq!(c.alloc_run(64), Some((0, 1)));
+    }
+
+    #[test]
+    fn a_free_below_the_word_hint_is_found_again() {
+        let mut a = fragmented(1024, 1024);
+        assert_eq!(a.alloc_run(64), Some((1024, 64)), "no free word yet");
+        for id in (128..192).filter(|id| id % 2 == 1) {
+            a.free_after(JournalSeq(1), id);
+        }
+        assert_eq!(a.alloc_run(64), Some((1088, 64)), "not durable yet");
+        a.release_durable(JournalSeq(1));
+        assert_eq!(a.alloc_run(64), Some((128, 64)));
+    }
+
+    #[test]
+    fn long_runs_grow_a_file_only_within_the_slack_under_random_use() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut a = IdAllocator::new(u64::MAX);
+        let mut owned = Vec::new();
+        for _ in 0..40_000 {
+            if owned.len() > 100_000 || (!owned.is_empty() && rng.gen_bool(0.45)) {
+                let id = owned.swap_remove(rng.gen_range(0..owned.len()));
+                a.release_now(id, 1);
+                continue;
+            }
+            let want = if rng.gen_bool(0.3) {
+                rng.gen_range(LONG_RUN..300)
+            } else {
+                1
+            };
+            let (high, used) = (a.high_water(), a.used());
+            let (first, count) = a.alloc_run(want).expect("growable");
+            owned.extend(first..first + count);
+            if first + count > high {
+                let slack = (used / GROWTH_SLACK_DIV).max(GROWTH_SLACK_MIN);
+                assert!(
+                    want < LONG_RUN || high - used <= slack,
+                    "grew with {} free inside",
+                    high - used
+                );
+            }
+        }
+        assert_eq!(a.used(), owned.len() as u64);
+        owned.sort_unstable();
+        owned.dedup();
+        assert_eq!(a.used(), owned.len() as u64, "no id handed out twice");
+    }
+
     #[test]
     fn never_double_allocates_under_random_use() {
         use rand::{Rng, SeedableRng};
@@ -248,7 +454,13 @@ mod tests {
         for _ in 0..5000 {
             seq += 1;
             if rng.gen_bool(0.6) {
-                if let Some((f, n)) = a.alloc_run(rng.gen_range(1..8)) {
+                let want = if rng.gen_bool(0.2) {
+                    rng.gen_range(LONG_RUN..200)
+                } else {
+                    rng.gen_range(1..8)
+                };
+                if let Some((f, n)) = a.alloc_run(want) {
+                    assert!(n <= want && f + n <= 500);
                     for id in f..f + n {
                         assert!(owned.insert(id), "id {id} handed out twice");
                     }
