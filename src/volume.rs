@@ -518,7 +518,7 @@ impl Volume {
         if count == 0 {
             return Ok(());
         }
-        let slots = self.allocate_slots(count)?;
+        let slots = self.allocate_slots_waiting(count).await?;
         for (nc, slot) in plan.new[from..].iter_mut().zip(slots) {
             nc.slot = slot;
         }
@@ -710,6 +710,30 @@ impl Volume {
             entries.push(Entry::Cb { zone, cbid, record });
             c.after = Some(record);
         }
+    }
+
+    /// [`allocate_slots`](Self::allocate_slots), but a full device whose
+    /// frees are waiting for durability commits the journal and tries again
+    /// rather than failing: copy-on-write frees the slots an overwrite
+    /// replaces only once its record is durable, so a device with little
+    /// headroom is full for a moment under sustained overwrites, and a
+    /// client must not see ENOSPC for that.
+    async fn allocate_slots_waiting(&self, n: usize) -> Result<Vec<Slot>, ExportError> {
+        // Each commit frees whatever was pending when it started; more
+        // than a few rounds means other writers keep taking the space.
+        const COMMITS: usize = 4;
+        for _ in 0..COMMITS {
+            match self.allocate_slots(n) {
+                Err(ExportError::NoSpace(_)) if self.storage.slots.lock().pending_frees() > 0 => {
+                    self.journal
+                        .commit(self.journal.last_appended())
+                        .await
+                        .map_err(io_err)?;
+                }
+                r => return r,
+            }
+        }
+        self.allocate_slots(n)
     }
 
     /// Reserves `n` data slots (in as few runs as the allocator gives).
@@ -1247,5 +1271,61 @@ mod tests {
         let meta = vol.zone.meta.lock();
         let mapped = meta.volumes.get(&vol.id).unwrap().mapped();
         assert_eq!(mapped.len(), 12 - zero.len());
+    }
+
+    /// A raw device with little headroom beyond its volume: overwrites
+    /// without a flush free their old slots only at the next commit, and
+    /// must wait for it, not fail with ENOSPC. A volume that really does
+    /// not fit still gets ENOSPC.
+    #[test]
+    fn overwrites_on_a_full_device_wait_for_frees_instead_of_failing() {
+        use crate::config::Profile;
+        use crate::nbd::export::ExportCatalog;
+        use crate::pool::Pool;
+
+        const BLOCKS: usize = 256;
+        let (_dir, pdir, pass) = crate::rotation::tests::new_pool();
+        let profile = Profile::load("ci-2core").unwrap();
+        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
+        pool.create_zone("z").unwrap();
+        pool.create_volume("v", "z", (2 * BLOCKS * BLOCK_SIZE) as u64)
+            .unwrap();
+        // As if the data device were a raw device of BLOCKS + 32 slots.
+        pool.storage.slots.lock().set_limit(BLOCKS as u64 + 32);
+        let vol = pool.open("v").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pass_data = |pass: usize| {
+            let mut data = vec![0u8; BLOCKS * BLOCK_SIZE];
+            for (i, b) in data.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+                b.fill((pass * 7 + i) as u8 | 1);
+            }
+            data
+        };
+        rt.block_on(async {
+            // Every pass replaces all BLOCKS blocks, 16 at a time, well
+            // within one commit interval.
+            for pass in 0..6 {
+                let data = pass_data(pass);
+                for (i, chunk) in data.chunks(16 * BLOCK_SIZE).enumerate() {
+                    let at = (i * 16 * BLOCK_SIZE) as u64;
+                    vol.write(at, chunk, false)
+                        .await
+                        .unwrap_or_else(|e| panic!("pass {pass} write {i}: {e}"));
+                }
+            }
+            let mut back = vec![0u8; BLOCKS * BLOCK_SIZE];
+            vol.read(0, &mut back).await.unwrap();
+            assert!(back == pass_data(5), "the last pass reads back");
+            // The second half of the volume does not fit: ENOSPC, no hang.
+            let more = pass_data(9);
+            let at = (BLOCKS * BLOCK_SIZE) as u64;
+            let err = vol.write(at, &more, false).await.unwrap_err();
+            assert!(matches!(err, ExportError::NoSpace(_)), "{err}");
+            vol.read(0, &mut back).await.unwrap();
+            assert!(back == pass_data(5), "a failed write changes nothing");
+        });
     }
 }

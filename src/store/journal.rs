@@ -308,6 +308,7 @@ pub trait CommitHooks: Send + Sync + 'static {
     /// Makes every completed data write durable (before frames are written).
     fn sync_data(&self) -> Result<(), std::io::Error>;
     /// Frames up to `seq` are durable: frees they recorded may be reused.
+    /// Called before [`Journal::commit`] callers waiting for `seq` wake.
     fn durable(&self, seq: JournalSeq);
     /// Checkpoints: stops every appender (takes the zone locks), calls
     /// `flush` to make every pending frame durable (it returns the last
@@ -738,9 +739,11 @@ fn committer_loop(
             continue;
         }
         match flush_pending(&shared, &mut writer, hooks.as_ref()) {
+            // The hook first: a waiter woken by the new durable sequence
+            // finds what it freed already back in the allocators.
             Ok(Some(last)) => {
-                shared.durable.send_modify(|d| d.seq = last);
                 hooks.durable(last);
+                shared.durable.send_modify(|d| d.seq = last);
             }
             Ok(None) => shared.durable.send_modify(|_| {}),
             Err(e) => fail(e),
@@ -753,8 +756,8 @@ fn committer_loop(
             match hooks.checkpoint(&mut flush) {
                 Ok(seq) => match writer.new_generation(writer.generation + 1, seq.0) {
                     Ok(()) => {
-                        shared.durable.send_modify(|d| d.seq = d.seq.max(seq));
                         hooks.durable(seq);
+                        shared.durable.send_modify(|d| d.seq = d.seq.max(seq));
                     }
                     Err(e) => fail(e),
                 },
