@@ -27,6 +27,7 @@ use crate::nbd;
 use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 mod api;
+mod catalog;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 /// The new passphrase of `keys rotate-root` and `keys change-passphrase`.
@@ -47,10 +48,10 @@ pub struct Cli {
 enum Command {
     /// Create a pool: metadata directory, data and staging devices, sealed root key.
     Init(InitArgs),
-    /// Manage zones (security domains with their own keys).
+    /// Manage zones (security domains with their own keys), through the running server if there is one.
     #[command(subcommand)]
     Zone(ZoneCmd),
-    /// Manage volumes (one NBD export each).
+    /// Manage volumes (one NBD export each), through the running server if there is one.
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// Serve a pool's volumes over NBD.
@@ -251,7 +252,7 @@ enum ZoneCmd {
 
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
-    /// Create a volume.
+    /// Create a volume (served at once when a server runs the pool).
     Create {
         #[command(flatten)]
         pool: PoolArgs,
@@ -272,7 +273,7 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a volume and free its space (refused while it is served).
+    /// Delete a volume and free its space (refused while a client has it open).
     Delete {
         #[command(flatten)]
         pool: PoolArgs,
@@ -649,101 +650,23 @@ fn run(cli: Cli) -> Result<()> {
             pool,
             name,
             no_dedup,
-        }) => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let id = p
-                .create_zone(&name)
-                .with_context(|| format!("cannot create zone {name:?}"))?;
-            if no_dedup {
-                p.set_zone_dedup(&name, false)
-                    .with_context(|| format!("zone {name:?} was created, but dedup is still on"))?;
-            }
-            println!(
-                "created zone {name} (id {id}, dedup {})",
-                if no_dedup { "off" } else { "on" }
-            );
-            Ok(())
-        }
+        }) => catalog::zone_create(&pool, &name, no_dedup)
+            .with_context(|| format!("cannot create zone {name:?}")),
         Command::Zone(ZoneCmd::SetDedup { pool, name, state }) => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            p.set_zone_dedup(&name, state == "on")
-                .with_context(|| format!("cannot change dedup of zone {name:?}"))?;
-            println!("zone {name}: dedup {state}");
-            Ok(())
+            catalog::zone_set_dedup(&pool, &name, state == "on")
+                .with_context(|| format!("cannot change dedup of zone {name:?}"))
         }
-        Command::Zone(ZoneCmd::List { pool, json }) => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let cat = p.catalog();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&cat.zones)?);
-            } else {
-                println!("{:<6} {:<24} {:>8} {:>6}", "ID", "NAME", "VOLUMES", "DEDUP");
-                for z in &cat.zones {
-                    let n = cat.volumes.iter().filter(|v| v.zone == z.id).count();
-                    let d = if z.dedup { "on" } else { "off" };
-                    println!("{:<6} {:<24} {:>8} {:>6}", z.id, z.name, n, d);
-                }
-            }
-            Ok(())
-        }
+        Command::Zone(ZoneCmd::List { pool, json }) => catalog::zone_list(&pool, json),
         Command::Volume(VolumeCmd::Create {
             pool,
             zone,
             size,
             name,
-        }) => {
-            let bytes = parse_size(&size)?;
-            let p = open_pool(&pool, &default_profile()?)?;
-            p.create_volume(&name, &zone, bytes)
-                .with_context(|| format!("cannot create volume {name:?}"))?;
-            println!("created volume {name} ({bytes} bytes) in zone {zone}");
-            Ok(())
-        }
-        Command::Volume(VolumeCmd::List { pool, json }) => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let cat = p.catalog();
-            let usage = p.volume_usage();
-            if json {
-                let rows: Vec<_> = cat
-                    .volumes
-                    .iter()
-                    .map(|v| {
-                        let zone = cat
-                            .zones
-                            .iter()
-                            .find(|z| z.id == v.zone)
-                            .map(|z| z.name.clone());
-                        serde_json::json!({
-                            "name": v.name, "id": v.id, "zone": zone, "size": v.size,
-                            "allocated_bytes": usage.get(&v.name).copied().unwrap_or(0) * 4096,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<24} {:<16} {:>16} {:>16}",
-                    "NAME", "ZONE", "SIZE", "ALLOCATED"
-                );
-                for v in &cat.volumes {
-                    let zone = cat
-                        .zones
-                        .iter()
-                        .find(|z| z.id == v.zone)
-                        .map_or("?", |z| z.name.as_str());
-                    let used = usage.get(&v.name).copied().unwrap_or(0) * 4096;
-                    println!("{:<24} {:<16} {:>16} {:>16}", v.name, zone, v.size, used);
-                }
-            }
-            Ok(())
-        }
-        Command::Volume(VolumeCmd::Delete { pool, name }) => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            p.delete_volume(&name)
-                .with_context(|| format!("cannot delete volume {name:?}"))?;
-            println!("deleted volume {name}");
-            Ok(())
-        }
+        }) => catalog::volume_create(&pool, &name, &zone, parse_size(&size)?)
+            .with_context(|| format!("cannot create volume {name:?}")),
+        Command::Volume(VolumeCmd::List { pool, json }) => catalog::volume_list(&pool, json),
+        Command::Volume(VolumeCmd::Delete { pool, name }) => catalog::volume_delete(&pool, &name)
+            .with_context(|| format!("cannot delete volume {name:?}")),
         Command::Serve(a) => {
             let secret = Secret::for_pool(&a.pool)?;
             let listen = Listen {

@@ -1640,7 +1640,22 @@ impl Pool {
         Ok(())
     }
 
-    /// Mapped block counts per volume name (for `volume list`).
+    /// Every zone, with its dedup setting and how many volumes it holds.
+    pub fn zone_infos(&self) -> Vec<crate::admin::ZoneInfo> {
+        let catalog = self.catalog.lock();
+        catalog
+            .zones
+            .iter()
+            .map(|z| crate::admin::ZoneInfo {
+                id: u64::from(z.id.0),
+                name: z.name.clone(),
+                dedup: z.dedup,
+                volumes: catalog.volumes.iter().filter(|v| v.zone == z.id).count() as u64,
+            })
+            .collect()
+    }
+
+    /// Mapped blocks of every volume, by name.
     pub fn volume_usage(&self) -> BTreeMap<String, u64> {
         let catalog = self.catalog.lock().clone();
         let zones = self.zones.read();

@@ -4,9 +4,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::admin::{
-    AdminBackend, AdminError, EmergencyRequest, Health, PassphraseRequest, PrepareRequest,
-    RootRotateRequest, RootRotationStatus, RootStatus, RotationStatus, ScrubStatus, SecretText,
-    VolumeStats,
+    AdminBackend, AdminError, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, Health,
+    PassphraseRequest, PrepareRequest, RootRotateRequest, RootRotationStatus, RootStatus,
+    RotationStatus, ScrubStatus, SecretText, VolumeStats, ZoneInfo,
 };
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
@@ -30,8 +30,9 @@ impl From<PoolError> for AdminError {
         let text = e.to_string();
         match e {
             PoolError::NotFound { .. } => AdminError::NotFound(text),
-            PoolError::Invalid(_) | PoolError::Exists { .. } => AdminError::Invalid(text),
+            PoolError::Invalid(_) => AdminError::Invalid(text),
             PoolError::Conflict(_)
+            | PoolError::Exists { .. }
             | PoolError::Busy(_)
             | PoolError::Key(KeyError::RootKeyExists { .. }) => AdminError::Conflict(text),
             PoolError::Key(crate::keys::KeyError::IllegalTransition { .. })
@@ -409,6 +410,7 @@ impl AdminBackend for Pool {
                 let (m, c) = (mapped.len() as u64, cbids.len() as u64);
                 Some(VolumeStats {
                     name: v.name.clone(),
+                    id: u64::from(v.id.0),
                     zone: zone.name.clone(),
                     size: v.size,
                     mapped_blocks: m,
@@ -417,6 +419,39 @@ impl AdminBackend for Pool {
                 })
             })
             .collect()
+    }
+
+    fn zone_info(&self, zone: &str) -> Result<ZoneInfo, AdminError> {
+        self.zone_infos()
+            .into_iter()
+            .find(|z| z.name == zone)
+            .ok_or_else(|| AdminError::NotFound(format!("no zone named {zone:?}")))
+    }
+
+    fn zone_create(&self, req: &CreateZoneRequest) -> Result<ZoneInfo, AdminError> {
+        self.create_zone(&req.name)?;
+        if !req.dedup {
+            self.set_zone_dedup(&req.name, false)?;
+        }
+        self.zone_info(&req.name)
+    }
+
+    fn zone_set_dedup(&self, zone: &str, on: bool) -> Result<ZoneInfo, AdminError> {
+        self.set_zone_dedup(zone, on)?;
+        self.zone_info(zone)
+    }
+
+    fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, AdminError> {
+        self.create_volume(&req.name, &req.zone, req.size)?;
+        self.volume_stats()
+            .into_iter()
+            .find(|v| v.name == req.name)
+            .ok_or_else(|| AdminError::Internal(format!("volume {:?} vanished", req.name)))
+    }
+
+    fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {
+        self.delete_volume(volume)?;
+        Ok(serde_json::json!({ "deleted": volume }))
     }
 
     fn health(&self) -> Health {

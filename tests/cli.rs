@@ -425,26 +425,80 @@ fn delete_frees_the_volume_space_for_reuse() {
     assert!(got[8 * MIB as usize..].iter().all(|&b| b == 0));
 }
 
+/// Zones and volumes change while the pool is served, through the
+/// server's admin API: a new volume is an export at once, a volume a client
+/// has open cannot be deleted, and a deleted one is no longer an export.
+/// A second server of the same pool is refused.
 #[test]
-fn pool_changes_are_refused_while_served() {
+fn volumes_come_and_go_while_served() {
     require_tool("qemu-io");
+    require_tool("nbdinfo");
     let pool = TestPool::with_volume("64M");
     let mut server = pool.serve();
     let uri = server.uri("vol0");
     qio_ok(&uri, &["write -P 0x3c 0 2M", "flush"]);
+    let exports = |server: &Server| run_ok("nbdinfo", &["--list", "--json", &server.uri("")]);
 
-    for (args, what) in [
-        (vec!["volume", "delete", "vol0"], "delete"),
-        (
-            vec!["volume", "create", "--zone", "z1", "--size", "1M", "v2"],
-            "volume create",
-        ),
-        (vec!["zone", "create", "z2"], "zone create"),
-    ] {
-        let o = pool.keyturn(&args);
-        assert_fails_with(&o, &["in use"], &format!("{what} while served"));
+    // No passphrase needed: the server does the work.
+    pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "8M", "v2"]);
+    pool.keyturn_ok(&["zone", "create", "--no-dedup", "z2"]);
+    pool.keyturn_ok(&["volume", "create", "--zone", "z2", "--size", "1M", "v3"]);
+    let o = pool.keyturn(&["volume", "create", "--zone", "z1", "--size", "1M", "v2"]);
+    assert_fails_with(&o, &["v2", "exists"], "a second v2");
+    let o = pool.keyturn(&["volume", "create", "--zone", "nope", "--size", "1M", "v4"]);
+    assert_fails_with(&o, &["nope"], "a volume in no zone");
+    assert!(exports(&server).contains("\"v2\""), "{}", exports(&server));
+    qio_ok(&server.uri("v2"), &["write -P 0x5a 4M 1M", "flush"]);
+    qio_ok(&server.uri("v2"), &["read -P 0x5a 4M 1M", "read -P 0 0 4M"]);
+    let zones: Value = serde_json::from_str(&pool.keyturn_ok(&["zone", "list", "--json"])).unwrap();
+    let z2 = zones
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|z| z["name"] == "z2")
+        .expect("z2 listed");
+    assert_eq!(
+        (&z2["volumes"], &z2["dedup"]),
+        (&Value::from(1), &Value::from(false))
+    );
+
+    // A client holds vol0: its delete is refused and changes nothing.
+    let (held, size) = hold_export(&server.addr(), "vol0");
+    assert_eq!(size, 64 * MIB);
+    let o = pool.keyturn(&["volume", "delete", "vol0"]);
+    assert_fails_with(
+        &o,
+        &["vol0", "being served"],
+        "delete while a client has it",
+    );
+    qio_ok(&uri, &["read -P 0x3c 0 2M"]);
+    drop(held);
+    // Once the client is gone (the server notices the closed socket).
+    let mut deleted = false;
+    for _ in 0..100 {
+        if pool.keyturn(&["volume", "delete", "vol0"]).status.success() {
+            deleted = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // A second server on the same pool is refused the same way, serving nothing.
+    assert!(deleted, "vol0 could not be deleted after its client left");
+    assert!(
+        !exports(&server).contains("\"vol0\""),
+        "{}",
+        exports(&server)
+    );
+    assert!(
+        !qio_run(&uri, &["read 0 4k"]).status.success(),
+        "a deleted volume still opens"
+    );
+    let names: Vec<Value> = volume_list_json(&pool)
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [Value::from("v2"), Value::from("v3")]);
+
+    // A second server on the same pool is refused, serving nothing.
     let dir = pool.path();
     let o = run(
         keyturn_bin().to_str().unwrap(),
@@ -464,16 +518,16 @@ fn pool_changes_are_refused_while_served() {
         "a second server became ready"
     );
     assert!(server.is_running());
-    qio_ok(&uri, &["read -P 0x3c 0 2M", "read -P 0 2M 1M"]);
     assert!(server.stop());
-    // Once the server is gone, the same changes work, and nothing was half-done.
+    // The changes outlive the server; offline, the same commands work.
     let names: Vec<Value> = volume_list_json(&pool)
         .iter()
         .map(|v| v["name"].clone())
         .collect();
-    assert_eq!(names, [Value::from("vol0")]);
-    pool.keyturn_ok(&["volume", "create", "--zone", "z1", "--size", "1M", "v2"]);
-    pool.keyturn_ok(&["volume", "delete", "vol0"]);
+    assert_eq!(names, [Value::from("v2"), Value::from("v3")]);
+    pool.keyturn_ok(&["volume", "delete", "v3"]);
+    let server = pool.serve();
+    qio_ok(&server.uri("v2"), &["read -P 0x5a 4M 1M"]);
 }
 
 /// A running `keyturn demo`.

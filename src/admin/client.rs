@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::token::{AdminToken, TokenError};
 use super::{
-    EmergencyRequest, ErrorBody, Health, KekRotateRequest, PassphraseRequest, PrepareRequest,
-    RootRotateRequest, RootStatus, RotationStatus, ScrubStatus, VolumeStats,
+    CreateVolumeRequest, CreateZoneRequest, DedupRequest, EmergencyRequest, ErrorBody, Health,
+    KekRotateRequest, PassphraseRequest, PrepareRequest, RootRotateRequest, RootStatus,
+    RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
 };
 use crate::config::{ConfigError, PoolConfig};
 use crate::keys::KeyError;
@@ -272,6 +273,31 @@ impl AdminClient {
         self.get("/api/v1/volumes")
     }
 
+    /// `GET /api/v1/zones/{zone}`.
+    pub fn zone_info(&self, zone: &str) -> Result<ZoneInfo, ClientError> {
+        self.get(&zone_path(zone, ""))
+    }
+
+    /// `POST /api/v1/zones`.
+    pub fn zone_create(&self, req: &CreateZoneRequest) -> Result<ZoneInfo, ClientError> {
+        self.post("/api/v1/zones", req)
+    }
+
+    /// `POST /api/v1/zones/{zone}/dedup`.
+    pub fn zone_set_dedup(&self, zone: &str, on: bool) -> Result<ZoneInfo, ClientError> {
+        self.post(&zone_path(zone, "dedup"), &DedupRequest { on })
+    }
+
+    /// `POST /api/v1/volumes`.
+    pub fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, ClientError> {
+        self.post("/api/v1/volumes", req)
+    }
+
+    /// `POST /api/v1/volumes/{volume}/delete`.
+    pub fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, ClientError> {
+        self.post_empty(&named_path("/api/v1/volumes/", volume, "delete"))
+    }
+
     /// `GET /api/v1/zones/{zone}/rotation`.
     pub fn rotation_status(&self, zone: &str) -> Result<RotationStatus, ClientError> {
         self.get(&zone_path(zone, "rotation"))
@@ -340,18 +366,26 @@ impl AdminClient {
     }
 }
 
-/// `/api/v1/zones/{zone}/{rest}`, the zone percent-encoded.
+/// `/api/v1/zones/{zone}/{rest}`, the zone percent-encoded (no trailing
+/// slash when `rest` is empty).
 fn zone_path(zone: &str, rest: &str) -> String {
-    let mut p = String::from("/api/v1/zones/");
-    for b in zone.bytes() {
+    named_path("/api/v1/zones/", zone, rest)
+}
+
+/// `{prefix}{name}/{rest}`, the name percent-encoded.
+fn named_path(prefix: &str, name: &str, rest: &str) -> String {
+    let mut p = String::from(prefix);
+    for b in name.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
             p.push(char::from(b));
         } else {
             p.push_str(&format!("%{b:02X}"));
         }
     }
-    p.push('/');
-    p.push_str(rest);
+    if !rest.is_empty() {
+        p.push('/');
+        p.push_str(rest);
+    }
     p
 }
 

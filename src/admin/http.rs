@@ -25,8 +25,9 @@ use tokio::sync::watch;
 use super::metrics::Exporter;
 use super::token::AdminToken;
 use super::{
-    AdminBackend, AdminError, EmergencyRequest, ErrorBody, KekRotateRequest, PassphraseRequest,
-    PrepareRequest, RootRotateRequest,
+    AdminBackend, AdminError, CreateVolumeRequest, CreateZoneRequest, DedupRequest,
+    EmergencyRequest, ErrorBody, KekRotateRequest, PassphraseRequest, PrepareRequest,
+    RootRotateRequest,
 };
 
 /// Largest request body accepted (413 beyond it).
@@ -132,6 +133,8 @@ pub async fn serve(
 
 fn router(state: AppState) -> Router {
     let zone = Router::new()
+        .route("/", get(zone_info))
+        .route("/dedup", post(zone_dedup))
         .route("/rotation", get(rotation_status))
         .route("/rotation/prepare", post(rotation_prepare))
         .route("/rotation/flip", post(rotation_flip))
@@ -144,8 +147,9 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/api/v1/zones", get(zones))
-        .route("/api/v1/volumes", get(volumes))
+        .route("/api/v1/zones", get(zones).post(zone_create))
+        .route("/api/v1/volumes", get(volumes).post(volume_create))
+        .route("/api/v1/volumes/{volume}/delete", post(volume_delete))
         .route("/api/v1/root", get(root_status))
         .route("/api/v1/root/rotate", post(root_rotate))
         .route("/api/v1/root/passphrase", post(root_passphrase))
@@ -258,17 +262,17 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
 
 // ------------------------------------------------------------- extractors
 
-/// The `{zone}` of a route; a malformed one is a JSON 400.
-struct ZoneName(String);
+/// The one `{zone}` or `{volume}` of a route; a malformed one is a JSON 400.
+struct PathName(String);
 
-impl<S: Send + Sync> FromRequestParts<S> for ZoneName {
+impl<S: Send + Sync> FromRequestParts<S> for PathName {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Path(zone) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        Ok(ZoneName(zone))
+        Ok(PathName(zone))
     }
 }
 
@@ -400,16 +404,52 @@ async fn volumes(State(s): State<AppState>) -> JsonResult<Vec<super::VolumeStats
     json(&s, |b| Ok(b.volume_stats())).await
 }
 
+async fn zone_create(
+    State(s): State<AppState>,
+    Body(req): Body<CreateZoneRequest>,
+) -> JsonResult<super::ZoneInfo> {
+    json(&s, move |b| b.zone_create(&req)).await
+}
+
+async fn zone_info(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<super::ZoneInfo> {
+    json(&s, move |b| b.zone_info(&z)).await
+}
+
+async fn zone_dedup(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+    Body(req): Body<DedupRequest>,
+) -> JsonResult<super::ZoneInfo> {
+    json(&s, move |b| b.zone_set_dedup(&z, req.on)).await
+}
+
+async fn volume_create(
+    State(s): State<AppState>,
+    Body(req): Body<CreateVolumeRequest>,
+) -> JsonResult<super::VolumeStats> {
+    json(&s, move |b| b.volume_create(&req)).await
+}
+
+async fn volume_delete(
+    State(s): State<AppState>,
+    PathName(v): PathName,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.volume_delete(&v)).await
+}
+
 async fn rotation_status(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_status(&z)).await
 }
 
 async fn rotation_prepare(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
     Body(req): Body<PrepareRequest>,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_prepare(&z, &req)).await
@@ -417,35 +457,35 @@ async fn rotation_prepare(
 
 async fn rotation_flip(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_flip(&z)).await
 }
 
 async fn rotation_pause(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_pause(&z)).await
 }
 
 async fn rotation_resume(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_resume(&z)).await
 }
 
 async fn rotation_abort(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_abort(&z)).await
 }
 
 async fn rotation_emergency(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
     Body(req): Body<EmergencyRequest>,
 ) -> JsonResult<super::RotationStatus> {
     json(&s, move |b| b.rotation_emergency(&z, &req)).await
@@ -453,7 +493,7 @@ async fn rotation_emergency(
 
 async fn kek_rotate(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
     Body(req): Body<KekRotateRequest>,
 ) -> JsonResult<serde_json::Value> {
     json(&s, move |b| b.kek_rotate(&z, &req.approvals)).await
@@ -479,14 +519,14 @@ async fn root_passphrase(
 
 async fn scrub_start(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::ScrubStatus> {
     json(&s, move |b| b.scrub_start(&z)).await
 }
 
 async fn scrub_status(
     State(s): State<AppState>,
-    ZoneName(z): ZoneName,
+    PathName(z): PathName,
 ) -> JsonResult<super::ScrubStatus> {
     json(&s, move |b| b.scrub_status(&z)).await
 }
@@ -501,6 +541,7 @@ mod tests {
     use super::*;
     use crate::admin::{
         Health, KeyBlocks, RootStatus, RotationPhase, RotationStatus, ScrubStatus, VolumeStats,
+        ZoneInfo,
     };
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -648,12 +689,64 @@ mod tests {
         fn volume_stats(&self) -> Vec<VolumeStats> {
             vec![VolumeStats {
                 name: "vol0".into(),
+                id: 1,
                 zone: "z1".into(),
                 size: 1 << 20,
                 mapped_blocks: 4,
                 content_blocks: 4,
                 dedup_ratio: 1.0,
             }]
+        }
+        fn zone_info(&self, zone: &str) -> Result<ZoneInfo, AdminError> {
+            self.zone(zone)?;
+            Ok(ZoneInfo {
+                id: 1,
+                name: zone.into(),
+                dedup: true,
+                volumes: 1,
+            })
+        }
+        fn zone_create(&self, req: &CreateZoneRequest) -> Result<ZoneInfo, AdminError> {
+            self.asked
+                .lock()
+                .push(format!("zone create {} {}", req.name, req.dedup));
+            self.zone(&req.name)
+                .map(|_| Err(AdminError::Conflict("zone \"z1\" already exists".into())))
+                .unwrap_or(Ok(ZoneInfo {
+                    id: 2,
+                    name: req.name.clone(),
+                    dedup: req.dedup,
+                    volumes: 0,
+                }))
+        }
+        fn zone_set_dedup(&self, zone: &str, on: bool) -> Result<ZoneInfo, AdminError> {
+            self.asked.lock().push(format!("dedup {zone} {on}"));
+            self.zone_info(zone)
+        }
+        fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, AdminError> {
+            self.asked.lock().push(format!(
+                "volume create {} {} {}",
+                req.name, req.zone, req.size
+            ));
+            self.zone(&req.zone)?;
+            Ok(VolumeStats {
+                name: req.name.clone(),
+                id: 2,
+                zone: req.zone.clone(),
+                size: req.size,
+                mapped_blocks: 0,
+                content_blocks: 0,
+                dedup_ratio: 1.0,
+            })
+        }
+        fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {
+            self.asked.lock().push(format!("volume delete {volume}"));
+            match volume {
+                "vol0" => Err(AdminError::Conflict(
+                    "volume \"vol0\" is being served".into(),
+                )),
+                v => Ok(serde_json::json!({ "deleted": v })),
+            }
         }
         fn health(&self) -> Health {
             Health {
@@ -857,6 +950,74 @@ mod tests {
         assert_eq!(code, 200);
         let sc: ScrubStatus = serde_json::from_str(&body).unwrap();
         assert_eq!((sc.checked, sc.total), (5, 9));
+    }
+
+    #[test]
+    fn zones_and_volumes_are_managed_through_the_api() {
+        let srv = start();
+        let call = |method, path, body| request(&srv, method, path, Some(TOKEN), body);
+        let (code, _, body) = call("GET", "/api/v1/zones/z1", None);
+        assert_eq!(code, 200, "{body}");
+        let z: ZoneInfo = serde_json::from_str(&body).unwrap();
+        assert_eq!((z.name.as_str(), z.volumes), ("z1", 1));
+        let (code, _, body) = call("POST", "/api/v1/zones", Some(r#"{"name": "z2"}"#));
+        assert_eq!(code, 200, "{body}");
+        let z: ZoneInfo = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (z.name.as_str(), z.dedup),
+            ("z2", true),
+            "dedup on by default"
+        );
+        let (code, _, body) = call(
+            "POST",
+            "/api/v1/zones",
+            Some(r#"{"name": "z1", "dedup": false}"#),
+        );
+        assert_eq!((code, error_of(&body).kind.as_str()), (409, "conflict"));
+        let (code, _, body) = call("POST", "/api/v1/zones/z1/dedup", Some(r#"{"on": false}"#));
+        assert_eq!(code, 200, "{body}");
+        let (code, _, body) = call(
+            "POST",
+            "/api/v1/volumes",
+            Some(r#"{"name": "v2", "zone": "z1", "size": 8192}"#),
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: VolumeStats = serde_json::from_str(&body).unwrap();
+        assert_eq!((v.name.as_str(), v.size), ("v2", 8192));
+        let (code, _, body) = call(
+            "POST",
+            "/api/v1/volumes",
+            Some(r#"{"name": "v3", "zone": "nope", "size": 8192}"#),
+        );
+        assert_eq!((code, error_of(&body).kind.as_str()), (404, "not_found"));
+        for bad in [
+            r#"{"name": "v3", "zone": "z1"}"#,
+            r#"{"name": "v3", "zone": "z1", "size": -1}"#,
+            r#"{"name": "v3", "zone": "z1", "size": 8192, "colour": 1}"#,
+        ] {
+            let (code, _, body) = call("POST", "/api/v1/volumes", Some(bad));
+            assert_eq!(
+                (code, error_of(&body).kind.as_str()),
+                (400, "bad_request"),
+                "{bad}"
+            );
+        }
+        let (code, _, body) = call("POST", "/api/v1/volumes/v2/delete", None);
+        assert_eq!((code, body.as_str()), (200, r#"{"deleted":"v2"}"#));
+        let (code, _, body) = call("POST", "/api/v1/volumes/vol0/delete", None);
+        assert_eq!((code, error_of(&body).kind.as_str()), (409, "conflict"));
+        assert_eq!(
+            *srv.fake.asked.lock(),
+            [
+                "zone create z2 true",
+                "zone create z1 false",
+                "dedup z1 false",
+                "volume create v2 z1 8192",
+                "volume create v3 nope 8192",
+                "volume delete v2",
+                "volume delete vol0",
+            ]
+        );
     }
 
     #[test]

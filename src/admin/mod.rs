@@ -348,6 +348,9 @@ pub struct BadBlock {
 pub struct VolumeStats {
     /// Volume name.
     pub name: String,
+    /// Volume id (names its map file).
+    #[serde(default)]
+    pub id: u64,
     /// Zone name.
     pub zone: String,
     /// Size in bytes.
@@ -358,6 +361,55 @@ pub struct VolumeStats {
     pub content_blocks: u64,
     /// mapped_blocks / content_blocks (1.0 when nothing is shared).
     pub dedup_ratio: f64,
+}
+
+/// `GET /api/v1/zones/{zone}`, and the answer to creating a zone or
+/// changing its dedup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ZoneInfo {
+    /// Zone id.
+    pub id: u64,
+    /// Zone name.
+    pub name: String,
+    /// Whether equal blocks written to the zone share one content block.
+    pub dedup: bool,
+    /// How many volumes it holds.
+    pub volumes: u64,
+}
+
+/// `POST /api/v1/zones`: create a zone (with its own key chain).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateZoneRequest {
+    /// Zone name.
+    pub name: String,
+    /// Dedup for the zone's writes (on when left out).
+    #[serde(default = "default_true")]
+    pub dedup: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /api/v1/zones/{zone}/dedup`: turn dedup on or off for new writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupRequest {
+    /// On or off.
+    pub on: bool,
+}
+
+/// `POST /api/v1/volumes`: create a volume, served at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    /// Volume name (its NBD export name).
+    pub name: String,
+    /// The zone whose keys encrypt it.
+    pub zone: String,
+    /// Size in bytes, a positive multiple of 4096.
+    pub size: u64,
 }
 
 /// `GET /health`.
@@ -415,6 +467,17 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn root_passphrase(&self, req: PassphraseRequest) -> Result<serde_json::Value, AdminError>;
     /// Usage and dedup of every volume.
     fn volume_stats(&self) -> Vec<VolumeStats>;
+    /// One zone.
+    fn zone_info(&self, zone: &str) -> Result<ZoneInfo, AdminError>;
+    /// Creates a zone with a fresh key chain.
+    fn zone_create(&self, req: &CreateZoneRequest) -> Result<ZoneInfo, AdminError>;
+    /// Turns dedup on or off for a zone's new writes.
+    fn zone_set_dedup(&self, zone: &str, on: bool) -> Result<ZoneInfo, AdminError>;
+    /// Creates a volume; new connections can open it at once.
+    fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, AdminError>;
+    /// Deletes a volume and frees its space; refused (409) while a client
+    /// has it open.
+    fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError>;
     /// Health.
     fn health(&self) -> Health;
 }

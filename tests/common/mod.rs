@@ -501,3 +501,26 @@ pub fn fio_errors(text: &str) -> Vec<i64> {
         .map(|j| j["error"].as_i64().unwrap())
         .collect()
 }
+
+/// Opens `export` on the NBD server at `addr` with NBD_OPT_EXPORT_NAME and
+/// keeps the connection: while the stream lives, a client has the export
+/// open. Returns the stream and the export's size.
+pub fn hold_export(addr: &str, export: &str) -> (std::net::TcpStream, u64) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    // Client flags: fixed newstyle, no zeroes; then NBD_OPT_EXPORT_NAME.
+    let mut msg = 3u32.to_be_bytes().to_vec();
+    msg.extend_from_slice(b"IHAVEOPT");
+    msg.extend_from_slice(&1u32.to_be_bytes());
+    msg.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    msg.extend_from_slice(export.as_bytes());
+    s.write_all(&msg).expect("send");
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply)
+        .unwrap_or_else(|e| panic!("export {export:?} was not opened: {e}"));
+    (s, u64::from_be_bytes(reply[..8].try_into().unwrap()))
+}

@@ -1,0 +1,153 @@
+//! `zone` and `volume` commands. When a server answers for the pool they
+//! go through its admin API, so volumes come and go while every other
+//! volume stays served; otherwise they work on the pool opened here.
+
+use anyhow::Result;
+
+use super::{PoolArgs, api, default_profile, open_pool};
+use crate::admin::client::AdminClient;
+use crate::admin::{AdminBackend, CreateVolumeRequest, CreateZoneRequest, VolumeStats, ZoneInfo};
+use crate::pool::Pool;
+
+/// Where the command runs.
+enum Catalog {
+    Server(AdminClient),
+    Local(Box<Pool>),
+}
+
+impl Catalog {
+    fn open(args: &PoolArgs) -> Result<Self> {
+        Ok(match api::server_for(&args.pool)? {
+            Some(client) => Catalog::Server(client),
+            None => Catalog::Local(Box::new(open_pool(args, &default_profile()?)?)),
+        })
+    }
+
+    fn zones(&self) -> Result<Vec<ZoneInfo>> {
+        Ok(match self {
+            Catalog::Server(c) => c
+                .zones()?
+                .iter()
+                .map(|z| c.zone_info(z))
+                .collect::<Result<_, _>>()?,
+            Catalog::Local(p) => p.zone_infos(),
+        })
+    }
+
+    fn volumes(&self) -> Result<Vec<VolumeStats>> {
+        Ok(match self {
+            Catalog::Server(c) => c.volume_stats()?,
+            Catalog::Local(p) => p.volume_stats(),
+        })
+    }
+}
+
+/// `zone create`.
+pub(super) fn zone_create(args: &PoolArgs, name: &str, no_dedup: bool) -> Result<()> {
+    let req = CreateZoneRequest {
+        name: name.into(),
+        dedup: !no_dedup,
+    };
+    let zone = match Catalog::open(args)? {
+        Catalog::Server(c) => c.zone_create(&req)?,
+        Catalog::Local(p) => p.zone_create(&req)?,
+    };
+    println!(
+        "created zone {name} (id {}, dedup {})",
+        zone.id,
+        on_off(zone.dedup)
+    );
+    Ok(())
+}
+
+/// `zone set-dedup`.
+pub(super) fn zone_set_dedup(args: &PoolArgs, name: &str, on: bool) -> Result<()> {
+    let zone = match Catalog::open(args)? {
+        Catalog::Server(c) => c.zone_set_dedup(name, on)?,
+        Catalog::Local(p) => p.zone_set_dedup(name, on)?,
+    };
+    println!("zone {name}: dedup {}", on_off(zone.dedup));
+    Ok(())
+}
+
+/// `zone list`.
+pub(super) fn zone_list(args: &PoolArgs, json: bool) -> Result<()> {
+    let zones = Catalog::open(args)?.zones()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&zones)?);
+        return Ok(());
+    }
+    println!("{:<6} {:<24} {:>8} {:>6}", "ID", "NAME", "VOLUMES", "DEDUP");
+    for z in &zones {
+        println!(
+            "{:<6} {:<24} {:>8} {:>6}",
+            z.id,
+            z.name,
+            z.volumes,
+            on_off(z.dedup)
+        );
+    }
+    Ok(())
+}
+
+/// `volume create`.
+pub(super) fn volume_create(args: &PoolArgs, name: &str, zone: &str, size: u64) -> Result<()> {
+    let req = CreateVolumeRequest {
+        name: name.into(),
+        zone: zone.into(),
+        size,
+    };
+    match Catalog::open(args)? {
+        Catalog::Server(c) => c.volume_create(&req).map(drop)?,
+        Catalog::Local(p) => p.volume_create(&req).map(drop)?,
+    }
+    println!("created volume {name} ({size} bytes) in zone {zone}");
+    Ok(())
+}
+
+/// `volume list`.
+pub(super) fn volume_list(args: &PoolArgs, json: bool) -> Result<()> {
+    let volumes = Catalog::open(args)?.volumes()?;
+    let allocated = |v: &VolumeStats| v.mapped_blocks * crate::ids::BLOCK_SIZE as u64;
+    if json {
+        let rows: Vec<_> = volumes
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.name, "id": v.id, "zone": v.zone, "size": v.size,
+                    "allocated_bytes": allocated(v),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<16} {:>16} {:>16}",
+        "NAME", "ZONE", "SIZE", "ALLOCATED"
+    );
+    for v in &volumes {
+        println!(
+            "{:<24} {:<16} {:>16} {:>16}",
+            v.name,
+            v.zone,
+            v.size,
+            allocated(v)
+        );
+    }
+    Ok(())
+}
+
+/// `volume delete`: refused while a client has the volume open.
+pub(super) fn volume_delete(args: &PoolArgs, name: &str) -> Result<()> {
+    match Catalog::open(args)? {
+        Catalog::Server(c) => c.volume_delete(name).map(drop)?,
+        Catalog::Local(p) => p.volume_delete(name).map(drop)?,
+    }
+    println!("deleted volume {name}");
+    Ok(())
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
