@@ -7,8 +7,16 @@
 //!
 //! - the *reader* (the connection task itself) decodes one request at a
 //!   time, reads a WRITE's payload fully before anything is dispatched (so a
-//!   truncated write is never applied), and spawns one task per request;
-//! - *request tasks* call the [`Export`] and hand their reply to the writer;
+//!   truncated write is never applied), and starts each request;
+//! - *requests* call the [`Export`] and hand their reply to the writer. A
+//!   short one (a read of at most [`INLINE_MAX`] bytes, a write of at most
+//!   [`INLINE_WRITE_MAX`]) runs inside the connection
+//!   task, interleaved with reading the next requests: a 4 KiB read from
+//!   the page cache is a few microseconds of work, and a task of its own
+//!   cost a spawn and, most of the time, waking another worker thread to
+//!   steal it (futex calls were a tenth of the server's CPU on 4 KiB random
+//!   reads). A longer one gets its own task, so that its crypto can run on
+//!   another core;
 //! - one *writer* task owns the socket's write half and writes each reply
 //!   whole (header and payload together), in completion order: replies are
 //!   matched by cookie, so they may overtake each other.
@@ -25,18 +33,24 @@
 //! reading replies is closed after `send_timeout`, which frees what it held,
 //! and `max_connections` bounds how many there can be. Because every queued
 //! reply holds a slot permit, the reply channel (capacity `max_in_flight`)
-//! can never be full when a task sends: request tasks never block on a slow
-//! client, and every write that was read is applied.
+//! can never be full when a request sends: requests never block on a slow
+//! client, and every write that was read is applied. Requests that run in
+//! the connection task make progress whenever it waits for the next
+//! request, for permits or for the writer, so they never wait on the
+//! reader.
 
 #![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -835,11 +849,18 @@ where
     let slots = Arc::new(Semaphore::new(config.max_in_flight));
     let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes));
     let mut tasks = JoinSet::new();
+    let mut local = FuturesUnordered::new();
 
     let end = loop {
         while let Some(done) = tasks.try_join_next() {
             report_join(&ctx.peer, done);
         }
+        // Runs the requests of this task while the select waits; it never
+        // completes, so it never cancels the request being read.
+        let run_local = std::future::poll_fn(|cx| {
+            while let std::task::Poll::Ready(Some(())) = local.poll_next_unpin(cx) {}
+            std::task::Poll::<()>::Pending
+        });
         let incoming = tokio::select! {
             // Shutdown wins over a ready request: stop reading promptly.
             biased;
@@ -855,11 +876,24 @@ where
                 // The client went away: like EOF, finish what was read.
                 break Ok(End::Eof);
             }
+            () = run_local => unreachable!("never completes"),
             r = read_request(&mut rd, &params, config, &slots, &budget, &global) => r,
         };
         match incoming {
             Ok(Incoming::Request(req, payload, permits)) => {
-                tasks.spawn(run_request(ctx.clone(), req, payload, permits, tx.clone()));
+                let run = run_request(ctx.clone(), req, payload, permits, tx.clone());
+                if runs_inline(&req.command) {
+                    // A panic ends this request, as it would its own task,
+                    // not the connection.
+                    let peer = ctx.peer.clone();
+                    local.push(async move {
+                        if AssertUnwindSafe(run).catch_unwind().await.is_err() {
+                            tracing::error!(%peer, "NBD request panicked");
+                        }
+                    });
+                } else {
+                    tasks.spawn(run);
+                }
             }
             Ok(Incoming::Rejected(rej, permits)) => {
                 log.note(&rej.reason);
@@ -885,6 +919,7 @@ where
 
     // Every request already read is executed, whatever the reason for
     // stopping: writes the client sent before DISC or a reset are applied.
+    while local.next().await.is_some() {}
     while let Some(done) = tasks.join_next().await {
         report_join(&ctx.peer, done);
     }
@@ -904,6 +939,31 @@ where
         }
     }
     end
+}
+
+/// Reads longer than this get a task of their own (see the module doc).
+const INLINE_MAX: u32 = 64 << 10;
+
+/// Writes longer than this get a task of their own: a write also tags its
+/// blocks, about twice a read's CPU a block, and on one connection 64 KiB
+/// random writes ran 13% slower in the connection task than in tasks of
+/// their own, on two cores.
+const INLINE_WRITE_MAX: u32 = 16 << 10;
+
+/// Whether `command` runs inside the connection task.
+fn runs_inline(command: &Command) -> bool {
+    match *command {
+        Command::Read { length, .. } => length <= INLINE_MAX,
+        Command::Write { length, .. } => length <= INLINE_WRITE_MAX,
+        // Unmapping is metadata work, a few hundred nanoseconds a block.
+        Command::Trim { length, .. } | Command::WriteZeroes { length, .. } => {
+            length <= 16 * INLINE_MAX
+        }
+        // Waiting for a journal commit, or a bounded metadata walk.
+        Command::Flush | Command::BlockStatus { .. } | Command::Cache { .. } | Command::Disc => {
+            true
+        }
+    }
 }
 
 fn report_join(peer: &str, done: Result<(), tokio::task::JoinError>) {
