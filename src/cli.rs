@@ -273,10 +273,15 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a volume and free its space (refused while a client has it open).
+    /// Delete a volume and free its space. Refused while a server serves it,
+    /// unless --online.
     Delete {
         #[command(flatten)]
         pool: PoolArgs,
+        /// Delete it through the running server, which stops exporting it
+        /// (still refused while a client has it open).
+        #[arg(long)]
+        online: bool,
         /// Volume name.
         name: String,
     },
@@ -665,8 +670,10 @@ fn run(cli: Cli) -> Result<()> {
         }) => catalog::volume_create(&pool, &name, &zone, parse_size(&size)?)
             .with_context(|| format!("cannot create volume {name:?}")),
         Command::Volume(VolumeCmd::List { pool, json }) => catalog::volume_list(&pool, json),
-        Command::Volume(VolumeCmd::Delete { pool, name }) => catalog::volume_delete(&pool, &name)
-            .with_context(|| format!("cannot delete volume {name:?}")),
+        Command::Volume(VolumeCmd::Delete { pool, online, name }) => {
+            catalog::volume_delete(&pool, &name, online)
+                .with_context(|| format!("cannot delete volume {name:?}"))
+        }
         Command::Serve(a) => {
             let secret = Secret::for_pool(&a.pool)?;
             let listen = Listen {

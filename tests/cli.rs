@@ -426,9 +426,10 @@ fn delete_frees_the_volume_space_for_reuse() {
 }
 
 /// Zones and volumes change while the pool is served, through the
-/// server's admin API: a new volume is an export at once, a volume a client
-/// has open cannot be deleted, and a deleted one is no longer an export.
-/// A second server of the same pool is refused.
+/// server's admin API: a new volume is an export at once; a served volume
+/// is deleted only with --online, never while a client has it open, and a
+/// deleted one is no longer an export. A second server of the same pool is
+/// refused.
 #[test]
 fn volumes_come_and_go_while_served() {
     require_tool("qemu-io");
@@ -462,10 +463,15 @@ fn volumes_come_and_go_while_served() {
         (&Value::from(1), &Value::from(false))
     );
 
-    // A client holds vol0: its delete is refused and changes nothing.
+    // Served, no client: refused without --online, and nothing changes.
+    let o = pool.keyturn(&["volume", "delete", "vol0"]);
+    assert_fails_with(&o, &["vol0", "in use", "--online"], "delete while served");
+    let o = pool.keyturn(&["volume", "delete", "nope"]);
+    assert_fails_with(&o, &["no volume named"], "delete of no volume");
+    // A client holds vol0: even --online is refused, and changes nothing.
     let (held, size) = hold_export(&server.addr(), "vol0");
     assert_eq!(size, 64 * MIB);
-    let o = pool.keyturn(&["volume", "delete", "vol0"]);
+    let o = pool.keyturn(&["volume", "delete", "--online", "vol0"]);
     assert_fails_with(
         &o,
         &["vol0", "being served"],
@@ -476,7 +482,8 @@ fn volumes_come_and_go_while_served() {
     // Once the client is gone (the server notices the closed socket).
     let mut deleted = false;
     for _ in 0..100 {
-        if pool.keyturn(&["volume", "delete", "vol0"]).status.success() {
+        let o = pool.keyturn(&["volume", "delete", "--online", "vol0"]);
+        if o.status.success() {
             deleted = true;
             break;
         }

@@ -2,7 +2,7 @@
 //! go through its admin API, so volumes come and go while every other
 //! volume stays served; otherwise they work on the pool opened here.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::{PoolArgs, api, default_profile, open_pool};
 use crate::admin::client::AdminClient;
@@ -138,10 +138,22 @@ pub(super) fn volume_list(args: &PoolArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `volume delete`: refused while a client has the volume open.
-pub(super) fn volume_delete(args: &PoolArgs, name: &str) -> Result<()> {
+/// `volume delete`. A volume the running server exports is deleted only
+/// with `online` (deleting is for good, so serving it is an interlock), and
+/// even then not while a client has it open.
+pub(super) fn volume_delete(args: &PoolArgs, name: &str, online: bool) -> Result<()> {
     match Catalog::open(args)? {
-        Catalog::Server(c) => c.volume_delete(name).map(drop)?,
+        Catalog::Server(c) => {
+            if !online && c.volume_stats()?.iter().any(|v| v.name == name) {
+                bail!(
+                    "volume {name:?} is in use: the running server (admin API {}) serves it; \
+                     stop the server, or pass --online to delete it while the server runs \
+                     (refused while a client has it open)",
+                    c.addr()
+                );
+            }
+            c.volume_delete(name).map(drop)?;
+        }
         Catalog::Local(p) => p.volume_delete(name).map(drop)?,
     }
     println!("deleted volume {name}");
