@@ -196,11 +196,13 @@ fn kek_rotation_needs_two_distinct_fresh_approvals() {
     assert_refused(&rotate(&pool, &[&a, &b]), "already used");
     assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
 
-    // An expired request.
-    let req = request(pool.dir.path(), "req2.json", "1s");
+    // An expired request. It must outlive two approvals on a loaded
+    // machine (with 1 s, the second approval sometimes came too late).
+    let made = std::time::Instant::now();
+    let req = request(pool.dir.path(), "req2.json", "4s");
     let a = approve(&pool, "alice", &req, "alice2.approval");
     let b = approve(&pool, "bob", &req, "bob2.approval");
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    std::thread::sleep(std::time::Duration::from_millis(5100).saturating_sub(made.elapsed()));
     assert_refused(&rotate(&pool, &[&a, &b]), "expired");
     assert_eq!(kek_state(&pool, "z1-kek-v3"), "absent");
     // Every refused attempt is on the record: none, one, the same twice,
