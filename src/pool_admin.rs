@@ -442,11 +442,17 @@ impl AdminBackend for Pool {
     }
 
     fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, AdminError> {
-        self.create_volume(&req.name, &req.zone, req.size)?;
-        self.volume_stats()
-            .into_iter()
-            .find(|v| v.name == req.name)
-            .ok_or_else(|| AdminError::Internal(format!("volume {:?} vanished", req.name)))
+        let id = self.create_volume(&req.name, &req.zone, req.size)?;
+        // New, so nothing is mapped yet.
+        Ok(VolumeStats {
+            name: req.name.clone(),
+            id: u64::from(id.0),
+            zone: req.zone.clone(),
+            size: req.size,
+            mapped_blocks: 0,
+            content_blocks: 0,
+            dedup_ratio: 1.0,
+        })
     }
 
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {

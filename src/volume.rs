@@ -722,9 +722,13 @@ impl Volume {
         // Each commit frees whatever was pending when it started; more
         // than a few rounds means other writers keep taking the space.
         const COMMITS: usize = 4;
-        for _ in 0..COMMITS {
+        let mut commits = 0;
+        loop {
             match self.allocate_slots(n) {
-                Err(ExportError::NoSpace(_)) if self.storage.slots.lock().pending_frees() > 0 => {
+                Err(ExportError::NoSpace(_))
+                    if commits < COMMITS && self.storage.slots.lock().pending_frees() > 0 =>
+                {
+                    commits += 1;
                     self.journal
                         .commit(self.journal.last_appended())
                         .await
@@ -733,7 +737,6 @@ impl Volume {
                 r => return r,
             }
         }
-        self.allocate_slots(n)
     }
 
     /// Reserves `n` data slots (in as few runs as the allocator gives).

@@ -14,8 +14,8 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use super::{PoolArgs, default_profile, open_pool, parse_duration};
 use crate::admin::client::{AdminClient, ClientError};
 use crate::admin::{
-    AdminBackend, EmergencyRequest, KekRotateRequest, PrepareRequest, RotationPhase,
-    RotationStatus, ScrubStatus, VolumeStats,
+    AdminBackend, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, KekRotateRequest,
+    PrepareRequest, RotationPhase, RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
 };
 use crate::pool::Pool;
 
@@ -93,23 +93,36 @@ pub(super) struct ScrubArgs {
 
 /// Where an operation runs: the pool's server, or the pool opened here
 /// when no server answers.
-enum Admin {
+pub(super) enum Admin {
     Remote(AdminClient),
     Local(Box<Pool>),
 }
 
 impl Admin {
-    /// The running server's API, else the pool opened in this process.
+    /// The running server's API, else the pool opened in this process
+    /// (saying so on stderr).
     fn open(args: &PoolArgs) -> Result<Self> {
+        Self::connect(args, true)
+    }
+
+    /// [`Admin::open`] without the notice, for commands that work the same
+    /// either way (zones and volumes).
+    pub(super) fn open_quietly(args: &PoolArgs) -> Result<Self> {
+        Self::connect(args, false)
+    }
+
+    fn connect(args: &PoolArgs, announce: bool) -> Result<Self> {
         super::require_pool_dir(&args.pool)?;
         let client = AdminClient::for_pool(&args.pool).and_then(|c| c.health().map(|_| c));
         match client {
             Ok(c) => Ok(Admin::Remote(c)),
             Err(ClientError::NotRunning { .. }) => {
-                eprintln!(
-                    "keyturn: no server answers for pool {}; opening it here",
-                    args.pool.display()
-                );
+                if announce {
+                    eprintln!(
+                        "keyturn: no server answers for pool {}; opening it here",
+                        args.pool.display()
+                    );
+                }
                 Ok(Admin::Local(Box::new(open_pool(
                     args,
                     &default_profile()?,
@@ -140,11 +153,51 @@ impl Admin {
         })
     }
 
-    fn volume_stats(&self) -> Result<Vec<VolumeStats>> {
+    pub(super) fn volume_stats(&self) -> Result<Vec<VolumeStats>> {
         Ok(match self {
             Admin::Remote(c) => c.volume_stats()?,
             Admin::Local(p) => p.volume_stats(),
         })
+    }
+
+    pub(super) fn zones(&self) -> Result<Vec<ZoneInfo>> {
+        Ok(match self {
+            Admin::Remote(c) => c
+                .zones()?
+                .iter()
+                .map(|z| c.zone_info(z))
+                .collect::<Result<_, _>>()?,
+            Admin::Local(p) => p.zone_infos(),
+        })
+    }
+
+    pub(super) fn zone_create(&self, req: &CreateZoneRequest) -> Result<ZoneInfo> {
+        Ok(match self {
+            Admin::Remote(c) => c.zone_create(req)?,
+            Admin::Local(p) => p.zone_create(req)?,
+        })
+    }
+
+    pub(super) fn zone_set_dedup(&self, zone: &str, on: bool) -> Result<ZoneInfo> {
+        Ok(match self {
+            Admin::Remote(c) => c.zone_set_dedup(zone, on)?,
+            Admin::Local(p) => p.zone_set_dedup(zone, on)?,
+        })
+    }
+
+    pub(super) fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats> {
+        Ok(match self {
+            Admin::Remote(c) => c.volume_create(req)?,
+            Admin::Local(p) => p.volume_create(req)?,
+        })
+    }
+
+    pub(super) fn volume_delete(&self, volume: &str) -> Result<()> {
+        match self {
+            Admin::Remote(c) => c.volume_delete(volume).map(drop)?,
+            Admin::Local(p) => p.volume_delete(volume).map(drop)?,
+        }
+        Ok(())
     }
 }
 

@@ -4,54 +4,16 @@
 
 use anyhow::{Result, bail};
 
-use super::{PoolArgs, api, default_profile, open_pool};
-use crate::admin::client::AdminClient;
-use crate::admin::{AdminBackend, CreateVolumeRequest, CreateZoneRequest, VolumeStats, ZoneInfo};
-use crate::pool::Pool;
-
-/// Where the command runs.
-enum Catalog {
-    Server(AdminClient),
-    Local(Box<Pool>),
-}
-
-impl Catalog {
-    fn open(args: &PoolArgs) -> Result<Self> {
-        Ok(match api::server_for(&args.pool)? {
-            Some(client) => Catalog::Server(client),
-            None => Catalog::Local(Box::new(open_pool(args, &default_profile()?)?)),
-        })
-    }
-
-    fn zones(&self) -> Result<Vec<ZoneInfo>> {
-        Ok(match self {
-            Catalog::Server(c) => c
-                .zones()?
-                .iter()
-                .map(|z| c.zone_info(z))
-                .collect::<Result<_, _>>()?,
-            Catalog::Local(p) => p.zone_infos(),
-        })
-    }
-
-    fn volumes(&self) -> Result<Vec<VolumeStats>> {
-        Ok(match self {
-            Catalog::Server(c) => c.volume_stats()?,
-            Catalog::Local(p) => p.volume_stats(),
-        })
-    }
-}
+use super::PoolArgs;
+use super::api::Admin;
+use crate::admin::{CreateVolumeRequest, CreateZoneRequest, VolumeStats};
 
 /// `zone create`.
 pub(super) fn zone_create(args: &PoolArgs, name: &str, no_dedup: bool) -> Result<()> {
-    let req = CreateZoneRequest {
+    let zone = Admin::open_quietly(args)?.zone_create(&CreateZoneRequest {
         name: name.into(),
         dedup: !no_dedup,
-    };
-    let zone = match Catalog::open(args)? {
-        Catalog::Server(c) => c.zone_create(&req)?,
-        Catalog::Local(p) => p.zone_create(&req)?,
-    };
+    })?;
     println!(
         "created zone {name} (id {}, dedup {})",
         zone.id,
@@ -62,17 +24,14 @@ pub(super) fn zone_create(args: &PoolArgs, name: &str, no_dedup: bool) -> Result
 
 /// `zone set-dedup`.
 pub(super) fn zone_set_dedup(args: &PoolArgs, name: &str, on: bool) -> Result<()> {
-    let zone = match Catalog::open(args)? {
-        Catalog::Server(c) => c.zone_set_dedup(name, on)?,
-        Catalog::Local(p) => p.zone_set_dedup(name, on)?,
-    };
+    let zone = Admin::open_quietly(args)?.zone_set_dedup(name, on)?;
     println!("zone {name}: dedup {}", on_off(zone.dedup));
     Ok(())
 }
 
 /// `zone list`.
 pub(super) fn zone_list(args: &PoolArgs, json: bool) -> Result<()> {
-    let zones = Catalog::open(args)?.zones()?;
+    let zones = Admin::open_quietly(args)?.zones()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&zones)?);
         return Ok(());
@@ -92,22 +51,18 @@ pub(super) fn zone_list(args: &PoolArgs, json: bool) -> Result<()> {
 
 /// `volume create`.
 pub(super) fn volume_create(args: &PoolArgs, name: &str, zone: &str, size: u64) -> Result<()> {
-    let req = CreateVolumeRequest {
+    Admin::open_quietly(args)?.volume_create(&CreateVolumeRequest {
         name: name.into(),
         zone: zone.into(),
         size,
-    };
-    match Catalog::open(args)? {
-        Catalog::Server(c) => c.volume_create(&req).map(drop)?,
-        Catalog::Local(p) => p.volume_create(&req).map(drop)?,
-    }
+    })?;
     println!("created volume {name} ({size} bytes) in zone {zone}");
     Ok(())
 }
 
 /// `volume list`.
 pub(super) fn volume_list(args: &PoolArgs, json: bool) -> Result<()> {
-    let volumes = Catalog::open(args)?.volumes()?;
+    let volumes = Admin::open_quietly(args)?.volume_stats()?;
     let allocated = |v: &VolumeStats| v.mapped_blocks * crate::ids::BLOCK_SIZE as u64;
     if json {
         let rows: Vec<_> = volumes
@@ -142,20 +97,19 @@ pub(super) fn volume_list(args: &PoolArgs, json: bool) -> Result<()> {
 /// with `online` (deleting is for good, so serving it is an interlock), and
 /// even then not while a client has it open.
 pub(super) fn volume_delete(args: &PoolArgs, name: &str, online: bool) -> Result<()> {
-    match Catalog::open(args)? {
-        Catalog::Server(c) => {
-            if !online && c.volume_stats()?.iter().any(|v| v.name == name) {
-                bail!(
-                    "volume {name:?} is in use: the running server (admin API {}) serves it; \
-                     stop the server, or pass --online to delete it while the server runs \
-                     (refused while a client has it open)",
-                    c.addr()
-                );
-            }
-            c.volume_delete(name).map(drop)?;
-        }
-        Catalog::Local(p) => p.volume_delete(name).map(drop)?,
+    let admin = Admin::open_quietly(args)?;
+    if let Admin::Remote(c) = &admin
+        && !online
+        && admin.volume_stats()?.iter().any(|v| v.name == name)
+    {
+        bail!(
+            "volume {name:?} is in use: the running server (admin API {}) serves it; \
+             stop the server, or pass --online to delete it while the server runs \
+             (refused while a client has it open)",
+            c.addr()
+        );
     }
+    admin.volume_delete(name)?;
     println!("deleted volume {name}");
     Ok(())
 }

@@ -9,7 +9,7 @@
 //!   time, reads a WRITE's payload fully before anything is dispatched (so a
 //!   truncated write is never applied), and starts each request;
 //! - *requests* call the [`Export`] and hand their reply to the writer. A
-//!   short one (a read of at most [`INLINE_MAX`] bytes, a write of at most
+//!   short one (a read of at most [`INLINE_READ_MAX`] bytes, a write of at most
 //!   [`INLINE_WRITE_MAX`]) runs inside the connection
 //!   task, interleaved with reading the next requests: a 4 KiB read from
 //!   the page cache is a few microseconds of work, and a task of its own
@@ -858,7 +858,9 @@ where
         // Runs the requests of this task while the select waits; it never
         // completes, so it never cancels the request being read.
         let run_local = std::future::poll_fn(|cx| {
-            while let std::task::Poll::Ready(Some(())) = local.poll_next_unpin(cx) {}
+            while let std::task::Poll::Ready(Some(done)) = local.poll_next_unpin(cx) {
+                report_local(&ctx.peer, done);
+            }
             std::task::Poll::<()>::Pending
         });
         let incoming = tokio::select! {
@@ -885,12 +887,7 @@ where
                 if runs_inline(&req.command) {
                     // A panic ends this request, as it would its own task,
                     // not the connection.
-                    let peer = ctx.peer.clone();
-                    local.push(async move {
-                        if AssertUnwindSafe(run).catch_unwind().await.is_err() {
-                            tracing::error!(%peer, "NBD request panicked");
-                        }
-                    });
+                    local.push(AssertUnwindSafe(run).catch_unwind());
                 } else {
                     tasks.spawn(run);
                 }
@@ -919,7 +916,9 @@ where
 
     // Every request already read is executed, whatever the reason for
     // stopping: writes the client sent before DISC or a reset are applied.
-    while local.next().await.is_some() {}
+    while let Some(done) = local.next().await {
+        report_local(&ctx.peer, done);
+    }
     while let Some(done) = tasks.join_next().await {
         report_join(&ctx.peer, done);
     }
@@ -942,7 +941,7 @@ where
 }
 
 /// Reads longer than this get a task of their own (see the module doc).
-const INLINE_MAX: u32 = 64 << 10;
+const INLINE_READ_MAX: u32 = 64 << 10;
 
 /// Writes longer than this get a task of their own: a write also tags its
 /// blocks, about twice a read's CPU a block, and on one connection 64 KiB
@@ -950,19 +949,29 @@ const INLINE_MAX: u32 = 64 << 10;
 /// their own, on two cores.
 const INLINE_WRITE_MAX: u32 = 16 << 10;
 
+/// Trims and write-zeroes longer than this get a task of their own.
+const INLINE_UNMAP_MAX: u32 = 1 << 20;
+
 /// Whether `command` runs inside the connection task.
 fn runs_inline(command: &Command) -> bool {
     match *command {
-        Command::Read { length, .. } => length <= INLINE_MAX,
+        Command::Read { length, .. } => length <= INLINE_READ_MAX,
         Command::Write { length, .. } => length <= INLINE_WRITE_MAX,
         // Unmapping is metadata work, a few hundred nanoseconds a block.
         Command::Trim { length, .. } | Command::WriteZeroes { length, .. } => {
-            length <= 16 * INLINE_MAX
+            length <= INLINE_UNMAP_MAX
         }
         // Waiting for a journal commit, or a bounded metadata walk.
         Command::Flush | Command::BlockStatus { .. } | Command::Cache { .. } | Command::Disc => {
             true
         }
+    }
+}
+
+/// Logs a request run in the connection task that panicked.
+fn report_local(peer: &str, done: std::thread::Result<()>) {
+    if done.is_err() {
+        tracing::error!(%peer, "NBD request panicked");
     }
 }
 
