@@ -443,16 +443,12 @@ impl AdminBackend for Pool {
 
     fn volume_create(&self, req: &CreateVolumeRequest) -> Result<VolumeStats, AdminError> {
         let id = self.create_volume(&req.name, &req.zone, req.size)?;
-        // New, so nothing is mapped yet.
-        Ok(VolumeStats {
-            name: req.name.clone(),
-            id: u64::from(id.0),
-            zone: req.zone.clone(),
-            size: req.size,
-            mapped_blocks: 0,
-            content_blocks: 0,
-            dedup_ratio: 1.0,
-        })
+        Ok(VolumeStats::empty(
+            &req.name,
+            u64::from(id.0),
+            &req.zone,
+            req.size,
+        ))
     }
 
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {

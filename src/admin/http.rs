@@ -729,15 +729,7 @@ mod tests {
                 req.name, req.zone, req.size
             ));
             self.zone(&req.zone)?;
-            Ok(VolumeStats {
-                name: req.name.clone(),
-                id: 2,
-                zone: req.zone.clone(),
-                size: req.size,
-                mapped_blocks: 0,
-                content_blocks: 0,
-                dedup_ratio: 1.0,
-            })
+            Ok(VolumeStats::empty(&req.name, 2, &req.zone, req.size))
         }
         fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {
             self.asked.lock().push(format!("volume delete {volume}"));

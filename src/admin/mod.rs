@@ -363,6 +363,21 @@ pub struct VolumeStats {
     pub dedup_ratio: f64,
 }
 
+impl VolumeStats {
+    /// A volume with nothing mapped yet (a new one).
+    pub fn empty(name: &str, id: u64, zone: &str, size: u64) -> Self {
+        Self {
+            name: name.into(),
+            id,
+            zone: zone.into(),
+            size,
+            mapped_blocks: 0,
+            content_blocks: 0,
+            dedup_ratio: 1.0,
+        }
+    }
+}
+
 /// `GET /api/v1/zones/{zone}`, and the answer to creating a zone or
 /// changing its dedup.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
