@@ -336,15 +336,29 @@ impl CommitHooks for Hooks {
         &self,
         flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
     ) -> Result<JournalSeq, JournalError> {
+        let failed = |e: crate::store::table::TableError| JournalError::Io {
+            op: "checkpoint",
+            message: e.to_string(),
+        };
+        // Writers stop only for the short part. First, with them going on,
+        // the data sync and the journal write of nearly everything pending:
+        // under the locks that took 50-100 ms a checkpoint, during which
+        // every write waited.
+        flush()?;
         let zones = self.zones.read();
         // Zone locks in id order stop every appender (appends happen under them).
         let mut metas: Vec<_> = zones.values().map(|z| z.meta.lock()).collect();
         let seq = flush()?;
+        let mut syncs = Vec::new();
         for meta in &mut metas {
-            meta.checkpoint(seq).map_err(|e| JournalError::Io {
-                op: "checkpoint",
-                message: e.to_string(),
-            })?;
+            syncs.extend(meta.move_to_tables(seq).map_err(failed)?);
+        }
+        drop(metas);
+        drop(zones);
+        // Changes from here on go to the overlays, never to the tables, so
+        // the syncs need no lock either.
+        for table in syncs {
+            table.sync().map_err(failed)?;
         }
         Ok(seq)
     }

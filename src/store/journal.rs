@@ -312,10 +312,14 @@ pub trait CommitHooks: Send + Sync + 'static {
     fn durable(&self, seq: JournalSeq);
     /// Checkpoints: stops every appender (takes the zone locks), calls
     /// `flush` to make every pending frame durable (it returns the last
-    /// sequence), copies all in-memory changes into the tables, syncs them,
-    /// and returns that sequence. With appenders stopped, no overlay entry
-    /// can be newer than the frames flushed, so the tables hold exactly the
-    /// state up to the returned sequence.
+    /// sequence written), copies all in-memory changes into the tables,
+    /// syncs them, and returns that sequence. With appenders stopped, no
+    /// overlay entry can be newer than the frames flushed, so the tables
+    /// hold exactly the state up to the returned sequence. `flush` may be
+    /// called more than once (before the appenders stop, to shorten the
+    /// stop); each call answers the last frame any call wrote. Appenders may
+    /// go on once the changes are copied: their frames stay pending until
+    /// the new generation has begun.
     fn checkpoint(
         &self,
         flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
@@ -749,9 +753,14 @@ fn committer_loop(
             Err(e) => fail(e),
         }
         if writer.write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
+            // The hook may flush more than once; each call answers the last
+            // frame written by any of them.
+            let mut written = shared.durable.borrow().seq;
             let mut flush = || {
-                let last = flush_pending(&shared, &mut writer, hooks.as_ref())?;
-                Ok(last.unwrap_or(shared.durable.borrow().seq))
+                if let Some(last) = flush_pending(&shared, &mut writer, hooks.as_ref())? {
+                    written = last;
+                }
+                Ok(written)
             };
             match hooks.checkpoint(&mut flush) {
                 Ok(seq) => match writer.new_generation(writer.generation + 1, seq.0) {
@@ -972,5 +981,77 @@ mod tests {
         let replayed_to = r.frames.last().map_or(r.checkpoint_seq, |f| f.0);
         assert_eq!(replayed_to, JournalSeq(200));
         assert!(r.checkpoint_seq.0 > 0);
+    }
+
+    /// Hooks whose checkpoint appends a frame and then flushes twice, as the
+    /// pool's does (once before stopping appenders, once after).
+    #[derive(Default)]
+    struct TwoFlushHooks {
+        inner: Hooks,
+        journal: Mutex<Option<Arc<Journal>>>,
+    }
+
+    impl CommitHooks for TwoFlushHooks {
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.inner.sync_data()
+        }
+        fn durable(&self, seq: JournalSeq) {
+            self.inner.durable(seq)
+        }
+        fn checkpoint(
+            &self,
+            flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
+        ) -> Result<JournalSeq, JournalError> {
+            self.inner.checkpoints.fetch_add(1, Ordering::SeqCst);
+            if let Some(j) = self.journal.lock().as_ref() {
+                j.append(&sample(9999));
+            }
+            let first = flush()?;
+            let second = flush()?;
+            assert!(second >= first, "a later flush answered an older frame");
+            Ok(second)
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_that_flushes_twice_keeps_every_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let hooks = Arc::new(TwoFlushHooks::default());
+        let config = JournalConfig {
+            commit_interval: Duration::from_millis(5),
+            commit_bytes: 1 << 20,
+            checkpoint_bytes: 10_000,
+        };
+        let j = Arc::new(Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap());
+        *hooks.journal.lock() = Some(j.clone());
+        for i in 1..=200 {
+            let last = j.append(&sample(i));
+            if i % 20 == 0 {
+                j.commit_blocking(last).unwrap();
+            }
+        }
+        *hooks.journal.lock() = None;
+        // The frames the checkpoints appended count too. A checkpoint that
+        // lost frames would leave this waiting for ever: bounded.
+        let last = j.last_appended();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = j.clone();
+        std::thread::spawn(move || tx.send(waiter.commit_blocking(last)));
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the last frame never became durable")
+            .unwrap();
+        assert!(hooks.inner.checkpoints.load(Ordering::SeqCst) >= 3);
+        assert!(last.0 > 200, "the checkpoints appended frames");
+        drop(Arc::into_inner(j).expect("only reference"));
+        // A checkpoint that answered an older frame than its first flush
+        // wrote would have started a generation without the frames between.
+        let r = Journal::read(&p).unwrap();
+        let replayed_to = r.frames.last().map_or(r.checkpoint_seq, |f| f.0);
+        assert_eq!(replayed_to, last);
+        for ((seq, _), expect) in r.frames.iter().zip(r.checkpoint_seq.0 + 1..) {
+            assert_eq!(seq.0, expect, "frames after the checkpoint are contiguous");
+        }
     }
 }

@@ -20,6 +20,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::MmapMut;
 
@@ -53,7 +54,7 @@ pub enum TableError {
 /// A file of fixed-size records, memory-mapped.
 pub struct Table {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     map: MmapMut,
     record: usize,
     /// Number of records the file holds.
@@ -111,7 +112,7 @@ impl Table {
         let map = Self::map(&file, path)?;
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             map,
             record,
             len: (size - HEADER) / record as u64,
@@ -198,6 +199,33 @@ impl Table {
             .filter(|(_, r)| r.iter().any(|&b| b != 0))
             .map(|(i, r)| (i as u64, r))
     }
+
+    /// A handle that makes every `put` so far durable without borrowing
+    /// the table, so a checkpoint can sync after it let writers go on.
+    pub fn syncer(&self) -> TableSync {
+        TableSync {
+            path: self.path.clone(),
+            file: self.file.clone(),
+        }
+    }
+}
+
+/// Syncs a table from outside it (see [`Table::syncer`]).
+pub struct TableSync {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl TableSync {
+    /// fsync of the table's file. On Linux that writes back the pages
+    /// dirtied through the shared mapping as well (a write through a
+    /// shared mapping dirties the page-cache page, and `msync(MS_SYNC)`
+    /// is itself an fsync of the range), so every `put` made before this
+    /// call is on disk when it returns. `put`s made meanwhile may or may
+    /// not be.
+    pub fn sync(&self) -> Result<(), TableError> {
+        self.file.sync_all().map_err(Table::io(&self.path, "fsync"))
+    }
 }
 
 #[cfg(test)]
@@ -227,5 +255,21 @@ mod tests {
         t.sync().unwrap();
         drop(t);
         assert_eq!(Table::open(&p, 16).unwrap().header_word(0), 42);
+    }
+
+    #[test]
+    fn syncer_outlives_a_borrow_and_growth() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let mut t = Table::create(&p, 16, 4).unwrap();
+        t.put(1, &[3; 16]).unwrap();
+        let sync = t.syncer();
+        // Growth remaps; the handle still names the same file.
+        t.put(9000, &[4; 16]).unwrap();
+        sync.sync().unwrap();
+        drop(t);
+        let t = Table::open(&p, 16).unwrap();
+        assert_eq!(t.get(1), Some(&[3u8; 16][..]));
+        assert_eq!(t.get(9000), Some(&[4u8; 16][..]));
     }
 }

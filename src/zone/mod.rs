@@ -38,7 +38,7 @@ use crate::ids::{Cbid, JournalSeq, KeyVersion, Lba, Slot, VolumeId, ZoneId};
 use crate::keys::secret::{DataKey, MacKey};
 use crate::store::alloc::IdAllocator;
 use crate::store::journal::{CbRecord, LiveCopy, StagedCopy};
-use crate::store::table::{Table, TableError};
+use crate::store::table::{Table, TableError, TableSync};
 
 /// Size of one content-block table record.
 pub const CB_RECORD: usize = 64;
@@ -165,19 +165,28 @@ impl VolumeMap {
         out
     }
 
-    fn checkpoint(&mut self, seq: JournalSeq) -> Result<(), TableError> {
-        let mut moved = Vec::new();
-        for (&lba, &(cbid, s)) in &self.overlay {
-            if s <= seq {
-                self.table
-                    .put(lba, &cbid.map_or(0, |c| c.0 + 1).to_le_bytes())?;
-                moved.push(lba);
+    /// Moves the overlay entries up to `seq` into the table (not synced).
+    fn move_to_table(&mut self, seq: JournalSeq) -> Result<TableSync, TableError> {
+        // Drained in place, so the overlay keeps its capacity and the
+        // writes after the checkpoint do not grow it again step by step.
+        let mut keep = Vec::new();
+        let mut failed = None;
+        for (lba, (cbid, s)) in self.overlay.drain() {
+            if s <= seq && failed.is_none() {
+                let raw = cbid.map_or(0, |c| c.0 + 1).to_le_bytes();
+                match self.table.put(lba, &raw) {
+                    Ok(()) => continue,
+                    Err(e) => failed = Some(e),
+                }
             }
+            // Newer than the checkpoint, or not moved: lookups need it.
+            keep.push((lba, (cbid, s)));
         }
-        for lba in moved {
-            self.overlay.remove(&lba);
+        self.overlay.extend(keep);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(self.table.syncer()),
         }
-        self.table.sync()
     }
 }
 
@@ -412,24 +421,42 @@ impl ZoneMeta {
 
     /// Moves every overlay entry up to `seq` into the tables and syncs them.
     pub fn checkpoint(&mut self, seq: JournalSeq) -> Result<(), TableError> {
-        let mut moved = Vec::new();
-        for (&cbid, &(r, s)) in &self.cb_overlay {
-            if s <= seq {
-                self.cb_table
-                    .put(cbid, &r.map_or([0u8; CB_RECORD], |r| encode_cb(&r)))?;
-                moved.push(cbid);
-            }
+        for table in self.move_to_tables(seq)? {
+            table.sync()?;
         }
-        for cbid in moved {
-            self.cb_overlay.remove(&cbid);
+        Ok(())
+    }
+
+    /// The first half of [`checkpoint`](Self::checkpoint): moves every
+    /// overlay entry up to `seq` into the tables, and returns what must be
+    /// synced before the tables count as holding the state up to `seq`.
+    /// The caller may release the zone lock before syncing: later changes
+    /// go to the overlays, never to the tables.
+    pub fn move_to_tables(&mut self, seq: JournalSeq) -> Result<Vec<TableSync>, TableError> {
+        // As in `VolumeMap::move_to_table`.
+        let mut keep = Vec::new();
+        let mut failed = None;
+        for (cbid, (r, s)) in self.cb_overlay.drain() {
+            if s <= seq && failed.is_none() {
+                let raw = r.map_or([0u8; CB_RECORD], |r| encode_cb(&r));
+                match self.cb_table.put(cbid, &raw) {
+                    Ok(()) => continue,
+                    Err(e) => failed = Some(e),
+                }
+            }
+            keep.push((cbid, (r, s)));
+        }
+        self.cb_overlay.extend(keep);
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.cb_table
             .set_header_word(HEADER_ACTIVE, u64::from(self.active.0));
-        self.cb_table.sync()?;
+        let mut syncs = vec![self.cb_table.syncer()];
         for v in self.volumes.values_mut() {
-            v.checkpoint(seq)?;
+            syncs.push(v.move_to_table(seq)?);
         }
-        Ok(())
+        Ok(syncs)
     }
 
     /// Number of overlay entries (a checkpoint bounds this).
