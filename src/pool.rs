@@ -44,11 +44,13 @@ use crate::keys::wrap::{KeyLabel, Purpose};
 use crate::keys::zone_keys::{BlockUsage, KeyState, ZoneKeyFile};
 use crate::nbd::export::{ExportCatalog, ExportInfo};
 use crate::store::device::{Device, DeviceError, DeviceOptions, Engine, EngineConfig};
-use crate::store::journal::{CommitHooks, Entry, Journal, JournalConfig, JournalError};
+use crate::store::journal::{
+    CheckpointJournal, CommitHooks, Entry, Journal, JournalConfig, JournalError,
+};
 use crate::store::table::TableError;
 use crate::store::{Staging, Storage};
 use crate::volume::Volume;
-use crate::zone::{VolumeMap, Zone, ZoneCrypto, ZoneMeta};
+use crate::zone::{CheckpointRun, VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
 /// Errors of pool operations.
 #[derive(Debug, thiserror::Error)]
@@ -332,29 +334,58 @@ impl CommitHooks for Hooks {
         }
     }
 
-    fn checkpoint(
-        &self,
-        flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
-    ) -> Result<JournalSeq, JournalError> {
+    fn checkpoint(&self, journal: &mut dyn CheckpointJournal) -> Result<JournalSeq, JournalError> {
         let failed = |e: crate::store::table::TableError| JournalError::Io {
             op: "checkpoint",
             message: e.to_string(),
         };
-        // Writers stop only for the short part. First, with them going on,
-        // the data sync and the journal write of nearly everything pending:
-        // under the locks that took 50-100 ms a checkpoint, during which
-        // every write waited.
-        flush()?;
-        let zones = self.zones.read();
-        // Zone locks in id order stop every appender (appends happen under them).
-        let mut metas: Vec<_> = zones.values().map(|z| z.meta.lock()).collect();
-        let seq = flush()?;
-        let mut syncs = Vec::new();
-        for meta in &mut metas {
-            syncs.extend(meta.move_to_tables(seq).map_err(failed)?);
-        }
+        // Writers stop only while the changes are set aside (a swap of maps
+        // and a list of their keys per zone). Flushing under the locks, as
+        // before, stopped every write for the data sync: 50-80 ms a
+        // checkpoint under 4 KiB random writes.
+        let all = self.zones.read();
+        let zones: Vec<Arc<Zone>> = all.values().cloned().collect();
+        // Zone locks in id order stop every appender (appends happen under
+        // them, with the in-memory change), so the last frame appended
+        // covers every change in the overlays.
+        let mut metas: Vec<_> = zones.iter().map(|z| z.meta.lock()).collect();
+        let seq = journal.last_appended();
+        let runs: Vec<CheckpointRun> = metas.iter_mut().map(|m| m.begin_checkpoint(seq)).collect();
         drop(metas);
-        drop(zones);
+        drop(all);
+        let abandon = |from: usize| {
+            for zone in &zones[from..] {
+                zone.meta.lock().abandon_checkpoint();
+            }
+        };
+        // The frames up to `seq` are durable before any of their changes
+        // reach a table: the kernel may write a table page back at any time.
+        if let Err(e) = journal.flush_through(seq) {
+            abandon(0);
+            return Err(e);
+        }
+        // Copying into the tables takes each zone's lock for a bounded
+        // batch at a time (about half a million changes took 40 ms).
+        let mut syncs = Vec::new();
+        for (k, (zone, run)) in zones.iter().zip(runs).enumerate() {
+            loop {
+                let mut meta = zone.meta.lock();
+                match meta.copy_checkpoint(CHECKPOINT_BATCH) {
+                    Ok(true) => {
+                        syncs.extend(meta.finish_checkpoint(run));
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // This zone and the ones not reached keep their
+                        // changes in the overlays.
+                        drop(meta);
+                        abandon(k);
+                        return Err(failed(e));
+                    }
+                }
+            }
+        }
         // Changes from here on go to the overlays, never to the tables, so
         // the syncs need no lock either.
         for table in syncs {
@@ -406,6 +437,10 @@ impl BlockUsage for ZoneUsage {
 /// The on-disk format this build reads and writes (2: content-block
 /// records carry a staged copy; journal entries for flips).
 pub const POOL_FORMAT: u32 = 2;
+
+/// Changes a checkpoint copies into the tables per taking of a zone lock:
+/// about half a millisecond of the lock.
+const CHECKPOINT_BATCH: usize = 8192;
 
 /// An open pool.
 ///

@@ -310,20 +310,54 @@ pub trait CommitHooks: Send + Sync + 'static {
     /// Frames up to `seq` are durable: frees they recorded may be reused.
     /// Called before [`Journal::commit`] callers waiting for `seq` wake.
     fn durable(&self, seq: JournalSeq);
-    /// Checkpoints: stops every appender (takes the zone locks), calls
-    /// `flush` to make every pending frame durable (it returns the last
-    /// sequence written), copies all in-memory changes into the tables,
-    /// syncs them, and returns that sequence. With appenders stopped, no
-    /// overlay entry can be newer than the frames flushed, so the tables
-    /// hold exactly the state up to the returned sequence. `flush` may be
-    /// called more than once (before the appenders stop, to shorten the
-    /// stop); each call answers the last frame any call wrote. Appenders may
-    /// go on once the changes are copied: their frames stay pending until
-    /// the new generation has begun.
-    fn checkpoint(
-        &self,
-        flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
-    ) -> Result<JournalSeq, JournalError>;
+    /// Checkpoints: with every appender stopped (the zone locks), takes
+    /// `journal.last_appended()` as the checkpoint's sequence and sets the
+    /// in-memory changes up to it aside; then, appenders going on, makes
+    /// the frames up to it durable (`journal.flush_through`) before any of
+    /// those changes reach a table, copies them in, syncs the tables, and
+    /// returns the sequence. The tables then hold exactly the state up to
+    /// it; later frames stay pending for the new generation.
+    fn checkpoint(&self, journal: &mut dyn CheckpointJournal) -> Result<JournalSeq, JournalError>;
+}
+
+/// What a checkpoint asks of the journal (see [`CommitHooks::checkpoint`]).
+pub trait CheckpointJournal {
+    /// The sequence of the last frame appended.
+    fn last_appended(&self) -> JournalSeq;
+    /// Makes every frame up to `seq` durable, data sync first. Frames
+    /// after `seq` stay pending: they belong to the new generation.
+    fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError>;
+}
+
+/// The committer's side of a checkpoint.
+struct Checkpointing<'a> {
+    shared: &'a Shared,
+    writer: &'a mut Writer,
+    hooks: &'a dyn CommitHooks,
+}
+
+impl CheckpointJournal for Checkpointing<'_> {
+    fn last_appended(&self) -> JournalSeq {
+        JournalSeq(self.shared.pending.lock().next_seq - 1)
+    }
+
+    fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError> {
+        flush_pending(self.shared, self.writer, self.hooks, seq).map(|_| ())
+    }
+}
+
+/// Recovery's checkpoint: everything up to the replayed sequence is in
+/// memory and nothing is pending.
+struct Recovered(JournalSeq);
+
+impl CheckpointJournal for Recovered {
+    fn last_appended(&self) -> JournalSeq {
+        self.0
+    }
+
+    fn flush_through(&mut self, _: JournalSeq) -> Result<(), JournalError> {
+        Ok(())
+    }
 }
 
 struct Pending {
@@ -576,7 +610,7 @@ impl Journal {
             .open(path)
             .map_err(Writer::io("open"))?;
         let (generation, _) = Self::read_header(&file, path)?;
-        hooks.checkpoint(&mut || Ok(last_seq))?;
+        hooks.checkpoint(&mut Recovered(last_seq))?;
         let mut writer = Writer {
             file,
             generation,
@@ -742,7 +776,7 @@ fn committer_loop(
             }
             continue;
         }
-        match flush_pending(&shared, &mut writer, hooks.as_ref()) {
+        match flush_pending(&shared, &mut writer, hooks.as_ref(), JournalSeq(u64::MAX)) {
             // The hook first: a waiter woken by the new durable sequence
             // finds what it freed already back in the allocators.
             Ok(Some(last)) => {
@@ -753,16 +787,12 @@ fn committer_loop(
             Err(e) => fail(e),
         }
         if writer.write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
-            // The hook may flush more than once; each call answers the last
-            // frame written by any of them.
-            let mut written = shared.durable.borrow().seq;
-            let mut flush = || {
-                if let Some(last) = flush_pending(&shared, &mut writer, hooks.as_ref())? {
-                    written = last;
-                }
-                Ok(written)
+            let mut journal = Checkpointing {
+                shared: &shared,
+                writer: &mut writer,
+                hooks: hooks.as_ref(),
             };
-            match hooks.checkpoint(&mut flush) {
+            match hooks.checkpoint(&mut journal) {
                 Ok(seq) => match writer.new_generation(writer.generation + 1, seq.0) {
                     Ok(()) => {
                         hooks.durable(seq);
@@ -779,17 +809,27 @@ fn committer_loop(
     }
 }
 
-/// Writes every pending frame after making the data devices durable.
-/// Returns the last sequence written, or `None` if nothing was pending.
+/// Writes the pending frames up to `through` after making the data
+/// devices durable. Returns the last sequence written, or `None` if no such
+/// frame was pending.
 fn flush_pending(
     shared: &Shared,
     writer: &mut Writer,
     hooks: &dyn CommitHooks,
+    through: JournalSeq,
 ) -> Result<Option<JournalSeq>, JournalError> {
     let frames = {
         let mut p = shared.pending.lock();
-        p.bytes = 0;
-        std::mem::take(&mut p.frames)
+        // Appended in sequence order.
+        let n = p.frames.partition_point(|f| f.0 <= through.0);
+        if n == p.frames.len() {
+            p.bytes = 0;
+            std::mem::take(&mut p.frames)
+        } else {
+            let frames: Vec<_> = p.frames.drain(..n).collect();
+            p.bytes -= frames.iter().map(|f| f.1.len()).sum::<usize>();
+            frames
+        }
     };
     let Some(last) = frames.last().map(|f| JournalSeq(f.0)) else {
         return Ok(None);
@@ -824,10 +864,12 @@ mod tests {
         }
         fn checkpoint(
             &self,
-            flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
+            journal: &mut dyn CheckpointJournal,
         ) -> Result<JournalSeq, JournalError> {
             self.checkpoints.fetch_add(1, Ordering::SeqCst);
-            flush()
+            let seq = journal.last_appended();
+            journal.flush_through(seq)?;
+            Ok(seq)
         }
     }
 
@@ -983,15 +1025,15 @@ mod tests {
         assert!(r.checkpoint_seq.0 > 0);
     }
 
-    /// Hooks whose checkpoint appends a frame and then flushes twice, as the
-    /// pool's does (once before stopping appenders, once after).
+    /// Hooks whose checkpoint lets a frame be appended after it took its
+    /// sequence and before it flushed, as the pool's does.
     #[derive(Default)]
-    struct TwoFlushHooks {
+    struct LateAppendHooks {
         inner: Hooks,
         journal: Mutex<Option<Arc<Journal>>>,
     }
 
-    impl CommitHooks for TwoFlushHooks {
+    impl CommitHooks for LateAppendHooks {
         fn sync_data(&self) -> Result<(), std::io::Error> {
             self.inner.sync_data()
         }
@@ -1000,25 +1042,26 @@ mod tests {
         }
         fn checkpoint(
             &self,
-            flush: &mut dyn FnMut() -> Result<JournalSeq, JournalError>,
+            journal: &mut dyn CheckpointJournal,
         ) -> Result<JournalSeq, JournalError> {
             self.inner.checkpoints.fetch_add(1, Ordering::SeqCst);
+            let seq = journal.last_appended();
             if let Some(j) = self.journal.lock().as_ref() {
-                j.append(&sample(9999));
+                // The test thread may append too, so only "after".
+                let late = j.append(&sample(9999));
+                assert!(late > seq);
             }
-            let first = flush()?;
-            let second = flush()?;
-            assert!(second >= first, "a later flush answered an older frame");
-            Ok(second)
+            journal.flush_through(seq)?;
+            Ok(seq)
         }
     }
 
     #[test]
-    fn a_checkpoint_that_flushes_twice_keeps_every_frame() {
+    fn frames_appended_during_a_checkpoint_go_to_the_new_generation() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         Journal::create(&p).unwrap();
-        let hooks = Arc::new(TwoFlushHooks::default());
+        let hooks = Arc::new(LateAppendHooks::default());
         let config = JournalConfig {
             commit_interval: Duration::from_millis(5),
             commit_bytes: 1 << 20,
@@ -1038,15 +1081,16 @@ mod tests {
         let last = j.last_appended();
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = j.clone();
-        std::thread::spawn(move || tx.send(waiter.commit_blocking(last)));
+        let thread = std::thread::spawn(move || tx.send(waiter.commit_blocking(last)));
         rx.recv_timeout(Duration::from_secs(20))
             .expect("the last frame never became durable")
             .unwrap();
+        thread.join().unwrap().ok();
         assert!(hooks.inner.checkpoints.load(Ordering::SeqCst) >= 3);
         assert!(last.0 > 200, "the checkpoints appended frames");
         drop(Arc::into_inner(j).expect("only reference"));
-        // A checkpoint that answered an older frame than its first flush
-        // wrote would have started a generation without the frames between.
+        // A frame appended after the checkpoint's sequence but written into
+        // the old generation would be gone with it.
         let r = Journal::read(&p).unwrap();
         let replayed_to = r.frames.last().map_or(r.checkpoint_seq, |f| f.0);
         assert_eq!(replayed_to, last);

@@ -21,6 +21,9 @@
 //! not forgotten.
 
 pub mod heat;
+mod overlay;
+
+use overlay::Overlay;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,7 +107,7 @@ impl ZoneCrypto {
 /// A volume's LBA → CBID map: a checkpoint table plus an overlay.
 pub struct VolumeMap {
     table: Table,
-    overlay: HashMap<u64, (Option<Cbid>, JournalSeq)>,
+    overlay: Overlay<Option<Cbid>>,
     blocks: u64,
 }
 
@@ -118,7 +121,7 @@ impl VolumeMap {
         };
         Ok(Self {
             table,
-            overlay: HashMap::default(),
+            overlay: Overlay::default(),
             blocks,
         })
     }
@@ -130,8 +133,8 @@ impl VolumeMap {
 
     /// The content block `lba` maps to, if any.
     pub fn get(&self, lba: Lba) -> Option<Cbid> {
-        if let Some((c, _)) = self.overlay.get(&lba.0) {
-            return *c;
+        if let Some(c) = self.overlay.get(lba.0) {
+            return c;
         }
         let raw = self.table.get(lba.0)?;
         let v = u64::from_le_bytes(raw.try_into().expect("8-byte record"));
@@ -140,7 +143,7 @@ impl VolumeMap {
 
     /// Records a change made by the journal frame `seq`.
     pub fn set(&mut self, lba: Lba, cbid: Option<Cbid>, seq: JournalSeq) {
-        self.overlay.insert(lba.0, (cbid, seq));
+        self.overlay.set(lba.0, cbid, seq);
     }
 
     /// Every mapped `(lba, cbid)`, overlay included.
@@ -148,7 +151,7 @@ impl VolumeMap {
         let mut out: Vec<(Lba, Cbid)> = self
             .table
             .iter_nonempty()
-            .filter(|(i, _)| !self.overlay.contains_key(i))
+            .filter(|&(i, _)| !self.overlay.contains(i))
             .map(|(i, r)| {
                 (
                     Lba(i),
@@ -158,42 +161,34 @@ impl VolumeMap {
             .collect();
         out.extend(
             self.overlay
-                .iter()
-                .filter_map(|(&l, &(c, _))| c.map(|c| (Lba(l), c))),
+                .entries()
+                .filter_map(|(l, c)| c.map(|c| (Lba(l), c))),
         );
         out.sort_unstable();
         out
     }
 
-    /// Moves the overlay entries up to `seq` into the table (not synced).
-    fn move_to_table(&mut self, seq: JournalSeq) -> Result<TableSync, TableError> {
-        // Drained in place, so the overlay keeps its capacity and the
-        // writes after the checkpoint do not grow it again step by step.
-        let mut keep = Vec::new();
-        let mut failed = None;
-        for (lba, (cbid, s)) in self.overlay.drain() {
-            if s <= seq && failed.is_none() {
-                let raw = cbid.map_or(0, |c| c.0 + 1).to_le_bytes();
-                match self.table.put(lba, &raw) {
-                    Ok(()) => continue,
-                    Err(e) => failed = Some(e),
-                }
-            }
-            // Newer than the checkpoint, or not moved: lookups need it.
-            keep.push((lba, (cbid, s)));
-        }
-        self.overlay.extend(keep);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(self.table.syncer()),
-        }
+    /// Copies up to `budget` changes of the running checkpoint into the
+    /// table; true when all are (see [`Overlay::copy_frozen`]).
+    fn copy_frozen(&mut self, budget: &mut usize) -> Result<bool, TableError> {
+        let table = &mut self.table;
+        self.overlay.copy_frozen(budget, |lba, cbid| {
+            table.put(lba, &cbid.map_or(0, |c| c.0 + 1).to_le_bytes())
+        })
     }
+}
+
+/// A checkpoint under way in a zone (see [`ZoneMeta::begin_checkpoint`]).
+#[must_use = "a checkpoint begun must be finished or abandoned"]
+pub struct CheckpointRun {
+    /// The active key version as of the checkpoint's sequence.
+    active: KeyVersion,
 }
 
 /// A zone's mutable metadata, behind the zone lock.
 pub struct ZoneMeta {
     cb_table: Table,
-    cb_overlay: HashMap<u64, (Option<CbRecord>, JournalSeq)>,
+    cb_overlay: Overlay<Option<CbRecord>>,
     /// CBID allocator.
     pub cbids: IdAllocator,
     /// LBA maps of the zone's volumes.
@@ -265,7 +260,7 @@ impl ZoneMeta {
         let active = KeyVersion(cb_table.header_word(HEADER_ACTIVE) as u32);
         Ok(Self {
             cb_table,
-            cb_overlay: HashMap::default(),
+            cb_overlay: Overlay::default(),
             cbids: IdAllocator::new(u64::MAX),
             volumes: HashMap::default(),
             active,
@@ -332,8 +327,8 @@ impl ZoneMeta {
 
     /// The record of content block `cbid`, if it is live.
     pub fn cb(&self, cbid: Cbid) -> Option<CbRecord> {
-        if let Some((r, _)) = self.cb_overlay.get(&cbid.0) {
-            return *r;
+        if let Some(r) = self.cb_overlay.get(cbid.0) {
+            return r;
         }
         decode_cb(self.cb_table.get(cbid.0)?)
     }
@@ -389,7 +384,7 @@ impl ZoneMeta {
                 index.entry(tag_key(&r.tag)).or_insert(cbid);
             }
         }
-        self.cb_overlay.insert(cbid.0, (record, seq));
+        self.cb_overlay.set(cbid.0, record, seq);
     }
 
     /// Every live content block in the checkpoint table (call after a checkpoint,
@@ -407,56 +402,97 @@ impl ZoneMeta {
         let mut out: Vec<(Cbid, CbRecord)> = self
             .cb_table
             .iter_nonempty()
-            .filter(|(i, _)| !self.cb_overlay.contains_key(i))
+            .filter(|&(i, _)| !self.cb_overlay.contains(i))
             .filter_map(|(i, b)| decode_cb(b).map(|r| (Cbid(i), r)))
             .collect();
         out.extend(
             self.cb_overlay
-                .iter()
-                .filter_map(|(&c, &(r, _))| r.map(|r| (Cbid(c), r))),
+                .entries()
+                .filter_map(|(c, r)| r.map(|r| (Cbid(c), r))),
         );
         out.sort_unstable_by_key(|(c, _)| *c);
         out
     }
 
-    /// Moves every overlay entry up to `seq` into the tables and syncs them.
+    /// Moves every overlay entry up to `seq` into the tables and syncs
+    /// them, in one go (the pool's checkpoint uses the steps below).
     pub fn checkpoint(&mut self, seq: JournalSeq) -> Result<(), TableError> {
-        for table in self.move_to_tables(seq)? {
+        let run = self.begin_checkpoint(seq);
+        loop {
+            match self.copy_checkpoint(usize::MAX) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    self.abandon_checkpoint();
+                    return Err(e);
+                }
+            }
+        }
+        for table in self.finish_checkpoint(run) {
             table.sync()?;
         }
         Ok(())
     }
 
-    /// The first half of [`checkpoint`](Self::checkpoint): moves every
-    /// overlay entry up to `seq` into the tables, and returns what must be
-    /// synced before the tables count as holding the state up to `seq`.
-    /// The caller may release the zone lock before syncing: later changes
-    /// go to the overlays, never to the tables.
-    pub fn move_to_tables(&mut self, seq: JournalSeq) -> Result<Vec<TableSync>, TableError> {
-        // As in `VolumeMap::move_to_table`.
-        let mut keep = Vec::new();
-        let mut failed = None;
-        for (cbid, (r, s)) in self.cb_overlay.drain() {
-            if s <= seq && failed.is_none() {
-                let raw = r.map_or([0u8; CB_RECORD], |r| encode_cb(&r));
-                match self.cb_table.put(cbid, &raw) {
-                    Ok(()) => continue,
-                    Err(e) => failed = Some(e),
-                }
+    /// Starts a checkpoint at `seq` (see `overlay`): sets aside every change
+    /// up to `seq`, to be copied by [`copy_checkpoint`](Self::copy_checkpoint).
+    /// Call it with appenders stopped, so that `seq` covers every change.
+    pub fn begin_checkpoint(&mut self, seq: JournalSeq) -> CheckpointRun {
+        self.cb_overlay.freeze(seq);
+        for v in self.volumes.values_mut() {
+            v.overlay.freeze(seq);
+        }
+        CheckpointRun {
+            active: self.active,
+        }
+    }
+
+    /// Copies up to `budget` changes set aside by
+    /// [`begin_checkpoint`](Self::begin_checkpoint) into the tables; true
+    /// when every one is. Between calls the lock may be released: writers
+    /// add changes meanwhile, and lookups stay right throughout.
+    pub fn copy_checkpoint(&mut self, budget: usize) -> Result<bool, TableError> {
+        let mut budget = budget;
+        let table = &mut self.cb_table;
+        if !self.cb_overlay.copy_frozen(&mut budget, |cbid, r| {
+            table.put(cbid, &r.map_or([0u8; CB_RECORD], |r| encode_cb(&r)))
+        })? {
+            return Ok(false);
+        }
+        for v in self.volumes.values_mut() {
+            if !v.copy_frozen(&mut budget)? {
+                return Ok(false);
             }
-            keep.push((cbid, (r, s)));
         }
-        self.cb_overlay.extend(keep);
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        Ok(true)
+    }
+
+    /// Ends a checkpoint whose changes are all copied: stamps the active
+    /// key version as of its start, and returns the tables to sync before
+    /// they count as holding the state up to its sequence. Changes made
+    /// since go to the overlays, never to the tables, so the syncs need no
+    /// lock.
+    pub fn finish_checkpoint(&mut self, run: CheckpointRun) -> Vec<TableSync> {
+        self.cb_overlay.thaw();
+        // The key version as of the checkpoint's sequence: a flip since
+        // then is in the journal after it, not in these tables.
         self.cb_table
-            .set_header_word(HEADER_ACTIVE, u64::from(self.active.0));
+            .set_header_word(HEADER_ACTIVE, u64::from(run.active.0));
         let mut syncs = vec![self.cb_table.syncer()];
         for v in self.volumes.values_mut() {
-            syncs.push(v.move_to_table(seq)?);
+            v.overlay.thaw();
+            syncs.push(v.table.syncer());
         }
-        Ok(syncs)
+        syncs
+    }
+
+    /// Gives up a checkpoint that failed: its changes go back to the
+    /// overlays, where the next one finds them.
+    pub fn abandon_checkpoint(&mut self) {
+        self.cb_overlay.unfreeze();
+        for v in self.volumes.values_mut() {
+            v.overlay.unfreeze();
+        }
     }
 
     /// Number of overlay entries (a checkpoint bounds this).
@@ -595,5 +631,74 @@ mod tests {
         );
         assert_eq!(m.volumes[&VolumeId(1)].get(Lba(7)), Some(Cbid(3)));
         assert_eq!(m.volumes[&VolumeId(1)].mapped(), vec![(Lba(7), Cbid(3))]);
+    }
+
+    #[test]
+    fn a_checkpoint_in_steps_lets_writers_in_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = ZoneMeta::open(&dir.path().join("cb"), true).unwrap();
+        m.volumes.insert(
+            VolumeId(1),
+            VolumeMap::open(&dir.path().join("map"), 64, true).unwrap(),
+        );
+        let rec = |slot: u64| CbRecord {
+            slot: Slot(slot),
+            key_version: KeyVersion(1),
+            refcount: 1,
+            tag: Tag([slot as u8; 32]),
+            staged: None,
+        };
+        m.active = KeyVersion(1);
+        for i in 0..40 {
+            m.set_cb(Cbid(i), Some(rec(i)), JournalSeq(i + 1));
+            let map = m.volumes.get_mut(&VolumeId(1)).unwrap();
+            map.set(Lba(i), Some(Cbid(i)), JournalSeq(i + 1));
+        }
+        let run = m.begin_checkpoint(JournalSeq(40));
+        let mut steps = 0;
+        while !m.copy_checkpoint(9).unwrap() {
+            steps += 1;
+            // A writer between two steps: a new record, a changed one, a
+            // remapped block, and a flip, all after the checkpoint.
+            let n = 40 + steps;
+            m.set_cb(Cbid(n), Some(rec(n)), JournalSeq(n + 1));
+            m.set_cb(Cbid(0), Some(rec(100 + n)), JournalSeq(n + 1));
+            let map = m.volumes.get_mut(&VolumeId(1)).unwrap();
+            map.set(Lba(1), Some(Cbid(n)), JournalSeq(n + 1));
+            m.active = KeyVersion(2);
+            for i in 1..40 {
+                assert_eq!(m.cb(Cbid(i)), Some(rec(i)), "step {steps}, cbid {i}");
+            }
+            assert_eq!(m.cb(Cbid(0)), Some(rec(100 + n)));
+            assert_eq!(m.volumes[&VolumeId(1)].get(Lba(1)), Some(Cbid(n)));
+            assert_eq!(m.volumes[&VolumeId(1)].get(Lba(2)), Some(Cbid(2)));
+        }
+        assert!(steps >= 8, "80 changes in steps of 9");
+        for t in m.finish_checkpoint(run) {
+            t.sync().unwrap();
+        }
+        let live_now = m.live_records();
+        let last = 40 + steps;
+        assert_eq!(m.cb(Cbid(0)), Some(rec(100 + last)));
+        assert_eq!(m.volumes[&VolumeId(1)].get(Lba(1)), Some(Cbid(last)));
+        drop(m);
+        // The tables hold exactly the state as of the checkpoint, the key
+        // version included.
+        let mut m = ZoneMeta::open(&dir.path().join("cb"), false).unwrap();
+        m.volumes.insert(
+            VolumeId(1),
+            VolumeMap::open(&dir.path().join("map"), 64, false).unwrap(),
+        );
+        assert_eq!(
+            m.active,
+            KeyVersion(1),
+            "the flip came after the checkpoint"
+        );
+        for i in 0..40 {
+            assert_eq!(m.cb(Cbid(i)), Some(rec(i)));
+            assert_eq!(m.volumes[&VolumeId(1)].get(Lba(i)), Some(Cbid(i)));
+        }
+        assert_eq!(m.cb(Cbid(41)), None);
+        assert_eq!(live_now.len(), 40 + steps as usize);
     }
 }
