@@ -881,6 +881,14 @@ mod tests {
         }
     }
 
+    /// Like `cfg`, but checkpoints every 10 kB of frames.
+    fn checkpointing_cfg() -> JournalConfig {
+        JournalConfig {
+            checkpoint_bytes: 10_000,
+            ..cfg()
+        }
+    }
+
     fn sample(i: u64) -> Vec<Entry> {
         vec![
             Entry::Cb {
@@ -1002,11 +1010,7 @@ mod tests {
         let p = dir.path().join("j");
         Journal::create(&p).unwrap();
         let hooks = Arc::new(Hooks::default());
-        let config = JournalConfig {
-            commit_interval: Duration::from_millis(5),
-            commit_bytes: 1 << 20,
-            checkpoint_bytes: 10_000,
-        };
+        let config = checkpointing_cfg();
         let j = Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap();
         let mut last = JournalSeq(0);
         for i in 1..=200 {
@@ -1062,11 +1066,7 @@ mod tests {
         let p = dir.path().join("j");
         Journal::create(&p).unwrap();
         let hooks = Arc::new(LateAppendHooks::default());
-        let config = JournalConfig {
-            commit_interval: Duration::from_millis(5),
-            commit_bytes: 1 << 20,
-            checkpoint_bytes: 10_000,
-        };
+        let config = checkpointing_cfg();
         let j = Arc::new(Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap());
         *hooks.journal.lock() = Some(j.clone());
         for i in 1..=200 {

@@ -585,14 +585,20 @@ impl Zone {
 mod tests {
     use super::*;
 
+    /// A zone's metadata in `dir` with one volume (id 1) of `blocks` blocks.
+    fn open_meta(dir: &Path, blocks: u64, create: bool) -> ZoneMeta {
+        let mut m = ZoneMeta::open(&dir.join("cb"), create).unwrap();
+        m.volumes.insert(
+            VolumeId(1),
+            VolumeMap::open(&dir.join("map"), blocks, create).unwrap(),
+        );
+        m
+    }
+
     #[test]
     fn cb_records_round_trip_through_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = ZoneMeta::open(&dir.path().join("cb"), true).unwrap();
-        m.volumes.insert(
-            VolumeId(1),
-            VolumeMap::open(&dir.path().join("map"), 16, true).unwrap(),
-        );
+        let mut m = open_meta(dir.path(), 16, true);
         let rec = CbRecord {
             slot: Slot(9),
             key_version: KeyVersion(2),
@@ -618,11 +624,7 @@ mod tests {
         assert_eq!(m.cb(Cbid(3)), Some(rec));
         assert_eq!(m.cb(Cbid(4)), Some(rec));
         drop(m);
-        let mut m = ZoneMeta::open(&dir.path().join("cb"), false).unwrap();
-        m.volumes.insert(
-            VolumeId(1),
-            VolumeMap::open(&dir.path().join("map"), 16, false).unwrap(),
-        );
+        let m = open_meta(dir.path(), 16, false);
         assert_eq!(m.cb(Cbid(3)), Some(rec));
         assert_eq!(
             m.cb(Cbid(4)),
@@ -636,11 +638,7 @@ mod tests {
     #[test]
     fn a_checkpoint_in_steps_lets_writers_in_between() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = ZoneMeta::open(&dir.path().join("cb"), true).unwrap();
-        m.volumes.insert(
-            VolumeId(1),
-            VolumeMap::open(&dir.path().join("map"), 64, true).unwrap(),
-        );
+        let mut m = open_meta(dir.path(), 64, true);
         let rec = |slot: u64| CbRecord {
             slot: Slot(slot),
             key_version: KeyVersion(1),
@@ -684,11 +682,7 @@ mod tests {
         drop(m);
         // The tables hold exactly the state as of the checkpoint, the key
         // version included.
-        let mut m = ZoneMeta::open(&dir.path().join("cb"), false).unwrap();
-        m.volumes.insert(
-            VolumeId(1),
-            VolumeMap::open(&dir.path().join("map"), 64, false).unwrap(),
-        );
+        let m = open_meta(dir.path(), 64, false);
         assert_eq!(
             m.active,
             KeyVersion(1),
