@@ -335,7 +335,7 @@ impl CommitHooks for Hooks {
     }
 
     fn checkpoint(&self, journal: &mut dyn CheckpointJournal) -> Result<JournalSeq, JournalError> {
-        let failed = |e: crate::store::table::TableError| JournalError::Io {
+        let failed = |e: TableError| JournalError::Io {
             op: "checkpoint",
             message: e.to_string(),
         };

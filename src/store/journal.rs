@@ -338,7 +338,7 @@ struct Checkpointing<'a> {
 
 impl CheckpointJournal for Checkpointing<'_> {
     fn last_appended(&self) -> JournalSeq {
-        JournalSeq(self.shared.pending.lock().next_seq - 1)
+        self.shared.last_appended()
     }
 
     fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError> {
@@ -376,6 +376,13 @@ struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     durable: watch::Sender<Durable>,
+}
+
+impl Shared {
+    /// The sequence of the last appended frame.
+    fn last_appended(&self) -> JournalSeq {
+        JournalSeq(self.pending.lock().next_seq - 1)
+    }
 }
 
 /// The journal. Append from any thread; wait for durability with [`Journal::commit`].
@@ -666,7 +673,7 @@ impl Journal {
 
     /// The sequence of the last appended frame.
     pub fn last_appended(&self) -> JournalSeq {
-        JournalSeq(self.shared.pending.lock().next_seq - 1)
+        self.shared.last_appended()
     }
 
     /// The durable state now.

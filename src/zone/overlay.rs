@@ -87,18 +87,21 @@ impl<V: Copy> Overlay<V> {
         // The frozen set kept its capacity from the last checkpoint; the
         // live set gets it now, so writes after this one do not regrow it.
         std::mem::swap(&mut self.live, &mut self.frozen);
-        let newer: Vec<u64> = self
-            .frozen
-            .iter()
-            .filter(|&(_, &(_, s))| s > seq)
-            .map(|(&i, _)| i)
-            .collect();
+        // One pass, under the zone lock: the keys to copy (into the list's
+        // capacity from the last checkpoint), and the rare newer changes.
+        let mut newer = Vec::new();
+        for (&i, &(_, s)) in &self.frozen {
+            if s > seq {
+                newer.push(i);
+            } else {
+                self.uncopied.push(i);
+            }
+        }
         for i in newer {
             if let Some(change) = self.frozen.remove(&i) {
                 self.live.insert(i, change);
             }
         }
-        self.uncopied = self.frozen.keys().copied().collect();
     }
 
     /// Copies frozen changes into the table through `put`, taking one from
