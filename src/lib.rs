@@ -23,5 +23,6 @@ pub mod pool_root;
 pub mod rotation;
 pub mod scrub;
 pub mod store;
+pub mod stream;
 pub mod volume;
 pub mod zone;

@@ -934,6 +934,12 @@ impl Pool {
                     meta.active = meta.active.max(to);
                 }
             }
+            Entry::Applied { zone, seq } => {
+                if let Some(z) = zones.get(&zone) {
+                    let mut meta = z.meta.lock();
+                    meta.applied = meta.applied.max(seq);
+                }
+            }
         }
     }
 

@@ -101,6 +101,11 @@ secret_key!(
     32
 );
 secret_key!(
+    /// A stream window key (AES-256-GCM): seals one window's change records.
+    StreamKey,
+    32
+);
+secret_key!(
     /// A key-encryption key (AES-256), wraps a zone's DEKs and MAC key.
     Kek,
     32
@@ -139,6 +144,7 @@ macro_rules! generate_plain {
     };
 }
 generate_plain!(MacKey);
+generate_plain!(StreamKey);
 generate_plain!(Kek);
 generate_plain!(RootKey);
 

@@ -61,6 +61,8 @@ pub enum Purpose {
     Dek,
     /// A zone's MAC key.
     Mac,
+    /// A set of a zone's stream window keys (see [`crate::stream::keyset`]).
+    Stream,
 }
 
 impl Purpose {
@@ -71,6 +73,7 @@ impl Purpose {
             Purpose::Kek => 2,
             Purpose::Dek => 3,
             Purpose::Mac => 4,
+            Purpose::Stream => 5,
         }
     }
 
@@ -81,6 +84,7 @@ impl Purpose {
             Purpose::Kek => "kek",
             Purpose::Dek => "dek",
             Purpose::Mac => "mac",
+            Purpose::Stream => "stream",
         }
     }
 }

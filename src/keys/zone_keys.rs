@@ -410,7 +410,7 @@ impl ZoneKeyFile {
                         invalid(format!("{} bytes, expected {}", plain.len(), MacKey::LEN))
                     })?);
                 }
-                Purpose::Kek | Purpose::Root => {}
+                Purpose::Kek | Purpose::Root | Purpose::Stream => {}
             }
         }
         let inconsistent = |reason: &str| KeyError::Inconsistent {
@@ -534,7 +534,7 @@ impl ZoneKeyFile {
                         });
                     }
                 }
-                Purpose::Mac | Purpose::Root => {}
+                Purpose::Mac | Purpose::Root | Purpose::Stream => {}
             }
         }
         let before = self.keys.clone();
@@ -818,6 +818,42 @@ impl ZoneKeyFile {
         self.keys.iter().filter(|r| r.purpose == Purpose::Dek)
     }
 
+    /// Wraps zone key material that lives outside this file (stream key
+    /// sets) under the newest KEK with material: the pre-active one during a
+    /// KEK rotation, so nothing wrapped meanwhile needs re-wrapping. Returns
+    /// the KEK version used.
+    pub fn wrap_under_kek(
+        &self,
+        provider: &dyn RootKeyProvider,
+        label: &KeyLabel,
+        plain: &[u8],
+    ) -> Result<(u32, Vec<u8>), KeyError> {
+        let version = self
+            .keys
+            .iter()
+            .filter(|r| r.purpose == Purpose::Kek && r.state.has_material())
+            .map(|r| r.version)
+            .max()
+            .ok_or_else(|| KeyError::Inconsistent {
+                zone: self.zone,
+                reason: "no KEK with material".into(),
+            })?;
+        let kek = self.unwrap_kek(provider, version)?;
+        Ok((version, wrap::wrap(&kek, label, plain)?))
+    }
+
+    /// Unwraps material wrapped by [`wrap_under_kek`](Self::wrap_under_kek).
+    pub fn unwrap_under_kek(
+        &self,
+        provider: &dyn RootKeyProvider,
+        kek_version: u32,
+        label: &KeyLabel,
+        wrapped: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        let kek = self.unwrap_kek(provider, kek_version)?;
+        wrap::unwrap(&kek, label, wrapped)
+    }
+
     fn unwrap_kek(&self, provider: &dyn RootKeyProvider, version: u32) -> Result<Kek, KeyError> {
         let r = self
             .keys
@@ -859,6 +895,9 @@ impl ZoneKeyFile {
             match (r.purpose, r.wrapped_by_kek) {
                 (Purpose::Root, _) => {
                     return Err(format!("key {} is a root key; zone files hold none", r.id));
+                }
+                (Purpose::Stream, _) => {
+                    return Err(format!("key {} is a stream key set; they have a file of their own", r.id));
                 }
                 (Purpose::Kek, Some(_)) => {
                     return Err(format!("KEK {} names a wrapping KEK", r.id));

@@ -183,12 +183,22 @@ pub enum Entry {
         /// The newly active DEK version.
         to: KeyVersion,
     },
+    /// A replica zone has applied the source's stream through record `seq`;
+    /// in the same frame as the data that record carried, so the two are
+    /// durable together.
+    Applied {
+        /// Replica zone.
+        zone: ZoneId,
+        /// Source stream sequence.
+        seq: u64,
+    },
 }
 
 const E_MAP: u8 = 1;
 const E_CB: u8 = 2;
 const E_CB_FREE: u8 = 3;
 const E_FLIP: u8 = 4;
+const E_APPLIED: u8 = 5;
 
 impl Entry {
     /// Appends the encoding of `self` to `out`.
@@ -224,6 +234,11 @@ impl Entry {
                 out.extend_from_slice(&zone.0.to_le_bytes());
                 out.extend_from_slice(&to.0.to_le_bytes());
             }
+            Entry::Applied { zone, seq } => {
+                out.push(E_APPLIED);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
         }
     }
 
@@ -236,6 +251,7 @@ impl Entry {
                 E_CB => 72,
                 E_CB_FREE => 12,
                 E_FLIP => 8,
+                E_APPLIED => 12,
                 _ => return Err(JournalError::UnknownEntry { seq, kind }),
             };
             if rest.len() < need {
@@ -267,6 +283,10 @@ impl Entry {
                 E_FLIP => Entry::Flip {
                     zone: ZoneId(u32_at(0)),
                     to: KeyVersion(u32_at(4)),
+                },
+                E_APPLIED => Entry::Applied {
+                    zone: ZoneId(u32_at(0)),
+                    seq: u64_at(4),
                 },
                 _ => Entry::CbFree {
                     zone: ZoneId(u32_at(0)),
@@ -655,12 +675,20 @@ impl Journal {
     /// Appends one frame holding `entries`; returns its sequence. Call while
     /// holding the lock under which the change was made in memory.
     pub fn append(&self, entries: &[Entry]) -> JournalSeq {
+        self.append_with(entries, |_| {})
+    }
+
+    /// [`append`](Self::append), calling `with` with the frame's sequence
+    /// before the committer can see the frame: what `with` queues (a stream
+    /// record) is there before the data sync that precedes the frame.
+    pub fn append_with(&self, entries: &[Entry], with: impl FnOnce(JournalSeq)) -> JournalSeq {
         let mut payload = Vec::with_capacity(entries.len() * 61);
         for e in entries {
             e.encode(&mut payload);
         }
         let mut p = self.shared.pending.lock();
         let seq = p.next_seq;
+        with(JournalSeq(seq));
         p.next_seq += 1;
         p.bytes += payload.len();
         p.frames.push((seq, payload));

@@ -20,6 +20,7 @@
 //! the checkpoint, so a flip whose journal record a checkpoint retired is
 //! not forgotten.
 
+pub mod change;
 pub mod heat;
 mod overlay;
 
@@ -47,6 +48,9 @@ use crate::store::table::{Table, TableError, TableSync};
 pub const CB_RECORD: usize = 64;
 /// Header word of the content-block table holding the active DEK version.
 const HEADER_ACTIVE: usize = 0;
+/// Header word holding the last source stream record applied to this zone
+/// (a replica zone; 0 otherwise).
+const HEADER_APPLIED: usize = 1;
 /// Size of one LBA map record.
 pub const MAP_RECORD: usize = 8;
 
@@ -183,6 +187,8 @@ impl VolumeMap {
 pub struct CheckpointRun {
     /// The active key version as of the checkpoint's sequence.
     active: KeyVersion,
+    /// The applied stream sequence as of the checkpoint's sequence.
+    applied: u64,
 }
 
 /// A zone's mutable metadata, behind the zone lock.
@@ -199,6 +205,9 @@ pub struct ZoneMeta {
     /// The next DEK version while a rotation window is open: writes also
     /// put a copy under it on the staging device.
     pub window: Option<KeyVersion>,
+    /// For a replica zone: the last source stream record applied, changed
+    /// in the same journal frame as the data it covers.
+    pub applied: u64,
     /// Writes between allocation and record, by the key version they
     /// encrypt under (the migrator waits for those under old keys).
     pub writers: HashMap<KeyVersion, u32>,
@@ -258,7 +267,9 @@ impl ZoneMeta {
             Table::open(path, CB_RECORD)?
         };
         let active = KeyVersion(cb_table.header_word(HEADER_ACTIVE) as u32);
+        let applied = cb_table.header_word(HEADER_APPLIED);
         Ok(Self {
+            applied,
             cb_table,
             cb_overlay: Overlay::default(),
             cbids: IdAllocator::new(u64::MAX),
@@ -441,6 +452,7 @@ impl ZoneMeta {
         }
         CheckpointRun {
             active: self.active,
+            applied: self.applied,
         }
     }
 
@@ -475,6 +487,7 @@ impl ZoneMeta {
         // then is in the journal after it, not in these tables.
         self.cb_table
             .set_header_word(HEADER_ACTIVE, u64::from(run.active.0));
+        self.cb_table.set_header_word(HEADER_APPLIED, run.applied);
         let mut syncs = vec![self.cb_table.syncer()];
         for v in self.volumes.values_mut() {
             v.overlay.thaw();
@@ -533,6 +546,8 @@ pub struct Zone {
     last_io: AtomicU64,
     /// Data-path counters.
     pub stats: ZoneStats,
+    /// Where committed changes go when the zone streams (see `stream`).
+    pub sink: RwLock<Option<Arc<dyn change::ChangeSink>>>,
 }
 
 /// Milliseconds since the first call in this process: a cheap clock for
@@ -554,6 +569,7 @@ impl Zone {
             key_file_lock: Mutex::new(()),
             last_io: AtomicU64::new(0),
             stats: ZoneStats::default(),
+            sink: RwLock::new(None),
         }
     }
 
@@ -565,6 +581,11 @@ impl Zone {
     /// How long the zone has gone without foreground I/O.
     pub fn idle_for(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.last_io.load(Ordering::Relaxed)))
+    }
+
+    /// The change sink, if the zone streams.
+    pub fn sink(&self) -> Option<Arc<dyn change::ChangeSink>> {
+        self.sink.read().clone()
     }
 
     /// The keys as they are now.

@@ -1,0 +1,400 @@
+//! The embedded stream transport: agents connect over TCP, say who they
+//! are, and receive a zone's records from a sequence number on.
+//!
+//! Frames both ways: `[u32 LE length n][u8 type][n-1 bytes]`.
+//! ```text
+//! agent → source                          source → agent
+//! 1 HELLO   {"agent","zone"}              64 WELCOME  {"stream_id","first_seq","last_seq","volumes",...}
+//! 2 KEYS    {"windows":[[set,window]..]}  66 KEYS     {"keys":[hand-out..],"refused":[{key_id,reason}..]}
+//! 3 ACK     u64 applied sequence          65 RECORD   a record
+//! 4 FETCH   u64 sequence                  68 FETCHED  a record (to resolve a reference)
+//! 5 SNAPSHOT {"volume","first","count"}   69 CHUNK    a sealed snapshot chunk
+//! 6 FOLLOW  u64 first sequence wanted     67 ERROR    {"error","kind"} and the connection closes
+//! ```
+//! Records are sent only up to the last durable one, in order; a FOLLOW
+//! from a sequence no longer kept gets ERROR kind "behind-retention".
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::ZoneStream;
+use super::grant::{Agent, HandOut, hand_out};
+use super::record::{WindowId, key_id};
+use crate::crypto::tag::Tag;
+use crate::ids::VolumeId;
+
+/// Frame types.
+pub mod kind {
+    /// Agent: who it is.
+    pub const HELLO: u8 = 1;
+    /// Agent: window keys wanted.
+    pub const KEYS: u8 = 2;
+    /// Agent: applied through.
+    pub const ACK: u8 = 3;
+    /// Agent: one record again.
+    pub const FETCH: u8 = 4;
+    /// Agent: a chunk of a volume for a full sync.
+    pub const SNAPSHOT: u8 = 5;
+    /// Agent: send records from this sequence on.
+    pub const FOLLOW: u8 = 6;
+    /// Source: hello answered.
+    pub const WELCOME: u8 = 64;
+    /// Source: a record.
+    pub const RECORD: u8 = 65;
+    /// Source: window keys.
+    pub const KEYS_REPLY: u8 = 66;
+    /// Source: an error; the connection closes.
+    pub const ERROR: u8 = 67;
+    /// Source: a fetched record.
+    pub const FETCHED: u8 = 68;
+    /// Source: a snapshot chunk.
+    pub const CHUNK: u8 = 69;
+}
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = super::record::MAX_RECORD_LEN + 1024;
+
+/// A volume as the source describes it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeDesc {
+    /// Source volume id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// HELLO.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// Registered agent name.
+    pub agent: String,
+    /// Zone name.
+    pub zone: String,
+}
+
+/// WELCOME.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Stream id (hex).
+    pub stream_id: String,
+    /// Oldest record kept.
+    pub first_seq: u64,
+    /// Last durable record.
+    pub last_seq: u64,
+    /// The zone's volumes now.
+    pub volumes: Vec<VolumeDesc>,
+    /// Window length, seconds.
+    pub window_secs: u64,
+}
+
+/// SNAPSHOT.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotReq {
+    /// Source volume id.
+    pub volume: u32,
+    /// First block.
+    pub first: u64,
+    /// Blocks (at most 256).
+    pub count: u32,
+}
+
+/// KEYS request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysReq {
+    /// Windows as (set, window).
+    pub windows: Vec<(u32, u32)>,
+}
+
+/// A refused window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refused {
+    /// Key id.
+    pub key_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// KEYS reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeysReply {
+    /// Keys handed out.
+    pub keys: Vec<HandOut>,
+    /// Windows refused.
+    pub refused: Vec<Refused>,
+}
+
+/// ERROR.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// Message.
+    pub error: String,
+    /// Kind: "unknown-agent", "unknown-zone", "behind-retention", "bad-request", "broken".
+    pub kind: String,
+}
+
+/// Blocks read for a snapshot: tags (`None` for zeros) and plaintext.
+pub type Blocks = (Vec<Option<Tag>>, zeroize::Zeroizing<Vec<u8>>);
+
+/// What the transport needs from the pool.
+pub trait StreamSource: Send + Sync + 'static {
+    /// The zone's stream, if it streams.
+    fn stream(&self, zone: &str) -> Option<Arc<ZoneStream>>;
+    /// A registered agent of the zone.
+    fn agent(&self, zone: &str, name: &str) -> Option<Agent>;
+    /// The zone's volumes.
+    fn volumes(&self, zone: &str) -> Vec<VolumeDesc>;
+    /// Reads blocks of a volume of the zone, with their tags.
+    fn read_blocks<'a>(
+        &'a self,
+        zone: &'a str,
+        volume: u32,
+        first: u64,
+        count: u32,
+    ) -> Pin<Box<dyn Future<Output = Result<Blocks, String>> + Send + 'a>>;
+    /// Records key hand-outs and refusals in the audit log.
+    fn audit_keys(&self, zone: &str, agent: &str, given: &[String], refused: &[Refused]);
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, kind: u8, body: &[u8]) -> std::io::Result<()> {
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    head[4] = kind;
+    w.write_all(&head).await?;
+    w.write_all(body).await
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
+    if n == 0 || n > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes"),
+        ));
+    }
+    let mut body = vec![0u8; n - 1];
+    r.read_exact(&mut body).await?;
+    Ok(Some((head[4], body)))
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data")
+}
+
+async fn refuse<W: AsyncWriteExt + Unpin>(w: &mut W, kind: &str, error: String) -> std::io::Result<()> {
+    tracing::info!(kind, %error, "stream: refusing an agent request");
+    write_frame(
+        w,
+        kind::ERROR,
+        &json(&ErrorMsg {
+            error,
+            kind: kind.into(),
+        }),
+    )
+    .await
+}
+
+fn u64_body(b: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(b.try_into().ok()?))
+}
+
+/// Serves one agent connection until it closes.
+pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let (mut rd, mut wr) = sock.into_split();
+    // The hello must come quickly: a silent peer does not keep a task.
+    let hello = match tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd)).await {
+        Ok(Ok(Some((kind::HELLO, b)))) => serde_json::from_slice::<Hello>(&b).ok(),
+        _ => None,
+    };
+    let Some(hello) = hello else {
+        return refuse(&mut wr, "bad-request", "expected HELLO {\"agent\", \"zone\"}".into()).await;
+    };
+    let Some(stream) = source.stream(&hello.zone) else {
+        return refuse(&mut wr, "unknown-zone", format!("zone {:?} does not stream (or does not exist)", hello.zone)).await;
+    };
+    let Some(agent) = source.agent(&hello.zone, &hello.agent) else {
+        return refuse(&mut wr, "unknown-agent", format!("agent {:?} is not registered for zone {:?}", hello.agent, hello.zone)).await;
+    };
+    let welcome = Welcome {
+        stream_id: stream.id().to_hex(),
+        first_seq: stream.first_kept(),
+        last_seq: stream.last_visible(),
+        volumes: source.volumes(&hello.zone),
+        window_secs: stream.keys().lock().window_secs(),
+    };
+    write_frame(&mut wr, kind::WELCOME, &json(&welcome)).await?;
+
+    // Requests arrive on their own task, so records keep flowing while one waits.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Vec<u8>)>(64);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(f)) = read_frame(&mut rd).await {
+            if tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut visible = stream.subscribe();
+    let mut next: Option<u64> = None;
+    let result = loop {
+        // Send what is durable, in batches, before waiting again.
+        if let Some(n) = next {
+            let last = *visible.borrow_and_update();
+            if n <= last {
+                let s = stream.clone();
+                let batch = tokio::task::spawn_blocking(move || s.read(n, last, 4 << 20))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                match batch {
+                    Ok(recs) if !recs.is_empty() => {
+                        for r in &recs {
+                            write_frame(&mut wr, kind::RECORD, r).await?;
+                        }
+                        next = Some(n + recs.len() as u64);
+                        continue;
+                    }
+                    Ok(_) | Err(_) => {
+                        break refuse(&mut wr, "behind-retention", format!(
+                            "record {n} of zone {:?} is no longer kept (oldest kept: {}); a full resync is needed",
+                            hello.zone, stream.first_kept())).await;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = visible.changed() => if changed.is_err() { break Ok(()) },
+            req = rx.recv() => {
+                let Some((k, body)) = req else { break Ok(()) };
+                match k {
+                    kind::FOLLOW => {
+                        let Some(from) = u64_body(&body) else {
+                            break refuse(&mut wr, "bad-request", "FOLLOW takes a u64".into()).await;
+                        };
+                        let first = stream.first_kept();
+                        if from < first {
+                            break refuse(&mut wr, "behind-retention", format!(
+                                "record {from} of zone {:?} is no longer kept (oldest kept: {first}); a full resync is needed",
+                                hello.zone)).await;
+                        }
+                        if let Some(b) = stream.broken() {
+                            break refuse(&mut wr, "broken", b).await;
+                        }
+                        next = Some(from.max(1));
+                    }
+                    kind::ACK => {
+                        if let Some(seq) = u64_body(&body) {
+                            stream.ack(&hello.agent, seq);
+                        }
+                    }
+                    kind::FETCH => {
+                        let Some(seq) = u64_body(&body).filter(|s| *s <= stream.last_visible()) else {
+                            break refuse(&mut wr, "bad-request", "FETCH of a record not yet durable".into()).await;
+                        };
+                        let s = stream.clone();
+                        match tokio::task::spawn_blocking(move || s.read(seq, seq, 1)).await.map_err(std::io::Error::other)? {
+                            Ok(r) if r.len() == 1 => write_frame(&mut wr, kind::FETCHED, &r[0]).await?,
+                            _ => break refuse(&mut wr, "behind-retention", format!("record {seq} is no longer kept")).await,
+                        }
+                    }
+                    kind::KEYS => {
+                        let Ok(req) = serde_json::from_slice::<KeysReq>(&body) else {
+                            break refuse(&mut wr, "bad-request", "KEYS takes {\"windows\": [[set, window], ...]}".into()).await;
+                        };
+                        let reply = keys_for(&stream, &agent, &req);
+                        let given: Vec<String> = reply.keys.iter().map(|k| k.key_id.clone()).collect();
+                        source.audit_keys(&hello.zone, &hello.agent, &given, &reply.refused);
+                        write_frame(&mut wr, kind::KEYS_REPLY, &json(&reply)).await?;
+                    }
+                    kind::SNAPSHOT => {
+                        let Ok(req) = serde_json::from_slice::<SnapshotReq>(&body) else {
+                            break refuse(&mut wr, "bad-request", "SNAPSHOT takes {\"volume\", \"first\", \"count\"}".into()).await;
+                        };
+                        if req.count == 0 || req.count > 256 {
+                            break refuse(&mut wr, "bad-request", "a snapshot chunk is 1-256 blocks".into()).await;
+                        }
+                        match source.read_blocks(&hello.zone, req.volume, req.first, req.count).await {
+                            Ok((tags, plain)) => {
+                                match stream.seal_snapshot(VolumeId(req.volume), crate::ids::Lba(req.first), &tags, &plain) {
+                                    Ok(chunk) => write_frame(&mut wr, kind::CHUNK, &chunk).await?,
+                                    Err(e) => break refuse(&mut wr, "broken", e.to_string()).await,
+                                }
+                            }
+                            Err(e) => break refuse(&mut wr, "bad-request", e).await,
+                        }
+                    }
+                    other => break refuse(&mut wr, "bad-request", format!("unknown request type {other}")).await,
+                }
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+fn keys_for(stream: &ZoneStream, agent: &Agent, req: &KeysReq) -> KeysReply {
+    let mut reply = KeysReply {
+        keys: Vec::new(),
+        refused: Vec::new(),
+    };
+    let Ok(public) = agent.public_bytes() else {
+        return reply;
+    };
+    let keys = stream.keys().lock();
+    for &(set, window) in req.windows.iter().take(256) {
+        let w = WindowId { set, window };
+        let id = key_id(stream.zone().0, w);
+        let start = keys.window_start(w);
+        if !agent.grants(start) {
+            reply.refused.push(Refused {
+                key_id: id,
+                reason: "outside this agent's grant".into(),
+            });
+            continue;
+        }
+        match keys.key(w) {
+            Some(k) => reply.keys.push(hand_out(&public, &id, k.expose())),
+            None => reply.refused.push(Refused {
+                reason: keys.missing_reason(w).into(),
+                key_id: id,
+            }),
+        }
+    }
+    reply
+}
+
+/// Accepts agents on `listener` until the task is dropped.
+pub async fn run(listener: tokio::net::TcpListener, source: Arc<dyn StreamSource>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let source = source.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_agent(source, sock).await {
+                        tracing::debug!(%peer, error = %e, "stream connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stream listener: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
