@@ -159,6 +159,7 @@ pub struct AuditEvent {
     count: Option<u64>,
     approvers: Vec<String>,
     error: Option<String>,
+    actor: Option<String>,
 }
 
 impl AuditEvent {
@@ -175,7 +176,20 @@ impl AuditEvent {
             count: None,
             approvers: Vec::new(),
             error: None,
+            actor: None,
         }
+    }
+
+    /// Who acted (a replication agent's name).
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// A key named by id alone (a stream window key).
+    pub fn key_id(mut self, id: impl Into<String>) -> Self {
+        self.key_id = Some(id.into());
+        self
     }
 
     /// A successful `action`.
@@ -271,6 +285,9 @@ impl AuditEvent {
         if let Some(k) = &self.key_id {
             ident("key id", k)?;
         }
+        if let Some(a) = &self.actor {
+            ident("actor", a)?;
+        }
         if self.approvers.len() > MAX_APPROVERS {
             return Err(AuditError::Invalid(format!(
                 "at most {MAX_APPROVERS} approvers per event"
@@ -298,6 +315,8 @@ struct Body<'a> {
     count: Option<u64>,
     approvers: &'a [String],
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor: Option<&'a str>,
     prev: &'a str,
 }
 
@@ -329,6 +348,10 @@ pub struct Record {
     pub approvers: Vec<String>,
     /// Error text.
     pub error: Option<String>,
+    /// Who acted, where it is not an operator's approval (a replication
+    /// agent); absent in records made before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// Hash of the previous record.
     pub prev: String,
     /// Hash of this record's canonical encoding.
@@ -591,6 +614,7 @@ fn encode(id: u64, time: &str, prev: &str, e: &AuditEvent) -> (Vec<u8>, String) 
         count: e.count,
         approvers: &e.approvers,
         error: e.error.as_deref(),
+        actor: e.actor.as_deref(),
         prev,
     };
     let mut line = serde_json::to_vec(&body).expect("audit record serialises");

@@ -28,8 +28,11 @@ use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 mod api;
 mod catalog;
+mod stream;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
+/// Where `serve` writes the stream listener's address (removed at a clean stop).
+const STREAM_ADDR_FILE: &str = "stream.addr";
 /// The new passphrase of `keys rotate-root` and `keys change-passphrase`.
 const NEW_PASS_ENV: &str = "KEYTURN_NEW_PASSPHRASE";
 
@@ -78,6 +81,19 @@ enum Command {
     /// Check every content block of a zone (data and staged copies) through
     /// the admin API; lists bad blocks and fails if there are any.
     Scrub(api::ScrubArgs),
+    /// A zone's change stream: turn it on, see it, its window keys, the
+    /// agents granted windows, shredding (through the server if there is one).
+    #[command(subcommand)]
+    Stream(stream::StreamCmd),
+    /// Make an X25519 key for a replication agent: writes the secret, prints
+    /// the public key to register with `stream grant`.
+    AgentKey(stream::AgentKeyArgs),
+    /// Replication agent: follow a source zone's stream into a zone of a
+    /// replica pool (opened here), under the replica's own keys.
+    Replicate(stream::ReplicateArgs),
+    /// A replica zone's progress.
+    #[command(subcommand)]
+    Replica(stream::ReplicaCmd),
     /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
     Check {
         #[command(flatten)]
@@ -487,6 +503,10 @@ struct ServeArgs {
     /// pool.toml, 127.0.0.1:10810; a free port when the NBD address has port 0].
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Address of the change stream listener for replication agents
+    /// [default: [stream] listen in pool.toml; none when empty].
+    #[arg(long, value_name = "ADDR")]
+    stream_listen: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -680,11 +700,16 @@ fn run(cli: Cli) -> Result<()> {
                 nbd: a.listen,
                 unix: a.unix,
                 admin: a.admin_listen,
+                stream: a.stream_listen,
             };
             serve(&a.pool.pool, &secret, listen, a.profile, None)
         }
         Command::Volume(VolumeCmd::Stats { pool, json }) => api::volume_stats(&pool, json),
         Command::Rotate(cmd) => api::rotate(cmd),
+        Command::Stream(cmd) => stream::stream(cmd),
+        Command::AgentKey(a) => stream::agent_key(a),
+        Command::Replicate(a) => stream::replicate(a),
+        Command::Replica(cmd) => stream::replica(cmd),
         Command::Scrub(a) => api::scrub(a),
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
@@ -1452,6 +1477,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         nbd: Some(a.listen),
         unix: a.unix,
         admin: a.admin_listen,
+        stream: None,
     };
     serve(&dir, &Secret::Passphrase(pass), listen, None, Some(()))
 }
@@ -1483,6 +1509,7 @@ struct Listen {
     nbd: Option<String>,
     unix: Option<PathBuf>,
     admin: Option<String>,
+    stream: Option<String>,
 }
 
 /// The admin API address: `--admin-listen`, else pool.toml's; with port 0
@@ -1529,6 +1556,10 @@ fn serve(
         listen.nbd.as_deref().unwrap_or(&config.server.listen),
         &config.admin,
     )?;
+    let stream_listen = listen
+        .stream
+        .clone()
+        .unwrap_or_else(|| config.stream.listen.clone());
     let listen = listen.nbd.unwrap_or(config.server.listen.clone());
     // Refused before anything is opened: the admin API is loopback only.
     admin_http::loopback_addr(&listen_admin)?;
@@ -1558,6 +1589,7 @@ fn serve(
     if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
         tracing::warn!(error = %e, "serve.start not recorded");
     }
+    let mut stream_task: Option<tokio::task::JoinHandle<()>> = None;
     let result = runtime.block_on(async {
         let server_config = nbd::server::ServerConfig {
             max_in_flight: profile.server.max_inflight_per_conn,
@@ -1595,6 +1627,18 @@ fn serve(
                 rx.clone(),
             )));
         }
+        let mut stream_line = None;
+        if !stream_listen.is_empty() {
+            let l = tokio::net::TcpListener::bind(&stream_listen)
+                .await
+                .with_context(|| format!("cannot listen for stream agents on {stream_listen}"))?;
+            let a = l.local_addr()?;
+            crate::pool::write_atomic(&dir.join(STREAM_ADDR_FILE), format!("{a}\n").as_bytes())?;
+            stream_line = Some(format!("stream: keyturn://{a}"));
+            let source: Arc<dyn crate::stream::serve::StreamSource> =
+                Arc::new(crate::pool::PoolStreams(pool.clone()));
+            stream_task = Some(tokio::spawn(crate::stream::serve::run(l, source)));
+        }
         let backend: Arc<dyn AdminBackend> = pool.clone();
         let admin = tokio::spawn(admin_http::serve(
             admin_listener,
@@ -1619,6 +1663,9 @@ fn serve(
         let shutdown = ShutdownSignals::install()?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "admin: http://{admin_addr}/")?;
+        if let Some(l) = &stream_line {
+            writeln!(out, "{l}")?;
+        }
         writeln!(out, "ready: nbd://{addr}/")?;
         if let Some(u) = &unix_uri {
             writeln!(out, "ready: {u}")?;
@@ -1629,6 +1676,9 @@ fn serve(
         shutdown.wait().await;
         tracing::info!("shutting down: finishing requests in flight");
         let _ = tx.send(true);
+        if let Some(t) = stream_task.take() {
+            t.abort();
+        }
         for t in tasks {
             let _ = t.await;
         }
@@ -1643,6 +1693,7 @@ fn serve(
         anyhow::Ok(())
     });
     pool.stop_background();
+    let _ = std::fs::remove_file(dir.join(STREAM_ADDR_FILE));
     if let Err(e) = std::fs::remove_file(&addr_file)
         && e.kind() != std::io::ErrorKind::NotFound
     {

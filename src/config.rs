@@ -56,6 +56,9 @@ pub struct PoolConfig {
     /// parse (on the default address, with the default token file).
     #[serde(default)]
     pub admin: AdminSection,
+    /// Zone change streams: windows, retention, the stream listener.
+    #[serde(default)]
+    pub stream: crate::stream::StreamSettings,
 }
 
 /// `[rotation]` in `pool.toml`: how DEK rotations use the staging device
@@ -434,6 +437,7 @@ mod tests {
             },
             rotation: RotationSection::default(),
             admin: AdminSection::default(),
+            stream: Default::default(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);

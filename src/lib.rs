@@ -20,6 +20,7 @@ pub mod nbd;
 pub mod pool;
 pub mod pool_admin;
 pub mod pool_root;
+pub mod replica;
 pub mod rotation;
 pub mod scrub;
 pub mod store;

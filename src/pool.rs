@@ -52,6 +52,9 @@ use crate::store::{Staging, Storage};
 use crate::volume::Volume;
 use crate::zone::{CheckpointRun, VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
+mod stream;
+pub use stream::PoolStreams;
+
 /// Errors of pool operations.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -143,6 +146,9 @@ pub struct ZoneEntry {
     /// Whether equal blocks written to the zone share one content block.
     #[serde(default = "dedup_default")]
     pub dedup: bool,
+    /// Whether the zone's changes are streamed (see [`crate::stream`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 fn dedup_default() -> bool {
@@ -317,14 +323,24 @@ pub(crate) fn wrong_secret(needs_pin: bool) -> PoolError {
 struct Hooks {
     storage: Arc<Storage>,
     zones: Arc<RwLock<BTreeMap<ZoneId, Arc<Zone>>>>,
+    streams: stream::Streams,
 }
 
 impl CommitHooks for Hooks {
     fn sync_data(&self) -> std::io::Result<()> {
+        // Stream records first: a frame must not be durable before the
+        // record of the write it maps (invariant 10).
+        let streams: Vec<_> = self.streams.read().values().cloned().collect();
+        for s in streams {
+            s.sync().map_err(std::io::Error::other)?;
+        }
         self.storage.sync_data()
     }
 
     fn durable(&self, seq: JournalSeq) {
+        for s in self.streams.read().values() {
+            s.durable(seq);
+        }
         self.storage.slots.lock().release_durable(seq);
         if let Some(staging) = &self.storage.staging {
             staging.slots.lock().release_durable(seq);
@@ -466,7 +482,9 @@ pub struct Pool {
     /// Wraps and unwraps zone KEKs: the configured root key, or a
     /// [`RootPair`](crate::keys::root_rotation::RootPair) while a root key
     /// rotation re-wraps.
-    provider: RwLock<Arc<dyn RootKeyProvider>>,
+    provider: Arc<RwLock<Arc<dyn RootKeyProvider>>>,
+    /// Streams of the zones that stream.
+    streams: stream::Streams,
     /// The token user PIN of a PKCS#11 root key, for the token sessions a
     /// root key rotation through the admin API opens (this process is logged
     /// in to the token for its whole life anyway). `None` for a sealed file:
@@ -558,6 +576,7 @@ impl Pool {
             dual_control: opts.dual_control.clone(),
             rotation: Default::default(),
             admin: crate::config::AdminSection::default(),
+            stream: Default::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
@@ -770,9 +789,11 @@ impl Pool {
             }
         }
         let zones = Arc::new(RwLock::new(zones));
+        let streams: stream::Streams = Default::default();
         let hooks = Arc::new(Hooks {
             storage: storage.clone(),
             zones: zones.clone(),
+            streams: streams.clone(),
         });
         let jconfig = JournalConfig {
             commit_interval: Duration::from_millis(profile.journal.commit_interval_ms),
@@ -824,7 +845,8 @@ impl Pool {
             zones,
             volumes: RwLock::new(BTreeMap::new()),
             journal,
-            provider: RwLock::new(Arc::from(provider)),
+            provider: Arc::new(RwLock::new(Arc::from(provider))),
+            streams,
             pin,
             root_op: Mutex::new(()),
             rotations: Default::default(),
@@ -840,6 +862,7 @@ impl Pool {
             }
         }
         pool.recover_rotations()?;
+        pool.open_streams(last)?;
         tracing::info!(pool = %dir.display(), zones = pool.zones.read().len(), volumes = pool.volumes.read().len(),
             replayed_to = last.0, "pool open");
         Ok(pool)
@@ -1163,6 +1186,7 @@ impl Pool {
         ZoneMeta::open(&tpath, true)?;
         let entry = ZoneEntry {
             dedup: true,
+            stream: false,
             id,
             name: name.into(),
         };
@@ -1247,6 +1271,7 @@ impl Pool {
             .volumes
             .insert(id, map);
         self.attach_volume(&entry);
+        self.stream_volume_changed(zone_id, id, name, Some(size));
         tracing::info!(volume = name, zone, size, "volume created");
         Ok(id)
     }
@@ -1319,6 +1344,7 @@ impl Pool {
         zone.meta.lock().volumes.remove(&v.id);
         let mpath = Self::map_path(&self.dir, v.id);
         let _ = std::fs::remove_file(&mpath);
+        self.stream_volume_changed(v.zone, v.id, &v.name, None);
         tracing::info!(volume = %v.name, "volume deleted");
         Ok(())
     }
@@ -1563,6 +1589,8 @@ impl Pool {
                 std::thread::sleep(pause);
             }
         }
+        // Stream key sets are wrapped under the zone's KEK too.
+        let sets = self.rewrap_stream_sets(id, &file, root.as_ref())?;
         let usage = ZoneUsage(self.blocks_per_key(id));
         let destroyed = file.finish_kek_rotation(&usage)?;
         file.save(&path)?;
@@ -1570,6 +1598,7 @@ impl Pool {
             zone,
             new_kek = first.new_version,
             rewrapped,
+            stream_sets = sets,
             ?destroyed,
             resumed,
             "KEK rotated"
@@ -1733,6 +1762,7 @@ impl Drop for Pool {
         // Commit what is pending; the journal thread stops with it.
         let _ = self.journal.commit_blocking(self.journal.last_appended());
         self.journal.close();
+        self.stop_streams();
     }
 }
 

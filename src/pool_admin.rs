@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::admin::{
     AdminBackend, AdminError, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, Health,
     PassphraseRequest, PrepareRequest, RootRotateRequest, RootRotationStatus, RootStatus,
-    RotationStatus, ScrubStatus, SecretText, VolumeStats, ZoneInfo,
+    RotationStatus, ScrubStatus, SecretText, StreamRequest, VolumeStats, ZoneInfo,
 };
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
@@ -60,10 +60,21 @@ impl Pool {
         zone: &str,
         tokens: &[String],
     ) -> Result<Option<approval::Authorized>, AdminError> {
+        self.authorize_tokens_key(operation, zone, None, tokens)
+    }
+
+    /// [`authorize_tokens`](Self::authorize_tokens) for an operation on one key.
+    fn authorize_tokens_key(
+        &self,
+        operation: Operation,
+        zone: &str,
+        key: Option<&str>,
+        tokens: &[String],
+    ) -> Result<Option<approval::Authorized>, AdminError> {
         if tokens.is_empty() {
             return Ok(None);
         }
-        let target = Target::new(operation, Some(zone), None);
+        let target = Target::new(operation, Some(zone), key);
         approval::authorize_json(
             self.dir(),
             &self.config().dual_control,
@@ -77,6 +88,7 @@ impl Pool {
                 crate::audit::AuditEvent::refused(
                     match operation {
                         Operation::RotateKek => "kek.rotate",
+                        Operation::ShredStreamWindow => "stream.shred",
                         _ => "rotation.emergency",
                     },
                     &e,
@@ -469,6 +481,11 @@ impl AdminBackend for Pool {
         if let Err(e) = self.audit() {
             problems.push(e.to_string());
         }
+        for z in self.zone_infos() {
+            if let Some(reason) = self.stream(&z.name).and_then(|s| s.broken()) {
+                problems.push(format!("the stream of zone {} stopped recording: {reason}", z.name));
+            }
+        }
         Health {
             status: if problems.is_empty() {
                 "ok"
@@ -479,4 +496,41 @@ impl AdminBackend for Pool {
             problems,
         }
     }
+
+    fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError> {
+        match req {
+            StreamRequest::Status => to_json(&self.stream_status(zone)?),
+            StreamRequest::Enable => to_json(&self.enable_stream(zone)?),
+            StreamRequest::Disable => {
+                self.disable_stream(zone)?;
+                Ok(serde_json::json!({"zone": zone, "stream": false}))
+            }
+            StreamRequest::Keys => to_json(&self.stream_keys(zone)?),
+            StreamRequest::Agents => to_json(&self.stream_agents(zone)?),
+            StreamRequest::Grant(g) => {
+                self.grant_agent(zone, &g.name, &g.public_key, g.from_unix, g.to_unix)?;
+                Ok(serde_json::json!({"zone": zone, "agent": g.name}))
+            }
+            StreamRequest::Revoke { name } => {
+                self.revoke_agent(zone, &name)?;
+                Ok(serde_json::json!({"zone": zone, "revoked": name}))
+            }
+            StreamRequest::Shred(r) => {
+                let w = crate::stream::record::parse_window(r.key_id.as_deref(), r.set, r.window)
+                    .map_err(AdminError::Invalid)?;
+                let auth = self.authorize_tokens_key(
+                    Operation::ShredStreamWindow,
+                    zone,
+                    Some(&crate::stream::record::key_id(self.zone_id(zone)?.0, w)),
+                    &r.approvals,
+                )?;
+                self.shred_window(zone, w, auth)?;
+                Ok(serde_json::json!({"zone": zone, "shredded": crate::stream::record::key_id(self.zone_id(zone)?.0, w)}))
+            }
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, AdminError> {
+    serde_json::to_value(v).map_err(|e| AdminError::Internal(e.to_string()))
 }

@@ -19,6 +19,7 @@ use crate::ids::{BLOCK_SHIFT, BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, Lba, Slo
 use crate::nbd::export::{Export, ExportError, Extent};
 use crate::store::Storage;
 use crate::store::journal::{CbRecord, Entry, Journal, LiveCopy, Place, StagedCopy};
+use crate::zone::change::{ChangeSink, ZoneChange};
 use crate::zone::{Zone, ZoneCrypto, ZoneMeta};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -443,6 +444,17 @@ impl Volume {
     /// and returns the journal frame that records them. The caller holds the
     /// range lock exclusively.
     async fn write_blocks(&self, first: u64, plain: &[u8]) -> Result<JournalSeq, ExportError> {
+        self.write_blocks_applying(first, plain, None).await
+    }
+
+    /// [`write_blocks`](Self::write_blocks), with `applied` (a replica's
+    /// stream position) journaled in the same frame as the write.
+    async fn write_blocks_applying(
+        &self,
+        first: u64,
+        plain: &[u8],
+        applied: Option<u64>,
+    ) -> Result<JournalSeq, ExportError> {
         let n = plain.len() / BLOCK_SIZE;
         let block = |i: usize| &plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
         self.zone.note_io();
@@ -467,6 +479,15 @@ impl Volume {
                 *t = a;
             }
         }
+        // A streaming zone gets its own copy of the blocks, made before the
+        // zone lock; a full stream backlog holds writers back here.
+        let sink = self.zone.sink();
+        if let Some(sink) = &sink {
+            while !sink.has_room() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        let mut copy = sink.as_ref().map(|_| zeroize::Zeroizing::new(plain.to_vec()));
         let mut plan = self.plan_write(&tags, true)?;
         let mut written = 0;
         loop {
@@ -501,7 +522,19 @@ impl Volume {
                 }
             }
             if !lost {
-                return self.record_write(&mut meta, first, &plan);
+                let change = match (&sink, copy.take()) {
+                    (Some(sink), Some(plain)) => Some((
+                        sink.as_ref(),
+                        ZoneChange::Write {
+                            volume: self.id,
+                            first: Lba(first),
+                            tags: tags.clone(),
+                            plain,
+                        },
+                    )),
+                    _ => None,
+                };
+                return self.record_write(&mut meta, first, &plan, change, applied);
             }
         }
     }
@@ -565,6 +598,8 @@ impl Volume {
         meta: &mut ZoneMeta,
         first: u64,
         plan: &WritePlan,
+        committed: Option<(&dyn ChangeSink, ZoneChange)>,
+        applied: Option<u64>,
     ) -> Result<JournalSeq, ExportError> {
         let n = plan.targets.len();
         Self::unregister_writer(meta, plan.active);
@@ -669,7 +704,18 @@ impl Volume {
                 &mut frees,
             );
         }
-        let seq = self.journal.append(&entries);
+        if let Some(seq) = applied {
+            entries.push(Entry::Applied {
+                zone: self.zone.id,
+                seq,
+            });
+            meta.applied = meta.applied.max(seq);
+        }
+        let seq = self.journal.append_with(&entries, |seq| {
+            if let Some((sink, c)) = committed {
+                sink.committed(seq, c);
+            }
+        });
         apply_changes(meta, changed, seq);
         let map = meta.volumes.get_mut(&self.id).expect("checked above");
         for i in 0..n {
@@ -864,9 +910,15 @@ impl Volume {
 
     /// Unmaps whole blocks, in frames of bounded size. The caller holds the
     /// range lock exclusively. Returns the last frame written, if any.
-    fn unmap_blocks(&self, blocks: Range<u64>) -> Result<Option<JournalSeq>, ExportError> {
+    fn unmap_blocks(
+        &self,
+        blocks: Range<u64>,
+        zero: bool,
+        applied: Option<u64>,
+    ) -> Result<Option<JournalSeq>, ExportError> {
         let mut last = None;
         let mut b = blocks.start;
+        let sink = self.zone.sink();
         while b < blocks.end {
             let end = (b + UNMAP_FRAME as u64).min(blocks.end);
             let mut meta = self.zone.meta.lock();
@@ -874,7 +926,21 @@ impl Volume {
             let olds: Vec<(Lba, Cbid)> = (b..end)
                 .filter_map(|l| map.get(Lba(l)).map(|c| (Lba(l), c)))
                 .collect();
-            last = self.unmap_locked(&mut meta, &olds)?.or(last);
+            let change = sink.as_ref().map(|s| {
+                (
+                    s.as_ref(),
+                    ZoneChange::Unmap {
+                        volume: self.id,
+                        runs: runs_of(&olds),
+                        zero,
+                    },
+                )
+            });
+            // A replica's position moves with its last frame, or alone.
+            let applied_here = applied.filter(|_| end == blocks.end);
+            last = self
+                .unmap_locked(&mut meta, &olds, change, applied_here)?
+                .or(last);
             b = end;
         }
         Ok(last)
@@ -892,8 +958,23 @@ impl Volume {
         };
         let mut last = None;
         for chunk in mapped.chunks(UNMAP_FRAME) {
+            let change = self.zone.sink().map(|s| {
+                (
+                    s,
+                    ZoneChange::Unmap {
+                        volume: self.id,
+                        runs: runs_of(chunk),
+                        zero: false,
+                    },
+                )
+            });
             last = self
-                .unmap_locked(&mut self.zone.meta.lock(), chunk)?
+                .unmap_locked(
+                    &mut self.zone.meta.lock(),
+                    chunk,
+                    change.as_ref().map(|(s, c)| (s.as_ref(), c.clone())),
+                    None,
+                )?
                 .or(last);
         }
         Ok(last)
@@ -905,8 +986,10 @@ impl Volume {
         &self,
         meta: &mut ZoneMeta,
         olds: &[(Lba, Cbid)],
+        change: Option<(&dyn ChangeSink, ZoneChange)>,
+        applied: Option<u64>,
     ) -> Result<Option<JournalSeq>, ExportError> {
-        if olds.is_empty() {
+        if olds.is_empty() && applied.is_none() {
             return Ok(None);
         }
         let mut entries = Vec::with_capacity(olds.len() * 2);
@@ -927,7 +1010,20 @@ impl Volume {
                 &mut frees,
             );
         }
-        let seq = self.journal.append(&entries);
+        if let Some(seq) = applied {
+            entries.push(Entry::Applied {
+                zone: self.zone.id,
+                seq,
+            });
+            meta.applied = meta.applied.max(seq);
+        }
+        // Nothing was mapped: nothing changed, and the stream needs no record.
+        let change = change.filter(|_| !olds.is_empty());
+        let seq = self.journal.append_with(&entries, |seq| {
+            if let Some((sink, change)) = change {
+                sink.committed(seq, change);
+            }
+        });
         apply_changes(meta, changed, seq);
         let map = meta
             .volumes
@@ -942,7 +1038,7 @@ impl Volume {
 
     /// Makes `[offset, offset+len)` read as zeros: whole blocks are unmapped,
     /// partial ones rewritten.
-    async fn zero_range(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+    async fn zero_range(&self, offset: u64, len: u64, fua: bool, zero: bool) -> Result<(), ExportError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -970,7 +1066,7 @@ impl Volume {
             last = Some(self.write_blocks(b, &buf).await?);
         }
         if full_start < full_end
-            && let Some(seq) = self.unmap_blocks(full_start..full_end)?
+            && let Some(seq) = self.unmap_blocks(full_start..full_end, zero, None)?
         {
             last = Some(seq);
         }
@@ -980,6 +1076,18 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// Runs `(first, blocks)` of consecutive LBAs in `olds` (sorted).
+fn runs_of(olds: &[(Lba, Cbid)]) -> Vec<(Lba, u32)> {
+    let mut out: Vec<(Lba, u32)> = Vec::new();
+    for &(lba, _) in olds {
+        match out.last_mut() {
+            Some((first, n)) if first.0 + u64::from(*n) == lba.0 => *n += 1,
+            _ => out.push((lba, 1)),
+        }
+    }
+    out
 }
 
 /// Groups consecutive slots into runs `(start index, length)`; `None`
@@ -1112,6 +1220,37 @@ pub(crate) fn free_slots_after(storage: &Storage, seq: JournalSeq, frees: &[Free
     }
 }
 
+impl Volume {
+    /// Applies a replicated write of whole blocks from block `first`, with
+    /// `applied` (the source stream record) journaled in the same frame.
+    pub async fn apply_write(&self, first: u64, plain: &[u8], applied: u64) -> Result<(), ExportError> {
+        if plain.is_empty() || !plain.len().is_multiple_of(BLOCK_SIZE) {
+            return Err(ExportError::Invalid("a replicated write is whole blocks".into()));
+        }
+        self.check_range(first * BS, plain.len() as u64)?;
+        let blocks = first..first + (plain.len() / BLOCK_SIZE) as u64;
+        let _guard = self.locks.lock(blocks, true).await;
+        self.write_blocks_applying(first, plain, Some(applied)).await?;
+        Ok(())
+    }
+
+    /// Applies replicated trims or write-zeroes (`zero`), with `applied`
+    /// journaled in the frame of the last run.
+    pub async fn apply_unmap(&self, runs: &[(Lba, u32)], zero: bool, applied: u64) -> Result<(), ExportError> {
+        for (i, &(lba, n)) in runs.iter().enumerate() {
+            self.check_range(lba.0 * BS, u64::from(n) * BS)?;
+            if n == 0 {
+                return Err(ExportError::Invalid("an empty run".into()));
+            }
+            let blocks = lba.0..lba.0 + u64::from(n);
+            let _guard = self.locks.lock(blocks.clone(), true).await;
+            let last = i + 1 == runs.len();
+            self.unmap_blocks(blocks, zero, last.then_some(applied))?;
+        }
+        Ok(())
+    }
+}
+
 impl Export for Volume {
     fn size(&self) -> u64 {
         self.size
@@ -1179,11 +1318,11 @@ impl Export for Volume {
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.zero_range(offset, length, fua).await
+        self.zero_range(offset, length, fua, false).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.zero_range(offset, length, fua).await
+        self.zero_range(offset, length, fua, true).await
     }
 
     async fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, ExportError> {

@@ -131,6 +131,8 @@ pub async fn serve(
     Ok(())
 }
 
+mod stream;
+
 fn router(state: AppState) -> Router {
     let zone = Router::new()
         .route("/", get(zone_info))
@@ -143,7 +145,8 @@ fn router(state: AppState) -> Router {
         .route("/rotation/abort", post(rotation_abort))
         .route("/rotation/emergency", post(rotation_emergency))
         .route("/kek/rotate", post(kek_rotate))
-        .route("/scrub", get(scrub_status).post(scrub_start));
+        .route("/scrub", get(scrub_status).post(scrub_start))
+        .merge(stream::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -745,6 +748,14 @@ mod tests {
                 status: "ok".into(),
                 problems: vec![],
             }
+        }
+
+        fn stream_request(
+            &self,
+            zone: &str,
+            _req: crate::admin::StreamRequest,
+        ) -> Result<serde_json::Value, AdminError> {
+            Err(AdminError::NotFound(format!("no zone named {zone:?}")))
         }
     }
 

@@ -101,6 +101,66 @@ pub struct KekRotateRequest {
     pub approvals: Vec<String>,
 }
 
+/// What `/api/v1/zones/{zone}/stream/...` asks of a zone's change stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamRequest {
+    /// `GET .../stream`: the stream's status.
+    Status,
+    /// `POST .../stream/enable`.
+    Enable,
+    /// `POST .../stream/disable`.
+    Disable,
+    /// `GET .../stream/keys`: key sets and windows.
+    Keys,
+    /// `GET .../stream/agents`: registered agents and their grants.
+    Agents,
+    /// `POST .../stream/grant`: register an agent.
+    Grant(GrantRequest),
+    /// `POST .../stream/revoke`: remove an agent.
+    Revoke {
+        /// Agent name.
+        name: String,
+    },
+    /// `POST .../stream/shred`: crypto-shred one window.
+    Shred(ShredRequest),
+}
+
+/// Body of `POST /api/v1/zones/{zone}/stream/grant`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Agent name.
+    pub name: String,
+    /// X25519 public key, 64 hex digits.
+    pub public_key: String,
+    /// First window start granted, unix seconds (default 0: from the start).
+    #[serde(default)]
+    pub from_unix: u64,
+    /// Windows starting at or after this are not granted (default: open-ended).
+    #[serde(default)]
+    pub to_unix: Option<u64>,
+}
+
+/// Body of `POST /api/v1/zones/{zone}/stream/shred`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShredRequest {
+    /// The window's key id (`z<zone>-stream-s<set>-w<window>`), or
+    /// `set` and `window`.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Key set.
+    #[serde(default)]
+    pub set: Option<u32>,
+    /// Window within the set.
+    #[serde(default)]
+    pub window: Option<u32>,
+    /// Dual-control approval tokens (JSON texts).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
 /// A secret in a request body (a passphrase): zeroized on drop, redacted
 /// in `Debug`, never `Display`. It travels only inside the JSON body of a
 /// request to the loopback admin API, and is never logged.
@@ -495,4 +555,6 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError>;
     /// Health.
     fn health(&self) -> Health;
+    /// A zone's change stream (see [`StreamRequest`]).
+    fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError>;
 }

@@ -407,7 +407,7 @@ fn print_status(s: &RotationStatus) {
 }
 
 /// Parses `--at`: Unix seconds, or RFC 3339 with `Z` or a `±HH:MM` offset.
-fn parse_time(s: &str) -> Result<u64> {
+pub(super) fn parse_time(s: &str) -> Result<u64> {
     let s = s.trim();
     if let Ok(n) = s.parse::<u64>() {
         return Ok(n);

@@ -220,16 +220,19 @@ pub enum Operation {
     CompromiseKey,
     /// Emergency DEK rotation of a zone (compromise the active key, flip now).
     EmergencyRotation,
+    /// Crypto-shred one window of a zone's change stream.
+    ShredStreamWindow,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 5] = [
+    pub const ALL: [Operation; 6] = [
         Self::RotateKek,
         Self::RotateRoot,
         Self::DestroyKey,
         Self::CompromiseKey,
         Self::EmergencyRotation,
+        Self::ShredStreamWindow,
     ];
 
     /// The name used on the command line, in files and in the signed bytes.
@@ -240,6 +243,7 @@ impl Operation {
             Self::DestroyKey => "destroy-key",
             Self::CompromiseKey => "compromise-key",
             Self::EmergencyRotation => "emergency-rotation",
+            Self::ShredStreamWindow => "shred-stream-window",
         }
     }
 }
@@ -260,7 +264,7 @@ impl FromStr for Operation {
             .ok_or_else(|| ApprovalError::Malformed {
                 what: "operation".into(),
                 reason: format!(
-                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation"
+                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window"
                 ),
             })
     }

@@ -257,6 +257,27 @@ pub fn key_id(zone: u32, w: WindowId) -> String {
     format!("z{zone}-stream-s{}-w{}", w.set, w.window)
 }
 
+/// A window from its key id (`z<zone>-stream-s<set>-w<window>`, the zone
+/// part not checked), or from set and window numbers.
+pub fn parse_window(key_id: Option<&str>, set: Option<u32>, window: Option<u32>) -> Result<WindowId, String> {
+    match (key_id, set, window) {
+        (Some(id), None, None) => {
+            let rest = id.split_once("-stream-s").map(|(_, r)| r).ok_or_else(|| {
+                format!("{id:?} is not a window key id (z<zone>-stream-s<set>-w<window>)")
+            })?;
+            let (s, w) = rest
+                .split_once("-w")
+                .ok_or_else(|| format!("{id:?} is not a window key id (z<zone>-stream-s<set>-w<window>)"))?;
+            Ok(WindowId {
+                set: s.parse().map_err(|_| format!("bad set number in {id:?}"))?,
+                window: w.parse().map_err(|_| format!("bad window number in {id:?}"))?,
+            })
+        }
+        (None, Some(set), Some(window)) => Ok(WindowId { set, window }),
+        _ => Err("name the window by its key id, or by set and window".into()),
+    }
+}
+
 fn nonce(epoch: u32, seq: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&epoch.to_le_bytes());

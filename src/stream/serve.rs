@@ -85,6 +85,8 @@ pub struct Hello {
 pub struct Welcome {
     /// Stream id (hex).
     pub stream_id: String,
+    /// Source zone id (window key ids name it).
+    pub zone_id: u32,
     /// Oldest record kept.
     pub first_seq: u64,
     /// Last durable record.
@@ -235,6 +237,7 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
     };
     let welcome = Welcome {
         stream_id: stream.id().to_hex(),
+        zone_id: stream.zone().0,
         first_seq: stream.first_kept(),
         last_seq: stream.last_visible(),
         volumes: source.volumes(&hello.zone),

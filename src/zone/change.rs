@@ -9,6 +9,7 @@ use crate::crypto::tag::Tag;
 use crate::ids::{JournalSeq, Lba, VolumeId};
 
 /// One committed change of a zone's volumes.
+#[derive(Clone)]
 pub enum ZoneChange {
     /// Whole blocks written from `first`: the plaintext of every block
     /// (zero blocks included) and the tag of each non-zero one.

@@ -1,0 +1,415 @@
+//! `stream`, `agent-key`, `replicate` and `replica` commands: a zone's
+//! change stream (through the running server when one answers, else on the
+//! pool opened here), and the replication agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use super::api::{Admin, parse_time, read_approvals};
+use super::{PoolArgs, default_profile, open_pool};
+use crate::admin::{AdminBackend, GrantRequest, ShredRequest, StreamRequest};
+use crate::replica::{Agent, AgentConfig, parse_source, read_status};
+use crate::stream::grant::{AgentKey, hex};
+
+/// A pool and one of its zones.
+#[derive(Args, Debug)]
+pub(super) struct StreamTarget {
+    #[command(flatten)]
+    pool: PoolArgs,
+    /// Zone.
+    #[arg(long)]
+    zone: String,
+}
+
+/// `keyturn stream ...`.
+#[derive(Subcommand, Debug)]
+pub(super) enum StreamCmd {
+    /// Turn streaming on: every write, trim and write-zeroes of the zone
+    /// becomes a record in its stream.
+    Enable(StreamTarget),
+    /// Turn streaming off (the log and key sets stay until retention ends).
+    Disable(StreamTarget),
+    /// The stream: sequence numbers kept and served, bytes, dedup on the
+    /// wire, consumers.
+    Status {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Key sets and windows, with their states.
+    Keys {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registered agents and their grants.
+    Agents {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register an agent with its public key and a grant of windows.
+    Grant {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+        /// The agent's X25519 public key: 64 hex digits, or a file holding them.
+        #[arg(long)]
+        public_key: String,
+        /// First window granted: windows starting at or after this time
+        /// (RFC 3339 or Unix seconds; default: all from the start).
+        #[arg(long)]
+        from: Option<String>,
+        /// Windows starting at or after this time are not granted (default: none).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Remove an agent's registration.
+    Revoke {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// Agent name.
+        #[arg(long)]
+        agent: String,
+    },
+    /// Crypto-shred one window: its key is erased and its records can never
+    /// be opened again (dual control when the pool requires it).
+    Shred {
+        #[command(flatten)]
+        target: StreamTarget,
+        /// The window's key id, as `stream keys` lists it (z1-stream-s20428-w3).
+        #[arg(long)]
+        window: String,
+        /// An approval token (from `approve`); once per operator when the
+        /// pool requires dual control.
+        #[arg(long = "approval", value_name = "FILE")]
+        approvals: Vec<PathBuf>,
+    },
+}
+
+/// `keyturn agent-key`.
+#[derive(Args, Debug)]
+pub(super) struct AgentKeyArgs {
+    /// Where to write the secret key (mode 0600; refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `keyturn replicate`.
+#[derive(Args, Debug)]
+pub(super) struct ReplicateArgs {
+    /// The source's stream listener: keyturn://HOST:PORT.
+    #[arg(long)]
+    source: String,
+    /// Source zone.
+    #[arg(long)]
+    zone: String,
+    /// Replica pool directory.
+    #[arg(long = "to")]
+    to: PathBuf,
+    /// Replica zone (created if missing).
+    #[arg(long = "to-zone")]
+    to_zone: String,
+    /// The agent's registered name.
+    #[arg(long)]
+    agent: String,
+    /// The agent's secret key file (from `agent-key`).
+    #[arg(long)]
+    agent_key: PathBuf,
+    /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Stop once this source record is applied.
+    #[arg(long)]
+    until_seq: Option<u64>,
+    /// Stop once every record durable at the source when the agent
+    /// connected is applied.
+    #[arg(long)]
+    until_caught_up: bool,
+}
+
+/// `keyturn replica ...`.
+#[derive(Subcommand, Debug)]
+pub(super) enum ReplicaCmd {
+    /// A replica zone's progress, from the status its agent keeps.
+    Status {
+        /// Replica pool directory.
+        #[arg(long, env = "KEYTURN_POOL")]
+        pool: PathBuf,
+        /// Replica zone.
+        #[arg(long)]
+        zone: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn call(t: &StreamTarget, req: StreamRequest) -> Result<serde_json::Value> {
+    let admin = Admin::open_quietly(&t.pool)?;
+    Ok(match &admin {
+        Admin::Remote(c) => {
+            let base = format!("/api/v1/zones/{}/stream", t.zone);
+            match req {
+                StreamRequest::Status => c.get(&base)?,
+                StreamRequest::Keys => c.get(&format!("{base}/keys"))?,
+                StreamRequest::Agents => c.get(&format!("{base}/agents"))?,
+                StreamRequest::Enable => c.post_empty(&format!("{base}/enable"))?,
+                StreamRequest::Disable => c.post_empty(&format!("{base}/disable"))?,
+                StreamRequest::Grant(g) => c.post(&format!("{base}/grant"), &g)?,
+                StreamRequest::Revoke { name } => {
+                    c.post(&format!("{base}/revoke"), &serde_json::json!({ "name": name }))?
+                }
+                StreamRequest::Shred(s) => c.post(&format!("{base}/shred"), &s)?,
+            }
+        }
+        Admin::Local(p) => p.stream_request(&t.zone, req)?,
+    })
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `keyturn stream ...`.
+pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
+    match cmd {
+        StreamCmd::Enable(t) => {
+            let s = call(&t, StreamRequest::Enable)?;
+            println!(
+                "zone {}: streaming on (stream {}, next record {})",
+                t.zone,
+                s["stream_id"].as_str().unwrap_or("?"),
+                s["last_seq"].as_u64().unwrap_or(0) + 1
+            );
+        }
+        StreamCmd::Disable(t) => {
+            call(&t, StreamRequest::Disable)?;
+            println!("zone {}: streaming off", t.zone);
+        }
+        StreamCmd::Status { target, json } => {
+            let s = call(&target, StreamRequest::Status)?;
+            if json {
+                return print_json(&s);
+            }
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            let logical = n("logical_bytes");
+            println!("zone {}: stream {}", target.zone, s["stream_id"].as_str().unwrap_or("?"));
+            println!("  records kept: {}..={} ({} bytes)", n("first_seq"), n("last_seq"), n("bytes"));
+            println!(
+                "  since start: {} records, {} logical bytes, {} record bytes{}",
+                n("records"),
+                logical,
+                n("record_bytes"),
+                if logical > 0 {
+                    format!(" ({:.2} of logical)", n("record_bytes") as f64 / logical as f64)
+                } else {
+                    String::new()
+                }
+            );
+            println!(
+                "  blocks on the wire: {} as payload, {} as references",
+                n("payload_blocks"),
+                n("referenced_blocks")
+            );
+            if let Some(c) = s["consumers"].as_object() {
+                for (name, acked) in c {
+                    println!("  consumer {name}: acknowledged {acked}");
+                }
+            }
+            if let Some(b) = s["broken"].as_str() {
+                println!("  BROKEN: {b}");
+            }
+        }
+        StreamCmd::Keys { target, json } => {
+            let s = call(&target, StreamRequest::Keys)?;
+            if json {
+                return print_json(&s);
+            }
+            println!("{:<10} {:<10} {:<34} {:<22} STATE", "SET", "SET STATE", "KEY ID", "WINDOW START (UTC)");
+            for set in s.as_array().into_iter().flatten() {
+                for w in set["windows"].as_array().into_iter().flatten() {
+                    let start = w["start_unix"].as_u64().unwrap_or(0);
+                    println!(
+                        "{:<10} {:<10} {:<34} {:<22} {}",
+                        set["set"],
+                        set["state"].as_str().unwrap_or("?"),
+                        w["key_id"].as_str().unwrap_or("?"),
+                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(start)),
+                        w["state"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        StreamCmd::Agents { target, json } => {
+            let s = call(&target, StreamRequest::Agents)?;
+            if json {
+                return print_json(&s);
+            }
+            println!("{:<20} {:<66} {:<12} {:<12}", "AGENT", "PUBLIC KEY", "FROM", "TO");
+            for (name, a) in s.as_object().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<66} {:<12} {:<12}",
+                    name,
+                    a["public_key"].as_str().unwrap_or("?"),
+                    a["from_unix"],
+                    a["to_unix"]
+                );
+            }
+        }
+        StreamCmd::Grant {
+            target,
+            agent,
+            public_key,
+            from,
+            to,
+        } => {
+            let key = if public_key.len() == 64 && public_key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                public_key
+            } else {
+                std::fs::read_to_string(&public_key)
+                    .with_context(|| format!("cannot read the public key file {public_key}"))?
+                    .trim()
+                    .to_string()
+            };
+            let req = GrantRequest {
+                name: agent.clone(),
+                public_key: key,
+                from_unix: from.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+                to_unix: to.as_deref().map(parse_time).transpose()?,
+            };
+            call(&target, StreamRequest::Grant(req))?;
+            println!("agent {agent} may read zone {}'s stream in its granted windows", target.zone);
+        }
+        StreamCmd::Revoke { target, agent } => {
+            call(&target, StreamRequest::Revoke { name: agent.clone() })?;
+            println!("agent {agent}: registration removed from zone {}", target.zone);
+        }
+        StreamCmd::Shred {
+            target,
+            window,
+            approvals,
+        } => {
+            let req = ShredRequest {
+                key_id: Some(window.clone()),
+                set: None,
+                window: None,
+                approvals: read_approvals(&approvals)?,
+            };
+            call(&target, StreamRequest::Shred(req))?;
+            println!("window {window} of zone {} shredded: its records can no longer be opened", target.zone);
+        }
+    }
+    Ok(())
+}
+
+/// `keyturn agent-key`: a new X25519 key for an agent.
+pub(super) fn agent_key(a: AgentKeyArgs) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = AgentKey::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&a.out)
+        .with_context(|| format!("cannot create {} (it must not exist)", a.out.display()))?;
+    f.write_all(key.secret_hex().as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    println!("{}", hex(&key.public()));
+    Ok(())
+}
+
+/// `keyturn replicate`: the agent, until its stop condition, an error, or
+/// SIGTERM/SIGINT.
+pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
+    let source = parse_source(&a.source).map_err(anyhow::Error::msg)?;
+    let secret = std::fs::read_to_string(&a.agent_key)
+        .with_context(|| format!("cannot read the agent key {}", a.agent_key.display()))?;
+    let key = AgentKey::from_hex(&zeroize::Zeroizing::new(secret)).context("bad agent key file")?;
+    let pool_args = PoolArgs {
+        pool: a.to.clone(),
+        passphrase_file: a.passphrase_file.clone(),
+        pin_file: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
+    let mut agent = Agent::new(
+        pool.clone(),
+        AgentConfig {
+            source,
+            zone: a.zone,
+            agent: a.agent,
+            key,
+            replica_zone: a.to_zone,
+            until_seq: a.until_seq,
+            until_caught_up: a.until_caught_up,
+        },
+    )?;
+    let result = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            r = agent.run() => r.map(Some).map_err(anyhow::Error::from),
+            _ = term.recv() => Ok(None),
+            _ = int.recv() => Ok(None),
+        }
+    });
+    pool.sync().context("final flush of the replica pool")?;
+    match result? {
+        Some(st) => println!(
+            "replica zone {}: applied through record {} ({} records this run, {} full syncs)",
+            st.zone, st.applied_seq, st.records_applied, st.full_syncs
+        ),
+        None => println!("stopped"),
+    }
+    Ok(())
+}
+
+/// `keyturn replica ...`.
+pub(super) fn replica(cmd: ReplicaCmd) -> Result<()> {
+    match cmd {
+        ReplicaCmd::Status { pool, zone, json } => {
+            let catalog: crate::pool::Catalog = serde_json::from_slice(
+                &std::fs::read(pool.join("catalog.json"))
+                    .with_context(|| format!("{} is not a keyturn pool", pool.display()))?,
+            )?;
+            let Some(z) = catalog.zones.iter().find(|z| z.name == zone) else {
+                bail!("no zone named {zone:?} in {}", pool.display());
+            };
+            let Some(st) = read_status(&pool, z.id) else {
+                bail!("zone {zone:?} has no replication status (no agent has run for it)");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!("replica zone {} of source zone {} ({}): {}", st.zone, st.source_zone, st.source, st.phase);
+            println!(
+                "  applied {} of {}: lag {} records, {} bytes, {:.3} s; {:.1} records/s",
+                st.applied_seq, st.source_seq, st.lag_records, st.lag_bytes, st.lag_seconds, st.apply_rate
+            );
+            if let Some(e) = &st.error {
+                println!("  error: {e}");
+            }
+        }
+    }
+    Ok(())
+}
