@@ -185,6 +185,15 @@ fn kdf(shared: &[u8; 32], eph: &[u8; 32], agent: &[u8; 32], key_id: &str) -> Zer
 
 /// Wraps `key` (a window key named `key_id`) to the agent's public key.
 pub fn hand_out(agent_public: &[u8; 32], key_id: &str, key: &[u8; 32]) -> HandOut {
+    seal_to(agent_public, key_id, key)
+}
+
+/// Encrypts `data` to the agent's public key, bound to `label` (the same
+/// construction as a key hand-out, for any length: digests for
+/// `verify-replica` travel this way, so only the agent reads them).
+pub fn seal_to(agent_public: &[u8; 32], label: &str, data: &[u8]) -> HandOut {
+    let key_id = label;
+    let key = data;
     use rand::RngCore;
     let mut e = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(&mut e[..]);
@@ -244,6 +253,17 @@ impl AgentKey {
 
     /// Opens a hand-out made to this key.
     pub fn open(&self, h: &HandOut) -> Result<Zeroizing<[u8; 32]>, GrantError> {
+        let plain = self.open_sealed(h)?;
+        let mut out = Zeroizing::new([0u8; 32]);
+        if plain.len() != 32 {
+            return Err(GrantError::Unwrap(h.key_id.clone()));
+        }
+        out.copy_from_slice(&plain);
+        Ok(out)
+    }
+
+    /// Opens anything [`seal_to`] sealed to this key.
+    pub fn open_sealed(&self, h: &HandOut) -> Result<Zeroizing<Vec<u8>>, GrantError> {
         let fail = || GrantError::Unwrap(h.key_id.clone());
         let eph = parse_hex32(&h.ephemeral).map_err(|_| fail())?;
         let wrapped: Vec<u8> = (0..h.wrapped.len() / 2)
@@ -263,12 +283,7 @@ impl AgentKey {
                 )
                 .map_err(|_| fail())?,
         );
-        let mut out = Zeroizing::new([0u8; 32]);
-        if plain.len() != 32 {
-            return Err(fail());
-        }
-        out.copy_from_slice(&plain);
-        Ok(out)
+        Ok(plain)
     }
 }
 
