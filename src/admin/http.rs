@@ -574,6 +574,7 @@ mod tests {
             content_blocks: 10,
             staged_blocks: 3,
             migrated_blocks: 0,
+            remaining_blocks: 7,
             progress_percent: 30.0,
             rate_bytes_per_sec: 4096.0,
             eta_secs: Some(7.0),

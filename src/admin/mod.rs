@@ -245,7 +245,8 @@ pub struct KeyBlocks {
 }
 
 /// `GET /api/v1/zones/{zone}/rotation`: everything an operator needs to
-/// follow a rotation. Counters are since the window opened.
+/// follow a rotation. Counters are since the window opened, in this server
+/// run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RotationStatus {
     /// Zone name.
@@ -266,12 +267,22 @@ pub struct RotationStatus {
     pub staged_blocks: u64,
     /// Content blocks migrated (re-encrypted or destaged) since the flip.
     pub migrated_blocks: u64,
-    /// Percentage of the zone's content blocks staged (window) or already
-    /// under the active key (after the flip), 0..=100.
+    /// Content blocks the phase still has to handle: those without a staged
+    /// copy (window), those under an old key or with a staged copy still
+    /// to destage (after the flip); 0 once migrated.
+    #[serde(default)]
+    pub remaining_blocks: u64,
+    /// The phase's progress, 0..=100: in a window, staged of all content
+    /// blocks; after the flip, migrated of migrated plus remaining (the
+    /// blocks the migration has to move, not the zone's blocks written
+    /// since).
     pub progress_percent: f64,
-    /// Recent throughput of the pipeline or migrator, bytes per second.
+    /// Throughput of the phase's pipeline or migrator, bytes per second,
+    /// over the phase's own time: from its start until now while it works,
+    /// until its work was done once it is (0 when unknown, and when idle).
     pub rate_bytes_per_sec: f64,
-    /// Estimated seconds to the end of staging or migration, if known.
+    /// Estimated seconds to the end of staging or migration, while it runs
+    /// and its rate is known; `None` once done or paused.
     pub eta_secs: Option<f64>,
     /// Staging device bytes in use.
     pub staging_used_bytes: u64,
@@ -285,11 +296,12 @@ pub struct RotationStatus {
     pub last_error: Option<String>,
     /// When the window opened (Unix seconds).
     pub window_opened_unix: Option<u64>,
-    /// When the flip is scheduled (Unix seconds).
+    /// When the flip is (or was) scheduled (Unix seconds).
     pub flip_at_unix: Option<u64>,
     /// When the flip happened (Unix seconds).
     pub flipped_unix: Option<u64>,
-    /// When the old key is due for destruction (end of grace, Unix seconds).
+    /// When the old key is due for destruction (end of grace, Unix
+    /// seconds): a time to come, or just past until the scheduler acts.
     pub destroy_at_unix: Option<u64>,
     /// Whether the current rotation is an emergency one.
     pub emergency: bool,
