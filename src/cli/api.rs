@@ -341,7 +341,13 @@ fn progress_line(s: &RotationStatus) -> String {
     } else {
         (s.migrated_blocks, s.migrated_blocks + s.remaining_blocks)
     };
-    let counts = format!("{:.1}% {what} ({done}/{total} blocks)", s.progress_percent);
+    let counts = if total == 0 {
+        // Nothing counted in this server run (say, migrated before it
+        // started): no "0/0" to show.
+        format!("{:.1}% {what}", s.progress_percent)
+    } else {
+        format!("{:.1}% {what} ({done}/{total} blocks)", s.progress_percent)
+    };
     let rate = |r: f64| format!("{}/s", HumanBytes(r.max(0.0) as u64));
     if s.phase == RotationPhase::Paused {
         return format!("{counts}, paused");
@@ -727,6 +733,11 @@ mod tests {
             progress_line(&s),
             "100.0% migrated (1000/1000 blocks), done in 0.50 s (7.81 MiB/s)"
         );
+        // In grace after a restart: nothing migrated in this server run.
+        s.migrated_blocks = 0;
+        s.migration_secs = None;
+        s.rate_bytes_per_sec = 0.0;
+        assert_eq!(progress_line(&s), "100.0% migrated, done");
     }
 
     #[test]
