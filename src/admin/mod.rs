@@ -439,6 +439,53 @@ pub struct CreateVolumeRequest {
     pub size: u64,
 }
 
+/// One key of a zone's inventory (`GET /api/v1/keys`, `GET
+/// /api/v1/zones/{zone}/keys`, `keyturn keys list`): what it is and where
+/// it stands, never key material.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyInfo {
+    /// Zone name.
+    pub zone: String,
+    /// Key id (`z1-dek-v2`).
+    pub id: String,
+    /// `kek`, `dek` or `mac`.
+    pub purpose: String,
+    /// Version within its purpose.
+    pub version: u32,
+    /// pre-active, active, decrypt-only, destroyed or compromised.
+    pub state: String,
+    /// Days since it was made.
+    pub age_days: f64,
+    /// The KEK version that wraps it (`None`: a KEK, wrapped by the root key).
+    pub wrapped_by_kek: Option<u32>,
+    /// The root key that wraps it (KEKs).
+    pub wrapped_by_root: Option<String>,
+    /// Content blocks whose live copy is under it (DEKs only).
+    pub content_blocks: Option<u64>,
+    /// When it was made (Unix seconds).
+    pub created_unix: u64,
+    /// When it became active.
+    pub activated_unix: Option<u64>,
+    /// When it stopped encrypting.
+    pub deactivated_unix: Option<u64>,
+    /// When it was destroyed.
+    pub destroyed_unix: Option<u64>,
+}
+
+/// `GET /api/v1/check` and `keyturn check`: the pool's metadata checked
+/// (block maps, refcounts, slot ownership).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Logical blocks mapped, over all volumes.
+    pub mapped_blocks: u64,
+    /// Live content blocks.
+    pub content_blocks: u64,
+    /// Data slots the allocator counts as used (including frees not yet durable).
+    pub used_slots: u64,
+    /// Every inconsistency, one line each.
+    pub problems: Vec<String>,
+}
+
 /// `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
@@ -505,6 +552,10 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Deletes a volume and frees its space; refused (409) while a client
     /// has it open.
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError>;
+    /// The keys of one zone, or of every zone (`None`).
+    fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, AdminError>;
+    /// The metadata check of the pool as it is now.
+    fn check(&self) -> CheckReport;
     /// Health.
     fn health(&self) -> Health;
 }

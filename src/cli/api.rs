@@ -14,8 +14,9 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use super::{PoolArgs, default_profile, open_pool, parse_duration};
 use crate::admin::client::{AdminClient, ClientError};
 use crate::admin::{
-    AdminBackend, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, KekRotateRequest,
-    PrepareRequest, RotationPhase, RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
+    AdminBackend, CheckReport, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest,
+    KekRotateRequest, KeyInfo, PrepareRequest, RotationPhase, RotationStatus, ScrubStatus,
+    VolumeStats, ZoneInfo,
 };
 use crate::pool::Pool;
 
@@ -189,6 +190,22 @@ impl Admin {
         Ok(match self {
             Admin::Remote(c) => c.volume_create(req)?,
             Admin::Local(p) => p.volume_create(req)?,
+        })
+    }
+
+    /// The keys of one zone, or of every zone.
+    pub(super) fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>> {
+        Ok(match self {
+            Admin::Remote(c) => c.keys(zone)?,
+            Admin::Local(p) => p.key_inventory(zone)?,
+        })
+    }
+
+    /// The pool's metadata check.
+    pub(super) fn check(&self) -> Result<CheckReport> {
+        Ok(match self {
+            Admin::Remote(c) => c.check()?,
+            Admin::Local(p) => p.check(),
         })
     }
 
