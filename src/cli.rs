@@ -31,6 +31,8 @@ mod catalog;
 mod keys;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
+/// Where `keyturn demo` keeps its pool's passphrase, in the pool directory.
+const DEMO_PASS_FILE: &str = "demo.passphrase";
 /// The new passphrase of `keys rotate-root` and `keys change-passphrase`.
 const NEW_PASS_ENV: &str = "KEYTURN_NEW_PASSPHRASE";
 
@@ -551,6 +553,18 @@ fn init_logging(filter: &str) {
 
 fn passphrase(args: &PoolArgs) -> Result<Passphrase> {
     Passphrase::resolve(args.passphrase_file.as_deref(), PASS_ENV, true)
+        .map_err(|e| {
+            // A demo pool keeps its passphrase beside it: say where.
+            let demo = args.pool.join(DEMO_PASS_FILE);
+            if matches!(e, crate::keys::KeyError::NoPassphrase { .. }) && demo.is_file() {
+                anyhow::anyhow!(
+                    "{e}; this demo pool keeps its passphrase in {f}: add --passphrase-file {f}",
+                    f = demo.display()
+                )
+            } else {
+                e.into()
+            }
+        })
         .context("the root key passphrase is needed")
 }
 
@@ -1294,7 +1308,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             d
         }
     };
-    let pass_file = dir.join("demo.passphrase");
+    let pass_file = dir.join(DEMO_PASS_FILE);
     if !Pool::exists(&dir) {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
