@@ -28,6 +28,7 @@ use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 mod api;
 mod catalog;
+mod demo;
 mod keys;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
@@ -1507,13 +1508,7 @@ fn serve(
         let uri = format!("nbd://{addr}/{export}");
         if demo.is_some() {
             // On stdout, before the ready line: what a person (or a script) needs.
-            println!("keyturn demo: NBD URI {uri}");
-            println!("  try: nbdinfo {uri}");
-            println!("       qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
-            println!(
-                "  serve it again with: keyturn demo --dir {}",
-                dir.display()
-            );
+            print!("{}", demo::hints(&uri, dir, &demo::shown_exe()));
         }
         // Handlers first: a SIGTERM sent as soon as "ready:" is read must
         // stop the server cleanly, not kill it with the default action.
