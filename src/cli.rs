@@ -28,9 +28,13 @@ use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 mod api;
 mod catalog;
+mod demo;
+mod keys;
 mod stream;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
+/// Where `keyturn demo` keeps its pool's passphrase, in the pool directory.
+const DEMO_PASS_FILE: &str = "demo.passphrase";
 /// Where `serve` writes the stream listener's address (removed at a clean stop).
 const STREAM_ADDR_FILE: &str = "stream.addr";
 /// The new passphrase of `keys rotate-root` and `keys change-passphrase`.
@@ -94,7 +98,8 @@ enum Command {
     /// A replica zone's progress.
     #[command(subcommand)]
     Replica(stream::ReplicaCmd),
-    /// Check a pool's metadata (offline): maps, refcounts, slot ownership.
+    /// Check a pool's metadata: maps, refcounts, slot ownership. Through
+    /// the running server if there is one.
     Check {
         #[command(flatten)]
         pool: PoolArgs,
@@ -313,7 +318,8 @@ enum VolumeCmd {
 
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
-    /// List every key: version, state, age, wrapping KEK, content blocks per DEK.
+    /// List every key: version, state, age, wrapping KEK, content blocks
+    /// per DEK. Through the running server if there is one.
     List {
         #[command(flatten)]
         pool: PoolArgs,
@@ -324,7 +330,8 @@ enum KeysCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show one key by id (e.g. z1-dek-v2).
+    /// Show one key by id (e.g. z1-dek-v2). Through the running server if
+    /// there is one.
     Show {
         #[command(flatten)]
         pool: PoolArgs,
@@ -567,6 +574,18 @@ fn init_logging(filter: &str) {
 
 fn passphrase(args: &PoolArgs) -> Result<Passphrase> {
     Passphrase::resolve(args.passphrase_file.as_deref(), PASS_ENV, true)
+        .map_err(|e| {
+            // A demo pool keeps its passphrase beside it: say where.
+            let demo = args.pool.join(DEMO_PASS_FILE);
+            if matches!(e, crate::keys::KeyError::NoPassphrase { .. }) && demo.is_file() {
+                anyhow::anyhow!(
+                    "{e}; this demo pool keeps its passphrase in {f}: add --passphrase-file {f}",
+                    f = demo.display()
+                )
+            } else {
+                e.into()
+            }
+        })
         .context("the root key passphrase is needed")
 }
 
@@ -717,131 +736,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Operator(cmd) => operator(cmd),
         Command::ApprovalRequest(a) => approval_request(a),
         Command::Approve(a) => approve(a),
-        Command::Check { pool, json } => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let report = p.check();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "{} mapped blocks, {} content blocks, {} data slots in use",
-                    report.mapped_blocks, report.content_blocks, report.used_slots
-                );
-                for problem in &report.problems {
-                    println!("problem: {problem}");
-                }
-            }
-            if report.problems.is_empty() {
-                Ok(())
-            } else {
-                bail!(
-                    "{} problems found in pool {}",
-                    report.problems.len(),
-                    pool.pool.display()
-                )
-            }
-        }
+        Command::Check { pool, json } => keys::check(&pool, json),
     }
-}
-
-/// One row of `keys list`.
-#[derive(serde::Serialize)]
-struct KeyRow {
-    zone: String,
-    id: String,
-    purpose: String,
-    version: u32,
-    state: &'static str,
-    age_days: f64,
-    wrapped_by_kek: Option<u32>,
-    wrapped_by_root: Option<String>,
-    content_blocks: Option<u64>,
-    created_unix: u64,
-    activated_unix: Option<u64>,
-    deactivated_unix: Option<u64>,
-    destroyed_unix: Option<u64>,
-}
-
-fn key_rows(p: &Pool, zone: Option<&str>) -> Result<Vec<KeyRow>> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut rows = Vec::new();
-    for (name, file) in p.key_files()? {
-        if zone.is_some_and(|z| z != name) {
-            continue;
-        }
-        let blocks = p.blocks_per_key(file.zone());
-        for r in file.records() {
-            let is_dek = r.purpose == crate::keys::wrap::Purpose::Dek;
-            rows.push(KeyRow {
-                zone: name.clone(),
-                id: r.id.clone(),
-                purpose: r.purpose.to_string(),
-                version: r.version,
-                state: r.state.name(),
-                age_days: now.saturating_sub(r.created_unix) as f64 / 86400.0,
-                wrapped_by_kek: r.wrapped_by_kek,
-                wrapped_by_root: r.wrapped_by_root.clone(),
-                content_blocks: is_dek.then(|| {
-                    blocks
-                        .get(&crate::ids::KeyVersion(r.version))
-                        .copied()
-                        .unwrap_or(0)
-                }),
-                created_unix: r.created_unix,
-                activated_unix: r.activated_unix,
-                deactivated_unix: r.deactivated_unix,
-                destroyed_unix: r.destroyed_unix,
-            });
-        }
-    }
-    if let Some(z) = zone
-        && rows.is_empty()
-    {
-        bail!("no zone named {z:?}");
-    }
-    Ok(rows)
 }
 
 fn keys(cmd: KeysCmd) -> Result<()> {
     match cmd {
-        KeysCmd::List { pool, zone, json } => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let rows = key_rows(&p, zone.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<12} {:<16} {:<5} {:>3} {:<13} {:>8} {:>8} {:>12}",
-                    "ZONE", "ID", "KIND", "VER", "STATE", "AGE(d)", "WRAPPED", "BLOCKS"
-                );
-                for r in rows {
-                    println!(
-                        "{:<12} {:<16} {:<5} {:>3} {:<13} {:>8.1} {:>8} {:>12}",
-                        r.zone,
-                        r.id,
-                        r.purpose,
-                        r.version,
-                        r.state,
-                        r.age_days,
-                        r.wrapped_by_kek
-                            .map_or("root".into(), |v| format!("kek-v{v}")),
-                        r.content_blocks.map_or("-".into(), |b| b.to_string())
-                    );
-                }
-            }
-            Ok(())
-        }
-        KeysCmd::Show { pool, key } => {
-            let p = open_pool(&pool, &default_profile()?)?;
-            let row = key_rows(&p, None)?
-                .into_iter()
-                .find(|r| r.id == key)
-                .with_context(|| format!("no key with id {key:?}"))?;
-            println!("{}", serde_json::to_string_pretty(&row)?);
-            Ok(())
-        }
+        KeysCmd::List { pool, zone, json } => keys::list(&pool, zone.as_deref(), json),
+        KeysCmd::Show { pool, key } => keys::show(&pool, &key),
         KeysCmd::RotateRoot {
             pool,
             new,
@@ -1432,7 +1334,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             d
         }
     };
-    let pass_file = dir.join("demo.passphrase");
+    let pass_file = dir.join(DEMO_PASS_FILE);
     if !Pool::exists(&dir) {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -1650,13 +1552,7 @@ fn serve(
         let uri = format!("nbd://{addr}/{export}");
         if demo.is_some() {
             // On stdout, before the ready line: what a person (or a script) needs.
-            println!("keyturn demo: NBD URI {uri}");
-            println!("  try: nbdinfo {uri}");
-            println!("       qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
-            println!(
-                "  serve it again with: keyturn demo --dir {}",
-                dir.display()
-            );
+            print!("{}", demo::hints(&uri, dir, &demo::shown_exe()));
         }
         // Handlers first: a SIGTERM sent as soon as "ready:" is read must
         // stop the server cleanly, not kill it with the default action.

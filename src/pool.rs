@@ -411,18 +411,8 @@ impl CommitHooks for Hooks {
     }
 }
 
-/// What [`Pool::check`] found.
-#[derive(Debug, Default, Serialize)]
-pub struct CheckReport {
-    /// Logical blocks mapped, over all volumes.
-    pub mapped_blocks: u64,
-    /// Live content blocks.
-    pub content_blocks: u64,
-    /// Data slots the allocator counts as used (including frees not yet durable).
-    pub used_slots: u64,
-    /// Every inconsistency, one line each.
-    pub problems: Vec<String>,
-}
+/// What [`Pool::check`] found (a JSON body of the admin API as well).
+pub use crate::admin::CheckReport;
 
 /// What [`Pool::rotate_kek`] did.
 #[derive(Debug, Serialize)]
@@ -1357,8 +1347,11 @@ impl Pool {
         let catalog = self.catalog.lock().clone();
         let zones = self.zones.read();
         let mut slot_owner: rustc_hash::FxHashMap<u64, (ZoneId, Cbid)> = Default::default();
-        for zone in zones.values() {
-            let meta = zone.meta.lock();
+        // Every zone's lock, in id order, held to the end (as a checkpoint
+        // takes them): on a served pool, a slot freed in one zone while
+        // another is scanned would look referenced but not allocated.
+        let metas: Vec<_> = zones.values().map(|z| (z, z.meta.lock())).collect();
+        for (zone, meta) in &metas {
             let mut refs: rustc_hash::FxHashMap<Cbid, u32> = Default::default();
             for v in catalog.volumes.iter().filter(|v| v.zone == zone.id) {
                 let Some(map) = meta.volumes.get(&v.id) else {

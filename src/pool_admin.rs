@@ -4,9 +4,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::admin::{
-    AdminBackend, AdminError, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, Health,
-    PassphraseRequest, PrepareRequest, RootRotateRequest, RootRotationStatus, RootStatus,
-    RotationStatus, ScrubStatus, SecretText, StreamRequest, VolumeStats, ZoneInfo,
+    AdminBackend, AdminError, CheckReport, CreateVolumeRequest, CreateZoneRequest,
+    EmergencyRequest, Health, KeyInfo, PassphraseRequest, PrepareRequest, RootRotateRequest,
+    RootRotationStatus, RootStatus, RotationStatus, ScrubStatus, SecretText, StreamRequest,
+    VolumeStats, ZoneInfo,
 };
 use crate::audit::AuditEvent;
 use crate::config::RootKeyConfig;
@@ -130,6 +131,47 @@ impl Pool {
             Ok(pass)
         })();
         r.map_err(|e| self.root_refused(action, e))
+    }
+
+    /// The keys of zone `zone`, or of every zone: ids, states, ages,
+    /// wrapping, and for each DEK the content blocks whose live copy is
+    /// under it. Reads only the key files and the block map: no key is
+    /// unwrapped, and none of its bytes is in the answer.
+    pub fn key_inventory(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, PoolError> {
+        if let Some(z) = zone {
+            self.zone_id(z)?;
+        }
+        let now = unix_now();
+        let mut rows = Vec::new();
+        for (name, file) in self.key_files()? {
+            if zone.is_some_and(|z| z != name) {
+                continue;
+            }
+            let blocks = self.blocks_per_key(file.zone());
+            for r in file.records() {
+                rows.push(KeyInfo {
+                    zone: name.clone(),
+                    id: r.id.clone(),
+                    purpose: r.purpose.to_string(),
+                    version: r.version,
+                    state: r.state.name().to_owned(),
+                    age_days: now.saturating_sub(r.created_unix) as f64 / 86400.0,
+                    wrapped_by_kek: r.wrapped_by_kek,
+                    wrapped_by_root: r.wrapped_by_root.clone(),
+                    content_blocks: (r.purpose == Purpose::Dek).then(|| {
+                        blocks
+                            .get(&crate::ids::KeyVersion(r.version))
+                            .copied()
+                            .unwrap_or(0)
+                    }),
+                    created_unix: r.created_unix,
+                    activated_unix: r.activated_unix,
+                    deactivated_unix: r.deactivated_unix,
+                    destroyed_unix: r.destroyed_unix,
+                });
+            }
+        }
+        Ok(rows)
     }
 
     fn scrub_of(&self, zone: &str) -> Result<std::sync::Arc<crate::scrub::Scrub>, AdminError> {
@@ -466,6 +508,14 @@ impl AdminBackend for Pool {
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError> {
         self.delete_volume(volume)?;
         Ok(serde_json::json!({ "deleted": volume }))
+    }
+
+    fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, AdminError> {
+        Ok(self.key_inventory(zone)?)
+    }
+
+    fn check(&self) -> CheckReport {
+        Pool::check(self)
     }
 
     fn health(&self) -> Health {

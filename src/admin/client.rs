@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::token::{AdminToken, TokenError};
 use super::{
-    CreateVolumeRequest, CreateZoneRequest, DedupRequest, EmergencyRequest, ErrorBody, Health,
-    KekRotateRequest, PassphraseRequest, PrepareRequest, RootRotateRequest, RootStatus,
-    RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
+    CheckReport, CreateVolumeRequest, CreateZoneRequest, DedupRequest, EmergencyRequest, ErrorBody,
+    Health, KekRotateRequest, KeyInfo, PassphraseRequest, PrepareRequest, RootRotateRequest,
+    RootStatus, RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
 };
 use crate::config::{ConfigError, PoolConfig};
 use crate::keys::KeyError;
@@ -334,6 +334,19 @@ impl AdminClient {
         req: &KekRotateRequest,
     ) -> Result<serde_json::Value, ClientError> {
         self.post(&zone_path(zone, "kek/rotate"), req)
+    }
+
+    /// `GET /api/v1/keys`, or `GET /api/v1/zones/{zone}/keys` for one zone.
+    pub fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, ClientError> {
+        match zone {
+            Some(z) => self.get(&zone_path(z, "keys")),
+            None => self.get("/api/v1/keys"),
+        }
+    }
+
+    /// `GET /api/v1/check`.
+    pub fn check(&self) -> Result<CheckReport, ClientError> {
+        self.get("/api/v1/check")
     }
 
     /// `GET /api/v1/root`.

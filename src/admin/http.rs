@@ -145,6 +145,7 @@ fn router(state: AppState) -> Router {
         .route("/rotation/abort", post(rotation_abort))
         .route("/rotation/emergency", post(rotation_emergency))
         .route("/kek/rotate", post(kek_rotate))
+        .route("/keys", get(zone_keys))
         .route("/scrub", get(scrub_status).post(scrub_start))
         .merge(stream::routes());
     Router::new()
@@ -153,6 +154,8 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/zones", get(zones).post(zone_create))
         .route("/api/v1/volumes", get(volumes).post(volume_create))
         .route("/api/v1/volumes/{volume}/delete", post(volume_delete))
+        .route("/api/v1/keys", get(keys))
+        .route("/api/v1/check", get(check))
         .route("/api/v1/root", get(root_status))
         .route("/api/v1/root/rotate", post(root_rotate))
         .route("/api/v1/root/passphrase", post(root_passphrase))
@@ -502,6 +505,21 @@ async fn kek_rotate(
     json(&s, move |b| b.kek_rotate(&z, &req.approvals)).await
 }
 
+async fn keys(State(s): State<AppState>) -> JsonResult<Vec<super::KeyInfo>> {
+    json(&s, |b| b.keys(None)).await
+}
+
+async fn zone_keys(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<Vec<super::KeyInfo>> {
+    json(&s, move |b| b.keys(Some(&z))).await
+}
+
+async fn check(State(s): State<AppState>) -> JsonResult<super::CheckReport> {
+    json(&s, |b| Ok(b.check())).await
+}
+
 async fn root_status(State(s): State<AppState>) -> JsonResult<super::RootStatus> {
     json(&s, |b| b.root_status()).await
 }
@@ -543,8 +561,8 @@ mod tests {
 
     use super::*;
     use crate::admin::{
-        Health, KeyBlocks, RootStatus, RotationPhase, RotationStatus, ScrubStatus, VolumeStats,
-        ZoneInfo,
+        CheckReport, Health, KeyBlocks, KeyInfo, RootStatus, RotationPhase, RotationStatus,
+        ScrubStatus, VolumeStats, ZoneInfo,
     };
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -577,6 +595,7 @@ mod tests {
             content_blocks: 10,
             staged_blocks: 3,
             migrated_blocks: 0,
+            remaining_blocks: 7,
             progress_percent: 30.0,
             rate_bytes_per_sec: 4096.0,
             eta_secs: Some(7.0),
@@ -743,6 +762,35 @@ mod tests {
                 v => Ok(serde_json::json!({ "deleted": v })),
             }
         }
+        fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, AdminError> {
+            self.asked.lock().push(format!("keys {zone:?}"));
+            if let Some(z) = zone {
+                self.zone(z)?;
+            }
+            Ok(vec![KeyInfo {
+                zone: "z1".into(),
+                id: "z1-dek-v1".into(),
+                purpose: "dek".into(),
+                version: 1,
+                state: "active".into(),
+                age_days: 0.5,
+                wrapped_by_kek: Some(1),
+                wrapped_by_root: None,
+                content_blocks: Some(4),
+                created_unix: 1,
+                activated_unix: Some(1),
+                deactivated_unix: None,
+                destroyed_unix: None,
+            }])
+        }
+        fn check(&self) -> CheckReport {
+            CheckReport {
+                mapped_blocks: 4,
+                content_blocks: 4,
+                used_slots: 4,
+                problems: vec!["a problem".into()],
+            }
+        }
         fn health(&self) -> Health {
             Health {
                 status: "ok".into(),
@@ -862,6 +910,9 @@ mod tests {
             "/api/v1/zones",
             "/api/v1/volumes",
             "/api/v1/root",
+            "/api/v1/keys",
+            "/api/v1/zones/z1/keys",
+            "/api/v1/check",
             "/nope",
         ] {
             for token in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
@@ -953,6 +1004,36 @@ mod tests {
         assert_eq!(code, 200);
         let sc: ScrubStatus = serde_json::from_str(&body).unwrap();
         assert_eq!((sc.checked, sc.total), (5, 9));
+    }
+
+    #[test]
+    fn keys_and_the_check_are_read_through_the_api() {
+        let srv = start();
+        let get = |path| request(&srv, "GET", path, Some(TOKEN), None);
+        for path in ["/api/v1/keys", "/api/v1/zones/z1/keys"] {
+            let (code, _, body) = get(path);
+            assert_eq!(code, 200, "{path}: {body}");
+            let keys: Vec<KeyInfo> = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                (keys[0].id.as_str(), keys[0].content_blocks),
+                ("z1-dek-v1", Some(4))
+            );
+        }
+        let (code, _, body) = get("/api/v1/zones/nope/keys");
+        assert_eq!((code, error_of(&body).kind.as_str()), (404, "not_found"));
+        assert_eq!(
+            *srv.fake.asked.lock(),
+            ["keys None", "keys Some(\"z1\")", "keys Some(\"nope\")"]
+        );
+        let (code, _, body) = get("/api/v1/check");
+        assert_eq!(code, 200, "{body}");
+        let report: CheckReport = serde_json::from_str(&body).unwrap();
+        assert_eq!((report.used_slots, report.problems.len()), (4, 1));
+        let (code, _, body) = request(&srv, "POST", "/api/v1/check", Some(TOKEN), None);
+        assert_eq!(
+            (code, error_of(&body).kind.as_str()),
+            (405, "method_not_allowed")
+        );
     }
 
     #[test]

@@ -305,7 +305,8 @@ pub struct KeyBlocks {
 }
 
 /// `GET /api/v1/zones/{zone}/rotation`: everything an operator needs to
-/// follow a rotation. Counters are since the window opened.
+/// follow a rotation. Counters are since the window opened, in this server
+/// run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RotationStatus {
     /// Zone name.
@@ -326,12 +327,22 @@ pub struct RotationStatus {
     pub staged_blocks: u64,
     /// Content blocks migrated (re-encrypted or destaged) since the flip.
     pub migrated_blocks: u64,
-    /// Percentage of the zone's content blocks staged (window) or already
-    /// under the active key (after the flip), 0..=100.
+    /// Content blocks the phase still has to handle: those without a staged
+    /// copy (window), those under an old key or with a staged copy still
+    /// to destage (after the flip); 0 once migrated.
+    #[serde(default)]
+    pub remaining_blocks: u64,
+    /// The phase's progress, 0..=100: in a window, staged of all content
+    /// blocks; after the flip, migrated of migrated plus remaining (the
+    /// blocks the migration has to move, not the zone's blocks written
+    /// since).
     pub progress_percent: f64,
-    /// Recent throughput of the pipeline or migrator, bytes per second.
+    /// Throughput of the phase's pipeline or migrator, bytes per second,
+    /// over the phase's own time: from its start until now while it works,
+    /// until its work was done once it is (0 when unknown, and when idle).
     pub rate_bytes_per_sec: f64,
-    /// Estimated seconds to the end of staging or migration, if known.
+    /// Estimated seconds to the end of staging or migration, while it runs
+    /// and its rate is known; `None` once done or paused.
     pub eta_secs: Option<f64>,
     /// Staging device bytes in use.
     pub staging_used_bytes: u64,
@@ -345,11 +356,12 @@ pub struct RotationStatus {
     pub last_error: Option<String>,
     /// When the window opened (Unix seconds).
     pub window_opened_unix: Option<u64>,
-    /// When the flip is scheduled (Unix seconds).
+    /// When the flip is (or was) scheduled (Unix seconds).
     pub flip_at_unix: Option<u64>,
     /// When the flip happened (Unix seconds).
     pub flipped_unix: Option<u64>,
-    /// When the old key is due for destruction (end of grace, Unix seconds).
+    /// When the old key is due for destruction (end of grace, Unix
+    /// seconds): a time to come, or just past until the scheduler acts.
     pub destroy_at_unix: Option<u64>,
     /// Whether the current rotation is an emergency one.
     pub emergency: bool,
@@ -487,6 +499,53 @@ pub struct CreateVolumeRequest {
     pub size: u64,
 }
 
+/// One key of a zone's inventory (`GET /api/v1/keys`, `GET
+/// /api/v1/zones/{zone}/keys`, `keyturn keys list`): what it is and where
+/// it stands, never key material.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyInfo {
+    /// Zone name.
+    pub zone: String,
+    /// Key id (`z1-dek-v2`).
+    pub id: String,
+    /// `kek`, `dek` or `mac`.
+    pub purpose: String,
+    /// Version within its purpose.
+    pub version: u32,
+    /// pre-active, active, decrypt-only, destroyed or compromised.
+    pub state: String,
+    /// Days since it was made.
+    pub age_days: f64,
+    /// The KEK version that wraps it (`None`: a KEK, wrapped by the root key).
+    pub wrapped_by_kek: Option<u32>,
+    /// The root key that wraps it (KEKs).
+    pub wrapped_by_root: Option<String>,
+    /// Content blocks whose live copy is under it (DEKs only).
+    pub content_blocks: Option<u64>,
+    /// When it was made (Unix seconds).
+    pub created_unix: u64,
+    /// When it became active.
+    pub activated_unix: Option<u64>,
+    /// When it stopped encrypting.
+    pub deactivated_unix: Option<u64>,
+    /// When it was destroyed.
+    pub destroyed_unix: Option<u64>,
+}
+
+/// `GET /api/v1/check` and `keyturn check`: the pool's metadata checked
+/// (block maps, refcounts, slot ownership).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Logical blocks mapped, over all volumes.
+    pub mapped_blocks: u64,
+    /// Live content blocks.
+    pub content_blocks: u64,
+    /// Data slots the allocator counts as used (including frees not yet durable).
+    pub used_slots: u64,
+    /// Every inconsistency, one line each.
+    pub problems: Vec<String>,
+}
+
 /// `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
@@ -553,6 +612,10 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Deletes a volume and frees its space; refused (409) while a client
     /// has it open.
     fn volume_delete(&self, volume: &str) -> Result<serde_json::Value, AdminError>;
+    /// The keys of one zone, or of every zone (`None`).
+    fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>, AdminError>;
+    /// The metadata check of the pool as it is now.
+    fn check(&self) -> CheckReport;
     /// Health.
     fn health(&self) -> Health;
     /// A zone's change stream (see [`StreamRequest`]).

@@ -14,8 +14,9 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use super::{PoolArgs, default_profile, open_pool, parse_duration};
 use crate::admin::client::{AdminClient, ClientError};
 use crate::admin::{
-    AdminBackend, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, KekRotateRequest,
-    PrepareRequest, RotationPhase, RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
+    AdminBackend, CheckReport, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest,
+    KekRotateRequest, KeyInfo, PrepareRequest, RotationPhase, RotationStatus, ScrubStatus,
+    VolumeStats, ZoneInfo,
 };
 use crate::pool::Pool;
 
@@ -192,6 +193,22 @@ impl Admin {
         })
     }
 
+    /// The keys of one zone, or of every zone.
+    pub(super) fn keys(&self, zone: Option<&str>) -> Result<Vec<KeyInfo>> {
+        Ok(match self {
+            Admin::Remote(c) => c.keys(zone)?,
+            Admin::Local(p) => p.key_inventory(zone)?,
+        })
+    }
+
+    /// The pool's metadata check.
+    pub(super) fn check(&self) -> Result<CheckReport> {
+        Ok(match self {
+            Admin::Remote(c) => c.check()?,
+            Admin::Local(p) => p.check(),
+        })
+    }
+
     pub(super) fn volume_delete(&self, volume: &str) -> Result<()> {
         match self {
             Admin::Remote(c) => c.volume_delete(volume).map(drop)?,
@@ -320,36 +337,116 @@ fn phase_name(p: RotationPhase) -> &'static str {
     }
 }
 
-/// "42.0% staged (420/1000 blocks), 12.0 MiB/s, ETA 3m 20s".
+/// Which count the phase's progress is of: "staged" before the flip,
+/// "migrated" after it (a paused rotation is either).
+fn progress_kind(s: &RotationStatus) -> &'static str {
+    match s.phase {
+        RotationPhase::Window => "staged",
+        RotationPhase::Paused if s.next_version.is_some() => "staged",
+        _ => "migrated",
+    }
+}
+
+/// The phase's progress on one line, its counts adding up:
+/// "42.0% staged (420/1000 blocks), 12.0 MiB/s, ETA 3m 20s" while it runs,
+/// "100.0% staged (1000/1000 blocks), done in 2.00 s (1.95 MiB/s)" once done
+/// (no ETA), "... paused" while paused.
 fn progress_line(s: &RotationStatus) -> String {
-    let (what, done) = match s.phase {
-        RotationPhase::Migrating | RotationPhase::Grace => ("migrated", s.migrated_blocks),
-        _ => ("staged", s.staged_blocks),
+    let what = progress_kind(s);
+    let (done, total) = if what == "staged" {
+        (s.staged_blocks, s.content_blocks)
+    } else {
+        (s.migrated_blocks, s.migrated_blocks + s.remaining_blocks)
     };
+    let counts = if total == 0 {
+        // Nothing counted in this server run (say, migrated before it
+        // started): no "0/0" to show.
+        format!("{:.1}% {what}", s.progress_percent)
+    } else {
+        format!("{:.1}% {what} ({done}/{total} blocks)", s.progress_percent)
+    };
+    let rate = |r: f64| format!("{}/s", HumanBytes(r.max(0.0) as u64));
+    if s.phase == RotationPhase::Paused {
+        return format!("{counts}, paused");
+    }
+    if s.remaining_blocks == 0 {
+        // Done: the rate is the phase's average, and there is no ETA.
+        let secs = if what == "staged" {
+            s.staging_secs
+        } else {
+            s.migration_secs
+        };
+        return match (secs, s.rate_bytes_per_sec > 0.0) {
+            (Some(t), true) => format!(
+                "{counts}, done in {t:.2} s ({})",
+                rate(s.rate_bytes_per_sec)
+            ),
+            (Some(t), false) => format!("{counts}, done in {t:.2} s"),
+            (None, _) => format!("{counts}, done"),
+        };
+    }
     let eta = s.eta_secs.map_or_else(
         || "ETA unknown".to_owned(),
         |e| {
             format!(
                 "ETA {}",
-                humantime::format_duration(Duration::from_secs(e.max(0.0) as u64))
+                humantime::format_duration(Duration::from_secs(e.max(0.0).round() as u64))
             )
         },
     );
-    format!(
-        "{:.1}% {what} ({done}/{} blocks), {}/s, {eta}",
-        s.progress_percent,
-        s.content_blocks,
-        HumanBytes(s.rate_bytes_per_sec.max(0.0) as u64)
-    )
+    if s.rate_bytes_per_sec > 0.0 {
+        format!("{counts}, {}, {eta}", rate(s.rate_bytes_per_sec))
+    } else {
+        // Nothing moved yet in this phase: no rate to show.
+        format!("{counts}, {eta}")
+    }
+}
+
+/// A Unix time as RFC 3339 (UTC, seconds).
+fn rfc3339(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
+}
+
+/// How far ahead `t` is of `now`: "in 59m 58s", or "due now" once reached.
+fn ahead(t: u64, now: u64) -> String {
+    match t.checked_sub(now) {
+        Some(d) if d > 0 => format!("in {}", humantime::format_duration(Duration::from_secs(d))),
+        _ => "due now".to_owned(),
+    }
+}
+
+/// The rotation's events, as of `now` (Unix seconds): what happened in the
+/// past tense, what is to come as scheduled.
+fn event_lines(s: &RotationStatus, now: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = s.window_opened_unix {
+        out.push(format!("window opened: {}", rfc3339(t)));
+    }
+    match (s.flipped_unix, s.flip_at_unix) {
+        (Some(t), _) => out.push(format!("flipped: {}", rfc3339(t))),
+        (None, Some(t)) if s.phase != RotationPhase::Idle => {
+            out.push(format!(
+                "flip scheduled at: {} ({})",
+                rfc3339(t),
+                ahead(t, now)
+            ));
+        }
+        _ => {}
+    }
+    if let Some(t) = s.destroy_at_unix {
+        let key = s
+            .old_version
+            .map_or_else(|| "old key".to_owned(), |v| format!("old key v{v}"));
+        out.push(format!(
+            "{key} destruction scheduled at: {} ({})",
+            rfc3339(t),
+            ahead(t, now)
+        ));
+    }
+    out
 }
 
 fn print_status(s: &RotationStatus) {
-    let when = |t: Option<u64>| {
-        t.map(|t| {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t))
-                .to_string()
-        })
-    };
     println!(
         "zone {}: {}{}",
         s.zone,
@@ -370,10 +467,6 @@ fn print_status(s: &RotationStatus) {
     println!("content blocks: {}", s.content_blocks);
     if s.phase != RotationPhase::Idle {
         println!("progress: {}", progress_line(s));
-        println!(
-            "staged: {}, migrated: {}",
-            s.staged_blocks, s.migrated_blocks
-        );
     }
     println!(
         "staging: {} used, {} free",
@@ -385,15 +478,8 @@ fn print_status(s: &RotationStatus) {
         Some(e) => println!("errors: {} (last: {e})", s.errors),
         None => println!("errors: {}", s.errors),
     }
-    for (label, t) in [
-        ("window opened", s.window_opened_unix),
-        ("flip at", s.flip_at_unix),
-        ("flipped", s.flipped_unix),
-        ("old key destroyed at", s.destroy_at_unix),
-    ] {
-        if let Some(t) = when(t) {
-            println!("{label}: {t}");
-        }
+    for line in event_lines(s, super::now_unix()) {
+        println!("{line}");
     }
     if let Some(us) = s.last_flip_micros {
         println!("last flip took: {:.2} ms", us as f64 / 1000.0);
@@ -553,9 +639,8 @@ pub(super) fn rotate_kek_online(
 mod tests {
     use super::*;
 
-    #[test]
-    fn progress_lines_say_what_is_done() {
-        let mut s = RotationStatus {
+    fn window_status() -> RotationStatus {
+        RotationStatus {
             zone: "z1".into(),
             phase: RotationPhase::Window,
             active_version: 1,
@@ -565,6 +650,7 @@ mod tests {
             content_blocks: 1000,
             staged_blocks: 420,
             migrated_blocks: 0,
+            remaining_blocks: 580,
             progress_percent: 42.0,
             rate_bytes_per_sec: 2.0 * 1024.0 * 1024.0,
             eta_secs: Some(200.0),
@@ -573,7 +659,7 @@ mod tests {
             unstaged_writes: 0,
             errors: 0,
             last_error: None,
-            window_opened_unix: None,
+            window_opened_unix: Some(1_700_000_000),
             flip_at_unix: None,
             flipped_unix: None,
             destroy_at_unix: None,
@@ -582,19 +668,122 @@ mod tests {
             last_flip_micros: None,
             staging_secs: None,
             migration_secs: None,
-        };
+        }
+    }
+
+    #[test]
+    fn progress_lines_say_what_is_done() {
+        let mut s = window_status();
         assert_eq!(
             progress_line(&s),
             "42.0% staged (420/1000 blocks), 2.00 MiB/s, ETA 3m 20s"
         );
+        s.eta_secs = None;
+        s.rate_bytes_per_sec = 0.0;
+        assert_eq!(
+            progress_line(&s),
+            "42.0% staged (420/1000 blocks), ETA unknown"
+        );
+        s.phase = RotationPhase::Paused;
+        assert_eq!(progress_line(&s), "42.0% staged (420/1000 blocks), paused");
+    }
+
+    #[test]
+    fn a_finished_phase_has_its_own_rate_and_no_eta() {
+        let mut s = window_status();
+        s.staged_blocks = 1000;
+        s.remaining_blocks = 0;
+        s.progress_percent = 100.0;
+        s.eta_secs = None;
+        s.staging_secs = Some(2.0);
+        s.rate_bytes_per_sec = 1000.0 * 4096.0 / 2.0;
+        assert_eq!(
+            progress_line(&s),
+            "100.0% staged (1000/1000 blocks), done in 2.00 s (1.95 MiB/s)"
+        );
+        // Staged before this server started: no time of its own to tell.
+        s.staging_secs = None;
+        s.rate_bytes_per_sec = 0.0;
+        assert_eq!(progress_line(&s), "100.0% staged (1000/1000 blocks), done");
+    }
+
+    #[test]
+    fn migration_counts_add_up_from_the_flip_on() {
+        let mut s = window_status();
+        // Right after the flip: every block still to move, none moved.
         s.phase = RotationPhase::Migrating;
-        s.migrated_blocks = 990;
-        s.progress_percent = 99.0;
+        s.next_version = None;
+        s.old_version = Some(1);
+        s.active_version = 2;
+        s.staged_blocks = 0;
+        s.migrated_blocks = 0;
+        s.remaining_blocks = 1000;
+        s.progress_percent = 0.0;
+        s.rate_bytes_per_sec = 0.0;
         s.eta_secs = None;
         assert_eq!(
             progress_line(&s),
-            "99.0% migrated (990/1000 blocks), 2.00 MiB/s, ETA unknown"
+            "0.0% migrated (0/1000 blocks), ETA unknown"
         );
+        s.migrated_blocks = 990;
+        s.remaining_blocks = 10;
+        s.progress_percent = 99.0;
+        s.rate_bytes_per_sec = 4096.0;
+        s.eta_secs = Some(10.0);
+        assert_eq!(
+            progress_line(&s),
+            "99.0% migrated (990/1000 blocks), 4.00 KiB/s, ETA 10s"
+        );
+        // Paused after the flip: still a migration.
+        s.phase = RotationPhase::Paused;
+        assert_eq!(
+            progress_line(&s),
+            "99.0% migrated (990/1000 blocks), paused"
+        );
+        s.phase = RotationPhase::Grace;
+        s.migrated_blocks = 1000;
+        s.remaining_blocks = 0;
+        s.progress_percent = 100.0;
+        s.migration_secs = Some(0.5);
+        s.rate_bytes_per_sec = 8192.0 * 1000.0;
+        assert_eq!(
+            progress_line(&s),
+            "100.0% migrated (1000/1000 blocks), done in 0.50 s (7.81 MiB/s)"
+        );
+        // In grace after a restart: nothing migrated in this server run.
+        s.migrated_blocks = 0;
+        s.migration_secs = None;
+        s.rate_bytes_per_sec = 0.0;
+        assert_eq!(progress_line(&s), "100.0% migrated, done");
+    }
+
+    #[test]
+    fn events_to_come_are_worded_as_scheduled() {
+        let now = 1_700_000_000;
+        let mut s = window_status();
+        s.flip_at_unix = Some(now + 600);
+        assert_eq!(
+            event_lines(&s, now),
+            [
+                "window opened: 2023-11-14T22:13:20Z",
+                "flip scheduled at: 2023-11-14T22:23:20Z (in 10m)",
+            ]
+        );
+        // After the flip, only that it happened.
+        s.phase = RotationPhase::Grace;
+        s.flipped_unix = Some(now + 300);
+        s.old_version = Some(1);
+        s.destroy_at_unix = Some(now + 3600 + 300);
+        let lines = event_lines(&s, now + 302);
+        assert_eq!(lines[1], "flipped: 2023-11-14T22:18:20Z");
+        assert_eq!(
+            lines[2],
+            "old key v1 destruction scheduled at: 2023-11-14T23:18:20Z (in 59m 58s)"
+        );
+        assert!(lines.iter().all(|l| !l.contains("destroyed")), "{lines:?}");
+        // Reached but not yet carried out (the scheduler acts within a tick).
+        let lines = event_lines(&s, now + 3600 + 300);
+        assert!(lines[2].ends_with("(due now)"), "{lines:?}");
     }
 
     #[test]

@@ -61,8 +61,6 @@ pub struct ZoneRotation {
     worker: Mutex<Option<JoinHandle<()>>>,
     /// Serialises operator actions and the scheduler on this zone.
     op: Mutex<()>,
-    /// (when, bytes) samples for the rate.
-    rate: Mutex<(Instant, u64, f64)>,
     /// When the last worker started (a migrator pass that leaves work
     /// behind, say on a failing device, is retried at most once a second).
     last_start: Mutex<Option<Instant>>,
@@ -70,25 +68,40 @@ pub struct ZoneRotation {
 
 impl ZoneRotation {
     fn new(zone: Arc<Zone>, state: RotationState) -> Self {
+        let counters = Counters::default();
+        // A phase already under way is timed from this start.
+        *counters.timeline.lock() = Timeline::starting(0);
         Self {
             zone,
             state: Mutex::new(state),
-            counters: Arc::default(),
+            counters: Arc::new(counters),
             stop: Arc::default(),
             avoid_staged: Arc::default(),
             worker: Mutex::new(None),
             op: Mutex::new(()),
-            rate: Mutex::new((Instant::now(), 0, 0.0)),
             last_start: Mutex::new(None),
         }
     }
 
-    /// A new window: forget the last cycle's timings.
+    /// A new window: forget the last cycle's timings and counts.
     fn open_timeline(&self) {
-        *self.counters.timeline.lock() = Timeline {
+        let c = &self.counters;
+        c.staged.store(0, Ordering::Relaxed);
+        c.migrated.store(0, Ordering::Relaxed);
+        *c.timeline.lock() = Timeline {
             window_opened: Some(Instant::now()),
-            ..Timeline::default()
+            ..Timeline::starting(c.bytes.load(Ordering::Relaxed))
         };
+    }
+
+    /// The flip: the migration phase begins (the window's timings stay).
+    fn start_migration_timeline(&self) {
+        let c = &self.counters;
+        let bytes = c.bytes.load(Ordering::Relaxed);
+        let mut t = c.timeline.lock();
+        t.flipped = Some(Instant::now());
+        t.phase_start = Some((Instant::now(), bytes));
+        t.phase_done = None;
     }
 
     fn worker_running(&self) -> bool {
@@ -106,25 +119,6 @@ impl ZoneRotation {
             let _ = h.join();
         }
         self.stop.store(false, Ordering::Release);
-    }
-
-    fn rate(&self) -> f64 {
-        let mut r = self.rate.lock();
-        let bytes = self.counters.bytes.load(Ordering::Relaxed);
-        let dt = r.0.elapsed().as_secs_f64();
-        if dt >= 1.0 {
-            let now = (bytes - r.1) as f64 / dt;
-            r.2 = if r.2 == 0.0 {
-                now
-            } else {
-                0.5 * r.2 + 0.5 * now
-            };
-            if r.2 < 1.0 {
-                r.2 = 0.0;
-            }
-            *r = (Instant::now(), bytes, r.2);
-        }
-        r.2
     }
 }
 
@@ -379,7 +373,7 @@ impl Pool {
             old
         };
         let flip_time = started.elapsed();
-        rot.counters.timeline.lock().flipped = Some(Instant::now());
+        rot.start_migration_timeline();
         // From here the flip has happened; the rest follows it (and recovery
         // completes it if we die now).
         st.phase = Phase::Migrating;
@@ -603,20 +597,27 @@ impl Pool {
         let rot = self.rotation(zone)?;
         let z = &rot.zone;
         let st = rot.state.lock().clone();
-        let (active, content, staged, mut per_key) = {
+        let c = &rot.counters;
+        let (active, content, staged, to_migrate, migrated, mut per_key) = {
             let mut meta = z.meta.lock();
             let active = meta.active;
             let mut per_key: BTreeMap<KeyVersion, u64> = BTreeMap::new();
-            let (mut staged, mut content) = (0, 0);
+            let (mut staged, mut content, mut to_migrate) = (0, 0, 0);
             for (&(data, st), &n) in meta.census() {
                 let live = st.filter(|s| *s <= active).unwrap_or(data);
                 *per_key.entry(live).or_default() += n;
                 if st.is_some_and(|s| s > active) {
                     staged += n;
                 }
+                // What the migrator picks: an old key, or a copy to destage.
+                if data != active || st.is_some() {
+                    to_migrate += n;
+                }
                 content += n;
             }
-            (active, content, staged, per_key)
+            // Read under the lock the migrator counts under: the two agree.
+            let migrated = c.migrated.load(Ordering::Relaxed);
+            (active, content, staged, to_migrate, migrated, per_key)
         };
         let states: BTreeMap<u32, String> = {
             let file = ZoneKeyFile::load(&Pool::zone_key_path(&self.dir, z.id))?;
@@ -640,7 +641,6 @@ impl Pool {
                 blocks: *n,
             })
             .collect();
-        let under_active = per_key.get(&active).copied().unwrap_or(0);
         let phase = match st.phase {
             Phase::Window if st.paused => RotationPhase::Paused,
             Phase::Window | Phase::Aborting => RotationPhase::Window,
@@ -649,16 +649,25 @@ impl Pool {
             Phase::Idle if !st.pending_destroy.is_empty() => RotationPhase::Grace,
             Phase::Idle => RotationPhase::Idle,
         };
+        // Each phase counts over its own blocks: the window over the zone's
+        // content blocks, the migration over those it had to move (moved
+        // so far plus those left), so "done/total" always adds up.
         let (done, remaining) = match st.phase {
-            Phase::Window => (staged, content.saturating_sub(staged)),
-            _ => (under_active, content.saturating_sub(under_active)),
+            Phase::Window | Phase::Aborting => (staged, content.saturating_sub(staged)),
+            Phase::Migrating => (migrated, to_migrate),
+            Phase::Idle => (migrated, 0),
         };
-        let progress = if content == 0 {
-            100.0
+        let progress = match done + remaining {
+            0 => 100.0,
+            total => 100.0 * done as f64 / total as f64,
+        };
+        let running = matches!(st.phase, Phase::Window | Phase::Migrating) && !st.paused;
+        let timeline = *c.timeline.lock();
+        let rate = if st.phase == Phase::Idle && st.pending_destroy.is_empty() {
+            0.0
         } else {
-            100.0 * done as f64 / content as f64
+            timeline.phase_rate(c.bytes.load(Ordering::Relaxed), remaining == 0)
         };
-        let rate = rot.rate();
         let (used, free) = match &self.storage.staging {
             Some(s) => {
                 let used = s.used();
@@ -669,8 +678,6 @@ impl Pool {
             }
             None => (0, 0),
         };
-        let c = &rot.counters;
-        let timeline = *c.timeline.lock();
         Ok(RotationStatus {
             zone: z.name.clone(),
             phase,
@@ -680,10 +687,11 @@ impl Pool {
             keys,
             content_blocks: content,
             staged_blocks: staged,
-            migrated_blocks: c.migrated.load(Ordering::Relaxed),
+            migrated_blocks: migrated,
+            remaining_blocks: remaining,
             progress_percent: progress,
             rate_bytes_per_sec: rate,
-            eta_secs: (rate > 0.0 && remaining > 0 && st.phase != Phase::Idle)
+            eta_secs: (running && rate > 0.0 && remaining > 0)
                 .then(|| remaining as f64 * BLOCK_SIZE as f64 / rate),
             staging_used_bytes: used,
             staging_free_bytes: free,
@@ -850,6 +858,7 @@ impl Pool {
         {
             let mut t = rot.counters.timeline.lock();
             t.migrated = t.flipped.map(|f| f.elapsed());
+            t.phase_finished(rot.counters.bytes.load(Ordering::Relaxed));
         }
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
@@ -1051,6 +1060,9 @@ fn note_all_staged(ctx: &Context) {
     let mut t = ctx.counters.timeline.lock();
     if all && t.staged_all.is_none() {
         t.staged_all = t.window_opened.map(|w| w.elapsed());
+    }
+    if all {
+        t.phase_finished(ctx.counters.bytes.load(Ordering::Relaxed));
     }
 }
 

@@ -51,9 +51,11 @@ pub enum Mode {
 /// Counters shared with the status report.
 #[derive(Default)]
 pub struct Counters {
-    /// Blocks given a staged copy by the pipeline.
+    /// Blocks given a staged copy by the pipeline in this window.
     pub staged: AtomicU64,
-    /// Blocks moved under the active key since the flip.
+    /// Blocks moved under the active key since the flip (this server run).
+    /// Added under the zone's block-map lock, with the records, so a status
+    /// read under that lock sees this count and the blocks left agree.
     pub migrated: AtomicU64,
     /// Blocks decrypted and encrypted again under another key.
     pub reencrypted: AtomicU64,
@@ -83,6 +85,47 @@ pub struct Timeline {
     pub flipped: Option<Instant>,
     /// From the flip to the migration's records being durable.
     pub migrated: Option<Duration>,
+    /// When the running phase began in this server run (the window
+    /// opening, the flip, or the server's start for a phase already under
+    /// way), and [`Counters::bytes`] then: its rate is over its own time.
+    pub phase_start: Option<(Instant, u64)>,
+    /// The phase's own time and bytes once its work was first all done
+    /// (everything staged, or the migration complete).
+    pub phase_done: Option<(Duration, u64)>,
+}
+
+impl Timeline {
+    /// A phase that begins now, with the byte counter at `bytes`.
+    pub fn starting(bytes: u64) -> Self {
+        Self {
+            phase_start: Some((Instant::now(), bytes)),
+            ..Self::default()
+        }
+    }
+
+    /// Records, once, that the running phase has done all its work, with
+    /// the byte counter at `bytes`.
+    pub fn phase_finished(&mut self, bytes: u64) {
+        if self.phase_done.is_none()
+            && let Some((start, b0)) = self.phase_start
+        {
+            self.phase_done = Some((start.elapsed(), bytes.saturating_sub(b0)));
+        }
+    }
+
+    /// Bytes per second of the running phase: over its own time, up to
+    /// now while it works (`done` false), and up to the moment its work
+    /// was done after that. 0 when unknown.
+    pub fn phase_rate(&self, bytes: u64, done: bool) -> f64 {
+        let (secs, moved) = match (self.phase_done, self.phase_start) {
+            (Some((d, b)), _) if done => (d.as_secs_f64(), b),
+            (_, Some((start, b0))) if !done => {
+                (start.elapsed().as_secs_f64(), bytes.saturating_sub(b0))
+            }
+            _ => return 0.0,
+        };
+        if secs > 0.0 { moved as f64 / secs } else { 0.0 }
+    }
 }
 
 impl Counters {
@@ -656,8 +699,12 @@ fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, meter: &Meter) 
             }
             free_slots_after(&ctx.storage, seq, &frees);
         }
-        drop(meta);
         let done = changed.len() as u64;
+        if let Mode::Migrate { .. } = mode {
+            // Under the block-map lock: see `Counters::migrated`.
+            ctx.counters.migrated.fetch_add(done, Ordering::Relaxed);
+        }
+        drop(meta);
         match mode {
             Mode::Stage { .. } => {
                 ctx.counters.staged.fetch_add(done, Ordering::Relaxed);
@@ -666,7 +713,6 @@ fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, meter: &Meter) 
                 }
             }
             Mode::Migrate { .. } => {
-                ctx.counters.migrated.fetch_add(done, Ordering::Relaxed);
                 let mut a = ctx.storage.slots.lock();
                 for s in &unused {
                     a.release_now(s.0, 1);

@@ -364,3 +364,69 @@ fn reads_after_the_flip_use_either_verified_copy() {
     );
     pool.stop_background();
 }
+
+/// The status of each phase adds up: right after the flip nothing is
+/// migrated of all there is to migrate, a finished phase has no ETA and a
+/// rate over its own time, and the next window counts from zero.
+#[test]
+fn status_counts_add_up_in_every_phase() {
+    use crate::admin::RotationPhase;
+    let (_dir, pdir, pass) = new_pool();
+    let (pool, vol, rt) = open_rotating(&pdir, &pass, 16, 16 << 20);
+    const N: u64 = 64;
+    rt.block_on(async {
+        for i in 0..N {
+            vol.write(i * 4096, &block(i), false).await.unwrap();
+        }
+        vol.flush().await.unwrap();
+    });
+    pool.start_background();
+    for round in 0..2 {
+        let st = pool.rotation_prepare("z", None).unwrap();
+        assert_eq!(
+            (st.staged_blocks, st.migrated_blocks, st.remaining_blocks),
+            (0, 0, N),
+            "round {round}: a new window counts from zero: {st:?}"
+        );
+        wait_for("staging to finish", || {
+            pool.rotation_status("z").unwrap().remaining_blocks == 0
+        });
+        let st = pool.rotation_status("z").unwrap();
+        assert_eq!(st.staged_blocks, N);
+        assert_eq!(st.progress_percent, 100.0);
+        assert_eq!(st.eta_secs, None, "no ETA once staged: {st:?}");
+        let secs = st.staging_secs.expect("staging time");
+        let expect = (N * BLOCK_SIZE as u64) as f64 / secs;
+        assert!(
+            (st.rate_bytes_per_sec - expect).abs() <= expect * 0.01,
+            "the rate is the staging's own: {} vs {expect}",
+            st.rate_bytes_per_sec
+        );
+        // It stays that rate while the window waits for the flip.
+        std::thread::sleep(Duration::from_millis(1100));
+        let later = pool.rotation_status("z").unwrap();
+        assert_eq!(later.rate_bytes_per_sec, st.rate_bytes_per_sec);
+
+        pool.rotation_pause("z").unwrap();
+        let st = pool.rotation_flip("z").unwrap();
+        assert_eq!(st.phase, RotationPhase::Paused);
+        assert_eq!(
+            (st.migrated_blocks, st.remaining_blocks, st.progress_percent),
+            (0, N, 0.0),
+            "right after the flip, every staged copy is still to destage: {st:?}"
+        );
+        assert_eq!(st.eta_secs, None);
+        pool.rotation_resume("z").unwrap();
+        wait_for("migration", || {
+            pool.rotation_status("z").unwrap().phase == RotationPhase::Idle
+        });
+        let st = pool.rotation_status("z").unwrap();
+        assert_eq!(
+            (st.migrated_blocks, st.remaining_blocks, st.progress_percent),
+            (N, 0, 100.0),
+            "{st:?}"
+        );
+        assert_eq!(st.eta_secs, None);
+    }
+    pool.stop_background();
+}
