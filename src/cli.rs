@@ -95,6 +95,9 @@ enum Command {
     /// Replication agent: follow a source zone's stream into a zone of a
     /// replica pool (opened here), under the replica's own keys.
     Replicate(stream::ReplicateArgs),
+    /// Compare a replica zone with its source at one stream record (hashes
+    /// only cross); exits 1 when they differ, 2 when not comparable.
+    VerifyReplica(stream::VerifyReplicaArgs),
     /// A replica zone's progress.
     #[command(subcommand)]
     Replica(stream::ReplicaCmd),
@@ -728,6 +731,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(cmd) => stream::stream(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
+        Command::VerifyReplica(a) => match stream::verify_replica(a)? {
+            0 => Ok(()),
+            code => {
+                let _ = std::io::stdout().flush();
+                std::process::exit(i32::from(code))
+            }
+        },
         Command::Replica(cmd) => stream::replica(cmd),
         Command::Scrub(a) => api::scrub(a),
         Command::Demo(a) => demo(a),

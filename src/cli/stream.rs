@@ -139,6 +139,35 @@ pub(super) struct ReplicateArgs {
     until_caught_up: bool,
 }
 
+/// `keyturn verify-replica`.
+#[derive(Args, Debug)]
+pub(super) struct VerifyReplicaArgs {
+    /// The source's stream listener: keyturn://HOST:PORT.
+    #[arg(long)]
+    source: String,
+    /// Source zone.
+    #[arg(long)]
+    zone: String,
+    /// Replica pool directory (its agent stopped).
+    #[arg(long)]
+    replica: PathBuf,
+    /// Replica zone.
+    #[arg(long = "replica-zone")]
+    replica_zone: String,
+    /// The agent's registered name.
+    #[arg(long)]
+    agent: String,
+    /// The agent's secret key file.
+    #[arg(long)]
+    agent_key: PathBuf,
+    /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `keyturn replica ...`.
 #[derive(Subcommand, Debug)]
 pub(super) enum ReplicaCmd {
@@ -333,13 +362,84 @@ pub(super) fn agent_key(a: AgentKeyArgs) -> Result<()> {
     Ok(())
 }
 
+fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
+    let secret = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the agent key {}", path.display()))?,
+    );
+    AgentKey::from_hex(&secret).with_context(|| format!("{} is not an agent key", path.display()))
+}
+
+/// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
+/// when the two sides are not at one stream record.
+pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
+    let source = parse_source(&a.source).map_err(anyhow::Error::msg)?;
+    let key = read_agent_key(&a.agent_key)?;
+    let pool_args = PoolArgs {
+        pool: a.replica.clone(),
+        passphrase_file: a.passphrase_file.clone(),
+        pin_file: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
+    let cfg = AgentConfig {
+        source,
+        zone: a.zone,
+        agent: a.agent,
+        key,
+        replica_zone: a.replica_zone,
+        until_seq: None,
+        until_caught_up: false,
+    };
+    let verdict = runtime.block_on(crate::replica::verify(pool, cfg))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&verdict)?);
+    }
+    use crate::replica::Verdict;
+    let code = match &verdict {
+        Verdict::Equal { seq, volumes, bytes } => {
+            if !a.json {
+                println!(
+                    "equal at record {seq}: {} volume(s) ({}), {bytes} bytes per side",
+                    volumes.len(),
+                    volumes.join(", ")
+                );
+            }
+            0
+        }
+        Verdict::Differs { seq, volume, lba } => {
+            if !a.json {
+                println!("DIFFERENT at record {seq}: volume {volume}, first differing block {lba} (byte offset {})", lba * 4096);
+            }
+            1
+        }
+        Verdict::VolumesDiffer { detail } => {
+            if !a.json {
+                println!("DIFFERENT volumes: {detail}");
+            }
+            1
+        }
+        Verdict::NotComparable { source_seq, source_moved, replica_seq } => {
+            if !a.json {
+                println!(
+                    "not comparable: the source is at record {source_seq}{}, the replica at {replica_seq}; stop writes to the source and let the agent catch up (`replicate --until-seq {source_seq}`)",
+                    if *source_moved { " and moved while hashing" } else { "" }
+                );
+            }
+            2
+        }
+    };
+    Ok(code)
+}
+
 /// `keyturn replicate`: the agent, until its stop condition, an error, or
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
     let source = parse_source(&a.source).map_err(anyhow::Error::msg)?;
-    let secret = std::fs::read_to_string(&a.agent_key)
-        .with_context(|| format!("cannot read the agent key {}", a.agent_key.display()))?;
-    let key = AgentKey::from_hex(&zeroize::Zeroizing::new(secret)).context("bad agent key file")?;
+    let key = read_agent_key(&a.agent_key)?;
     let pool_args = PoolArgs {
         pool: a.to.clone(),
         passphrase_file: a.passphrase_file.clone(),

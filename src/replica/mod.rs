@@ -678,3 +678,152 @@ pub fn parse_source(s: &str) -> Result<String, String> {
     }
     Ok(addr.to_string())
 }
+
+/// What `verify-replica` found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every volume's plaintext is equal on both sides at record `seq`.
+    Equal {
+        /// Stream record both sides are at.
+        seq: u64,
+        /// Volumes compared.
+        volumes: Vec<String>,
+        /// Bytes compared per side.
+        bytes: u64,
+    },
+    /// A volume differs; `lba` is the first differing block.
+    Differs {
+        /// Stream record both sides are at.
+        seq: u64,
+        /// Volume.
+        volume: String,
+        /// First differing block.
+        lba: u64,
+    },
+    /// The volume sets differ (names or sizes).
+    VolumesDiffer {
+        /// What differs.
+        detail: String,
+    },
+    /// The two sides are not at one stream record, so no comparison means
+    /// anything.
+    NotComparable {
+        /// The source's last durable record (while hashing, if it moved: the later one).
+        source_seq: u64,
+        /// Whether writes reached the source while it hashed.
+        source_moved: bool,
+        /// The replica's applied record.
+        replica_seq: u64,
+    },
+}
+
+/// Compares a replica zone with its source at one stream record: each side
+/// hashes its own plaintext in 1 MiB chunks, only the hashes cross (sealed
+/// to the agent's key), and a differing chunk is narrowed to its first
+/// differing block. The replica pool must not be written meanwhile (its
+/// agent stopped: the pool lock sees to it), and the source must receive no
+/// writes while it hashes, or the verdict is "not comparable".
+pub async fn verify(pool: Arc<Pool>, cfg: AgentConfig) -> Result<Verdict, ReplicaError> {
+    let mut agent = Agent::new(pool.clone(), cfg)?;
+    let applied = pool.applied(&agent.cfg.replica_zone)?;
+    let (mut c, _welcome) = agent.connect().await?;
+    let all = agent.digests(&mut c, None, 0, 0, 256).await?;
+    if all.seq_before != all.seq_after || all.seq_after != applied {
+        return Ok(Verdict::NotComparable {
+            source_seq: all.seq_after,
+            source_moved: all.seq_before != all.seq_after,
+            replica_seq: applied,
+        });
+    }
+    let mut names = Vec::new();
+    let mut bytes = 0;
+    let replica: Vec<_> = pool
+        .catalog()
+        .volumes
+        .into_iter()
+        .filter(|v| v.zone == agent.zone_id)
+        .map(|v| (v.name, v.size))
+        .collect();
+    let mut source: Vec<_> = all.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
+    let mut mine = replica.clone();
+    source.sort();
+    mine.sort();
+    if source != mine {
+        return Ok(Verdict::VolumesDiffer {
+            detail: format!("source volumes {source:?}, replica volumes {mine:?}"),
+        });
+    }
+    for v in &all.volumes {
+        let vol = ExportCatalog::open(pool.as_ref(), &v.name)
+            .ok_or_else(|| ReplicaError::Pool(format!("replica volume {:?} is missing", v.name)))?;
+        let end = v.size / BLOCK_SIZE as u64;
+        let local = local_digests(&vol, 0, end, 256).await?;
+        bytes += v.size;
+        names.push(v.name.clone());
+        let Some(chunk) = local.iter().zip(&v.digests).position(|(a, b)| a != b) else {
+            continue;
+        };
+        let first = chunk as u64 * 256;
+        let count = (end - first).min(256);
+        let theirs = agent.digests(&mut c, Some(v.id), first, count, 1).await?;
+        let mine = local_digests(&vol, first, first + count, 1).await?;
+        let theirs = theirs.volumes.first().map(|d| d.digests.clone()).unwrap_or_default();
+        let k = mine.iter().zip(&theirs).position(|(a, b)| a != b).unwrap_or(0);
+        return Ok(Verdict::Differs {
+            seq: applied,
+            volume: v.name.clone(),
+            lba: first + k as u64,
+        });
+    }
+    Ok(Verdict::Equal {
+        seq: applied,
+        volumes: names,
+        bytes,
+    })
+}
+
+async fn local_digests(
+    vol: &crate::volume::Volume,
+    first: u64,
+    end: u64,
+    chunk: u32,
+) -> Result<Vec<String>, ReplicaError> {
+    serve::digest_range(first, end, chunk, |b, n| async move {
+        let mut buf = Zeroizing::new(vec![0u8; n as usize * BLOCK_SIZE]);
+        vol.read(b * BLOCK_SIZE as u64, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(buf)
+    })
+    .await
+    .map_err(ReplicaError::Pool)
+}
+
+impl Agent {
+    async fn digests(
+        &mut self,
+        c: &mut Conn,
+        volume: Option<u32>,
+        first: u64,
+        count: u64,
+        chunk_blocks: u32,
+    ) -> Result<serve::Digests, ReplicaError> {
+        let req = serde_json::to_vec(&serve::DigestReq {
+            volume,
+            first,
+            count,
+            chunk_blocks,
+        })
+        .expect("plain data");
+        c.send(kind::DIGEST, &req).await?;
+        let b = c.answer(kind::DIGESTS).await?;
+        let sealed: crate::stream::grant::HandOut = serde_json::from_slice(&b).map_err(|e| c.err(e))?;
+        let plain = self
+            .cfg
+            .key
+            .open_sealed(&sealed)
+            .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+        serde_json::from_slice(&plain).map_err(|e| c.err(e))
+    }
+}

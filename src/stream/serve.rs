@@ -10,7 +10,12 @@
 //! 4 FETCH   u64 sequence                  68 FETCHED  a record (to resolve a reference)
 //! 5 SNAPSHOT {"volume","first","count"}   69 CHUNK    a sealed snapshot chunk
 //! 6 FOLLOW  u64 first sequence wanted     67 ERROR    {"error","kind"} and the connection closes
+//! 7 DIGEST  {"volume","first","count",    70 DIGESTS  plaintext digests, sealed to the agent's key
+//!            "chunk_blocks"}
 //! ```
+//! Digests (BLAKE3 of each chunk's plaintext) are for `verify-replica`:
+//! each side hashes its own plaintext and only hashes cross, sealed so
+//! that only the registered agent's key holder reads them.
 //! Records are sent only up to the last durable one, in order; a FOLLOW
 //! from a sequence no longer kept gets ERROR kind "behind-retention".
 
@@ -42,6 +47,10 @@ pub mod kind {
     pub const SNAPSHOT: u8 = 5;
     /// Agent: send records from this sequence on.
     pub const FOLLOW: u8 = 6;
+    /// Agent: plaintext digests of volumes.
+    pub const DIGEST: u8 = 7;
+    /// Source: digests, sealed to the agent.
+    pub const DIGESTS: u8 = 70;
     /// Source: hello answered.
     pub const WELCOME: u8 = 64;
     /// Source: a record.
@@ -107,6 +116,49 @@ pub struct SnapshotReq {
     pub first: u64,
     /// Blocks (at most 256).
     pub count: u32,
+}
+
+/// DIGEST request: chunks of `chunk_blocks` blocks over `[first,
+/// first+count)` of one volume, or over every volume when `volume` is none.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestReq {
+    /// Source volume id (none: every volume, whole).
+    pub volume: Option<u32>,
+    /// First block.
+    pub first: u64,
+    /// Blocks (ignored for every volume).
+    pub count: u64,
+    /// Blocks per digest (1..=256).
+    pub chunk_blocks: u32,
+}
+
+/// One volume's digests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeDigests {
+    /// Source volume id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// First block digested.
+    pub first: u64,
+    /// Blocks per digest.
+    pub chunk_blocks: u32,
+    /// BLAKE3 of each chunk's plaintext, hex.
+    pub digests: Vec<String>,
+}
+
+/// DIGESTS, once opened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Digests {
+    /// The stream's last durable record before hashing began.
+    pub seq_before: u64,
+    /// And after it ended: equal means no write came between.
+    pub seq_after: u64,
+    /// Per volume.
+    pub volumes: Vec<VolumeDigests>,
 }
 
 /// KEYS request.
@@ -325,6 +377,21 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
                         source.audit_keys(&hello.zone, &hello.agent, &given, &reply.refused);
                         write_frame(&mut wr, kind::KEYS_REPLY, &json(&reply)).await?;
                     }
+                    kind::DIGEST => {
+                        let Ok(req) = serde_json::from_slice::<DigestReq>(&body) else {
+                            break refuse(&mut wr, "bad-request", "DIGEST takes {\"volume\", \"first\", \"count\", \"chunk_blocks\"}".into()).await;
+                        };
+                        match digests(source.as_ref(), &hello.zone, &stream, &req).await {
+                            Ok(d) => {
+                                let Ok(public) = agent.public_bytes() else {
+                                    break refuse(&mut wr, "unknown-agent", "the agent's public key is unusable".into()).await;
+                                };
+                                let sealed = super::grant::seal_to(&public, "keyturn digests", &json(&d));
+                                write_frame(&mut wr, kind::DIGESTS, &json(&sealed)).await?;
+                            }
+                            Err(e) => break refuse(&mut wr, "bad-request", e).await,
+                        }
+                    }
                     kind::SNAPSHOT => {
                         let Ok(req) = serde_json::from_slice::<SnapshotReq>(&body) else {
                             break refuse(&mut wr, "bad-request", "SNAPSHOT takes {\"volume\", \"first\", \"count\"}".into()).await;
@@ -349,6 +416,58 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
     };
     reader.abort();
     result
+}
+
+/// Hashes a volume range in chunks.
+pub async fn digest_range<F, Fut>(first: u64, end: u64, chunk_blocks: u32, mut read: F) -> Result<Vec<String>, String>
+where
+    F: FnMut(u64, u32) -> Fut,
+    Fut: Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>>,
+{
+    let mut out = Vec::new();
+    let mut b = first;
+    while b < end {
+        let n = (end - b).min(u64::from(chunk_blocks)) as u32;
+        let plain = read(b, n).await?;
+        out.push(blake3::hash(&plain).to_hex().to_string());
+        b += u64::from(n);
+    }
+    Ok(out)
+}
+
+async fn digests(source: &dyn StreamSource, zone: &str, stream: &ZoneStream, req: &DigestReq) -> Result<Digests, String> {
+    if req.chunk_blocks == 0 || req.chunk_blocks > 256 {
+        return Err("chunk_blocks is 1..=256".into());
+    }
+    let seq_before = stream.last_visible();
+    let mut volumes = Vec::new();
+    for v in source.volumes(zone) {
+        if req.volume.is_some_and(|id| id != v.id) {
+            continue;
+        }
+        let blocks = v.size / crate::ids::BLOCK_SIZE as u64;
+        let (first, end) = match req.volume {
+            Some(_) => (req.first.min(blocks), req.first.saturating_add(req.count).min(blocks)),
+            None => (0, blocks),
+        };
+        let digests = digest_range(first, end, req.chunk_blocks, |b, n| async move {
+            source.read_blocks(zone, v.id, b, n).await.map(|(_, p)| p)
+        })
+        .await?;
+        volumes.push(VolumeDigests {
+            id: v.id,
+            name: v.name,
+            size: v.size,
+            first,
+            chunk_blocks: req.chunk_blocks,
+            digests,
+        });
+    }
+    Ok(Digests {
+        seq_before,
+        seq_after: stream.last_visible(),
+        volumes,
+    })
 }
 
 fn keys_for(stream: &ZoneStream, agent: &Agent, req: &KeysReq) -> KeysReply {
