@@ -296,13 +296,21 @@ impl Pool {
         })?;
         let r = (|| {
             let wrapping = self.wrapping_of(id);
+            let now = crate::stream::now_ms() / 1000;
+            // A window that cannot be shredded (open, unknown) is the
+            // caller's to fix: a conflict, not a server failure.
+            let refused = |e: KeyError| match e {
+                KeyError::InvalidKey { label, reason } => PoolError::Conflict(format!("window {label}: {reason}")),
+                e => e.into(),
+            };
             match self.stream(zone) {
-                Some(s) => s.keys().lock().shred(w, wrapping.as_ref())?,
+                Some(s) => s.keys().lock().shred(w, now, wrapping.as_ref()).map_err(refused)?,
                 None => {
                     let path = KeySets::path(&self.dir.join("keys"), id);
                     let st = &self.config().stream;
                     KeySets::open(&path, id, st.set_secs, st.window_secs, wrapping.as_ref())?
-                        .shred(w, wrapping.as_ref())?
+                        .shred(w, now, wrapping.as_ref())
+                        .map_err(refused)?
                 }
             }
             Ok(())

@@ -327,10 +327,21 @@ impl KeySets {
     }
 
     /// Crypto-shreds window `w`: its key is erased from the file and from
-    /// memory, so its records can never be opened again.
-    pub fn shred(&mut self, w: WindowId, wrapping: &dyn SetWrapping) -> Result<(), KeyError> {
+    /// memory, so its records can never be opened again. Only a window that
+    /// has ended (at `now_unix`): records are still being sealed under the
+    /// current one.
+    pub fn shred(&mut self, w: WindowId, now_unix: u64, wrapping: &dyn SetWrapping) -> Result<(), KeyError> {
         let label = self.label(w.set);
         let n = self.windows_per_set();
+        let end = self.window_start(w) + self.file.window_secs;
+        if end > now_unix {
+            return Err(KeyError::InvalidKey {
+                label: super::record::key_id(self.file.zone.0, w),
+                reason: format!(
+                    "the window is still open or to come (it ends at unix {end}); a window can be shredded once it has ended"
+                ),
+            });
+        }
         let Some(i) = self.file.sets.iter().position(|r| r.set == w.set) else {
             return Err(KeyError::InvalidKey {
                 label: label.to_string(),
@@ -531,7 +542,9 @@ pub(crate) mod tests {
         assert_eq!(s2.key(w).unwrap().expose(), &k);
         assert_eq!(s2.window_secs(), 3600, "an existing file keeps its lengths");
 
-        s.shred(w, &keks).unwrap();
+        let after = s.window_start(w) + 3600;
+        assert!(s.shred(w, after - 1, &keks).is_err(), "an open window is not shredded");
+        s.shred(w, after, &keks).unwrap();
         assert!(s.key(w).is_none());
         assert_eq!(s.missing_reason(w), "shredded");
         let s3 = KeySets::open(&path, ZoneId(2), 86400, 3600, &keks).unwrap();

@@ -183,11 +183,15 @@ impl TestPool {
         let mut base = None;
         let mut unix = None;
         let mut admin = None;
+        let mut stream = None;
         while base.is_none() || (extra.contains(&"--unix") && unix.is_none()) {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("admin: http://") {
                         admin = Some(rest.trim_end_matches('/').to_string());
+                    }
+                    if let Some(rest) = line.strip_prefix("stream: ") {
+                        stream = Some(rest.to_string());
                     }
                     if let Some(rest) = line.strip_prefix("ready: ") {
                         if rest.starts_with("nbd://") {
@@ -211,6 +215,7 @@ impl TestPool {
             base: base.unwrap(),
             unix,
             admin,
+            stream,
             log,
         }
     }
@@ -234,6 +239,8 @@ pub struct Server {
     pub unix: Option<String>,
     /// `host:port` of the admin API, from the `admin:` line (printed before `ready:`).
     pub admin: Option<String>,
+    /// `keyturn://host:port` of the stream listener, from the `stream:` line.
+    pub stream: Option<String>,
     /// Server log (stderr).
     pub log: PathBuf,
 }
