@@ -56,6 +56,13 @@ impl Exporter {
         })
     }
 
+    /// Renders the gauges as they are (a process with no admin backend:
+    /// the replication agent).
+    pub fn render_plain(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
     /// Sets the rotation gauges of every zone, then renders everything.
     /// Blocking: it asks the backend for each zone's status.
     pub fn render(&self, backend: &dyn AdminBackend) -> String {
@@ -69,6 +76,12 @@ impl Exporter {
                 Err(e) => {
                     tracing::debug!(zone, error = %e, "no rotation status for the metrics")
                 }
+            }
+            // Zones that do not stream answer an error: no stream gauges.
+            if let Ok(v) = backend.stream_request(&zone, super::StreamRequest::Status)
+                && let Ok(st) = serde_json::from_value::<crate::stream::StreamStatus>(v)
+            {
+                set_stream_gauges(&st);
             }
         }
         let mut versions = self.versions.lock();
@@ -145,6 +158,22 @@ fn describe() {
             "keyturn_zone_key_blocks",
             "Content blocks whose live copy is under a DEK version",
         ),
+        ("keyturn_stream_last_seq", "Last durable (served) record of the zone's stream"),
+        ("keyturn_stream_first_seq", "Oldest record the zone's stream keeps"),
+        ("keyturn_stream_bytes", "Bytes the zone's stream log keeps"),
+        ("keyturn_stream_records", "Records written since the server started"),
+        ("keyturn_stream_logical_bytes", "Bytes of blocks the records describe, since start"),
+        ("keyturn_stream_record_bytes", "Bytes of records (what crosses the wire), since start"),
+        ("keyturn_stream_referenced_blocks", "Blocks sent as a reference to an earlier record, since start"),
+        ("keyturn_stream_broken", "1 when the stream stopped recording (replicas need a resync)"),
+        ("keyturn_stream_consumer_acked_seq", "Last record a consumer acknowledged as applied"),
+        ("keyturn_stream_consumer_lag_records", "Records a consumer is behind the stream"),
+        ("keyturn_replica_applied_seq", "Last source record applied by this agent"),
+        ("keyturn_replica_source_seq", "Last durable source record the agent has heard of"),
+        ("keyturn_replica_lag_records", "Records the replica is behind its source"),
+        ("keyturn_replica_lag_seconds", "Age of the last applied record when it was applied"),
+        ("keyturn_replica_apply_rate", "Records applied per second, recently"),
+        ("keyturn_replica_full_syncs", "Full syncs done by this agent process"),
     ] {
         describe_gauge!(name, help);
     }
@@ -183,5 +212,43 @@ fn set_zone_gauges(s: &RotationStatus) {
     for k in &s.keys {
         gauge!("keyturn_zone_key_blocks", "zone" => z(), "version" => k.version.to_string())
             .set(k.blocks as f64);
+    }
+}
+
+fn set_stream_gauges(s: &crate::stream::StreamStatus) {
+    let z = || s.zone.clone();
+    for (name, value) in [
+        ("keyturn_stream_last_seq", s.last_seq as f64),
+        ("keyturn_stream_first_seq", s.first_seq as f64),
+        ("keyturn_stream_bytes", s.bytes as f64),
+        ("keyturn_stream_records", s.records as f64),
+        ("keyturn_stream_logical_bytes", s.logical_bytes as f64),
+        ("keyturn_stream_record_bytes", s.record_bytes as f64),
+        ("keyturn_stream_referenced_blocks", s.referenced_blocks as f64),
+        ("keyturn_stream_broken", if s.broken.is_some() { 1.0 } else { 0.0 }),
+    ] {
+        gauge!(name, "zone" => z()).set(value);
+    }
+    // Consumer names are registered agent names: letters, digits, - _ .
+    for (consumer, acked) in &s.consumers {
+        gauge!("keyturn_stream_consumer_acked_seq", "zone" => z(), "consumer" => consumer.clone())
+            .set(*acked as f64);
+        gauge!("keyturn_stream_consumer_lag_records", "zone" => z(), "consumer" => consumer.clone())
+            .set(s.last_seq.saturating_sub(*acked) as f64);
+    }
+}
+
+/// Sets the replication agent's gauges from its status.
+pub fn set_replica_gauges(s: &crate::replica::ReplicaStatus) {
+    let z = || s.zone.clone();
+    for (name, value) in [
+        ("keyturn_replica_applied_seq", s.applied_seq as f64),
+        ("keyturn_replica_source_seq", s.source_seq as f64),
+        ("keyturn_replica_lag_records", s.lag_records as f64),
+        ("keyturn_replica_lag_seconds", s.lag_seconds),
+        ("keyturn_replica_apply_rate", s.apply_rate),
+        ("keyturn_replica_full_syncs", s.full_syncs as f64),
+    ] {
+        gauge!(name, "zone" => z()).set(value);
     }
 }

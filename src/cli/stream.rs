@@ -137,6 +137,10 @@ pub(super) struct ReplicateArgs {
     /// connected is applied.
     #[arg(long)]
     until_caught_up: bool,
+    /// Serve Prometheus metrics (lag, apply rate) on this address at
+    /// /metrics (printed as `metrics: http://ADDR/metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// `keyturn verify-replica`.
@@ -464,6 +468,21 @@ pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
         },
     )?;
     let result = runtime.block_on(async {
+        if let Some(addr) = &a.metrics_listen {
+            let exporter = crate::admin::metrics::Exporter::install()?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            println!("metrics: http://{}/metrics", l.local_addr()?);
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let e = exporter.clone();
+                    async move { e.render_plain() }
+                }),
+            );
+            tokio::spawn(async move { axum::serve(l, app).await });
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {

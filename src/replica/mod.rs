@@ -300,6 +300,7 @@ impl Agent {
         self.last_status = now;
         self.status.lag_records = self.status.source_seq.saturating_sub(self.status.applied_seq);
         self.status.updated_ms = crate::stream::now_ms();
+        crate::admin::metrics::set_replica_gauges(&self.status);
         let path = status_path(self.pool.dir(), self.zone_id);
         let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
         let _ = crate::pool::write_atomic(&path, &serde_json::to_vec_pretty(&self.status).expect("plain data"));
