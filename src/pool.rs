@@ -14,6 +14,9 @@
 //! DIR/tables/vol-<id>.map    LBA map of a volume
 //! DIR/data, DIR/staging      default data and staging files
 //! DIR/audit.log, audit.head  hash-chained audit log and its anchor (see [`crate::audit`])
+//! DIR/keys/stream-zone-<id>.json  a streaming zone's window key sets (see [`crate::stream::keyset`])
+//! DIR/streams/zone-<id>/     a zone's stream: segments, state.json, agents.json (see [`crate::stream`])
+//! DIR/replicas/zone-<id>.json, .status.json  a replica zone's agent state and progress (see [`crate::replica`])
 //! ```
 //! Opening a pool replays the journal into memory, checkpoints, and
 //! rebuilds the allocators from the tables: recovery is the normal path.
