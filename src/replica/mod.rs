@@ -133,6 +133,10 @@ pub struct ReplicaStatus {
     pub lag_bytes: u64,
     /// Seconds between the last applied record's time and now.
     pub lag_seconds: f64,
+    /// Median of that lag over the last 10,000 records applied.
+    pub lag_p50_seconds: f64,
+    /// 99th percentile of that lag over the last 10,000 records applied.
+    pub lag_p99_seconds: f64,
     /// Records applied per second over the last interval.
     pub apply_rate: f64,
     /// Records applied since start.
@@ -234,6 +238,8 @@ pub struct Agent {
     rate_mark: (Instant, u64),
     /// The source zone's id (window key ids name it).
     source_zone: u32,
+    /// Lag of recently applied records, seconds (a ring).
+    lags: VecDeque<f64>,
 }
 
 /// Distinct blocks remembered for references (64 MiB).
@@ -277,6 +283,7 @@ impl Agent {
             last_status: Instant::now() - Duration::from_secs(10),
             rate_mark: (Instant::now(), 0),
             source_zone: 0,
+            lags: VecDeque::new(),
         })
     }
 
@@ -299,6 +306,13 @@ impl Agent {
         }
         self.last_status = now;
         self.status.lag_records = self.status.source_seq.saturating_sub(self.status.applied_seq);
+        if !self.lags.is_empty() {
+            let mut v: Vec<f64> = self.lags.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+            self.status.lag_p50_seconds = q(0.5);
+            self.status.lag_p99_seconds = q(0.99);
+        }
         self.status.updated_ms = crate::stream::now_ms();
         crate::admin::metrics::set_replica_gauges(&self.status);
         let path = status_path(self.pool.dir(), self.zone_id);
@@ -539,6 +553,10 @@ impl Agent {
             self.status.source_seq = self.status.source_seq.max(seq);
             self.status.records_applied += 1;
             self.status.lag_seconds = (crate::stream::now_ms().saturating_sub(rec.header.time_ms)) as f64 / 1000.0;
+            if self.lags.len() == 10_000 {
+                self.lags.pop_front();
+            }
+            self.lags.push_back(self.status.lag_seconds);
             self.ack(c, &mut last_ack, false).await?;
             self.write_status(false);
             if target.is_some_and(|t| applied >= t) {

@@ -58,7 +58,8 @@ pub struct OpenReport {
 pub struct SegmentLog {
     dir: PathBuf,
     segments: Vec<Segment>,
-    active: File,
+    /// Shared with syncers, who fdatasync it without holding the log.
+    active: std::sync::Arc<File>,
     segment_bytes: u64,
 }
 
@@ -186,10 +187,12 @@ impl SegmentLog {
                 last_time_ms: 0,
             });
         }
-        let active = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&segments.last().expect("one at least").path)?;
+        let active = std::sync::Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&segments.last().expect("one at least").path)?,
+        );
         Ok((
             Self {
                 dir: dir.to_path_buf(),
@@ -209,6 +212,15 @@ impl SegmentLog {
     /// The oldest sequence still kept.
     pub fn first_seq(&self) -> u64 {
         self.segments.first().map(|s| s.first).unwrap_or(1)
+    }
+
+    /// The first sequence of the segment before the newest (or of the
+    /// newest, if it is alone). A record references only records from here
+    /// on, so a reference never outlives retention's oldest drops and an
+    /// agent resolves it from its recent memory or one near read.
+    pub fn recent_floor(&self) -> u64 {
+        let n = self.segments.len();
+        self.segments[n.saturating_sub(2)].first
     }
 
     /// Bytes kept.
@@ -263,7 +275,7 @@ impl SegmentLog {
         let path = seg_path(&self.dir, first);
         let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         sync_dir(&self.dir)?;
-        self.active = f;
+        self.active = std::sync::Arc::new(f);
         self.segments.push(Segment {
             first,
             last: first - 1,
@@ -277,6 +289,13 @@ impl SegmentLog {
     /// Makes everything appended durable.
     pub fn sync(&self) -> std::io::Result<()> {
         self.active.sync_data()
+    }
+
+    /// The active segment, to fdatasync without holding the log: segments
+    /// before it were synced when it was started, so syncing it makes
+    /// everything appended so far durable.
+    pub fn sync_handle(&self) -> std::sync::Arc<File> {
+        self.active.clone()
     }
 
     /// The segment holding `seq`, if it is kept.

@@ -438,7 +438,9 @@ impl ZoneStream {
             // A broken stream records nothing more; the data path goes on.
             return Ok(());
         }
-        self.writing.lock().log.sync().map_err(|source| StreamError::Io {
+        // The writer goes on appending while the file syncs.
+        let file = self.writing.lock().log.sync_handle();
+        file.sync_data().map_err(|source| StreamError::Io {
             zone: self.zone_name.clone(),
             op: "sync",
             source,
@@ -771,7 +773,8 @@ impl ZoneStream {
                         blocks.push(BlockRef::Zero);
                         continue;
                     };
-                    if let Some(&(seq, block)) = w.carried.get(t) {
+                    let floor = w.log.recent_floor();
+                    if let Some(&(seq, block)) = w.carried.get(t).filter(|(seq, _)| *seq >= floor) {
                         self.stats.referenced_blocks.fetch_add(1, Ordering::Relaxed);
                         blocks.push(BlockRef::Reference {
                             tag: *t,

