@@ -101,6 +101,10 @@ enum Command {
     /// A replica zone's progress.
     #[command(subcommand)]
     Replica(stream::ReplicaCmd),
+    /// Per-block provenance: content block, the key protecting it and since
+    /// when, the stream record that last wrote it.
+    #[command(subcommand)]
+    Block(stream::BlockCmd),
     /// Check a pool's metadata: maps, refcounts, slot ownership. Through
     /// the running server if there is one.
     Check {
@@ -739,6 +743,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Replica(cmd) => stream::replica(cmd),
+        Command::Block(cmd) => stream::block(cmd),
         Command::Scrub(a) => api::scrub(a),
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),

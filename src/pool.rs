@@ -55,7 +55,9 @@ use crate::store::{Staging, Storage};
 use crate::volume::Volume;
 use crate::zone::{CheckpointRun, VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
+mod block;
 mod stream;
+pub use block::BlockInfo;
 pub use stream::PoolStreams;
 
 /// Errors of pool operations.

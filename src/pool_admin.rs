@@ -547,6 +547,10 @@ impl AdminBackend for Pool {
         }
     }
 
+    fn block_info(&self, volume: &str, lba: u64) -> Result<serde_json::Value, AdminError> {
+        to_json(&Pool::block_info(self, volume, lba)?)
+    }
+
     fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError> {
         match req {
             StreamRequest::Status => to_json(&self.stream_status(zone)?),

@@ -159,6 +159,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/root", get(root_status))
         .route("/api/v1/root/rotate", post(root_rotate))
         .route("/api/v1/root/passphrase", post(root_passphrase))
+        .merge(stream::block_routes())
         .nest("/api/v1/zones/{zone}", zone)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -796,6 +797,10 @@ mod tests {
                 status: "ok".into(),
                 problems: vec![],
             }
+        }
+
+        fn block_info(&self, volume: &str, _lba: u64) -> Result<serde_json::Value, AdminError> {
+            Err(AdminError::NotFound(format!("no volume named {volume:?}")))
         }
 
         fn stream_request(

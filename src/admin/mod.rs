@@ -618,6 +618,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn check(&self) -> CheckReport;
     /// Health.
     fn health(&self) -> Health;
+    /// Provenance of one logical block (see `Pool::block_info`).
+    fn block_info(&self, volume: &str, lba: u64) -> Result<serde_json::Value, AdminError>;
     /// A zone's change stream (see [`StreamRequest`]).
     fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError>;
 }

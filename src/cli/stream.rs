@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use super::api::{Admin, parse_time, read_approvals};
 use super::{PoolArgs, default_profile, open_pool};
 use crate::admin::{AdminBackend, GrantRequest, ShredRequest, StreamRequest};
+
 use crate::replica::{Agent, AgentConfig, parse_source, read_status};
 use crate::stream::grant::{AgentKey, hex};
 
@@ -96,6 +97,71 @@ pub(super) enum StreamCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
+}
+
+/// `keyturn block ...`.
+#[derive(Subcommand, Debug)]
+pub(super) enum BlockCmd {
+    /// Which key protects a block, since when, and the stream record that
+    /// last wrote it.
+    Show {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Volume.
+        #[arg(long)]
+        volume: String,
+        /// Logical block (4 KiB units).
+        #[arg(long)]
+        lba: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `keyturn block show`.
+pub(super) fn block(cmd: BlockCmd) -> Result<()> {
+    let BlockCmd::Show { pool, volume, lba, json } = cmd;
+    let admin = Admin::open_quietly(&pool)?;
+    let v: serde_json::Value = match &admin {
+        Admin::Remote(c) => c.get(&format!("/api/v1/volumes/{volume}/blocks/{lba}"))?,
+        Admin::Local(p) => serde_json::to_value(p.block_info(&volume, lba)?)?,
+    };
+    if json {
+        return print_json(&v);
+    }
+    println!("volume {volume} block {lba} (zone {})", v["zone"].as_str().unwrap_or("?"));
+    if v["mapped"] != true {
+        println!("  unmapped: reads as zeros, no key protects it");
+    } else {
+        println!("  content block {} (shared by {} logical blocks), tag {}", v["cbid"], v["refcount"], v["tag"].as_str().unwrap_or("?"));
+        let since = v["dek_active_since_unix"].as_u64().map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+        });
+        println!(
+            "  protected by {} ({}), active since {}; live copy on the {} device",
+            v["dek_key_id"].as_str().unwrap_or("?"),
+            v["dek_state"].as_str().unwrap_or("?"),
+            since.as_deref().unwrap_or("-"),
+            v["live_copy"][0].as_str().unwrap_or("?")
+        );
+        if let Some(s) = v["staged_version"].as_u64() {
+            println!("  staged copy under DEK v{s}");
+        }
+    }
+    match v["stream_record"].as_u64() {
+        Some(seq) => println!(
+            "  last changed by stream record {seq} ({}), sealed under window key {}",
+            v["stream_op"].as_str().unwrap_or("?"),
+            v["stream_window_key"].as_str().unwrap_or("?")
+        ),
+        None if v["stream_records_scanned"].as_u64().unwrap_or(0) > 0 => println!(
+            "  no stream record among the newest {} changed it",
+            v["stream_records_scanned"]
+        ),
+        None => {}
+    }
+    Ok(())
 }
 
 /// `keyturn agent-key`.

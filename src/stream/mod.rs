@@ -496,6 +496,19 @@ impl ZoneStream {
     /// Reads records `from..=to` (at most `max_bytes` of them, at least
     /// one), in order. Fails if `from` is no longer kept.
     pub fn read(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<bytes::Bytes>, StreamError> {
+        self.read_at(&mut None, from, to, max_bytes)
+    }
+
+    /// [`read`](Self::read) that goes on from where `cursor` stopped when
+    /// `from` is its next record: a consumer following the stream reads
+    /// each segment once, instead of from its start for every batch.
+    pub fn read_at(
+        &self,
+        cursor: &mut Option<Cursor>,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<bytes::Bytes>, StreamError> {
         let io = |op: &'static str| {
             let zone = self.zone_name.clone();
             move |source| StreamError::Io { zone, op, source }
@@ -504,42 +517,48 @@ impl ZoneStream {
         if from > to {
             return Ok(out);
         }
-        let Some(seg) = self.writing.lock().log.locate(from) else {
-            return Err(StreamError::Broken {
-                zone: self.zone_name.clone(),
-                reason: format!("record {from} is not kept"),
-            });
+        let mut c = match cursor.take() {
+            Some(c) if c.next == from => c,
+            _ => {
+                let Some(seg) = self.writing.lock().log.locate(from) else {
+                    return Err(StreamError::Broken {
+                        zone: self.zone_name.clone(),
+                        reason: format!("record {from} is not kept"),
+                    });
+                };
+                Cursor {
+                    reader: FrameReader::open(&seg.path).map_err(io("open segment"))?,
+                    path: seg.path,
+                    next: seg.first,
+                }
+            }
         };
-        let mut reader = FrameReader::open(&seg.path).map_err(io("open segment"))?;
         let mut bytes = 0;
-        let mut next = from;
-        let mut path = seg.path;
-        loop {
-            let Some(rec) = reader.next_record().map_err(io("read segment"))? else {
-                // The next segment, if the record is there.
-                match self.writing.lock().log.locate(next) {
-                    Some(s) if s.path != path => {
-                        path = s.path;
-                        reader = FrameReader::open(&path).map_err(io("open segment"))?;
+        // Never read past `to`: records after it may be half written.
+        while c.next <= to && bytes < max_bytes {
+            let Some(rec) = c.reader.next_record().map_err(io("read segment"))? else {
+                // The rest is in the next segment, if it is kept.
+                match self.writing.lock().log.locate(c.next) {
+                    Some(s) if s.path != c.path => {
+                        c.reader = FrameReader::open(&s.path).map_err(io("open segment"))?;
+                        c.path = s.path;
                         continue;
                     }
                     _ => break,
                 }
             };
             let seq = u64::from_le_bytes(rec[24..32].try_into().expect("header"));
-            if seq < next {
-                continue;
-            }
-            if seq != next {
+            if seq != c.next {
                 break;
+            }
+            c.next += 1;
+            if seq < from {
+                continue;
             }
             bytes += rec.len();
             out.push(bytes::Bytes::from(rec));
-            next += 1;
-            if next > to || bytes >= max_bytes {
-                break;
-            }
         }
+        *cursor = Some(c);
         Ok(out)
     }
 
@@ -865,6 +884,13 @@ impl ZoneStream {
             Err(e) => tracing::warn!(zone = %self.zone_name, error = %e, "stream: key set ageing failed"),
         }
     }
+}
+
+/// Where a reader of the stream is: a segment open at record `next`.
+pub struct Cursor {
+    path: PathBuf,
+    reader: FrameReader,
+    next: u64,
 }
 
 /// Distinct blocks a window remembers for wire dedup (48 bytes each).

@@ -308,15 +308,18 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
     });
     let mut visible = stream.subscribe();
     let mut next: Option<u64> = None;
+    let mut cursor: Option<super::Cursor> = None;
     let result = loop {
         // Send what is durable, in batches, before waiting again.
         if let Some(n) = next {
             let last = *visible.borrow_and_update();
             if n <= last {
                 let s = stream.clone();
-                let batch = tokio::task::spawn_blocking(move || s.read(n, last, 4 << 20))
+                let mut c = cursor.take();
+                let (batch, c) = tokio::task::spawn_blocking(move || (s.read_at(&mut c, n, last, 4 << 20), c))
                     .await
                     .map_err(std::io::Error::other)?;
+                cursor = c;
                 match batch {
                     Ok(recs) if !recs.is_empty() => {
                         for r in &recs {

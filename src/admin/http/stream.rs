@@ -1,11 +1,23 @@
 //! Routes of a zone's change stream, under `/api/v1/zones/{zone}/stream`.
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::routing::{get, post};
 
 use super::{AppState, Body, JsonResult, PathName, json};
 use crate::admin::{GrantRequest, ShredRequest, StreamRequest};
+
+/// `GET /api/v1/volumes/{volume}/blocks/{lba}`: one block's provenance.
+pub(super) fn block_routes() -> Router<AppState> {
+    Router::new().route("/api/v1/volumes/{volume}/blocks/{lba}", get(block))
+}
+
+async fn block(
+    State(s): State<AppState>,
+    Path((volume, lba)): Path<(String, u64)>,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.block_info(&volume, lba)).await
+}
 
 /// The stream routes, relative to a zone.
 pub(super) fn routes() -> Router<AppState> {
