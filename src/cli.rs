@@ -1437,6 +1437,31 @@ fn admin_listen(
     Ok(addr.to_string())
 }
 
+/// Installs the test clock named by `KEYTURN_TEST_CLOCK`, only on a pool
+/// whose pool.toml allows it (a test facility: see [`crate::clock`]).
+fn install_test_clock(config: &crate::config::PoolConfig) -> Result<()> {
+    let Some(path) = std::env::var_os(crate::clock::TEST_CLOCK_ENV) else {
+        return Ok(());
+    };
+    if !config.test.allow_test_clock {
+        bail!(
+            "{} is set, but the test clock is a test facility: this pool's pool.toml does not have \
+             `[test] allow_test_clock = true`; unset {} to serve with the system clock",
+            crate::clock::TEST_CLOCK_ENV,
+            crate::clock::TEST_CLOCK_ENV
+        );
+    }
+    let clock = crate::clock::Clock::file(Path::new(&path))?;
+    let now = clock.unix_now();
+    crate::clock::install(clock)?;
+    tracing::warn!(
+        file = %Path::new(&path).display(),
+        now,
+        "TEST CLOCK ON: calendar time (key ages, rotation timers, the scheduler) comes from a file; never use this in production"
+    );
+    Ok(())
+}
+
 fn serve(
     dir: &Path,
     secret: &Secret,
@@ -1452,6 +1477,7 @@ fn serve(
     }
     let config = crate::config::PoolConfig::load(&dir.join("pool.toml"))?;
     let profile = Profile::load(profile.as_deref().unwrap_or(&config.server.profile))?;
+    install_test_clock(&config)?;
     let unix = listen.unix.or(config.server.unix.clone());
     let listen_admin = admin_listen(
         listen.admin,

@@ -59,6 +59,25 @@ pub struct PoolConfig {
     /// Zone change streams: windows, retention, the stream listener.
     #[serde(default)]
     pub stream: crate::stream::StreamSettings,
+    /// Test facilities (a test pool only). Defaulted: off.
+    #[serde(default, skip_serializing_if = "TestSection::is_off")]
+    pub test: TestSection,
+}
+
+/// `[test]` in `pool.toml`: facilities for tests, refused on any pool
+/// that does not turn them on here. Never set this on a production pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestSection {
+    /// Let `keyturn serve` take its calendar time from the file named by
+    /// `KEYTURN_TEST_CLOCK` (see [`crate::clock`]).
+    pub allow_test_clock: bool,
+}
+
+impl TestSection {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[rotation]` in `pool.toml`: how DEK rotations use the staging device
@@ -438,6 +457,7 @@ mod tests {
             rotation: RotationSection::default(),
             admin: AdminSection::default(),
             stream: Default::default(),
+            test: Default::default(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);

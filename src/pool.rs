@@ -567,6 +567,7 @@ impl Pool {
             rotation: Default::default(),
             admin: crate::config::AdminSection::default(),
             stream: Default::default(),
+            test: Default::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {

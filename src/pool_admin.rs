@@ -1,7 +1,7 @@
 //! The pool as the admin API's backend: each request maps to a pool
 //! operation, each pool error to an admin error kind.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::admin::{
     AdminBackend, AdminError, CheckReport, CreateVolumeRequest, CreateZoneRequest,
@@ -21,9 +21,7 @@ use crate::pool::{Pool, PoolError, RootSecret};
 use crate::pool_root::{NewRoot, RootRotationPhase};
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_now()
 }
 
 impl From<PoolError> for AdminError {
