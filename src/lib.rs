@@ -23,6 +23,7 @@ pub mod pool_admin;
 pub mod pool_root;
 pub mod replica;
 pub mod rotation;
+pub mod schedule;
 pub mod scrub;
 pub mod store;
 pub mod stream;

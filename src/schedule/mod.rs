@@ -1,0 +1,5 @@
+//! Rotation that runs itself: per-zone [`policy`] and the scheduler that
+//! reads key ages against it and drives [`crate::rotation`] (never the
+//! reverse).
+
+pub mod policy;
