@@ -30,6 +30,7 @@ mod api;
 mod catalog;
 mod demo;
 mod keys;
+mod schedule;
 mod stream;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
@@ -89,6 +90,12 @@ enum Command {
     /// agents granted windows, shredding (through the server if there is one).
     #[command(subcommand)]
     Stream(stream::StreamCmd),
+    /// A zone's rotation policy: cryptoperiods, window, sensitivity (on the running server).
+    #[command(subcommand)]
+    Policy(schedule::PolicyCmd),
+    /// The rotation scheduler: status, pause, resume, the schedule (on the running server).
+    #[command(subcommand)]
+    Scheduler(schedule::SchedulerCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -726,6 +733,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Volume(VolumeCmd::Stats { pool, json }) => api::volume_stats(&pool, json),
         Command::Rotate(cmd) => api::rotate(cmd),
         Command::Stream(cmd) => stream::stream(cmd),
+        Command::Policy(cmd) => schedule::policy(cmd),
+        Command::Scheduler(cmd) => schedule::scheduler(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::Replica(cmd) => stream::replica(cmd),
@@ -1514,6 +1523,15 @@ fn serve(
     // pool already logged that loudly, and data availability comes first.
     let started = std::time::Instant::now();
     pool.start_background();
+    // Serving goes on without the scheduler if its files are unreadable:
+    // data availability comes first, and the log says why.
+    let scheduler = match crate::schedule::Scheduler::start(&pool) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "ALERT: the rotation scheduler cannot start; no rotation will start by itself");
+            None
+        }
+    };
     if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
         tracing::warn!(error = %e, "serve.start not recorded");
     }
@@ -1614,6 +1632,9 @@ fn serve(
         }
         anyhow::Ok(())
     });
+    if let Some(s) = &scheduler {
+        s.stop();
+    }
     pool.stop_background();
     let _ = std::fs::remove_file(dir.join(STREAM_ADDR_FILE));
     if let Err(e) = std::fs::remove_file(&addr_file)

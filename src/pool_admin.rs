@@ -545,6 +545,18 @@ impl AdminBackend for Pool {
         }
     }
 
+    fn schedule_request(
+        &self,
+        req: crate::admin::ScheduleRequest,
+    ) -> Result<serde_json::Value, AdminError> {
+        match self.schedule_service.get() {
+            Some(s) => s.request(req),
+            None => Err(AdminError::NotFound(
+                "no rotation scheduler runs in this process".into(),
+            )),
+        }
+    }
+
     fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError> {
         match req {
             StreamRequest::Status => to_json(&self.stream_status(zone)?),

@@ -273,6 +273,17 @@ impl Pool {
     /// and the pipeline stages existing blocks. `flip_at`: flip
     /// automatically then (Unix seconds).
     pub fn rotation_prepare(&self, zone: &str, flip_at: Option<u64>) -> Result<RotationStatus> {
+        self.rotation_prepare_with(zone, flip_at, None)
+    }
+
+    /// [`Pool::rotation_prepare`] with this rotation's grace period for the
+    /// old key (`None`: `[rotation] grace_secs`).
+    pub fn rotation_prepare_with(
+        &self,
+        zone: &str,
+        flip_at: Option<u64>,
+        grace_secs: Option<u64>,
+    ) -> Result<RotationStatus> {
         let rot = self.rotation(zone)?;
         let _op = rot.op.lock();
         self.audit()?;
@@ -295,6 +306,7 @@ impl Pool {
             window_opened_unix: Some(unix_now()),
             flip_at_unix: flip_at,
             pending_destroy: st.pending_destroy.clone(),
+            grace_secs,
             ..Default::default()
         };
         self.save_state(&rot, &new)?;
@@ -860,7 +872,7 @@ impl Pool {
         }
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
-        let due = unix_now() + self.config().rotation.grace_secs;
+        let due = unix_now() + st.grace_secs.unwrap_or(self.config().rotation.grace_secs);
         let file = ZoneKeyFile::load(&Pool::zone_key_path(&self.dir, z.id))?;
         for r in file.records() {
             if r.purpose == Purpose::Dek

@@ -3,3 +3,7 @@
 //! reverse).
 
 pub mod policy;
+pub mod queue;
+pub mod scheduler;
+
+pub use scheduler::{ScheduleError, Scheduler};
