@@ -39,7 +39,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--checks" {
-            checks = args.next().and_then(|v| v.parse().ok()).expect("--checks N");
+            checks = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("--checks N");
         }
     }
     let now = 20_794 * DAY + 1800;

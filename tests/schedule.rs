@@ -66,7 +66,15 @@ fn test_pool(zones: &[&str], size: &str) -> (TestPool, TestClock) {
     let pool = TestPool::new();
     for z in zones {
         pool.keyturn_ok(&["zone", "create", z]);
-        pool.keyturn_ok(&["volume", "create", "--zone", z, "--size", size, &format!("{z}-vol")]);
+        pool.keyturn_ok(&[
+            "volume",
+            "create",
+            "--zone",
+            z,
+            "--size",
+            size,
+            &format!("{z}-vol"),
+        ]);
     }
     set_toml(&pool, "test", &[("allow_test_clock", "true")]);
     set_toml(&pool, "schedule", &[("check_interval_ms", "200")]);
@@ -179,7 +187,10 @@ fn a_due_dek_rotates_inside_its_window_and_not_before() {
     // A policy that cannot be kept is refused with what to change.
     let out = pool.keyturn(&["policy", "set", "--zone", "z1", "--dek-grace", "120d"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--dek-grace to at most 90d"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("--dek-grace to at most 90d"),
+        "{err}"
+    );
     let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
     assert_eq!(p["policy"]["dek"]["grace"], "30d", "{p}");
     assert_eq!(p["source"], "zone");
@@ -217,7 +228,9 @@ fn a_due_dek_rotates_inside_its_window_and_not_before() {
     // The old key waits out the policy's 30-day grace, on the test clock.
     let destroy = st["destroy_at_unix"].as_u64().unwrap();
     assert!(destroy >= day + 2 * 3600 + 30 * DAY - 60, "{st}");
-    wait_until("the job to leave the schedule", 20, || jobs(&schedule(&pool)).is_empty());
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
     let events = audit(&pool);
     assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
     assert_eq!(count(&events, "schedule.dek.done", "z1"), 1);
@@ -243,14 +256,22 @@ fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
             .any(|j| j["zone"] == "z1" && j["urgency"] == "severely_overdue")
     });
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(rotation(&pool, "z1")["active_version"], 1, "started while paused");
+    assert_eq!(
+        rotation(&pool, "z1")["active_version"],
+        1,
+        "started while paused"
+    );
     let status = json(&pool, &["scheduler", "status", "--json"]);
     assert_eq!(status["paused"], true, "{status}");
     // On hold, a resume still starts nothing in the zone.
     pool.keyturn_ok(&["policy", "hold", "--zone", "z1"]);
     pool.keyturn_ok(&["scheduler", "resume"]);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(rotation(&pool, "z1")["active_version"], 1, "started while held");
+    assert_eq!(
+        rotation(&pool, "z1")["active_version"],
+        1,
+        "started while held"
+    );
     pool.keyturn_ok(&["policy", "release", "--zone", "z1"]);
     let mut st = Value::Null;
     wait_until("the severe rotation", 60, || {
@@ -263,14 +284,29 @@ fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
         "waited for the window: flipped at {flipped}"
     );
     let events = audit(&pool);
-    for a in ["schedule.pause", "schedule.resume", "schedule.hold", "schedule.release"] {
-        assert!(events.iter().any(|e| e["action"] == a), "no {a} in the audit log");
+    for a in [
+        "schedule.pause",
+        "schedule.resume",
+        "schedule.hold",
+        "schedule.release",
+    ] {
+        assert!(
+            events.iter().any(|e| e["action"] == a),
+            "no {a} in the audit log"
+        );
     }
 }
 
 /// Writes `mib` MiB with fio's verification pattern to `zone`'s volume.
 fn fill(server: &Server, zone: &str, mib: u64, out: &Path) {
-    let (ok, text) = fio(&server.uri(&format!("{zone}-vol")), 1, mib * MIB, 1, out, &[]);
+    let (ok, text) = fio(
+        &server.uri(&format!("{zone}-vol")),
+        1,
+        mib * MIB,
+        1,
+        out,
+        &[],
+    );
     assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "{text}");
 }
 
@@ -298,7 +334,12 @@ fn three_due_zones_under_a_cap_of_two_never_rotate_three_at_once() {
     let server = serve(&pool, &clock);
     for z in zones {
         set_policy(&pool, z);
-        fill(&server, z, 3, &pool.dir.path().join(format!("fio-{z}.json")));
+        fill(
+            &server,
+            z,
+            3,
+            &pool.dir.path().join(format!("fio-{z}.json")),
+        );
     }
     let day = midnight_after(t0, 95);
     let mut max_running = 0;
@@ -318,9 +359,14 @@ fn three_due_zones_under_a_cap_of_two_never_rotate_three_at_once() {
             .filter(|st| ["window", "migrating", "paused"].contains(&st["phase"].as_str().unwrap()))
             .count();
         max_busy = max_busy.max(busy);
-        states.iter().all(|st| st["active_version"] == 2 && st["phase"] == "grace")
+        states
+            .iter()
+            .all(|st| st["active_version"] == 2 && st["phase"] == "grace")
     });
-    assert!(max_running <= 2, "{max_running} scheduled rotations ran at once");
+    assert!(
+        max_running <= 2,
+        "{max_running} scheduled rotations ran at once"
+    );
     assert!(max_busy <= 2, "{max_busy} zones were rotating at once");
     // The audit log in order: windows opened minus migrations finished never exceeds 2.
     let mut open = 0i64;
@@ -368,10 +414,18 @@ fn kill_9_in_a_scheduled_rotation_resumes_and_loses_nothing() {
     });
     assert_eq!(st["active_version"], 2, "{st}");
     assert_eq!(st["remaining_blocks"], 0, "{st}");
-    wait_until("the job to leave the schedule", 20, || jobs(&schedule(&pool)).is_empty());
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
     // One rotation, not two: the restart followed it rather than starting another.
     let events = audit(&pool);
     assert_eq!(count(&events, "rotation.prepare", "z1"), 1);
     assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
-    fio_verify(&server.uri("z1-vol"), 1, region, &out, "data after kill -9 and the resumed rotation");
+    fio_verify(
+        &server.uri("z1-vol"),
+        1,
+        region,
+        &out,
+        "data after kill -9 and the resumed rotation",
+    );
 }

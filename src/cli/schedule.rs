@@ -7,9 +7,7 @@ use serde_json::Value;
 
 use super::PoolArgs;
 use crate::admin::client::AdminClient;
-use crate::schedule::policy::{
-    OnFailure, Policy, Sensitivity, Span, StagingFull, Weekday, preset,
-};
+use crate::schedule::policy::{OnFailure, Policy, Sensitivity, Span, StagingFull, Weekday, preset};
 
 /// A pool and one of its zones.
 #[derive(Args, Debug)]
@@ -133,7 +131,8 @@ pub(super) struct SchedulerArgs {
 
 fn client(pool: &PoolArgs) -> Result<AdminClient> {
     super::require_pool_dir(&pool.pool)?;
-    AdminClient::for_pool(&pool.pool).context("the policy and scheduler commands need the running server")
+    AdminClient::for_pool(&pool.pool)
+        .context("the policy and scheduler commands need the running server")
 }
 
 fn print(v: &Value, json: bool) -> Result<()> {
@@ -146,7 +145,10 @@ fn print(v: &Value, json: bool) -> Result<()> {
 }
 
 fn span(s: &Option<String>) -> Result<Option<Span>> {
-    s.as_deref().map(Span::parse).transpose().map_err(Into::into)
+    s.as_deref()
+        .map(Span::parse)
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// `keyturn policy ...`.
@@ -292,6 +294,10 @@ pub(super) fn scheduler(cmd: SchedulerCmd) -> Result<()> {
         SchedulerCmd::Schedule(a) => (a, "/api/v1/key-rotation/schedule", false),
     };
     let c = client(&a.pool)?;
-    let v: Value = if post { c.post_empty(path)? } else { c.get(path)? };
+    let v: Value = if post {
+        c.post_empty(path)?
+    } else {
+        c.get(path)?
+    };
     print(&v, a.json)
 }

@@ -77,7 +77,7 @@ impl std::fmt::Display for Span {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.0;
         for (unit, n) in [("d", DAY), ("h", 3600), ("m", 60)] {
-            if s > 0 && s % n == 0 {
+            if s > 0 && s.is_multiple_of(n) {
                 return write!(f, "{}{unit}", s / n);
             }
         }
@@ -409,8 +409,7 @@ pub struct ZoneFacts {
 impl ZoneFacts {
     /// How long a rotation of the zone's data needs.
     pub fn rotation_secs(&self) -> u64 {
-        self.content_bytes
-            .div_ceil(self.rate_bytes_per_sec.max(1))
+        self.content_bytes.div_ceil(self.rate_bytes_per_sec.max(1))
     }
 }
 
@@ -485,7 +484,10 @@ impl Policy {
             ));
         }
         if self.window.days.is_empty() {
-            return bad("the maintenance window has no days; set --window-days, like mon,wed,sat or all".into());
+            return bad(
+                "the maintenance window has no days; set --window-days, like mon,wed,sat or all"
+                    .into(),
+            );
         }
         if self.coverage.rest_percent > 100 {
             return bad(format!(
@@ -594,14 +596,20 @@ mod tests {
         assert!(w.contains(start));
         // Past midnight into Tuesday.
         assert!(w.contains(start + 3 * 3600));
-        assert_eq!(w.containing(start + 3 * 3600), Some((start, start + 4 * 3600)));
+        assert_eq!(
+            w.containing(start + 3 * 3600),
+            Some((start, start + 4 * 3600))
+        );
         assert!(!w.contains(start + 4 * 3600));
         // Next is Friday.
         assert_eq!(w.next_start(start + 1), Some(MON + 4 * DAY + 22 * 3600));
         assert_eq!(w.earliest_flip(start + 60), Some(start + 60));
         assert_eq!(w.earliest_flip(MON), Some(start));
         // Sunday 23:00: the window of Friday is long over; Monday is next.
-        assert_eq!(w.next_start(MON + 6 * DAY + 23 * 3600), Some(start + 7 * DAY));
+        assert_eq!(
+            w.next_start(MON + 6 * DAY + 23 * 3600),
+            Some(start + 7 * DAY)
+        );
     }
 
     #[test]
@@ -610,7 +618,10 @@ mod tests {
         assert_eq!(p.dek.cryptoperiod, Span::days(30));
         assert_eq!(p.dek.grace, Span::days(7));
         assert!(Policy::from_preset("7y").is_err());
-        assert_eq!(Sensitivity::Critical.scale(Span::days(90)), Span(90 * DAY / 4));
+        assert_eq!(
+            Sensitivity::Critical.scale(Span::days(90)),
+            Span(90 * DAY / 4)
+        );
         assert_eq!(Sensitivity::Low.scale(Span::days(90)), Span::days(135));
         assert_eq!(Sensitivity::High.scale(Span(3)), Span(1));
     }
@@ -653,9 +664,11 @@ mod tests {
         let mut p = Policy::default();
         p.window.days.clear();
         assert!(refused(&p, ok).contains("--window-days"));
-        let mut p = Policy::default();
-        p.staging_full = StagingFull::Strict;
-        p.strict_wait = Span(0);
+        let p = Policy {
+            staging_full: StagingFull::Strict,
+            strict_wait: Span(0),
+            ..Default::default()
+        };
         assert!(refused(&p, ok).contains("strict_wait"));
         // 2 TiB at 1 MiB/s needs about 24 days; a critical 90d is 22.5 days.
         let big = ZoneFacts {

@@ -71,7 +71,7 @@ impl KeyAge {
             KeyAge::ActiveSince(t) => {
                 let age = u128::from(now.saturating_sub(t)) * 100;
                 let p = u128::from(period.0.max(1));
-                if age >= p * 150 + 1 {
+                if age > p * 150 {
                     Some(Urgency::SeverelyOverdue)
                 } else if age >= p * 125 {
                     Some(Urgency::Overdue)
@@ -386,7 +386,10 @@ mod tests {
         assert_eq!(a(125), Some(Urgency::Overdue));
         assert_eq!(a(150), Some(Urgency::Overdue));
         assert_eq!(a(151), Some(Urgency::SeverelyOverdue));
-        assert_eq!(KeyAge::Compromised.urgency(p, MON), Some(Urgency::Emergency));
+        assert_eq!(
+            KeyAge::Compromised.urgency(p, MON),
+            Some(Urgency::Emergency)
+        );
     }
 
     #[test]
@@ -416,7 +419,10 @@ mod tests {
         let p = policy();
         let mut s = Schedule::default();
         let at = MON + 3 * 3600;
-        let mut zones: Vec<ZoneView<'_>> = ["a", "b", "c"].iter().map(|n| view(n, &p, 95, at)).collect();
+        let mut zones: Vec<ZoneView<'_>> = ["a", "b", "c"]
+            .iter()
+            .map(|n| view(n, &p, 95, at))
+            .collect();
         assert_eq!(plan(&mut s, &zones, at, 2).len(), 2);
         assert_eq!(plan(&mut s, &zones, at, 2).len(), 0);
         assert_eq!(s.running(), 2);

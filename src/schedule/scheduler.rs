@@ -123,7 +123,9 @@ impl Scheduler {
     fn run(&self) {
         let interval = Duration::from_millis(self.settings.check_interval_ms);
         while !self.shutdown.load(Ordering::Acquire) {
-            let Some(pool) = self.pool.upgrade() else { return };
+            let Some(pool) = self.pool.upgrade() else {
+                return;
+            };
             self.check(&pool);
             drop(pool);
             let end = Instant::now() + interval;
@@ -166,10 +168,10 @@ impl Scheduler {
         for s in starts {
             self.begin(pool, &mut schedule, &policies, s, now);
         }
-        if schedule != before {
-            if let Err(e) = schedule.save(&self.dir) {
-                tracing::error!(error = %e, "scheduler: cannot save the schedule");
-            }
+        if schedule != before
+            && let Err(e) = schedule.save(&self.dir)
+        {
+            tracing::error!(error = %e, "scheduler: cannot save the schedule");
         }
         *self.schedule.lock() = schedule;
         *self.last.lock() = LastCheck {
@@ -279,7 +281,14 @@ impl Scheduler {
     }
 
     /// Starts one rotation the planner picked.
-    fn begin(&self, pool: &Arc<Pool>, schedule: &mut Schedule, policies: &Policies, s: Start, now: u64) {
+    fn begin(
+        &self,
+        pool: &Arc<Pool>,
+        schedule: &mut Schedule,
+        policies: &Policies,
+        s: Start,
+        now: u64,
+    ) {
         let policy = policies.of(&s.zone);
         let result = match s.kind {
             KeyKind::Dek if s.urgency == Urgency::Emergency => pool
@@ -349,8 +358,12 @@ impl Scheduler {
         let on_failure = self.policies.lock().of(&job.zone).on_failure;
         if job.kind == KeyKind::Dek && on_failure == OnFailure::Abort {
             match pool.rotation_abort(&job.zone) {
-                Ok(_) => tracing::warn!(zone = %job.zone, "scheduler: the failed rotation's window was aborted"),
-                Err(e) => tracing::warn!(zone = %job.zone, error = %e, "scheduler: no window to abort"),
+                Ok(_) => {
+                    tracing::warn!(zone = %job.zone, "scheduler: the failed rotation's window was aborted")
+                }
+                Err(e) => {
+                    tracing::warn!(zone = %job.zone, error = %e, "scheduler: no window to abort")
+                }
             }
         }
     }
@@ -370,7 +383,9 @@ impl Scheduler {
             Ok(h) => {
                 self.kek_workers.lock().insert(zone.to_string(), h);
             }
-            Err(e) => tracing::error!(zone, error = %e, "scheduler: cannot start a KEK rotation thread"),
+            Err(e) => {
+                tracing::error!(zone, error = %e, "scheduler: cannot start a KEK rotation thread")
+            }
         }
     }
 
@@ -471,10 +486,11 @@ impl ScheduleService for Scheduler {
             .ok_or_else(|| AdminError::Internal("the pool is closing".into()))?;
         match req {
             ScheduleRequest::Status => Ok(self.status()),
-            ScheduleRequest::Schedule => {
-                serde_json::to_value(&*self.schedule.lock()).map_err(|e| AdminError::Internal(e.to_string()))
+            ScheduleRequest::Schedule => serde_json::to_value(&*self.schedule.lock())
+                .map_err(|e| AdminError::Internal(e.to_string())),
+            ScheduleRequest::Pause => {
+                self.change(&pool, "schedule.pause", None, |s| s.paused = true)
             }
-            ScheduleRequest::Pause => self.change(&pool, "schedule.pause", None, |s| s.paused = true),
             ScheduleRequest::Resume => self.change(&pool, "schedule.resume", None, |s| {
                 s.paused = false;
                 retry_failed(s, None);

@@ -62,6 +62,9 @@ async fn hold(State(s): State<AppState>, PathName(z): PathName) -> JsonResult<se
     ask(s, ScheduleRequest::Hold(z)).await
 }
 
-async fn release(State(s): State<AppState>, PathName(z): PathName) -> JsonResult<serde_json::Value> {
+async fn release(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<serde_json::Value> {
     ask(s, ScheduleRequest::Release(z)).await
 }
