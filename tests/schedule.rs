@@ -429,3 +429,52 @@ fn kill_9_in_a_scheduled_rotation_resumes_and_loses_nothing() {
         "data after kill -9 and the resumed rotation",
     );
 }
+
+#[test]
+fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let _server = serve(&pool, &clock);
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        "z1",
+        "--preset",
+        "365d",
+        "--kek-cryptoperiod",
+        "30d",
+        "--kek-grace",
+        "7d",
+        "--kek-batch",
+        "1",
+        "--kek-pause",
+        "1s",
+    ]);
+    let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
+    assert_eq!(p["policy"]["kek_pause"], "1s", "{p}");
+    assert_eq!(
+        p["policy"]["preset"],
+        Value::Null,
+        "a changed preset is no longer the preset: {p}"
+    );
+    // 40 days on, at noon: outside the DEK window, which a KEK does not need.
+    clock.set(midnight_after(t0, 40) + 12 * 3600);
+    let kek_v2_active = || {
+        let keys = json(&pool, &["keys", "list", "--zone", "z1", "--json"]);
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == "z1-kek-v2" && k["state"] == "active")
+    };
+    wait_until("the scheduled KEK rotation", 60, kek_v2_active);
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
+    let st = rotation(&pool, "z1");
+    assert_eq!(st["active_version"], 1, "the DEK is not due: {st}");
+    let events = audit(&pool);
+    assert_eq!(count(&events, "schedule.kek.start", "z1"), 1);
+    assert_eq!(count(&events, "schedule.kek.done", "z1"), 1);
+    assert_eq!(count(&events, "kek.rotate", "z1"), 1);
+}
