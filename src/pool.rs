@@ -1199,7 +1199,9 @@ impl Pool {
         next.zones.push(entry);
         self.save_catalog(&next)?;
         *catalog = next;
-        self.zones.write().insert(id, Arc::new(zone));
+        let zone = Arc::new(zone);
+        self.zones.write().insert(id, zone.clone());
+        self.register_rotation(zone);
         tracing::info!(zone = name, id = id.0, "zone created");
         Ok(id)
     }

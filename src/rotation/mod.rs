@@ -223,6 +223,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Gives a zone created while the pool is open its (idle) rotation, so
+    /// it can be rotated without a restart.
+    pub(crate) fn register_rotation(&self, zone: Arc<Zone>) {
+        self.rotations
+            .zones
+            .write()
+            .entry(zone.id)
+            .or_insert_with(|| Arc::new(ZoneRotation::new(zone, RotationState::default())));
+    }
+
     fn state_err(&self, zone: &Zone, e: std::io::Error) -> PoolError {
         PoolError::Io {
             path: RotationState::path(&self.dir, zone.id),
