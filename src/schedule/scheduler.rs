@@ -185,10 +185,25 @@ impl Scheduler {
     /// Each zone's key ages, whether an operator's rotation is under way,
     /// and how long its rotation would take.
     fn zone_facts(&self, pool: &Pool, policies: &Policies) -> Result<Vec<Facts>, String> {
-        let files = pool.key_files().map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(files.len());
-        for (name, file) in files {
-            let status = pool.rotation_status(&name).map_err(|e| e.to_string())?;
+        let zones = pool.catalog().zones;
+        let mut out = Vec::with_capacity(zones.len());
+        for z in zones {
+            let name = z.name;
+            let file = match ZoneKeyFile::load(&Pool::zone_key_path(pool.dir(), z.id)) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(zone = %name, error = %e, "scheduler: zone skipped");
+                    continue;
+                }
+            };
+            // One zone that cannot be read must not stop the others' rotations.
+            let status = match pool.rotation_status(&name) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(zone = %name, error = %e, "scheduler: zone skipped");
+                    continue;
+                }
+            };
             let policy = policies.of(&name);
             let content = status.content_blocks * BLOCK_SIZE as u64;
             out.push(Facts {
@@ -235,8 +250,10 @@ impl Scheduler {
                 KeyKind::Dek => {
                     let phase = facts.iter().find(|f| f.name == job.zone).map(|f| f.phase);
                     match phase {
-                        None => done.push(i),
-                        Some(RotationPhase::Idle | RotationPhase::Grace) => done.push(i),
+                        // A zone skipped this time (unreadable) keeps its job;
+                        // a zone that is gone ends it.
+                        None if pool.catalog().zones.iter().any(|z| z.name == job.zone) => {}
+                        None | Some(RotationPhase::Idle | RotationPhase::Grace) => done.push(i),
                         Some(_) => {}
                     }
                 }
