@@ -276,7 +276,8 @@ fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
     let mut st = Value::Null;
     wait_until("the severe rotation", 60, || {
         st = rotation(&pool, "z1");
-        st["active_version"] == 2
+        // The flip time is saved just after the flip record: wait for both.
+        st["active_version"] == 2 && st["flipped_unix"].is_u64()
     });
     let flipped = st["flipped_unix"].as_u64().unwrap();
     assert!(
@@ -458,6 +459,12 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
         Value::Null,
         "a changed preset is no longer the preset: {p}"
     );
+    // A zone created while serving has a rotation and is looked at.
+    pool.keyturn_ok(&["zone", "create", "z2"]);
+    assert_eq!(rotation(&pool, "z2")["phase"], "idle");
+    wait_until("the scheduler to look at both zones", 20, || {
+        json(&pool, &["scheduler", "status", "--json"])["last_check"]["zones"] == 2
+    });
     // 40 days on, at noon: outside the DEK window, which a KEK does not need.
     clock.set(midnight_after(t0, 40) + 12 * 3600);
     let kek_v2_active = || {
