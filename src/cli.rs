@@ -30,6 +30,7 @@ mod api;
 mod catalog;
 mod demo;
 mod keys;
+mod schedule;
 mod stream;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
@@ -89,6 +90,12 @@ enum Command {
     /// agents granted windows, shredding (through the server if there is one).
     #[command(subcommand)]
     Stream(stream::StreamCmd),
+    /// A zone's rotation policy: cryptoperiods, window, sensitivity (on the running server).
+    #[command(subcommand)]
+    Policy(schedule::PolicyCmd),
+    /// The rotation scheduler: status, pause, resume, the schedule (on the running server).
+    #[command(subcommand)]
+    Scheduler(schedule::SchedulerCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -733,6 +740,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Volume(VolumeCmd::Stats { pool, json }) => api::volume_stats(&pool, json),
         Command::Rotate(cmd) => api::rotate(cmd),
         Command::Stream(cmd) => stream::stream(cmd),
+        Command::Policy(cmd) => schedule::policy(cmd),
+        Command::Scheduler(cmd) => schedule::scheduler(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {
@@ -1452,6 +1461,31 @@ fn admin_listen(
     Ok(addr.to_string())
 }
 
+/// Installs the test clock named by `KEYTURN_TEST_CLOCK`, only on a pool
+/// whose pool.toml allows it (a test facility: see [`crate::clock`]).
+fn install_test_clock(config: &crate::config::PoolConfig) -> Result<()> {
+    let Some(path) = std::env::var_os(crate::clock::TEST_CLOCK_ENV) else {
+        return Ok(());
+    };
+    if !config.test.allow_test_clock {
+        bail!(
+            "{} is set, but the test clock is a test facility: this pool's pool.toml does not have \
+             `[test] allow_test_clock = true`; unset {} to serve with the system clock",
+            crate::clock::TEST_CLOCK_ENV,
+            crate::clock::TEST_CLOCK_ENV
+        );
+    }
+    let clock = crate::clock::Clock::file(Path::new(&path))?;
+    let now = clock.unix_now();
+    crate::clock::install(clock)?;
+    tracing::warn!(
+        file = %Path::new(&path).display(),
+        now,
+        "TEST CLOCK ON: calendar time (key ages, rotation timers, the scheduler) comes from a file; never use this in production"
+    );
+    Ok(())
+}
+
 fn serve(
     dir: &Path,
     secret: &Secret,
@@ -1467,6 +1501,7 @@ fn serve(
     }
     let config = crate::config::PoolConfig::load(&dir.join("pool.toml"))?;
     let profile = Profile::load(profile.as_deref().unwrap_or(&config.server.profile))?;
+    install_test_clock(&config)?;
     let unix = listen.unix.or(config.server.unix.clone());
     let listen_admin = admin_listen(
         listen.admin,
@@ -1503,6 +1538,15 @@ fn serve(
     // pool already logged that loudly, and data availability comes first.
     let started = std::time::Instant::now();
     pool.start_background();
+    // Serving goes on without the scheduler if its files are unreadable:
+    // data availability comes first, and the log says why.
+    let scheduler = match crate::schedule::Scheduler::start(&pool) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "ALERT: the rotation scheduler cannot start; no rotation will start by itself");
+            None
+        }
+    };
     if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
         tracing::warn!(error = %e, "serve.start not recorded");
     }
@@ -1603,6 +1647,9 @@ fn serve(
         }
         anyhow::Ok(())
     });
+    if let Some(s) = &scheduler {
+        s.stop();
+    }
     pool.stop_background();
     let _ = std::fs::remove_file(dir.join(STREAM_ADDR_FILE));
     if let Err(e) = std::fs::remove_file(&addr_file)

@@ -59,6 +59,85 @@ pub struct PoolConfig {
     /// Zone change streams: windows, retention, the stream listener.
     #[serde(default)]
     pub stream: crate::stream::StreamSettings,
+    /// The rotation scheduler. Defaulted: on, checking once a minute.
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    /// Test facilities (a test pool only). Defaulted: off.
+    #[serde(default, skip_serializing_if = "TestSection::is_off")]
+    pub test: TestSection,
+}
+
+/// `[schedule]` in `pool.toml`: the rotation scheduler (pool-wide; the
+/// per-zone policies are in `policies.json`, see [`crate::schedule::policy`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    /// Whether the scheduler runs at all.
+    pub enabled: bool,
+    /// How often it looks at every key, in milliseconds.
+    pub check_interval_ms: u64,
+    /// Rotations running at once, pool-wide (an emergency ignores it).
+    pub max_concurrent: usize,
+    /// Failed starts before a rotation is marked failed.
+    pub max_attempts: u32,
+    /// First retry delay in seconds; doubled at each failure.
+    pub retry_base_secs: u64,
+    /// Longest retry delay in seconds.
+    pub retry_max_secs: u64,
+    /// Re-encryption rate assumed for a zone's rotation when neither its
+    /// policy nor `[rotation] rate_mib_s` sets one, in MiB/s: it sets how
+    /// far ahead of the window a rotation opens and which cryptoperiods
+    /// are too short.
+    pub assumed_rate_mib_s: u64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            check_interval_ms: 60_000,
+            max_concurrent: 2,
+            max_attempts: 5,
+            retry_base_secs: 60,
+            retry_max_secs: 3600,
+            assumed_rate_mib_s: 100,
+        }
+    }
+}
+
+impl ScheduleSection {
+    /// Checks the values make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.check_interval_ms == 0 {
+            return Err("schedule.check_interval_ms must be at least 1".into());
+        }
+        if self.max_concurrent == 0 {
+            return Err("schedule.max_concurrent must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("schedule.max_attempts must be at least 1".into());
+        }
+        if self.assumed_rate_mib_s == 0 {
+            return Err("schedule.assumed_rate_mib_s must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `[test]` in `pool.toml`: facilities for tests, refused on any pool
+/// that does not turn them on here. Never set this on a production pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestSection {
+    /// Let `keyturn serve` take its calendar time from the file named by
+    /// `KEYTURN_TEST_CLOCK` (see [`crate::clock`]).
+    pub allow_test_clock: bool,
+}
+
+impl TestSection {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[rotation]` in `pool.toml`: how DEK rotations use the staging device
@@ -281,6 +360,7 @@ impl PoolConfig {
         config
             .rotation
             .validate()
+            .and_then(|()| config.schedule.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.into(),
                 message,
@@ -438,6 +518,8 @@ mod tests {
             rotation: RotationSection::default(),
             admin: AdminSection::default(),
             stream: Default::default(),
+            schedule: Default::default(),
+            test: Default::default(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ids;
@@ -22,6 +23,7 @@ pub mod pool_admin;
 pub mod pool_root;
 pub mod replica;
 pub mod rotation;
+pub mod schedule;
 pub mod scrub;
 pub mod store;
 pub mod stream;

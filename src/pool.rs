@@ -489,6 +489,10 @@ pub struct Pool {
     pub(crate) root_op: Mutex<()>,
     /// Per-zone rotation state and workers.
     pub(crate) rotations: crate::rotation::Rotations,
+    /// The rotation scheduler once `serve` starts one: admin requests for it
+    /// go through this small trait (the scheduler drives the pool, not the
+    /// reverse).
+    pub(crate) schedule_service: std::sync::OnceLock<Arc<dyn crate::admin::ScheduleService>>,
     /// The audit log, or why it cannot take records (a damaged log).
     audit: std::result::Result<AuditLog, String>,
     _engine: Engine,
@@ -572,6 +576,8 @@ impl Pool {
             rotation: Default::default(),
             admin: crate::config::AdminSection::default(),
             stream: Default::default(),
+            schedule: Default::default(),
+            test: Default::default(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
@@ -845,6 +851,7 @@ impl Pool {
             pin,
             root_op: Mutex::new(()),
             rotations: Default::default(),
+            schedule_service: std::sync::OnceLock::new(),
             audit,
             _engine: engine,
             _lock: lock,
@@ -989,6 +996,12 @@ impl Pool {
             &Self::catalog_path(&self.dir),
             &serde_json::to_vec_pretty(catalog).expect("catalog serialises"),
         )
+    }
+
+    /// Hands admin requests for the scheduler and policies to `service`
+    /// (once; later calls are ignored).
+    pub fn set_schedule_service(&self, service: Arc<dyn crate::admin::ScheduleService>) {
+        let _ = self.schedule_service.set(service);
     }
 
     /// The pool directory.
@@ -1191,7 +1204,9 @@ impl Pool {
         next.zones.push(entry);
         self.save_catalog(&next)?;
         *catalog = next;
-        self.zones.write().insert(id, Arc::new(zone));
+        let zone = Arc::new(zone);
+        self.zones.write().insert(id, zone.clone());
+        self.register_rotation(zone);
         tracing::info!(zone = name, id = id.0, "zone created");
         Ok(id)
     }

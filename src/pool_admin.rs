@@ -1,7 +1,7 @@
 //! The pool as the admin API's backend: each request maps to a pool
 //! operation, each pool error to an admin error kind.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::admin::{
     AdminBackend, AdminError, CheckReport, CreateVolumeRequest, CreateZoneRequest,
@@ -21,9 +21,7 @@ use crate::pool::{Pool, PoolError, RootSecret};
 use crate::pool_root::{NewRoot, RootRotationPhase};
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_now()
 }
 
 impl From<PoolError> for AdminError {
@@ -549,6 +547,18 @@ impl AdminBackend for Pool {
 
     fn block_info(&self, volume: &str, lba: u64) -> Result<serde_json::Value, AdminError> {
         to_json(&Pool::block_info(self, volume, lba)?)
+    }
+
+    fn schedule_request(
+        &self,
+        req: crate::admin::ScheduleRequest,
+    ) -> Result<serde_json::Value, AdminError> {
+        match self.schedule_service.get() {
+            Some(s) => s.request(req),
+            None => Err(AdminError::NotFound(
+                "no rotation scheduler runs in this process".into(),
+            )),
+        }
     }
 
     fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError> {

@@ -154,9 +154,7 @@ fn pin_of(secret: RootSecret<'_>) -> Result<&Pin> {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_now()
 }
 
 impl Pool {

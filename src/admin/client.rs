@@ -168,6 +168,16 @@ impl AdminClient {
         self.decode(path, self.send(path, Some(&json))?)
     }
 
+    /// `PUT path` with `body` as JSON, decoded as `T`.
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| self.bad(path, e.to_string()))?;
+        self.decode(path, self.send_as(path, Some(&json), true)?)
+    }
+
     /// `POST path` with no body, decoded as `T`.
     pub fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.decode(path, self.send(path, Some(b""))?)
@@ -181,10 +191,21 @@ impl AdminClient {
     /// Sends a GET (no body) or a POST, and returns the body of a success;
     /// an error status becomes [`ClientError::Api`] with the server's message.
     fn send(&self, path: &str, body: Option<&[u8]>) -> Result<String, ClientError> {
+        self.send_as(path, body, false)
+    }
+
+    /// [`AdminClient::send`], with a body sent as a PUT when `put`.
+    fn send_as(&self, path: &str, body: Option<&[u8]>, put: bool) -> Result<String, ClientError> {
         let url = format!("http://{}{path}", self.addr);
         let auth = format!("Bearer {}", self.token.expose());
         let resp = match body {
             None => self.agent.get(&url).header("Authorization", &auth).call(),
+            Some(b) if put => self
+                .agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/json")
+                .send(b),
             Some(b) => self
                 .agent
                 .post(&url)

@@ -131,6 +131,7 @@ pub async fn serve(
     Ok(())
 }
 
+mod schedule;
 mod stream;
 
 fn router(state: AppState) -> Router {
@@ -147,7 +148,8 @@ fn router(state: AppState) -> Router {
         .route("/kek/rotate", post(kek_rotate))
         .route("/keys", get(zone_keys))
         .route("/scrub", get(scrub_status).post(scrub_start))
-        .merge(stream::routes());
+        .merge(stream::routes())
+        .merge(schedule::zone_routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -160,6 +162,7 @@ fn router(state: AppState) -> Router {
         .route("/api/v1/root/rotate", post(root_rotate))
         .route("/api/v1/root/passphrase", post(root_passphrase))
         .merge(stream::block_routes())
+        .merge(schedule::routes())
         .nest("/api/v1/zones/{zone}", zone)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

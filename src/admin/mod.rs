@@ -622,4 +622,40 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn block_info(&self, volume: &str, lba: u64) -> Result<serde_json::Value, AdminError>;
     /// A zone's change stream (see [`StreamRequest`]).
     fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError>;
+    /// The rotation scheduler and the zones' policies (see
+    /// [`ScheduleRequest`]). A backend without a scheduler answers 404.
+    fn schedule_request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError> {
+        let _ = req;
+        Err(AdminError::NotFound(
+            "this server runs no rotation scheduler".into(),
+        ))
+    }
+}
+
+/// What the scheduler and policy routes ask.
+#[derive(Debug, Clone)]
+pub enum ScheduleRequest {
+    /// `GET /api/v1/key-rotation/scheduler/status`.
+    Status,
+    /// `GET /api/v1/key-rotation/schedule`: every queued, running and failed job.
+    Schedule,
+    /// `POST /api/v1/key-rotation/scheduler/pause`: start nothing, pool-wide.
+    Pause,
+    /// `POST /api/v1/key-rotation/scheduler/resume` (failed jobs are retried).
+    Resume,
+    /// `POST /api/v1/zones/{zone}/policy/hold`: start nothing in this zone.
+    Hold(String),
+    /// `POST /api/v1/zones/{zone}/policy/release` (its failed jobs are retried).
+    Release(String),
+    /// `GET /api/v1/zones/{zone}/policy`.
+    GetPolicy(String),
+    /// `PUT /api/v1/zones/{zone}/policy`: validated, then stored.
+    SetPolicy(String, Box<crate::schedule::policy::Policy>),
+}
+
+/// The scheduler as the pool hands admin requests to it: a small trait so
+/// that the pool never depends on the `schedule` module that drives it.
+pub trait ScheduleService: Send + Sync {
+    /// Answers one request.
+    fn request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError>;
 }

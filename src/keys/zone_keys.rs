@@ -243,10 +243,7 @@ pub struct ZoneKeyFile {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::clock::unix_now()
 }
 
 impl ZoneKeyFile {

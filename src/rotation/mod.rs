@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashSet;
@@ -46,9 +46,7 @@ const TICK: Duration = Duration::from_millis(100);
 const HEAT_DECAY: Duration = Duration::from_secs(30);
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::unix_now()
 }
 
 /// A zone's rotation: state, counters, worker.
@@ -225,6 +223,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Gives a zone created while the pool is open its (idle) rotation, so
+    /// it can be rotated without a restart.
+    pub(crate) fn register_rotation(&self, zone: Arc<Zone>) {
+        self.rotations
+            .zones
+            .write()
+            .entry(zone.id)
+            .or_insert_with(|| Arc::new(ZoneRotation::new(zone, RotationState::default())));
+    }
+
     fn state_err(&self, zone: &Zone, e: std::io::Error) -> PoolError {
         PoolError::Io {
             path: RotationState::path(&self.dir, zone.id),
@@ -275,6 +283,17 @@ impl Pool {
     /// and the pipeline stages existing blocks. `flip_at`: flip
     /// automatically then (Unix seconds).
     pub fn rotation_prepare(&self, zone: &str, flip_at: Option<u64>) -> Result<RotationStatus> {
+        self.rotation_prepare_with(zone, flip_at, None)
+    }
+
+    /// [`Pool::rotation_prepare`] with this rotation's grace period for the
+    /// old key (`None`: `[rotation] grace_secs`).
+    pub fn rotation_prepare_with(
+        &self,
+        zone: &str,
+        flip_at: Option<u64>,
+        grace_secs: Option<u64>,
+    ) -> Result<RotationStatus> {
         let rot = self.rotation(zone)?;
         let _op = rot.op.lock();
         self.audit()?;
@@ -297,6 +316,7 @@ impl Pool {
             window_opened_unix: Some(unix_now()),
             flip_at_unix: flip_at,
             pending_destroy: st.pending_destroy.clone(),
+            grace_secs,
             ..Default::default()
         };
         self.save_state(&rot, &new)?;
@@ -862,7 +882,7 @@ impl Pool {
         }
         let active = z.meta.lock().active;
         let mut st = rot.state.lock().clone();
-        let due = unix_now() + self.config().rotation.grace_secs;
+        let due = unix_now() + st.grace_secs.unwrap_or(self.config().rotation.grace_secs);
         let file = ZoneKeyFile::load(&Pool::zone_key_path(&self.dir, z.id))?;
         for r in file.records() {
             if r.purpose == Purpose::Dek

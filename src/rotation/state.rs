@@ -63,6 +63,9 @@ pub struct RotationState {
     pub old_version: Option<u32>,
     /// Old DEKs waiting to be destroyed.
     pub pending_destroy: Vec<PendingDestroy>,
+    /// This rotation's grace period in seconds (from the zone's policy,
+    /// when the scheduler started it); else `[rotation] grace_secs`.
+    pub grace_secs: Option<u64>,
 }
 
 impl RotationState {

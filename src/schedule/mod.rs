@@ -1,0 +1,9 @@
+//! Rotation that runs itself: per-zone [`policy`] and the scheduler that
+//! reads key ages against it and drives [`crate::rotation`] (never the
+//! reverse).
+
+pub mod policy;
+pub mod queue;
+pub mod scheduler;
+
+pub use scheduler::{ScheduleError, Scheduler};

@@ -1,0 +1,487 @@
+//! The rotation scheduler through the real binary, with the test clock
+//! (`KEYTURN_TEST_CLOCK`) moved months ahead in seconds: a due DEK rotates
+//! inside its maintenance window and not before, a severely overdue one
+//! bypasses the window, three due zones under a cap of two never rotate
+//! three at once, and a kill -9 in the middle of a scheduled rotation
+//! loses nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::Value;
+
+const DAY: u64 = 86_400;
+const MIB: u64 = 1 << 20;
+
+fn real_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Sets `key = value` in `[table]` of the pool's pool.toml.
+fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
+    let path = pool.path().join("pool.toml");
+    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let t = doc
+        .entry(table)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap();
+    for (k, v) in settings {
+        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
+        t.insert((*k).into(), value);
+    }
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+}
+
+/// The test clock file: Unix seconds, replaced atomically.
+struct TestClock(PathBuf);
+
+impl TestClock {
+    fn new(pool: &TestPool) -> Self {
+        let c = TestClock(pool.dir.path().join("clock"));
+        c.set(real_now());
+        c
+    }
+
+    fn set(&self, t: u64) {
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, t.to_string()).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+
+    fn env(&self) -> (&'static str, &str) {
+        ("KEYTURN_TEST_CLOCK", self.0.to_str().unwrap())
+    }
+}
+
+/// A test pool whose scheduler checks every 200 ms and may use the clock.
+fn test_pool(zones: &[&str], size: &str) -> (TestPool, TestClock) {
+    let pool = TestPool::new();
+    for z in zones {
+        pool.keyturn_ok(&["zone", "create", z]);
+        pool.keyturn_ok(&[
+            "volume",
+            "create",
+            "--zone",
+            z,
+            "--size",
+            size,
+            &format!("{z}-vol"),
+        ]);
+    }
+    set_toml(&pool, "test", &[("allow_test_clock", "true")]);
+    set_toml(&pool, "schedule", &[("check_interval_ms", "200")]);
+    let clock = TestClock::new(&pool);
+    (pool, clock)
+}
+
+fn serve(pool: &TestPool, clock: &TestClock) -> Server {
+    pool.serve_env(&[], &[clock.env()])
+}
+
+/// Every zone: a 2 h window at 02:00 UTC, DEK 90d (30d grace), KEK a year
+/// (so only DEKs are due in these tests).
+fn set_policy(pool: &TestPool, zone: &str) {
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        zone,
+        "--preset",
+        "90d",
+        "--kek-cryptoperiod",
+        "365d",
+        "--kek-grace",
+        "30d",
+        "--window-start",
+        "02:00",
+        "--window-duration",
+        "2h",
+        "--window-days",
+        "all",
+    ]);
+}
+
+fn json(pool: &TestPool, args: &[&str]) -> Value {
+    let out = pool.keyturn_ok(args);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn rotation(pool: &TestPool, zone: &str) -> Value {
+    json(pool, &["rotate", "status", "--zone", zone, "--json"])
+}
+
+fn schedule(pool: &TestPool) -> Value {
+    json(pool, &["scheduler", "schedule", "--json"])
+}
+
+fn jobs(s: &Value) -> Vec<Value> {
+    s["jobs"].as_array().cloned().unwrap_or_default()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The start of the UTC day `days` days after `t`.
+fn midnight_after(t: u64, days: u64) -> u64 {
+    (t + days * DAY) / DAY * DAY
+}
+
+/// The audit log's records.
+fn audit(pool: &TestPool) -> Vec<Value> {
+    std::fs::read_to_string(pool.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count(events: &[Value], action: &str, zone: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["action"] == action && e["zone"] == zone)
+        .count()
+}
+
+#[test]
+fn the_test_clock_is_refused_on_a_pool_that_does_not_allow_it() {
+    let pool = TestPool::new();
+    let clock = TestClock(pool.dir.path().join("clock"));
+    clock.set(real_now());
+    let out = Command::new(keyturn_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--pool"])
+        .arg(pool.path())
+        .arg("--passphrase-file")
+        .arg(&pool.pass_file)
+        .env("KEYTURN_TEST_CLOCK", &clock.0)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served with a test clock: {err}");
+    assert!(err.contains("allow_test_clock = true"), "{err}");
+}
+
+#[test]
+fn a_due_dek_rotates_inside_its_window_and_not_before() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    assert!(server.log_text().contains("TEST CLOCK ON"));
+    set_policy(&pool, "z1");
+    // A policy that cannot be kept is refused with what to change.
+    let out = pool.keyturn(&["policy", "set", "--zone", "z1", "--dek-grace", "120d"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--dek-grace to at most 90d"),
+        "{err}"
+    );
+    let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
+    assert_eq!(p["policy"]["dek"]["grace"], "30d", "{p}");
+    assert_eq!(p["source"], "zone");
+
+    // 95 days on, half past midnight: due, but the window opens at 02:00.
+    let day = midnight_after(t0, 95);
+    clock.set(day + 1800);
+    wait_until("the due DEK to be queued", 20, || {
+        jobs(&schedule(&pool))
+            .iter()
+            .any(|j| j["zone"] == "z1" && j["kind"] == "dek" && j["urgency"] == "due")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let s = schedule(&pool);
+    let j = &jobs(&s)[0];
+    assert_eq!(j["state"], "queued", "started outside the window: {s}");
+    let st = rotation(&pool, "z1");
+    assert_eq!(st["phase"], "idle", "{st}");
+    assert_eq!(st["active_version"], 1);
+
+    // 02:10: inside the window.
+    clock.set(day + 2 * 3600 + 600);
+    let mut st = Value::Null;
+    wait_until("the scheduled rotation to flip and finish", 60, || {
+        st = rotation(&pool, "z1");
+        st["active_version"] == 2 && st["phase"] == "grace"
+    });
+    let flipped = st["flipped_unix"].as_u64().unwrap();
+    assert!(
+        (day + 2 * 3600..day + 4 * 3600).contains(&flipped),
+        "flipped at {flipped}, outside the window {}..{}",
+        day + 2 * 3600,
+        day + 4 * 3600
+    );
+    // The old key waits out the policy's 30-day grace, on the test clock.
+    let destroy = st["destroy_at_unix"].as_u64().unwrap();
+    assert!(destroy >= day + 2 * 3600 + 30 * DAY - 60, "{st}");
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
+    let events = audit(&pool);
+    assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
+    assert_eq!(count(&events, "schedule.dek.done", "z1"), 1);
+    // Not due again for another 90 days.
+    clock.set(day + 3 * 3600);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(jobs(&schedule(&pool)).is_empty());
+}
+
+#[test]
+fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let _server = serve(&pool, &clock);
+    set_policy(&pool, "z1");
+    pool.keyturn_ok(&["scheduler", "pause"]);
+    // 140 days (over 150% of 90): severely overdue, at 00:30, outside the window.
+    let day = midnight_after(t0, 140);
+    clock.set(day + 1800);
+    wait_until("the severe DEK to be queued", 20, || {
+        jobs(&schedule(&pool))
+            .iter()
+            .any(|j| j["zone"] == "z1" && j["urgency"] == "severely_overdue")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        rotation(&pool, "z1")["active_version"],
+        1,
+        "started while paused"
+    );
+    let status = json(&pool, &["scheduler", "status", "--json"]);
+    assert_eq!(status["paused"], true, "{status}");
+    // On hold, a resume still starts nothing in the zone.
+    pool.keyturn_ok(&["policy", "hold", "--zone", "z1"]);
+    pool.keyturn_ok(&["scheduler", "resume"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        rotation(&pool, "z1")["active_version"],
+        1,
+        "started while held"
+    );
+    pool.keyturn_ok(&["policy", "release", "--zone", "z1"]);
+    let mut st = Value::Null;
+    wait_until("the severe rotation", 60, || {
+        st = rotation(&pool, "z1");
+        // The flip time is saved just after the flip record: wait for both.
+        st["active_version"] == 2 && st["flipped_unix"].is_u64()
+    });
+    let flipped = st["flipped_unix"].as_u64().unwrap();
+    assert!(
+        flipped < day + 2 * 3600,
+        "waited for the window: flipped at {flipped}"
+    );
+    let events = audit(&pool);
+    for a in [
+        "schedule.pause",
+        "schedule.resume",
+        "schedule.hold",
+        "schedule.release",
+    ] {
+        assert!(
+            events.iter().any(|e| e["action"] == a),
+            "no {a} in the audit log"
+        );
+    }
+}
+
+/// Writes `mib` MiB with fio's verification pattern to `zone`'s volume.
+fn fill(server: &Server, zone: &str, mib: u64, out: &Path) {
+    let (ok, text) = fio(
+        &server.uri(&format!("{zone}-vol")),
+        1,
+        mib * MIB,
+        1,
+        out,
+        &[],
+    );
+    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "{text}");
+}
+
+/// Rotations throttled to 1 MiB/s even on idle volumes, so that one takes
+/// seconds.
+fn slow_rotation(pool: &TestPool) {
+    set_toml(
+        pool,
+        "rotation",
+        &[
+            ("rate_mib_s", "1"),
+            ("idle_after_ms", "86400000"),
+            ("batch_blocks", "64"),
+        ],
+    );
+}
+
+#[test]
+fn three_due_zones_under_a_cap_of_two_never_rotate_three_at_once() {
+    require_tool("fio");
+    let zones = ["z1", "z2", "z3"];
+    let (pool, clock) = test_pool(&zones, "16M");
+    slow_rotation(&pool);
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    for z in zones {
+        set_policy(&pool, z);
+        fill(
+            &server,
+            z,
+            3,
+            &pool.dir.path().join(format!("fio-{z}.json")),
+        );
+    }
+    let day = midnight_after(t0, 95);
+    let mut max_running = 0;
+    let mut max_busy = 0;
+    let mut now = day + 2 * 3600 + 60;
+    wait_until("all three zones to rotate", 180, || {
+        // Time goes on (5 s a poll): each rotation flips after its planned
+        // staging time, inside the window.
+        now += 5;
+        clock.set(now);
+        let s = schedule(&pool);
+        let running = jobs(&s).iter().filter(|j| j["state"] == "running").count();
+        max_running = max_running.max(running);
+        let states: Vec<Value> = zones.iter().map(|z| rotation(&pool, z)).collect();
+        let busy = states
+            .iter()
+            .filter(|st| ["window", "migrating", "paused"].contains(&st["phase"].as_str().unwrap()))
+            .count();
+        max_busy = max_busy.max(busy);
+        states
+            .iter()
+            .all(|st| st["active_version"] == 2 && st["phase"] == "grace")
+    });
+    assert!(
+        max_running <= 2,
+        "{max_running} scheduled rotations ran at once"
+    );
+    assert!(max_busy <= 2, "{max_busy} zones were rotating at once");
+    // The audit log in order: windows opened minus migrations finished never exceeds 2.
+    let mut open = 0i64;
+    let mut peak = 0;
+    for e in audit(&pool) {
+        match e["action"].as_str() {
+            Some("rotation.prepare") => open += 1,
+            Some("rotation.migrated") => open -= 1,
+            _ => {}
+        }
+        peak = peak.max(open);
+    }
+    assert_eq!(peak, 2, "peak of concurrent rotations in the audit log");
+    assert!(now < day + 4 * 3600, "the rotations outran the window");
+    drop(server);
+}
+
+#[test]
+fn kill_9_in_a_scheduled_rotation_resumes_and_loses_nothing() {
+    require_tool("fio");
+    let (pool, clock) = test_pool(&["z1"], "64M");
+    slow_rotation(&pool);
+    let t0 = real_now();
+    let mut server = serve(&pool, &clock);
+    set_policy(&pool, "z1");
+    let region = 12 * MIB;
+    let out = pool.dir.path().join("fio.json");
+    fill(&server, "z1", 12, &out);
+    // Severely overdue: starts at once.
+    clock.set(midnight_after(t0, 140) + 1800);
+    wait_until("the rotation to be migrating", 60, || {
+        let st = rotation(&pool, "z1");
+        st["phase"] == "migrating" && st["migrated_blocks"].as_u64().unwrap() > 0
+    });
+    server.kill9();
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(pool.path().join("schedule.json")).unwrap()).unwrap();
+    assert_eq!(jobs(&on_disk)[0]["state"], "running", "{on_disk}");
+
+    let server = serve(&pool, &clock);
+    let mut st = Value::Null;
+    wait_until("the rotation to finish after the restart", 120, || {
+        st = rotation(&pool, "z1");
+        st["phase"] == "grace"
+    });
+    assert_eq!(st["active_version"], 2, "{st}");
+    assert_eq!(st["remaining_blocks"], 0, "{st}");
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
+    // One rotation, not two: the restart followed it rather than starting another.
+    let events = audit(&pool);
+    assert_eq!(count(&events, "rotation.prepare", "z1"), 1);
+    assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
+    fio_verify(
+        &server.uri("z1-vol"),
+        1,
+        region,
+        &out,
+        "data after kill -9 and the resumed rotation",
+    );
+}
+
+#[test]
+fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let _server = serve(&pool, &clock);
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        "z1",
+        "--preset",
+        "365d",
+        "--kek-cryptoperiod",
+        "30d",
+        "--kek-grace",
+        "7d",
+        "--kek-batch",
+        "1",
+        "--kek-pause",
+        "1s",
+    ]);
+    let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
+    assert_eq!(p["policy"]["kek_pause"], "1s", "{p}");
+    assert_eq!(
+        p["policy"]["preset"],
+        Value::Null,
+        "a changed preset is no longer the preset: {p}"
+    );
+    // A zone created while serving has a rotation and is looked at.
+    pool.keyturn_ok(&["zone", "create", "z2"]);
+    assert_eq!(rotation(&pool, "z2")["phase"], "idle");
+    wait_until("the scheduler to look at both zones", 20, || {
+        json(&pool, &["scheduler", "status", "--json"])["last_check"]["zones"] == 2
+    });
+    // 40 days on, at noon: outside the DEK window, which a KEK does not need.
+    clock.set(midnight_after(t0, 40) + 12 * 3600);
+    let kek_v2_active = || {
+        let keys = json(&pool, &["keys", "list", "--zone", "z1", "--json"]);
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == "z1-kek-v2" && k["state"] == "active")
+    };
+    wait_until("the scheduled KEK rotation", 60, kek_v2_active);
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
+    let st = rotation(&pool, "z1");
+    assert_eq!(st["active_version"], 1, "the DEK is not due: {st}");
+    let events = audit(&pool);
+    assert_eq!(count(&events, "schedule.kek.start", "z1"), 1);
+    assert_eq!(count(&events, "schedule.kek.done", "z1"), 1);
+    assert_eq!(count(&events, "kek.rotate", "z1"), 1);
+}
