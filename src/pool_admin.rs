@@ -531,7 +531,10 @@ impl AdminBackend for Pool {
         }
         for z in self.zone_infos() {
             if let Some(reason) = self.stream(&z.name).and_then(|s| s.broken()) {
-                problems.push(format!("the stream of zone {} stopped recording: {reason}", z.name));
+                problems.push(format!(
+                    "the stream of zone {} stopped recording: {reason}",
+                    z.name
+                ));
             }
         }
         Health {
@@ -561,7 +564,11 @@ impl AdminBackend for Pool {
         }
     }
 
-    fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError> {
+    fn stream_request(
+        &self,
+        zone: &str,
+        req: StreamRequest,
+    ) -> Result<serde_json::Value, AdminError> {
         match req {
             StreamRequest::Status => to_json(&self.stream_status(zone)?),
             StreamRequest::Enable => to_json(&self.enable_stream(zone)?),
@@ -589,7 +596,9 @@ impl AdminBackend for Pool {
                     &r.approvals,
                 )?;
                 self.shred_window(zone, w, auth)?;
-                Ok(serde_json::json!({"zone": zone, "shredded": crate::stream::record::key_id(self.zone_id(zone)?.0, w)}))
+                Ok(
+                    serde_json::json!({"zone": zone, "shredded": crate::stream::record::key_id(self.zone_id(zone)?.0, w)}),
+                )
             }
         }
     }

@@ -487,7 +487,9 @@ impl Volume {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
-        let mut copy = sink.as_ref().map(|_| zeroize::Zeroizing::new(plain.to_vec()));
+        let mut copy = sink
+            .as_ref()
+            .map(|_| zeroize::Zeroizing::new(plain.to_vec()));
         let mut plan = self.plan_write(&tags, true)?;
         let mut written = 0;
         loop {
@@ -1038,7 +1040,13 @@ impl Volume {
 
     /// Makes `[offset, offset+len)` read as zeros: whole blocks are unmapped,
     /// partial ones rewritten.
-    async fn zero_range(&self, offset: u64, len: u64, fua: bool, zero: bool) -> Result<(), ExportError> {
+    async fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        zero: bool,
+    ) -> Result<(), ExportError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -1223,20 +1231,33 @@ pub(crate) fn free_slots_after(storage: &Storage, seq: JournalSeq, frees: &[Free
 impl Volume {
     /// Applies a replicated write of whole blocks from block `first`, with
     /// `applied` (the source stream record) journaled in the same frame.
-    pub async fn apply_write(&self, first: u64, plain: &[u8], applied: u64) -> Result<(), ExportError> {
+    pub async fn apply_write(
+        &self,
+        first: u64,
+        plain: &[u8],
+        applied: u64,
+    ) -> Result<(), ExportError> {
         if plain.is_empty() || !plain.len().is_multiple_of(BLOCK_SIZE) {
-            return Err(ExportError::Invalid("a replicated write is whole blocks".into()));
+            return Err(ExportError::Invalid(
+                "a replicated write is whole blocks".into(),
+            ));
         }
         self.check_range(first * BS, plain.len() as u64)?;
         let blocks = first..first + (plain.len() / BLOCK_SIZE) as u64;
         let _guard = self.locks.lock(blocks, true).await;
-        self.write_blocks_applying(first, plain, Some(applied)).await?;
+        self.write_blocks_applying(first, plain, Some(applied))
+            .await?;
         Ok(())
     }
 
     /// Applies replicated trims or write-zeroes (`zero`), with `applied`
     /// journaled in the frame of the last run.
-    pub async fn apply_unmap(&self, runs: &[(Lba, u32)], zero: bool, applied: u64) -> Result<(), ExportError> {
+    pub async fn apply_unmap(
+        &self,
+        runs: &[(Lba, u32)],
+        zero: bool,
+        applied: u64,
+    ) -> Result<(), ExportError> {
         for (i, &(lba, n)) in runs.iter().enumerate() {
             self.check_range(lba.0 * BS, u64::from(n) * BS)?;
             if n == 0 {

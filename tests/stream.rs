@@ -36,7 +36,11 @@ impl Pair {
         let toml = src.path().join("pool.toml");
         let mut text = std::fs::read_to_string(&toml).unwrap();
         for (k, v) in stream {
-            let line = text.lines().find(|l| l.starts_with(&format!("{k} = "))).unwrap_or_else(|| panic!("no {k} in pool.toml")).to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{k} = ")))
+                .unwrap_or_else(|| panic!("no {k} in pool.toml"))
+                .to_string();
             text = text.replace(&line, &format!("{k} = {v}"));
         }
         std::fs::write(&toml, text).unwrap();
@@ -47,15 +51,32 @@ impl Pair {
         src.keyturn_ok(&["stream", "enable", "--zone", "z1"]);
         let dst = TestPool::new();
         let key = src.dir.path().join("agent.key");
-        let out = run_ok(keyturn_bin().to_str().unwrap(), &["agent-key", "--out", key.to_str().unwrap()]);
+        let out = run_ok(
+            keyturn_bin().to_str().unwrap(),
+            &["agent-key", "--out", key.to_str().unwrap()],
+        );
         let public = out.trim().to_string();
         assert_eq!(public.len(), 64, "agent-key prints the public key: {out}");
-        let mut grant = vec!["stream", "grant", "--zone", "z1", "--agent", "dr", "--public-key", &public];
+        let mut grant = vec![
+            "stream",
+            "grant",
+            "--zone",
+            "z1",
+            "--agent",
+            "dr",
+            "--public-key",
+            &public,
+        ];
         if let Some(f) = from {
             grant.extend(["--from", f]);
         }
         src.keyturn_ok(&grant);
-        Self { src, dst, key, public }
+        Self {
+            src,
+            dst,
+            key,
+            public,
+        }
     }
 
     fn serve(&self) -> Server {
@@ -110,7 +131,9 @@ impl Pair {
 
     /// Starts the agent in the background, following.
     fn spawn_agent(&self, server: &Server) -> Child {
-        let log = std::fs::File::create(self.dst.dir.path().join(format!("agent-{}.log", now_ns()))).unwrap();
+        let log =
+            std::fs::File::create(self.dst.dir.path().join(format!("agent-{}.log", now_ns())))
+                .unwrap();
         Command::new(keyturn_bin())
             .args(self.agent_args(server, &[]))
             .env("KEYTURN_LOG", "info")
@@ -122,14 +145,26 @@ impl Pair {
     }
 
     fn source_last_seq(&self) -> u64 {
-        let st: serde_json::Value =
-            serde_json::from_str(&self.src.keyturn_ok(&["stream", "status", "--zone", "z1", "--json"])).unwrap();
+        let st: serde_json::Value = serde_json::from_str(
+            &self
+                .src
+                .keyturn_ok(&["stream", "status", "--zone", "z1", "--json"]),
+        )
+        .unwrap();
         st["last_seq"].as_u64().unwrap()
     }
 
     fn replica_status(&self) -> serde_json::Value {
         let o = Command::new(keyturn_bin())
-            .args(["replica", "status", "--pool", self.dst.path().to_str().unwrap(), "--zone", "r1", "--json"])
+            .args([
+                "replica",
+                "status",
+                "--pool",
+                self.dst.path().to_str().unwrap(),
+                "--zone",
+                "r1",
+                "--json",
+            ])
             .output()
             .unwrap();
         serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
@@ -144,7 +179,10 @@ impl Pair {
             if st["applied_seq"].as_u64().unwrap_or(0) >= target {
                 return target;
             }
-            assert!(Instant::now() < deadline, "agent did not catch up to {target}: {st}");
+            assert!(
+                Instant::now() < deadline,
+                "agent did not catch up to {target}: {st}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -171,7 +209,10 @@ impl Pair {
             ])
             .output()
             .unwrap();
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned())
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
     }
 
     fn assert_equal(&self, server: &Server) {
@@ -184,11 +225,17 @@ impl Pair {
 }
 
 fn now_ns() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn term(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
@@ -206,7 +253,8 @@ fn fio_json(uri: &str, out: &Path, extra: &[&str]) -> (bool, String) {
 
 fn rotation_phase(pool: &TestPool) -> String {
     let st: serde_json::Value =
-        serde_json::from_str(&pool.keyturn_ok(&["rotate", "status", "--zone", "z1", "--json"])).unwrap();
+        serde_json::from_str(&pool.keyturn_ok(&["rotate", "status", "--zone", "z1", "--json"]))
+            .unwrap();
     st["phase"].as_str().unwrap().to_string()
 }
 
@@ -234,7 +282,10 @@ fn a_replica_follows_fio_and_a_dek_rotation_and_verifies() {
     pair.src.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
     for f in fios {
         let (ok, text) = f.join().unwrap();
-        assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "fio: {text}");
+        assert!(
+            ok && fio_errors(&text).iter().all(|&e| e == 0),
+            "fio: {text}"
+        );
     }
     // Migration ends (grace or idle) with the agent still following.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -245,15 +296,25 @@ fn a_replica_follows_fio_and_a_dek_rotation_and_verifies() {
     let seq = pair.wait_caught_up();
     term(&mut agent);
     let st = pair.replica_status();
-    assert_eq!(st["full_syncs"], 1, "one full sync, and no resync for the rotation: {st}");
+    assert_eq!(
+        st["full_syncs"], 1,
+        "one full sync, and no resync for the rotation: {st}"
+    );
     assert_eq!(st["applied_seq"].as_u64(), Some(seq));
     pair.assert_equal(&server);
 
     // The replica, served by itself, passes fio's verify-only pass.
     let replica = pair.dst.serve();
     for (i, v) in ["a", "b"].iter().enumerate() {
-        let (ok, text) = fio_json(&replica.uri(v), &out.join(format!("v-{i}.json")), &["--io_size=24M", "--verify_only"]);
-        assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "replica verify of {v}: {text}");
+        let (ok, text) = fio_json(
+            &replica.uri(v),
+            &out.join(format!("v-{i}.json")),
+            &["--io_size=24M", "--verify_only"],
+        );
+        assert!(
+            ok && fio_errors(&text).iter().all(|&e| e == 0),
+            "replica verify of {v}: {text}"
+        );
     }
     // And a changed block is found at its LBA.
     drop(replica);
@@ -263,7 +324,11 @@ fn a_replica_follows_fio_and_a_dek_rotation_and_verifies() {
     let (code, text) = pair.verify(&server);
     assert_eq!(code, 1, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!((v["volume"].as_str(), v["lba"].as_u64()), (Some("b"), Some(10)), "{text}");
+    assert_eq!(
+        (v["volume"].as_str(), v["lba"].as_u64()),
+        (Some("b"), Some(10)),
+        "{text}"
+    );
 }
 
 #[test]
@@ -273,7 +338,16 @@ fn the_agent_killed_at_random_points_resumes_without_gap_or_double_apply() {
     let server = pair.serve();
     let out = pair.src.dir.path().join("fio.json");
     let uri = server.uri("a");
-    let load = std::thread::spawn(move || fio(&uri, 1, VOL, 1, &out, &["--io_size=48M", "--rate_iops=3000"]));
+    let load = std::thread::spawn(move || {
+        fio(
+            &uri,
+            1,
+            VOL,
+            1,
+            &out,
+            &["--io_size=48M", "--rate_iops=3000"],
+        )
+    });
     let mut rng = now_ns() as u64 | 1;
     let mut kills = 0;
     while kills < 5 {
@@ -288,7 +362,10 @@ fn the_agent_killed_at_random_points_resumes_without_gap_or_double_apply() {
         kills += 1;
     }
     let (ok, text) = load.join().unwrap();
-    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "fio: {text}");
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "fio: {text}"
+    );
     let mut agent = pair.spawn_agent(&server);
     let seq = pair.wait_caught_up();
     term(&mut agent);
@@ -296,8 +373,15 @@ fn the_agent_killed_at_random_points_resumes_without_gap_or_double_apply() {
     assert_eq!(st["applied_seq"].as_u64(), Some(seq), "{st}");
     pair.assert_equal(&server);
     let replica = pair.dst.serve();
-    let (ok, text) = fio_json(&replica.uri("a"), &pair.src.dir.path().join("v.json"), &["--io_size=48M", "--verify_only"]);
-    assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "replica after 5 kills: {text}");
+    let (ok, text) = fio_json(
+        &replica.uri("a"),
+        &pair.src.dir.path().join("v.json"),
+        &["--io_size=48M", "--verify_only"],
+    );
+    assert!(
+        ok && fio_errors(&text).iter().all(|&e| e == 0),
+        "replica after 5 kills: {text}"
+    );
 }
 
 #[test]
@@ -332,12 +416,18 @@ fn a_source_killed_under_load_keeps_every_flushed_write_in_stream_and_replica() 
     std::thread::sleep(Duration::from_millis(1500));
     server.kill9();
     let acked = writer.join().unwrap();
-    assert!(acked.len() > 3, "some batches were acknowledged before the kill");
+    assert!(
+        acked.len() > 3,
+        "some batches were acknowledged before the kill"
+    );
     let _ = agent.kill();
     let _ = agent.wait();
     let server = pair.serve();
     // Every acknowledged-and-flushed batch is in the stream ...
-    assert!(pair.source_last_seq() >= acked.len() as u64 * 8, "stream lost flushed writes");
+    assert!(
+        pair.source_last_seq() >= acked.len() as u64 * 8,
+        "stream lost flushed writes"
+    );
     // ... and on the replica, equal to the source.
     pair.replicate_ok(&server, &["--until-caught-up"]);
     pair.assert_equal(&server);
@@ -350,9 +440,14 @@ fn a_source_killed_under_load_keeps_every_flushed_write_in_stream_and_replica() 
         }
     }
     let replica = pair.dst.serve();
-    let cmds: Vec<String> = last.iter().map(|(blk, p)| format!("read -P {p} {} 4096", blk * 4096)).collect();
+    let cmds: Vec<String> = last
+        .iter()
+        .map(|(blk, p)| format!("read -P {p} {} 4096", blk * 4096))
+        .collect();
     // Blocks written again by an unacknowledged batch may hold that batch's data.
-    let unacked_next: Vec<u64> = (0..8).map(|i| (acked.len() as u64 * 8 + i) % 16000).collect();
+    let unacked_next: Vec<u64> = (0..8)
+        .map(|i| (acked.len() as u64 * 8 + i) % 16000)
+        .collect();
     let refs: Vec<&str> = cmds
         .iter()
         .zip(last.keys())
@@ -365,27 +460,65 @@ fn a_source_killed_under_load_keeps_every_flushed_write_in_stream_and_replica() 
 #[test]
 fn grants_shredding_and_no_plaintext_in_the_stream() {
     // Two-second windows, so a test can shred one that has ended.
-    let tomorrow = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 86_400).to_string();
+    let tomorrow = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400)
+        .to_string();
     let pair = Pair::with(Some(&tomorrow), &[("set_secs", "60"), ("window_secs", "2")]);
     let server = pair.serve();
     // A grant for windows a day from now: today's data is not this agent's.
     let o = pair.replicate(&server, &["--until-caught-up"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "an agent without a grant must fail");
-    assert!(err.contains("outside this agent's grant"), "clear error: {err}");
-    assert!(err.contains("cannot be read by this agent"), "clear error: {err}");
+    assert!(
+        err.contains("outside this agent's grant"),
+        "clear error: {err}"
+    );
+    assert!(
+        err.contains("cannot be read by this agent"),
+        "clear error: {err}"
+    );
 
     // Granted every window: it syncs.
-    pair.src.keyturn_ok(&["stream", "grant", "--zone", "z1", "--agent", "dr", "--public-key", &pair.public]);
+    pair.src.keyturn_ok(&[
+        "stream",
+        "grant",
+        "--zone",
+        "z1",
+        "--agent",
+        "dr",
+        "--public-key",
+        &pair.public,
+    ]);
     pair.replicate_ok(&server, &["--until-caught-up"]);
 
     // Records in one window, with a canary block, then that window ends.
     let canary = b"KEYTURN-STREAM-CANARY-7f3a9c-".repeat(4096 / 29 + 1);
     let canary_file = write_file(pair.src.dir.path(), "canary", &canary[..4096]);
-    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    run_ok("qemu-io", &["-f", "raw", "-c", &format!("write -s {} 8192 4096", canary_file.display()), "-c", "flush", &server.uri("a")]);
-    let keys: serde_json::Value =
-        serde_json::from_str(&pair.src.keyturn_ok(&["stream", "keys", "--zone", "z1", "--json"])).unwrap();
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -s {} 8192 4096", canary_file.display()),
+            "-c",
+            "flush",
+            &server.uri("a"),
+        ],
+    );
+    let keys: serde_json::Value = serde_json::from_str(
+        &pair
+            .src
+            .keyturn_ok(&["stream", "keys", "--zone", "z1", "--json"]),
+    )
+    .unwrap();
     let window = keys
         .as_array()
         .unwrap()
@@ -396,32 +529,58 @@ fn grants_shredding_and_no_plaintext_in_the_stream() {
         .unwrap();
     let id = window["key_id"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(3));
-    pair.src.keyturn_ok(&["stream", "shred", "--zone", "z1", "--window", &id]);
+    pair.src
+        .keyturn_ok(&["stream", "shred", "--zone", "z1", "--window", &id]);
     let keys = pair.src.keyturn_ok(&["stream", "keys", "--zone", "z1"]);
-    assert!(keys.lines().any(|l| l.contains(&id) && l.contains("shredded")), "{keys}");
+    assert!(
+        keys.lines()
+            .any(|l| l.contains(&id) && l.contains("shredded")),
+        "{keys}"
+    );
     // The open window cannot be shredded.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let open = format!("{}-w{}", id.rsplit_once("-w").unwrap().0, (now % 60) / 2);
-    let o = pair.src.keyturn(&["stream", "shred", "--zone", "z1", "--window", &open]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("still open"), "{o:?}");
+    let o = pair
+        .src
+        .keyturn(&["stream", "shred", "--zone", "z1", "--window", &open]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("still open"),
+        "{o:?}"
+    );
 
     // The shredded window's records can no longer be read by the agent.
     let o = pair.replicate(&server, &["--until-caught-up"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("shredded"), "a shredded window is unreadable: {err}");
+    assert!(
+        !o.status.success() && err.contains("shredded"),
+        "a shredded window is unreadable: {err}"
+    );
     let audit = std::fs::read_to_string(pair.src.path().join("audit.log")).unwrap();
     for action in ["stream.grant", "stream.shred", "stream.key-handout"] {
         assert!(audit.contains(action), "{action} is audited");
     }
-    assert!(audit.contains("\"actor\":\"dr\""), "the agent is named in the audit log");
+    assert!(
+        audit.contains("\"actor\":\"dr\""),
+        "the agent is named in the audit log"
+    );
     // No plaintext in the stream's files.
     let mut scanned = 0;
     for f in all_files(&pair.src.path().join("streams")) {
         let bytes = std::fs::read(&f).unwrap();
         scanned += bytes.len();
-        assert!(find_bytes(&bytes, &canary[..64]).is_empty(), "canary found in {}", f.display());
+        assert!(
+            find_bytes(&bytes, &canary[..64]).is_empty(),
+            "canary found in {}",
+            f.display()
+        );
     }
-    assert!(scanned > 4096, "the stream files were scanned ({scanned} bytes)");
+    assert!(
+        scanned > 4096,
+        "the stream files were scanned ({scanned} bytes)"
+    );
 }
 
 #[test]
@@ -433,7 +592,10 @@ fn a_consumer_behind_retention_is_told_and_resyncs() {
     let text = text
         .replace("retention_mib = 4096", "retention_mib = 1")
         .replace("segment_mib = 64", "segment_mib = 1");
-    assert!(text.contains("retention_mib = 1"), "pool.toml has a [stream] section: {text}");
+    assert!(
+        text.contains("retention_mib = 1"),
+        "pool.toml has a [stream] section: {text}"
+    );
     std::fs::write(&toml, text).unwrap();
     let server = pair.serve();
     qio_ok(&server.uri("a"), &["write -P 1 0 1M", "flush"]);
@@ -441,24 +603,38 @@ fn a_consumer_behind_retention_is_told_and_resyncs() {
     // 8 MiB more, while the agent is away: retention drops what it needs.
     // Distinct data (equal blocks would go as references and take no room).
     for i in 0..8u64 {
-        let f = write_file(pair.src.dir.path(), &format!("r{i}"), &pattern_bytes(i, 1 << 20));
+        let f = write_file(
+            pair.src.dir.path(),
+            &format!("r{i}"),
+            &pattern_bytes(i, 1 << 20),
+        );
         let cmd = format!("write -s {} {} 1M", f.display(), i << 20);
         qio_ok(&server.uri("b"), &[cmd.as_str(), "flush"]);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let st: serde_json::Value =
-            serde_json::from_str(&pair.src.keyturn_ok(&["stream", "status", "--zone", "z1", "--json"])).unwrap();
+        let st: serde_json::Value = serde_json::from_str(
+            &pair
+                .src
+                .keyturn_ok(&["stream", "status", "--zone", "z1", "--json"]),
+        )
+        .unwrap();
         if st["first_seq"].as_u64().unwrap() > 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "retention did not drop old records: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "retention did not drop old records: {st}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let o = pair.replicate(&server, &["--until-caught-up"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("behind the source's retention"), "the agent says why it resyncs: {err}");
+    assert!(
+        err.contains("behind the source's retention"),
+        "the agent says why it resyncs: {err}"
+    );
     let st = pair.replica_status();
     assert_eq!(st["full_syncs"], 1, "this run did one full sync: {st}");
     pair.assert_equal(&server);
@@ -484,13 +660,18 @@ fn tampering_proxy(source: &str, how: Tamper) -> String {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(agent) = conn else { return };
-            let Ok(up) = TcpStream::connect(&source) else { return };
+            let Ok(up) = TcpStream::connect(&source) else {
+                return;
+            };
             let (mut a_rd, mut a_wr) = (agent.try_clone().unwrap(), agent);
             let (mut u_rd, mut u_wr) = (up.try_clone().unwrap(), up);
             std::thread::spawn(move || {
                 while let Some((k, mut body)) = frame(&mut a_rd) {
                     if k == 1 && matches!(how, Tamper::OtherZone) {
-                        body = String::from_utf8(body).unwrap().replace("\"z1\"", "\"z2\"").into_bytes();
+                        body = String::from_utf8(body)
+                            .unwrap()
+                            .replace("\"z1\"", "\"z2\"")
+                            .into_bytes();
                     }
                     if send(&mut u_wr, k, &body).is_err() {
                         return;
@@ -541,15 +722,28 @@ fn send(w: &mut TcpStream, k: u8, b: &[u8]) -> std::io::Result<()> {
 fn tampered_missing_and_foreign_records_are_refused_and_never_applied() {
     let pair = Pair::new();
     pair.src.keyturn_ok(&["zone", "create", "z2"]);
-    pair.src.keyturn_ok(&["volume", "create", "--zone", "z2", "--size", "64M", "c"]);
+    pair.src
+        .keyturn_ok(&["volume", "create", "--zone", "z2", "--size", "64M", "c"]);
     pair.src.keyturn_ok(&["stream", "enable", "--zone", "z2"]);
-    pair.src.keyturn_ok(&["stream", "grant", "--zone", "z2", "--agent", "dr", "--public-key", &pair.public]);
+    pair.src.keyturn_ok(&[
+        "stream",
+        "grant",
+        "--zone",
+        "z2",
+        "--agent",
+        "dr",
+        "--public-key",
+        &pair.public,
+    ]);
     let server = pair.serve();
     let real = server.stream.clone().unwrap();
     pair.replicate_ok(&server, &["--until-caught-up"]);
 
     for i in 0..6 {
-        qio_ok(&server.uri("a"), &[&format!("write -P {} {} 64k", 9 + i, i * 65536), "flush"]);
+        qio_ok(
+            &server.uri("a"),
+            &[&format!("write -P {} {} 64k", 9 + i, i * 65536), "flush"],
+        );
     }
     let cases = [
         (Tamper::FlipPayload(2), "failed authentication"),
@@ -562,14 +756,20 @@ fn tampered_missing_and_foreign_records_are_refused_and_never_applied() {
         let mut args = pair.agent_args(&server, &["--until-caught-up"]);
         let at = args.iter().position(|a| a == &real).unwrap();
         args[at] = proxy;
-        let o = Command::new(keyturn_bin()).args(&args).stdin(Stdio::null()).output().unwrap();
+        let o = Command::new(keyturn_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "a bad record must stop the agent");
         assert!(err.contains(says), "error says {says:?}: {err}");
         let applied = pair.replica_status()["applied_seq"].as_u64().unwrap();
         match how {
             // The first record was good and applied; the second never was.
-            Tamper::FlipPayload(_) | Tamper::Drop(_) => assert_eq!(applied, before + 1, "only the good record was applied"),
+            Tamper::FlipPayload(_) | Tamper::Drop(_) => {
+                assert_eq!(applied, before + 1, "only the good record was applied")
+            }
             Tamper::OtherZone => assert_eq!(applied, before, "nothing of another zone was applied"),
         }
     }
@@ -577,4 +777,64 @@ fn tampered_missing_and_foreign_records_are_refused_and_never_applied() {
     pair.replicate_ok(&server, &["--until-caught-up"]);
     let (code, out) = pair.verify(&server);
     assert_eq!(code, 0, "{out}");
+
+    // Provenance of a block the last write changed: its key and record.
+    let last = pair.source_last_seq();
+    let b: serde_json::Value = serde_json::from_str(&pair.src.keyturn_ok(&[
+        "block",
+        "show",
+        "--volume",
+        "a",
+        "--lba",
+        &(5 * 16).to_string(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(b["mapped"], true, "{b}");
+    assert_eq!(b["dek_key_id"], "z1-dek-v1", "{b}");
+    assert_eq!(b["dek_state"], "active", "{b}");
+    assert_eq!(b["stream_op"], "write", "{b}");
+    let rec = b["stream_record"].as_u64().unwrap();
+    assert!(
+        rec > last - 6 && rec <= last,
+        "record {rec} is one of the six writes before {last}: {b}"
+    );
+    assert!(
+        b["stream_window_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("z1-stream-s"),
+        "{b}"
+    );
+    let unmapped: serde_json::Value = serde_json::from_str(
+        &pair
+            .src
+            .keyturn_ok(&["block", "show", "--volume", "a", "--lba", "10000", "--json"]),
+    )
+    .unwrap();
+    assert_eq!(unmapped["mapped"], false, "{unmapped}");
+    assert!(unmapped["stream_record"].is_null(), "{unmapped}");
+
+    // The stream's metrics: the zone's last record and the agent's lag.
+    let token = std::fs::read_to_string(pair.src.path().join("admin.token")).unwrap();
+    let url = format!("http://{}/metrics", server.admin.as_deref().unwrap());
+    let text = ureq::get(&url)
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.parse::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(sample("keyturn_stream_last_seq{zone=\"z1\"}"), last as f64);
+    assert_eq!(
+        sample("keyturn_stream_consumer_lag_records{zone=\"z1\",consumer=\"dr\"}"),
+        0.0
+    );
 }

@@ -158,22 +158,67 @@ fn describe() {
             "keyturn_zone_key_blocks",
             "Content blocks whose live copy is under a DEK version",
         ),
-        ("keyturn_stream_last_seq", "Last durable (served) record of the zone's stream"),
-        ("keyturn_stream_first_seq", "Oldest record the zone's stream keeps"),
+        (
+            "keyturn_stream_last_seq",
+            "Last durable (served) record of the zone's stream",
+        ),
+        (
+            "keyturn_stream_first_seq",
+            "Oldest record the zone's stream keeps",
+        ),
         ("keyturn_stream_bytes", "Bytes the zone's stream log keeps"),
-        ("keyturn_stream_records", "Records written since the server started"),
-        ("keyturn_stream_logical_bytes", "Bytes of blocks the records describe, since start"),
-        ("keyturn_stream_record_bytes", "Bytes of records (what crosses the wire), since start"),
-        ("keyturn_stream_referenced_blocks", "Blocks sent as a reference to an earlier record, since start"),
-        ("keyturn_stream_broken", "1 when the stream stopped recording (replicas need a resync)"),
-        ("keyturn_stream_consumer_acked_seq", "Last record a consumer acknowledged as applied"),
-        ("keyturn_stream_consumer_lag_records", "Records a consumer is behind the stream"),
-        ("keyturn_replica_applied_seq", "Last source record applied by this agent"),
-        ("keyturn_replica_source_seq", "Last durable source record the agent has heard of"),
-        ("keyturn_replica_lag_records", "Records the replica is behind its source"),
-        ("keyturn_replica_lag_seconds", "Age of the last applied record when it was applied"),
-        ("keyturn_replica_apply_rate", "Records applied per second, recently"),
-        ("keyturn_replica_full_syncs", "Full syncs done by this agent process"),
+        (
+            "keyturn_stream_records",
+            "Records written since the server started",
+        ),
+        (
+            "keyturn_stream_logical_bytes",
+            "Bytes of blocks the records describe, since start",
+        ),
+        (
+            "keyturn_stream_record_bytes",
+            "Bytes of records (what crosses the wire), since start",
+        ),
+        (
+            "keyturn_stream_referenced_blocks",
+            "Blocks sent as a reference to an earlier record, since start",
+        ),
+        (
+            "keyturn_stream_broken",
+            "1 when the stream stopped recording (replicas need a resync)",
+        ),
+        (
+            "keyturn_stream_consumer_acked_seq",
+            "Last record a consumer acknowledged as applied",
+        ),
+        (
+            "keyturn_stream_consumer_lag_records",
+            "Records a consumer is behind the stream",
+        ),
+        (
+            "keyturn_replica_applied_seq",
+            "Last source record applied by this agent",
+        ),
+        (
+            "keyturn_replica_source_seq",
+            "Last durable source record the agent has heard of",
+        ),
+        (
+            "keyturn_replica_lag_records",
+            "Records the replica is behind its source",
+        ),
+        (
+            "keyturn_replica_lag_seconds",
+            "Age of the last applied record when it was applied",
+        ),
+        (
+            "keyturn_replica_apply_rate",
+            "Records applied per second, recently",
+        ),
+        (
+            "keyturn_replica_full_syncs",
+            "Full syncs done by this agent process",
+        ),
     ] {
         describe_gauge!(name, help);
     }
@@ -224,8 +269,14 @@ fn set_stream_gauges(s: &crate::stream::StreamStatus) {
         ("keyturn_stream_records", s.records as f64),
         ("keyturn_stream_logical_bytes", s.logical_bytes as f64),
         ("keyturn_stream_record_bytes", s.record_bytes as f64),
-        ("keyturn_stream_referenced_blocks", s.referenced_blocks as f64),
-        ("keyturn_stream_broken", if s.broken.is_some() { 1.0 } else { 0.0 }),
+        (
+            "keyturn_stream_referenced_blocks",
+            s.referenced_blocks as f64,
+        ),
+        (
+            "keyturn_stream_broken",
+            if s.broken.is_some() { 1.0 } else { 0.0 },
+        ),
     ] {
         gauge!(name, "zone" => z()).set(value);
     }

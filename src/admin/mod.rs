@@ -621,7 +621,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Provenance of one logical block (see `Pool::block_info`).
     fn block_info(&self, volume: &str, lba: u64) -> Result<serde_json::Value, AdminError>;
     /// A zone's change stream (see [`StreamRequest`]).
-    fn stream_request(&self, zone: &str, req: StreamRequest) -> Result<serde_json::Value, AdminError>;
+    fn stream_request(
+        &self,
+        zone: &str,
+        req: StreamRequest,
+    ) -> Result<serde_json::Value, AdminError>;
     /// The rotation scheduler and the zones' policies (see
     /// [`ScheduleRequest`]). A backend without a scheduler answers 404.
     fn schedule_request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError> {

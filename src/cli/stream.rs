@@ -121,7 +121,12 @@ pub(super) enum BlockCmd {
 
 /// `keyturn block show`.
 pub(super) fn block(cmd: BlockCmd) -> Result<()> {
-    let BlockCmd::Show { pool, volume, lba, json } = cmd;
+    let BlockCmd::Show {
+        pool,
+        volume,
+        lba,
+        json,
+    } = cmd;
     let admin = Admin::open_quietly(&pool)?;
     let v: serde_json::Value = match &admin {
         Admin::Remote(c) => c.get(&format!("/api/v1/volumes/{volume}/blocks/{lba}"))?,
@@ -130,13 +135,24 @@ pub(super) fn block(cmd: BlockCmd) -> Result<()> {
     if json {
         return print_json(&v);
     }
-    println!("volume {volume} block {lba} (zone {})", v["zone"].as_str().unwrap_or("?"));
+    println!(
+        "volume {volume} block {lba} (zone {})",
+        v["zone"].as_str().unwrap_or("?")
+    );
     if v["mapped"] != true {
         println!("  unmapped: reads as zeros, no key protects it");
     } else {
-        println!("  content block {} (shared by {} logical blocks), tag {}", v["cbid"], v["refcount"], v["tag"].as_str().unwrap_or("?"));
+        println!(
+            "  content block {} (shared by {} logical blocks), tag {}",
+            v["cbid"],
+            v["refcount"],
+            v["tag"].as_str().unwrap_or("?")
+        );
         let since = v["dek_active_since_unix"].as_u64().map(|t| {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+            )
+            .to_string()
         });
         println!(
             "  protected by {} ({}), active since {}; live copy on the {} device",
@@ -267,9 +283,10 @@ fn call(t: &StreamTarget, req: StreamRequest) -> Result<serde_json::Value> {
                 StreamRequest::Enable => c.post_empty(&format!("{base}/enable"))?,
                 StreamRequest::Disable => c.post_empty(&format!("{base}/disable"))?,
                 StreamRequest::Grant(g) => c.post(&format!("{base}/grant"), &g)?,
-                StreamRequest::Revoke { name } => {
-                    c.post(&format!("{base}/revoke"), &serde_json::json!({ "name": name }))?
-                }
+                StreamRequest::Revoke { name } => c.post(
+                    &format!("{base}/revoke"),
+                    &serde_json::json!({ "name": name }),
+                )?,
                 StreamRequest::Shred(s) => c.post(&format!("{base}/shred"), &s)?,
             }
         }
@@ -305,15 +322,27 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
             }
             let n = |k: &str| s[k].as_u64().unwrap_or(0);
             let logical = n("logical_bytes");
-            println!("zone {}: stream {}", target.zone, s["stream_id"].as_str().unwrap_or("?"));
-            println!("  records kept: {}..={} ({} bytes)", n("first_seq"), n("last_seq"), n("bytes"));
+            println!(
+                "zone {}: stream {}",
+                target.zone,
+                s["stream_id"].as_str().unwrap_or("?")
+            );
+            println!(
+                "  records kept: {}..={} ({} bytes)",
+                n("first_seq"),
+                n("last_seq"),
+                n("bytes")
+            );
             println!(
                 "  since start: {} records, {} logical bytes, {} record bytes{}",
                 n("records"),
                 logical,
                 n("record_bytes"),
                 if logical > 0 {
-                    format!(" ({:.2} of logical)", n("record_bytes") as f64 / logical as f64)
+                    format!(
+                        " ({:.2} of logical)",
+                        n("record_bytes") as f64 / logical as f64
+                    )
                 } else {
                     String::new()
                 }
@@ -337,7 +366,10 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
             if json {
                 return print_json(&s);
             }
-            println!("{:<10} {:<10} {:<34} {:<22} STATE", "SET", "SET STATE", "KEY ID", "WINDOW START (UTC)");
+            println!(
+                "{:<10} {:<10} {:<34} {:<22} STATE",
+                "SET", "SET STATE", "KEY ID", "WINDOW START (UTC)"
+            );
             for set in s.as_array().into_iter().flatten() {
                 for w in set["windows"].as_array().into_iter().flatten() {
                     let start = w["start_unix"].as_u64().unwrap_or(0);
@@ -346,7 +378,9 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
                         set["set"],
                         set["state"].as_str().unwrap_or("?"),
                         w["key_id"].as_str().unwrap_or("?"),
-                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(start)),
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(start)
+                        ),
                         w["state"].as_str().unwrap_or("?")
                     );
                 }
@@ -357,7 +391,10 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
             if json {
                 return print_json(&s);
             }
-            println!("{:<20} {:<66} {:<12} {:<12}", "AGENT", "PUBLIC KEY", "FROM", "TO");
+            println!(
+                "{:<20} {:<66} {:<12} {:<12}",
+                "AGENT", "PUBLIC KEY", "FROM", "TO"
+            );
             for (name, a) in s.as_object().into_iter().flatten() {
                 println!(
                     "{:<20} {:<66} {:<12} {:<12}",
@@ -375,7 +412,8 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
             from,
             to,
         } => {
-            let key = if public_key.len() == 64 && public_key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let key = if public_key.len() == 64 && public_key.bytes().all(|b| b.is_ascii_hexdigit())
+            {
                 public_key
             } else {
                 std::fs::read_to_string(&public_key)
@@ -390,11 +428,22 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
                 to_unix: to.as_deref().map(parse_time).transpose()?,
             };
             call(&target, StreamRequest::Grant(req))?;
-            println!("agent {agent} may read zone {}'s stream in its granted windows", target.zone);
+            println!(
+                "agent {agent} may read zone {}'s stream in its granted windows",
+                target.zone
+            );
         }
         StreamCmd::Revoke { target, agent } => {
-            call(&target, StreamRequest::Revoke { name: agent.clone() })?;
-            println!("agent {agent}: registration removed from zone {}", target.zone);
+            call(
+                &target,
+                StreamRequest::Revoke {
+                    name: agent.clone(),
+                },
+            )?;
+            println!(
+                "agent {agent}: registration removed from zone {}",
+                target.zone
+            );
         }
         StreamCmd::Shred {
             target,
@@ -408,7 +457,10 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
                 approvals: read_approvals(&approvals)?,
             };
             call(&target, StreamRequest::Shred(req))?;
-            println!("window {window} of zone {} shredded: its records can no longer be opened", target.zone);
+            println!(
+                "window {window} of zone {} shredded: its records can no longer be opened",
+                target.zone
+            );
         }
     }
     Ok(())
@@ -434,7 +486,8 @@ pub(super) fn agent_key(a: AgentKeyArgs) -> Result<()> {
 
 fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
     let secret = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the agent key {}", path.display()))?,
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the agent key {}", path.display()))?,
     );
     AgentKey::from_hex(&secret).with_context(|| format!("{} is not an agent key", path.display()))
 }
@@ -470,7 +523,11 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
     }
     use crate::replica::Verdict;
     let code = match &verdict {
-        Verdict::Equal { seq, volumes, bytes } => {
+        Verdict::Equal {
+            seq,
+            volumes,
+            bytes,
+        } => {
             if !a.json {
                 println!(
                     "equal at record {seq}: {} volume(s) ({}), {bytes} bytes per side",
@@ -482,7 +539,10 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
         }
         Verdict::Differs { seq, volume, lba } => {
             if !a.json {
-                println!("DIFFERENT at record {seq}: volume {volume}, first differing block {lba} (byte offset {})", lba * 4096);
+                println!(
+                    "DIFFERENT at record {seq}: volume {volume}, first differing block {lba} (byte offset {})",
+                    lba * 4096
+                );
             }
             1
         }
@@ -492,11 +552,19 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
             }
             1
         }
-        Verdict::NotComparable { source_seq, source_moved, replica_seq } => {
+        Verdict::NotComparable {
+            source_seq,
+            source_moved,
+            replica_seq,
+        } => {
             if !a.json {
                 println!(
                     "not comparable: the source is at record {source_seq}{}, the replica at {replica_seq}; stop writes to the source and let the agent catch up (`replicate --until-seq {source_seq}`)",
-                    if *source_moved { " and moved while hashing" } else { "" }
+                    if *source_moved {
+                        " and moved while hashing"
+                    } else {
+                        ""
+                    }
                 );
             }
             2
@@ -586,10 +654,18 @@ pub(super) fn replica(cmd: ReplicaCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
             }
-            println!("replica zone {} of source zone {} ({}): {}", st.zone, st.source_zone, st.source, st.phase);
+            println!(
+                "replica zone {} of source zone {} ({}): {}",
+                st.zone, st.source_zone, st.source, st.phase
+            );
             println!(
                 "  applied {} of {}: lag {} records, {} bytes, {:.3} s; {:.1} records/s",
-                st.applied_seq, st.source_seq, st.lag_records, st.lag_bytes, st.lag_seconds, st.apply_rate
+                st.applied_seq,
+                st.source_seq,
+                st.lag_records,
+                st.lag_bytes,
+                st.lag_seconds,
+                st.apply_rate
             );
             if let Some(e) = &st.error {
                 println!("  error: {e}");

@@ -894,7 +894,10 @@ impl ZoneKeyFile {
                     return Err(format!("key {} is a root key; zone files hold none", r.id));
                 }
                 (Purpose::Stream, _) => {
-                    return Err(format!("key {} is a stream key set; they have a file of their own", r.id));
+                    return Err(format!(
+                        "key {} is a stream key set; they have a file of their own",
+                        r.id
+                    ));
                 }
                 (Purpose::Kek, Some(_)) => {
                     return Err(format!("KEK {} names a wrapping KEK", r.id));

@@ -73,10 +73,15 @@ impl Pool {
                 "block {lba} is past the end of volume {volume} ({blocks} blocks)"
             )));
         }
-        let zone = self.zones.read().get(&entry.zone).cloned().ok_or_else(|| PoolError::NotFound {
-            kind: "zone",
-            name: entry.zone.to_string(),
-        })?;
+        let zone =
+            self.zones
+                .read()
+                .get(&entry.zone)
+                .cloned()
+                .ok_or_else(|| PoolError::NotFound {
+                    kind: "zone",
+                    name: entry.zone.to_string(),
+                })?;
         let (cbid, record, live) = {
             let meta = zone.meta.lock();
             let cbid = meta.volumes.get(&entry.id).and_then(|m| m.get(Lba(lba)));
@@ -111,8 +116,13 @@ impl Pool {
             stream_records_scanned: 0,
         };
         if let Some(v) = live.map(|l| l.key_version.0)
-            && let Ok(file) = crate::keys::zone_keys::ZoneKeyFile::load(&Self::zone_key_path(&self.dir, entry.zone))
-            && let Some(k) = file.records().iter().find(|k| k.purpose == Purpose::Dek && k.version == v)
+            && let Ok(file) = crate::keys::zone_keys::ZoneKeyFile::load(&Self::zone_key_path(
+                &self.dir, entry.zone,
+            ))
+            && let Some(k) = file
+                .records()
+                .iter()
+                .find(|k| k.purpose == Purpose::Dek && k.version == v)
         {
             info.dek_key_id = Some(k.id.clone());
             info.dek_state = Some(k.state.name().to_string());
@@ -125,16 +135,24 @@ impl Pool {
             let mut hi = last;
             'scan: while hi >= first && hi > 0 {
                 let lo = hi.saturating_sub(4095).max(first);
-                let recs = stream.read(lo, hi, usize::MAX).map_err(|e| PoolError::Layout(e.to_string()))?;
+                let recs = stream
+                    .read(lo, hi, usize::MAX)
+                    .map_err(|e| PoolError::Layout(e.to_string()))?;
                 for bytes in recs.into_iter().rev() {
                     info.stream_records_scanned += 1;
-                    let Ok(r) = record::decode(bytes) else { continue };
+                    let Ok(r) = record::decode(bytes) else {
+                        continue;
+                    };
                     if r.header.volume != entry.id {
                         continue;
                     }
                     let hit = match &r.body {
-                        Body::Write(b) => lba >= r.header.lba.0 && lba < r.header.lba.0 + b.len() as u64,
-                        Body::Unmap(runs) => runs.iter().any(|(l, n)| lba >= l.0 && lba < l.0 + u64::from(*n)),
+                        Body::Write(b) => {
+                            lba >= r.header.lba.0 && lba < r.header.lba.0 + b.len() as u64
+                        }
+                        Body::Unmap(runs) => runs
+                            .iter()
+                            .any(|(l, n)| lba >= l.0 && lba < l.0 + u64::from(*n)),
                         _ => false,
                     };
                     if hit {

@@ -40,7 +40,11 @@ struct ZoneWrapping {
 }
 
 impl SetWrapping for ZoneWrapping {
-    fn wrap(&self, label: &KeyLabel, plain: &[u8]) -> std::result::Result<(u32, Vec<u8>), KeyError> {
+    fn wrap(
+        &self,
+        label: &KeyLabel,
+        plain: &[u8],
+    ) -> std::result::Result<(u32, Vec<u8>), KeyError> {
         let file = ZoneKeyFile::load(&self.path)?;
         let root = self.provider.read().clone();
         file.wrap_under_kek(root.as_ref(), label, plain)
@@ -65,7 +69,11 @@ pub(crate) struct KeyFileWrapping<'a> {
 }
 
 impl SetWrapping for KeyFileWrapping<'_> {
-    fn wrap(&self, label: &KeyLabel, plain: &[u8]) -> std::result::Result<(u32, Vec<u8>), KeyError> {
+    fn wrap(
+        &self,
+        label: &KeyLabel,
+        plain: &[u8],
+    ) -> std::result::Result<(u32, Vec<u8>), KeyError> {
         self.file.wrap_under_kek(self.root, label, plain)
     }
 
@@ -88,13 +96,25 @@ impl Pool {
     }
 
     fn open_stream(&self, zone: ZoneId, durable: JournalSeq) -> Result<Arc<ZoneStream>> {
-        let z = self.zones.read().get(&zone).cloned().ok_or_else(|| PoolError::NotFound {
-            kind: "zone",
-            name: zone.to_string(),
-        })?;
+        let z = self
+            .zones
+            .read()
+            .get(&zone)
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound {
+                kind: "zone",
+                name: zone.to_string(),
+            })?;
         let settings = self.config().stream.clone();
-        let stream = ZoneStream::open(&self.dir, zone, &z.name, &settings, durable, self.wrapping_of(zone))
-            .map_err(|e| PoolError::Layout(e.to_string()))?;
+        let stream = ZoneStream::open(
+            &self.dir,
+            zone,
+            &z.name,
+            &settings,
+            durable,
+            self.wrapping_of(zone),
+        )
+        .map_err(|e| PoolError::Layout(e.to_string()))?;
         *z.sink.write() = Some(stream.clone());
         self.streams.write().insert(zone, stream.clone());
         Ok(stream)
@@ -103,7 +123,14 @@ impl Pool {
     /// Opens the streams of streaming zones at pool open. `replayed` is the
     /// last journal frame recovery found: records past it are cut.
     pub(crate) fn open_streams(&self, replayed: JournalSeq) -> Result<()> {
-        let zones: Vec<ZoneId> = self.catalog.lock().zones.iter().filter(|z| z.stream).map(|z| z.id).collect();
+        let zones: Vec<ZoneId> = self
+            .catalog
+            .lock()
+            .zones
+            .iter()
+            .filter(|z| z.stream)
+            .map(|z| z.id)
+            .collect();
         for zone in zones {
             self.open_stream(zone, replayed)?;
         }
@@ -112,7 +139,9 @@ impl Pool {
 
     /// Stops every stream's writer after it has written what was queued.
     pub(crate) fn stop_streams(&self) {
-        let streams: Vec<_> = std::mem::take(&mut *self.streams.write()).into_values().collect();
+        let streams: Vec<_> = std::mem::take(&mut *self.streams.write())
+            .into_values()
+            .collect();
         for s in streams {
             if let Some(z) = self.zones.read().get(&s.zone()) {
                 *z.sink.write() = None;
@@ -217,11 +246,19 @@ impl Pool {
             return Ok(Vec::new());
         }
         let s = &self.config().stream;
-        Ok(KeySets::open(&path, id, s.set_secs, s.window_secs, self.wrapping_of(id).as_ref())?.list())
+        Ok(KeySets::open(
+            &path,
+            id,
+            s.set_secs,
+            s.window_secs,
+            self.wrapping_of(id).as_ref(),
+        )?
+        .list())
     }
 
     fn agents(&self, zone: ZoneId) -> Result<Agents> {
-        Agents::load(&ZoneStream::dir_of(&self.dir, zone)).map_err(|e| PoolError::Invalid(e.to_string()))
+        Agents::load(&ZoneStream::dir_of(&self.dir, zone))
+            .map_err(|e| PoolError::Invalid(e.to_string()))
     }
 
     /// The agents registered for a zone.
@@ -231,13 +268,22 @@ impl Pool {
 
     /// Registers an agent with its X25519 public key (hex) and a grant of
     /// the windows starting in `[from, to)` (unix seconds). Audited.
-    pub fn grant_agent(&self, zone: &str, name: &str, public_key: &str, from: u64, to: Option<u64>) -> Result<()> {
+    pub fn grant_agent(
+        &self,
+        zone: &str,
+        name: &str,
+        public_key: &str,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<()> {
         let audit = self.audit()?;
         let r = (|| {
             let id = self.zone_id(zone)?;
-            std::fs::create_dir_all(ZoneStream::dir_of(&self.dir, id)).map_err(|e| PoolError::Io {
-                path: ZoneStream::dir_of(&self.dir, id),
-                source: e,
+            std::fs::create_dir_all(ZoneStream::dir_of(&self.dir, id)).map_err(|e| {
+                PoolError::Io {
+                    path: ZoneStream::dir_of(&self.dir, id),
+                    source: e,
+                }
             })?;
             let mut agents = self.agents(id)?;
             agents
@@ -256,7 +302,12 @@ impl Pool {
             Ok(_) => AuditEvent::ok("stream.grant"),
             Err(e) => AuditEvent::failed("stream.grant", e),
         };
-        Self::record_outcome(audit, vec![event.zone(zone).actor(name)], "the grant was made", r)
+        Self::record_outcome(
+            audit,
+            vec![event.zone(zone).actor(name)],
+            "the grant was made",
+            r,
+        )
     }
 
     /// Removes an agent's registration (its acknowledgements no longer hold
@@ -265,10 +316,12 @@ impl Pool {
         let audit = self.audit()?;
         let r = (|| {
             let id = self.zone_id(zone)?;
-            self.agents(id)?.revoke(name).map_err(|e| PoolError::NotFound {
-                kind: "agent",
-                name: e.to_string(),
-            })?;
+            self.agents(id)?
+                .revoke(name)
+                .map_err(|e| PoolError::NotFound {
+                    kind: "agent",
+                    name: e.to_string(),
+                })?;
             if let Some(s) = self.stream(zone) {
                 s.forget_consumer(name);
             }
@@ -278,7 +331,12 @@ impl Pool {
             Ok(_) => AuditEvent::ok("stream.revoke"),
             Err(e) => AuditEvent::failed("stream.revoke", e),
         };
-        Self::record_outcome(audit, vec![event.zone(zone).actor(name)], "the grant was revoked", r)
+        Self::record_outcome(
+            audit,
+            vec![event.zone(zone).actor(name)],
+            "the grant was revoked",
+            r,
+        )
     }
 
     /// Crypto-shreds window `w` of a zone's stream: its key is erased, and
@@ -292,7 +350,9 @@ impl Pool {
         let kid = key_id(id.0, w);
         let expected = Target::new(Operation::ShredStreamWindow, Some(zone), Some(&kid));
         let approvers = self.check_approval(&expected, auth.as_ref(), |e| {
-            AuditEvent::refused("stream.shred", e).zone(zone).key_id(kid.clone())
+            AuditEvent::refused("stream.shred", e)
+                .zone(zone)
+                .key_id(kid.clone())
         })?;
         let r = (|| {
             let wrapping = self.wrapping_of(id);
@@ -300,11 +360,17 @@ impl Pool {
             // A window that cannot be shredded (open, unknown) is the
             // caller's to fix: a conflict, not a server failure.
             let refused = |e: KeyError| match e {
-                KeyError::InvalidKey { label, reason } => PoolError::Conflict(format!("window {label}: {reason}")),
+                KeyError::InvalidKey { label, reason } => {
+                    PoolError::Conflict(format!("window {label}: {reason}"))
+                }
                 e => e.into(),
             };
             match self.stream(zone) {
-                Some(s) => s.keys().lock().shred(w, now, wrapping.as_ref()).map_err(refused)?,
+                Some(s) => s
+                    .keys()
+                    .lock()
+                    .shred(w, now, wrapping.as_ref())
+                    .map_err(refused)?,
                 None => {
                     let path = KeySets::path(&self.dir.join("keys"), id);
                     let st = &self.config().stream;
@@ -329,7 +395,12 @@ impl Pool {
 
     /// Re-wraps a zone's stream key sets under the newest KEK of `file`
     /// (a KEK rotation, before the old KEK is destroyed).
-    pub(crate) fn rewrap_stream_sets(&self, zone: ZoneId, file: &ZoneKeyFile, root: &dyn RootKeyProvider) -> Result<usize> {
+    pub(crate) fn rewrap_stream_sets(
+        &self,
+        zone: ZoneId,
+        file: &ZoneKeyFile,
+        root: &dyn RootKeyProvider,
+    ) -> Result<usize> {
         let w = KeyFileWrapping { file, root };
         if let Some(s) = self.streams.read().get(&zone).cloned() {
             return Ok(s.keys().lock().rewrap(&w)?);
@@ -343,7 +414,13 @@ impl Pool {
     }
 
     /// Tells a zone's stream that a volume was created (`size`) or deleted.
-    pub(crate) fn stream_volume_changed(&self, zone: ZoneId, id: VolumeId, name: &str, size: Option<u64>) {
+    pub(crate) fn stream_volume_changed(
+        &self,
+        zone: ZoneId,
+        id: VolumeId,
+        name: &str,
+        size: Option<u64>,
+    ) {
         let Some(stream) = self.streams.read().get(&zone).cloned() else {
             return;
         };
@@ -351,7 +428,11 @@ impl Pool {
             .journal
             .commit_blocking(self.journal.last_appended())
             .map_err(|e| e.to_string())
-            .and_then(|()| stream.volume_changed(id, name, size).map_err(|e| e.to_string()));
+            .and_then(|()| {
+                stream
+                    .volume_changed(id, name, size)
+                    .map_err(|e| e.to_string())
+            });
         if let Err(e) = r {
             tracing::error!(zone = %stream.zone_name(), volume = name, error = %e, "stream: volume change not recorded");
         }
@@ -428,7 +509,10 @@ impl StreamSource for PoolStreams {
                 .ok_or_else(|| format!("volume {} is not served", entry.name))?;
             let blocks = entry.size / BLOCK_SIZE as u64;
             if first >= blocks {
-                return Err(format!("block {first} is past the end of volume {}", entry.name));
+                return Err(format!(
+                    "block {first} is past the end of volume {}",
+                    entry.name
+                ));
             }
             let n = u64::from(count).min(blocks - first) as usize;
             let mut plain = Zeroizing::new(vec![0u8; n * BLOCK_SIZE]);
@@ -446,7 +530,12 @@ impl StreamSource for PoolStreams {
 
     fn audit_keys(&self, zone: &str, agent: &str, given: &[String], refused: &[Refused]) {
         for k in given {
-            let _ = self.0.record(AuditEvent::ok("stream.key-handout").zone(zone).actor(agent).key_id(k.clone()));
+            let _ = self.0.record(
+                AuditEvent::ok("stream.key-handout")
+                    .zone(zone)
+                    .actor(agent)
+                    .key_id(k.clone()),
+            );
         }
         for r in refused {
             let _ = self.0.record(

@@ -60,7 +60,9 @@ pub enum ReplicaError {
     #[error("record refused, nothing applied: {0}")]
     BadRecord(String),
     /// A window key the agent may not have.
-    #[error("window key {key_id} was refused to agent {agent}: {reason}; records of that window cannot be read by this agent")]
+    #[error(
+        "window key {key_id} was refused to agent {agent}: {reason}; records of that window cannot be read by this agent"
+    )]
     NoKey {
         /// Key id.
         key_id: String,
@@ -155,7 +157,8 @@ fn state_path(pool: &Path, zone: crate::ids::ZoneId) -> PathBuf {
 
 /// The status file of replica zone `zone` of the pool in `dir`.
 pub fn status_path(pool: &Path, zone: crate::ids::ZoneId) -> PathBuf {
-    pool.join("replicas").join(format!("zone-{}.status.json", zone.0))
+    pool.join("replicas")
+        .join(format!("zone-{}.status.json", zone.0))
 }
 
 /// Reads the status file an agent keeps (the agent holds the pool, so
@@ -254,7 +257,8 @@ impl Agent {
         let zone_id = pool.zone_id(&cfg.replica_zone)?;
         let path = state_path(pool.dir(), zone_id);
         let state = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ReplicaError::Pool(format!("{}: {e}", path.display())))?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ReplicaError::Pool(format!("{}: {e}", path.display())))?,
             Err(_) => ReplicaState::default(),
         };
         if !state.source_zone.is_empty() && state.source_zone != cfg.zone {
@@ -289,9 +293,13 @@ impl Agent {
 
     fn save_state(&self) -> Result<(), ReplicaError> {
         let path = state_path(self.pool.dir(), self.zone_id);
-        std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| ReplicaError::Pool(e.to_string()))?;
-        crate::pool::write_atomic(&path, &serde_json::to_vec_pretty(&self.state).expect("plain data"))
-            .map_err(|e| ReplicaError::Pool(e.to_string()))
+        std::fs::create_dir_all(path.parent().expect("has a parent"))
+            .map_err(|e| ReplicaError::Pool(e.to_string()))?;
+        crate::pool::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&self.state).expect("plain data"),
+        )
+        .map_err(|e| ReplicaError::Pool(e.to_string()))
     }
 
     fn write_status(&mut self, force: bool) {
@@ -305,7 +313,10 @@ impl Agent {
             self.rate_mark = (now, self.status.records_applied);
         }
         self.last_status = now;
-        self.status.lag_records = self.status.source_seq.saturating_sub(self.status.applied_seq);
+        self.status.lag_records = self
+            .status
+            .source_seq
+            .saturating_sub(self.status.applied_seq);
         if !self.lags.is_empty() {
             let mut v: Vec<f64> = self.lags.iter().copied().collect();
             v.sort_by(f64::total_cmp);
@@ -317,15 +328,20 @@ impl Agent {
         crate::admin::metrics::set_replica_gauges(&self.status);
         let path = status_path(self.pool.dir(), self.zone_id);
         let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
-        let _ = crate::pool::write_atomic(&path, &serde_json::to_vec_pretty(&self.status).expect("plain data"));
+        let _ = crate::pool::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&self.status).expect("plain data"),
+        );
     }
 
     async fn connect(&mut self) -> Result<(Conn, Welcome), ReplicaError> {
         let addr = self.cfg.source.clone();
-        let sock = TcpStream::connect(&addr).await.map_err(|e| ReplicaError::Source {
-            addr: addr.clone(),
-            message: e.to_string(),
-        })?;
+        let sock = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| ReplicaError::Source {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
         let _ = sock.set_nodelay(true);
         let (rd, wr) = sock.into_split();
         let mut c = Conn {
@@ -371,7 +387,10 @@ impl Agent {
             if !self.state.synced {
                 self.full_sync(&mut c, &welcome).await?;
             }
-            let target = self.cfg.until_seq.or(self.cfg.until_caught_up.then_some(welcome.last_seq));
+            let target = self
+                .cfg
+                .until_seq
+                .or(self.cfg.until_caught_up.then_some(welcome.last_seq));
             match self.follow(&mut c, target).await {
                 Err(ReplicaError::Refused { kind, error }) if kind == "behind-retention" => {
                     tracing::warn!(%error, "replica is behind the source's retention: full resync");
@@ -403,15 +422,27 @@ impl Agent {
         }
         let h = reply.keys.first().ok_or_else(|| c.err("empty key reply"))?;
         if h.key_id != record::key_id(self.source_zone, w) {
-            return Err(ReplicaError::BadRecord(format!("the source handed out {} for another window", h.key_id)));
+            return Err(ReplicaError::BadRecord(format!(
+                "the source handed out {} for another window",
+                h.key_id
+            )));
         }
-        let k = self.cfg.key.open(h).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+        let k = self
+            .cfg
+            .key
+            .open(h)
+            .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
         self.keys.insert(w, k.clone());
         Ok(*k)
     }
 
-    async fn open(&mut self, c: &mut Conn, bytes: Vec<u8>) -> Result<(Sealed, Zeroizing<Vec<u8>>), ReplicaError> {
-        let rec = record::decode(bytes.into()).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+    async fn open(
+        &mut self,
+        c: &mut Conn,
+        bytes: Vec<u8>,
+    ) -> Result<(Sealed, Zeroizing<Vec<u8>>), ReplicaError> {
+        let rec =
+            record::decode(bytes.into()).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
         if rec.header.stream.to_hex() != self.state.stream_id {
             return Err(ReplicaError::BadRecord(format!(
                 "record {} belongs to stream {}, not {} (another zone's record)",
@@ -419,28 +450,36 @@ impl Agent {
             )));
         }
         let key = self.key(c, rec.header.window).await?;
-        let plain = rec.open(self.source_zone, &key).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+        let plain = rec
+            .open(self.source_zone, &key)
+            .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
         Ok((rec, plain))
     }
 
     fn volume(&self, source_id: u32) -> Result<Arc<crate::volume::Volume>, ReplicaError> {
-        let name = self
-            .state
-            .volumes
-            .get(&source_id)
-            .ok_or_else(|| ReplicaError::BadRecord(format!("record for source volume {source_id}, which the replica does not know")))?;
+        let name = self.state.volumes.get(&source_id).ok_or_else(|| {
+            ReplicaError::BadRecord(format!(
+                "record for source volume {source_id}, which the replica does not know"
+            ))
+        })?;
         ExportCatalog::open(self.pool.as_ref(), name)
             .ok_or_else(|| ReplicaError::Pool(format!("replica volume {name:?} is missing")))
     }
 
     fn ensure_volume(&mut self, id: u32, name: &str, size: u64) -> Result<(), ReplicaError> {
-        let existing = self.pool.catalog().volumes.into_iter().find(|v| v.name == name);
+        let existing = self
+            .pool
+            .catalog()
+            .volumes
+            .into_iter()
+            .find(|v| v.name == name);
         match existing {
             Some(v) if v.zone == self.zone_id && v.size == size => {}
             Some(v) if v.zone == self.zone_id => {
                 // Same name, other size: the source re-created it.
                 self.pool.delete_volume(&v.name)?;
-                self.pool.create_volume(name, &self.cfg.replica_zone, size)?;
+                self.pool
+                    .create_volume(name, &self.cfg.replica_zone, size)?;
             }
             Some(_) => {
                 return Err(ReplicaError::Pool(format!(
@@ -448,7 +487,8 @@ impl Agent {
                 )));
             }
             None => {
-                self.pool.create_volume(name, &self.cfg.replica_zone, size)?;
+                self.pool
+                    .create_volume(name, &self.cfg.replica_zone, size)?;
             }
         }
         self.state.volumes.insert(id, name.to_string());
@@ -490,18 +530,26 @@ impl Agent {
                 .expect("plain data");
                 c.send(kind::SNAPSHOT, &req).await?;
                 let chunk = c.answer(kind::CHUNK).await?;
-                let rec = record::decode(chunk.into()).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+                let rec = record::decode(chunk.into())
+                    .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
                 if rec.header.stream.to_hex() != self.state.stream_id
                     || rec.header.volume != VolumeId(v.id)
                     || rec.header.lba.0 != first
                     || rec.header.count != count
                 {
-                    return Err(ReplicaError::BadRecord(format!("snapshot chunk for volume {} at {first} does not match its request", v.name)));
+                    return Err(ReplicaError::BadRecord(format!(
+                        "snapshot chunk for volume {} at {first} does not match its request",
+                        v.name
+                    )));
                 }
                 let key = self.key(c, rec.header.window).await?;
-                let payload = rec.open(self.source_zone, &key).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
+                let payload = rec
+                    .open(self.source_zone, &key)
+                    .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
                 let Body::Write(blocks_ref) = &rec.body else {
-                    return Err(ReplicaError::BadRecord("a snapshot chunk is a write".into()));
+                    return Err(ReplicaError::BadRecord(
+                        "a snapshot chunk is a write".into(),
+                    ));
                 };
                 let plain = assemble(blocks_ref, &payload, |_, _| None)?;
                 vol.write(first * BLOCK_SIZE as u64, &plain, false)
@@ -552,7 +600,8 @@ impl Agent {
             self.status.applied_seq = seq;
             self.status.source_seq = self.status.source_seq.max(seq);
             self.status.records_applied += 1;
-            self.status.lag_seconds = (crate::stream::now_ms().saturating_sub(rec.header.time_ms)) as f64 / 1000.0;
+            self.status.lag_seconds =
+                (crate::stream::now_ms().saturating_sub(rec.header.time_ms)) as f64 / 1000.0;
             if self.lags.len() == 10_000 {
                 self.lags.pop_front();
             }
@@ -567,7 +616,12 @@ impl Agent {
     }
 
     /// Acknowledges what is durable in the replica, at most every 200 ms.
-    async fn ack(&mut self, c: &mut Conn, last: &mut Instant, now: bool) -> Result<(), ReplicaError> {
+    async fn ack(
+        &mut self,
+        c: &mut Conn,
+        last: &mut Instant,
+        now: bool,
+    ) -> Result<(), ReplicaError> {
         if !now && last.elapsed() < Duration::from_millis(200) {
             return Ok(());
         }
@@ -577,7 +631,12 @@ impl Agent {
         c.send(kind::ACK, &durable.to_le_bytes()).await
     }
 
-    async fn apply(&mut self, c: &mut Conn, rec: &Sealed, payload: &[u8]) -> Result<(), ReplicaError> {
+    async fn apply(
+        &mut self,
+        c: &mut Conn,
+        rec: &Sealed,
+        payload: &[u8],
+    ) -> Result<(), ReplicaError> {
         let seq = rec.header.seq;
         let window = rec.header.window;
         if self.carried_window != Some(window) {
@@ -591,15 +650,23 @@ impl Agent {
                 for b in blocks {
                     if let BlockRef::Payload(t) = b {
                         if self.carried.len() < CARRIED_MAX {
-                            self.carried
-                                .insert(*t, Zeroizing::new(payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec()));
+                            self.carried.insert(
+                                *t,
+                                Zeroizing::new(
+                                    payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec(),
+                                ),
+                            );
                         }
                         k += 1;
                     }
                 }
                 let mut fetched: HashMap<Tag, Zeroizing<Vec<u8>>> = HashMap::new();
                 for b in blocks {
-                    if let BlockRef::Reference { tag, seq: from, block } = *b
+                    if let BlockRef::Reference {
+                        tag,
+                        seq: from,
+                        block,
+                    } = *b
                         && !self.carried.contains_key(&tag)
                         && !fetched.contains_key(&tag)
                     {
@@ -607,7 +674,10 @@ impl Agent {
                     }
                 }
                 let plain = assemble(blocks, payload, |t, _| {
-                    self.carried.get(t).or_else(|| fetched.get(t)).map(|b| b.to_vec())
+                    self.carried
+                        .get(t)
+                        .or_else(|| fetched.get(t))
+                        .map(|b| b.to_vec())
                 })?;
                 let vol = self.volume(rec.header.volume.0)?;
                 vol.apply_write(rec.header.lba.0, &plain, seq)
@@ -626,7 +696,13 @@ impl Agent {
                 self.pool.mark_applied(&self.cfg.replica_zone, seq)?;
             }
             Body::VolumeDeleted { name } => {
-                if self.pool.catalog().volumes.iter().any(|v| v.name == *name && v.zone == self.zone_id) {
+                if self
+                    .pool
+                    .catalog()
+                    .volumes
+                    .iter()
+                    .any(|v| v.name == *name && v.zone == self.zone_id)
+                {
                     self.pool.delete_volume(name)?;
                 }
                 self.state.volumes.remove(&rec.header.volume.0);
@@ -638,26 +714,40 @@ impl Agent {
     }
 
     /// A block an earlier record carried, fetched from the source again.
-    async fn fetch_block(&mut self, c: &mut Conn, seq: u64, block: u32, tag: Tag) -> Result<Zeroizing<Vec<u8>>, ReplicaError> {
+    async fn fetch_block(
+        &mut self,
+        c: &mut Conn,
+        seq: u64,
+        block: u32,
+        tag: Tag,
+    ) -> Result<Zeroizing<Vec<u8>>, ReplicaError> {
         c.send(kind::FETCH, &seq.to_le_bytes()).await?;
         let b = c.answer(kind::FETCHED).await?;
         let (rec, payload) = self.open(c, b).await?;
         let Body::Write(blocks) = &rec.body else {
-            return Err(ReplicaError::BadRecord(format!("record {seq} carries no blocks")));
+            return Err(ReplicaError::BadRecord(format!(
+                "record {seq} carries no blocks"
+            )));
         };
         let mut k = 0usize;
         for (i, b) in blocks.iter().enumerate() {
             if let BlockRef::Payload(t) = b {
                 if i as u32 == block {
                     if *t != tag {
-                        return Err(ReplicaError::BadRecord(format!("block {block} of record {seq} is not the referenced content")));
+                        return Err(ReplicaError::BadRecord(format!(
+                            "block {block} of record {seq} is not the referenced content"
+                        )));
                     }
-                    return Ok(Zeroizing::new(payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec()));
+                    return Ok(Zeroizing::new(
+                        payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec(),
+                    ));
                 }
                 k += 1;
             }
         }
-        Err(ReplicaError::BadRecord(format!("record {seq} has no payload block {block}")))
+        Err(ReplicaError::BadRecord(format!(
+            "record {seq} has no payload block {block}"
+        )))
     }
 }
 
@@ -680,7 +770,9 @@ fn assemble(
             }
             BlockRef::Reference { tag, seq, block } => {
                 let b = resolve(tag, i).ok_or_else(|| {
-                    ReplicaError::BadRecord(format!("reference to block {block} of record {seq} could not be resolved"))
+                    ReplicaError::BadRecord(format!(
+                        "reference to block {block} of record {seq} could not be resolved"
+                    ))
                 })?;
                 dst.copy_from_slice(&b);
             }
@@ -691,9 +783,14 @@ fn assemble(
 
 /// Parses `keyturn://HOST:PORT` (or a bare `HOST:PORT`).
 pub fn parse_source(s: &str) -> Result<String, String> {
-    let addr = s.strip_prefix("keyturn://").unwrap_or(s).trim_end_matches('/');
+    let addr = s
+        .strip_prefix("keyturn://")
+        .unwrap_or(s)
+        .trim_end_matches('/');
     if addr.is_empty() || !addr.contains(':') {
-        return Err(format!("{s:?} is not a source address (keyturn://HOST:PORT)"));
+        return Err(format!(
+            "{s:?} is not a source address (keyturn://HOST:PORT)"
+        ));
     }
     Ok(addr.to_string())
 }
@@ -764,7 +861,11 @@ pub async fn verify(pool: Arc<Pool>, cfg: AgentConfig) -> Result<Verdict, Replic
         .filter(|v| v.zone == agent.zone_id)
         .map(|v| (v.name, v.size))
         .collect();
-    let mut source: Vec<_> = all.volumes.iter().map(|v| (v.name.clone(), v.size)).collect();
+    let mut source: Vec<_> = all
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.size))
+        .collect();
     let mut mine = replica.clone();
     source.sort();
     mine.sort();
@@ -787,8 +888,16 @@ pub async fn verify(pool: Arc<Pool>, cfg: AgentConfig) -> Result<Verdict, Replic
         let count = (end - first).min(256);
         let theirs = agent.digests(&mut c, Some(v.id), first, count, 1).await?;
         let mine = local_digests(&vol, first, first + count, 1).await?;
-        let theirs = theirs.volumes.first().map(|d| d.digests.clone()).unwrap_or_default();
-        let k = mine.iter().zip(&theirs).position(|(a, b)| a != b).unwrap_or(0);
+        let theirs = theirs
+            .volumes
+            .first()
+            .map(|d| d.digests.clone())
+            .unwrap_or_default();
+        let k = mine
+            .iter()
+            .zip(&theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
         return Ok(Verdict::Differs {
             seq: applied,
             volume: v.name.clone(),
@@ -837,7 +946,8 @@ impl Agent {
         .expect("plain data");
         c.send(kind::DIGEST, &req).await?;
         let b = c.answer(kind::DIGESTS).await?;
-        let sealed: crate::stream::grant::HandOut = serde_json::from_slice(&b).map_err(|e| c.err(e))?;
+        let sealed: crate::stream::grant::HandOut =
+            serde_json::from_slice(&b).map_err(|e| c.err(e))?;
         let plain = self
             .cfg
             .key

@@ -131,14 +131,21 @@ impl Agents {
 
     /// Registers (or replaces) an agent and its grant.
     pub fn grant(&mut self, name: &str, agent: Agent) -> Result<(), GrantError> {
-        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
             return Err(GrantError::Invalid(
                 "an agent name is 1-64 characters of letters, digits, '-', '_' and '.'".into(),
             ));
         }
         agent.public_bytes()?;
         if agent.to_unix.is_some_and(|t| t <= agent.from_unix) {
-            return Err(GrantError::Invalid("a grant's end must come after its start".into()));
+            return Err(GrantError::Invalid(
+                "a grant's end must come after its start".into(),
+            ));
         }
         self.agents.insert(name.to_string(), agent);
         self.save()

@@ -157,7 +157,7 @@ fn unix_now() -> u64 {
 
 /// Checks a set length and a window length.
 pub fn check_lengths(set_secs: u64, window_secs: u64) -> Result<(), String> {
-    if window_secs < 1 || set_secs < window_secs || set_secs % window_secs != 0 {
+    if window_secs < 1 || set_secs < window_secs || !set_secs.is_multiple_of(window_secs) {
         return Err(format!(
             "a key set of {set_secs} s must hold a whole number (at least one) of windows of {window_secs} s"
         ));
@@ -198,15 +198,15 @@ impl KeySets {
             let f: KeyFile = serde_json::from_slice(&bytes)
                 .map_err(|e| corrupt(crate::keys::describe_json_error(&e)))?;
             if f.format != FORMAT || f.version != FORMAT_VERSION || f.zone != zone {
-                return Err(corrupt("not this zone's stream key file, or another format".into()));
+                return Err(corrupt(
+                    "not this zone's stream key file, or another format".into(),
+                ));
             }
             check_lengths(f.set_secs, f.window_secs).map_err(corrupt)?;
             f
         } else {
-            check_lengths(set_secs, window_secs).map_err(|e| KeyError::Inconsistent {
-                zone,
-                reason: e,
-            })?;
+            check_lengths(set_secs, window_secs)
+                .map_err(|e| KeyError::Inconsistent { zone, reason: e })?;
             KeyFile {
                 format: FORMAT.into(),
                 version: FORMAT_VERSION,
@@ -224,7 +224,8 @@ impl KeySets {
         for r in sets.file.sets.clone() {
             if let (Some(kek), Some(wrapped)) = (r.kek_version, r.wrapped.as_deref()) {
                 let plain = wrapping.unwrap(kek, &sets.label(r.set), wrapped)?;
-                sets.keys.insert(r.set, sets.split(r.set, &plain, &r.shredded)?);
+                sets.keys
+                    .insert(r.set, sets.split(r.set, &plain, &r.shredded)?);
             }
         }
         Ok(sets)
@@ -243,7 +244,12 @@ impl KeySets {
         (self.file.set_secs / self.file.window_secs) as u32
     }
 
-    fn split(&self, set: u32, plain: &[u8], shredded: &[u32]) -> Result<Vec<Option<StreamKey>>, KeyError> {
+    fn split(
+        &self,
+        set: u32,
+        plain: &[u8],
+        shredded: &[u32],
+    ) -> Result<Vec<Option<StreamKey>>, KeyError> {
         let n = self.windows_per_set() as usize;
         if plain.len() != n * StreamKey::LEN {
             return Err(KeyError::InvalidKey {
@@ -255,7 +261,8 @@ impl KeySets {
             .chunks(StreamKey::LEN)
             .enumerate()
             .map(|(i, k)| {
-                (!shredded.contains(&(i as u32))).then(|| StreamKey::from_slice(k).expect("32 bytes"))
+                (!shredded.contains(&(i as u32)))
+                    .then(|| StreamKey::from_slice(k).expect("32 bytes"))
             })
             .collect())
     }
@@ -305,7 +312,9 @@ impl KeySets {
         if self.file.sets.iter().any(|r| r.set == set) {
             return Ok(false);
         }
-        let keys: Vec<StreamKey> = (0..self.windows_per_set()).map(|_| StreamKey::generate()).collect();
+        let keys: Vec<StreamKey> = (0..self.windows_per_set())
+            .map(|_| StreamKey::generate())
+            .collect();
         let mut plain = Zeroizing::new(Vec::with_capacity(keys.len() * StreamKey::LEN));
         for k in &keys {
             plain.extend_from_slice(k.expose());
@@ -330,7 +339,12 @@ impl KeySets {
     /// memory, so its records can never be opened again. Only a window that
     /// has ended (at `now_unix`): records are still being sealed under the
     /// current one.
-    pub fn shred(&mut self, w: WindowId, now_unix: u64, wrapping: &dyn SetWrapping) -> Result<(), KeyError> {
+    pub fn shred(
+        &mut self,
+        w: WindowId,
+        now_unix: u64,
+        wrapping: &dyn SetWrapping,
+    ) -> Result<(), KeyError> {
         let label = self.label(w.set);
         let n = self.windows_per_set();
         let end = self.window_start(w) + self.file.window_secs;
@@ -354,10 +368,15 @@ impl KeySets {
                 reason: format!("a set has windows 0..{n}"),
             });
         }
-        if self.file.sets[i].state == SetState::Destroyed || self.file.sets[i].shredded.contains(&w.window) {
+        if self.file.sets[i].state == SetState::Destroyed
+            || self.file.sets[i].shredded.contains(&w.window)
+        {
             return Ok(());
         }
-        let keys = self.keys.get_mut(&w.set).expect("live sets are unwrapped at open");
+        let keys = self
+            .keys
+            .get_mut(&w.set)
+            .expect("live sets are unwrapped at open");
         keys[w.window as usize] = None;
         let mut plain = Zeroizing::new(Vec::with_capacity(n as usize * StreamKey::LEN));
         for k in keys.iter() {
@@ -430,7 +449,12 @@ impl KeySets {
 
     /// The KEK versions the sets are wrapped under.
     pub fn kek_versions(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.file.sets.iter().filter_map(|r| r.kek_version).collect();
+        let mut v: Vec<u32> = self
+            .file
+            .sets
+            .iter()
+            .filter_map(|r| r.kek_version)
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -449,7 +473,10 @@ impl KeySets {
                 kek_version: r.kek_version,
                 windows: (0..n)
                     .map(|w| {
-                        let id = WindowId { set: r.set, window: w };
+                        let id = WindowId {
+                            set: r.set,
+                            window: w,
+                        };
                         WindowInfo {
                             window: w,
                             key_id: super::record::key_id(self.file.zone.0, id),
@@ -512,9 +539,17 @@ pub(crate) mod tests {
     impl SetWrapping for TestKeks {
         fn wrap(&self, label: &KeyLabel, plain: &[u8]) -> Result<(u32, Vec<u8>), KeyError> {
             let keks = self.0.lock();
-            Ok((keks.len() as u32, wrap::wrap(keks.last().unwrap(), label, plain)?))
+            Ok((
+                keks.len() as u32,
+                wrap::wrap(keks.last().unwrap(), label, plain)?,
+            ))
         }
-        fn unwrap(&self, v: u32, label: &KeyLabel, w: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        fn unwrap(
+            &self,
+            v: u32,
+            label: &KeyLabel,
+            w: &[u8],
+        ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
             let keks = self.0.lock();
             wrap::unwrap(&keks[v as usize - 1], label, w)
         }
@@ -531,7 +566,10 @@ pub(crate) mod tests {
         assert!(s.ensure(w.set, &keks).unwrap());
         assert!(!s.ensure(w.set, &keks).unwrap());
         let k = *s.key(w).unwrap().expose();
-        let other = WindowId { set: w.set, window: (w.window + 1) % 24 };
+        let other = WindowId {
+            set: w.set,
+            window: (w.window + 1) % 24,
+        };
         let k2 = *s.key(other).unwrap().expose();
         assert_ne!(k, k2);
         // No key bytes in the file.
@@ -543,7 +581,10 @@ pub(crate) mod tests {
         assert_eq!(s2.window_secs(), 3600, "an existing file keeps its lengths");
 
         let after = s.window_start(w) + 3600;
-        assert!(s.shred(w, after - 1, &keks).is_err(), "an open window is not shredded");
+        assert!(
+            s.shred(w, after - 1, &keks).is_err(),
+            "an open window is not shredded"
+        );
         s.shred(w, after, &keks).unwrap();
         assert!(s.key(w).is_none());
         assert_eq!(s.missing_reason(w), "shredded");

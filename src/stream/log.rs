@@ -114,7 +114,11 @@ impl FrameReader {
 impl SegmentLog {
     /// Opens (or creates) the log in `dir`. Records whose journal sequence
     /// is above `journal_durable` (and not 0) are cut, with everything after.
-    pub fn open(dir: &Path, journal_durable: u64, segment_bytes: u64) -> std::io::Result<(Self, OpenReport)> {
+    pub fn open(
+        dir: &Path,
+        journal_durable: u64,
+        segment_bytes: u64,
+    ) -> std::io::Result<(Self, OpenReport)> {
         std::fs::create_dir_all(dir)?;
         let mut firsts: Vec<u64> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -240,7 +244,8 @@ impl SegmentLog {
         let mut buf = Vec::with_capacity(records.iter().map(|r| r.len() + 8).sum());
         for rec in records {
             if self.segments.last().expect("one").bytes + buf.len() as u64 >= self.segment_bytes
-                && self.segments.last().expect("one").last >= self.segments.last().expect("one").first
+                && self.segments.last().expect("one").last
+                    >= self.segments.last().expect("one").first
             {
                 self.flush_buf(&mut buf)?;
                 self.roll()?;
@@ -273,7 +278,11 @@ impl SegmentLog {
         self.active.sync_data()?;
         let first = self.last_seq() + 1;
         let path = seg_path(&self.dir, first);
-        let f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         sync_dir(&self.dir)?;
         self.active = std::sync::Arc::new(f);
         self.segments.push(Segment {
@@ -300,7 +309,10 @@ impl SegmentLog {
 
     /// The segment holding `seq`, if it is kept.
     pub fn locate(&self, seq: u64) -> Option<Segment> {
-        self.segments.iter().find(|s| s.first <= seq && seq <= s.last).cloned()
+        self.segments
+            .iter()
+            .find(|s| s.first <= seq && seq <= s.last)
+            .cloned()
     }
 
     /// Drops the oldest segments (never the newest) while `drop` says so.
@@ -337,7 +349,10 @@ mod tests {
 
     fn all(dir: &Path) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut paths: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         paths.sort();
         for p in paths {
             let mut r = FrameReader::open(&p).unwrap();

@@ -36,7 +36,7 @@ use crate::keys::KeyError;
 use crate::zone::change::{ChangeSink, ZoneChange};
 use keyset::{KeySets, SetWrapping};
 use log::{FrameReader, SegmentLog};
-use record::{Body, BlockRef, Header, Op, StreamId, WindowId};
+use record::{BlockRef, Body, Header, Op, StreamId, WindowId};
 
 /// Errors of a zone stream.
 #[derive(Debug, thiserror::Error)]
@@ -289,16 +289,23 @@ impl ZoneStream {
                 zone: zone_name.into(),
                 reason: "the stream was opened 2^31 times; start a new stream".into(),
             })?;
-        crate::pool::write_atomic(&state_path, &serde_json::to_vec_pretty(&state).expect("plain data"))
-            .map_err(|e| StreamError::Broken {
-                zone: zone_name.into(),
-                reason: e.to_string(),
-            })?;
+        crate::pool::write_atomic(
+            &state_path,
+            &serde_json::to_vec_pretty(&state).expect("plain data"),
+        )
+        .map_err(|e| StreamError::Broken {
+            zone: zone_name.into(),
+            reason: e.to_string(),
+        })?;
         let (log, report) = SegmentLog::open(&dir, journal_durable.0, settings.segment_mib << 20)
             .map_err(io("open segments"))?;
         if report.unjournaled > 0 || report.torn {
-            tracing::warn!(zone = zone_name, unjournaled = report.unjournaled, torn = report.torn,
-                "stream: cut records whose writes did not survive the crash");
+            tracing::warn!(
+                zone = zone_name,
+                unjournaled = report.unjournaled,
+                torn = report.torn,
+                "stream: cut records whose writes did not survive the crash"
+            );
         }
         let keys_dir = pool_dir.join("keys");
         let keys = KeySets::open(
@@ -391,12 +398,20 @@ impl ZoneStream {
     /// Queues a volume's creation (`size`) or deletion (`None`), then makes
     /// it durable and visible. The caller has committed the journal first,
     /// so no record before it can still be cut by a crash.
-    pub fn volume_changed(&self, id: VolumeId, name: &str, size: Option<u64>) -> Result<(), StreamError> {
-        self.push(0, Item::Volume {
-            id,
-            name: name.into(),
-            size,
-        });
+    pub fn volume_changed(
+        &self,
+        id: VolumeId,
+        name: &str,
+        size: Option<u64>,
+    ) -> Result<(), StreamError> {
+        self.push(
+            0,
+            Item::Volume {
+                id,
+                name: name.into(),
+                size,
+            },
+        );
         self.sync()?;
         let d = self.durable_jseq.load(Ordering::Acquire);
         self.advance(d);
@@ -495,7 +510,12 @@ impl ZoneStream {
 
     /// Reads records `from..=to` (at most `max_bytes` of them, at least
     /// one), in order. Fails if `from` is no longer kept.
-    pub fn read(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<bytes::Bytes>, StreamError> {
+    pub fn read(
+        &self,
+        from: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<bytes::Bytes>, StreamError> {
         self.read_at(&mut None, from, to, max_bytes)
     }
 
@@ -642,7 +662,12 @@ impl ZoneStream {
             lba: first,
             count: tags.len() as u32,
         };
-        Ok(record::seal(&header, &Body::Write(blocks), &payload, key.expose()))
+        Ok(record::seal(
+            &header,
+            &Body::Write(blocks),
+            &payload,
+            key.expose(),
+        ))
     }
 
     /// Stops the writer after it has written everything queued.
@@ -737,7 +762,9 @@ impl ZoneStream {
             let bytes = record::seal(&header_base, &body, &payload, key.expose());
             drop(keys);
             self.stats.records.fetch_add(1, Ordering::Relaxed);
-            self.stats.record_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.stats
+                .record_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             seen.push((it.jseq, it.seq));
             sealed.push(bytes);
         }
@@ -759,7 +786,12 @@ impl ZoneStream {
         Ok(())
     }
 
-    fn build(&self, w: &mut Writing, it: &Queued, window: WindowId) -> (Header, Body, Zeroizing<Vec<u8>>) {
+    fn build(
+        &self,
+        w: &mut Writing,
+        it: &Queued,
+        window: WindowId,
+    ) -> (Header, Body, Zeroizing<Vec<u8>>) {
         let mut header = Header {
             op: Op::Write,
             stream: self.id,
@@ -850,7 +882,10 @@ impl ZoneStream {
         let max_age_ms = self.settings.retention_secs.saturating_mul(1000);
         let (min_acked, any) = {
             let st = self.state.lock();
-            (st.acked.values().copied().min().unwrap_or(0), !st.acked.is_empty())
+            (
+                st.acked.values().copied().min().unwrap_or(0),
+                !st.acked.is_empty(),
+            )
         };
         let visible = self.last_visible();
         let dropped = w.log.trim(|seg, total| {
@@ -867,21 +902,28 @@ impl ZoneStream {
                 w.carried.retain(|_, (seq, _)| *seq >= first);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(zone = %self.zone_name, error = %e, "stream: retention failed"),
+            Err(e) => {
+                tracing::warn!(zone = %self.zone_name, error = %e, "stream: retention failed")
+            }
         }
         let dirty = std::mem::take(&mut w.state_dirty);
         drop(w);
         if dirty {
             self.save_state();
         }
-        let destroyed = self.keys.lock().age(now / 1000, self.settings.key_retention_secs);
+        let destroyed = self
+            .keys
+            .lock()
+            .age(now / 1000, self.settings.key_retention_secs);
         match destroyed {
             Ok(sets) => {
                 for set in sets {
                     tracing::info!(zone = %self.zone_name, set, "stream key set destroyed at the end of its retention");
                 }
             }
-            Err(e) => tracing::warn!(zone = %self.zone_name, error = %e, "stream: key set ageing failed"),
+            Err(e) => {
+                tracing::warn!(zone = %self.zone_name, error = %e, "stream: key set ageing failed")
+            }
         }
     }
 }

@@ -66,7 +66,9 @@ pub enum RecordError {
     #[error("malformed stream record: {0}")]
     Malformed(String),
     /// The GCM tag does not verify: altered, or sealed under another key.
-    #[error("stream record {seq} failed authentication (altered, or not sealed under window key {key_id})")]
+    #[error(
+        "stream record {seq} failed authentication (altered, or not sealed under window key {key_id})"
+    )]
     BadTag {
         /// Record sequence.
         seq: u64,
@@ -262,18 +264,24 @@ pub fn key_id(zone: u32, w: WindowId) -> String {
 
 /// A window from its key id (`z<zone>-stream-s<set>-w<window>`, the zone
 /// part not checked), or from set and window numbers.
-pub fn parse_window(key_id: Option<&str>, set: Option<u32>, window: Option<u32>) -> Result<WindowId, String> {
+pub fn parse_window(
+    key_id: Option<&str>,
+    set: Option<u32>,
+    window: Option<u32>,
+) -> Result<WindowId, String> {
     match (key_id, set, window) {
         (Some(id), None, None) => {
             let rest = id.split_once("-stream-s").map(|(_, r)| r).ok_or_else(|| {
                 format!("{id:?} is not a window key id (z<zone>-stream-s<set>-w<window>)")
             })?;
-            let (s, w) = rest
-                .split_once("-w")
-                .ok_or_else(|| format!("{id:?} is not a window key id (z<zone>-stream-s<set>-w<window>)"))?;
+            let (s, w) = rest.split_once("-w").ok_or_else(|| {
+                format!("{id:?} is not a window key id (z<zone>-stream-s<set>-w<window>)")
+            })?;
             Ok(WindowId {
                 set: s.parse().map_err(|_| format!("bad set number in {id:?}"))?,
-                window: w.parse().map_err(|_| format!("bad window number in {id:?}"))?,
+                window: w
+                    .parse()
+                    .map_err(|_| format!("bad window number in {id:?}"))?,
             })
         }
         (None, Some(set), Some(window)) => Ok(WindowId { set, window }),
@@ -383,13 +391,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, RecordError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn tag(&mut self) -> Result<Tag, RecordError> {
         Ok(Tag(self.take(32)?.try_into().expect("32 bytes")))
@@ -513,7 +527,11 @@ pub fn decode(bytes: bytes::Bytes) -> Result<Sealed, RecordError> {
 impl Sealed {
     /// Verifies the record under `key` and returns the payload plaintext
     /// (4096 bytes per payload block, in block order).
-    pub fn open(&self, zone: u32, key: &[u8; 32]) -> Result<zeroize::Zeroizing<Vec<u8>>, RecordError> {
+    pub fn open(
+        &self,
+        zone: u32,
+        key: &[u8; 32],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, RecordError> {
         let body_end = self.bytes.len() - GCM_TAG_LEN - self.payload_len();
         let (aad, rest) = self.bytes.split_at(body_end);
         // Ciphertext and tag, opened in place; the tag is cut off after.
@@ -537,7 +555,10 @@ impl Sealed {
     pub fn payload_len(&self) -> usize {
         match &self.body {
             Body::Write(b) => {
-                b.iter().filter(|b| matches!(b, BlockRef::Payload(_))).count() * BLOCK_SIZE
+                b.iter()
+                    .filter(|b| matches!(b, BlockRef::Payload(_)))
+                    .count()
+                    * BLOCK_SIZE
             }
             _ => 0,
         }
@@ -555,7 +576,10 @@ mod tests {
             seq,
             journal_seq: 40 + seq,
             time_ms: 1_700_000_000_000,
-            window: WindowId { set: 19675, window: 3 },
+            window: WindowId {
+                set: 19675,
+                window: 3,
+            },
             epoch: 2,
             volume: VolumeId(4),
             lba: Lba(100),
@@ -571,7 +595,11 @@ mod tests {
         let body = Body::Write(vec![
             BlockRef::Payload(t1),
             BlockRef::Zero,
-            BlockRef::Reference { tag: t2, seq: 3, block: 0 },
+            BlockRef::Reference {
+                tag: t2,
+                seq: 3,
+                block: 0,
+            },
         ]);
         let plain = vec![0x5au8; BLOCK_SIZE];
         let bytes = seal(&header(Op::Write, 5, 3), &body, &plain, &key);
@@ -581,7 +609,10 @@ mod tests {
         assert_eq!(rec.header, header(Op::Write, 5, 3));
         assert_eq!(rec.body, body);
         assert_eq!(&rec.open(1, &key).unwrap()[..], &plain[..]);
-        assert!(matches!(rec.open(1, &[8u8; 32]), Err(RecordError::BadTag { seq: 5, .. })));
+        assert!(matches!(
+            rec.open(1, &[8u8; 32]),
+            Err(RecordError::BadTag { seq: 5, .. })
+        ));
     }
 
     #[test]
@@ -602,7 +633,10 @@ mod tests {
     #[test]
     fn volume_records_and_garbage() {
         let key = [1u8; 32];
-        let body = Body::VolumeCreated { name: "db0".into(), size: 1 << 30 };
+        let body = Body::VolumeCreated {
+            name: "db0".into(),
+            size: 1 << 30,
+        };
         let bytes = seal(&header(Op::VolumeCreated, 1, 0), &body, &[], &key);
         let r = decode(bytes.clone().into()).unwrap();
         assert_eq!(r.body, body);

@@ -220,7 +220,11 @@ pub trait StreamSource: Send + Sync + 'static {
 }
 
 /// Writes one frame.
-pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, kind: u8, body: &[u8]) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    kind: u8,
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut head = [0u8; 5];
     head[..4].copy_from_slice(&((body.len() + 1) as u32).to_le_bytes());
     head[4] = kind;
@@ -229,7 +233,9 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, kind: u8, body: &[
 }
 
 /// Reads one frame; `None` at a clean end of stream.
-pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+pub async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<(u8, Vec<u8>)>> {
     let mut head = [0u8; 5];
     match r.read_exact(&mut head).await {
         Ok(_) => {}
@@ -252,7 +258,11 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data")
 }
 
-async fn refuse<W: AsyncWriteExt + Unpin>(w: &mut W, kind: &str, error: String) -> std::io::Result<()> {
+async fn refuse<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    kind: &str,
+    error: String,
+) -> std::io::Result<()> {
     tracing::info!(kind, %error, "stream: refusing an agent request");
     write_frame(
         w,
@@ -274,18 +284,37 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
     let _ = sock.set_nodelay(true);
     let (mut rd, mut wr) = sock.into_split();
     // The hello must come quickly: a silent peer does not keep a task.
-    let hello = match tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd)).await {
-        Ok(Ok(Some((kind::HELLO, b)))) => serde_json::from_slice::<Hello>(&b).ok(),
-        _ => None,
-    };
+    let hello =
+        match tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd)).await {
+            Ok(Ok(Some((kind::HELLO, b)))) => serde_json::from_slice::<Hello>(&b).ok(),
+            _ => None,
+        };
     let Some(hello) = hello else {
-        return refuse(&mut wr, "bad-request", "expected HELLO {\"agent\", \"zone\"}".into()).await;
+        return refuse(
+            &mut wr,
+            "bad-request",
+            "expected HELLO {\"agent\", \"zone\"}".into(),
+        )
+        .await;
     };
     let Some(stream) = source.stream(&hello.zone) else {
-        return refuse(&mut wr, "unknown-zone", format!("zone {:?} does not stream (or does not exist)", hello.zone)).await;
+        return refuse(
+            &mut wr,
+            "unknown-zone",
+            format!("zone {:?} does not stream (or does not exist)", hello.zone),
+        )
+        .await;
     };
     let Some(agent) = source.agent(&hello.zone, &hello.agent) else {
-        return refuse(&mut wr, "unknown-agent", format!("agent {:?} is not registered for zone {:?}", hello.agent, hello.zone)).await;
+        return refuse(
+            &mut wr,
+            "unknown-agent",
+            format!(
+                "agent {:?} is not registered for zone {:?}",
+                hello.agent, hello.zone
+            ),
+        )
+        .await;
     };
     let welcome = Welcome {
         stream_id: stream.id().to_hex(),
@@ -316,9 +345,10 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
             if n <= last {
                 let s = stream.clone();
                 let mut c = cursor.take();
-                let (batch, c) = tokio::task::spawn_blocking(move || (s.read_at(&mut c, n, last, 4 << 20), c))
-                    .await
-                    .map_err(std::io::Error::other)?;
+                let (batch, c) =
+                    tokio::task::spawn_blocking(move || (s.read_at(&mut c, n, last, 4 << 20), c))
+                        .await
+                        .map_err(std::io::Error::other)?;
                 cursor = c;
                 match batch {
                     Ok(recs) if !recs.is_empty() => {
@@ -422,7 +452,12 @@ pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std:
 }
 
 /// Hashes a volume range in chunks.
-pub async fn digest_range<F, Fut>(first: u64, end: u64, chunk_blocks: u32, mut read: F) -> Result<Vec<String>, String>
+pub async fn digest_range<F, Fut>(
+    first: u64,
+    end: u64,
+    chunk_blocks: u32,
+    mut read: F,
+) -> Result<Vec<String>, String>
 where
     F: FnMut(u64, u32) -> Fut,
     Fut: Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>>,
@@ -438,7 +473,12 @@ where
     Ok(out)
 }
 
-async fn digests(source: &dyn StreamSource, zone: &str, stream: &ZoneStream, req: &DigestReq) -> Result<Digests, String> {
+async fn digests(
+    source: &dyn StreamSource,
+    zone: &str,
+    stream: &ZoneStream,
+    req: &DigestReq,
+) -> Result<Digests, String> {
     if req.chunk_blocks == 0 || req.chunk_blocks > 256 {
         return Err("chunk_blocks is 1..=256".into());
     }
@@ -450,7 +490,10 @@ async fn digests(source: &dyn StreamSource, zone: &str, stream: &ZoneStream, req
         }
         let blocks = v.size / crate::ids::BLOCK_SIZE as u64;
         let (first, end) = match req.volume {
-            Some(_) => (req.first.min(blocks), req.first.saturating_add(req.count).min(blocks)),
+            Some(_) => (
+                req.first.min(blocks),
+                req.first.saturating_add(req.count).min(blocks),
+            ),
             None => (0, blocks),
         };
         let digests = digest_range(first, end, req.chunk_blocks, |b, n| async move {

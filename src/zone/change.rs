@@ -38,7 +38,12 @@ impl std::fmt::Debug for ZoneChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the plaintext.
         match self {
-            ZoneChange::Write { volume, first, tags, .. } => f
+            ZoneChange::Write {
+                volume,
+                first,
+                tags,
+                ..
+            } => f
                 .debug_struct("Write")
                 .field("volume", volume)
                 .field("first", first)

@@ -44,7 +44,10 @@ async fn enable(State(s): State<AppState>, PathName(z): PathName) -> JsonResult<
     ask(s, z, StreamRequest::Enable).await
 }
 
-async fn disable(State(s): State<AppState>, PathName(z): PathName) -> JsonResult<serde_json::Value> {
+async fn disable(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<serde_json::Value> {
     ask(s, z, StreamRequest::Disable).await
 }
 
