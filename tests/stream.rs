@@ -171,7 +171,10 @@ impl Pair {
     }
 
     /// Waits until the running agent has applied everything the source has.
-    fn wait_caught_up(&self) -> u64 {
+    /// A FLUSH first: a record is served once its write's journal frame is
+    /// durable, so without one the last writes may become visible later.
+    fn wait_caught_up(&self, server: &Server) -> u64 {
+        qio_ok(&server.uri("a"), &["flush"]);
         let target = self.source_last_seq();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -293,7 +296,7 @@ fn a_replica_follows_fio_and_a_dek_rotation_and_verifies() {
         assert!(Instant::now() < deadline, "migration did not finish");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let seq = pair.wait_caught_up();
+    let seq = pair.wait_caught_up(&server);
     term(&mut agent);
     let st = pair.replica_status();
     assert_eq!(
@@ -367,7 +370,7 @@ fn the_agent_killed_at_random_points_resumes_without_gap_or_double_apply() {
         "fio: {text}"
     );
     let mut agent = pair.spawn_agent(&server);
-    let seq = pair.wait_caught_up();
+    let seq = pair.wait_caught_up(&server);
     term(&mut agent);
     let st = pair.replica_status();
     assert_eq!(st["applied_seq"].as_u64(), Some(seq), "{st}");
