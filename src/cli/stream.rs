@@ -492,14 +492,24 @@ fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
     AgentKey::from_hex(&secret).with_context(|| format!("{} is not an agent key", path.display()))
 }
 
-/// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
-/// when the two sides are not at one stream record.
-pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
-    let source = parse_source(&a.source).map_err(anyhow::Error::msg)?;
-    let key = read_agent_key(&a.agent_key)?;
+/// What the agent and `verify-replica` start from: the source address, the
+/// agent's key, a runtime, and the replica pool opened here.
+fn agent_setup(
+    source: &str,
+    key: &std::path::Path,
+    pool: &std::path::Path,
+    passphrase_file: &Option<PathBuf>,
+) -> Result<(
+    String,
+    AgentKey,
+    tokio::runtime::Runtime,
+    Arc<crate::pool::Pool>,
+)> {
+    let source = parse_source(source).map_err(anyhow::Error::msg)?;
+    let key = read_agent_key(key)?;
     let pool_args = PoolArgs {
-        pool: a.replica.clone(),
-        passphrase_file: a.passphrase_file.clone(),
+        pool: pool.to_path_buf(),
+        passphrase_file: passphrase_file.clone(),
         pin_file: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -508,6 +518,14 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
+    Ok((source, key, runtime, pool))
+}
+
+/// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
+/// when the two sides are not at one stream record.
+pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
+    let (source, key, runtime, pool) =
+        agent_setup(&a.source, &a.agent_key, &a.replica, &a.passphrase_file)?;
     let cfg = AgentConfig {
         source,
         zone: a.zone,
@@ -576,19 +594,8 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
 /// `keyturn replicate`: the agent, until its stop condition, an error, or
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
-    let source = parse_source(&a.source).map_err(anyhow::Error::msg)?;
-    let key = read_agent_key(&a.agent_key)?;
-    let pool_args = PoolArgs {
-        pool: a.to.clone(),
-        passphrase_file: a.passphrase_file.clone(),
-        pin_file: None,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
+    let (source, key, runtime, pool) =
+        agent_setup(&a.source, &a.agent_key, &a.to, &a.passphrase_file)?;
     let mut agent = Agent::new(
         pool.clone(),
         AgentConfig {
