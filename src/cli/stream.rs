@@ -188,6 +188,21 @@ pub(super) struct AgentKeyArgs {
     out: PathBuf,
 }
 
+/// Who the agent is, and the replica pool's passphrase: shared by
+/// `replicate` and `verify-replica`.
+#[derive(Args, Debug)]
+pub(super) struct AgentId {
+    /// The agent's registered name.
+    #[arg(long)]
+    agent: String,
+    /// The agent's secret key file (from `agent-key`).
+    #[arg(long)]
+    agent_key: PathBuf,
+    /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+}
+
 /// `keyturn replicate`.
 #[derive(Args, Debug)]
 pub(super) struct ReplicateArgs {
@@ -203,15 +218,8 @@ pub(super) struct ReplicateArgs {
     /// Replica zone (created if missing).
     #[arg(long = "to-zone")]
     to_zone: String,
-    /// The agent's registered name.
-    #[arg(long)]
-    agent: String,
-    /// The agent's secret key file (from `agent-key`).
-    #[arg(long)]
-    agent_key: PathBuf,
-    /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
-    #[arg(long)]
-    passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    id: AgentId,
     /// Stop once this source record is applied.
     #[arg(long)]
     until_seq: Option<u64>,
@@ -240,15 +248,8 @@ pub(super) struct VerifyReplicaArgs {
     /// Replica zone.
     #[arg(long = "replica-zone")]
     replica_zone: String,
-    /// The agent's registered name.
-    #[arg(long)]
-    agent: String,
-    /// The agent's secret key file.
-    #[arg(long)]
-    agent_key: PathBuf,
-    /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
-    #[arg(long)]
-    passphrase_file: Option<PathBuf>,
+    #[command(flatten)]
+    id: AgentId,
     /// JSON output.
     #[arg(long)]
     json: bool,
@@ -496,9 +497,8 @@ fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
 /// agent's key, a runtime, and the replica pool opened here.
 fn agent_setup(
     source: &str,
-    key: &std::path::Path,
+    id: &AgentId,
     pool: &std::path::Path,
-    passphrase_file: &Option<PathBuf>,
 ) -> Result<(
     String,
     AgentKey,
@@ -506,10 +506,10 @@ fn agent_setup(
     Arc<crate::pool::Pool>,
 )> {
     let source = parse_source(source).map_err(anyhow::Error::msg)?;
-    let key = read_agent_key(key)?;
+    let key = read_agent_key(&id.agent_key)?;
     let pool_args = PoolArgs {
         pool: pool.to_path_buf(),
-        passphrase_file: passphrase_file.clone(),
+        passphrase_file: id.passphrase_file.clone(),
         pin_file: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -524,12 +524,11 @@ fn agent_setup(
 /// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
 /// when the two sides are not at one stream record.
 pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
-    let (source, key, runtime, pool) =
-        agent_setup(&a.source, &a.agent_key, &a.replica, &a.passphrase_file)?;
+    let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.replica)?;
     let cfg = AgentConfig {
         source,
         zone: a.zone,
-        agent: a.agent,
+        agent: a.id.agent,
         key,
         replica_zone: a.replica_zone,
         until_seq: None,
@@ -594,14 +593,13 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
 /// `keyturn replicate`: the agent, until its stop condition, an error, or
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
-    let (source, key, runtime, pool) =
-        agent_setup(&a.source, &a.agent_key, &a.to, &a.passphrase_file)?;
+    let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.to)?;
     let mut agent = Agent::new(
         pool.clone(),
         AgentConfig {
             source,
             zone: a.zone,
-            agent: a.agent,
+            agent: a.id.agent,
             key,
             replica_zone: a.to_zone,
             until_seq: a.until_seq,
