@@ -587,8 +587,7 @@ pub struct EngineConfig {
     /// every such write to an io-wq worker, and its completion comes back
     /// through the driver thread: two thread hand-offs, which cost more
     /// than the copy of a few pages. Measured here, 4 KiB random writes
-    /// went from about 60k to 70k IOPS with one inline writer (README,
-    /// "Benchmarks").
+    /// went from about 60k to 70k IOPS with one inline writer (docs/benchmarks.md).
     pub inline_write_bytes: usize,
     /// At most this many inline writes at once; the others go through the
     /// engine. A buffered write can block in the kernel (dirty-page
