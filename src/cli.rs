@@ -528,6 +528,11 @@ struct ServeArgs {
     /// [default: [stream] listen in pool.toml; none when empty].
     #[arg(long, value_name = "ADDR")]
     stream_listen: Option<String>,
+    /// Publish every streaming zone's records to this NATS JetStream
+    /// cluster: nats://HOST:PORT[,HOST:PORT...] [default: [stream.nats] url
+    /// in pool.toml; none when empty].
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -734,6 +739,7 @@ fn run(cli: Cli) -> Result<()> {
                 unix: a.unix,
                 admin: a.admin_listen,
                 stream: a.stream_listen,
+                nats: a.nats,
             };
             serve(&a.pool.pool, &secret, listen, a.profile, None)
         }
@@ -1404,6 +1410,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         unix: a.unix,
         admin: a.admin_listen,
         stream: None,
+        nats: None,
     };
     serve(&dir, &Secret::Passphrase(pass), listen, None, Some(()))
 }
@@ -1436,6 +1443,7 @@ struct Listen {
     unix: Option<PathBuf>,
     admin: Option<String>,
     stream: Option<String>,
+    nats: Option<String>,
 }
 
 /// The admin API address: `--admin-listen`, else pool.toml's; with port 0
@@ -1512,6 +1520,17 @@ fn serve(
         .stream
         .clone()
         .unwrap_or_else(|| config.stream.listen.clone());
+    let mut nats = config.stream.nats.clone();
+    if let Some(url) = listen.nats.clone() {
+        nats.url = url;
+    }
+    nats.url = nats
+        .url
+        .split(',')
+        .map(|a| a.trim().trim_start_matches("nats://"))
+        .collect::<Vec<_>>()
+        .join(",");
+    nats.validate().map_err(anyhow::Error::msg)?;
     let listen = listen.nbd.unwrap_or(config.server.listen.clone());
     // Refused before anything is opened: the admin API is loopback only.
     admin_http::loopback_addr(&listen_admin)?;
@@ -1600,6 +1619,11 @@ fn serve(
                 Arc::new(crate::pool::PoolStreams(pool.clone()));
             stream_task = Some(tokio::spawn(crate::stream::serve::run(l, source)));
         }
+        let nats_task = (!nats.url.is_empty()).then(|| {
+            let source: Arc<dyn crate::stream::serve::StreamSource> =
+                Arc::new(crate::pool::PoolStreams(pool.clone()));
+            tokio::spawn(crate::stream::nats::run(nats.clone(), source))
+        });
         let backend: Arc<dyn AdminBackend> = pool.clone();
         let admin = tokio::spawn(admin_http::serve(
             admin_listener,
@@ -1621,6 +1645,9 @@ fn serve(
         if let Some(l) = &stream_line {
             writeln!(out, "{l}")?;
         }
+        if !nats.url.is_empty() {
+            writeln!(out, "stream: nats://{} (prefix {})", nats.url, nats.prefix)?;
+        }
         writeln!(out, "ready: nbd://{addr}/")?;
         if let Some(u) = &unix_uri {
             writeln!(out, "ready: {u}")?;
@@ -1632,6 +1659,9 @@ fn serve(
         tracing::info!("shutting down: finishing requests in flight");
         let _ = tx.send(true);
         if let Some(t) = stream_task.take() {
+            t.abort();
+        }
+        if let Some(t) = nats_task {
             t.abort();
         }
         for t in tasks {

@@ -201,12 +201,17 @@ pub(super) struct AgentId {
     /// File holding the replica pool's passphrase (else $KEYTURN_PASSPHRASE).
     #[arg(long)]
     passphrase_file: Option<PathBuf>,
+    /// With a nats:// source: the subject prefix the source publishes
+    /// under (its `[stream.nats] prefix`).
+    #[arg(long, default_value = "keyturn")]
+    nats_prefix: String,
 }
 
 /// `keyturn replicate`.
 #[derive(Args, Debug)]
 pub(super) struct ReplicateArgs {
-    /// The source's stream listener: keyturn://HOST:PORT.
+    /// The source: its stream listener (keyturn://HOST:PORT) or the NATS
+    /// cluster it publishes to (nats://HOST:PORT[,HOST:PORT...]).
     #[arg(long)]
     source: String,
     /// Source zone.
@@ -236,7 +241,8 @@ pub(super) struct ReplicateArgs {
 /// `keyturn verify-replica`.
 #[derive(Args, Debug)]
 pub(super) struct VerifyReplicaArgs {
-    /// The source's stream listener: keyturn://HOST:PORT.
+    /// The source: its stream listener (keyturn://HOST:PORT) or the NATS
+    /// cluster it publishes to (nats://HOST:PORT[,HOST:PORT...]).
     #[arg(long)]
     source: String,
     /// Source zone.
@@ -500,12 +506,12 @@ fn agent_setup(
     id: &AgentId,
     pool: &std::path::Path,
 ) -> Result<(
-    String,
+    crate::replica::Source,
     AgentKey,
     tokio::runtime::Runtime,
     Arc<crate::pool::Pool>,
 )> {
-    let source = parse_source(source).map_err(anyhow::Error::msg)?;
+    let source = parse_source(source, &id.nats_prefix).map_err(anyhow::Error::msg)?;
     let key = read_agent_key(&id.agent_key)?;
     let pool_args = PoolArgs {
         pool: pool.to_path_buf(),

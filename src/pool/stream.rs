@@ -528,6 +528,17 @@ impl StreamSource for PoolStreams {
         })
     }
 
+    fn streaming_zones(&self) -> Vec<String> {
+        let ids: Vec<_> = self.0.streams.read().keys().copied().collect();
+        self.0
+            .catalog()
+            .zones
+            .iter()
+            .filter(|z| ids.contains(&z.id))
+            .map(|z| z.name.clone())
+            .collect()
+    }
+
     fn audit_keys(&self, zone: &str, agent: &str, given: &[String], refused: &[Refused]) {
         for k in given {
             let _ = self.0.record(

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use zeroize::Zeroizing;
 
 use crate::crypto::tag::Tag;
@@ -82,11 +82,37 @@ impl From<crate::pool::PoolError> for ReplicaError {
     }
 }
 
+mod nats;
+
+/// Where the agent reads the stream from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The source server's stream listener, `HOST:PORT`.
+    Keyturn(String),
+    /// A NATS cluster the source publishes to: servers (comma-separated
+    /// `HOST:PORT`s) and the subject prefix.
+    Nats {
+        /// Servers.
+        servers: String,
+        /// Subject prefix (`[stream.nats] prefix` at the source).
+        prefix: String,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Keyturn(a) => write!(f, "keyturn://{a}"),
+            Source::Nats { servers, .. } => write!(f, "nats://{servers}"),
+        }
+    }
+}
+
 /// What the agent is asked to do.
 #[derive(Debug)]
 pub struct AgentConfig {
-    /// Source stream listener, `HOST:PORT`.
-    pub source: String,
+    /// Where the stream comes from.
+    pub source: Source,
     /// Source zone.
     pub zone: String,
     /// Registered agent name.
@@ -167,12 +193,22 @@ pub fn read_status(pool_dir: &Path, zone: crate::ids::ZoneId) -> Option<ReplicaS
     serde_json::from_slice(&std::fs::read(status_path(pool_dir, zone)).ok()?).ok()
 }
 
+/// A connection to the source's stream listener. Frames are read on their
+/// own task, so that waiting for one can be cancelled without losing part
+/// of a frame.
 struct Conn {
     addr: String,
-    rd: OwnedReadHalf,
+    frames: tokio::sync::mpsc::Receiver<std::io::Result<Option<(u8, Vec<u8>)>>>,
+    reader: tokio::task::JoinHandle<()>,
     wr: OwnedWriteHalf,
     /// Records that arrived while the agent waited for another answer.
     held: VecDeque<Vec<u8>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Conn {
@@ -189,7 +225,8 @@ impl Conn {
     }
 
     async fn recv(&mut self) -> Result<(u8, Vec<u8>), ReplicaError> {
-        match serve::read_frame(&mut self.rd).await {
+        let next = self.frames.recv().await.unwrap_or(Ok(None));
+        match next {
             Ok(Some((kind::ERROR, b))) => {
                 let m: ErrorMsg = serde_json::from_slice(&b).map_err(|e| self.err(e))?;
                 Err(ReplicaError::Refused {
@@ -223,6 +260,87 @@ impl Conn {
             return Ok(r);
         }
         self.answer(kind::RECORD).await
+    }
+}
+
+/// The agent's link to its source, by transport.
+enum Link {
+    Tcp(Conn),
+    Nats(Box<nats::NatsLink>),
+}
+
+impl Link {
+    fn err(&self, e: impl std::fmt::Display) -> ReplicaError {
+        match self {
+            Link::Tcp(c) => c.err(e),
+            Link::Nats(n) => ReplicaError::Source {
+                addr: n.addr(),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// A request and its answer of type `want`.
+    async fn call(&mut self, k: u8, body: &[u8], want: u8) -> Result<Vec<u8>, ReplicaError> {
+        match self {
+            Link::Tcp(c) => {
+                c.send(k, body).await?;
+                c.answer(want).await
+            }
+            Link::Nats(n) => n.call(k, body, want).await,
+        }
+    }
+
+    /// Records from `from` on.
+    async fn follow(&mut self, from: u64) -> Result<(), ReplicaError> {
+        match self {
+            Link::Tcp(c) => c.send(kind::FOLLOW, &from.to_le_bytes()).await,
+            Link::Nats(n) => n.follow(from).await,
+        }
+    }
+
+    /// The next record (cancel-safe).
+    async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
+        match self {
+            Link::Tcp(c) => c.next_record().await,
+            Link::Nats(n) => n.next_record().await,
+        }
+    }
+
+    /// Tells the source what is durable in the replica. Over NATS the
+    /// source does not hold records for agents (JetStream keeps them).
+    async fn ack(&mut self, durable: u64) -> Result<(), ReplicaError> {
+        match self {
+            Link::Tcp(c) => c.send(kind::ACK, &durable.to_le_bytes()).await,
+            Link::Nats(_) => Ok(()),
+        }
+    }
+
+    /// Record `seq` again.
+    async fn fetch(&mut self, seq: u64) -> Result<Vec<u8>, ReplicaError> {
+        match self {
+            Link::Tcp(c) => {
+                c.send(kind::FETCH, &seq.to_le_bytes()).await?;
+                c.answer(kind::FETCHED).await
+            }
+            Link::Nats(n) => n.fetch(seq).await,
+        }
+    }
+
+    /// Bytes received and not yet applied.
+    fn held_bytes(&self) -> u64 {
+        match self {
+            Link::Tcp(c) => c.held.iter().map(|r| r.len() as u64).sum(),
+            Link::Nats(_) => 0,
+        }
+    }
+
+    /// Blocks per snapshot chunk.
+    fn snapshot_blocks(&self) -> u32 {
+        match self {
+            Link::Tcp(_) => 256,
+            Link::Nats(n) => n.snapshot_blocks(),
+        }
     }
 }
 
@@ -270,7 +388,7 @@ impl Agent {
         let status = ReplicaStatus {
             zone: cfg.replica_zone.clone(),
             source_zone: cfg.zone.clone(),
-            source: cfg.source.clone(),
+            source: cfg.source.to_string(),
             phase: "starting".into(),
             applied_seq: pool.applied(&cfg.replica_zone)?,
             ..Default::default()
@@ -334,29 +452,19 @@ impl Agent {
         );
     }
 
-    async fn connect(&mut self) -> Result<(Conn, Welcome), ReplicaError> {
-        let addr = self.cfg.source.clone();
-        let sock = TcpStream::connect(&addr)
-            .await
-            .map_err(|e| ReplicaError::Source {
-                addr: addr.clone(),
-                message: e.to_string(),
-            })?;
-        let _ = sock.set_nodelay(true);
-        let (rd, wr) = sock.into_split();
-        let mut c = Conn {
-            addr,
-            rd,
-            wr,
-            held: VecDeque::new(),
+    async fn connect(&mut self) -> Result<(Link, Welcome), ReplicaError> {
+        let mut c = match &self.cfg.source {
+            Source::Keyturn(addr) => Link::Tcp(connect_tcp(addr).await?),
+            Source::Nats { servers, prefix } => Link::Nats(Box::new(
+                nats::NatsLink::connect(servers, prefix, &self.cfg.zone, &self.cfg.agent).await?,
+            )),
         };
         let hello = serde_json::to_vec(&serve::Hello {
             agent: self.cfg.agent.clone(),
             zone: self.cfg.zone.clone(),
         })
         .expect("plain data");
-        c.send(kind::HELLO, &hello).await?;
-        let w = c.answer(kind::WELCOME).await?;
+        let w = c.call(kind::HELLO, &hello, kind::WELCOME).await?;
         let w: Welcome = serde_json::from_slice(&w).map_err(|e| c.err(e))?;
         if !self.state.stream_id.is_empty() && self.state.stream_id != w.stream_id {
             return Err(ReplicaError::BadRecord(format!(
@@ -402,7 +510,7 @@ impl Agent {
         }
     }
 
-    async fn key(&mut self, c: &mut Conn, w: WindowId) -> Result<[u8; 32], ReplicaError> {
+    async fn key(&mut self, c: &mut Link, w: WindowId) -> Result<[u8; 32], ReplicaError> {
         if let Some(k) = self.keys.get(&w) {
             return Ok(**k);
         }
@@ -410,8 +518,7 @@ impl Agent {
             windows: vec![(w.set, w.window)],
         })
         .expect("plain data");
-        c.send(kind::KEYS, &req).await?;
-        let b = c.answer(kind::KEYS_REPLY).await?;
+        let b = c.call(kind::KEYS, &req, kind::KEYS_REPLY).await?;
         let reply: KeysReply = serde_json::from_slice(&b).map_err(|e| c.err(e))?;
         if let Some(r) = reply.refused.first() {
             return Err(ReplicaError::NoKey {
@@ -438,7 +545,7 @@ impl Agent {
 
     async fn open(
         &mut self,
-        c: &mut Conn,
+        c: &mut Link,
         bytes: Vec<u8>,
     ) -> Result<(Sealed, Zeroizing<Vec<u8>>), ReplicaError> {
         let rec =
@@ -495,7 +602,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn full_sync(&mut self, c: &mut Conn, w: &Welcome) -> Result<(), ReplicaError> {
+    async fn full_sync(&mut self, c: &mut Link, w: &Welcome) -> Result<(), ReplicaError> {
         tracing::info!(zone = %self.cfg.zone, from = w.last_seq, volumes = w.volumes.len(), "replica: full sync");
         self.status.phase = "syncing".into();
         self.write_status(true);
@@ -521,15 +628,14 @@ impl Agent {
             let blocks = v.size / BLOCK_SIZE as u64;
             let mut first = 0u64;
             while first < blocks {
-                let count = (blocks - first).min(256) as u32;
+                let count = (blocks - first).min(u64::from(c.snapshot_blocks())) as u32;
                 let req = serde_json::to_vec(&SnapshotReq {
                     volume: v.id,
                     first,
                     count,
                 })
                 .expect("plain data");
-                c.send(kind::SNAPSHOT, &req).await?;
-                let chunk = c.answer(kind::CHUNK).await?;
+                let chunk = c.call(kind::SNAPSHOT, &req, kind::CHUNK).await?;
                 let rec = record::decode(chunk.into())
                     .map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
                 if rec.header.stream.to_hex() != self.state.stream_id
@@ -568,14 +674,14 @@ impl Agent {
         Ok(())
     }
 
-    async fn follow(&mut self, c: &mut Conn, target: Option<u64>) -> Result<(), ReplicaError> {
+    async fn follow(&mut self, c: &mut Link, target: Option<u64>) -> Result<(), ReplicaError> {
         self.status.phase = "following".into();
         let mut applied = self.pool.applied(&self.cfg.replica_zone)?;
         self.status.applied_seq = applied;
         if target.is_some_and(|t| applied >= t) {
             return Ok(());
         }
-        c.send(kind::FOLLOW, &(applied + 1).to_le_bytes()).await?;
+        c.follow(applied + 1).await?;
         let mut last_ack = Instant::now();
         loop {
             let bytes = tokio::select! {
@@ -586,7 +692,7 @@ impl Agent {
                     continue;
                 }
             };
-            self.status.lag_bytes = c.held.iter().map(|r| r.len() as u64).sum();
+            self.status.lag_bytes = c.held_bytes();
             let (rec, payload) = self.open(c, bytes).await?;
             let seq = rec.header.seq;
             if seq != applied + 1 {
@@ -618,7 +724,7 @@ impl Agent {
     /// Acknowledges what is durable in the replica, at most every 200 ms.
     async fn ack(
         &mut self,
-        c: &mut Conn,
+        c: &mut Link,
         last: &mut Instant,
         now: bool,
     ) -> Result<(), ReplicaError> {
@@ -628,12 +734,12 @@ impl Agent {
         *last = Instant::now();
         self.pool.sync()?;
         let durable = self.pool.applied(&self.cfg.replica_zone)?;
-        c.send(kind::ACK, &durable.to_le_bytes()).await
+        c.ack(durable).await
     }
 
     async fn apply(
         &mut self,
-        c: &mut Conn,
+        c: &mut Link,
         rec: &Sealed,
         payload: &[u8],
     ) -> Result<(), ReplicaError> {
@@ -716,13 +822,12 @@ impl Agent {
     /// A block an earlier record carried, fetched from the source again.
     async fn fetch_block(
         &mut self,
-        c: &mut Conn,
+        c: &mut Link,
         seq: u64,
         block: u32,
         tag: Tag,
     ) -> Result<Zeroizing<Vec<u8>>, ReplicaError> {
-        c.send(kind::FETCH, &seq.to_le_bytes()).await?;
-        let b = c.answer(kind::FETCHED).await?;
+        let b = c.fetch(seq).await?;
         let (rec, payload) = self.open(c, b).await?;
         let Body::Write(blocks) = &rec.body else {
             return Err(ReplicaError::BadRecord(format!(
@@ -781,18 +886,64 @@ fn assemble(
     Ok(out)
 }
 
-/// Parses `keyturn://HOST:PORT` (or a bare `HOST:PORT`).
-pub fn parse_source(s: &str) -> Result<String, String> {
+/// Opens a TCP connection to a source's stream listener.
+async fn connect_tcp(addr: &str) -> Result<Conn, ReplicaError> {
+    let sock = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ReplicaError::Source {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
+    let _ = sock.set_nodelay(true);
+    let (mut rd, wr) = sock.into_split();
+    let (tx, frames) = tokio::sync::mpsc::channel(64);
+    let reader = tokio::spawn(async move {
+        loop {
+            let f = serve::read_frame(&mut rd).await;
+            let end = !matches!(f, Ok(Some(_)));
+            if tx.send(f).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    Ok(Conn {
+        addr: addr.to_string(),
+        frames,
+        reader,
+        wr,
+        held: VecDeque::new(),
+    })
+}
+
+/// Parses `keyturn://HOST:PORT` (or a bare `HOST:PORT`), or
+/// `nats://HOST:PORT[,HOST:PORT...]` with the NATS subject prefix.
+pub fn parse_source(s: &str, nats_prefix: &str) -> Result<Source, String> {
+    if let Some(rest) = s.strip_prefix("nats://") {
+        let servers: Vec<&str> = rest
+            .trim_end_matches('/')
+            .split(',')
+            .map(|a| a.trim().strip_prefix("nats://").unwrap_or(a.trim()))
+            .collect();
+        if servers.iter().any(|a| a.is_empty() || !a.contains(':')) {
+            return Err(format!(
+                "{s:?} is not a NATS address (nats://HOST:PORT[,HOST:PORT...])"
+            ));
+        }
+        return Ok(Source::Nats {
+            servers: servers.join(","),
+            prefix: nats_prefix.to_string(),
+        });
+    }
     let addr = s
         .strip_prefix("keyturn://")
         .unwrap_or(s)
         .trim_end_matches('/');
-    if addr.is_empty() || !addr.contains(':') {
+    if addr.is_empty() || !addr.contains(':') || addr.contains("://") {
         return Err(format!(
-            "{s:?} is not a source address (keyturn://HOST:PORT)"
+            "{s:?} is not a source address (keyturn://HOST:PORT or nats://HOST:PORT)"
         ));
     }
-    Ok(addr.to_string())
+    Ok(Source::Keyturn(addr.to_string()))
 }
 
 /// What `verify-replica` found.
@@ -931,7 +1082,7 @@ async fn local_digests(
 impl Agent {
     async fn digests(
         &mut self,
-        c: &mut Conn,
+        c: &mut Link,
         volume: Option<u32>,
         first: u64,
         count: u64,
@@ -944,8 +1095,7 @@ impl Agent {
             chunk_blocks,
         })
         .expect("plain data");
-        c.send(kind::DIGEST, &req).await?;
-        let b = c.answer(kind::DIGESTS).await?;
+        let b = c.call(kind::DIGEST, &req, kind::DIGESTS).await?;
         let sealed: crate::stream::grant::HandOut =
             serde_json::from_slice(&b).map_err(|e| c.err(e))?;
         let plain = self

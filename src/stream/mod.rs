@@ -17,6 +17,7 @@
 pub mod grant;
 pub mod keyset;
 pub mod log;
+pub mod nats;
 pub mod record;
 pub mod serve;
 
@@ -88,6 +89,8 @@ pub struct StreamSettings {
     pub backlog_mib: u64,
     /// Address the stream listener binds (empty: no listener).
     pub listen: String,
+    /// Publishing to NATS JetStream (`[stream.nats]`).
+    pub nats: nats::NatsSettings,
 }
 
 impl Default for StreamSettings {
@@ -101,6 +104,7 @@ impl Default for StreamSettings {
             segment_mib: 64,
             backlog_mib: 256,
             listen: String::new(),
+            nats: nats::NatsSettings::default(),
         }
     }
 }
@@ -597,6 +601,11 @@ impl ZoneStream {
     pub fn forget_consumer(&self, consumer: &str) {
         self.state.lock().acked.remove(consumer);
         self.writing.lock().state_dirty = true;
+    }
+
+    /// The settings the stream was opened with.
+    pub fn settings(&self) -> &StreamSettings {
+        &self.settings
     }
 
     /// Status.

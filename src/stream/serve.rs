@@ -215,6 +215,8 @@ pub trait StreamSource: Send + Sync + 'static {
         first: u64,
         count: u32,
     ) -> Pin<Box<dyn Future<Output = Result<Blocks, String>> + Send + 'a>>;
+    /// The zones that stream now.
+    fn streaming_zones(&self) -> Vec<String>;
     /// Records key hand-outs and refusals in the audit log.
     fn audit_keys(&self, zone: &str, agent: &str, given: &[String], refused: &[Refused]);
 }
@@ -254,7 +256,8 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(
     Ok(Some((head[4], body)))
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
+/// A JSON body.
+pub(super) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data")
 }
 
@@ -473,7 +476,8 @@ where
     Ok(out)
 }
 
-async fn digests(
+/// Digests of a zone's volumes (or one volume's range).
+pub(super) async fn digests(
     source: &dyn StreamSource,
     zone: &str,
     stream: &ZoneStream,
@@ -516,7 +520,8 @@ async fn digests(
     })
 }
 
-fn keys_for(stream: &ZoneStream, agent: &Agent, req: &KeysReq) -> KeysReply {
+/// The window keys of `req` this agent's grant covers, sealed to it.
+pub(super) fn keys_for(stream: &ZoneStream, agent: &Agent, req: &KeysReq) -> KeysReply {
     let mut reply = KeysReply {
         keys: Vec::new(),
         refused: Vec::new(),

@@ -2,6 +2,8 @@
 //! `keyturn` binary, serve it, and run real NBD clients against it.
 #![allow(dead_code)]
 
+pub mod pair;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

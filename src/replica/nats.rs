@@ -1,0 +1,277 @@
+//! The agent's side of the NATS transport: records from the zone's
+//! JetStream stream (an ordered consumer from the first record wanted),
+//! requests (HELLO, KEYS, SNAPSHOT, DIGEST) to the source through NATS
+//! request/reply. Names and headers are `crate::stream::nats`'s.
+//!
+//! JetStream may hold a record twice (a publisher that restarted after the
+//! duplicate window): the link skips a record below the one it expects.
+//! A record missing between two it holds is a gap: the link refuses it as
+//! "behind-retention", which starts a full resync, never a silent skip.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+
+use super::ReplicaError;
+use crate::stream::nats::{
+    H_AGENT, H_PART, H_PARTS, H_SEQ, SNAPSHOT_BLOCKS, api_subject, connect, record_subject,
+    records_filter, stream_name,
+};
+use crate::stream::serve::{ErrorMsg, kind};
+
+/// A connection to a zone's records and requests through NATS.
+pub struct NatsLink {
+    url: String,
+    client: async_nats::Client,
+    js_stream: stream::Stream,
+    prefix: String,
+    zone: String,
+    agent: String,
+    messages: Option<consumer::pull::Ordered>,
+    /// The record the consumer should deliver next.
+    next: u64,
+    /// Parts of the record being reassembled.
+    partial: Vec<u8>,
+    part: u64,
+}
+
+fn headers_u64(h: Option<&HeaderMap>, k: &str) -> Option<u64> {
+    h?.get(k)?.as_str().parse().ok()
+}
+
+impl NatsLink {
+    /// Connects to `url` (comma-separated servers) and the zone's stream.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        zone: &str,
+        agent: &str,
+    ) -> Result<Self, ReplicaError> {
+        let err = |message: String| ReplicaError::Source {
+            addr: format!("nats://{url}"),
+            message,
+        };
+        let client = connect(url, &format!("keyturn-agent-{agent}"))
+            .await
+            .map_err(err)?;
+        let js = jetstream::new(client.clone());
+        let name = stream_name(prefix, zone);
+        let js_stream = js.get_stream(&name).await.map_err(|e| {
+            err(format!(
+                "no JetStream stream {name} ({e}): the source does not publish zone {zone:?} to this NATS cluster (its pool.toml needs [stream.nats] url)"
+            ))
+        })?;
+        Ok(Self {
+            url: url.to_string(),
+            client,
+            js_stream,
+            prefix: prefix.to_string(),
+            zone: zone.to_string(),
+            agent: agent.to_string(),
+            messages: None,
+            next: 0,
+            partial: Vec::new(),
+            part: 0,
+        })
+    }
+
+    /// The source as status shows it.
+    pub fn addr(&self) -> String {
+        format!("nats://{}", self.url)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> ReplicaError {
+        ReplicaError::Source {
+            addr: self.addr(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Snapshot chunks fit NATS's default payload limit.
+    pub fn snapshot_blocks(&self) -> u32 {
+        SNAPSHOT_BLOCKS
+    }
+
+    /// A request and its answer of type `want`.
+    pub async fn call(&mut self, k: u8, body: &[u8], want: u8) -> Result<Vec<u8>, ReplicaError> {
+        let mut h = HeaderMap::new();
+        h.insert(H_AGENT, self.agent.as_str());
+        let mut frame = Vec::with_capacity(body.len() + 1);
+        frame.push(k);
+        frame.extend_from_slice(body);
+        let subject = api_subject(&self.prefix, &self.zone);
+        let reply = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.client
+                .request_with_headers(subject.clone(), h, frame.into()),
+        )
+        .await
+        .map_err(|_| self.err(format!("no answer on {subject} within 60 s")))?
+        .map_err(|e| {
+            self.err(format!(
+                "request on {subject}: {e} (is the source server connected to this NATS cluster?)"
+            ))
+        })?;
+        let Some((&got, body)) = reply.payload.split_first() else {
+            return Err(self.err("an empty answer"));
+        };
+        if got == kind::ERROR {
+            let m: ErrorMsg = serde_json::from_slice(body).map_err(|e| self.err(e))?;
+            return Err(ReplicaError::Refused {
+                error: m.error,
+                kind: m.kind,
+            });
+        }
+        if got != want {
+            return Err(self.err(format!("answer of type {got}, expected {want}")));
+        }
+        Ok(body.to_vec())
+    }
+
+    fn behind(&self, what: String) -> ReplicaError {
+        ReplicaError::Refused {
+            error: format!("{what}; a full resync is needed"),
+            kind: "behind-retention".into(),
+        }
+    }
+
+    /// Starts delivering records from `from` on.
+    pub async fn follow(&mut self, from: u64) -> Result<(), ReplicaError> {
+        let subject = record_subject(&self.prefix, &self.zone, from);
+        let start = match self
+            .js_stream
+            .get_first_raw_message_by_subject(&subject, 1)
+            .await
+        {
+            Ok(m) => m.sequence,
+            Err(_) => {
+                // Not there: either not yet published (start after what JetStream
+                // holds) or no longer kept (a resync).
+                let info = match self.js_stream.info().await {
+                    Ok(i) => i.clone(),
+                    Err(e) => return Err(self.err(e)),
+                };
+                let last = info.state.last_sequence;
+                if info.state.messages > 0 {
+                    let m = self
+                        .js_stream
+                        .get_raw_message(info.state.first_sequence)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    let oldest = headers_u64(Some(&m.headers), H_SEQ).unwrap_or(0);
+                    if oldest > from {
+                        return Err(self.behind(format!(
+                            "record {from} of zone {:?} is no longer in JetStream (oldest kept: {oldest})",
+                            self.zone
+                        )));
+                    }
+                }
+                last + 1
+            }
+        };
+        let cfg = consumer::pull::OrderedConfig {
+            filter_subject: records_filter(&self.prefix, &self.zone),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        };
+        let c = self
+            .js_stream
+            .create_consumer(cfg)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.messages = Some(c.messages().await.map_err(|e| self.err(e))?);
+        self.next = from;
+        self.partial.clear();
+        self.part = 0;
+        Ok(())
+    }
+
+    /// The next record, whole. Cancel-safe between messages: a record's
+    /// parts already taken stay in `partial`.
+    pub async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
+        loop {
+            let Some(msgs) = self.messages.as_mut() else {
+                return Err(self.err("records asked for before FOLLOW"));
+            };
+            let m = match msgs.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(self.err(e)),
+                None => return Err(self.err("the JetStream consumer ended")),
+            };
+            let h = m.headers.as_ref();
+            let (Some(seq), Some(part), Some(parts)) = (
+                headers_u64(h, H_SEQ),
+                headers_u64(h, H_PART),
+                headers_u64(h, H_PARTS),
+            ) else {
+                return Err(ReplicaError::BadRecord(format!(
+                    "a message on {} without keyturn headers",
+                    m.subject
+                )));
+            };
+            if seq < self.next {
+                continue; // published twice; applied already or about to be
+            }
+            if seq > self.next {
+                return Err(self.behind(format!(
+                    "JetStream holds record {seq} but not record {} (a gap)",
+                    self.next
+                )));
+            }
+            if part != self.part || parts == 0 || part >= parts {
+                // A restarted publisher may start a record again from part 0.
+                if part == 0 {
+                    self.partial.clear();
+                    self.part = 0;
+                } else {
+                    continue;
+                }
+            }
+            self.partial.extend_from_slice(&m.payload);
+            self.part += 1;
+            if self.partial.len() > crate::stream::record::MAX_RECORD_LEN {
+                return Err(ReplicaError::BadRecord(format!(
+                    "record {seq} is larger than any record"
+                )));
+            }
+            if self.part == parts {
+                self.next += 1;
+                self.part = 0;
+                return Ok(std::mem::take(&mut self.partial));
+            }
+        }
+    }
+
+    /// Record `seq` again (to resolve a reference), from JetStream.
+    pub async fn fetch(&mut self, seq: u64) -> Result<Vec<u8>, ReplicaError> {
+        let subject = record_subject(&self.prefix, &self.zone, seq);
+        let first = self
+            .js_stream
+            .get_first_raw_message_by_subject(&subject, 1)
+            .await
+            .map_err(|_| self.behind(format!("record {seq} is no longer in JetStream")))?;
+        let parts = headers_u64(Some(&first.headers), H_PARTS).unwrap_or(1);
+        let mut out = first.payload.to_vec();
+        let mut js_seq = first.sequence;
+        let mut part = 1;
+        while part < parts {
+            js_seq += 1;
+            let m = self
+                .js_stream
+                .get_first_raw_message_by_subject(&subject, js_seq)
+                .await
+                .map_err(|e| self.err(format!("part {part} of record {seq}: {e}")))?;
+            js_seq = m.sequence;
+            if headers_u64(Some(&m.headers), H_PART) != Some(part) {
+                continue;
+            }
+            out.extend_from_slice(&m.payload);
+            part += 1;
+        }
+        Ok(out)
+    }
+}
