@@ -600,3 +600,68 @@ fn tampered_missing_and_foreign_records_are_refused_and_never_applied() {
         0.0
     );
 }
+
+#[test]
+fn ended_key_sets_are_archived_then_destroyed_and_audited() {
+    // Two-second sets, kept one second after they end.
+    let pair = Pair::with(
+        None,
+        &[
+            ("set_secs", "2"),
+            ("window_secs", "2"),
+            ("key_retention_secs", "1"),
+        ],
+    );
+    let server = pair.serve();
+    // The replica syncs first, so that it needs the records written next.
+    pair.replicate_ok(&server, &["--until-caught-up"]);
+    qio_ok(&server.uri("a"), &["write -P 0x61 0 8192", "flush"]);
+    let first_set = {
+        let keys: serde_json::Value = serde_json::from_str(
+            &pair
+                .src
+                .keyturn_ok(&["stream", "keys", "--zone", "z1", "--json"]),
+        )
+        .unwrap();
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["set"].as_u64())
+            .max()
+            .expect("a set exists")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys: serde_json::Value = serde_json::from_str(
+            &pair
+                .src
+                .keyturn_ok(&["stream", "keys", "--zone", "z1", "--json"]),
+        )
+        .unwrap();
+        let state = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["set"].as_u64() == Some(first_set))
+            .map(|s| s["state"].as_str().unwrap_or("").to_string());
+        let audit = std::fs::read_to_string(pair.src.path().join("audit.log")).unwrap();
+        let audited = audit.lines().any(|l| {
+            l.contains("stream.keyset-destroy") && l.contains(&format!("-stream-s{first_set}\""))
+        });
+        if state.as_deref() == Some("destroyed") && audited {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "set {first_set} not destroyed and audited: state {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Its records can no longer be opened by anyone.
+    let o = pair.replicate(&server, &["--until-caught-up"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("destroyed"),
+        "records of a destroyed set are unreadable: {err}"
+    );
+}

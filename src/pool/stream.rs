@@ -150,6 +150,23 @@ impl Pool {
         }
     }
 
+    /// Audits the stream key sets destroyed at the end of their retention
+    /// (the streams destroy them in their housekeeping; the pool holds the
+    /// audit log).
+    pub(crate) fn audit_destroyed_key_sets(&self) {
+        let streams: Vec<_> = self.streams.read().values().cloned().collect();
+        for s in streams {
+            for set in s.take_destroyed_sets() {
+                let ev = AuditEvent::ok("stream.keyset-destroy")
+                    .zone(s.zone_name())
+                    .key_id(format!("z{}-stream-s{set}", s.zone().0));
+                if let Err(e) = self.record(ev) {
+                    tracing::error!(zone = %s.zone_name(), set, error = %e, "stream key set destruction not audited");
+                }
+            }
+        }
+    }
+
     /// The stream of zone `zone`, if it streams.
     pub fn stream(&self, zone: &str) -> Option<Arc<ZoneStream>> {
         let id = self.zone_id(zone).ok()?;

@@ -742,6 +742,7 @@ impl Pool {
                 while !shutdown.load(Ordering::Acquire) {
                     let Some(pool) = weak.upgrade() else { return };
                     pool.tick();
+                    pool.audit_destroyed_key_sets();
                     if last_decay.elapsed() >= HEAT_DECAY {
                         for z in pool.zones.read().values() {
                             z.heat.decay();

@@ -198,6 +198,8 @@ pub struct ZoneStream {
     broken: Mutex<Option<String>>,
     state: Mutex<State>,
     snapshot_nonce: AtomicU64,
+    /// Key sets destroyed at the end of their retention, not yet audited.
+    destroyed_sets: Mutex<Vec<u32>>,
     /// Counters.
     pub stats: StreamStats,
     stopped: AtomicBool,
@@ -350,6 +352,7 @@ impl ZoneStream {
             broken: Mutex::new(None),
             state: Mutex::new(state),
             snapshot_nonce: AtomicU64::new(0),
+            destroyed_sets: Mutex::new(Vec::new()),
             stats: StreamStats::default(),
             stopped: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -601,6 +604,11 @@ impl ZoneStream {
     pub fn forget_consumer(&self, consumer: &str) {
         self.state.lock().acked.remove(consumer);
         self.writing.lock().state_dirty = true;
+    }
+
+    /// Key sets destroyed since the last call, for the audit log.
+    pub fn take_destroyed_sets(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.destroyed_sets.lock())
     }
 
     /// The settings the stream was opened with.
@@ -926,9 +934,10 @@ impl ZoneStream {
             .age(now / 1000, self.settings.key_retention_secs);
         match destroyed {
             Ok(sets) => {
-                for set in sets {
+                for &set in &sets {
                     tracing::info!(zone = %self.zone_name, set, "stream key set destroyed at the end of its retention");
                 }
+                self.destroyed_sets.lock().extend(sets);
             }
             Err(e) => {
                 tracing::warn!(zone = %self.zone_name, error = %e, "stream: key set ageing failed")
