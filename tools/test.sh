@@ -12,6 +12,7 @@ command -v fio      >/dev/null || need+=(fio)
 command -v python3  >/dev/null || need+=(python3)
 command -v timeout  >/dev/null || need+=(coreutils)
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
+command -v openssl  >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""

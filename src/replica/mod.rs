@@ -25,8 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use zeroize::Zeroizing;
 
 use crate::crypto::tag::Tag;
@@ -36,6 +34,8 @@ use crate::pool::Pool;
 use crate::stream::grant::AgentKey;
 use crate::stream::record::{self, BlockRef, Body, Sealed, WindowId};
 use crate::stream::serve::{self, ErrorMsg, KeysReply, KeysReq, SnapshotReq, Welcome, kind};
+
+mod connect;
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,8 @@ pub struct AgentConfig {
     pub until_seq: Option<u64>,
     /// Stop once every record durable at connection time is applied.
     pub until_caught_up: bool,
+    /// Speak TLS to the source (`keyturns://`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// What the agent keeps about its source.
@@ -169,8 +171,8 @@ pub fn read_status(pool_dir: &Path, zone: crate::ids::ZoneId) -> Option<ReplicaS
 
 struct Conn {
     addr: String,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: connect::Rd,
+    wr: connect::Wr,
     /// Records that arrived while the agent waited for another answer.
     held: VecDeque<Vec<u8>>,
 }
@@ -336,14 +338,12 @@ impl Agent {
 
     async fn connect(&mut self) -> Result<(Conn, Welcome), ReplicaError> {
         let addr = self.cfg.source.clone();
-        let sock = TcpStream::connect(&addr)
+        let (rd, wr) = connect::open(&addr, self.cfg.tls.as_ref())
             .await
             .map_err(|e| ReplicaError::Source {
                 addr: addr.clone(),
                 message: e.to_string(),
             })?;
-        let _ = sock.set_nodelay(true);
-        let (rd, wr) = sock.into_split();
         let mut c = Conn {
             addr,
             rd,
