@@ -32,6 +32,7 @@ mod demo;
 mod keys;
 mod schedule;
 mod stream;
+mod tls;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 /// Where `keyturn demo` keeps its pool's passphrase, in the pool directory.
@@ -533,6 +534,9 @@ struct ServeArgs {
     /// in pool.toml; none when empty].
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// Serve NBD without TLS on an address beyond loopback (logs a warning).
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 #[derive(Args, Debug)]
@@ -740,6 +744,7 @@ fn run(cli: Cli) -> Result<()> {
                 admin: a.admin_listen,
                 stream: a.stream_listen,
                 nats: a.nats,
+                allow_plaintext: a.allow_plaintext,
             };
             serve(&a.pool.pool, &secret, listen, a.profile, None)
         }
@@ -1411,6 +1416,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         admin: a.admin_listen,
         stream: None,
         nats: None,
+        allow_plaintext: false,
     };
     serve(&dir, &Secret::Passphrase(pass), listen, None, Some(()))
 }
@@ -1444,6 +1450,7 @@ struct Listen {
     admin: Option<String>,
     stream: Option<String>,
     nats: Option<String>,
+    allow_plaintext: bool,
 }
 
 /// The admin API address: `--admin-listen`, else pool.toml's; with port 0
@@ -1531,9 +1538,15 @@ fn serve(
         .collect::<Vec<_>>()
         .join(",");
     nats.validate().map_err(anyhow::Error::msg)?;
+    let allow_plaintext = listen.allow_plaintext;
     let listen = listen.nbd.unwrap_or(config.server.listen.clone());
-    // Refused before anything is opened: the admin API is loopback only.
-    admin_http::loopback_addr(&listen_admin)?;
+    let secured = tls::setup(dir, &config, &listen, allow_plaintext)?;
+    // Refused before anything is opened: the admin API is loopback only,
+    // unless it can be served over HTTPS.
+    let admin_tls = secured.admin_tls(&listen_admin);
+    if admin_tls.is_none() {
+        admin_http::loopback_addr(&listen_admin)?;
+    }
     let token_path = config.admin.token_path(dir);
     let token = AdminToken::load_or_create(&token_path).with_context(|| {
         format!(
@@ -1570,7 +1583,9 @@ fn serve(
         tracing::warn!(error = %e, "serve.start not recorded");
     }
     let mut stream_task: Option<tokio::task::JoinHandle<()>> = None;
+    secured.attach(&pool);
     let result = runtime.block_on(async {
+        let reload = secured.spawn_reload()?;
         let server_config = nbd::server::ServerConfig {
             max_in_flight: profile.server.max_inflight_per_conn,
             ..nbd::server::ServerConfig::default()
@@ -1578,7 +1593,7 @@ fn serve(
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         // The admin port first: if it is taken, no NBD client was ever accepted.
-        let admin_listener = admin_http::bind(&listen_admin).await?;
+        let admin_listener = admin_http::bind(&listen_admin, admin_tls.is_some()).await?;
         let admin_addr = admin_listener.local_addr()?;
         let tcp = nbd::server::bind(&listen).await?;
         crate::pool::write_atomic(&addr_file, format!("{admin_addr}\n").as_bytes())?;
@@ -1589,10 +1604,11 @@ fn serve(
             .first()
             .map(|v| v.name.clone())
             .unwrap_or_default();
-        tasks.push(tokio::spawn(nbd::server::serve(
+        tasks.push(tokio::spawn(nbd::server::serve_secured(
             tcp,
             pool.clone(),
             server_config.clone(),
+            secured.nbd.clone(),
             rx.clone(),
         )));
         let mut unix_uri = None;
@@ -1600,10 +1616,17 @@ fn serve(
             let _ = std::fs::remove_file(path);
             let l = nbd::server::bind(&format!("unix:{}", path.display())).await?;
             unix_uri = Some(format!("nbd+unix:///{export}?socket={}", path.display()));
-            tasks.push(tokio::spawn(nbd::server::serve(
+            // A local socket: no TLS, but the same access rules.
+            let local = nbd::Security {
+                mode: crate::tls::TlsMode::Off,
+                tls: None,
+                gate: secured.nbd.gate.clone(),
+            };
+            tasks.push(tokio::spawn(nbd::server::serve_secured(
                 l,
                 pool.clone(),
                 server_config.clone(),
+                local,
                 rx.clone(),
             )));
         }
@@ -1614,10 +1637,18 @@ fn serve(
                 .with_context(|| format!("cannot listen for stream agents on {stream_listen}"))?;
             let a = l.local_addr()?;
             crate::pool::write_atomic(&dir.join(STREAM_ADDR_FILE), format!("{a}\n").as_bytes())?;
-            stream_line = Some(format!("stream: keyturn://{a}"));
+            let stream_tls = secured.stream_tls(&stream_listen);
+            let scheme = if stream_tls.is_some() {
+                "keyturns"
+            } else {
+                "keyturn"
+            };
+            stream_line = Some(format!("stream: {scheme}://{a}"));
             let source: Arc<dyn crate::stream::serve::StreamSource> =
                 Arc::new(crate::pool::PoolStreams(pool.clone()));
-            stream_task = Some(tokio::spawn(crate::stream::serve::run(l, source)));
+            stream_task = Some(tokio::spawn(crate::stream::serve::run_secured(
+                l, source, stream_tls,
+            )));
         }
         let nats_task = (!nats.url.is_empty()).then(|| {
             let source: Arc<dyn crate::stream::serve::StreamSource> =
@@ -1631,6 +1662,7 @@ fn serve(
             token,
             exporter,
             rx.clone(),
+            admin_tls.clone(),
         ));
         let uri = format!("nbd://{addr}/{export}");
         if demo.is_some() {
@@ -1641,7 +1673,8 @@ fn serve(
         // stop the server cleanly, not kill it with the default action.
         let shutdown = ShutdownSignals::install()?;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "admin: http://{admin_addr}/")?;
+        let admin_scheme = if admin_tls.is_some() { "https" } else { "http" };
+        writeln!(out, "admin: {admin_scheme}://{admin_addr}/")?;
         if let Some(l) = &stream_line {
             writeln!(out, "{l}")?;
         }
@@ -1657,6 +1690,7 @@ fn serve(
         tracing::info!(%addr, exports = pool.catalog().volumes.len(), "serving");
         shutdown.wait().await;
         tracing::info!("shutting down: finishing requests in flight");
+        reload.abort();
         let _ = tx.send(true);
         if let Some(t) = stream_task.take() {
             t.abort();

@@ -65,6 +65,12 @@ pub struct PoolConfig {
     /// Test facilities (a test pool only). Defaulted: off.
     #[serde(default, skip_serializing_if = "TestSection::is_off")]
     pub test: TestSection,
+    /// TLS certificates for the listeners, and the NBD TLS mode.
+    #[serde(default, skip_serializing_if = "crate::tls::TlsSection::is_unset")]
+    pub tls: crate::tls::TlsSection,
+    /// Who may open which export (`[[access]]`); none: everyone everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<crate::nbd::access::AccessRule>,
 }
 
 /// `[schedule]` in `pool.toml`: the rotation scheduler (pool-wide; the
@@ -520,6 +526,8 @@ mod tests {
             stream: Default::default(),
             schedule: Default::default(),
             test: Default::default(),
+            tls: Default::default(),
+            access: Vec::new(),
         };
         let back: PoolConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.data, c.data);

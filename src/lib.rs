@@ -27,5 +27,6 @@ pub mod schedule;
 pub mod scrub;
 pub mod store;
 pub mod stream;
+pub mod tls;
 pub mod volume;
 pub mod zone;

@@ -578,6 +578,8 @@ impl Pool {
             stream: Default::default(),
             schedule: Default::default(),
             test: Default::default(),
+            tls: Default::default(),
+            access: Vec::new(),
         };
         match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {

@@ -13,6 +13,7 @@ command -v python3  >/dev/null || need+=(python3)
 command -v timeout  >/dev/null || need+=(coreutils)
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v nats-server >/dev/null || need+=(nats-server)
+command -v openssl  >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""

@@ -85,9 +85,21 @@ pub fn loopback_addr(listen: &str) -> Result<SocketAddr, ServeError> {
     }
 }
 
-/// Binds the admin API's listener on `listen`, which must be loopback.
-pub async fn bind(listen: &str) -> Result<TcpListener, ServeError> {
-    let addr = loopback_addr(listen)?;
+/// Binds the admin API's listener on `listen`, which must be loopback
+/// unless the API is served over HTTPS (`https`).
+pub async fn bind(listen: &str, https: bool) -> Result<TcpListener, ServeError> {
+    let addr = if https {
+        listen
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| ServeError::BadAddress {
+                addr: listen.to_owned(),
+                reason: "it resolves to nothing".into(),
+            })?
+    } else {
+        loopback_addr(listen)?
+    };
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })
@@ -110,9 +122,10 @@ pub async fn serve(
     token: AdminToken,
     exporter: Exporter,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
-    if !local.ip().is_loopback() {
+    if !local.ip().is_loopback() && tls.is_none() {
         return Err(ServeError::NotLoopback(local.to_string()));
     }
     let app = router(AppState {
@@ -120,13 +133,24 @@ pub async fn serve(
         token: Arc::new(token),
         exporter,
     });
-    tracing::info!(addr = %local, "admin API listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            // A dropped sender means the same as shutting down here.
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await?;
+    tracing::info!(addr = %local, https = tls.is_some(), "admin API listening");
+    // A dropped sender means the same as shutting down here.
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await?
+        }
+        Some(tls) => {
+            let listener = super::tls_listener::TlsListener::new(listener, tls)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await?
+        }
+    }
     tracing::info!("admin API stopped");
     Ok(())
 }
@@ -842,10 +866,18 @@ mod tests {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = bind("127.0.0.1:0").await?;
+                let listener = bind("127.0.0.1:0", false).await?;
                 tx.send(listener.local_addr()?).unwrap();
                 let token = AdminToken::parse(TOKEN).unwrap();
-                serve(listener, backend, token, Exporter::install().unwrap(), rx).await
+                serve(
+                    listener,
+                    backend,
+                    token,
+                    Exporter::install().unwrap(),
+                    rx,
+                    None,
+                )
+                .await
             })
         });
         let addr = addr_rx.recv().expect("server started");

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod http;
 pub mod metrics;
+pub mod tls_listener;
 pub mod token;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

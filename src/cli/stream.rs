@@ -205,6 +205,32 @@ pub(super) struct AgentId {
     /// under (its `[stream.nats] prefix`).
     #[arg(long, default_value = "keyturn")]
     nats_prefix: String,
+    /// With a keyturns:// source: the CA (PEM) the source's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// With a keyturns:// source: this agent's client certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// With a keyturns:// source: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The agent's TLS configuration: from `--tls-*` for a keyturns:// source.
+fn agent_tls(source: &str, id: &AgentId) -> Result<Option<crate::tls::ClientTls>> {
+    if !source.starts_with("keyturns://") {
+        if id.tls_ca.is_some() || id.tls_cert.is_some() {
+            bail!("--tls-ca/--tls-cert/--tls-key need a keyturns:// source");
+        }
+        return Ok(None);
+    }
+    let Some(ca) = &id.tls_ca else {
+        bail!("a keyturns:// source needs --tls-ca (the CA that signed the source's certificate)");
+    };
+    let identity = id.tls_cert.as_deref().zip(id.tls_key.as_deref());
+    let tls =
+        crate::tls::ClientTls::load(ca, identity).context("cannot load the agent's TLS files")?;
+    Ok(Some(tls))
 }
 
 /// `keyturn replicate`.
@@ -511,7 +537,11 @@ fn agent_setup(
     tokio::runtime::Runtime,
     Arc<crate::pool::Pool>,
 )> {
-    let source = parse_source(source, &id.nats_prefix).map_err(anyhow::Error::msg)?;
+    let source = parse_source(
+        source.replacen("keyturns://", "keyturn://", 1).as_str(),
+        &id.nats_prefix,
+    )
+    .map_err(anyhow::Error::msg)?;
     let key = read_agent_key(&id.agent_key)?;
     let pool_args = PoolArgs {
         pool: pool.to_path_buf(),
@@ -530,6 +560,7 @@ fn agent_setup(
 /// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
 /// when the two sides are not at one stream record.
 pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
+    let tls = agent_tls(&a.source, &a.id)?;
     let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.replica)?;
     let cfg = AgentConfig {
         source,
@@ -539,6 +570,7 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
         replica_zone: a.replica_zone,
         until_seq: None,
         until_caught_up: false,
+        tls,
     };
     let verdict = runtime.block_on(crate::replica::verify(pool, cfg))?;
     if a.json {
@@ -599,6 +631,7 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
 /// `keyturn replicate`: the agent, until its stop condition, an error, or
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
+    let tls = agent_tls(&a.source, &a.id)?;
     let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.to)?;
     let mut agent = Agent::new(
         pool.clone(),
@@ -610,6 +643,7 @@ pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
             replica_zone: a.to_zone,
             until_seq: a.until_seq,
             until_caught_up: a.until_caught_up,
+            tls,
         },
     )?;
     let result = runtime.block_on(async {

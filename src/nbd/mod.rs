@@ -4,10 +4,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod export;
+mod handshake;
 mod metrics;
 pub mod proto;
 pub mod server;
 
 pub use export::{Export, ExportCatalog, ExportError, ExportInfo, Extent};
-pub use server::{BindError, BoundAddr, Listener, ServerConfig, bind, serve};
+pub use handshake::Security;
+pub use server::{BindError, BoundAddr, Listener, ServerConfig, bind, serve, serve_secured};

@@ -253,6 +253,8 @@ pub enum RepError {
     Policy,
     /// `NBD_REP_ERR_INVALID`: syntactically invalid.
     Invalid,
+    /// `NBD_REP_ERR_TLS_REQD`: TLS first (STARTTLS), then this option.
+    TlsReqd,
     /// `NBD_REP_ERR_UNKNOWN`: no such export.
     Unknown,
     /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
@@ -269,6 +271,7 @@ impl RepError {
                 RepError::Unsup => 1,
                 RepError::Policy => 2,
                 RepError::Invalid => 3,
+                RepError::TlsReqd => 5,
                 RepError::Unknown => 6,
                 RepError::Shutdown => 7,
                 RepError::TooBig => 9,
@@ -749,6 +752,14 @@ impl RequestHeader {
                 },
             ));
         }
+        let writes = matches!(
+            kind,
+            CommandKind::Write | CommandKind::Trim | CommandKind::WriteZeroes
+        );
+        if writes && session.read_only {
+            // MUST fail with EPERM on an export flagged read-only.
+            return Err(reject(Errno::Perm, RejectReason::ReadOnly(kind)));
+        }
         if kind == CommandKind::BlockStatus && session.meta_context.is_none() {
             return Err(reject(Errno::Inval, RejectReason::NoMetaContext));
         }
@@ -836,6 +847,8 @@ pub struct SessionParams {
     pub meta_context: Option<u32>,
     /// Largest READ/WRITE payload accepted.
     pub max_payload: u32,
+    /// The export was flagged read-only (`NBD_FLAG_READ_ONLY`).
+    pub read_only: bool,
 }
 
 /// The known command types.
@@ -1013,6 +1026,9 @@ pub enum RejectReason {
     /// BLOCK_STATUS with length 0.
     #[error("zero-length BLOCK_STATUS")]
     ZeroLengthBlockStatus,
+    /// A write-type command on a read-only export.
+    #[error("{0} on a read-only export")]
+    ReadOnly(CommandKind),
 }
 
 // ----------------------------------------------------------------- replies
@@ -1176,7 +1192,25 @@ mod tests {
             structured,
             meta_context: meta.then_some(1),
             max_payload: 32 << 20,
+            read_only: false,
         }
+    }
+
+    #[test]
+    fn read_only_session_refuses_writes_with_eperm() {
+        let ro = SessionParams {
+            read_only: true,
+            ..session(true, true)
+        };
+        for kind in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES] {
+            let h = RequestHeader::parse(&header(0, kind, 7, 0, 4096)).unwrap();
+            let rej = h.validate(&ro).unwrap_err();
+            assert_eq!(rej.errno, Errno::Perm);
+            assert_eq!(rej.cookie, 7);
+        }
+        let read = RequestHeader::parse(&header(0, CMD_READ, 8, 0, 4096)).unwrap();
+        assert!(read.validate(&ro).is_ok());
+        assert_eq!(RepError::TlsReqd.code(), (1 << 31) | 5);
     }
 
     fn validate(flags: u16, kind: u16, offset: u64, length: u32) -> Result<Request, Rejection> {

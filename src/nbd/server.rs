@@ -51,20 +51,21 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use super::access::Client;
 use super::export::{Export, ExportCatalog, ExportError};
+use super::handshake::{self, Negotiated, Security};
 use super::metrics::NbdMetrics;
 use super::proto::{
-    self, BadRequestMagic, ClientFlags, ClientOption, Command, Errno, HandshakeError, OptionHeader,
-    OptionReply, RepError, Request, RequestHeader, SessionParams,
+    self, BadRequestMagic, Command, Errno, HandshakeError, Request, RequestHeader, SessionParams,
 };
 
 /// Context id of `base:allocation` on a connection that selected it.
-const BASE_ALLOCATION_ID: u32 = 1;
+pub(super) const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Tunables of the NBD server. `Default` gives the values clients expect.
 #[derive(Clone, Debug)]
@@ -268,16 +269,35 @@ pub fn serve<C: ExportCatalog>(
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send {
+    serve_secured(listener, catalog, config, Security::default(), shutdown)
+}
+
+/// [`serve`] with TLS and access control.
+pub fn serve_secured<C: ExportCatalog>(
+    listener: Listener,
+    catalog: Arc<C>,
+    config: ServerConfig,
+    security: Security,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send {
     // Registered now, not when the task first runs: a scrape right after
     // "ready" must already see the counters (at zero).
     let metrics = Arc::new(NbdMetrics::register());
-    serve_with_metrics(listener, catalog, config, shutdown, metrics)
+    serve_with_metrics(
+        listener,
+        catalog,
+        config,
+        Arc::new(security),
+        shutdown,
+        metrics,
+    )
 }
 
 async fn serve_with_metrics<C: ExportCatalog>(
     listener: Listener,
     catalog: Arc<C>,
     config: ServerConfig,
+    security: Arc<Security>,
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<NbdMetrics>,
 ) {
@@ -304,10 +324,11 @@ async fn serve_with_metrics<C: ExportCatalog>(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), metrics.clone(), shutdown.clone()));
+                    let client = Client { addr: stream.peer_addr().ok().map(|a| a.ip()), ..Client::default() };
+                    conns.spawn(connection(Box::new(stream), peer, client, catalog.clone(), config.clone(), security.clone(), global.clone(), metrics.clone(), shutdown.clone()));
                 }
                 Ok(Accepted::Unix(stream, peer)) => {
-                    conns.spawn(connection(stream, peer, catalog.clone(), config.clone(), global.clone(), metrics.clone(), shutdown.clone()));
+                    conns.spawn(connection(Box::new(stream), peer, Client::default(), catalog.clone(), config.clone(), security.clone(), global.clone(), metrics.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off rather than spin.
@@ -364,7 +385,7 @@ async fn shutdown_signal(rx: &mut watch::Receiver<bool>) {
 /// Why a connection was dropped by the server: the peer broke the framing
 /// or a MUST, vanished mid-message, or took too long.
 #[derive(Debug, thiserror::Error)]
-enum Fatal {
+pub(super) enum Fatal {
     #[error("{0}")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
@@ -375,6 +396,8 @@ enum Fatal {
     Violation(String),
     #[error("handshake not finished within {0:?}")]
     Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -395,12 +418,18 @@ enum End {
 /// Collects what a client did wrong so that the log gets exactly one
 /// warning per misbehaving client, however many bad requests it sent.
 /// It also counts the client in the metrics when it is dropped.
-struct ClientLog {
-    peer: Arc<str>,
+pub(super) struct ClientLog {
+    pub(super) peer: Arc<str>,
     rejected: u64,
     first: Option<String>,
-    metrics: Arc<NbdMetrics>,
+    /// What access control (or the TLS handshake) refused it, for the
+    /// one audit record per refused client.
+    refused: Vec<String>,
+    pub(super) metrics: Arc<NbdMetrics>,
 }
+
+/// At most this many refusals are kept for the audit record of a client.
+const MAX_REFUSALS_KEPT: usize = 16;
 
 impl ClientLog {
     fn new(peer: Arc<str>, metrics: Arc<NbdMetrics>) -> Self {
@@ -408,12 +437,23 @@ impl ClientLog {
             peer,
             rejected: 0,
             first: None,
+            refused: Vec::new(),
             metrics,
         }
     }
 
+    /// Records something access control refused (an export name, or why
+    /// the TLS handshake failed).
+    pub(super) fn refuse(&mut self, what: &str) {
+        let shown: String = what.chars().take(128).collect();
+        self.note(format_args!("refused by access control: {shown:?}"));
+        if self.refused.len() < MAX_REFUSALS_KEPT && !self.refused.contains(&shown) {
+            self.refused.push(shown);
+        }
+    }
+
     /// Records a refused option or request (the connection stays open).
-    fn note(&mut self, reason: impl fmt::Display) {
+    pub(super) fn note(&mut self, reason: impl fmt::Display) {
         tracing::debug!(peer = %self.peer, %reason, "refused client request");
         self.rejected += 1;
         if self.first.is_none() {
@@ -440,32 +480,36 @@ impl ClientLog {
     }
 }
 
-async fn connection<C, S>(
-    stream: S,
+#[allow(clippy::too_many_arguments)]
+async fn connection<C>(
+    stream: handshake::Io,
     peer: Arc<str>,
+    mut client: Client,
     catalog: Arc<C>,
     config: Arc<ServerConfig>,
+    security: Arc<Security>,
     global: Arc<Semaphore>,
     metrics: Arc<NbdMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     C: ExportCatalog,
-    S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let _open = metrics.open_connection();
     let mut log = ClientLog::new(peer, metrics);
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 << 10, rd);
-    let mut wr = BufWriter::with_capacity(64 << 10, wr);
     let negotiated = tokio::select! {
         r = tokio::time::timeout(
             config.handshake_timeout,
-            negotiate(&mut rd, &mut wr, &*catalog, &config, &mut log),
+            handshake::negotiate(stream, &*catalog, &config, &security, &mut client, &mut log),
         ) => r.unwrap_or(Err(Fatal::Timeout(config.handshake_timeout))),
         _ = shutdown_signal(&mut shutdown) => Ok(None),
     };
+    if !log.refused.is_empty()
+        && let Some(gate) = &security.gate
+    {
+        gate.refused(&client, &log.refused);
+    }
     let end = match negotiated {
-        Ok(Some(session)) => {
+        Ok(Some((session, rd, wr))) => {
             transmission(rd, wr, session, &config, global, shutdown, &mut log).await
         }
         Ok(None) => Ok(End::Handshake),
@@ -476,7 +520,7 @@ async fn connection<C, S>(
 
 /// Reads exactly `buf.len()` bytes. `Ok(false)` if the stream ended before
 /// the first byte (a clean close between messages).
-async fn read_or_eof<R: AsyncRead + Unpin>(
+pub(super) async fn read_or_eof<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut [u8],
     what: &'static str,
@@ -496,7 +540,7 @@ async fn read_or_eof<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-async fn read_full<R: AsyncRead + Unpin>(
+pub(super) async fn read_full<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut [u8],
     what: &'static str,
@@ -524,7 +568,7 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> Result<Vec<
 }
 
 /// Reads and discards `len` bytes without buffering them.
-async fn drain<R: AsyncRead + Unpin>(
+pub(super) async fn drain<R: AsyncRead + Unpin>(
     rd: &mut R,
     len: u32,
     what: &'static str,
@@ -536,252 +580,6 @@ async fn drain<R: AsyncRead + Unpin>(
     } else {
         Err(Fatal::Truncated(what))
     }
-}
-
-/// Export names come from the peer: quote and cut them for the log.
-fn quoted(name: &str) -> String {
-    let mut s: String = name.chars().take(64).collect();
-    if s.len() < name.len() {
-        s.push('…');
-    }
-    format!("{s:?}")
-}
-
-/// The outcome of a successful handshake.
-struct Negotiated<E> {
-    export: Arc<E>,
-    structured: bool,
-    meta_context: Option<u32>,
-}
-
-async fn send_replies<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    replies: &[OptionReply<'_>],
-) -> io::Result<()> {
-    let mut out = Vec::new();
-    for r in replies {
-        r.encode(option, &mut out);
-    }
-    wr.write_all(&out).await?;
-    wr.flush().await
-}
-
-async fn negotiate<C, R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    catalog: &C,
-    config: &ServerConfig,
-    log: &mut ClientLog,
-) -> Result<Option<Negotiated<C::Export>>, Fatal>
-where
-    C: ExportCatalog,
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    wr.write_all(&proto::server_greeting()).await?;
-    wr.flush().await?;
-    let mut flags = [0u8; proto::CLIENT_FLAGS_LEN];
-    if !read_or_eof(rd, &mut flags, "client flags").await? {
-        return Ok(None);
-    }
-    let client = ClientFlags::parse(flags)?;
-    let mut structured = false;
-    // The export for which base:allocation is selected, if any.
-    let mut meta_export: Option<String> = None;
-    loop {
-        let mut header = [0u8; proto::OPTION_HEADER_LEN];
-        if !read_or_eof(rd, &mut header, "option header").await? {
-            return Ok(None);
-        }
-        let header = OptionHeader::parse(&header)?;
-        let code = header.code;
-        if header.length > config.max_option_length {
-            if code == proto::OPT_EXPORT_NAME {
-                // EXPORT_NAME cannot be answered with an error.
-                return Err(Fatal::Violation(format!(
-                    "NBD_OPT_EXPORT_NAME with a {}-byte name",
-                    header.length
-                )));
-            }
-            if header.length > config.max_drain {
-                return Err(Fatal::Violation(format!(
-                    "option {code} with a {}-byte payload",
-                    header.length
-                )));
-            }
-            drain(rd, header.length, "option payload").await?;
-            log.note(format_args!(
-                "option {code} with a {}-byte payload",
-                header.length
-            ));
-            let reply = OptionReply::Error(RepError::TooBig, "option payload too large");
-            send_replies(wr, code, &[reply]).await?;
-            continue;
-        }
-        // Bounded by max_option_length just above.
-        let mut payload = vec![0u8; usize::try_from(header.length).unwrap_or(0)];
-        read_full(rd, &mut payload, "option payload").await?;
-        let option = match ClientOption::parse(code, &payload) {
-            Ok(o) => o,
-            Err(e) if code == proto::OPT_EXPORT_NAME => {
-                return Err(Fatal::Violation(format!("NBD_OPT_EXPORT_NAME: {e}")));
-            }
-            Err(e) => {
-                log.note(format_args!("option {code}: {e}"));
-                let msg = e.to_string();
-                send_replies(wr, code, &[OptionReply::Error(RepError::Invalid, &msg)]).await?;
-                continue;
-            }
-        };
-        match option {
-            ClientOption::ExportName(name) => {
-                let Some(export) = catalog.open(&name) else {
-                    return Err(Fatal::Violation(format!(
-                        "NBD_OPT_EXPORT_NAME for unknown export {}",
-                        quoted(&name)
-                    )));
-                };
-                let flags = proto::transmission_flags(structured);
-                let reply = proto::export_name_reply(export.size(), flags, client.no_zeroes);
-                wr.write_all(&reply).await?;
-                wr.flush().await?;
-                let meta_context = selected_context(structured, &meta_export, &name);
-                return Ok(Some(Negotiated {
-                    export,
-                    structured,
-                    meta_context,
-                }));
-            }
-            ClientOption::Abort => {
-                // The client may already have closed: ignore a failed ACK.
-                let _ = send_replies(wr, code, &[OptionReply::Ack]).await;
-                return Ok(None);
-            }
-            ClientOption::List => {
-                let exports = catalog.list();
-                let mut replies: Vec<OptionReply<'_>> = exports
-                    .iter()
-                    .map(|e| OptionReply::Server {
-                        name: &e.name,
-                        description: &e.description,
-                    })
-                    .collect();
-                replies.push(OptionReply::Ack);
-                send_replies(wr, code, &replies).await?;
-            }
-            ClientOption::StartTls => {
-                let reply = OptionReply::Error(RepError::Policy, "TLS is not offered");
-                send_replies(wr, code, &[reply]).await?;
-            }
-            ClientOption::Info(req) | ClientOption::Go(req) => {
-                let Some(export) = catalog.open(&req.name) else {
-                    log.note(format_args!("unknown export {}", quoted(&req.name)));
-                    let reply = OptionReply::Error(RepError::Unknown, "no such export");
-                    send_replies(wr, code, &[reply]).await?;
-                    continue;
-                };
-                // INFO and GO answer from the same state, so they agree (MUST).
-                let flags = proto::transmission_flags(structured);
-                let description = if req.requests.contains(&proto::INFO_DESCRIPTION) {
-                    catalog
-                        .list()
-                        .into_iter()
-                        .find(|e| e.name == req.name)
-                        .map(|e| e.description)
-                        .filter(|d| !d.is_empty())
-                        .unwrap_or_else(|| config.default_description.clone())
-                } else {
-                    String::new()
-                };
-                let mut replies = vec![
-                    OptionReply::InfoExport {
-                        size: export.size(),
-                        flags,
-                    },
-                    // Always sent: minimum 1 means any alignment is accepted,
-                    // so clients that did not ask lose nothing.
-                    OptionReply::InfoBlockSize {
-                        minimum: 1,
-                        preferred: config.preferred_block_size,
-                        maximum: config.max_payload,
-                    },
-                ];
-                if req.requests.contains(&proto::INFO_NAME) {
-                    replies.push(OptionReply::InfoName(&req.name));
-                }
-                if req.requests.contains(&proto::INFO_DESCRIPTION) {
-                    replies.push(OptionReply::InfoDescription(&description));
-                }
-                replies.push(OptionReply::Ack);
-                send_replies(wr, code, &replies).await?;
-                if code == proto::OPT_GO {
-                    let meta_context = selected_context(structured, &meta_export, &req.name);
-                    return Ok(Some(Negotiated {
-                        export,
-                        structured,
-                        meta_context,
-                    }));
-                }
-            }
-            ClientOption::StructuredReply => {
-                structured = true;
-                send_replies(wr, code, &[OptionReply::Ack]).await?;
-            }
-            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
-                let set = code == proto::OPT_SET_META_CONTEXT;
-                if set {
-                    // SET replaces the previous selection, even when it fails.
-                    meta_export = None;
-                }
-                if !structured {
-                    log.note("metadata context option before structured replies");
-                    let reply =
-                        OptionReply::Error(RepError::Invalid, "negotiate structured replies first");
-                    send_replies(wr, code, &[reply]).await?;
-                    continue;
-                }
-                if catalog.open(&q.export).is_none() {
-                    log.note(format_args!("unknown export {}", quoted(&q.export)));
-                    let reply = OptionReply::Error(RepError::Unknown, "no such export");
-                    send_replies(wr, code, &[reply]).await?;
-                    continue;
-                }
-                let matches = if set {
-                    q.queries.iter().any(|s| s == proto::BASE_ALLOCATION)
-                } else {
-                    // LIST: no query means everything; a bare namespace means
-                    // everything in it. Other namespaces are ignored (MUST).
-                    q.queries.is_empty()
-                        || q.queries
-                            .iter()
-                            .any(|s| s == "base:" || s == proto::BASE_ALLOCATION)
-                };
-                let mut replies = Vec::new();
-                if matches {
-                    replies.push(OptionReply::MetaContext {
-                        id: if set { BASE_ALLOCATION_ID } else { 0 },
-                        name: proto::BASE_ALLOCATION,
-                    });
-                    if set {
-                        meta_export = Some(q.export.clone());
-                    }
-                }
-                replies.push(OptionReply::Ack);
-                send_replies(wr, code, &replies).await?;
-            }
-            ClientOption::Unsupported(code) => {
-                tracing::debug!(peer = %log.peer, option = code, "unsupported option");
-                let reply = OptionReply::Error(RepError::Unsup, "option not supported");
-                send_replies(wr, code, &[reply]).await?;
-            }
-        }
-    }
-}
-
-/// Contexts apply only to the export they were selected for.
-fn selected_context(structured: bool, meta_export: &Option<String>, name: &str) -> Option<u32> {
-    (structured && meta_export.as_deref() == Some(name)).then_some(BASE_ALLOCATION_ID)
 }
 
 // ------------------------------------------------------------ transmission
@@ -836,6 +634,7 @@ where
         structured: session.structured,
         meta_context: session.meta_context,
         max_payload: config.max_payload,
+        read_only: session.read_only,
     };
     let ctx = Arc::new(Ctx {
         export: session.export,

@@ -25,8 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use zeroize::Zeroizing;
 
 use crate::crypto::tag::Tag;
@@ -36,6 +34,8 @@ use crate::pool::Pool;
 use crate::stream::grant::AgentKey;
 use crate::stream::record::{self, BlockRef, Body, Sealed, WindowId};
 use crate::stream::serve::{self, ErrorMsg, KeysReply, KeysReq, SnapshotReq, Welcome, kind};
+
+mod connect;
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,8 @@ pub struct AgentConfig {
     pub until_seq: Option<u64>,
     /// Stop once every record durable at connection time is applied.
     pub until_caught_up: bool,
+    /// Speak TLS to the source (`keyturns://`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// What the agent keeps about its source.
@@ -200,7 +202,7 @@ struct Conn {
     addr: String,
     frames: tokio::sync::mpsc::Receiver<std::io::Result<Option<(u8, Vec<u8>)>>>,
     reader: tokio::task::JoinHandle<()>,
-    wr: OwnedWriteHalf,
+    wr: connect::Wr,
     /// Records that arrived while the agent waited for another answer.
     held: VecDeque<Vec<u8>>,
 }
@@ -454,7 +456,7 @@ impl Agent {
 
     async fn connect(&mut self) -> Result<(Link, Welcome), ReplicaError> {
         let mut c = match &self.cfg.source {
-            Source::Keyturn(addr) => Link::Tcp(connect_tcp(addr).await?),
+            Source::Keyturn(addr) => Link::Tcp(connect_tcp(addr, self.cfg.tls.as_ref()).await?),
             Source::Nats { servers, prefix } => Link::Nats(Box::new(
                 nats::NatsLink::connect(servers, prefix, &self.cfg.zone, &self.cfg.agent).await?,
             )),
@@ -886,16 +888,17 @@ fn assemble(
     Ok(out)
 }
 
-/// Opens a TCP connection to a source's stream listener.
-async fn connect_tcp(addr: &str) -> Result<Conn, ReplicaError> {
-    let sock = TcpStream::connect(addr)
+/// Opens a connection (TCP, or TLS over it) to a source's stream listener.
+async fn connect_tcp(
+    addr: &str,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<Conn, ReplicaError> {
+    let (mut rd, wr) = connect::open(addr, tls)
         .await
         .map_err(|e| ReplicaError::Source {
             addr: addr.to_string(),
             message: e.to_string(),
         })?;
-    let _ = sock.set_nodelay(true);
-    let (mut rd, wr) = sock.into_split();
     let (tx, frames) = tokio::sync::mpsc::channel(64);
     let reader = tokio::spawn(async move {
         loop {

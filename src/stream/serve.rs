@@ -278,14 +278,32 @@ async fn refuse<W: AsyncWriteExt + Unpin>(
     .await
 }
 
+/// The TLS handshake, bounded in time like the hello, then the agent.
+async fn serve_tls_agent(
+    source: Arc<dyn StreamSource>,
+    sock: TcpStream,
+    tls: &crate::tls::ServerTls,
+) -> std::io::Result<()> {
+    let accept = tls.acceptor().accept(sock);
+    let stream = tokio::time::timeout(std::time::Duration::from_secs(10), accept)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "stream agent refused: TLS handshake failed"),
+        )?;
+    serve_agent(source, stream).await
+}
+
 fn u64_body(b: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
-/// Serves one agent connection until it closes.
-pub async fn serve_agent(source: Arc<dyn StreamSource>, sock: TcpStream) -> std::io::Result<()> {
-    let _ = sock.set_nodelay(true);
-    let (mut rd, mut wr) = sock.into_split();
+/// Serves one agent connection (plain TCP or TLS) until it closes.
+pub async fn serve_agent<S>(source: Arc<dyn StreamSource>, sock: S) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(sock);
     // The hello must come quickly: a silent peer does not keep a task.
     let hello =
         match tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut rd)).await {
@@ -554,12 +572,29 @@ pub(super) fn keys_for(stream: &ZoneStream, agent: &Agent, req: &KeysReq) -> Key
 
 /// Accepts agents on `listener` until the task is dropped.
 pub async fn run(listener: tokio::net::TcpListener, source: Arc<dyn StreamSource>) {
+    run_secured(listener, source, None).await
+}
+
+/// [`run`], with TLS when `tls` is given: agents must then start TLS at
+/// once (`keyturns://`), and, when the certificates name a client CA,
+/// present a certificate that chains to it.
+pub async fn run_secured(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn StreamSource>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) {
     loop {
         match listener.accept().await {
             Ok((sock, peer)) => {
+                let _ = sock.set_nodelay(true);
                 let source = source.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_agent(source, sock).await {
+                    let served = match tls {
+                        None => serve_agent(source, sock).await,
+                        Some(tls) => serve_tls_agent(source, sock, &tls).await,
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "stream connection ended");
                     }
                 });
