@@ -537,3 +537,47 @@ fn the_key_rotation_management_api_with_each_role() {
     assert_eq!(by("key.cleanup").as_deref(), Some("a"));
     assert_eq!(by("rotation.emergency").as_deref(), Some("o"));
 }
+
+#[test]
+fn cleanup_is_dual_controlled_where_the_pool_requires_it() {
+    let pool = TestPool::with_volume("16M");
+    let path = pool.path().join("pool.toml");
+    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    doc.entry("dual_control")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert("required".into(), toml::Value::Boolean(true));
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    let server = pool.serve();
+    let api = Api::of(&server);
+    let admin = admin_token(&pool);
+    let (code, e) = api.call("POST", "/api/v1/key-rotation/cleanup", &admin, None);
+    assert_eq!((code, e["kind"].as_str()), (403, Some("forbidden")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("destroy-key"), "{e}");
+    assert!(
+        e["required_role"].is_null(),
+        "dual control, not the role: {e}"
+    );
+    let (code, e) = api.call(
+        "POST",
+        "/api/v1/key-rotation/cleanup",
+        &admin,
+        Some(r#"{"approvals": ["{\"not\": \"an approval\"}"]}"#),
+    );
+    assert_eq!(code, 403, "{e}");
+    // A dry run destroys nothing and needs no approval.
+    let (code, c) = api.call(
+        "POST",
+        "/api/v1/key-rotation/cleanup",
+        &admin,
+        Some(r#"{"dry_run": true}"#),
+    );
+    assert_eq!((code, c["dry_run"].as_bool()), (200, Some(true)), "{c}");
+    let refused = audit_records(&pool)
+        .into_iter()
+        .filter(|r| r["action"] == "key.cleanup" && r["outcome"] == "refused")
+        .map(|r| r["actor"].as_str().unwrap_or("-").to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(refused, ["admin.token", "admin.token"]);
+}

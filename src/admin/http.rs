@@ -224,8 +224,8 @@ tokio::task_local! {
 }
 
 /// Lets a request through only with `Authorization: Bearer <token>` of a
-/// known token, and hands its [`Actor`] to the role check and the audit
-/// log. No token, expected or presented, is ever logged.
+/// known token, and hands its [`super::tokens::Actor`] to the role check
+/// and the audit log. No token, expected or presented, is ever logged.
 async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
