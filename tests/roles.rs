@@ -59,6 +59,27 @@ impl Api {
     }
 }
 
+impl Api {
+    /// The text of `GET /metrics`.
+    fn metrics(&self, token: &str) -> String {
+        let mut r = self
+            .agent
+            .get(format!("http://{}/metrics", self.addr))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.body_mut().read_to_string().unwrap()
+    }
+}
+
+/// The value of sample `key` (name and labels as printed) in `text`.
+fn sample(text: &str, key: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {key} in:\n{text}"))
+}
+
 fn admin_token(pool: &TestPool) -> String {
     std::fs::read_to_string(pool.path().join("admin.token"))
         .unwrap()
@@ -522,6 +543,19 @@ fn the_key_rotation_management_api_with_each_role() {
         (code, e["kind"].as_str()),
         (501, Some("not_implemented")),
         "{e}"
+    );
+
+    // The counters saw it: one DEK and one KEK rotation asked for and started.
+    let m = api.metrics(&viewer);
+    for kind in ["dek", "kek"] {
+        let asked = format!(r#"keyturn_rotations_scheduled_total{{kind="{kind}",by="request"}}"#);
+        assert_eq!(sample(&m, &asked), 1.0, "{kind}");
+        let started = format!(r#"keyturn_rotations_started_total{{kind="{kind}"}}"#);
+        assert_eq!(sample(&m, &started), 1.0, "{kind}");
+    }
+    assert_eq!(
+        sample(&m, r#"keyturn_scheduler_jobs{state="running"}"#),
+        2.0
     );
 
     let records = audit_records(&pool);
