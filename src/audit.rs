@@ -1050,7 +1050,11 @@ impl AuditLog {
     /// Appends `event` as the next record: one O_APPEND write, fdatasync,
     /// then the anchor is replaced. Returns the new event id once all of that
     /// is durable.
-    pub fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
+    pub fn append(&self, mut event: AuditEvent) -> Result<u64, AuditError> {
+        // An API request's token name, where the event names no actor.
+        if event.actor.is_none() {
+            event.actor = crate::actor::current();
+        }
         event.validate()?;
         let mut st = self.state.lock();
         if st.poisoned {

@@ -33,6 +33,7 @@ mod keys;
 mod schedule;
 mod stream;
 mod tls;
+mod tokens;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 /// Where `keyturn demo` keeps its pool's passphrase, in the pool directory.
@@ -97,6 +98,10 @@ enum Command {
     /// The rotation scheduler: status, pause, resume, the schedule (on the running server).
     #[command(subcommand)]
     Scheduler(schedule::SchedulerCmd),
+    /// Named API tokens with a role (viewer, operator, admin): create,
+    /// list, revoke (through the running server if there is one).
+    #[command(subcommand)]
+    Token(tokens::TokenCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -753,6 +758,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(cmd) => stream::stream(cmd),
         Command::Policy(cmd) => schedule::policy(cmd),
         Command::Scheduler(cmd) => schedule::scheduler(cmd),
+        Command::Token(cmd) => tokens::token(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {
@@ -1554,6 +1560,8 @@ fn serve(
             token_path.display()
         )
     })?;
+    let tokens = crate::admin::tokens::TokenStore::load(dir, Some(token))
+        .context("cannot read the pool's API tokens")?;
     let exporter = Exporter::install()?;
     let addr_file = dir.join(ADDR_FILE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1659,7 +1667,7 @@ fn serve(
         let admin = tokio::spawn(admin_http::serve(
             admin_listener,
             backend,
-            token,
+            tokens,
             exporter,
             rx.clone(),
             admin_tls.clone(),

@@ -9,6 +9,7 @@
 //! `keyturn serve`, implemented for the pool in `pool_admin.rs`) and its
 //! metrics; [`cli`] is the edge.
 
+pub mod actor;
 pub mod admin;
 pub mod audit;
 pub mod cli;

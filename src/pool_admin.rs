@@ -516,6 +516,59 @@ impl AdminBackend for Pool {
         Pool::check(self)
     }
 
+    fn key_cleanup(
+        &self,
+        req: &crate::admin::CleanupRequest,
+    ) -> Result<serde_json::Value, AdminError> {
+        if let Some(z) = &req.zone {
+            self.zone_id(z)?;
+        }
+        let mut approvers = Vec::new();
+        if !req.dry_run {
+            // Destroying keys is dual-controlled like every destroy.
+            let target = Target::new(Operation::DestroyKey, req.zone.as_deref(), None);
+            if !req.approvals.is_empty() {
+                let auth = approval::authorize_json(
+                    self.dir(),
+                    &self.config().dual_control,
+                    &target,
+                    &req.approvals,
+                    unix_now(),
+                )
+                .map_err(|e| {
+                    let _ = self.record(AuditEvent::refused("key.cleanup", &e));
+                    AdminError::Forbidden(e.to_string())
+                })?;
+                approvers = auth.approvers().to_vec();
+            } else if self.config().dual_control.required {
+                let e = approval::ApprovalError::NotEnough {
+                    got: 0,
+                    required: self.config().dual_control.approvals,
+                };
+                let _ = self.record(AuditEvent::refused("key.cleanup", &e));
+                return Err(AdminError::Forbidden(format!(
+                    "{e} (approvals of `destroy-key` for {})",
+                    target
+                )));
+            }
+        }
+        let report = Pool::key_cleanup(self, req.zone.as_deref(), req.dry_run, &approvers)?;
+        serde_json::to_value(&report).map_err(|e| AdminError::Internal(e.to_string()))
+    }
+
+    fn record(&self, event: AuditEvent) -> Result<(), AdminError> {
+        Pool::record(self, event)
+            .map(drop)
+            .map_err(AdminError::from)
+    }
+
+    fn audit_state(&self) -> Option<(bool, u64)> {
+        Some(match self.audit() {
+            Ok(log) => (true, log.last_id()),
+            Err(_) => (false, 0),
+        })
+    }
+
     fn health(&self) -> Health {
         let mut problems = Vec::new();
         if self.storage.data.is_poisoned() {

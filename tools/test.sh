@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README's second command: installs what the tests need when it is missing,
 # then runs every test (unit tests, and integration tests that drive the real
-# keyturn binary with qemu-io, qemu-img, nbdinfo, nbdcopy and fio).
+# keyturn binary with qemu-io, qemu-img, nbdinfo, nbdcopy and fio, and check
+# the Prometheus rules and a live scrape with promtool and amtool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,8 @@ command -v timeout  >/dev/null || need+=(coreutils)
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v nats-server >/dev/null || need+=(nats-server)
 command -v openssl  >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v amtool   >/dev/null || need+=(prometheus-alertmanager)
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""

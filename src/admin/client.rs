@@ -79,6 +79,10 @@ pub enum ClientError {
     },
 }
 
+/// The environment variable holding a named API token for the CLI (else
+/// the pool's admin token file is used).
+pub const API_TOKEN_ENV: &str = "KEYTURN_API_TOKEN";
+
 /// A client bound to one pool's admin API.
 pub struct AdminClient {
     agent: ureq::Agent,
@@ -108,16 +112,29 @@ impl AdminClient {
                 });
             }
         };
+        // A named token from the environment acts with its own role.
+        let named = match std::env::var(API_TOKEN_ENV) {
+            Ok(t) if !t.trim().is_empty() => {
+                Some(AdminToken::parse(&t).map_err(|reason| TokenError::Invalid {
+                    path: format!("${API_TOKEN_ENV}"),
+                    reason,
+                })?)
+            }
+            _ => None,
+        };
         // Every server writes the token file before it listens: without
         // one, no server has run for this pool.
-        let token = match AdminToken::load(&config.admin.token_path(dir)) {
-            Err(TokenError::File(KeyError::NotFound { .. })) => {
-                return Err(ClientError::NotRunning {
-                    pool: dir.display().to_string(),
-                    addr,
-                });
-            }
-            t => t?,
+        let token = match named {
+            Some(t) => t,
+            None => match AdminToken::load(&config.admin.token_path(dir)) {
+                Err(TokenError::File(KeyError::NotFound { .. })) => {
+                    return Err(ClientError::NotRunning {
+                        pool: dir.display().to_string(),
+                        addr,
+                    });
+                }
+                t => t?,
+            },
         };
         let agent = ureq::Agent::config_builder()
             // Loopback only: never through a proxy from the environment.

@@ -3,9 +3,11 @@
 //! through [`AdminBackend`], whose (blocking) methods run on tokio's
 //! blocking pool.
 //!
-//! Every route needs the token, `/health` and `/metrics` included. Every
-//! answer that is not a success is JSON: `{"error": "...", "kind": "..."}`.
-//! The server listens on loopback only.
+//! Every route needs a token, `/health` and `/metrics` included: the pool's
+//! admin token or a named token (see [`super::tokens`]), whose role must
+//! allow the route (the table in [`routes`]). Every answer that is not a
+//! success is JSON: `{"error": "...", "kind": "..."}`. The server listens
+//! on loopback only.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -16,19 +18,14 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Reque
 use axum::http::{HeaderValue, Method, StatusCode, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::metrics::Exporter;
-use super::token::AdminToken;
-use super::{
-    AdminBackend, AdminError, CreateVolumeRequest, CreateZoneRequest, DedupRequest,
-    EmergencyRequest, ErrorBody, KekRotateRequest, PassphraseRequest, PrepareRequest,
-    RootRotateRequest,
-};
+use super::tokens::{Role, TokenStore};
+use super::{AdminBackend, AdminError, ErrorBody};
 
 /// Largest request body accepted (413 beyond it).
 pub const MAX_BODY: usize = 1 << 20;
@@ -109,7 +106,7 @@ pub async fn bind(listen: &str, https: bool) -> Result<TcpListener, ServeError> 
 #[derive(Clone)]
 struct AppState {
     backend: Arc<dyn AdminBackend>,
-    token: Arc<AdminToken>,
+    tokens: Arc<parking_lot::RwLock<TokenStore>>,
     exporter: Exporter,
 }
 
@@ -119,7 +116,7 @@ struct AppState {
 pub async fn serve(
     listener: TcpListener,
     backend: Arc<dyn AdminBackend>,
-    token: AdminToken,
+    tokens: TokenStore,
     exporter: Exporter,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -130,7 +127,7 @@ pub async fn serve(
     }
     let app = router(AppState {
         backend,
-        token: Arc::new(token),
+        tokens: Arc::new(parking_lot::RwLock::new(tokens)),
         exporter,
     });
     tracing::info!(addr = %local, https = tls.is_some(), "admin API listening");
@@ -155,39 +152,20 @@ pub async fn serve(
     Ok(())
 }
 
+mod key_rotation;
+mod keys;
+mod openapi;
+mod rotation;
+pub(crate) mod routes;
 mod schedule;
 mod stream;
+mod tokens;
+mod zones;
+
+pub use openapi::OPENAPI;
 
 fn router(state: AppState) -> Router {
-    let zone = Router::new()
-        .route("/", get(zone_info))
-        .route("/dedup", post(zone_dedup))
-        .route("/rotation", get(rotation_status))
-        .route("/rotation/prepare", post(rotation_prepare))
-        .route("/rotation/flip", post(rotation_flip))
-        .route("/rotation/pause", post(rotation_pause))
-        .route("/rotation/resume", post(rotation_resume))
-        .route("/rotation/abort", post(rotation_abort))
-        .route("/rotation/emergency", post(rotation_emergency))
-        .route("/kek/rotate", post(kek_rotate))
-        .route("/keys", get(zone_keys))
-        .route("/scrub", get(scrub_status).post(scrub_start))
-        .merge(stream::routes())
-        .merge(schedule::zone_routes());
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/zones", get(zones).post(zone_create))
-        .route("/api/v1/volumes", get(volumes).post(volume_create))
-        .route("/api/v1/volumes/{volume}/delete", post(volume_delete))
-        .route("/api/v1/keys", get(keys))
-        .route("/api/v1/check", get(check))
-        .route("/api/v1/root", get(root_status))
-        .route("/api/v1/root/rotate", post(root_rotate))
-        .route("/api/v1/root/passphrase", post(root_passphrase))
-        .merge(stream::block_routes())
-        .merge(schedule::routes())
-        .nest("/api/v1/zones/{zone}", zone)
+    routes::router()
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -203,6 +181,8 @@ struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// For a 403 of the role check: the role the route needs.
+    required_role: Option<Role>,
 }
 
 impl ApiError {
@@ -211,6 +191,7 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            required_role: None,
         }
     }
 
@@ -237,6 +218,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.message,
             kind: self.kind.to_owned(),
+            required_role: self.required_role.map(|r| r.name().to_owned()),
         };
         (self.status, axum::Json(body)).into_response()
     }
@@ -260,8 +242,14 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
 
 // ------------------------------------------------------------------ auth
 
-/// Lets a request through only with `Authorization: Bearer <token>`.
-/// Neither the expected nor the presented token is ever logged.
+tokio::task_local! {
+    /// The token name of the request being handled, for [`call`].
+    static ACTOR: String;
+}
+
+/// Lets a request through only with `Authorization: Bearer <token>` of a
+/// known token, and hands its [`super::tokens::Actor`] to the role check
+/// and the audit log. No token, expected or presented, is ever logged.
 async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
@@ -272,7 +260,8 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
     });
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    if !presented.is_some_and(|t| state.token.matches(t)) {
+    let actor = presented.and_then(|t| state.tokens.read().authenticate(t));
+    let Some(actor) = actor else {
         let why = if presented.is_some() {
             "wrong bearer token"
         } else {
@@ -282,15 +271,18 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
         let mut resp = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            format!("{why}: send `Authorization: Bearer TOKEN` with the token from the pool's admin token file"),
+            format!("{why}: send `Authorization: Bearer TOKEN` with a token from `keyturn token create` or the pool's admin token file"),
         )
         .into_response();
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
-    }
-    let resp = next.run(req).await;
-    tracing::debug!(%method, path, status = resp.status().as_u16(), "admin API request");
+    };
+    let name = actor.name.clone();
+    let mut req = req;
+    req.extensions_mut().insert(actor);
+    let resp = ACTOR.scope(name.clone(), next.run(req)).await;
+    tracing::debug!(%method, path, token = name, status = resp.status().as_u16(), "admin API request");
     resp
 }
 
@@ -398,7 +390,10 @@ where
     F: FnOnce(&dyn AdminBackend) -> Result<T, AdminError> + Send + 'static,
 {
     let backend = state.backend.clone();
-    match tokio::task::spawn_blocking(move || f(&*backend)).await {
+    // The token's name goes with the call, for the audit records it makes.
+    let actor = ACTOR.try_with(Clone::clone).ok();
+    match tokio::task::spawn_blocking(move || crate::actor::acting_as(actor, || f(&*backend))).await
+    {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => {
             tracing::error!(error = %e, "admin operation panicked");
@@ -430,156 +425,6 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response())
 }
 
-async fn zones(State(s): State<AppState>) -> JsonResult<Vec<String>> {
-    json(&s, |b| Ok(b.zones())).await
-}
-
-async fn volumes(State(s): State<AppState>) -> JsonResult<Vec<super::VolumeStats>> {
-    json(&s, |b| Ok(b.volume_stats())).await
-}
-
-async fn zone_create(
-    State(s): State<AppState>,
-    Body(req): Body<CreateZoneRequest>,
-) -> JsonResult<super::ZoneInfo> {
-    json(&s, move |b| b.zone_create(&req)).await
-}
-
-async fn zone_info(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::ZoneInfo> {
-    json(&s, move |b| b.zone_info(&z)).await
-}
-
-async fn zone_dedup(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-    Body(req): Body<DedupRequest>,
-) -> JsonResult<super::ZoneInfo> {
-    json(&s, move |b| b.zone_set_dedup(&z, req.on)).await
-}
-
-async fn volume_create(
-    State(s): State<AppState>,
-    Body(req): Body<CreateVolumeRequest>,
-) -> JsonResult<super::VolumeStats> {
-    json(&s, move |b| b.volume_create(&req)).await
-}
-
-async fn volume_delete(
-    State(s): State<AppState>,
-    PathName(v): PathName,
-) -> JsonResult<serde_json::Value> {
-    json(&s, move |b| b.volume_delete(&v)).await
-}
-
-async fn rotation_status(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_status(&z)).await
-}
-
-async fn rotation_prepare(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-    Body(req): Body<PrepareRequest>,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_prepare(&z, &req)).await
-}
-
-async fn rotation_flip(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_flip(&z)).await
-}
-
-async fn rotation_pause(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_pause(&z)).await
-}
-
-async fn rotation_resume(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_resume(&z)).await
-}
-
-async fn rotation_abort(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_abort(&z)).await
-}
-
-async fn rotation_emergency(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-    Body(req): Body<EmergencyRequest>,
-) -> JsonResult<super::RotationStatus> {
-    json(&s, move |b| b.rotation_emergency(&z, &req)).await
-}
-
-async fn kek_rotate(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-    Body(req): Body<KekRotateRequest>,
-) -> JsonResult<serde_json::Value> {
-    json(&s, move |b| b.kek_rotate(&z, &req.approvals)).await
-}
-
-async fn keys(State(s): State<AppState>) -> JsonResult<Vec<super::KeyInfo>> {
-    json(&s, |b| b.keys(None)).await
-}
-
-async fn zone_keys(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<Vec<super::KeyInfo>> {
-    json(&s, move |b| b.keys(Some(&z))).await
-}
-
-async fn check(State(s): State<AppState>) -> JsonResult<super::CheckReport> {
-    json(&s, |b| Ok(b.check())).await
-}
-
-async fn root_status(State(s): State<AppState>) -> JsonResult<super::RootStatus> {
-    json(&s, |b| b.root_status()).await
-}
-
-async fn root_rotate(
-    State(s): State<AppState>,
-    SecretBody(req): SecretBody<RootRotateRequest>,
-) -> JsonResult<serde_json::Value> {
-    json(&s, move |b| b.root_rotate(req)).await
-}
-
-async fn root_passphrase(
-    State(s): State<AppState>,
-    SecretBody(req): SecretBody<PassphraseRequest>,
-) -> JsonResult<serde_json::Value> {
-    json(&s, move |b| b.root_passphrase(req)).await
-}
-
-async fn scrub_start(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::ScrubStatus> {
-    json(&s, move |b| b.scrub_start(&z)).await
-}
-
-async fn scrub_status(
-    State(s): State<AppState>,
-    PathName(z): PathName,
-) -> JsonResult<super::ScrubStatus> {
-    json(&s, move |b| b.scrub_status(&z)).await
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -589,8 +434,9 @@ mod tests {
 
     use super::*;
     use crate::admin::{
-        CheckReport, Health, KeyBlocks, KeyInfo, RootStatus, RotationPhase, RotationStatus,
-        ScrubStatus, VolumeStats, ZoneInfo,
+        CheckReport, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest, Health, KeyBlocks,
+        KeyInfo, PassphraseRequest, PrepareRequest, RootRotateRequest, RootStatus, RotationPhase,
+        RotationStatus, ScrubStatus, VolumeStats, ZoneInfo,
     };
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -599,6 +445,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         asked: Mutex<Vec<String>>,
+        /// The audit actor each `volume_stats` call ran as.
+        actors: Mutex<Vec<Option<String>>>,
     }
 
     fn status(zone: &str) -> RotationStatus {
@@ -737,6 +585,7 @@ mod tests {
             Ok(serde_json::json!({ "resealed": true }))
         }
         fn volume_stats(&self) -> Vec<VolumeStats> {
+            self.actors.lock().push(crate::actor::current());
             vec![VolumeStats {
                 name: "vol0".into(),
                 id: 1,
@@ -842,6 +691,9 @@ mod tests {
     struct TestServer {
         addr: SocketAddr,
         fake: Arc<Fake>,
+        /// Named tokens: viewer, operator, admin (in that order).
+        named: Vec<String>,
+        _dir: tempfile::TempDir,
         stop: watch::Sender<bool>,
         thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
     }
@@ -860,6 +712,13 @@ mod tests {
         let backend: Arc<dyn AdminBackend> = fake.clone();
         let (stop, rx) = watch::channel(false);
         let (tx, addr_rx) = mpsc::channel();
+        let dir = tempfile::tempdir().unwrap();
+        let token = crate::admin::token::AdminToken::parse(TOKEN).unwrap();
+        let mut tokens = TokenStore::load(dir.path(), Some(token)).unwrap();
+        let named = Role::ALL
+            .iter()
+            .map(|r| tokens.create(r.name(), *r, None, 1).unwrap().token.clone())
+            .collect();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -868,11 +727,10 @@ mod tests {
             rt.block_on(async move {
                 let listener = bind("127.0.0.1:0", false).await?;
                 tx.send(listener.local_addr()?).unwrap();
-                let token = AdminToken::parse(TOKEN).unwrap();
                 serve(
                     listener,
                     backend,
-                    token,
+                    tokens,
                     Exporter::install().unwrap(),
                     rx,
                     None,
@@ -884,6 +742,8 @@ mod tests {
         TestServer {
             addr,
             fake,
+            named,
+            _dir: dir,
             stop,
             thread: Some(thread),
         }
@@ -1410,4 +1270,6 @@ mod tests {
             Err(ServeError::BadAddress { .. })
         ));
     }
+
+    mod roles;
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ::metrics::{describe_gauge, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
 
 use super::{AdminBackend, RotationPhase, RotationStatus};
@@ -44,9 +44,15 @@ impl Exporter {
             Some(h) => h.clone(),
             None => {
                 let h = PrometheusBuilder::new()
+                    .set_buckets_for_metric(
+                        Matcher::Full("keyturn_rotation_duration_seconds".into()),
+                        super::key_metrics::DURATION_BUCKETS,
+                    )
+                    .map_err(|e| MetricsError::Install(e.to_string()))?
                     .install_recorder()
                     .map_err(|e| MetricsError::Install(e.to_string()))?;
                 describe();
+                super::key_metrics::describe();
                 installed.insert(h).clone()
             }
         };
@@ -71,6 +77,7 @@ impl Exporter {
             match backend.rotation_status(&zone) {
                 Ok(status) => {
                     set_zone_gauges(&status);
+                    super::key_metrics::set_coverage(&status);
                     seen.extend(status.keys.iter().map(|k| (zone.clone(), k.version)));
                 }
                 Err(e) => {
@@ -91,6 +98,7 @@ impl Exporter {
         }
         versions.extend(seen);
         drop(versions);
+        super::key_metrics::set_gauges(backend);
         self.handle.run_upkeep();
         self.handle.render()
     }

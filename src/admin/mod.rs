@@ -7,14 +7,18 @@
 //!
 //! - [`http`]: the server (routes, authentication, errors);
 //! - [`client`]: the blocking client the CLI uses;
-//! - [`token`]: the bearer token and its file;
-//! - [`metrics`]: the Prometheus recorder and the rotation gauges.
+//! - [`token`]: the pool's admin token and its file;
+//! - [`tokens`]: named tokens with roles, stored hashed;
+//! - [`metrics`]: the Prometheus recorder and the rotation gauges;
+//! - [`key_metrics`]: key ages, the scheduler and the audit log as metrics.
 
 pub mod client;
 pub mod http;
+pub mod key_metrics;
 pub mod metrics;
 pub mod tls_listener;
 pub mod token;
+pub mod tokens;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
@@ -29,6 +33,9 @@ pub struct ErrorBody {
     /// `forbidden`, `internal` (from [`AdminError`]), or `unauthorized`,
     /// `bad_request`, `payload_too_large`, `no_route`, `method_not_allowed`.
     pub kind: String,
+    /// A request outside its token's role (403): the role it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_role: Option<String>,
 }
 
 /// Errors an admin operation returns; each maps to one HTTP status.
@@ -635,6 +642,24 @@ pub trait AdminBackend: Send + Sync + 'static {
             "this server runs no rotation scheduler".into(),
         ))
     }
+    /// Destroys the DEKs past their grace period that protect no content
+    /// block (see [`CleanupRequest`]). Dual-controlled.
+    fn key_cleanup(&self, req: &CleanupRequest) -> Result<serde_json::Value, AdminError> {
+        let _ = req;
+        Err(AdminError::NotFound(
+            "this server has no key cleanup".into(),
+        ))
+    }
+    /// Appends `event` to the audit log (the API's own events: tokens).
+    fn record(&self, event: crate::audit::AuditEvent) -> Result<(), AdminError> {
+        let _ = event;
+        Ok(())
+    }
+    /// Whether the audit log takes records, and its last record's id
+    /// (`None`: this backend keeps no audit log).
+    fn audit_state(&self) -> Option<(bool, u64)> {
+        None
+    }
 }
 
 /// What the scheduler and policy routes ask.
@@ -656,6 +681,83 @@ pub enum ScheduleRequest {
     GetPolicy(String),
     /// `PUT /api/v1/zones/{zone}/policy`: validated, then stored.
     SetPolicy(String, Box<crate::schedule::policy::Policy>),
+    /// `POST /api/v1/key-rotation/schedule` (one zone) and
+    /// `.../schedule-all` (every zone, `zone` absent): queue a rotation.
+    Add(ScheduleRotationRequest),
+    /// `POST /api/v1/key-rotation/execute`: start a queued rotation now.
+    Execute(ExecuteRequest),
+    /// `GET /api/v1/key-rotation/health`: the scheduler, its jobs, and
+    /// every key's age against its cryptoperiod.
+    Health,
+}
+
+/// Body of `POST /api/v1/key-rotation/schedule` and `.../schedule-all`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRotationRequest {
+    /// The zone (`schedule`); `schedule-all` takes every zone and refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// `dek` (default) or `kek`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::schedule::queue::KeyKind>,
+    /// Flip (DEK) or start (KEK) at this time, Unix seconds; absent: in
+    /// the zone's next maintenance window (DEK) or at once (KEK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix: Option<u64>,
+    /// Why (kept with the job, shown by `GET schedule`, audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Body of `POST /api/v1/key-rotation/execute`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// The zone whose queued rotation starts now.
+    pub zone: String,
+    /// `dek` (default) or `kek`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::schedule::queue::KeyKind>,
+}
+
+/// Body of `POST /api/v1/key-rotation/emergency-rotation`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyRotationRequest {
+    /// The zone.
+    pub zone: String,
+    /// Why (recorded in the audit log).
+    pub reason: String,
+    /// Dual-control approval tokens, each the JSON text of one approval file.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
+/// Body of `POST /api/v1/key-rotation/cleanup`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupRequest {
+    /// One zone (default: every zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// List what would be destroyed, destroy nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Dual-control approval tokens (`destroy-key` approvals for the zone,
+    /// or for no zone when cleaning every zone).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
+/// Body of `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// Token name (1 to 64 of letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: tokens::Role,
 }
 
 /// The scheduler as the pool hands admin requests to it: a small trait so

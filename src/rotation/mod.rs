@@ -9,6 +9,7 @@
 //! Operator actions (prepare, flip, pause, resume, abort, emergency) are
 //! methods on [`Pool`], serialised per zone.
 
+pub mod cleanup;
 pub mod pipeline;
 pub mod state;
 pub mod throttle;

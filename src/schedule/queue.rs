@@ -124,6 +124,14 @@ pub struct Job {
     /// The last failure.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Asked for a time (`POST schedule`): a DEK flips then (starting its
+    /// staging lead before), a KEK starts then; no maintenance window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix: Option<u64>,
+    /// Why it was asked for (`POST schedule`): who and their reason. Jobs
+    /// the scheduler queued itself have none; their urgency says why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The durable schedule.
@@ -262,6 +270,8 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
                     started_unix: None,
                     flip_at_unix: None,
                     last_error: None,
+                    at_unix: None,
+                    reason: None,
                 }),
             }
         }
@@ -293,20 +303,39 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
         let Some(z) = zones.iter().find(|z| z.name == job.zone) else {
             continue;
         };
-        let flip_at = match job.kind {
-            KeyKind::Kek => now,
-            KeyKind::Dek if z.dek_busy && !emergency => continue,
-            KeyKind::Dek if job.urgency >= Urgency::SeverelyOverdue => now,
-            KeyKind::Dek => {
-                let w = &z.policy.window;
-                match w.containing(now) {
-                    Some((_, end)) => (now + z.rotation_secs).min(end.saturating_sub(1)).max(now),
-                    None => match w.next_start(now) {
-                        Some(s) if s.saturating_sub(z.rotation_secs) <= now => s,
-                        _ => continue,
-                    },
+        let flip_at = match (job.kind, job.at_unix) {
+            // A time asked for: start the lead before it, flip at it.
+            (_, Some(at)) if job.urgency < Urgency::SeverelyOverdue => {
+                let lead = if job.kind == KeyKind::Dek {
+                    if z.dek_busy && !emergency {
+                        continue;
+                    }
+                    z.rotation_secs
+                } else {
+                    0
+                };
+                if at.saturating_sub(lead) > now {
+                    continue;
                 }
+                at.max(now)
             }
+            (kind, _) => match kind {
+                KeyKind::Kek => now,
+                KeyKind::Dek if z.dek_busy && !emergency => continue,
+                KeyKind::Dek if job.urgency >= Urgency::SeverelyOverdue => now,
+                KeyKind::Dek => {
+                    let w = &z.policy.window;
+                    match w.containing(now) {
+                        Some((_, end)) => {
+                            (now + z.rotation_secs).min(end.saturating_sub(1)).max(now)
+                        }
+                        None => match w.next_start(now) {
+                            Some(s) if s.saturating_sub(z.rotation_secs) <= now => s,
+                            _ => continue,
+                        },
+                    }
+                }
+            },
         };
         let job = &mut schedule.jobs[i];
         job.state = JobState::Running;
@@ -462,5 +491,37 @@ mod tests {
         assert!(record_failure(&mut s.jobs[0], "x", at, 60, 3600, 3));
         assert_eq!(s.jobs[0].state, JobState::Failed);
         assert!(plan(&mut s, &zones, at + 9999, 2).is_empty());
+    }
+
+    #[test]
+    fn a_job_asked_for_a_time_starts_its_lead_before_outside_any_window() {
+        let p = policy();
+        // 10:00, outside the 02:00-04:00 window; the key is not due.
+        let at = MON + 10 * 3600;
+        let mut s = Schedule::default();
+        s.jobs.push(Job {
+            zone: "a".into(),
+            kind: KeyKind::Dek,
+            urgency: Urgency::Due,
+            state: JobState::Queued,
+            attempts: 0,
+            queued_unix: MON,
+            next_try_unix: 0,
+            started_unix: None,
+            flip_at_unix: None,
+            last_error: None,
+            at_unix: Some(at),
+            reason: Some("requested by ops: audit finding".into()),
+        });
+        let mut v = view("a", &p, 1, MON);
+        v.rotation_secs = 600;
+        assert!(plan(&mut s, std::slice::from_ref(&v), at - 601, 2).is_empty());
+        let starts = plan(&mut s, &[v.clone()], at - 600, 2);
+        assert_eq!((starts.len(), starts[0].flip_at), (1, at));
+        assert_eq!(s.jobs[0].state, JobState::Running);
+        // A time already past starts (and flips) now.
+        s.jobs[0].state = JobState::Queued;
+        let starts = plan(&mut s, &[v], at + 50, 2);
+        assert_eq!(starts[0].flip_at, at + 50);
     }
 }

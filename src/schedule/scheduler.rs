@@ -36,6 +36,10 @@ use crate::keys::wrap::Purpose;
 use crate::keys::zone_keys::{KeyState, ZoneKeyFile};
 use crate::pool::Pool;
 
+mod manage;
+
+pub use manage::KeyHealth;
+
 /// Errors starting the scheduler.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -165,6 +169,16 @@ impl Scheduler {
         let planned = Instant::now();
         let starts = plan(&mut schedule, &views, now, self.settings.max_concurrent);
         let plan_micros = planned.elapsed().as_micros() as u64;
+        for j in &schedule.jobs {
+            if !before
+                .jobs
+                .iter()
+                .any(|b| b.zone == j.zone && b.kind == j.kind)
+            {
+                metrics::counter!("keyturn_rotations_scheduled_total", "kind" => kind_label(j.kind), "by" => "policy")
+                    .increment(1);
+            }
+        }
         for s in starts {
             self.begin(pool, &mut schedule, &policies, s, now);
         }
@@ -286,6 +300,12 @@ impl Scheduler {
         for i in done.into_iter().rev() {
             let job = schedule.jobs.remove(i);
             tracing::info!(zone = %job.zone, kind = ?job.kind, "scheduled rotation done");
+            let kind = kind_label(job.kind);
+            metrics::counter!("keyturn_rotations_completed_total", "kind" => kind).increment(1);
+            if let Some(t) = job.started_unix {
+                metrics::histogram!("keyturn_rotation_duration_seconds", "kind" => kind)
+                    .record(now.saturating_sub(t) as f64);
+            }
             let _ = pool.record(
                 AuditEvent::ok(match job.kind {
                     KeyKind::Dek => "schedule.dek.done",
@@ -330,6 +350,8 @@ impl Scheduler {
         match result {
             Ok(()) => {
                 tracing::info!(zone = %s.zone, kind = ?s.kind, urgency = ?s.urgency, flip_at = s.flip_at, "scheduled rotation started");
+                metrics::counter!("keyturn_rotations_started_total", "kind" => kind_label(s.kind))
+                    .increment(1);
                 let _ = pool.record(AuditEvent::ok(action).zone(&s.zone).actor("scheduler"));
             }
             Err(e) => {
@@ -366,6 +388,8 @@ impl Scheduler {
             return;
         }
         tracing::error!(zone = %job.zone, kind = ?job.kind, attempts = job.attempts, error, "ALERT: scheduled rotation failed for good");
+        metrics::counter!("keyturn_rotations_failed_total", "kind" => kind_label(job.kind))
+            .increment(1);
         let _ = pool.record(
             AuditEvent::failed("schedule.failed", &error)
                 .zone(&job.zone)
@@ -458,6 +482,14 @@ impl Scheduler {
     }
 }
 
+/// The `kind` label of the rotation metrics.
+fn kind_label(kind: KeyKind) -> &'static str {
+    match kind {
+        KeyKind::Dek => "dek",
+        KeyKind::Kek => "kek",
+    }
+}
+
 /// Failed jobs go back to the queue with a fresh count.
 fn retry_failed(s: &mut Schedule, zone: Option<&str>) {
     for j in &mut s.jobs {
@@ -503,8 +535,10 @@ impl ScheduleService for Scheduler {
             .ok_or_else(|| AdminError::Internal("the pool is closing".into()))?;
         match req {
             ScheduleRequest::Status => Ok(self.status()),
-            ScheduleRequest::Schedule => serde_json::to_value(&*self.schedule.lock())
-                .map_err(|e| AdminError::Internal(e.to_string())),
+            ScheduleRequest::Schedule => Ok(self.schedule_view()),
+            ScheduleRequest::Add(req) => self.add(&pool, req),
+            ScheduleRequest::Execute(req) => self.execute(&pool, req),
+            ScheduleRequest::Health => Ok(self.health(&pool)),
             ScheduleRequest::Pause => {
                 self.change(&pool, "schedule.pause", None, |s| s.paused = true)
             }
