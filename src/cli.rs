@@ -32,6 +32,7 @@ mod backup;
 mod catalog;
 mod demo;
 mod keys;
+mod report;
 mod schedule;
 mod stream;
 
@@ -74,6 +75,9 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Key-rotation report of a period: keys, ages and states, rotations,
+    /// blocks per key version, overdue keys, approvals, audit chain check.
+    Report(report::ReportArgs),
     /// Manage the operators whose approvals dual control counts (no passphrase needed).
     #[command(subcommand)]
     Operator(OperatorCmd),
@@ -753,6 +757,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
         Command::Audit(cmd) => audit::audit(cmd),
+        Command::Report(a) => report::report(a),
         Command::Operator(cmd) => operator(cmd),
         Command::ApprovalRequest(a) => approval_request(a),
         Command::Approve(a) => approve(a),
