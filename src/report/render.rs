@@ -22,8 +22,11 @@ pub fn render(r: &Report, format: Format) -> String {
     }
 }
 
-/// The report's sections as (title, header, rows), shared by both text formats.
-fn tables(r: &Report) -> Vec<(String, Vec<&'static str>, Vec<Vec<String>>)> {
+/// One section: title, column headings, rows of cells.
+type Table = (String, Vec<&'static str>, Vec<Vec<String>>);
+
+/// The report's sections, shared by both text formats.
+fn tables(r: &Report) -> Vec<Table> {
     let mut out = Vec::new();
     for z in &r.zones {
         out.push((
