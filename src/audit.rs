@@ -97,6 +97,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyLabel;
 
+pub mod export;
+pub mod sign;
+pub mod signed;
+
 /// File name of the log inside the pool directory.
 pub const LOG_FILE: &str = "audit.log";
 /// File name of the anchor inside the pool directory.
@@ -869,6 +873,9 @@ pub struct AuditLog {
     log_path: PathBuf,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// Signs the chain head after every append, once the pool's audit
+    /// signing key is unlocked (see [`sign`]).
+    signer: std::sync::OnceLock<Arc<sign::Signer>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -949,7 +956,19 @@ impl AuditLog {
                 last_hash,
                 poisoned: false,
             }),
+            signer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Signs every record from now on with `signer`, and signs the current
+    /// head at once if no digest covers it yet (records appended by a
+    /// process without the key). A second signer is ignored.
+    pub fn set_signer(&self, signer: Arc<sign::Signer>) -> Result<(), sign::SignError> {
+        let st = self.state.lock();
+        if self.signer.set(signer.clone()).is_err() {
+            return Ok(());
+        }
+        signer.sign_head(st.last_id, &st.last_hash, &rfc3339(self.clock.now()))
     }
 
     /// Reads and checks the end of the log (under the exclusive lock);
@@ -1098,8 +1117,14 @@ impl AuditLog {
         )?;
         st.len = len + line.len() as u64;
         st.last_id = id;
-        st.last_hash = hash;
         st.poisoned = false;
+        if let Some(signer) = self.signer.get()
+            && let Err(e) = signer.sign_head(id, &hash, &time)
+        {
+            // The record is durable; the next digest covers it.
+            tracing::error!(error = %e, id, "cannot sign the audit chain head");
+        }
+        st.last_hash = hash;
         Ok(id)
     }
 }

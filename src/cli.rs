@@ -27,9 +27,12 @@ use crate::nbd;
 use crate::pool::{InitOptions, Pool, RootKeyChoice, RootSecret, parse_size};
 
 mod api;
+mod audit;
+mod backup;
 mod catalog;
 mod demo;
 mod keys;
+mod report;
 mod schedule;
 mod stream;
 mod tls;
@@ -73,7 +76,10 @@ enum Command {
     Keys(KeysCmd),
     /// The tamper-evident audit log.
     #[command(subcommand)]
-    Audit(AuditCmd),
+    Audit(audit::AuditCmd),
+    /// Key-rotation report of a period: keys, ages and states, rotations,
+    /// blocks per key version, overdue keys, approvals, audit chain check.
+    Report(report::ReportArgs),
     /// Manage the operators whose approvals dual control counts (no passphrase needed).
     #[command(subcommand)]
     Operator(OperatorCmd),
@@ -338,6 +344,14 @@ enum VolumeCmd {
 
 #[derive(Subcommand, Debug)]
 enum KeysCmd {
+    /// Write every wrapped key and the pool's metadata to a file encrypted
+    /// under a backup passphrase (never in plaintext). The pool must not be
+    /// served; needs approvals of `backup-keys` from distinct operators.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into a new pool directory (with the data device
+    /// copied): a new root key, every volume readable. Needs approvals of
+    /// `restore-keys --key BACKUP_ID`.
+    Restore(backup::RestoreArgs),
     /// List every key: version, state, age, wrapping KEK, content blocks
     /// per DEK. Through the running server if there is one.
     List {
@@ -497,20 +511,6 @@ impl NewPassphraseArgs {
     fn kdf(&self) -> Option<KdfParams> {
         KdfParams::with_cost(self.kdf_memory_kib, self.kdf_iterations)
     }
-}
-
-#[derive(Subcommand, Debug)]
-enum AuditCmd {
-    /// Check the whole hash chain of POOL/audit.log against its anchor, and
-    /// name the first broken record. Reads only the log: no passphrase needed.
-    Verify {
-        /// Pool directory.
-        #[arg(long, env = "KEYTURN_POOL")]
-        pool: PathBuf,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 #[derive(Args, Debug)]
@@ -773,7 +773,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Scrub(a) => api::scrub(a),
         Command::Demo(a) => demo(a),
         Command::Keys(cmd) => keys(cmd),
-        Command::Audit(AuditCmd::Verify { pool, json }) => audit_verify(&pool, json),
+        Command::Audit(cmd) => audit::audit(cmd),
+        Command::Report(a) => report::report(a),
         Command::Operator(cmd) => operator(cmd),
         Command::ApprovalRequest(a) => approval_request(a),
         Command::Approve(a) => approve(a),
@@ -783,6 +784,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn keys(cmd: KeysCmd) -> Result<()> {
     match cmd {
+        KeysCmd::Backup(a) => backup::backup(a),
+        KeysCmd::Restore(a) => backup::restore(a),
         KeysCmd::List { pool, zone, json } => keys::list(&pool, zone.as_deref(), json),
         KeysCmd::Show { pool, key } => keys::show(&pool, &key),
         KeysCmd::RotateRoot {

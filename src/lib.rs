@@ -23,6 +23,7 @@ pub mod pool;
 pub mod pool_admin;
 pub mod pool_root;
 pub mod replica;
+pub mod report;
 pub mod rotation;
 pub mod schedule;
 pub mod scrub;

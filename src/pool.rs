@@ -55,8 +55,10 @@ use crate::store::{Staging, Storage};
 use crate::volume::Volume;
 use crate::zone::{CheckpointRun, VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
+mod backup;
 mod block;
 mod stream;
+pub use backup::{BackupReport, RestoreReport};
 pub use block::BlockInfo;
 pub use stream::PoolStreams;
 
@@ -581,9 +583,13 @@ impl Pool {
             tls: Default::default(),
             access: Vec::new(),
         };
-        match (&config.root_key, &opts.root_key, secret) {
+        let provider: Box<dyn RootKeyProvider> = match (&config.root_key, &opts.root_key, secret) {
             (RootKeyConfig::SealedFile { path }, _, RootSecret::Passphrase(passphrase)) => {
-                SealedFileProvider::create(&Self::resolve(dir, path), passphrase, opts.kdf)?;
+                Box::new(SealedFileProvider::create(
+                    &Self::resolve(dir, path),
+                    passphrase,
+                    opts.kdf,
+                )?)
             }
             (
                 RootKeyConfig::Pkcs11 { .. },
@@ -595,14 +601,14 @@ impl Pool {
             ) => {
                 // Either way the key is opened, so a pool is only written
                 // once its root key is known to work.
-                if *use_existing {
-                    Pkcs11Provider::open(config, pin)?;
+                Box::new(if *use_existing {
+                    Pkcs11Provider::open(config, pin)?
                 } else {
-                    Pkcs11Provider::create_key(config, pin)?;
-                }
+                    Pkcs11Provider::create_key(config, pin)?
+                })
             }
             _ => unreachable!("provider and secret were matched above"),
-        }
+        };
         for dev in [&config.data, &config.staging] {
             let p = Self::resolve(dir, dev);
             if !p.exists() {
@@ -629,6 +635,7 @@ impl Pool {
             .map_err(|e| {
                 PoolError::Audit(format!("the pool was created, but not recorded: {e}"))
             })?;
+        crate::audit::sign::attach(dir, &audit, provider.as_ref());
         Ok(())
     }
 
@@ -836,6 +843,9 @@ impl Pool {
             tracing::error!(error = %e, "audit log unusable: zone, volume and key changes are refused until it is repaired (see `keyturn audit verify`)");
             e.to_string()
         });
+        if let Ok(log) = &audit {
+            crate::audit::sign::attach(dir, log, provider.as_ref());
+        }
         let pin = match secret {
             RootSecret::Pin(p) => Some(p.duplicate()),
             RootSecret::Passphrase(_) => None,

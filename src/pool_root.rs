@@ -776,6 +776,11 @@ impl Pool {
                 }
             }
         }
+        // The audit signing key is wrapped under the root key too.
+        crate::audit::sign::rewrap(&self.dir, pair).map_err(|e| match e {
+            crate::audit::sign::SignError::Key(k) => PoolError::Key(k),
+            other => PoolError::Audit(other.to_string()),
+        })?;
         Ok(rewrapped)
     }
 

@@ -222,17 +222,23 @@ pub enum Operation {
     EmergencyRotation,
     /// Crypto-shred one window of a zone's change stream.
     ShredStreamWindow,
+    /// Write a backup of every key of the pool (`keys backup`).
+    BackupKeys,
+    /// Restore a pool's keys from a backup (`keys restore`; the key is the backup id).
+    RestoreKeys,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 8] = [
         Self::RotateKek,
         Self::RotateRoot,
         Self::DestroyKey,
         Self::CompromiseKey,
         Self::EmergencyRotation,
         Self::ShredStreamWindow,
+        Self::BackupKeys,
+        Self::RestoreKeys,
     ];
 
     /// The name used on the command line, in files and in the signed bytes.
@@ -244,6 +250,8 @@ impl Operation {
             Self::CompromiseKey => "compromise-key",
             Self::EmergencyRotation => "emergency-rotation",
             Self::ShredStreamWindow => "shred-stream-window",
+            Self::BackupKeys => "backup-keys",
+            Self::RestoreKeys => "restore-keys",
         }
     }
 }
@@ -264,7 +272,7 @@ impl FromStr for Operation {
             .ok_or_else(|| ApprovalError::Malformed {
                 what: "operation".into(),
                 reason: format!(
-                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window"
+                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window, backup-keys, restore-keys"
                 ),
             })
     }

@@ -29,6 +29,7 @@
 //! position, because parsers echo the input they choke on.
 
 pub mod approval;
+pub mod backup;
 pub(crate) mod fsutil;
 pub mod passphrase;
 pub mod pkcs11;

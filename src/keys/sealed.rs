@@ -126,7 +126,11 @@ impl KdfParams {
         Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
     }
 
-    fn derive(self, pass: &Passphrase, salt: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    pub(crate) fn derive(
+        self,
+        pass: &Passphrase,
+        salt: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, KeyError> {
         let mut out = Zeroizing::new([0u8; 32]);
         self.to_argon2()?
             .hash_password_into(pass.expose().as_bytes(), salt, &mut out[..])

@@ -1,0 +1,478 @@
+//! Signed digests of the audit chain: `POOL/audit.digests`, made with the
+//! pool's audit signing key `POOL/keys/audit-signing.json`.
+//!
+//! The hash chain (see [`crate::audit`]) catches edits made without
+//! recomputing hashes; someone who can write the log and its anchor can still
+//! rewrite history from any point. A digest closes that gap: after every
+//! record the server signs the chain head (the record's id and hash) with an
+//! Ed25519 key that only the unlocked root key can unwrap. Checking needs the
+//! public key alone ([`super::signed`]): a rewritten record no longer
+//! matches the hash its digest signed, and a record added by someone without
+//! the key is covered by no digest.
+//!
+//! # The signing key
+//!
+//! A random Ed25519 key, wrapped under the root key provider with the label
+//! `audit-signing` (zone 0, purpose root, version 1), so a PKCS#11 root key
+//! wraps it inside the token. File (JSON, mode 0600):
+//!
+//! ```json
+//! { "format": "keyturn-audit-signing-key", "version": 1,
+//!   "key_id": "audit-<16 hex>", "public_key": "<base64, 32 bytes>",
+//!   "created_unix": 1700000000, "wrapped_by_root": null,
+//!   "wrapped": "<base64>" }
+//! ```
+//!
+//! `key_id` is `audit-` and the first 16 hex digits of BLAKE3(public key).
+//! A root key rotation re-wraps it with the KEKs ([`rewrap`]).
+//!
+//! # Digests
+//!
+//! `audit.digests` is append-only JSON lines, one per signed head, members
+//! always in this order:
+//!
+//! ```text
+//! {"digest":"keyturn-audit-v1","id":7,"hash":"<64 hex>","time":"2025-01-31T09:30:00.123Z",
+//!  "key":"audit-0123456789abcdef","sig":"<base64, 64 bytes>"}
+//! ```
+//!
+//! The signed bytes are the line up to (not including) `,"sig":"`, followed
+//! by `}`: the same rule as a record's hash, so a verifier needs no JSON
+//! canonicalisation. `digest` names the format (domain separation: these
+//! bytes can never be a valid approval request or record). `hash` is the
+//! hash of record `id`, which commits to every record before it.
+//!
+//! A digest is written (appended, fdatasync'ed) right after each record, by
+//! the process that has the signing key unlocked (a server, or any command
+//! that opens the pool). Records appended without it (a crash between the
+//! record and its digest) are covered by the next digest; opening the pool
+//! signs the head at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use base64ct::{Base64, Encoding};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::ids::ZoneId;
+use crate::keys::KeyError;
+use crate::keys::fsutil::{self, Replace, b64};
+use crate::keys::root::RootKeyProvider;
+use crate::keys::wrap::{KeyLabel, Purpose};
+
+/// The signing key file, relative to the pool directory.
+pub const KEY_FILE: &str = "keys/audit-signing.json";
+/// The digest file, in the pool directory.
+pub const DIGEST_FILE: &str = "audit.digests";
+/// The first member of every digest line.
+pub const DIGEST_TAG: &str = "keyturn-audit-v1";
+
+const WHAT: &str = "audit signing key file";
+const FORMAT: &str = "keyturn-audit-signing-key";
+const FORMAT_VERSION: u32 = 1;
+const MAX_KEY_FILE: u64 = 16 * 1024;
+/// How much of the digest file's end is read to find the last digest.
+const TAIL_BYTES: u64 = 16 * 1024;
+/// The member the signed bytes leave out.
+pub(crate) const SIG_MEMBER: &[u8] = b",\"sig\":\"";
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the 32 key
+/// bytes follow.
+const SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Errors of the audit signing key and digests.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The key file could not be read, written or unwrapped.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The digest file could not be read or written.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A public key file is not an Ed25519 public key.
+    #[error("{}: {reason}", path.display())]
+    BadPublicKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SignError + 'a {
+    move |source| SignError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The wrap label of the signing key.
+fn label() -> KeyLabel {
+    KeyLabel {
+        key_id: "audit-signing".into(),
+        zone: ZoneId(0),
+        purpose: Purpose::Root,
+        version: 1,
+    }
+}
+
+/// The id of a signing key: `audit-` and 16 hex digits of its public key's hash.
+pub fn key_id(public: &VerifyingKey) -> String {
+    let h = blake3::hash(public.as_bytes());
+    format!("audit-{}", &h.to_hex()[..16])
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    format: String,
+    version: u32,
+    key_id: String,
+    #[serde(with = "b64")]
+    public_key: Vec<u8>,
+    created_unix: u64,
+    #[serde(default)]
+    wrapped_by_root: Option<String>,
+    #[serde(with = "b64")]
+    wrapped: Vec<u8>,
+}
+
+impl KeyFile {
+    fn load(path: &Path) -> Result<Self, KeyError> {
+        let bytes = fsutil::read_limited(WHAT, path, MAX_KEY_FILE)?;
+        let corrupt = |reason: String| KeyError::Corrupt {
+            what: WHAT,
+            path: path.to_path_buf(),
+            reason,
+        };
+        let f: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| corrupt(crate::keys::describe_json_error(&e)))?;
+        if f.format != FORMAT {
+            return Err(corrupt("the format field does not name one".into()));
+        }
+        if f.version != FORMAT_VERSION {
+            return Err(KeyError::UnsupportedFormat {
+                what: WHAT,
+                path: path.to_path_buf(),
+                found: f.version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Ok(f)
+    }
+
+    fn save(&self, path: &Path, replace: Replace) -> Result<(), KeyError> {
+        let mut json = serde_json::to_vec_pretty(self).expect("key file serialises");
+        json.push(b'\n');
+        fsutil::write_private_atomic(WHAT, path, &json, replace)
+    }
+
+    fn public(&self, path: &Path) -> Result<VerifyingKey, KeyError> {
+        let bytes: [u8; 32] =
+            self.public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| KeyError::Corrupt {
+                    what: WHAT,
+                    path: path.to_path_buf(),
+                    reason: "public key is not 32 bytes".into(),
+                })?;
+        VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::Corrupt {
+            what: WHAT,
+            path: path.to_path_buf(),
+            reason: "public key is not a valid Ed25519 point".into(),
+        })
+    }
+}
+
+/// The public key of the pool in `pool_dir` (no secret needed: the key
+/// file keeps it in the clear).
+pub fn public_key(pool_dir: &Path) -> Result<VerifyingKey, SignError> {
+    let path = pool_dir.join(KEY_FILE);
+    Ok(KeyFile::load(&path)?.public(&path)?)
+}
+
+/// The public key as PEM (SubjectPublicKeyInfo, as `openssl pkey -pubout` writes it).
+pub fn public_key_pem(public: &VerifyingKey) -> String {
+    let mut der = SPKI_PREFIX.to_vec();
+    der.extend_from_slice(public.as_bytes());
+    let b64 = Base64::encode_string(&der);
+    format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n")
+}
+
+/// Reads a public key file written by `keyturn audit public-key` (PEM
+/// SubjectPublicKeyInfo of an Ed25519 key).
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, SignError> {
+    let bad = |reason: &str| SignError::BadPublicKey {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let text = fsutil::read_limited("public key file", path, 16 * 1024)?;
+    let text = std::str::from_utf8(&text).map_err(|_| bad("not text"))?;
+    parse_public_key_pem(text).map_err(bad)
+}
+
+/// Parses PEM text of an Ed25519 SubjectPublicKeyInfo.
+pub fn parse_public_key_pem(text: &str) -> Result<VerifyingKey, &'static str> {
+    let body = text
+        .trim()
+        .strip_prefix("-----BEGIN PUBLIC KEY-----")
+        .and_then(|t| t.strip_suffix("-----END PUBLIC KEY-----"))
+        .ok_or("not a PEM public key (BEGIN/END PUBLIC KEY)")?;
+    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    let der = Base64::decode_vec(&b64).map_err(|_| "invalid base64 in the PEM body")?;
+    let key = der
+        .strip_prefix(&SPKI_PREFIX[..])
+        .filter(|k| k.len() == 32)
+        .ok_or("not an Ed25519 public key")?;
+    let bytes: [u8; 32] = key.try_into().map_err(|_| "not an Ed25519 public key")?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| "not a valid Ed25519 point")
+}
+
+/// Creates the signing key of the pool in `pool_dir` if it has none.
+/// Returns whether one was made.
+pub fn ensure_key(pool_dir: &Path, provider: &dyn RootKeyProvider) -> Result<bool, SignError> {
+    let path = pool_dir.join(KEY_FILE);
+    if path.exists() {
+        return Ok(false);
+    }
+    let mut seed = Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut());
+    let key = SigningKey::from_bytes(&seed);
+    let public = key.verifying_key();
+    let file = KeyFile {
+        format: FORMAT.into(),
+        version: FORMAT_VERSION,
+        key_id: key_id(&public),
+        public_key: public.as_bytes().to_vec(),
+        created_unix: crate::clock::unix_now(),
+        wrapped_by_root: provider.root_id().map(Into::into),
+        wrapped: provider.wrap_key(&label(), seed.as_ref())?,
+    };
+    file.save(&path, Replace::Never)?;
+    tracing::info!(key = %file.key_id, "audit signing key created");
+    Ok(true)
+}
+
+/// Re-wraps the signing key under the new root key of a root key rotation
+/// (`roots` unwraps under either root key and wraps under the new one).
+/// Nothing to do for a pool without one.
+pub fn rewrap(pool_dir: &Path, roots: &dyn RootKeyProvider) -> Result<(), SignError> {
+    let path = pool_dir.join(KEY_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut file = KeyFile::load(&path)?;
+    let new_root = roots.root_id().map(str::to_string);
+    if new_root.is_some() && file.wrapped_by_root == new_root {
+        return Ok(());
+    }
+    let seed = roots.unwrap_key_from(file.wrapped_by_root.as_deref(), &label(), &file.wrapped)?;
+    file.wrapped = roots.wrap_key(&label(), &seed)?;
+    file.wrapped_by_root = new_root;
+    file.save(&path, Replace::Allow)?;
+    Ok(())
+}
+
+/// The unlocked signing key, appending digests to `audit.digests`.
+pub struct Signer {
+    key: SigningKey,
+    key_id: String,
+    path: PathBuf,
+    /// The digest file (append) and the last id it signed.
+    state: Mutex<(File, u64)>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Unwraps the signing key of the pool in `pool_dir` (making one first
+    /// if the pool has none) and opens its digest file. An incomplete last
+    /// digest line, left by a crash, is cut off.
+    pub fn open(pool_dir: &Path, provider: &dyn RootKeyProvider) -> Result<Self, SignError> {
+        ensure_key(pool_dir, provider)?;
+        let key_path = pool_dir.join(KEY_FILE);
+        let file = KeyFile::load(&key_path)?;
+        let public = file.public(&key_path)?;
+        let seed =
+            provider.unwrap_key_from(file.wrapped_by_root.as_deref(), &label(), &file.wrapped)?;
+        let seed: Zeroizing<[u8; 32]> = Zeroizing::new(seed.as_slice().try_into().map_err(
+            |_| KeyError::InvalidKey {
+                label: label().to_string(),
+                reason: format!("{} bytes, expected 32", seed.len()),
+            },
+        )?);
+        let key = SigningKey::from_bytes(&seed);
+        if key.verifying_key() != public {
+            return Err(KeyError::Corrupt {
+                what: WHAT,
+                path: key_path,
+                reason: "the wrapped key does not match the public key beside it".into(),
+            }
+            .into());
+        }
+        let path = pool_dir.join(DIGEST_FILE);
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let last = last_signed(&mut f, &path)?;
+        Ok(Self {
+            key,
+            key_id: file.key_id,
+            path,
+            state: Mutex::new((f, last)),
+        })
+    }
+
+    /// The public key.
+    pub fn public(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The key's id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The last event id a digest covers (0: none).
+    pub fn last_signed(&self) -> u64 {
+        self.state.lock().1
+    }
+
+    /// Signs the chain head (record `id` with hash `hash`) at `time` and
+    /// appends the digest durably. A head already signed is not signed again.
+    pub fn sign_head(&self, id: u64, hash: &str, time: &str) -> Result<(), SignError> {
+        let mut st = self.state.lock();
+        if id == 0 || id <= st.1 {
+            return Ok(());
+        }
+        let line = digest_line(&self.key, &self.key_id, id, hash, time);
+        st.0.write_all(&line).map_err(io("append to", &self.path))?;
+        st.0.sync_data().map_err(io("fdatasync", &self.path))?;
+        st.1 = id;
+        Ok(())
+    }
+}
+
+/// The unsigned part of a digest line (see the module docs).
+#[derive(Serialize)]
+struct DigestBody<'a> {
+    digest: &'a str,
+    id: u64,
+    hash: &'a str,
+    time: &'a str,
+    key: &'a str,
+}
+
+/// A digest line (with its newline), signed by `key`.
+pub(crate) fn digest_line(
+    key: &SigningKey,
+    key_id: &str,
+    id: u64,
+    hash: &str,
+    time: &str,
+) -> Vec<u8> {
+    let body = DigestBody {
+        digest: DIGEST_TAG,
+        id,
+        hash,
+        time,
+        key: key_id,
+    };
+    let mut line = serde_json::to_vec(&body).expect("digest serialises");
+    let sig = key.sign(&line);
+    line.pop(); // the closing brace
+    line.extend_from_slice(SIG_MEMBER);
+    line.extend_from_slice(Base64::encode_string(&sig.to_bytes()).as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    line
+}
+
+/// A digest as read back.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Digest {
+    /// Always [`DIGEST_TAG`].
+    pub digest: String,
+    /// The event id signed.
+    pub id: u64,
+    /// Its hash.
+    pub hash: String,
+    /// When it was signed.
+    pub time: String,
+    /// The signing key's id.
+    pub key: String,
+    /// Ed25519 signature, base64.
+    pub sig: String,
+}
+
+/// The id of the last complete digest line of `f` (0 when none); cuts off
+/// an incomplete last line.
+fn last_signed(f: &mut File, path: &Path) -> Result<u64, SignError> {
+    use std::io::{Seek, SeekFrom};
+    let len = f.metadata().map_err(io("stat", path))?.len();
+    let start = len.saturating_sub(TAIL_BYTES);
+    f.seek(SeekFrom::Start(start)).map_err(io("seek", path))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).map_err(io("read", path))?;
+    let end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    if (start + end as u64) < len {
+        tracing::warn!(path = %path.display(), "audit digest file ends in an incomplete line (interrupted append); removing it");
+        f.set_len(start + end as u64)
+            .and_then(|()| f.sync_all())
+            .map_err(io("truncate", path))?;
+    }
+    let last = tail[..end]
+        .split(|&b| b == b'\n')
+        .rev()
+        .find(|l| !l.is_empty())
+        .and_then(|l| serde_json::from_slice::<Digest>(l).ok())
+        .map_or(0, |d| d.id);
+    Ok(last)
+}
+
+/// Unlocks the signing key of the pool in `pool_dir` (making it if the
+/// pool has none) and has `log` sign under it. A key that cannot be
+/// unlocked leaves the log unsigned from here on: logged, not fatal, since
+/// `audit verify --public-key` then names the first record left uncovered.
+pub fn attach(pool_dir: &Path, log: &super::AuditLog, provider: &dyn RootKeyProvider) {
+    match Signer::open(pool_dir, provider) {
+        Ok(signer) => {
+            let id = signer.key_id().to_string();
+            if let Err(e) = log.set_signer(std::sync::Arc::new(signer)) {
+                tracing::error!(error = %e, "cannot sign the audit chain head");
+            } else {
+                tracing::info!(key = %id, "audit records are signed");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit signing key unusable: new audit records are not signed")
+        }
+    }
+}

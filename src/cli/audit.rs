@@ -1,0 +1,201 @@
+//! `keyturn audit`: verify the chain (and its signatures, with the public
+//! key alone), export a self-verifying bundle, print the public key. None of
+//! these opens the pool or needs a secret.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use crate::audit::export::{self, Bound};
+use crate::audit::sign;
+use crate::audit::signed::{self, SignedError, SignedReport};
+
+#[derive(Subcommand, Debug)]
+pub(super) enum AuditCmd {
+    /// Check the whole hash chain of POOL/audit.log against its anchor, and
+    /// name the first broken record. Reads only the log: no passphrase needed.
+    ///
+    /// With --public-key, also check the signed digests (POOL/audit.digests)
+    /// with that key alone: a record rewritten with recomputed hashes, a
+    /// record appended without the signing key, a cut tail and a forged
+    /// signature are named. With --bundle, check an exported bundle instead
+    /// of a pool.
+    Verify {
+        /// Pool directory.
+        #[arg(long, env = "KEYTURN_POOL", required_unless_present = "bundle")]
+        pool: Option<PathBuf>,
+        /// The audit public key (PEM, from `keyturn audit public-key`),
+        /// obtained independently of the pool being checked.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// Check this bundle (from `keyturn audit export`) instead of a pool.
+        #[arg(long, value_name = "FILE", conflicts_with = "pool")]
+        bundle: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a self-verifying bundle of the records from --from to --to:
+    /// the records verbatim, the digests that sign them and the public key.
+    Export {
+        /// Pool directory.
+        #[arg(long, env = "KEYTURN_POOL")]
+        pool: PathBuf,
+        /// First record: an event id, a date (2026-12-06) or an RFC 3339 time.
+        #[arg(long, default_value = "1")]
+        from: Bound,
+        /// Last record: an event id (inclusive), or a date or time (exclusive).
+        #[arg(long, default_value = "18446744073709551615")]
+        to: Bound,
+        /// Output file [default: standard output].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Print the pool's audit signing public key (PEM).
+    PublicKey {
+        /// Pool directory.
+        #[arg(long, env = "KEYTURN_POOL")]
+        pool: PathBuf,
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Runs an `audit` subcommand.
+pub(super) fn audit(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::Verify {
+            pool,
+            public_key,
+            bundle,
+            json,
+        } => match (pool, public_key, bundle) {
+            (_, key, Some(bundle)) => verify_bundle(&bundle, key.as_deref(), json),
+            (Some(pool), Some(key), None) => verify_signed(&pool, &key, json),
+            (Some(pool), None, None) => {
+                super::audit_verify(&pool, json)?;
+                if !json && pool.join(sign::DIGEST_FILE).exists() {
+                    println!(
+                        "signatures not checked: add --public-key FILE (from `keyturn audit public-key`)"
+                    );
+                }
+                Ok(())
+            }
+            (None, _, None) => bail!("give --pool or --bundle"),
+        },
+        AuditCmd::Export {
+            pool,
+            from,
+            to,
+            out,
+        } => {
+            let b = export::export(&pool, &from, &to)
+                .with_context(|| format!("cannot export the audit log of {}", pool.display()))?;
+            let mut text = serde_json::to_string_pretty(&b)?;
+            text.push('\n');
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &text)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "wrote {} records ({} signed digests) to {}",
+                        b.records.len(),
+                        b.digests.len(),
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+        AuditCmd::PublicKey { pool, out } => {
+            let key = sign::public_key(&pool).with_context(|| {
+                format!(
+                    "pool {} has no audit signing key yet (it is made when the pool is created or next opened)",
+                    pool.display()
+                )
+            })?;
+            let pem = sign::public_key_pem(&key);
+            match out {
+                Some(path) => std::fs::write(&path, &pem)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{pem}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn verify_signed(pool: &Path, key: &Path, json: bool) -> Result<()> {
+    let public = sign::read_public_key(key)?;
+    let r = signed::verify_pool(pool, &public);
+    report(
+        r.map_err(anyhow_or_finding),
+        &pool.display().to_string(),
+        json,
+    )
+}
+
+fn verify_bundle(bundle: &Path, key: Option<&Path>, json: bool) -> Result<()> {
+    let trusted = key.map(sign::read_public_key).transpose()?;
+    let text =
+        std::fs::read(bundle).with_context(|| format!("cannot read {}", bundle.display()))?;
+    let r = export::verify_bundle(&text, trusted.as_ref()).map_err(|e| match e {
+        export::BundleError::Signed(s) => anyhow_or_finding(s),
+        other => Outcome::Error(other.into()),
+    });
+    if trusted.is_none() && !json {
+        println!(
+            "note: checked with the key the bundle carries; pass --public-key to check who signed it"
+        );
+    }
+    report(r, &bundle.display().to_string(), json)
+}
+
+enum Outcome {
+    Finding(signed::Finding),
+    Error(anyhow::Error),
+}
+
+fn anyhow_or_finding(e: SignedError) -> Outcome {
+    match e {
+        SignedError::Failed(f) => Outcome::Finding(f),
+        other => Outcome::Error(other.into()),
+    }
+}
+
+fn report(r: std::result::Result<SignedReport, Outcome>, what: &str, json: bool) -> Result<()> {
+    match r {
+        Ok(rep) => {
+            if json {
+                let mut v = serde_json::to_value(&rep)?;
+                v["ok"] = true.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "audit log {what}: {} records (events {} to {}), chain intact, every record covered by a valid signature of key {} ({} digests)",
+                    rep.records, rep.first_id, rep.last_id, rep.key_id, rep.digests
+                );
+            }
+            Ok(())
+        }
+        Err(Outcome::Finding(f)) => {
+            if json {
+                let mut v = serde_json::to_value(&f)?;
+                v["ok"] = false.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "first record not covered or altered: event {} ({})",
+                    f.id.map_or_else(|| "unknown".into(), |i| i.to_string()),
+                    f.kind
+                );
+                println!("{}", f.reason);
+            }
+            bail!("audit log {what} does not verify: {}", f.reason)
+        }
+        Err(Outcome::Error(e)) => Err(e),
+    }
+}
