@@ -32,6 +32,7 @@ mod demo;
 mod keys;
 mod schedule;
 mod stream;
+mod threat;
 
 const PASS_ENV: &str = "KEYTURN_PASSPHRASE";
 /// Where `keyturn demo` keeps its pool's passphrase, in the pool directory.
@@ -96,6 +97,10 @@ enum Command {
     /// The rotation scheduler: status, pause, resume, the schedule (on the running server).
     #[command(subcommand)]
     Scheduler(schedule::SchedulerCmd),
+    /// Threat levels: raise, clear, show; approve an emergency rotation a
+    /// critical level waits on (on the running server).
+    #[command(subcommand)]
+    Threat(threat::ThreatCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -742,6 +747,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(cmd) => stream::stream(cmd),
         Command::Policy(cmd) => schedule::policy(cmd),
         Command::Scheduler(cmd) => schedule::scheduler(cmd),
+        Command::Threat(cmd) => threat::threat(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {

@@ -655,6 +655,16 @@ pub enum ScheduleRequest {
     GetPolicy(String),
     /// `PUT /api/v1/zones/{zone}/policy`: validated, then stored.
     SetPolicy(String, Box<crate::schedule::policy::Policy>),
+    /// `GET /api/v1/zones/{zone}/rotation/plan`: the predictive plan of the
+    /// zone's next DEK rotation and every input it was made from.
+    Plan(String),
+    /// `GET /api/v1/threat`: threat levels.
+    GetThreat,
+    /// `POST /api/v1/threat`: raise or clear a threat level.
+    Threat(crate::schedule::threat::ThreatChange),
+    /// `POST /api/v1/threat/approve`: approvals for the emergency rotation
+    /// a critical threat is waiting on (zone, approval token texts).
+    Approve(String, Vec<String>),
 }
 
 /// The scheduler as the pool hands admin requests to it: a small trait so

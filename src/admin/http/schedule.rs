@@ -1,5 +1,7 @@
-//! Routes of the rotation scheduler (`/api/v1/key-rotation/...`) and of a
-//! zone's rotation policy (`/api/v1/zones/{zone}/policy...`).
+//! Routes of the rotation scheduler (`/api/v1/key-rotation/...`), of a
+//! zone's rotation policy (`/api/v1/zones/{zone}/policy...`) and plan
+//! (`/api/v1/zones/{zone}/rotation/plan`), and threat input
+//! (`/api/v1/threat`).
 
 use axum::Router;
 use axum::extract::State;
@@ -8,6 +10,16 @@ use axum::routing::{get, post};
 use super::{AppState, Body, JsonResult, PathName, json};
 use crate::admin::ScheduleRequest;
 use crate::schedule::policy::Policy;
+use crate::schedule::threat::ThreatChange;
+
+/// Body of `POST /api/v1/threat/approve`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    zone: String,
+    /// Approval token texts, one per operator.
+    approvals: Vec<String>,
+}
 
 /// Pool-wide routes.
 pub(super) fn routes() -> Router<AppState> {
@@ -16,6 +28,8 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/v1/key-rotation/scheduler/pause", post(pause))
         .route("/api/v1/key-rotation/scheduler/resume", post(resume))
         .route("/api/v1/key-rotation/schedule", get(schedule))
+        .route("/api/v1/threat", get(threat).post(set_threat))
+        .route("/api/v1/threat/approve", post(approve))
 }
 
 /// Routes relative to a zone.
@@ -24,6 +38,7 @@ pub(super) fn zone_routes() -> Router<AppState> {
         .route("/policy", get(policy).put(set_policy))
         .route("/policy/hold", post(hold))
         .route("/policy/release", post(release))
+        .route("/rotation/plan", get(plan))
 }
 
 async fn ask(s: AppState, req: ScheduleRequest) -> JsonResult<serde_json::Value> {
@@ -67,4 +82,26 @@ async fn release(
     PathName(z): PathName,
 ) -> JsonResult<serde_json::Value> {
     ask(s, ScheduleRequest::Release(z)).await
+}
+
+async fn plan(State(s): State<AppState>, PathName(z): PathName) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Plan(z)).await
+}
+
+async fn threat(State(s): State<AppState>) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::GetThreat).await
+}
+
+async fn set_threat(
+    State(s): State<AppState>,
+    Body(c): Body<ThreatChange>,
+) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Threat(c)).await
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    Body(b): Body<ApproveBody>,
+) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Approve(b.zone, b.approvals)).await
 }
