@@ -87,6 +87,10 @@ fn main() {
                 kek: *kek,
                 rotation_secs: 600,
                 dek_busy: false,
+                dek_period: policies.of(n).dek_period(),
+                kek_period: policies.of(n).kek_period(),
+                threat_emergency: false,
+                dek_plan: None,
             })
             .collect();
         let before = schedule.clone();

@@ -35,6 +35,7 @@ mod keys;
 mod report;
 mod schedule;
 mod stream;
+mod threat;
 mod tls;
 mod tokens;
 
@@ -108,6 +109,10 @@ enum Command {
     /// list, revoke (through the running server if there is one).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
+    /// Threat levels: raise, clear, show; approve an emergency rotation a
+    /// critical level waits on (on the running server).
+    #[command(subcommand)]
+    Threat(threat::ThreatCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -759,6 +764,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Policy(cmd) => schedule::policy(cmd),
         Command::Scheduler(cmd) => schedule::scheduler(cmd),
         Command::Token(cmd) => tokens::token(cmd),
+        Command::Threat(cmd) => threat::threat(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {

@@ -95,6 +95,11 @@ pub struct ScheduleSection {
     /// far ahead of the window a rotation opens and which cryptoperiods
     /// are too short.
     pub assumed_rate_mib_s: u64,
+    /// A threat feed: a file of JSON lines the scheduler reads as they are
+    /// appended (see [`crate::schedule::threat`]); relative to the pool
+    /// directory unless absolute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threat_feed: Option<PathBuf>,
 }
 
 impl Default for ScheduleSection {
@@ -107,6 +112,7 @@ impl Default for ScheduleSection {
             retry_base_secs: 60,
             retry_max_secs: 3600,
             assumed_rate_mib_s: 100,
+            threat_feed: None,
         }
     }
 }

@@ -604,6 +604,10 @@ impl Volume {
         applied: Option<u64>,
     ) -> Result<JournalSeq, ExportError> {
         let n = plan.targets.len();
+        self.zone
+            .stats
+            .written_blocks
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         Self::unregister_writer(meta, plan.active);
         // A staged copy is kept only if its key is still the window's next
         // key or has become active; after an abort it is dropped.

@@ -485,3 +485,227 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
     assert_eq!(count(&events, "schedule.kek.done", "z1"), 1);
     assert_eq!(count(&events, "kek.rotate", "z1"), 1);
 }
+
+// ------------------------------------------------------------ predictive window
+
+/// The test clock running at real speed from `base` (the staging pipeline
+/// works in real time, so plans of real throughput need calendar time to
+/// pass at the same pace), until dropped.
+struct RunningClock {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningClock {
+    fn start(clock: &TestClock, base: u64) -> Self {
+        let path = clock.0.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let c = TestClock(path);
+            let t0 = Instant::now();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                c.set(base + t0.elapsed().as_secs());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RunningClock {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RunningClock {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The zone's active DEK activation time.
+fn dek_since(pool: &TestPool, zone: &str) -> u64 {
+    let p = json(pool, &["rotate", "plan", "--zone", zone, "--json"]);
+    p["active_dek_since_unix"].as_u64().unwrap()
+}
+
+/// `HH:MM` of the minute of day of `t`, moved by `offset` seconds.
+fn hhmm(t: u64, offset: i64) -> String {
+    let s = ((t % DAY) as i64 / 60 * 60 + offset).rem_euclid(DAY as i64);
+    format!("{:02}:{:02}", s / 3600, s % 3600 / 60)
+}
+
+#[test]
+fn the_window_opens_early_enough_for_throttled_staging_to_meet_the_target() {
+    require_tool("fio");
+    let (pool, clock) = test_pool(&["z1"], "32M");
+    slow_rotation(&pool);
+    let server = serve(&pool, &clock);
+    fill(&server, "z1", 6, &pool.dir.path().join("fio.json"));
+    // Critical sensitivity: a quarter of 90 days, and a 40% margin. The
+    // maintenance window holds the deadline, so the flip is at the deadline.
+    let deadline = dek_since(&pool, "z1") + 90 * DAY / 4;
+    set_policy(&pool, "z1");
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        "z1",
+        "--sensitivity",
+        "critical",
+        "--window-start",
+        &hhmm(deadline, -3600),
+        "--window-duration",
+        "2h",
+    ]);
+    clock.set(deadline - 30);
+    let plan = json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+    let (i, p) = (&plan["inputs"], &plan["prediction"]);
+    assert_eq!(i["deadline"], deadline, "{plan}");
+    assert_eq!(i["rate_source"], "pool_throttle", "{plan}");
+    assert_eq!(
+        i["census"]["rest"], 1536,
+        "6 MiB of unshared, cold blocks: {plan}"
+    );
+    assert_eq!(p["flip_at"], deadline, "{plan}");
+    // 6 MiB at 1 MiB/s is 6 s, plus 40%.
+    assert_eq!(p["staging_secs"], 6, "{plan}");
+    assert_eq!(p["open_at"], deadline - 6 - 3, "{plan}");
+    let text = pool.keyturn_ok(&["rotate", "plan", "--zone", "z1"]);
+    assert!(
+        text.contains("window opens") && text.contains("1536"),
+        "{text}"
+    );
+
+    let _running = RunningClock::start(&clock, deadline - 30);
+    let mut st = Value::Null;
+    wait_until("the planned rotation to flip", 60, || {
+        st = rotation(&pool, "z1");
+        st["active_version"] == 2 && st["flipped_unix"].is_u64()
+    });
+    let opened = st["window_opened_unix"].as_u64().unwrap();
+    let flipped = st["flipped_unix"].as_u64().unwrap();
+    assert!(
+        (deadline - 12..=deadline - 6).contains(&opened),
+        "the window opened at deadline{:+} s",
+        opened as i64 - deadline as i64
+    );
+    assert!(
+        (deadline..=deadline + 1).contains(&flipped),
+        "flipped at deadline{:+} s",
+        flipped as i64 - deadline as i64
+    );
+    let mut rec = Value::Null;
+    wait_until("the coverage record of the flip", 20, || {
+        rec = schedule(&pool)["flips"]["z1"].clone();
+        rec.is_object()
+    });
+    assert_eq!(rec["met"], true, "{rec}");
+    assert_eq!(rec["achieved_percent"], 100.0, "{rec}");
+    assert_eq!(rec["target_blocks"], 1536, "{rec}");
+    assert!(rec["predicted_percent"].as_f64().unwrap() >= 100.0, "{rec}");
+    let events = audit(&pool);
+    let cov: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "schedule.dek.coverage")
+        .collect();
+    assert_eq!(cov.len(), 1);
+    assert_eq!(cov[0]["outcome"], "ok", "{}", cov[0]);
+    assert_eq!(cov[0]["count"], 1536, "{}", cov[0]);
+    wait_until("the migration to finish", 60, || {
+        rotation(&pool, "z1")["phase"] == "grace"
+    });
+    fio_verify(
+        &server.uri("z1-vol"),
+        1,
+        6 * MIB,
+        &pool.dir.path().join("fio.json"),
+        "data after the planned rotation",
+    );
+}
+
+#[test]
+fn a_doubled_write_rate_mid_window_moves_the_flip_and_the_target_is_still_met() {
+    require_tool("fio");
+    let (pool, clock) = test_pool(&["z1"], "64M");
+    slow_rotation(&pool);
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    set_policy(&pool, "z1");
+    fill(&server, "z1", 8, &pool.dir.path().join("fill.json"));
+    // Overdue (95 days): the flip may move up to the end of today's window.
+    // Planned without writes: 8 s of staging and 2 s of margin before 02:00.
+    let w = midnight_after(t0, 95) + 2 * 3600;
+    let _running = RunningClock::start(&clock, w - 15);
+    // Writes of 512 KiB/s on their own regions.
+    let writer = |name: &str| {
+        let uri = server.uri("z1-vol");
+        let out = pool.dir.path().join(format!("{name}.json"));
+        let offset = if name == "w1" {
+            "--offset=32M"
+        } else {
+            "--offset=48M"
+        };
+        std::thread::spawn(move || {
+            fio(
+                &uri,
+                1,
+                8 * MIB,
+                1,
+                &out,
+                &[offset, "--rate=512k", "--time_based", "--runtime=10"],
+            )
+        })
+    };
+    wait_until("the window to open", 40, || {
+        rotation(&pool, "z1")["phase"] == "window"
+    });
+    let first_flip = jobs(&schedule(&pool))[0]["flip_at_unix"].as_u64().unwrap();
+    assert_eq!(first_flip, w, "planned to flip at the window's start");
+    // Writes start in the window, and their rate doubles a second later.
+    let w1 = writer("w1");
+    std::thread::sleep(Duration::from_secs(1));
+    let w2 = writer("w2");
+    let mut st = Value::Null;
+    wait_until("the flip", 60, || {
+        st = rotation(&pool, "z1");
+        st["active_version"] == 2 && st["flipped_unix"].is_u64()
+    });
+    let flipped = st["flipped_unix"].as_u64().unwrap();
+    let events = audit(&pool);
+    let replans = count(&events, "schedule.dek.replan", "z1");
+    assert!(replans >= 1, "no re-plan moved the flip");
+    assert!(
+        flipped > first_flip,
+        "flipped at {flipped}, first planned {first_flip}"
+    );
+    assert!(flipped < w + 3600, "flipped after the window");
+    let mut rec = Value::Null;
+    wait_until("the coverage record of the flip", 20, || {
+        rec = schedule(&pool)["flips"]["z1"].clone();
+        rec.is_object()
+    });
+    // Met, or flipped at the latest moment and migration finishes the rest.
+    let plan = json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+    assert!(
+        rec["met"] == true || flipped >= w + 3600 - 1,
+        "missed the target without reaching the window's end: {rec} {plan}"
+    );
+    for h in [w1, w2] {
+        let (ok, text) = h.join().unwrap();
+        assert!(ok && fio_errors(&text).iter().all(|&e| e == 0), "{text}");
+    }
+    wait_until("the migration to finish", 60, || {
+        let st = rotation(&pool, "z1");
+        st["phase"] == "grace" && st["remaining_blocks"] == 0
+    });
+    fio_verify(
+        &server.uri("z1-vol"),
+        1,
+        8 * MIB,
+        &pool.dir.path().join("fill.json"),
+        "data after the re-planned rotation",
+    );
+}

@@ -689,6 +689,16 @@ pub enum ScheduleRequest {
     /// `GET /api/v1/key-rotation/health`: the scheduler, its jobs, and
     /// every key's age against its cryptoperiod.
     Health,
+    /// `GET /api/v1/zones/{zone}/rotation/plan`: the predictive plan of the
+    /// zone's next DEK rotation and every input it was made from.
+    Plan(String),
+    /// `GET /api/v1/threat`: threat levels.
+    GetThreat,
+    /// `POST /api/v1/threat`: raise or clear a threat level.
+    Threat(crate::schedule::threat::ThreatChange),
+    /// `POST /api/v1/threat/approve`: approvals for the emergency rotation
+    /// a critical threat is waiting on (zone, approval token texts).
+    Approve(String, Vec<String>),
 }
 
 /// Body of `POST /api/v1/key-rotation/schedule` and `.../schedule-all`.

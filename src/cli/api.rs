@@ -80,6 +80,15 @@ pub(super) enum RotateCmd {
         #[arg(long)]
         watch: bool,
     },
+    /// The predictive plan of the zone's next DEK rotation: when its window
+    /// opens and it flips, the predicted coverage, and every input.
+    Plan {
+        #[command(flatten)]
+        target: ZoneTarget,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `keyturn scrub`.
@@ -243,6 +252,9 @@ pub(super) fn rotate(cmd: RotateCmd) -> Result<()> {
             json,
             watch,
         } => return status(&target, json, watch),
+        RotateCmd::Plan { target, json } => {
+            return super::schedule::plan(&target.pool, &target.zone, json);
+        }
         RotateCmd::Prepare { target, at, window } => {
             let req = PrepareRequest {
                 at_unix: at.as_deref().map(parse_time).transpose()?,

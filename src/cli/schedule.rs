@@ -1,5 +1,6 @@
-//! `keyturn policy ...` and `keyturn scheduler ...`: a zone's rotation
-//! policy and the rotation scheduler, on the running server.
+//! `keyturn policy ...`, `keyturn scheduler ...` and `keyturn rotate plan`:
+//! a zone's rotation policy, the rotation scheduler and its plan of the
+//! zone's next DEK rotation, on the running server.
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -300,4 +301,97 @@ pub(super) fn scheduler(cmd: SchedulerCmd) -> Result<()> {
         c.get(path)?
     };
     print(&v, a.json)
+}
+
+fn when(v: &Value) -> String {
+    v.as_u64()
+        .and_then(|t| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `keyturn rotate plan`.
+pub(super) fn plan(pool: &PoolArgs, zone: &str, json: bool) -> Result<()> {
+    let c = client(pool)?;
+    let v: Value = c.get(&format!("/api/v1/zones/{zone}/rotation/plan"))?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let (i, p) = (&v["inputs"], &v["prediction"]);
+    let mib = |x: &Value| x.as_f64().unwrap_or(0.0) / 1048576.0;
+    let c = &i["census"];
+    println!(
+        "zone {zone}: phase {}, threat {}",
+        v["phase"], v["threat_level"]
+    );
+    println!(
+        "  deadline      {} (DEK cryptoperiod {}){}",
+        when(&i["deadline"]),
+        v["dek_cryptoperiod"].as_str().unwrap_or("?"),
+        if p["overdue"] == true {
+            ", overdue"
+        } else {
+            ""
+        }
+    );
+    println!("  window opens  {}", when(&p["open_at"]));
+    println!(
+        "  flip          {} (latest {})",
+        when(&p["flip_at"]),
+        when(&p["latest_flip"])
+    );
+    println!(
+        "  staging       {} blocks of work: {} s + {} s margin at {:.2} MiB/s ({} {:.2} MiB/s, writes {:.2} MiB/s)",
+        p["work_blocks"],
+        p["staging_secs"],
+        p["margin_secs"],
+        mib(&p["effective_bytes_per_sec"]),
+        i["rate_source"].as_str().unwrap_or("?"),
+        mib(&i["rate_bytes_per_sec"]),
+        mib(&i["write_bytes_per_sec"]),
+    );
+    println!(
+        "  blocks        shared {} ({} staged), hot {} ({}), rest {} ({})",
+        c["shared"], c["staged_shared"], c["hot"], c["staged_hot"], c["rest"], c["staged_rest"]
+    );
+    println!(
+        "  target        {} blocks ({} staged): shared {}, hot {}, {}% of the rest",
+        p["target_blocks"],
+        p["target_staged"],
+        i["coverage"]["shared"],
+        i["coverage"]["hot"],
+        i["coverage"]["rest_percent"]
+    );
+    println!(
+        "  staging space {:.1} MiB free{}",
+        i["staging_free_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        if p["capacity_limited"] == true {
+            ", too little for the target"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  predicted     {:.1}% of the target at the flip ({})",
+        p["predicted_coverage_percent"].as_f64().unwrap_or(0.0),
+        if p["meets_target"] == true {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    if let Some(f) = v["last_flip"].as_object() {
+        println!(
+            "  last flip     {}: predicted {}, achieved {:.1}%",
+            when(&f["flipped_unix"]),
+            f["predicted_percent"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.1}%")),
+            f["achieved_percent"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }

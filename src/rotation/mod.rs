@@ -10,6 +10,7 @@
 //! methods on [`Pool`], serialised per zone.
 
 pub mod cleanup;
+mod forecast;
 pub mod pipeline;
 pub mod state;
 pub mod throttle;
@@ -379,6 +380,8 @@ impl Pool {
         };
         self.audit()?;
         rot.stop_worker();
+        // What staging achieved, counted once the pipeline has stopped.
+        let coverage = forecast::census_of(z, Some(next));
         let started = Instant::now();
         let old = {
             let mut meta = z.meta.lock();
@@ -403,6 +406,7 @@ impl Pool {
         st.flip_micros = Some(flip_time.as_micros() as u64);
         st.old_version = Some(old.0);
         st.emergency = emergency;
+        st.coverage_at_flip = Some(coverage);
         {
             // Recovery reads `emergency` to mark the old key compromised.
             let mut pre = rot.state.lock().clone();

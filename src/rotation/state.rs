@@ -66,6 +66,9 @@ pub struct RotationState {
     /// This rotation's grace period in seconds (from the zone's policy,
     /// when the scheduler started it); else `[rotation] grace_secs`.
     pub grace_secs: Option<u64>,
+    /// Content blocks by class and how many had a staged copy, just before
+    /// the last flip (the achieved coverage the scheduler records).
+    pub coverage_at_flip: Option<crate::zone::classes::ClassCensus>,
 }
 
 impl RotationState {

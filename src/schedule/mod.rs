@@ -3,7 +3,9 @@
 //! reverse).
 
 pub mod policy;
+pub mod predict;
 pub mod queue;
 pub mod scheduler;
+pub mod threat;
 
 pub use scheduler::{ScheduleError, Scheduler};

@@ -379,6 +379,43 @@ pub struct Policy {
     /// What happens to a rotation the scheduler gave up on.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// How a raised threat level shortens the cryptoperiods.
+    #[serde(default)]
+    pub threat: ThreatScale,
+}
+
+/// Cryptoperiods under a raised threat level, as a percent of the
+/// (sensitivity-scaled) period: `high` also applies at critical, which
+/// adds an emergency rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThreatScale {
+    /// Percent at elevated.
+    pub elevated_percent: u8,
+    /// Percent at high and critical.
+    pub high_percent: u8,
+}
+
+impl Default for ThreatScale {
+    fn default() -> Self {
+        ThreatScale {
+            elevated_percent: 50,
+            high_percent: 25,
+        }
+    }
+}
+
+impl ThreatScale {
+    /// `period` shortened for `level`.
+    pub fn scale(self, period: Span, level: super::threat::ThreatLevel) -> Span {
+        use super::threat::ThreatLevel as L;
+        let pct = match level {
+            L::Normal => 100,
+            L::Elevated => u64::from(self.elevated_percent),
+            L::High | L::Critical => u64::from(self.high_percent),
+        };
+        Span((u128::from(period.0) * u128::from(pct) / 100) as u64)
+    }
 }
 
 fn default_strict_wait() -> Span {
@@ -432,6 +469,7 @@ impl Policy {
             kek_batch: default_kek_batch(),
             kek_pause: Span(0),
             on_failure: OnFailure::default(),
+            threat: ThreatScale::default(),
         })
     }
 
@@ -499,6 +537,16 @@ impl Policy {
             return bad(format!(
                 "strict_wait is {}; a strict write may wait 1s..=60s before it falls back",
                 self.strict_wait
+            ));
+        }
+        let t = self.threat;
+        if !(1..=100).contains(&t.elevated_percent)
+            || !(1..=100).contains(&t.high_percent)
+            || t.high_percent > t.elevated_percent
+        {
+            return bad(format!(
+                "threat percents are elevated {} and high {}; set both in 1..=100 with high at most elevated",
+                t.elevated_percent, t.high_percent
             ));
         }
         if self.kek_batch == 0 {

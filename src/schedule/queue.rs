@@ -11,10 +11,14 @@
 //! { "paused": false, "held": ["z3"],
 //!   "jobs": [ { "zone": "z1", "kind": "dek", "urgency": "due", "state": "running",
 //!               "attempts": 0, "queued_unix": 1, "next_try_unix": 0,
-//!               "started_unix": 5, "flip_at_unix": 7200, "last_error": null } ] }
+//!               "started_unix": 5, "flip_at_unix": 7200, "last_error": null,
+//!               "open_at_unix": 5, "predicted_coverage": 100.0, "replans": 0 } ],
+//!   "flips": { "z2": { "flipped_unix": 7190, "predicted_percent": 100.0,
+//!                      "achieved_percent": 100.0, "met": true,
+//!                      "target_blocks": 800, "staged_blocks": 800 } } }
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -96,10 +100,13 @@ pub enum JobState {
     /// Gave up after the retry limit: waits for the scheduler's resume or
     /// the zone's release.
     Failed,
+    /// An emergency rotation under dual control: the approval request is
+    /// filed, the operators alerted; it runs once approvals arrive.
+    AwaitingApproval,
 }
 
 /// One rotation the scheduler owes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// Zone.
     pub zone: String,
@@ -128,14 +135,47 @@ pub struct Job {
     /// staging lead before), a KEK starts then; no maintenance window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_unix: Option<u64>,
-    /// Why it was asked for (`POST schedule`): who and their reason. Jobs
-    /// the scheduler queued itself have none; their urgency says why.
+    /// Why it was asked for (`POST schedule`: who and their reason), or
+    /// why an emergency runs (a critical threat's reason). Jobs the
+    /// scheduler queued itself otherwise have none; their urgency says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// When the plan opened (or opens) its window (DEK).
+    #[serde(default)]
+    pub open_at_unix: Option<u64>,
+    /// The coverage of the target predicted at the flip, percent (DEK).
+    #[serde(default)]
+    pub predicted_coverage: Option<f64>,
+    /// Times a re-plan moved the flip.
+    #[serde(default)]
+    pub replans: u32,
+    /// The achieved coverage at the flip is recorded.
+    #[serde(default)]
+    pub coverage_recorded: bool,
+    /// The approval request filed for it (dual control), a file in the pool.
+    #[serde(default)]
+    pub approval_request: Option<String>,
+}
+
+/// Predicted and achieved staging coverage at a zone's last flip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlipRecord {
+    /// When the flip happened (Unix seconds).
+    pub flipped_unix: Option<u64>,
+    /// Predicted share of the target staged at the flip, percent.
+    pub predicted_percent: Option<f64>,
+    /// Achieved share, percent.
+    pub achieved_percent: f64,
+    /// Whether every class met its requirement.
+    pub met: bool,
+    /// Blocks in the target.
+    pub target_blocks: u64,
+    /// Of those, staged at the flip.
+    pub staged_blocks: u64,
 }
 
 /// The durable schedule.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Schedule {
     /// Paused pool-wide: nothing is started.
@@ -144,6 +184,8 @@ pub struct Schedule {
     pub held: BTreeSet<String>,
     /// Queued, running and failed rotations.
     pub jobs: Vec<Job>,
+    /// Each zone's last scheduled flip: predicted and achieved coverage.
+    pub flips: BTreeMap<String, FlipRecord>,
 }
 
 /// Errors reading or writing the schedule file.
@@ -213,10 +255,19 @@ pub struct ZoneView<'a> {
     pub dek: KeyAge,
     /// Its active KEK.
     pub kek: KeyAge,
-    /// Seconds a rotation of its data is expected to take (staging lead).
+    /// Seconds a rotation of its data is expected to take (staging lead),
+    /// when there is no plan.
     pub rotation_secs: u64,
     /// An operator's DEK rotation is under way: none is started.
     pub dek_busy: bool,
+    /// The DEK cryptoperiod (sensitivity and threat level applied).
+    pub dek_period: Span,
+    /// The KEK cryptoperiod (likewise).
+    pub kek_period: Span,
+    /// A critical threat asks for an emergency DEK rotation.
+    pub threat_emergency: bool,
+    /// The predictive plan of the DEK rotation: (open at, flip at).
+    pub dek_plan: Option<(u64, u64)>,
 }
 
 /// A rotation to start now.
@@ -243,11 +294,19 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
         if schedule.held.contains(z.name) {
             continue;
         }
+        let dek = if z.threat_emergency {
+            KeyAge::Compromised
+        } else {
+            z.dek
+        };
         for (kind, age, period) in [
-            (KeyKind::Dek, z.dek, z.policy.dek_period()),
-            (KeyKind::Kek, z.kek, z.policy.kek_period()),
+            (KeyKind::Dek, dek, z.dek_period),
+            (KeyKind::Kek, z.kek, z.kek_period),
         ] {
-            let Some(urgency) = age.urgency(period, now) else {
+            // A plan's window may open before the key is due, so that it
+            // flips before its cryptoperiod ends.
+            let planned = kind == KeyKind::Dek && z.dek_plan.is_some_and(|(open, _)| open <= now);
+            let Some(urgency) = age.urgency(period, now).or(planned.then_some(Urgency::Due)) else {
                 continue;
             };
             if kind == KeyKind::Dek && z.dek_busy && urgency != Urgency::Emergency {
@@ -272,6 +331,11 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
                     last_error: None,
                     at_unix: None,
                     reason: None,
+                    open_at_unix: None,
+                    predicted_coverage: None,
+                    replans: 0,
+                    coverage_recorded: false,
+                    approval_request: None,
                 }),
             }
         }
@@ -323,6 +387,11 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
                 KeyKind::Kek => now,
                 KeyKind::Dek if z.dek_busy && !emergency => continue,
                 KeyKind::Dek if job.urgency >= Urgency::SeverelyOverdue => now,
+                // The predictive plan: open the window when it says, flip when it says.
+                KeyKind::Dek if z.dek_plan.is_some() => match z.dek_plan {
+                    Some((open, flip)) if open <= now => flip.max(now),
+                    _ => continue,
+                },
                 KeyKind::Dek => {
                     let w = &z.policy.window;
                     match w.containing(now) {
@@ -403,6 +472,10 @@ mod tests {
             kek: KeyAge::ActiveSince(now),
             rotation_secs: 0,
             dek_busy: false,
+            dek_period: p.dek_period(),
+            kek_period: p.kek_period(),
+            threat_emergency: false,
+            dek_plan: None,
         }
     }
 

@@ -12,6 +12,13 @@
 //! and each rotation's own state file: at restart a running DEK job is
 //! followed to its end (the rotation resumes by itself) and a running KEK
 //! job is started again (`rotate_kek` resumes an interrupted re-wrap).
+//!
+//! The predictive plan of each DEK rotation, the learned staging rates and
+//! the coverage record at each flip are in [`planning`]; threat input and
+//! emergency rotations under dual control in [`threats`].
+
+mod planning;
+mod threats;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,11 +30,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::policy::{OnFailure, Policies, Policy, PolicyError, ZoneFacts};
+use super::policy::{OnFailure, Policies, Policy, PolicyError, Span, ZoneFacts};
+use super::predict::{Learned, Prediction};
 use super::queue::{
     JobState, KeyAge, KeyKind, Schedule, ScheduleFileError, Start, Urgency, ZoneView, plan,
     record_failure,
 };
+use super::threat::{ThreatError, ThreatLevel, ThreatState};
 use crate::admin::{AdminError, RotationPhase, ScheduleRequest, ScheduleService};
 use crate::audit::AuditEvent;
 use crate::config::ScheduleSection;
@@ -49,6 +58,9 @@ pub enum ScheduleError {
     /// `policies.json` could not be read.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// `threat.json` could not be read.
+    #[error(transparent)]
+    Threat(#[from] ThreatError),
 }
 
 /// What the last check saw and cost.
@@ -75,6 +87,20 @@ pub struct Scheduler {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Serialises checks and admin changes to the schedule.
     check_lock: Mutex<()>,
+    /// Threat levels (`threat.json`).
+    threat: Mutex<ThreatState>,
+    /// Staging rates learned per zone (`staging-rates.json`).
+    learned: Mutex<BTreeMap<String, Learned>>,
+    /// Per zone, the last staging rate and write rate seen in its open window.
+    samples: Mutex<BTreeMap<String, (f64, f64)>>,
+    /// Per zone, the write counter when last measured and the write rate.
+    writes: Mutex<BTreeMap<String, planning::WriteMeter>>,
+    /// Per zone, the last plan made.
+    plans: Mutex<BTreeMap<String, Prediction>>,
+    /// When heat was last saved.
+    heat_saved: Mutex<Option<Instant>>,
+    /// Set to check at once (a threat change).
+    wake: AtomicBool,
 }
 
 impl Scheduler {
@@ -95,7 +121,15 @@ impl Scheduler {
             shutdown: AtomicBool::new(false),
             thread: Mutex::new(None),
             check_lock: Mutex::new(()),
+            threat: Mutex::new(ThreatState::load(pool.dir())?),
+            learned: Mutex::new(planning::load_learned(pool.dir())),
+            samples: Mutex::default(),
+            writes: Mutex::default(),
+            plans: Mutex::default(),
+            heat_saved: Mutex::new(None),
+            wake: AtomicBool::new(false),
         });
+        pool.load_heat();
         pool.set_schedule_service(s.clone());
         if s.settings.enabled {
             let me = s.clone();
@@ -118,6 +152,9 @@ impl Scheduler {
         if let Some(h) = self.thread.lock().take() {
             let _ = h.join();
         }
+        if let Some(pool) = self.pool.upgrade() {
+            pool.save_heat();
+        }
         let workers = std::mem::take(&mut *self.kek_workers.lock());
         for (_, h) in workers {
             let _ = h.join();
@@ -133,7 +170,10 @@ impl Scheduler {
             self.check(&pool);
             drop(pool);
             let end = Instant::now() + interval;
-            while Instant::now() < end && !self.shutdown.load(Ordering::Acquire) {
+            while Instant::now() < end
+                && !self.shutdown.load(Ordering::Acquire)
+                && !self.wake.swap(false, Ordering::AcqRel)
+            {
                 std::thread::sleep(Duration::from_millis(20).min(interval));
             }
         }
@@ -144,8 +184,10 @@ impl Scheduler {
         let _c = self.check_lock.lock();
         let started = Instant::now();
         let now = crate::clock::unix_now();
+        self.read_feed(pool, now);
         let policies = self.policies.lock().clone();
-        let facts = match self.zone_facts(pool, &policies) {
+        let threat = self.threat.lock().clone();
+        let facts = match self.zone_facts(pool, &policies, &threat) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "scheduler: cannot read the zones' keys");
@@ -154,7 +196,10 @@ impl Scheduler {
         };
         let mut schedule = self.schedule.lock().clone();
         let before = schedule.clone();
+        self.learn(pool, &facts, now);
+        let facts = self.predict_all(pool, &policies, &schedule, facts, now);
         self.follow_running(pool, &mut schedule, &facts, now);
+        self.replan_windows(pool, &mut schedule, &policies, &facts, now);
         let views: Vec<ZoneView<'_>> = facts
             .iter()
             .map(|f| ZoneView {
@@ -164,6 +209,10 @@ impl Scheduler {
                 kek: f.kek,
                 rotation_secs: f.rotation_secs,
                 dek_busy: f.dek_busy,
+                dek_period: f.dek_period,
+                kek_period: f.kek_period,
+                threat_emergency: f.threat_emergency,
+                dek_plan: f.plan.as_ref().map(|p| (p.open_at, p.flip_at)),
             })
             .collect();
         let planned = Instant::now();
@@ -180,8 +229,24 @@ impl Scheduler {
             }
         }
         for s in starts {
+            if let Some(p) = facts
+                .iter()
+                .find(|f| f.name == s.zone)
+                .and_then(|f| f.plan.as_ref())
+                && let Some(j) = schedule
+                    .jobs
+                    .iter_mut()
+                    .find(|j| j.zone == s.zone && j.kind == s.kind)
+                && s.kind == KeyKind::Dek
+                && s.urgency < Urgency::SeverelyOverdue
+            {
+                j.open_at_unix = Some(now);
+                j.predicted_coverage = Some(p.predicted_coverage_percent);
+            }
             self.begin(pool, &mut schedule, &policies, s, now);
         }
+        self.publish(&schedule, &facts);
+        self.save_heat_now_and_then(pool);
         if schedule != before
             && let Err(e) = schedule.save(&self.dir)
         {
@@ -198,7 +263,12 @@ impl Scheduler {
 
     /// Each zone's key ages, whether an operator's rotation is under way,
     /// and how long its rotation would take.
-    fn zone_facts(&self, pool: &Pool, policies: &Policies) -> Result<Vec<Facts>, String> {
+    fn zone_facts(
+        &self,
+        pool: &Pool,
+        policies: &Policies,
+        threat: &ThreatState,
+    ) -> Result<Vec<Facts>, String> {
         let zones = pool.catalog().zones;
         let mut out = Vec::with_capacity(zones.len());
         for z in zones {
@@ -220,7 +290,19 @@ impl Scheduler {
             };
             let policy = policies.of(&name);
             let content = status.content_blocks * BLOCK_SIZE as u64;
+            let level = threat.level(&name);
             out.push(Facts {
+                id: z.id,
+                dek_period: policy.threat.scale(policy.dek_period(), level),
+                kek_period: policy.threat.scale(policy.kek_period(), level),
+                threat_level: level,
+                threat_emergency: threat.emergency_due(&name),
+                plan: None,
+                census: None,
+                staging_free_bytes: status.staging_free_bytes,
+                window_rate: (status.phase == RotationPhase::Window && !status.emergency)
+                    .then_some(status.rate_bytes_per_sec)
+                    .filter(|r| *r > 0.0),
                 dek: key_age(&file, Purpose::Dek),
                 kek: key_age(&file, Purpose::Kek),
                 rotation_secs: self.facts_for(pool, policy, content).rotation_secs(),
@@ -256,13 +338,18 @@ impl Scheduler {
     fn follow_running(&self, pool: &Arc<Pool>, schedule: &mut Schedule, facts: &[Facts], now: u64) {
         let mut done = Vec::new();
         let mut failed = Vec::new();
+        let mut recorded = Vec::new();
         for (i, job) in schedule.jobs.iter().enumerate() {
-            if job.state != JobState::Running {
+            if !matches!(job.state, JobState::Running | JobState::AwaitingApproval) {
                 continue;
             }
             match job.kind {
+                KeyKind::Dek if job.state == JobState::AwaitingApproval => {}
                 KeyKind::Dek => {
                     let phase = facts.iter().find(|f| f.name == job.zone).map(|f| f.phase);
+                    if !job.coverage_recorded && phase.is_some_and(|p| p != RotationPhase::Window) {
+                        recorded.push(i);
+                    }
                     match phase {
                         // A zone skipped this time (unreadable) keeps its job;
                         // a zone that is gone ends it.
@@ -297,6 +384,9 @@ impl Scheduler {
             let job = &mut schedule.jobs[i];
             self.fail(pool, job, &e, now);
         }
+        for &i in &recorded {
+            self.record_coverage(pool, schedule, i, facts);
+        }
         for i in done.into_iter().rev() {
             let job = schedule.jobs.remove(i);
             tracing::info!(zone = %job.zone, kind = ?job.kind, "scheduled rotation done");
@@ -328,13 +418,12 @@ impl Scheduler {
     ) {
         let policy = policies.of(&s.zone);
         let result = match s.kind {
-            KeyKind::Dek if s.urgency == Urgency::Emergency => pool
-                .rotation_emergency(
-                    &s.zone,
-                    "scheduled: the active DEK is marked compromised",
-                    None,
-                )
-                .map(drop),
+            KeyKind::Dek if s.urgency == Urgency::Emergency => {
+                match self.begin_emergency(pool, schedule, &s.zone, now) {
+                    Some(r) => r,
+                    None => return,
+                }
+            }
             KeyKind::Dek => pool
                 .rotation_prepare_with(&s.zone, Some(s.flip_at), Some(policy.dek.grace.secs()))
                 .map(drop),
@@ -441,6 +530,7 @@ impl Scheduler {
     fn status(&self) -> serde_json::Value {
         let s = self.schedule.lock();
         let count = |st: JobState| s.jobs.iter().filter(|j| j.state == st).count();
+        let threat = self.threat.lock().clone();
         serde_json::json!({
             "enabled": self.settings.enabled,
             "paused": s.paused,
@@ -450,6 +540,9 @@ impl Scheduler {
             "running": count(JobState::Running),
             "queued": count(JobState::Queued),
             "failed": count(JobState::Failed),
+            "awaiting_approval": count(JobState::AwaitingApproval),
+            "flips": s.flips,
+            "threat": threat,
             "last_check": *self.last.lock(),
             "test_clock": crate::clock::is_test(),
             "now_unix": crate::clock::unix_now(),
@@ -519,6 +612,18 @@ fn key_age(file: &ZoneKeyFile, purpose: Purpose) -> KeyAge {
 }
 
 struct Facts {
+    id: crate::ids::ZoneId,
+    dek_period: Span,
+    kek_period: Span,
+    threat_level: ThreatLevel,
+    threat_emergency: bool,
+    /// The DEK rotation's plan, when its deadline is near or it is under way.
+    plan: Option<Prediction>,
+    /// Blocks by class (with the plan).
+    census: Option<crate::zone::classes::ClassCensus>,
+    staging_free_bytes: u64,
+    /// The staging rate of an open (not emergency) window.
+    window_rate: Option<f64>,
     name: String,
     dek: KeyAge,
     kek: KeyAge,
@@ -568,6 +673,16 @@ impl ScheduleService for Scheduler {
                     "policy": p.of(&z),
                     "held": self.schedule.lock().held.contains(&z),
                 }))
+            }
+            ScheduleRequest::Plan(z) => {
+                self.zone_exists(&pool, &z)?;
+                self.plan_report(&pool, &z)
+            }
+            ScheduleRequest::GetThreat => Ok(self.threat_report(&pool)),
+            ScheduleRequest::Threat(change) => self.change_threat(&pool, &change, "api"),
+            ScheduleRequest::Approve(z, tokens) => {
+                self.zone_exists(&pool, &z)?;
+                self.approve(&pool, &z, &tokens)
             }
             ScheduleRequest::SetPolicy(z, policy) => {
                 self.zone_exists(&pool, &z)?;

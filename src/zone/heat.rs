@@ -6,13 +6,24 @@
 //! A touch is one relaxed atomic add on the I/O path; `decay` halves every
 //! counter, so a block's heat is roughly its accesses over the last few
 //! decay periods.
+//!
+//! Heat is saved to a file so a restart keeps the rotation planner's view
+//! of what is hot (see [`Heat::save`]). The file is sparse, little-endian:
+//!
+//! ```text
+//! [0..8)   magic "KTHEAT1\0"
+//! [8..12)  n: number of entries (u32)
+//! then n × 5 bytes: counter index (u32), heat (u8)
+//! ```
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::ids::Cbid;
 
 /// Number of counters per zone (1 MiB).
 const SLOTS: usize = 1 << 20;
+const MAGIC: &[u8; 8] = b"KTHEAT1\0";
 
 /// Decaying per-content-block access counters.
 pub struct Heat {
@@ -46,6 +57,51 @@ impl Heat {
         self.slot(cbid).load(Ordering::Relaxed)
     }
 
+    /// Writes the non-zero counters to `path` (atomically replaced).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let mut entries = Vec::new();
+        for (i, c) in self.counters.iter().enumerate() {
+            let v = c.load(Ordering::Relaxed);
+            if v != 0 {
+                entries.extend_from_slice(&(i as u32).to_le_bytes());
+                entries.push(v);
+            }
+        }
+        let mut out = Vec::with_capacity(12 + entries.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&((entries.len() / 5) as u32).to_le_bytes());
+        out.extend_from_slice(&entries);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::pool::write_atomic(path, &out).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Raises each counter to the value saved in `path` (a missing file
+    /// loads nothing). A damaged file is refused whole: heat is a hint.
+    pub fn load(&self, path: &Path) -> std::io::Result<usize> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a heat file");
+        if bytes.len() < 12 || &bytes[..8] != MAGIC {
+            return Err(bad());
+        }
+        let n = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let body = &bytes[12..];
+        if body.len() != n.checked_mul(5).ok_or_else(bad)? {
+            return Err(bad());
+        }
+        for e in body.chunks_exact(5) {
+            let i = u32::from_le_bytes(e[..4].try_into().expect("4 bytes")) as usize;
+            let c = self.counters.get(i).ok_or_else(bad)?;
+            c.fetch_max(e[4], Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+
     /// Halves every counter.
     pub fn decay(&self) {
         for c in self.counters.iter() {
@@ -77,5 +133,27 @@ mod tests {
             h.touch(Cbid(7));
         }
         assert_eq!(h.get(Cbid(7)), u8::MAX, "saturates");
+    }
+
+    #[test]
+    fn heat_survives_a_save_and_load_and_a_damaged_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heat").join("zone-1.bin");
+        let h = Heat::default();
+        for _ in 0..9 {
+            h.touch(Cbid(3));
+        }
+        h.touch(Cbid(SLOTS as u64 + 4));
+        h.save(&path).unwrap();
+        let back = Heat::default();
+        assert_eq!(back.load(&path).unwrap(), 2);
+        assert_eq!(back.get(Cbid(3)), 9);
+        assert_eq!(back.get(Cbid(4)), 1);
+        assert_eq!(back.get(Cbid(5)), 0);
+        assert_eq!(Heat::default().load(&dir.path().join("none")).unwrap(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(Heat::default().load(&path).is_err());
     }
 }

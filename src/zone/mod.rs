@@ -21,6 +21,7 @@
 //! not forgotten.
 
 pub mod change;
+pub mod classes;
 pub mod heat;
 mod overlay;
 
@@ -525,6 +526,8 @@ pub struct ZoneStats {
     pub staging_errors: std::sync::atomic::AtomicU64,
     /// Reads served from the other copy because the live one failed.
     pub read_fallbacks: std::sync::atomic::AtomicU64,
+    /// Logical blocks written (the rotation planner's foreground write rate).
+    pub written_blocks: std::sync::atomic::AtomicU64,
 }
 
 /// A zone: its id, name, keys, and metadata.

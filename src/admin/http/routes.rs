@@ -83,6 +83,11 @@ pub(crate) const ROUTES: &[Route] = &[
     route!(PUT "/api/v1/zones/{zone}/policy" Admin schedule::set_policy),
     route!(POST "/api/v1/zones/{zone}/policy/hold" Operator schedule::hold),
     route!(POST "/api/v1/zones/{zone}/policy/release" Operator schedule::release),
+    route!(GET "/api/v1/zones/{zone}/rotation/plan" Viewer schedule::plan),
+    // Threat input.
+    route!(GET "/api/v1/threat" Viewer schedule::threat),
+    route!(POST "/api/v1/threat" Operator schedule::set_threat),
+    route!(POST "/api/v1/threat/approve" Operator schedule::approve),
     // The key-rotation management API.
     route!(GET "/api/v1/key-rotation/scheduler/status" Viewer schedule::status),
     route!(POST "/api/v1/key-rotation/scheduler/pause" Operator schedule::pause),

@@ -1,12 +1,23 @@
-//! Handlers of the rotation scheduler (`/api/v1/key-rotation/scheduler/...`,
-//! `/api/v1/key-rotation/schedule`) and of a zone's rotation policy
-//! (`/api/v1/zones/{zone}/policy...`); the table in `routes.rs` maps them.
+//! Handlers of the rotation scheduler (`/api/v1/key-rotation/...`), of a
+//! zone's rotation policy (`/api/v1/zones/{zone}/policy...`) and plan
+//! (`/api/v1/zones/{zone}/rotation/plan`), and of threat input
+//! (`/api/v1/threat`); the table in `routes.rs` maps them.
 
 use axum::extract::State;
 
 use super::{AppState, Body, JsonResult, PathName, json};
 use crate::admin::ScheduleRequest;
 use crate::schedule::policy::Policy;
+use crate::schedule::threat::ThreatChange;
+
+/// Body of `POST /api/v1/threat/approve`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApproveBody {
+    zone: String,
+    /// Approval token texts, one per operator.
+    approvals: Vec<String>,
+}
 
 async fn ask(s: AppState, req: ScheduleRequest) -> JsonResult<serde_json::Value> {
     json(&s, move |b| b.schedule_request(req)).await
@@ -55,4 +66,29 @@ pub(super) async fn release(
     PathName(z): PathName,
 ) -> JsonResult<serde_json::Value> {
     ask(s, ScheduleRequest::Release(z)).await
+}
+
+pub(super) async fn plan(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Plan(z)).await
+}
+
+pub(super) async fn threat(State(s): State<AppState>) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::GetThreat).await
+}
+
+pub(super) async fn set_threat(
+    State(s): State<AppState>,
+    Body(c): Body<ThreatChange>,
+) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Threat(c)).await
+}
+
+pub(super) async fn approve(
+    State(s): State<AppState>,
+    Body(b): Body<ApproveBody>,
+) -> JsonResult<serde_json::Value> {
+    ask(s, ScheduleRequest::Approve(b.zone, b.approvals)).await
 }

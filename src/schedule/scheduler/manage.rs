@@ -256,6 +256,11 @@ impl Scheduler {
                     last_error: None,
                     at_unix: req.at_unix,
                     reason: Some(why.clone()),
+                    open_at_unix: None,
+                    predicted_coverage: None,
+                    replans: 0,
+                    coverage_recorded: false,
+                    approval_request: None,
                 });
                 added.push(z.clone());
             }
@@ -373,6 +378,7 @@ fn state_word(s: JobState) -> &'static str {
     match s {
         JobState::Queued => "queued",
         JobState::Running => "running",
+        JobState::AwaitingApproval => "waiting for dual-control approvals",
         JobState::Failed => "that failed (resume the scheduler or release the zone to retry)",
     }
 }
