@@ -476,3 +476,64 @@ pub fn attach(pool_dir: &Path, log: &super::AuditLog, provider: &dyn RootKeyProv
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditEvent, AuditLog};
+    use crate::keys::root::test_support::MemoryProvider;
+    use crate::keys::root_rotation::RootPair;
+    use std::sync::Arc;
+
+    #[test]
+    fn key_is_stored_wrapped_and_every_record_is_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let root = MemoryProvider::new();
+        let log = AuditLog::create_or_open(dir.path()).unwrap();
+        attach(dir.path(), &log, &root);
+        for _ in 0..3 {
+            log.append(AuditEvent::ok("zone.create").zone("z1"))
+                .unwrap();
+        }
+        let signer = Signer::open(dir.path(), &root).unwrap();
+        assert_eq!(signer.last_signed(), 3);
+        let seed = signer.key.to_bytes();
+        let file = std::fs::read(dir.path().join(KEY_FILE)).unwrap();
+        let b64 = Base64::encode_string(&seed);
+        assert!(!file.windows(8).any(|w| seed.windows(8).any(|s| s == w)));
+        assert!(!String::from_utf8_lossy(&file).contains(&b64[..16]));
+        assert!(!format!("{signer:?}").contains(&b64[..16]));
+        let public = public_key(dir.path()).unwrap();
+        let r = crate::audit::signed::verify_pool(dir.path(), &public).unwrap();
+        assert_eq!((r.records, r.digests), (3, 3));
+        // Another root key cannot unwrap it.
+        assert!(Signer::open(dir.path(), &MemoryProvider::new()).is_err());
+    }
+
+    #[test]
+    fn root_rotation_rewraps_the_signing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let old: Arc<dyn RootKeyProvider> = Arc::new(MemoryProvider::new());
+        let new: Arc<dyn RootKeyProvider> = Arc::new(MemoryProvider::new());
+        ensure_key(dir.path(), old.as_ref()).unwrap();
+        let before = public_key(dir.path()).unwrap();
+        let pair = RootPair::new("old".into(), old.clone(), "new".into(), new.clone());
+        rewrap(dir.path(), &pair).unwrap();
+        let s = Signer::open(dir.path(), new.as_ref()).unwrap();
+        assert_eq!(s.public(), before);
+        assert!(Signer::open(dir.path(), old.as_ref()).is_err());
+    }
+
+    #[test]
+    fn pem_round_trip_and_garbage() {
+        let key = SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        assert_eq!(parse_public_key_pem(&public_key_pem(&key)).unwrap(), key);
+        assert!(parse_public_key_pem("hello").is_err());
+        assert!(
+            parse_public_key_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----")
+                .is_err()
+        );
+    }
+}
