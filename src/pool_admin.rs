@@ -88,6 +88,7 @@ impl Pool {
                     match operation {
                         Operation::RotateKek => "kek.rotate",
                         Operation::ShredStreamWindow => "stream.shred",
+                        Operation::RollbackRotation => "rotation.rollback",
                         _ => "rotation.emergency",
                     },
                     &e,
@@ -238,6 +239,16 @@ impl AdminBackend for Pool {
         self.zone_id(zone)?;
         let auth = self.authorize_tokens(Operation::EmergencyRotation, zone, &req.approvals)?;
         Ok(Pool::rotation_emergency(self, zone, &req.reason, auth)?)
+    }
+
+    fn rotation_rollback(
+        &self,
+        zone: &str,
+        req: &crate::admin::RollbackRequest,
+    ) -> Result<RotationStatus, AdminError> {
+        self.zone_id(zone)?;
+        let auth = self.authorize_tokens(Operation::RollbackRotation, zone, &req.approvals)?;
+        Ok(Pool::rotation_rollback(self, zone, auth)?)
     }
 
     fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError> {

@@ -339,6 +339,15 @@ impl AdminClient {
         self.post_empty(&zone_path(zone, &format!("rotation/{action}")))
     }
 
+    /// `POST /api/v1/zones/{zone}/rotation/rollback`.
+    pub fn rotation_rollback(
+        &self,
+        zone: &str,
+        req: &crate::admin::RollbackRequest,
+    ) -> Result<RotationStatus, ClientError> {
+        self.post(&zone_path(zone, "rotation/rollback"), req)
+    }
+
     /// `POST /api/v1/zones/{zone}/rotation/emergency`.
     pub fn rotation_emergency(
         &self,

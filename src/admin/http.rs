@@ -131,6 +131,7 @@ pub async fn serve(
     Ok(())
 }
 
+mod key_rotation;
 mod schedule;
 mod stream;
 
@@ -149,7 +150,8 @@ fn router(state: AppState) -> Router {
         .route("/keys", get(zone_keys))
         .route("/scrub", get(scrub_status).post(scrub_start))
         .merge(stream::routes())
-        .merge(schedule::zone_routes());
+        .merge(schedule::zone_routes())
+        .merge(key_rotation::zone_routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -617,6 +619,8 @@ mod tests {
             last_flip_micros: None,
             staging_secs: None,
             migration_secs: None,
+            rolled_back_from: None,
+            rolled_back_unix: None,
         }
     }
 

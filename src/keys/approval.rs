@@ -222,17 +222,20 @@ pub enum Operation {
     EmergencyRotation,
     /// Crypto-shred one window of a zone's change stream.
     ShredStreamWindow,
+    /// Roll a zone back to the DEK its last flip retired.
+    RollbackRotation,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 7] = [
         Self::RotateKek,
         Self::RotateRoot,
         Self::DestroyKey,
         Self::CompromiseKey,
         Self::EmergencyRotation,
         Self::ShredStreamWindow,
+        Self::RollbackRotation,
     ];
 
     /// The name used on the command line, in files and in the signed bytes.
@@ -244,6 +247,7 @@ impl Operation {
             Self::CompromiseKey => "compromise-key",
             Self::EmergencyRotation => "emergency-rotation",
             Self::ShredStreamWindow => "shred-stream-window",
+            Self::RollbackRotation => "rollback-rotation",
         }
     }
 }
@@ -264,7 +268,7 @@ impl FromStr for Operation {
             .ok_or_else(|| ApprovalError::Malformed {
                 what: "operation".into(),
                 reason: format!(
-                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window"
+                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window, rollback-rotation"
                 ),
             })
     }

@@ -50,6 +50,8 @@ use super::wrap::{self, KeyLabel, Purpose};
 use super::{KeyError, describe_json_error};
 use crate::ids::{KeyVersion, ZoneId};
 
+mod rollback;
+
 const WHAT: &str = "zone key file";
 const FORMAT: &str = "keyturn-zone-keys";
 const FORMAT_VERSION: u32 = 1;

@@ -66,6 +66,11 @@ pub struct RotationState {
     /// This rotation's grace period in seconds (from the zone's policy,
     /// when the scheduler started it); else `[rotation] grace_secs`.
     pub grace_secs: Option<u64>,
+    /// The last flip was rolled back: the DEK it had made active (now
+    /// decrypt-only, migrated away from). Cleared by the next window.
+    pub rolled_back_from: Option<u32>,
+    /// When the rollback happened.
+    pub rolled_back_unix: Option<u64>,
 }
 
 impl RotationState {

@@ -183,6 +183,16 @@ pub enum Entry {
         /// The newly active DEK version.
         to: KeyVersion,
     },
+    /// A rollback: DEK `to`, the key the last flip moved away from, is the
+    /// active key of `zone` again (the flip's new key stays for decryption).
+    /// Unlike a flip it may lower the active version, so replay applies it
+    /// as it stands, in journal order. One record, like the flip.
+    Rollback {
+        /// Zone.
+        zone: ZoneId,
+        /// The DEK version active again.
+        to: KeyVersion,
+    },
     /// A replica zone has applied the source's stream through record `seq`;
     /// in the same frame as the data that record carried, so the two are
     /// durable together.
@@ -199,6 +209,9 @@ const E_CB: u8 = 2;
 const E_CB_FREE: u8 = 3;
 const E_FLIP: u8 = 4;
 const E_APPLIED: u8 = 5;
+/// `[zone u32][to u32]`. Added after the others: an older keyturn meets it
+/// as an unknown entry type and refuses the journal, never misreads it.
+const E_ROLLBACK: u8 = 6;
 
 impl Entry {
     /// Appends the encoding of `self` to `out`.
@@ -234,6 +247,11 @@ impl Entry {
                 out.extend_from_slice(&zone.0.to_le_bytes());
                 out.extend_from_slice(&to.0.to_le_bytes());
             }
+            Entry::Rollback { zone, to } => {
+                out.push(E_ROLLBACK);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&to.0.to_le_bytes());
+            }
             Entry::Applied { zone, seq } => {
                 out.push(E_APPLIED);
                 out.extend_from_slice(&zone.0.to_le_bytes());
@@ -250,7 +268,7 @@ impl Entry {
                 E_MAP => 20,
                 E_CB => 72,
                 E_CB_FREE => 12,
-                E_FLIP => 8,
+                E_FLIP | E_ROLLBACK => 8,
                 E_APPLIED => 12,
                 _ => return Err(JournalError::UnknownEntry { seq, kind }),
             };
@@ -281,6 +299,10 @@ impl Entry {
                     },
                 },
                 E_FLIP => Entry::Flip {
+                    zone: ZoneId(u32_at(0)),
+                    to: KeyVersion(u32_at(4)),
+                },
+                E_ROLLBACK => Entry::Rollback {
                     zone: ZoneId(u32_at(0)),
                     to: KeyVersion(u32_at(4)),
                 },
@@ -943,6 +965,10 @@ mod tests {
             Entry::Flip {
                 zone: ZoneId(1),
                 to: KeyVersion(i as u32 + 2),
+            },
+            Entry::Rollback {
+                zone: ZoneId(1),
+                to: KeyVersion(i as u32 + 1),
             },
             Entry::Map {
                 volume: VolumeId(2),
