@@ -30,6 +30,7 @@ mod api;
 mod catalog;
 mod demo;
 mod keys;
+mod mac;
 mod schedule;
 mod stream;
 
@@ -96,6 +97,10 @@ enum Command {
     /// The rotation scheduler: status, pause, resume, the schedule (on the running server).
     #[command(subcommand)]
     Scheduler(schedule::SchedulerCmd),
+    /// A zone's MAC key (the dedup tags' key): rotate it, see the re-tag
+    /// pass (on the running server).
+    #[command(subcommand)]
+    Mac(mac::MacCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -181,7 +186,8 @@ enum OperatorCmd {
 
 #[derive(Args, Debug)]
 struct ApprovalRequestArgs {
-    /// rotate-kek, rotate-root, destroy-key or compromise-key.
+    /// rotate-kek, rotate-root, destroy-key, compromise-key,
+    /// emergency-rotation, shred-stream-window or rollback-rotation.
     #[arg(long)]
     operation: String,
     /// Zone the operation acts on.
@@ -742,6 +748,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(cmd) => stream::stream(cmd),
         Command::Policy(cmd) => schedule::policy(cmd),
         Command::Scheduler(cmd) => schedule::scheduler(cmd),
+        Command::Mac(cmd) => mac::run(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {

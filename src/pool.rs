@@ -879,7 +879,8 @@ impl Pool {
                 .iter()
                 .filter_map(|v| ring.dek(*v).map(|k| (*v, k))),
             ring.mac_key(),
-        );
+        )
+        .with_macs(ring.mac_version(), ring.mac_keys());
         let mut meta = ZoneMeta::open(&Self::cb_table_path(dir, z.id), false)?;
         // The table header knows flips and rollbacks a checkpoint retired
         // from the journal; the key file knows the active key of a zone

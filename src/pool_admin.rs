@@ -251,6 +251,15 @@ impl AdminBackend for Pool {
         Ok(Pool::rotation_rollback(self, zone, auth)?)
     }
 
+    fn mac_request(&self, zone: &str, rotate: bool) -> Result<serde_json::Value, AdminError> {
+        let status = if rotate {
+            self.mac_rotate(zone)?
+        } else {
+            self.mac_status(zone)?
+        };
+        serde_json::to_value(&status).map_err(|e| AdminError::Internal(e.to_string()))
+    }
+
     fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError> {
         let scrub = self.scrub_of(zone)?;
         let id = self.zone_id(zone)?;

@@ -654,6 +654,14 @@ pub trait AdminBackend: Send + Sync + 'static {
             "this server cannot roll rotations back".into(),
         ))
     }
+    /// Starts a MAC key rotation of the zone (`rotate`) or reports where
+    /// its MAC keys stand, as JSON. A backend without it answers 404.
+    fn mac_request(&self, zone: &str, rotate: bool) -> Result<serde_json::Value, AdminError> {
+        let _ = (zone, rotate);
+        Err(AdminError::NotFound(
+            "this server cannot rotate MAC keys".into(),
+        ))
+    }
     /// The rotation scheduler and the zones' policies (see
     /// [`ScheduleRequest`]). A backend without a scheduler answers 404.
     fn schedule_request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError> {

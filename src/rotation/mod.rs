@@ -9,6 +9,7 @@
 //! Operator actions (prepare, flip, pause, resume, abort, emergency) are
 //! methods on [`Pool`], serialised per zone.
 
+pub mod mac;
 pub mod pipeline;
 pub mod rollback;
 pub mod state;
@@ -787,6 +788,7 @@ impl Pool {
         let Some(_op) = rot.op.try_lock() else {
             return Ok(());
         };
+        self.mac_tick(rot)?;
         let st = rot.state.lock().clone();
         let now = unix_now();
         if st.phase == Phase::Window && st.flip_at_unix.is_some_and(|t| t <= now) {

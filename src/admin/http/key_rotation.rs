@@ -1,16 +1,33 @@
-//! Routes that change which key a zone writes under outside the forward
-//! rotation: the rollback of a flip.
+//! Routes that change a zone's keys outside the DEK rotation's own flow:
+//! the rollback of a flip, and MAC key rotation.
 
 use axum::Router;
 use axum::extract::State;
-use axum::routing::post;
+use axum::routing::{get, post};
 
 use super::{AppState, Body, JsonResult, PathName, json};
 use crate::admin::{RollbackRequest, RotationStatus};
 
 /// Routes relative to a zone.
 pub(super) fn zone_routes() -> Router<AppState> {
-    Router::new().route("/rotation/rollback", post(rollback))
+    Router::new()
+        .route("/rotation/rollback", post(rollback))
+        .route("/mac", get(mac_status))
+        .route("/mac/rotate", post(mac_rotate))
+}
+
+async fn mac_status(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.mac_request(&z, false)).await
+}
+
+async fn mac_rotate(
+    State(s): State<AppState>,
+    PathName(z): PathName,
+) -> JsonResult<serde_json::Value> {
+    json(&s, move |b| b.mac_request(&z, true)).await
 }
 
 async fn rollback(
