@@ -32,6 +32,7 @@ mod backup;
 mod catalog;
 mod demo;
 mod keys;
+mod mac;
 mod report;
 mod schedule;
 mod stream;
@@ -113,6 +114,10 @@ enum Command {
     /// critical level waits on (on the running server).
     #[command(subcommand)]
     Threat(threat::ThreatCmd),
+    /// A zone's MAC key (the dedup tags' key): rotate it, see the re-tag
+    /// pass (on the running server).
+    #[command(subcommand)]
+    Mac(mac::MacCmd),
     /// Make an X25519 key for a replication agent: writes the secret, prints
     /// the public key to register with `stream grant`.
     AgentKey(stream::AgentKeyArgs),
@@ -198,7 +203,8 @@ enum OperatorCmd {
 
 #[derive(Args, Debug)]
 struct ApprovalRequestArgs {
-    /// rotate-kek, rotate-root, destroy-key or compromise-key.
+    /// rotate-kek, rotate-root, destroy-key, compromise-key,
+    /// emergency-rotation, shred-stream-window or rollback-rotation.
     #[arg(long)]
     operation: String,
     /// Zone the operation acts on.
@@ -765,6 +771,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Scheduler(cmd) => schedule::scheduler(cmd),
         Command::Token(cmd) => tokens::token(cmd),
         Command::Threat(cmd) => threat::threat(cmd),
+        Command::Mac(cmd) => mac::run(cmd),
         Command::AgentKey(a) => stream::agent_key(a),
         Command::Replicate(a) => stream::replicate(a),
         Command::VerifyReplica(a) => match stream::verify_replica(a)? {

@@ -891,12 +891,18 @@ impl Pool {
                 .iter()
                 .filter_map(|v| ring.dek(*v).map(|k| (*v, k))),
             ring.mac_key(),
-        );
+        )
+        .with_macs(ring.mac_version(), ring.mac_keys());
         let mut meta = ZoneMeta::open(&Self::cb_table_path(dir, z.id), false)?;
-        // The table header knows flips a checkpoint retired from the journal;
-        // the key file knows the active key of a zone never flipped. Replay
-        // may move it further.
-        meta.active = meta.active.max(ring.active_version());
+        // The table header knows flips and rollbacks a checkpoint retired
+        // from the journal; the key file knows the active key of a zone
+        // never checkpointed (header 0). Replay moves it on from there. The
+        // header wins over the key file otherwise: a rollback's record is
+        // durable before its key file is saved, so the key file may be
+        // ahead of the truth after a crash (recovery brings it back).
+        if meta.active == KeyVersion(0) {
+            meta.active = ring.active_version();
+        }
         Ok(Zone::new(z.id, z.name.clone(), crypto, meta))
     }
 
@@ -969,6 +975,11 @@ impl Pool {
                 if let Some(z) = zones.get(&zone) {
                     let mut meta = z.meta.lock();
                     meta.active = meta.active.max(to);
+                }
+            }
+            Entry::Rollback { zone, to } => {
+                if let Some(z) = zones.get(&zone) {
+                    z.meta.lock().active = to;
                 }
             }
             Entry::Applied { zone, seq } => {

@@ -88,6 +88,7 @@ impl Pool {
                     match operation {
                         Operation::RotateKek => "kek.rotate",
                         Operation::ShredStreamWindow => "stream.shred",
+                        Operation::RollbackRotation => "rotation.rollback",
                         _ => "rotation.emergency",
                     },
                     &e,
@@ -238,6 +239,25 @@ impl AdminBackend for Pool {
         self.zone_id(zone)?;
         let auth = self.authorize_tokens(Operation::EmergencyRotation, zone, &req.approvals)?;
         Ok(Pool::rotation_emergency(self, zone, &req.reason, auth)?)
+    }
+
+    fn rotation_rollback(
+        &self,
+        zone: &str,
+        req: &crate::admin::RollbackRequest,
+    ) -> Result<RotationStatus, AdminError> {
+        self.zone_id(zone)?;
+        let auth = self.authorize_tokens(Operation::RollbackRotation, zone, &req.approvals)?;
+        Ok(Pool::rotation_rollback(self, zone, auth)?)
+    }
+
+    fn mac_request(&self, zone: &str, rotate: bool) -> Result<serde_json::Value, AdminError> {
+        let status = if rotate {
+            self.mac_rotate(zone)?
+        } else {
+            self.mac_status(zone)?
+        };
+        serde_json::to_value(&status).map_err(|e| AdminError::Internal(e.to_string()))
     }
 
     fn scrub_start(&self, zone: &str) -> Result<ScrubStatus, AdminError> {

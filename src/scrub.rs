@@ -49,18 +49,26 @@ pub fn run(
     scrub: &Scrub,
 ) {
     let records = zone.meta.lock().live_records();
-    let mut copies: Vec<(Cbid, Place, Slot, KeyVersion, crate::crypto::tag::Tag)> = Vec::new();
+    // (block, device, slot, DEK version, (MAC version, tag)) of each copy.
+    type Copy = (
+        Cbid,
+        Place,
+        Slot,
+        KeyVersion,
+        (u32, crate::crypto::tag::Tag),
+    );
+    let mut copies: Vec<Copy> = Vec::new();
     for (cbid, r) in &records {
-        copies.push((*cbid, Place::Data, r.slot, r.key_version, r.tag));
+        copies.push((*cbid, Place::Data, r.slot, r.key_version, (r.mac, r.tag)));
         if let Some(s) = r.staged {
-            copies.push((*cbid, Place::Staging, s.slot, s.key_version, r.tag));
+            copies.push((*cbid, Place::Staging, s.slot, s.key_version, (r.mac, r.tag)));
         }
     }
     copies.sort_unstable_by_key(|c| (c.1 == Place::Staging, c.2));
     scrub.status.lock().total = copies.len() as u64;
     let mut bad: Vec<(Cbid, Place, String)> = Vec::new();
     let mut plain = vec![0u8; BLOCK_SIZE];
-    for (i, &(cbid, place, slot, version, tag)) in copies.iter().enumerate() {
+    for (i, &(cbid, place, slot, version, (mac, tag))) in copies.iter().enumerate() {
         // A copy that moved since the snapshot (migration, a rewrite) is skipped.
         let current = zone.meta.lock().cb(cbid);
         let still = current.is_some_and(|r| match place {
@@ -80,7 +88,7 @@ pub fn run(
                         (Ok(()), None) => Some(format!("key version {version} is not available")),
                         (Ok(()), Some(xts)) => {
                             xts.decrypt(cbid.0, &buf, &mut plain);
-                            (!crypto.tagger().verify(&plain, &tag))
+                            (!crypto.verify_tag(mac, &plain, &tag))
                                 .then(|| "integrity check failed".to_string())
                         }
                     };

@@ -20,6 +20,7 @@ use crate::nbd::export::{Export, ExportError, Extent};
 use crate::store::Storage;
 use crate::store::journal::{CbRecord, Entry, Journal, LiveCopy, Place, StagedCopy};
 use crate::zone::change::{ChangeSink, ZoneChange};
+use crate::zone::mac::WriteTags;
 use crate::zone::{Zone, ZoneCrypto, ZoneMeta};
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -150,6 +151,11 @@ struct WritePlan {
     active: KeyVersion,
     /// DEK version of the staged copies (the window's next key).
     window: Option<KeyVersion>,
+    /// Version of the MAC key the new blocks' tags were made under.
+    mac: u32,
+    /// Blocks shared with a content block whose tag is under a retired MAC
+    /// key: the (tag, version) it had when found.
+    shared_under: rustc_hash::FxHashMap<usize, (Tag, u32)>,
     /// How many of `new` hold data (and staging) slots.
     placed: usize,
 }
@@ -375,8 +381,19 @@ impl Volume {
     /// all-zero blocks unmap, blocks equal to a live content block share it
     /// (dedup), the rest get fresh CBIDs. Registers the write as in flight
     /// under the active key.
-    fn plan_write(&self, tags: &[Option<Tag>], dedup: bool) -> Result<WritePlan, ExportError> {
+    /// `None` when the MAC key of `tagged` is no longer held.
+    fn plan_write(
+        &self,
+        tagged: &WriteTags,
+        dedup: bool,
+    ) -> Result<Option<WritePlan>, ExportError> {
+        let (tags, mac) = (&tagged.tags, tagged.mac);
         let mut meta = self.zone.meta.lock();
+        // Under the zone lock, where a MAC key is dropped (see `rotation::mac`).
+        if self.zone.crypto().tagger_for(mac).is_none() {
+            return Ok(None);
+        }
+        let mut shared_under = rustc_hash::FxHashMap::default();
         let dedup = dedup && meta.dedup_enabled();
         let mut targets = Vec::with_capacity(tags.len());
         let mut new: Vec<NewCb> = Vec::new();
@@ -387,9 +404,18 @@ impl Volume {
                 continue;
             };
             if dedup {
-                if let Some((cbid, r)) = meta.find_by_tag(tag)
+                let found = meta.find_by_tag(tag, mac).or_else(|| {
+                    tagged
+                        .old
+                        .iter()
+                        .find_map(|(v, old)| old[i].as_ref().and_then(|t| meta.find_by_tag(t, *v)))
+                });
+                if let Some((cbid, r)) = found
                     && r.refcount < u32::MAX / 2
                 {
+                    if r.mac != mac {
+                        shared_under.insert(i, (r.tag, r.mac));
+                    }
                     targets.push(Target::Shared(cbid));
                     continue;
                 }
@@ -421,13 +447,15 @@ impl Volume {
         }
         let active = meta.active;
         *meta.writers.entry(active).or_default() += 1;
-        Ok(WritePlan {
+        Ok(Some(WritePlan {
             targets,
             new,
             active,
             window: meta.window,
+            mac,
+            shared_under,
             placed: 0,
-        })
+        }))
     }
 
     /// Ends a write's registration as in flight (see [`ZoneMeta::writers`]).
@@ -455,30 +483,10 @@ impl Volume {
         plain: &[u8],
         applied: Option<u64>,
     ) -> Result<JournalSeq, ExportError> {
-        let n = plain.len() / BLOCK_SIZE;
-        let block = |i: usize| &plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
         self.zone.note_io();
-        let crypto = self.zone.crypto();
         // All-zero blocks are unmapped rather than stored: they read as zeros
         // without touching a device, and block status can say so truthfully.
-        let mut tags: Vec<Option<Tag>> = (0..n)
-            .map(|i| block(i).iter().any(|&x| x != 0).then(Tag::default))
-            .collect();
-        // Each run of non-zero blocks is tagged in one batch.
-        let mut all = vec![Tag::default(); n];
-        let nonzero = tags.iter().enumerate();
-        for (start, len) in runs(nonzero.map(|(i, t)| t.map(|_| Slot(i as u64))), n) {
-            let range = start..start + len;
-            crypto.tagger().tag_blocks(
-                &plain[start * BLOCK_SIZE..(start + len) * BLOCK_SIZE],
-                &mut all[range],
-            );
-        }
-        for (t, a) in tags.iter_mut().zip(all) {
-            if let Some(t) = t {
-                *t = a;
-            }
-        }
+        let mut tagged = WriteTags::of(&self.zone.crypto(), plain);
         // A streaming zone gets its own copy of the blocks, made before the
         // zone lock; a full stream backlog holds writers back here.
         let sink = self.zone.sink();
@@ -490,7 +498,15 @@ impl Volume {
         let mut copy = sink
             .as_ref()
             .map(|_| zeroize::Zeroizing::new(plain.to_vec()));
-        let mut plan = self.plan_write(&tags, true)?;
+        // A MAC key retired and destroyed since the tags were made (a MAC
+        // rotation that ended meanwhile): tag again under the keys held.
+        let mut plan = loop {
+            match self.plan_write(&tagged, true)? {
+                Some(plan) => break plan,
+                None => tagged = WriteTags::of(&self.zone.crypto(), plain),
+            }
+        };
+        let tags = &tagged.tags;
         let mut written = 0;
         loop {
             if let Err(e) = self.place_and_write(plain, &mut plan, written).await {
@@ -504,7 +520,11 @@ impl Volume {
             let mut lost = false;
             for (i, tag) in tags.iter().enumerate() {
                 if let Target::Shared(cbid) = plan.targets[i]
-                    && meta.cb(cbid).is_none_or(|r| Some(r.tag) != *tag)
+                    && meta.cb(cbid).is_none_or(|r| {
+                        let expect = plan.shared_under.get(&i).copied();
+                        let expect = expect.or(tag.map(|t| (t, plan.mac)));
+                        Some((r.tag, r.mac)) != expect
+                    })
                 {
                     let tag = tag.expect("shared blocks are non-zero");
                     let Some((f, _)) = meta.cbids.alloc_run(1) else {
@@ -648,6 +668,7 @@ impl Volume {
                 key_version: plan.active,
                 refcount,
                 tag: nc.tag,
+                mac: plan.mac,
                 staged,
             };
             entries.push(Entry::Cb {
@@ -1193,7 +1214,18 @@ fn decrypt_verify_run(
         crypto.tagger().tag_blocks(dst, tags);
         for (j, (loc, tag)) in blocks.iter().zip(tags.iter()).enumerate() {
             let loc = loc.expect("runs hold mapped blocks");
-            if !(ok[j] && tag.ct_eq(&loc.record.tag)) {
+            // A tag made under another MAC key (a MAC rotation under way)
+            // is checked under that key.
+            let good = if loc.record.mac == crypto.mac_version() {
+                tag.ct_eq(&loc.record.tag)
+            } else {
+                crypto.verify_tag(
+                    loc.record.mac,
+                    &dst[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE],
+                    &loc.record.tag,
+                )
+            };
+            if !(ok[j] && good) {
                 dst[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].fill(0);
                 bad.push(first + b * BATCH + j);
             }

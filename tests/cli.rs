@@ -655,9 +655,13 @@ fn help_of_every_subcommand() {
                 "resume",
                 "abort",
                 "emergency",
+                "rollback",
                 "status",
             ],
         ),
+        (&["rotate", "rollback"], &["--zone", "--approval"]),
+        (&["mac"], &["rotate", "status"]),
+        (&["mac", "rotate"], &["--pool", "--zone", "--json"]),
         (
             &["rotate", "prepare"],
             &["--pool", "--zone", "--at", "--window"],

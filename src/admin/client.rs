@@ -356,6 +356,25 @@ impl AdminClient {
         self.post_empty(&zone_path(zone, &format!("rotation/{action}")))
     }
 
+    /// `POST /api/v1/zones/{zone}/mac/rotate` (`rotate`), else
+    /// `GET /api/v1/zones/{zone}/mac`.
+    pub fn mac(&self, zone: &str, rotate: bool) -> Result<serde_json::Value, ClientError> {
+        if rotate {
+            self.post(&zone_path(zone, "mac/rotate"), &serde_json::json!({}))
+        } else {
+            self.get(&zone_path(zone, "mac"))
+        }
+    }
+
+    /// `POST /api/v1/zones/{zone}/rotation/rollback`.
+    pub fn rotation_rollback(
+        &self,
+        zone: &str,
+        req: &crate::admin::RollbackRequest,
+    ) -> Result<RotationStatus, ClientError> {
+        self.post(&zone_path(zone, "rotation/rollback"), req)
+    }
+
     /// `POST /api/v1/zones/{zone}/rotation/emergency`.
     pub fn rotation_emergency(
         &self,

@@ -152,6 +152,7 @@ pub async fn serve(
     Ok(())
 }
 
+mod key_changes;
 mod key_rotation;
 mod keys;
 mod openapi;
@@ -489,6 +490,8 @@ mod tests {
             last_flip_micros: None,
             staging_secs: None,
             migration_secs: None,
+            rolled_back_from: None,
+            rolled_back_unix: None,
         }
     }
 

@@ -100,6 +100,16 @@ pub struct EmergencyRequest {
     pub approvals: Vec<String>,
 }
 
+/// Body of `POST /api/v1/zones/{zone}/rotation/rollback`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Dual-control approval tokens (operation `rollback-rotation`), each
+    /// the JSON text of one approval file.
+    #[serde(default)]
+    pub approvals: Vec<String>,
+}
+
 /// Body of `POST /api/v1/zones/{zone}/kek/rotate`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +399,12 @@ pub struct RotationStatus {
     /// (this server run only).
     #[serde(default)]
     pub migration_secs: Option<f64>,
+    /// The last flip was rolled back: the key version it had made active.
+    #[serde(default)]
+    pub rolled_back_from: Option<u32>,
+    /// When it was rolled back (Unix seconds).
+    #[serde(default)]
+    pub rolled_back_unix: Option<u64>,
 }
 
 /// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.
@@ -634,6 +650,26 @@ pub trait AdminBackend: Send + Sync + 'static {
         zone: &str,
         req: StreamRequest,
     ) -> Result<serde_json::Value, AdminError>;
+    /// Rolls the zone back to the DEK its last flip retired (within the
+    /// grace period; dual control). A backend without it answers 404.
+    fn rotation_rollback(
+        &self,
+        zone: &str,
+        req: &RollbackRequest,
+    ) -> Result<RotationStatus, AdminError> {
+        let _ = (zone, req);
+        Err(AdminError::NotFound(
+            "this server cannot roll rotations back".into(),
+        ))
+    }
+    /// Starts a MAC key rotation of the zone (`rotate`) or reports where
+    /// its MAC keys stand, as JSON. A backend without it answers 404.
+    fn mac_request(&self, zone: &str, rotate: bool) -> Result<serde_json::Value, AdminError> {
+        let _ = (zone, rotate);
+        Err(AdminError::NotFound(
+            "this server cannot rotate MAC keys".into(),
+        ))
+    }
     /// The rotation scheduler and the zones' policies (see
     /// [`ScheduleRequest`]). A backend without a scheduler answers 404.
     fn schedule_request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError> {

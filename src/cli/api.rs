@@ -67,6 +67,17 @@ pub(super) enum RotateCmd {
         #[arg(long = "approval", value_name = "FILE")]
         approvals: Vec<PathBuf>,
     },
+    /// Roll back the last flip: the key it retired is the write key again,
+    /// the new one stays for decryption and blocks migrate back. Only
+    /// within the grace period, and not to a destroyed or compromised key.
+    Rollback {
+        #[command(flatten)]
+        target: ZoneTarget,
+        /// An approval token (operation rollback-rotation); once per
+        /// operator when the pool requires dual control.
+        #[arg(long = "approval", value_name = "FILE")]
+        approvals: Vec<PathBuf>,
+    },
     /// Show where the zone's rotation is: phase, blocks per key version,
     /// staging, unstaged writes, errors.
     Status {
@@ -277,6 +288,13 @@ pub(super) fn rotate(cmd: RotateCmd) -> Result<()> {
             };
             let s =
                 server(&target.pool).and_then(|c| Ok(c.rotation_emergency(&target.zone, &req)?));
+            (target.zone, s)
+        }
+        RotateCmd::Rollback { target, approvals } => {
+            let req = crate::admin::RollbackRequest {
+                approvals: read_approvals(&approvals)?,
+            };
+            let s = server(&target.pool).and_then(|c| Ok(c.rotation_rollback(&target.zone, &req)?));
             (target.zone, s)
         }
         RotateCmd::Flip(t) => action(t, "flip"),
@@ -502,6 +520,9 @@ fn print_status(s: &RotationStatus) {
     if let Some(secs) = s.migration_secs {
         println!("migration took: {secs:.2} s");
     }
+    if let (Some(v), Some(t)) = (s.rolled_back_from, s.rolled_back_unix) {
+        println!("rolled back from key version {v} at {}", rfc3339(t));
+    }
 }
 
 /// Parses `--at`: Unix seconds, or RFC 3339 with `Z` or a `±HH:MM` offset.
@@ -680,6 +701,8 @@ mod tests {
             last_flip_micros: None,
             staging_secs: None,
             migration_secs: None,
+            rolled_back_from: None,
+            rolled_back_unix: None,
         }
     }
 

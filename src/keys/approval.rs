@@ -226,11 +226,13 @@ pub enum Operation {
     BackupKeys,
     /// Restore a pool's keys from a backup (`keys restore`; the key is the backup id).
     RestoreKeys,
+    /// Roll a zone back to the DEK its last flip retired.
+    RollbackRotation,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 8] = [
+    pub const ALL: [Operation; 9] = [
         Self::RotateKek,
         Self::RotateRoot,
         Self::DestroyKey,
@@ -239,6 +241,7 @@ impl Operation {
         Self::ShredStreamWindow,
         Self::BackupKeys,
         Self::RestoreKeys,
+        Self::RollbackRotation,
     ];
 
     /// The name used on the command line, in files and in the signed bytes.
@@ -252,6 +255,7 @@ impl Operation {
             Self::ShredStreamWindow => "shred-stream-window",
             Self::BackupKeys => "backup-keys",
             Self::RestoreKeys => "restore-keys",
+            Self::RollbackRotation => "rollback-rotation",
         }
     }
 }
@@ -272,7 +276,7 @@ impl FromStr for Operation {
             .ok_or_else(|| ApprovalError::Malformed {
                 what: "operation".into(),
                 reason: format!(
-                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window, backup-keys, restore-keys"
+                    "{s:?} is not one of rotate-kek, rotate-root, destroy-key, compromise-key, emergency-rotation, shred-stream-window, backup-keys, restore-keys, rollback-rotation"
                 ),
             })
     }

@@ -50,6 +50,9 @@ use super::wrap::{self, KeyLabel, Purpose};
 use super::{KeyError, describe_json_error};
 use crate::ids::{KeyVersion, ZoneId};
 
+mod mac;
+mod rollback;
+
 const WHAT: &str = "zone key file";
 const FORMAT: &str = "keyturn-zone-keys";
 const FORMAT_VERSION: u32 = 1;
@@ -363,13 +366,16 @@ impl ZoneKeyFile {
         })?;
         let mut keks: BTreeMap<u32, Kek> = BTreeMap::new();
         let mut deks = BTreeMap::new();
-        let mut mac = None;
+        let mut macs = BTreeMap::new();
+        let mut mac_version = None;
         let mut active = None;
         for r in &self.keys {
-            // The one active MAC key is used; a retired one is never needed.
+            // The active MAC key tags; a decrypt-only one (a MAC rotation
+            // under way) still verifies the tags it made.
             if r.purpose == Purpose::Kek
                 || !r.state.has_material()
-                || (r.purpose == Purpose::Mac && r.state != KeyState::Active)
+                || (r.purpose == Purpose::Mac
+                    && !matches!(r.state, KeyState::Active | KeyState::DecryptOnly))
             {
                 continue;
             }
@@ -403,9 +409,13 @@ impl ZoneKeyFile {
                     deks.insert(KeyVersion(r.version), (r.state, dek));
                 }
                 Purpose::Mac => {
-                    mac = Some(MacKey::from_slice(&plain).ok_or_else(|| {
+                    let mac = MacKey::from_slice(&plain).ok_or_else(|| {
                         invalid(format!("{} bytes, expected {}", plain.len(), MacKey::LEN))
-                    })?);
+                    })?;
+                    if r.state == KeyState::Active {
+                        mac_version = Some(r.version);
+                    }
+                    macs.insert(r.version, mac);
                 }
                 Purpose::Kek | Purpose::Root | Purpose::Stream => {}
             }
@@ -418,7 +428,8 @@ impl ZoneKeyFile {
             zone: self.zone,
             active: active.ok_or_else(|| inconsistent("no active DEK"))?,
             deks,
-            mac: mac.ok_or_else(|| inconsistent("no MAC key"))?,
+            mac_version: mac_version.ok_or_else(|| inconsistent("no MAC key"))?,
+            macs,
         })
     }
 
@@ -951,12 +962,15 @@ impl ZoneKeyFile {
 }
 
 /// A zone's unwrapped keys: every DEK that still has material, by version,
-/// and the MAC key. Zeroized on drop; `Debug` shows versions and states only.
+/// and the MAC keys (the active one, and during a MAC rotation the one it
+/// replaces). Zeroized on drop; `Debug` shows versions and states only.
 pub struct ZoneKeyring {
     zone: ZoneId,
     active: KeyVersion,
     deks: BTreeMap<KeyVersion, (KeyState, DataKey)>,
-    mac: MacKey,
+    /// The active MAC key's version (a key of `macs`: `unlock` checks it).
+    mac_version: u32,
+    macs: BTreeMap<u32, MacKey>,
 }
 
 impl ZoneKeyring {
@@ -995,9 +1009,19 @@ impl ZoneKeyring {
             .map(|(v, _)| *v)
     }
 
-    /// The zone's MAC key.
+    /// The zone's active MAC key.
     pub fn mac_key(&self) -> &MacKey {
-        &self.mac
+        &self.macs[&self.mac_version]
+    }
+
+    /// The active MAC key's version.
+    pub fn mac_version(&self) -> u32 {
+        self.mac_version
+    }
+
+    /// Every MAC key held (active and decrypt-only), by version.
+    pub fn mac_keys(&self) -> impl Iterator<Item = (u32, &MacKey)> + '_ {
+        self.macs.iter().map(|(v, k)| (*v, k))
     }
 
     /// Every DEK version held, ascending.
@@ -1019,7 +1043,8 @@ impl std::fmt::Debug for ZoneKeyring {
                     .map(|(v, (s, _))| (v.0, *s))
                     .collect::<Vec<_>>(),
             )
-            .field("mac", &self.mac)
+            .field("mac_version", &self.mac_version)
+            .field("mac_versions", &self.macs.keys().collect::<Vec<_>>())
             .finish()
     }
 }

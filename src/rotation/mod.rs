@@ -11,7 +11,9 @@
 
 pub mod cleanup;
 mod forecast;
+pub mod mac;
 pub mod pipeline;
+pub mod rollback;
 pub mod state;
 pub mod throttle;
 
@@ -182,6 +184,7 @@ impl Pool {
             // The key file follows the block map: a flip whose record is
             // durable is complete even if the process died right after it.
             self.sync_key_file_to(&zone, active, st.emergency)?;
+            self.recover_rollback(&zone, active, &mut st)?;
             match (st.phase, st.next_version()) {
                 (Phase::Window, Some(next)) if active >= next => {
                     tracing::info!(zone = %zone.name, %next, "the flip was recorded before the stop; migrating");
@@ -733,6 +736,8 @@ impl Pool {
             last_flip_micros: st.flip_micros,
             staging_secs: timeline.staged_all.map(|d| d.as_secs_f64()),
             migration_secs: timeline.migrated.map(|d| d.as_secs_f64()),
+            rolled_back_from: st.rolled_back_from,
+            rolled_back_unix: st.rolled_back_unix,
         })
     }
 
@@ -789,6 +794,7 @@ impl Pool {
         let Some(_op) = rot.op.try_lock() else {
             return Ok(());
         };
+        self.mac_tick(rot)?;
         let st = rot.state.lock().clone();
         let now = unix_now();
         if st.phase == Phase::Window && st.flip_at_unix.is_some_and(|t| t <= now) {
@@ -921,6 +927,13 @@ impl Pool {
     fn destroy_old_key(&self, rot: &ZoneRotation, p: PendingDestroy) -> Result<()> {
         let z = &rot.zone;
         let version = KeyVersion(p.version);
+        if z.meta.lock().active == version {
+            // Active again (a rollback): never destroyed. Recovery and the
+            // rollback take it off the queue; this is the last line.
+            let mut st = rot.state.lock().clone();
+            st.pending_destroy.retain(|q| q.version != p.version);
+            return self.save_state(rot, &st);
+        }
         let refs = self.key_references(z);
         if refs.get(&version).copied().unwrap_or(0) > 0 {
             // Blocks under it again (a crash lost the tail of the migration):

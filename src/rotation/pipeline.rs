@@ -67,6 +67,10 @@ pub struct Counters {
     pub bytes: AtomicU64,
     /// The last error, for the status.
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// Blocks the MAC re-tag pass found damaged (this server run).
+    pub retag_errors: AtomicU64,
+    /// Those blocks, not tried again until a restart.
+    pub retag_failed: parking_lot::Mutex<rustc_hash::FxHashSet<Cbid>>,
     /// When this cycle's steps happened (this server run only).
     pub timeline: parking_lot::Mutex<Timeline>,
 }
@@ -557,7 +561,12 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
                 let src = src_of(j);
                 let plain = &plain[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
                 let dst = &mut buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
-                if !tags[j].ct_eq(&it.record.tag) {
+                let good = if it.record.mac == crypto.mac_version() {
+                    tags[j].ct_eq(&it.record.tag)
+                } else {
+                    crypto.verify_tag(it.record.mac, plain, &it.record.tag)
+                };
+                if !good {
                     it.ok = false;
                     ctx.counters.error(format!(
                         "content block {} failed its integrity check on the {:?} device",

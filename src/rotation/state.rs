@@ -69,6 +69,11 @@ pub struct RotationState {
     /// Content blocks by class and how many had a staged copy, just before
     /// the last flip (the achieved coverage the scheduler records).
     pub coverage_at_flip: Option<crate::zone::classes::ClassCensus>,
+    /// The last flip was rolled back: the DEK it had made active (now
+    /// decrypt-only, migrated away from). Cleared by the next window.
+    pub rolled_back_from: Option<u32>,
+    /// When the rollback happened.
+    pub rolled_back_unix: Option<u64>,
 }
 
 impl RotationState {

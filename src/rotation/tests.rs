@@ -14,7 +14,7 @@ use crate::keys::zone_keys::ZoneKeyFile;
 use crate::nbd::export::{Export, ExportCatalog};
 use crate::pool::{InitOptions, Pool, RootKeyChoice};
 
-fn block(i: u64) -> Vec<u8> {
+pub(crate) fn block(i: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     for (j, x) in b.chunks_mut(8).enumerate() {
         x.copy_from_slice(&(i * 1_000_003 + j as u64).to_le_bytes());
@@ -22,7 +22,7 @@ fn block(i: u64) -> Vec<u8> {
     b
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(
@@ -69,7 +69,7 @@ pub(crate) fn new_pool() -> (tempfile::TempDir, std::path::PathBuf, Passphrase) 
 /// The pool at `pdir` with no grace period and `batch` blocks per
 /// pipeline batch, a zone "z" and a volume "v" of `size` bytes in it:
 /// (the pool, the volume, a runtime to drive it).
-fn open_rotating(
+pub(crate) fn open_rotating(
     pdir: &std::path::Path,
     pass: &Passphrase,
     batch: usize,

@@ -120,6 +120,9 @@ pub struct CbRecord {
     pub refcount: u32,
     /// Keyed BLAKE3 of the plaintext.
     pub tag: Tag,
+    /// Version of the MAC key that made `tag` (1 in pools from before MAC
+    /// rotation). Tags of different versions are never compared.
+    pub mac: u32,
     /// A copy under a newer DEK on the staging device, if staged.
     pub staged: Option<StagedCopy>,
 }
@@ -183,6 +186,16 @@ pub enum Entry {
         /// The newly active DEK version.
         to: KeyVersion,
     },
+    /// A rollback: DEK `to`, the key the last flip moved away from, is the
+    /// active key of `zone` again (the flip's new key stays for decryption).
+    /// Unlike a flip it may lower the active version, so replay applies it
+    /// as it stands, in journal order. One record, like the flip.
+    Rollback {
+        /// Zone.
+        zone: ZoneId,
+        /// The DEK version active again.
+        to: KeyVersion,
+    },
     /// A replica zone has applied the source's stream through record `seq`;
     /// in the same frame as the data that record carried, so the two are
     /// durable together.
@@ -199,6 +212,13 @@ const E_CB: u8 = 2;
 const E_CB_FREE: u8 = 3;
 const E_FLIP: u8 = 4;
 const E_APPLIED: u8 = 5;
+/// `[zone u32][to u32]`. Added after the others: an older keyturn meets it
+/// as an unknown entry type and refuses the journal, never misreads it.
+const E_ROLLBACK: u8 = 6;
+/// `E_CB`'s 72 bytes, then `[mac u32]`: a record whose tag is under a MAC
+/// key other than v1. Records under v1 keep the old entry, so a journal
+/// without MAC rotations stays readable by an older keyturn.
+const E_CB_MAC: u8 = 7;
 
 impl Entry {
     /// Appends the encoding of `self` to `out`.
@@ -211,7 +231,7 @@ impl Entry {
                 out.extend_from_slice(&cbid.map_or(0, |c| c.0 + 1).to_le_bytes());
             }
             Entry::Cb { zone, cbid, record } => {
-                out.push(E_CB);
+                out.push(if record.mac == 1 { E_CB } else { E_CB_MAC });
                 out.extend_from_slice(&zone.0.to_le_bytes());
                 out.extend_from_slice(&cbid.0.to_le_bytes());
                 out.extend_from_slice(&record.slot.0.to_le_bytes());
@@ -223,6 +243,9 @@ impl Entry {
                     .map_or((0, 0), |s| (s.slot.0 + 1, s.key_version.0));
                 out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&kv.to_le_bytes());
+                if record.mac != 1 {
+                    out.extend_from_slice(&record.mac.to_le_bytes());
+                }
             }
             Entry::CbFree { zone, cbid } => {
                 out.push(E_CB_FREE);
@@ -231,6 +254,11 @@ impl Entry {
             }
             Entry::Flip { zone, to } => {
                 out.push(E_FLIP);
+                out.extend_from_slice(&zone.0.to_le_bytes());
+                out.extend_from_slice(&to.0.to_le_bytes());
+            }
+            Entry::Rollback { zone, to } => {
+                out.push(E_ROLLBACK);
                 out.extend_from_slice(&zone.0.to_le_bytes());
                 out.extend_from_slice(&to.0.to_le_bytes());
             }
@@ -249,8 +277,9 @@ impl Entry {
             let need = match kind {
                 E_MAP => 20,
                 E_CB => 72,
+                E_CB_MAC => 76,
                 E_CB_FREE => 12,
-                E_FLIP => 8,
+                E_FLIP | E_ROLLBACK => 8,
                 E_APPLIED => 12,
                 _ => return Err(JournalError::UnknownEntry { seq, kind }),
             };
@@ -266,7 +295,7 @@ impl Entry {
                     lba: Lba(u64_at(4)),
                     cbid: u64_at(12).checked_sub(1).map(Cbid),
                 },
-                E_CB => Entry::Cb {
+                E_CB | E_CB_MAC => Entry::Cb {
                     zone: ZoneId(u32_at(0)),
                     cbid: Cbid(u64_at(4)),
                     record: CbRecord {
@@ -274,6 +303,7 @@ impl Entry {
                         key_version: KeyVersion(u32_at(20)),
                         refcount: u32_at(24),
                         tag: Tag(b[28..60].try_into().expect("32 bytes")),
+                        mac: if kind == E_CB_MAC { u32_at(72) } else { 1 },
                         staged: u64_at(60).checked_sub(1).map(|slot| StagedCopy {
                             slot: Slot(slot),
                             key_version: KeyVersion(u32_at(68)),
@@ -281,6 +311,10 @@ impl Entry {
                     },
                 },
                 E_FLIP => Entry::Flip {
+                    zone: ZoneId(u32_at(0)),
+                    to: KeyVersion(u32_at(4)),
+                },
+                E_ROLLBACK => Entry::Rollback {
                     zone: ZoneId(u32_at(0)),
                     to: KeyVersion(u32_at(4)),
                 },
@@ -934,6 +968,7 @@ mod tests {
                     key_version: KeyVersion(1),
                     refcount: 1,
                     tag: Tag([i as u8; 32]),
+                    mac: 1 + (i % 3) as u32,
                     staged: (i % 2 == 1).then_some(StagedCopy {
                         slot: Slot(i),
                         key_version: KeyVersion(2),
@@ -943,6 +978,10 @@ mod tests {
             Entry::Flip {
                 zone: ZoneId(1),
                 to: KeyVersion(i as u32 + 2),
+            },
+            Entry::Rollback {
+                zone: ZoneId(1),
+                to: KeyVersion(i as u32 + 1),
             },
             Entry::Map {
                 volume: VolumeId(2),

@@ -14,7 +14,8 @@
 //! [16..48) tag: keyed BLAKE3 of the plaintext
 //! [48..56) staged copy: slot on the staging device + 1 (0 = none)
 //! [56..60) staged copy: key version
-//! [60..64) reserved, zero
+//! [60..64) version of the MAC key that made the tag (0, in tables from
+//!          before MAC rotation, means 1)
 //! ```
 //! Header word 0 of the table holds the zone's active DEK version as of
 //! the checkpoint, so a flip whose journal record a checkpoint retired is
@@ -23,6 +24,7 @@
 pub mod change;
 pub mod classes;
 pub mod heat;
+pub mod mac;
 mod overlay;
 
 use overlay::Overlay;
@@ -61,10 +63,15 @@ pub const MAP_RECORD: usize = 8;
 pub struct ZoneCrypto {
     xts: BTreeMap<KeyVersion, Arc<Xts>>,
     tagger: Arc<Tagger>,
+    /// The active MAC key's version: new tags are made under it.
+    mac_version: u32,
+    /// Retired MAC keys that still verify the tags they made (a MAC
+    /// rotation under way), by version.
+    old_taggers: BTreeMap<u32, Arc<Tagger>>,
 }
 
 impl ZoneCrypto {
-    /// Expands the unwrapped keys of a zone.
+    /// Expands the unwrapped keys of a zone (MAC key version 1).
     pub fn new<'a>(
         deks: impl IntoIterator<Item = (KeyVersion, &'a DataKey)>,
         mac: &MacKey,
@@ -76,7 +83,62 @@ impl ZoneCrypto {
         Self {
             xts,
             tagger: Arc::new(Tagger::new(mac)),
+            mac_version: 1,
+            old_taggers: BTreeMap::new(),
         }
+    }
+
+    /// This key set with MAC key `version` active and the rest of `macs`
+    /// (retired keys) verifying only.
+    pub fn with_macs<'a>(
+        &self,
+        version: u32,
+        macs: impl IntoIterator<Item = (u32, &'a MacKey)>,
+    ) -> Self {
+        let mut next = self.clone();
+        next.old_taggers.clear();
+        for (v, k) in macs {
+            if v == version {
+                next.tagger = Arc::new(Tagger::new(k));
+            } else {
+                next.old_taggers.insert(v, Arc::new(Tagger::new(k)));
+            }
+        }
+        next.mac_version = version;
+        next
+    }
+
+    /// This key set without retired MAC key `version` (after it is destroyed).
+    pub fn without_mac(&self, version: u32) -> Self {
+        let mut next = self.clone();
+        next.old_taggers.remove(&version);
+        next
+    }
+
+    /// The active MAC key's version.
+    pub fn mac_version(&self) -> u32 {
+        self.mac_version
+    }
+
+    /// The tagger of MAC key `version`, if held.
+    pub fn tagger_for(&self, version: u32) -> Option<&Tagger> {
+        if version == self.mac_version {
+            Some(&self.tagger)
+        } else {
+            self.old_taggers.get(&version).map(|t| &**t)
+        }
+    }
+
+    /// Whether `data` has tag `expected` under MAC key `mac` (false when
+    /// that key is not held).
+    pub fn verify_tag(&self, mac: u32, data: &[u8], expected: &Tag) -> bool {
+        self.tagger_for(mac)
+            .is_some_and(|t| t.verify(data, expected))
+    }
+
+    /// Retired MAC keys still held (a MAC rotation under way), by version.
+    pub fn old_taggers(&self) -> impl Iterator<Item = (u32, &Tagger)> + '_ {
+        self.old_taggers.iter().map(|(v, t)| (*v, &**t))
     }
 
     /// This key set with DEK `version` added.
@@ -103,7 +165,7 @@ impl ZoneCrypto {
         self.xts.get(&version).map(|x| &**x)
     }
 
-    /// The zone's tagger.
+    /// The zone's tagger (the active MAC key).
     pub fn tagger(&self) -> &Tagger {
         &self.tagger
     }
@@ -240,6 +302,7 @@ fn encode_cb(r: &CbRecord) -> [u8; CB_RECORD] {
         b[48..56].copy_from_slice(&(s.slot.0 + 1).to_le_bytes());
         b[56..60].copy_from_slice(&s.key_version.0.to_le_bytes());
     }
+    b[60..64].copy_from_slice(&r.mac.to_le_bytes());
     b
 }
 
@@ -250,6 +313,7 @@ fn decode_cb(b: &[u8]) -> Option<CbRecord> {
         key_version: KeyVersion(u32::from_le_bytes(b[8..12].try_into().expect("4"))),
         refcount,
         tag: Tag(b[16..48].try_into().expect("32")),
+        mac: u32::from_le_bytes(b[60..64].try_into().expect("4")).max(1),
         staged: u64::from_le_bytes(b[48..56].try_into().expect("8"))
             .checked_sub(1)
             .map(|slot| StagedCopy {
@@ -299,10 +363,13 @@ impl ZoneMeta {
         self.dedup.is_some()
     }
 
-    /// A live content block whose plaintext has tag `tag`, if dedup is on.
-    pub fn find_by_tag(&self, tag: &Tag) -> Option<(Cbid, CbRecord)> {
+    /// A live content block whose plaintext has tag `tag` under MAC key
+    /// `mac`, if dedup is on. A tag of another MAC version never matches.
+    pub fn find_by_tag(&self, tag: &Tag, mac: u32) -> Option<(Cbid, CbRecord)> {
         let cbid = *self.dedup.as_ref()?.get(&tag_key(tag))?;
-        self.cb(cbid).filter(|r| r.tag == *tag).map(|r| (cbid, r))
+        self.cb(cbid)
+            .filter(|r| r.tag == *tag && r.mac == mac)
+            .map(|r| (cbid, r))
     }
 
     /// Live content blocks by (data-copy key version, staged-copy key
@@ -625,6 +692,7 @@ mod tests {
             key_version: KeyVersion(2),
             refcount: 1,
             tag: Tag([5; 32]),
+            mac: 2,
             staged: Some(StagedCopy {
                 slot: Slot(4),
                 key_version: KeyVersion(3),
@@ -665,6 +733,7 @@ mod tests {
             key_version: KeyVersion(1),
             refcount: 1,
             tag: Tag([slot as u8; 32]),
+            mac: 1,
             staged: None,
         };
         m.active = KeyVersion(1);

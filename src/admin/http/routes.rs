@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::{ApiError, AppState};
-use super::{key_rotation, keys, openapi, rotation, schedule, stream, tokens, zones};
+use super::{key_changes, key_rotation, keys, openapi, rotation, schedule, stream, tokens, zones};
 use crate::admin::tokens::{Actor, Role};
 
 /// One route.
@@ -67,6 +67,9 @@ pub(crate) const ROUTES: &[Route] = &[
     route!(POST "/api/v1/zones/{zone}/rotation/abort" Operator rotation::rotation_abort),
     route!(POST "/api/v1/zones/{zone}/rotation/emergency" Operator rotation::rotation_emergency),
     route!(POST "/api/v1/zones/{zone}/kek/rotate" Operator rotation::kek_rotate),
+    route!(POST "/api/v1/zones/{zone}/rotation/rollback" Operator key_changes::rollback),
+    route!(GET "/api/v1/zones/{zone}/mac" Viewer key_changes::mac_status),
+    route!(POST "/api/v1/zones/{zone}/mac/rotate" Operator key_changes::mac_rotate),
     route!(GET "/api/v1/zones/{zone}/scrub" Viewer rotation::scrub_status),
     route!(POST "/api/v1/zones/{zone}/scrub" Operator rotation::scrub_start),
     // One zone's change stream.
