@@ -709,3 +709,26 @@ fn a_doubled_write_rate_mid_window_moves_the_flip_and_the_target_is_still_met() 
         "data after the re-planned rotation",
     );
 }
+
+#[test]
+fn heat_survives_a_restart_and_the_plan_still_sees_hot_blocks() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let mut server = serve(&pool, &clock);
+    let uri = server.uri("z1-vol");
+    // 32 distinct blocks; the first 16 read ten times: hot.
+    let writes: Vec<String> = (0..32)
+        .map(|i| format!("write -P {} {} 4k", i + 1, i * 4096))
+        .collect();
+    qio_ok(&uri, &writes.iter().map(String::as_str).collect::<Vec<_>>());
+    for _ in 0..10 {
+        qio_ok(&uri, &["read 0 64k"]);
+    }
+    let hot = |pool: &TestPool| -> u64 {
+        let p = json(pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+        p["inputs"]["census"]["hot"].as_u64().unwrap()
+    };
+    assert_eq!(hot(&pool), 16);
+    assert!(server.stop(), "clean stop");
+    let _server = serve(&pool, &clock);
+    assert_eq!(hot(&pool), 16, "heat lost in the restart");
+}
