@@ -2,8 +2,8 @@
 //! real one, [`predict`]; the zone, its staging and its writes are
 //! simulated, minute by minute).
 //!
-//! Each of `--rotations N` (default 40) rotations of one zone: 200,000
-//! content blocks (5% shared, 10% hot), target all shared and hot blocks
+//! Each of `--rotations N` (default 40) rotations of one zone: 10 million
+//! content blocks (38 GiB; 5% shared, 10% hot), target all shared and hot blocks
 //! and 80% of the rest; a 4 h window at 02:00 with the deadline at 05:00
 //! (so the flip is at 05:00 and only the opening time can be chosen). The
 //! true staging rate drifts from window to window (×0.93..×1.07) and
@@ -67,7 +67,7 @@ fn main() {
         hot: true,
         rest_percent: 80,
     };
-    let (shared, hot, rest) = (10_000u64, 20_000u64, 170_000u64);
+    let (shared, hot, rest) = (500_000u64, 1_000_000u64, 8_500_000u64);
     let mut base = 20.0 * MIB;
     let mut learned = Learned::default();
     let (mut met, mut ratios) = (0usize, Vec::new());
@@ -120,6 +120,9 @@ fn main() {
         }
         let opened = now;
         let (mut staged_bytes, mut reached, mut doubled) = (0.0f64, None, false);
+        // What the scheduler learns: the rate while there was work, and
+        // the write rate then.
+        let (mut rate_sum, mut writes_sum, mut steps) = (0.0, 0.0, 0u32);
         let mut t = opened;
         while t < flip {
             if !doubled && doubles_at.is_some_and(|d| t >= d) {
@@ -128,7 +131,13 @@ fn main() {
             }
             let true_rate = (base * rng.range(0.9, 1.1) - 0.5 * writes).max(base / 4.0);
             let before = staged_bytes;
-            staged_bytes += true_rate * STEP as f64;
+            let total = (shared + hot + rest) as f64 * BLOCK;
+            if staged_bytes < total {
+                rate_sum += true_rate;
+                writes_sum += writes;
+                steps += 1;
+            }
+            staged_bytes = (staged_bytes + true_rate * STEP as f64).min(total);
             // The pipeline's order: shared, hot, then the rest.
             let mut n = (staged_bytes / BLOCK) as u64;
             census.staged_shared = n.min(shared);
@@ -150,8 +159,8 @@ fn main() {
         let ok = achieved(&census, &coverage).1;
         met += usize::from(ok);
         let secs = (flip - opened) as f64;
-        let measured = staged_bytes / secs.max(1.0);
-        learned.fold(measured, writes, flip);
+        let n = f64::from(steps.max(1));
+        learned.fold(rate_sum / n, writes_sum / n, flip);
         let ratio = reached.map(|at| secs / (at - opened as f64));
         if let Some(x) = ratio {
             ratios.push(x);

@@ -709,3 +709,82 @@ fn a_doubled_write_rate_mid_window_moves_the_flip_and_the_target_is_still_met() 
         "data after the re-planned rotation",
     );
 }
+
+#[test]
+fn heat_survives_a_restart_and_the_plan_still_sees_hot_blocks() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let mut server = serve(&pool, &clock);
+    let uri = server.uri("z1-vol");
+    // 32 distinct blocks; the first 16 read ten times: hot.
+    let writes: Vec<String> = (0..32)
+        .map(|i| format!("write -P {} {} 4k", i + 1, i * 4096))
+        .collect();
+    qio_ok(&uri, &writes.iter().map(String::as_str).collect::<Vec<_>>());
+    for _ in 0..10 {
+        qio_ok(&uri, &["read 0 64k"]);
+    }
+    let hot = |pool: &TestPool| -> u64 {
+        let p = json(pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+        p["inputs"]["census"]["hot"].as_u64().unwrap()
+    };
+    assert_eq!(hot(&pool), 16);
+    assert!(server.stop(), "clean stop");
+    let _server = serve(&pool, &clock);
+    assert_eq!(hot(&pool), 16, "heat lost in the restart");
+}
+
+#[test]
+fn an_emergency_preempts_the_cap_and_the_queue() {
+    require_tool("fio");
+    let zones = ["z1", "z2", "z3"];
+    let (pool, clock) = test_pool(&zones, "16M");
+    slow_rotation(&pool);
+    set_toml(&pool, "schedule", &[("max_concurrent", "1")]);
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    for z in zones {
+        set_policy(&pool, z);
+    }
+    for z in ["z1", "z2"] {
+        fill(
+            &server,
+            z,
+            2,
+            &pool.dir.path().join(format!("fio-{z}.json")),
+        );
+    }
+    // Inside the window, with the clock standing still: z1 takes the one
+    // slot and waits for its flip; z2 and z3 queue behind it.
+    clock.set(midnight_after(t0, 95) + 2 * 3600 + 60);
+    wait_until("z1 to run and the others to queue", 30, || {
+        let s = jobs(&schedule(&pool));
+        s.len() == 3
+            && s.iter().filter(|j| j["state"] == "running").count() == 1
+            && s.iter()
+                .any(|j| j["zone"] == "z1" && j["state"] == "running")
+    });
+    pool.keyturn_ok(&[
+        "threat", "raise", "--zone", "z3", "--level", "critical", "--reason", "drill",
+    ]);
+    let mut st = Value::Null;
+    wait_until("the emergency rotation of z3", 30, || {
+        st = rotation(&pool, "z3");
+        st["active_version"] == 2
+    });
+    assert_eq!(st["emergency"], true, "{st}");
+    let s = schedule(&pool);
+    let state = |z: &str| {
+        jobs(&s)
+            .into_iter()
+            .find(|j| j["zone"] == z)
+            .map(|j| j["state"].clone())
+    };
+    assert_eq!(rotation(&pool, "z1")["phase"], "window", "z1 kept its slot");
+    assert_eq!(state("z1"), Some("running".into()), "{s}");
+    assert_eq!(
+        state("z2"),
+        Some("queued".into()),
+        "z2 stays behind the cap: {s}"
+    );
+    assert_eq!(rotation(&pool, "z2")["active_version"], 1);
+}

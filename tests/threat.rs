@@ -7,7 +7,6 @@ mod common;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -234,18 +233,23 @@ fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
 fn metrics(pool: &TestPool, server: &Server) -> String {
     let addr = server.admin.clone().expect("admin address");
     let token = std::fs::read_to_string(pool.path().join("admin.token")).unwrap();
-    let out = Command::new("curl")
-        .args(["-sf", "-H"])
-        .arg(format!("Authorization: Bearer {}", token.trim()))
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent();
+    agent
+        .get(format!("http://{addr}/metrics"))
+        .header("Authorization", format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 #[test]
 fn a_critical_threat_under_dual_control_waits_for_approvals() {
-    require_tool("curl");
     let dir = tempfile::tempdir().unwrap();
     let pass_file = dir.path().join("passphrase");
     std::fs::write(&pass_file, "threat-test-pass").unwrap();

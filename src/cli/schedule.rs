@@ -305,9 +305,9 @@ pub(super) fn scheduler(cmd: SchedulerCmd) -> Result<()> {
 
 fn when(v: &Value) -> String {
     v.as_u64()
-        .and_then(|t| {
+        .map(|t| {
             let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t);
-            Some(humantime::format_rfc3339_seconds(t).to_string())
+            humantime::format_rfc3339_seconds(t).to_string()
         })
         .unwrap_or_else(|| "-".into())
 }

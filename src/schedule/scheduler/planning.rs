@@ -142,8 +142,7 @@ impl Scheduler {
         pool: &Pool,
         policy: &Policy,
         f: &Facts,
-        census: ClassCensus,
-        write_bps: f64,
+        (census, write_bps): (ClassCensus, f64),
         now: u64,
         open_flip_at: Option<u64>,
     ) -> Inputs {
@@ -198,7 +197,7 @@ impl Scheduler {
                 continue;
             };
             let writes = self.write_rate(&f.name, written);
-            let p = predict::predict(&self.inputs(pool, policy, f, census, writes, now, None));
+            let p = predict::predict(&self.inputs(pool, policy, f, (census, writes), now, None));
             self.plans.lock().insert(f.name.clone(), p.clone());
             f.census = Some(census);
             f.plan = Some(p);
@@ -240,7 +239,7 @@ impl Scheduler {
                 .map_or(0.0, |m| m.bytes_per_sec);
             let policy = policies.of(&f.name);
             let p =
-                predict::predict(&self.inputs(pool, policy, f, census, writes, now, Some(flip)));
+                predict::predict(&self.inputs(pool, policy, f, (census, writes), now, Some(flip)));
             job.predicted_coverage = Some(p.predicted_coverage_percent);
             self.plans.lock().insert(f.name.clone(), p.clone());
             if p.flip_at <= flip {
@@ -395,7 +394,7 @@ impl Scheduler {
             .filter(|j| j.state == JobState::Running && f.phase == RotationPhase::Window)
             .and_then(|j| j.flip_at_unix);
         let policy = policies.of(zone);
-        let inputs = self.inputs(pool, policy, f, census, writes, now, open_flip);
+        let inputs = self.inputs(pool, policy, f, (census, writes), now, open_flip);
         let p: Prediction = predict::predict(&inputs);
         let active_since = match f.dek {
             KeyAge::ActiveSince(t) => Some(t),
