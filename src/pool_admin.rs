@@ -180,6 +180,22 @@ impl Pool {
 }
 
 impl AdminBackend for Pool {
+    fn report(&self, from: &str, to: Option<&str>) -> Result<serde_json::Value, AdminError> {
+        use crate::audit::export::parse_time;
+        let from = parse_time(from).map_err(AdminError::Invalid)?;
+        let now = std::time::SystemTime::now();
+        let to = match to {
+            Some(t) => parse_time(t).map_err(AdminError::Invalid)?,
+            None => now,
+        };
+        let keys = self
+            .key_inventory(None)
+            .map_err(|e| AdminError::Internal(e.to_string()))?;
+        let r = crate::report::build(self.dir(), keys, from, to, now)
+            .map_err(|e| AdminError::Invalid(e.to_string()))?;
+        Ok(serde_json::to_value(r).expect("plain data"))
+    }
+
     fn zones(&self) -> Vec<String> {
         self.catalog().zones.into_iter().map(|z| z.name).collect()
     }

@@ -537,12 +537,41 @@ fn the_key_rotation_management_api_with_each_role() {
     assert_eq!(e["emergency"], true, "{e}");
     qio_ok(&uri, &["read -P 0x5a 0 1M"]);
 
-    // The report is not built into this server yet: a clear 501.
+    // The report of today names the zone and the rotations just made.
     let (code, e) = api.call("GET", "/api/v1/key-rotation/report", &viewer, None);
     assert_eq!(
         (code, e["kind"].as_str()),
-        (501, Some("not_implemented")),
+        (400, Some("bad_request")),
         "{e}"
+    );
+    let day = {
+        let o = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d"])
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let (code, e) = api.call(
+        "GET",
+        &format!("/api/v1/key-rotation/report?from={day}"),
+        &viewer,
+        None,
+    );
+    assert_eq!(code, 200, "{e}");
+    let zones: Vec<&str> = e["zones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|z| z["zone"].as_str())
+        .collect();
+    assert!(zones.contains(&"z1"), "{e}");
+    assert!(
+        e["rotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["zone"] == "z1" && r["kind"] == "dek"),
+        "the DEK rotation is in the report: {e}"
     );
 
     // The counters saw it: one DEK and one KEK rotation asked for and started.

@@ -670,6 +670,13 @@ pub trait AdminBackend: Send + Sync + 'static {
             "this server cannot rotate MAC keys".into(),
         ))
     }
+    /// The key-rotation report of `[from, to)` (times as `keyturn report`
+    /// takes them: a date or an RFC 3339 time; `to` absent: now). A backend
+    /// without reports answers 404.
+    fn report(&self, from: &str, to: Option<&str>) -> Result<serde_json::Value, AdminError> {
+        let _ = (from, to);
+        Err(AdminError::NotFound("this server makes no reports".into()))
+    }
     /// The rotation scheduler and the zones' policies (see
     /// [`ScheduleRequest`]). A backend without a scheduler answers 404.
     fn schedule_request(&self, req: ScheduleRequest) -> Result<serde_json::Value, AdminError> {

@@ -103,13 +103,30 @@ pub(super) async fn zone_keys(
     .await
 }
 
-/// `GET report`: the compliance report is not part of this server yet.
-pub(super) async fn report(State(_): State<AppState>) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "reports are not built into this server yet; read GET /api/v1/key-rotation/health, GET /api/v1/keys and the audit log (`keyturn audit`) meanwhile",
-    )
+/// Query of `GET report`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReportQuery {
+    /// Start of the period: a date (UTC) or an RFC 3339 time.
+    from: String,
+    /// End of the period (exclusive) [default: now].
+    to: Option<String>,
+}
+
+/// `GET report?from=...&to=...`: the key-rotation report of a period (the
+/// data of `keyturn report --format json`).
+pub(super) async fn report(
+    State(s): State<AppState>,
+    q: Result<axum::extract::Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> JsonResult<serde_json::Value> {
+    let axum::extract::Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{e}: GET report takes ?from=DATE|TIME[&to=DATE|TIME]"),
+        )
+    })?;
+    json(&s, move |b| b.report(&q.from, q.to.as_deref())).await
 }
 
 /// `POST cleanup`: destroys DEKs past their grace period that protect no

@@ -260,8 +260,20 @@ fn the_management_routes_refuse_bad_bodies_before_the_backend() {
     );
     assert_eq!(
         (code, error_of(&text).kind.as_str()),
-        (501, "not_implemented"),
-        "{text}"
+        (400, "bad_request"),
+        "a report needs its period: {text}"
+    );
+    let (code, _, text) = request(
+        &srv,
+        "GET",
+        "/api/v1/key-rotation/report?from=2026-01-01",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(
+        (code, error_of(&text).kind.as_str()),
+        (404, "not_found"),
+        "a backend without reports says so: {text}"
     );
     // Without a scheduler, health says so rather than failing.
     let (code, _, text) = request(
