@@ -585,6 +585,11 @@ mod tests {
             last_error: None,
             at_unix: Some(at),
             reason: Some("requested by ops: audit finding".into()),
+            open_at_unix: None,
+            predicted_coverage: None,
+            replans: 0,
+            coverage_recorded: false,
+            approval_request: None,
         });
         let mut v = view("a", &p, 1, MON);
         v.rotation_secs = 600;
