@@ -188,9 +188,6 @@ fn audited(pool: &TestPool, actions: &[&str]) -> String {
 /// DEK is destroyed only when the block map says nothing uses it.
 #[test]
 fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
-    use keyturn::keys::passphrase::Passphrase;
-    use keyturn::keys::sealed::SealedFileProvider;
-    use keyturn::keys::zone_keys::ZoneKeyFile;
     require_tool("qemu-io");
     let pool = TestPool::with_volume("16M");
     let mut server = pool.serve();
@@ -207,15 +204,15 @@ fn destroy_and_compromise_follow_the_rules_and_the_block_map() {
     assert!(err(&["keys", "destroy", "z1-kek-v1"]).contains("cannot go from active to destroyed"));
     assert!(err(&["keys", "destroy", "z1-dek-v7"]).contains("no key named"));
 
-    // A rotation at key level (the flip itself comes with the rotation
-    // issue): DEK v2 active, v1 decrypt-only and still protecting the one (deduplicated) block.
-    let pass = Passphrase::new(pool.passphrase.clone()).unwrap();
-    let root = SealedFileProvider::open(&pool.path().join("keys/root.sealed"), &pass).unwrap();
+    // A rotation whose migration is paused right after its flip: DEK v2
+    // active, v1 decrypt-only and still protecting the one (deduplicated)
+    // block.
     let path = pool.path().join("keys/zone-1.json");
-    let mut file = ZoneKeyFile::load(&path).unwrap();
-    file.add_dek_version(&root).unwrap();
-    file.flip_dek().unwrap();
-    file.save(&path).unwrap();
+    let server = pool.serve();
+    pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1"]);
+    pool.keyturn_ok(&["rotate", "pause", "--zone", "z1"]);
+    pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
+    drop(server);
 
     let e = err(&["keys", "destroy", "z1-dek-v1"]);
     assert!(

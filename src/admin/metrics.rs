@@ -227,9 +227,37 @@ fn describe() {
             "keyturn_replica_full_syncs",
             "Full syncs done by this agent process",
         ),
+        (
+            "keyturn_rotation_coverage_predicted_percent",
+            "Share of the staging coverage target the plan predicted at the zone's last flip",
+        ),
+        (
+            "keyturn_rotation_coverage_achieved_percent",
+            "Share of the staging coverage target achieved at the zone's last flip",
+        ),
+        (
+            "keyturn_rotation_plan_coverage_percent",
+            "Share of the coverage target the current plan predicts at its flip",
+        ),
+        (
+            "keyturn_schedule_awaiting_approval",
+            "Scheduled rotations waiting for dual-control approvals",
+        ),
+        (
+            "keyturn_threat_level",
+            "Threat level in force for the zone (0 normal, 1 elevated, 2 high, 3 critical)",
+        ),
     ] {
         describe_gauge!(name, help);
     }
+    ::metrics::describe_counter!(
+        "keyturn_schedule_alerts_total",
+        "Scheduler alerts raised, by kind (approval_needed, coverage_missed)"
+    );
+    ::metrics::describe_counter!(
+        "keyturn_threat_feed_rejected_total",
+        "Lines of the threat feed file that were refused"
+    );
 }
 
 fn set_zone_gauges(s: &RotationStatus) {

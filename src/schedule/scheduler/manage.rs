@@ -407,6 +407,6 @@ impl Scheduler {
                 v
             })
             .collect();
-        serde_json::json!({ "paused": s.paused, "held": s.held, "jobs": jobs })
+        serde_json::json!({ "paused": s.paused, "held": s.held, "jobs": jobs, "flips": s.flips })
     }
 }
