@@ -35,7 +35,16 @@ pub struct NatsLink {
     /// Parts of the record being reassembled.
     partial: Vec<u8>,
     part: u64,
+    /// JetStream sequence of the last message taken, and when the consumer
+    /// last showed progress (or was found idle for good reason).
+    last_js_seq: u64,
+    checked: std::time::Instant,
 }
+
+/// How long the consumer may deliver nothing before the link asks
+/// JetStream whether messages are waiting (a consumer whose server went
+/// away is then made again).
+const STALL: Duration = Duration::from_secs(3);
 
 fn headers_u64(h: Option<&HeaderMap>, k: &str) -> Option<u64> {
     h?.get(k)?.as_str().parse().ok()
@@ -74,6 +83,8 @@ impl NatsLink {
             next: 0,
             partial: Vec::new(),
             part: 0,
+            last_js_seq: 0,
+            checked: std::time::Instant::now(),
         })
     }
 
@@ -187,21 +198,86 @@ impl NatsLink {
         self.next = from;
         self.partial.clear();
         self.part = 0;
+        self.last_js_seq = start.saturating_sub(1);
+        self.checked = std::time::Instant::now();
         Ok(())
+    }
+
+    /// A consumer that delivers nothing while JetStream holds messages past
+    /// the last one taken is stuck (its server or the stream's leader went
+    /// away): make it again from the record wanted next.
+    async fn unstick(&mut self) -> Result<(), ReplicaError> {
+        if self.messages.is_some() && self.checked.elapsed() < STALL {
+            return Ok(());
+        }
+        let last = match self.js_stream.info().await {
+            Ok(i) => i.state.last_sequence,
+            Err(e) => {
+                tracing::warn!(error = %e, "replica: JetStream stream info failed");
+                self.checked = std::time::Instant::now();
+                return Ok(());
+            }
+        };
+        self.checked = std::time::Instant::now();
+        if last > self.last_js_seq {
+            tracing::warn!(
+                next = self.next,
+                waiting = last - self.last_js_seq,
+                "replica: the JetStream consumer delivers nothing while messages wait; making it again"
+            );
+            self.refollow().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the consumer again from the record wanted next. A cluster
+    /// without a leader for a moment is waited out; only a refusal (the
+    /// record is gone: resync) ends the link.
+    async fn refollow(&mut self) -> Result<(), ReplicaError> {
+        match self.follow(self.next).await {
+            Err(e @ ReplicaError::Refused { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "replica: cannot make the JetStream consumer again yet");
+                self.messages = None;
+                self.checked = std::time::Instant::now() - STALL;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// The next record, whole. Cancel-safe between messages: a record's
     /// parts already taken stay in `partial`.
     pub async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
         loop {
+            self.unstick().await?;
             let Some(msgs) = self.messages.as_mut() else {
-                return Err(self.err("records asked for before FOLLOW"));
+                // A consumer that could not be made again: try once more.
+                self.refollow().await?;
+                continue;
             };
-            let m = match msgs.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(self.err(e)),
-                None => return Err(self.err("the JetStream consumer ended")),
+            let next = tokio::time::timeout(STALL, msgs.next()).await;
+            let m = match next {
+                Ok(Some(Ok(m))) => m,
+                Err(_) => continue, // nothing for a while: check the consumer
+                Ok(Some(Err(e))) => {
+                    // The ordered consumer could not go on (its server went
+                    // away): make it again from the record wanted next.
+                    tracing::warn!(error = %e, "replica: JetStream consumer failed; making it again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.refollow().await?;
+                    continue;
+                }
+                Ok(None) => {
+                    self.refollow().await?;
+                    continue;
+                }
             };
+            if let Ok(info) = m.info() {
+                self.last_js_seq = info.stream_sequence;
+            }
+            self.checked = std::time::Instant::now();
             let h = m.headers.as_ref();
             let (Some(seq), Some(part), Some(parts)) = (
                 headers_u64(h, H_SEQ),

@@ -191,10 +191,28 @@ impl Pair {
             if st["applied_seq"].as_u64().unwrap_or(0) >= target {
                 return target;
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not catch up to {target}: {st}"
-            );
+            if Instant::now() >= deadline {
+                let mut logs = String::new();
+                for f in all_files(self.dst.dir.path()) {
+                    if f.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+                    {
+                        let text = std::fs::read_to_string(&f).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                        logs.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    }
+                }
+                panic!(
+                    "agent did not catch up to {target}: {st}\nagent log:\n{logs}\nserver log:\n{}",
+                    std::fs::read_to_string(&server.log)
+                        .unwrap_or_default()
+                        .lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
