@@ -34,8 +34,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::ZoneStream;
-use super::serve::{self, ErrorMsg, Hello, KeysReq, SnapshotReq, StreamSource, Welcome, kind};
-use crate::ids::VolumeId;
+use super::serve::{self, StreamSource};
 
 /// The consumer name the publisher acknowledges under.
 pub const CONSUMER: &str = "nats";
@@ -401,8 +400,11 @@ async fn serve_zone(
                     .map(|v| v.as_str().to_string())
                     .unwrap_or_default();
                 let (k, body) = match msg.payload.split_first() {
-                    Some((k, body)) => answer(source.as_ref(), &zone, &agent, *k, body).await,
-                    None => refusal("bad-request", "an empty request".into()),
+                    Some((k, body)) => {
+                        serve::answer(source.as_ref(), &zone, &agent, *k, body, SNAPSHOT_BLOCKS)
+                            .await
+                    }
+                    None => serve::refusal("bad-request", "an empty request".into()),
                 };
                 let mut frame = Vec::with_capacity(body.len() + 1);
                 frame.push(k);
@@ -412,125 +414,6 @@ async fn serve_zone(
                 }
             });
         }
-    }
-}
-
-fn refusal(kind: &str, error: String) -> (u8, Vec<u8>) {
-    tracing::info!(kind, %error, "stream: refusing an agent request");
-    let m = ErrorMsg {
-        error,
-        kind: kind.into(),
-    };
-    (kind::ERROR, serde_json::to_vec(&m).expect("plain data"))
-}
-
-/// One request of a NATS agent, answered as the TCP transport would.
-async fn answer(
-    source: &dyn StreamSource,
-    zone: &str,
-    agent_name: &str,
-    k: u8,
-    body: &[u8],
-) -> (u8, Vec<u8>) {
-    let Some(stream) = source.stream(zone) else {
-        return refusal(
-            "unknown-zone",
-            format!("zone {zone:?} does not stream (or does not exist)"),
-        );
-    };
-    let Some(agent) = source.agent(zone, agent_name) else {
-        return refusal(
-            "unknown-agent",
-            format!("agent {agent_name:?} is not registered for zone {zone:?}"),
-        );
-    };
-    match k {
-        kind::HELLO => {
-            let ok = serde_json::from_slice::<Hello>(body)
-                .is_ok_and(|h| h.zone == zone && h.agent == agent_name);
-            if !ok {
-                return refusal(
-                    "bad-request",
-                    "HELLO names another zone or agent than its subject and header".into(),
-                );
-            }
-            let w = Welcome {
-                stream_id: stream.id().to_hex(),
-                zone_id: stream.zone().0,
-                first_seq: stream.first_kept(),
-                last_seq: stream.last_visible(),
-                volumes: source.volumes(zone),
-                window_secs: stream.keys().lock().window_secs(),
-            };
-            (kind::WELCOME, serve::json(&w))
-        }
-        kind::KEYS => {
-            let Ok(req) = serde_json::from_slice::<KeysReq>(body) else {
-                return refusal(
-                    "bad-request",
-                    "KEYS takes {\"windows\": [[set, window], ...]}".into(),
-                );
-            };
-            let reply = serve::keys_for(&stream, &agent, &req);
-            let given: Vec<String> = reply.keys.iter().map(|k| k.key_id.clone()).collect();
-            source.audit_keys(zone, agent_name, &given, &reply.refused);
-            (kind::KEYS_REPLY, serve::json(&reply))
-        }
-        kind::SNAPSHOT => {
-            let Ok(req) = serde_json::from_slice::<SnapshotReq>(body) else {
-                return refusal(
-                    "bad-request",
-                    "SNAPSHOT takes {\"volume\", \"first\", \"count\"}".into(),
-                );
-            };
-            if req.count == 0 || req.count > SNAPSHOT_BLOCKS {
-                return refusal(
-                    "bad-request",
-                    format!("a snapshot chunk over NATS is 1-{SNAPSHOT_BLOCKS} blocks"),
-                );
-            }
-            match source
-                .read_blocks(zone, req.volume, req.first, req.count)
-                .await
-            {
-                Ok((tags, plain)) => match stream.seal_snapshot(
-                    VolumeId(req.volume),
-                    crate::ids::Lba(req.first),
-                    &tags,
-                    &plain,
-                ) {
-                    Ok(chunk) => (kind::CHUNK, chunk),
-                    Err(e) => refusal("broken", e.to_string()),
-                },
-                Err(e) => refusal("bad-request", e),
-            }
-        }
-        kind::DIGEST => {
-            let Ok(req) = serde_json::from_slice::<serve::DigestReq>(body) else {
-                return refusal(
-                    "bad-request",
-                    "DIGEST takes {\"volume\", \"first\", \"count\", \"chunk_blocks\"}".into(),
-                );
-            };
-            match serve::digests(source, zone, &stream, &req).await {
-                Ok(d) => match agent.public_bytes() {
-                    Ok(public) => {
-                        let sealed = super::grant::seal_to(
-                            &public,
-                            "keyturn digests",
-                            &serde_json::to_vec(&d).expect("plain data"),
-                        );
-                        (kind::DIGESTS, serve::json(&sealed))
-                    }
-                    Err(_) => refusal("unknown-agent", "the agent's public key is unusable".into()),
-                },
-                Err(e) => refusal("bad-request", e),
-            }
-        }
-        other => refusal(
-            "bad-request",
-            format!("request type {other} is not served over NATS (records come from JetStream)"),
-        ),
     }
 }
 

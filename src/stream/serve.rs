@@ -65,6 +65,9 @@ pub mod kind {
     pub const CHUNK: u8 = 69;
 }
 
+/// Largest snapshot chunk on the TCP transport, blocks.
+pub const SNAPSHOT_BLOCKS: u32 = 256;
+
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = super::record::MAX_RECORD_LEN + 1024;
 
@@ -326,7 +329,7 @@ where
         )
         .await;
     };
-    let Some(agent) = source.agent(&hello.zone, &hello.agent) else {
+    let Some(_) = source.agent(&hello.zone, &hello.agent) else {
         return refuse(
             &mut wr,
             "unknown-agent",
@@ -422,45 +425,11 @@ where
                             _ => break refuse(&mut wr, "behind-retention", format!("record {seq} is no longer kept")).await,
                         }
                     }
-                    kind::KEYS => {
-                        let Ok(req) = serde_json::from_slice::<KeysReq>(&body) else {
-                            break refuse(&mut wr, "bad-request", "KEYS takes {\"windows\": [[set, window], ...]}".into()).await;
-                        };
-                        let reply = keys_for(&stream, &agent, &req);
-                        let given: Vec<String> = reply.keys.iter().map(|k| k.key_id.clone()).collect();
-                        source.audit_keys(&hello.zone, &hello.agent, &given, &reply.refused);
-                        write_frame(&mut wr, kind::KEYS_REPLY, &json(&reply)).await?;
-                    }
-                    kind::DIGEST => {
-                        let Ok(req) = serde_json::from_slice::<DigestReq>(&body) else {
-                            break refuse(&mut wr, "bad-request", "DIGEST takes {\"volume\", \"first\", \"count\", \"chunk_blocks\"}".into()).await;
-                        };
-                        match digests(source.as_ref(), &hello.zone, &stream, &req).await {
-                            Ok(d) => {
-                                let Ok(public) = agent.public_bytes() else {
-                                    break refuse(&mut wr, "unknown-agent", "the agent's public key is unusable".into()).await;
-                                };
-                                let sealed = super::grant::seal_to(&public, "keyturn digests", &json(&d));
-                                write_frame(&mut wr, kind::DIGESTS, &json(&sealed)).await?;
-                            }
-                            Err(e) => break refuse(&mut wr, "bad-request", e).await,
-                        }
-                    }
-                    kind::SNAPSHOT => {
-                        let Ok(req) = serde_json::from_slice::<SnapshotReq>(&body) else {
-                            break refuse(&mut wr, "bad-request", "SNAPSHOT takes {\"volume\", \"first\", \"count\"}".into()).await;
-                        };
-                        if req.count == 0 || req.count > 256 {
-                            break refuse(&mut wr, "bad-request", "a snapshot chunk is 1-256 blocks".into()).await;
-                        }
-                        match source.read_blocks(&hello.zone, req.volume, req.first, req.count).await {
-                            Ok((tags, plain)) => {
-                                match stream.seal_snapshot(VolumeId(req.volume), crate::ids::Lba(req.first), &tags, &plain) {
-                                    Ok(chunk) => write_frame(&mut wr, kind::CHUNK, &chunk).await?,
-                                    Err(e) => break refuse(&mut wr, "broken", e.to_string()).await,
-                                }
-                            }
-                            Err(e) => break refuse(&mut wr, "bad-request", e).await,
+                    kind::KEYS | kind::DIGEST | kind::SNAPSHOT => {
+                        let (k, b) = answer(source.as_ref(), &hello.zone, &hello.agent, k, &body, SNAPSHOT_BLOCKS).await;
+                        write_frame(&mut wr, k, &b).await?;
+                        if k == kind::ERROR {
+                            break Ok(());
                         }
                     }
                     other => break refuse(&mut wr, "bad-request", format!("unknown request type {other}")).await,
@@ -470,6 +439,129 @@ where
     };
     reader.abort();
     result
+}
+
+/// An ERROR reply, logged.
+pub(super) fn refusal(kind: &str, error: String) -> (u8, Vec<u8>) {
+    tracing::info!(kind, %error, "stream: refusing an agent request");
+    let m = ErrorMsg {
+        error,
+        kind: kind.into(),
+    };
+    (kind::ERROR, serde_json::to_vec(&m).expect("plain data"))
+}
+
+/// One stateless request of an agent (HELLO, KEYS, SNAPSHOT of at most
+/// `max_blocks`, DIGEST), answered alike on every transport: the reply's
+/// type and body, an ERROR body when refused.
+pub(super) async fn answer(
+    source: &dyn StreamSource,
+    zone: &str,
+    agent_name: &str,
+    k: u8,
+    body: &[u8],
+    max_blocks: u32,
+) -> (u8, Vec<u8>) {
+    let Some(stream) = source.stream(zone) else {
+        return refusal(
+            "unknown-zone",
+            format!("zone {zone:?} does not stream (or does not exist)"),
+        );
+    };
+    let Some(agent) = source.agent(zone, agent_name) else {
+        return refusal(
+            "unknown-agent",
+            format!("agent {agent_name:?} is not registered for zone {zone:?}"),
+        );
+    };
+    match k {
+        kind::HELLO => {
+            let ok = serde_json::from_slice::<Hello>(body)
+                .is_ok_and(|h| h.zone == zone && h.agent == agent_name);
+            if !ok {
+                return refusal(
+                    "bad-request",
+                    "HELLO names another zone or agent than its subject and header".into(),
+                );
+            }
+            let w = Welcome {
+                stream_id: stream.id().to_hex(),
+                zone_id: stream.zone().0,
+                first_seq: stream.first_kept(),
+                last_seq: stream.last_visible(),
+                volumes: source.volumes(zone),
+                window_secs: stream.keys().lock().window_secs(),
+            };
+            (kind::WELCOME, json(&w))
+        }
+        kind::KEYS => {
+            let Ok(req) = serde_json::from_slice::<KeysReq>(body) else {
+                return refusal(
+                    "bad-request",
+                    "KEYS takes {\"windows\": [[set, window], ...]}".into(),
+                );
+            };
+            let reply = keys_for(&stream, &agent, &req);
+            let given: Vec<String> = reply.keys.iter().map(|k| k.key_id.clone()).collect();
+            source.audit_keys(zone, agent_name, &given, &reply.refused);
+            (kind::KEYS_REPLY, json(&reply))
+        }
+        kind::SNAPSHOT => {
+            let Ok(req) = serde_json::from_slice::<SnapshotReq>(body) else {
+                return refusal(
+                    "bad-request",
+                    "SNAPSHOT takes {\"volume\", \"first\", \"count\"}".into(),
+                );
+            };
+            if req.count == 0 || req.count > max_blocks {
+                return refusal(
+                    "bad-request",
+                    format!("a snapshot chunk is 1-{max_blocks} blocks here"),
+                );
+            }
+            match source
+                .read_blocks(zone, req.volume, req.first, req.count)
+                .await
+            {
+                Ok((tags, plain)) => match stream.seal_snapshot(
+                    VolumeId(req.volume),
+                    crate::ids::Lba(req.first),
+                    &tags,
+                    &plain,
+                ) {
+                    Ok(chunk) => (kind::CHUNK, chunk),
+                    Err(e) => refusal("broken", e.to_string()),
+                },
+                Err(e) => refusal("bad-request", e),
+            }
+        }
+        kind::DIGEST => {
+            let Ok(req) = serde_json::from_slice::<DigestReq>(body) else {
+                return refusal(
+                    "bad-request",
+                    "DIGEST takes {\"volume\", \"first\", \"count\", \"chunk_blocks\"}".into(),
+                );
+            };
+            match digests(source, zone, &stream, &req).await {
+                Ok(d) => match agent.public_bytes() {
+                    Ok(public) => {
+                        let sealed = super::grant::seal_to(
+                            &public,
+                            "keyturn digests",
+                            &serde_json::to_vec(&d).expect("plain data"),
+                        );
+                        (kind::DIGESTS, json(&sealed))
+                    }
+                    Err(_) => refusal("unknown-agent", "the agent's public key is unusable".into()),
+                },
+                Err(e) => refusal("bad-request", e),
+            }
+        }
+        other => refusal(
+            "bad-request",
+            format!("request type {other} is not served over NATS (records come from JetStream)"),
+        ),
+    }
 }
 
 /// Hashes a volume range in chunks.
