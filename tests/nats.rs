@@ -40,8 +40,22 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 impl Cluster {
+    /// Three nodes on fresh ports. A port picked free may be taken by
+    /// another test before nats-server binds it: the cluster then never
+    /// becomes healthy, and it is started again on other ports.
     fn start() -> Self {
         require_tool("nats-server");
+        let mut logs = String::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(c) => return c,
+                Err(l) => logs = l,
+            }
+        }
+        panic!("the NATS cluster did not become healthy:\n{logs}");
+    }
+
+    fn try_start() -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -79,8 +93,14 @@ impl Cluster {
             );
             store.push(sd);
         }
+        let mut cluster = Self {
+            nodes,
+            client_ports,
+            store,
+            _dir: dir,
+        };
         // Ready when every node says JetStream is healthy (a meta leader is elected).
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for &p in &http_ports {
             loop {
                 let ok = http_get(p, "/healthz").is_some_and(|r| {
@@ -89,19 +109,27 @@ impl Cluster {
                 if ok {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "the NATS cluster did not become healthy"
-                );
+                if Instant::now() >= deadline {
+                    for i in 0..3 {
+                        cluster.kill(i);
+                    }
+                    let mut logs = String::new();
+                    for i in 0..3 {
+                        let l =
+                            std::fs::read_to_string(cluster._dir.path().join(format!("n{i}.log")))
+                                .unwrap_or_default();
+                        let tail: Vec<&str> = l.lines().rev().take(15).collect();
+                        logs += &format!(
+                            "node n{i}:\n{}\n",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        );
+                    }
+                    return Err(logs);
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        Self {
-            nodes,
-            client_ports,
-            store,
-            _dir: dir,
-        }
+        Ok(cluster)
     }
 
     fn url(&self) -> String {
@@ -113,7 +141,6 @@ impl Cluster {
         format!("nats://{}", a.join(","))
     }
 
-    #[allow(dead_code)] // for the node-loss case, once its stall is fixed
     fn kill(&mut self, i: usize) {
         let _ = self.nodes[i].kill();
         let _ = self.nodes[i].wait();
@@ -182,9 +209,10 @@ fn a_replica_follows_through_a_three_node_jetstream_cluster() {
             std::thread::spawn(move || fio_json(&u, &o, &["--io_size=24M"]))
         })
         .collect();
-    // Killing a node while records flow stalls publishing or the agent's
-    // consumer (an open bug, see issue 14's note): the kill waits for its fix.
-    let _ = &mut cluster;
+    // One node of three dies while records flow: publishing and the
+    // agent's consumer go on through the other two.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    cluster.kill(0);
     for f in fios {
         let (ok, text) = f.join().unwrap();
         assert!(
@@ -210,7 +238,12 @@ fn a_replica_follows_through_a_three_node_jetstream_cluster() {
     let seq = pair.wait_caught_up(&server);
     term(&mut agent);
     let st = pair.replica_status();
-    assert_eq!(st["full_syncs"], 1, "one full sync, no resync: {st}");
+    assert_eq!(
+        st["full_syncs"],
+        1,
+        "one full sync, no resync: {st}\n{}",
+        pair.agent_logs()
+    );
     assert_eq!(st["applied_seq"].as_u64(), Some(seq), "{st}");
     assert!(
         st["source"].as_str().unwrap_or("").starts_with("nats://"),

@@ -661,8 +661,16 @@ addresses = ["10.99.0.0/16"]
             out_text(&o)
         );
     }
-    // One audit record per refused client, naming it and what it asked for.
-    let refused = audit_records(&pool, "nbd.access");
+    // One audit record per refused client, naming it and what it asked for
+    // (written when the client's connection ends, just after nbdinfo exits).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        let r = audit_records(&pool, "nbd.access");
+        if r.len() >= 2 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(refused.len(), 2, "{refused:?}");
     for (r, export) in refused.iter().zip(["vol-c", "vol-d"]) {
         let s = r.to_string();

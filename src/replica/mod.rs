@@ -481,8 +481,31 @@ impl Agent {
 
     /// Runs until the configured stop, or an error. A source that is behind
     /// retention for this replica starts a full resync.
+    ///
+    /// An agent without a stop condition is a daemon: when the source
+    /// cannot be reached (a NATS node or the source server went away) it
+    /// says so in its status and connects again, waiting up to 30 s between
+    /// attempts. Refusals and bad records still end it.
     pub async fn run(&mut self) -> Result<ReplicaStatus, ReplicaError> {
-        let r = self.run_inner().await;
+        let daemon = self.cfg.until_seq.is_none() && !self.cfg.until_caught_up;
+        let mut backoff = Duration::from_secs(1);
+        let r = loop {
+            let applied = self.status.applied_seq;
+            match self.run_inner().await {
+                Err(e @ ReplicaError::Source { .. }) if daemon => {
+                    if self.status.applied_seq > applied {
+                        backoff = Duration::from_secs(1);
+                    }
+                    tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "replica: the source is unreachable; connecting again");
+                    self.status.phase = "reconnecting".into();
+                    self.status.error = Some(e.to_string());
+                    self.write_status(true);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                other => break other,
+            }
+        };
         self.status.phase = if r.is_ok() { "stopped" } else { "failed" }.into();
         if let Err(e) = &r {
             self.status.error = Some(e.to_string());
@@ -678,6 +701,7 @@ impl Agent {
 
     async fn follow(&mut self, c: &mut Link, target: Option<u64>) -> Result<(), ReplicaError> {
         self.status.phase = "following".into();
+        self.status.error = None;
         let mut applied = self.pool.applied(&self.cfg.replica_zone)?;
         self.status.applied_seq = applied;
         if target.is_some_and(|t| applied >= t) {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use super::ReplicaError;
 use crate::stream::nats::{
@@ -29,6 +30,34 @@ pub struct NatsLink {
     prefix: String,
     zone: String,
     agent: String,
+    /// Whole records from the consumer's own task, so that the agent may
+    /// drop a wait for the next record (its ack timer) at any moment
+    /// without cancelling the consumer's stall checks half-way.
+    records: Option<Records>,
+}
+
+/// The follower task and what it delivers.
+struct Records {
+    rx: mpsc::Receiver<Result<Vec<u8>, ReplicaError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whole records held between the follower and the agent.
+const RECORDS_AHEAD: usize = 16;
+
+/// The consumer of a zone's records: an ordered JetStream consumer,
+/// reassembling parts, made again when it stalls.
+struct Follower {
+    addr: String,
+    js_stream: stream::Stream,
+    prefix: String,
+    zone: String,
     messages: Option<consumer::pull::Ordered>,
     /// The record the consumer should deliver next.
     next: u64,
@@ -48,6 +77,13 @@ const STALL: Duration = Duration::from_secs(3);
 
 fn headers_u64(h: Option<&HeaderMap>, k: &str) -> Option<u64> {
     h?.get(k)?.as_str().parse().ok()
+}
+
+fn behind(what: String) -> ReplicaError {
+    ReplicaError::Refused {
+        error: format!("{what}; a full resync is needed"),
+        kind: "behind-retention".into(),
+    }
 }
 
 impl NatsLink {
@@ -79,12 +115,7 @@ impl NatsLink {
             prefix: prefix.to_string(),
             zone: zone.to_string(),
             agent: agent.to_string(),
-            messages: None,
-            next: 0,
-            partial: Vec::new(),
-            part: 0,
-            last_js_seq: 0,
-            checked: std::time::Instant::now(),
+            records: None,
         })
     }
 
@@ -113,18 +144,28 @@ impl NatsLink {
         frame.push(k);
         frame.extend_from_slice(body);
         let subject = api_subject(&self.prefix, &self.zone);
-        let reply = tokio::time::timeout(
-            Duration::from_secs(60),
-            self.client
-                .request_with_headers(subject.clone(), h, frame.into()),
-        )
-        .await
-        .map_err(|_| self.err(format!("no answer on {subject} within 60 s")))?
-        .map_err(|e| {
-            self.err(format!(
-                "request on {subject}: {e} (is the source server connected to this NATS cluster?)"
-            ))
-        })?;
+        // Requests only read (KEYS hands out the same keys again), so one
+        // whose answer was lost (a NATS server went away in between) is
+        // sent again, for up to a minute.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let reply = loop {
+            let r = self
+                .client
+                .request_with_headers(subject.clone(), h.clone(), frame.clone().into())
+                .await;
+            match r {
+                Ok(m) => break m,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, %subject, "replica: NATS request failed; sending it again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(self.err(format!(
+                        "request on {subject}: {e} (is the source server connected to this NATS cluster?)"
+                    )));
+                }
+            }
+        };
         let Some((&got, body)) = reply.payload.split_first() else {
             return Err(self.err("an empty answer"));
         };
@@ -141,15 +182,108 @@ impl NatsLink {
         Ok(body.to_vec())
     }
 
-    fn behind(&self, what: String) -> ReplicaError {
-        ReplicaError::Refused {
-            error: format!("{what}; a full resync is needed"),
-            kind: "behind-retention".into(),
+    /// Starts delivering records from `from` on. A record no longer in
+    /// JetStream is refused here, before any record is delivered.
+    pub async fn follow(&mut self, from: u64) -> Result<(), ReplicaError> {
+        self.records = None;
+        let mut f = Follower {
+            addr: self.addr(),
+            js_stream: self.js_stream.clone(),
+            prefix: self.prefix.clone(),
+            zone: self.zone.clone(),
+            messages: None,
+            next: from,
+            partial: Vec::new(),
+            part: 0,
+            last_js_seq: 0,
+            checked: std::time::Instant::now(),
+        };
+        // A cluster electing a leader answers again within seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match tokio::time::timeout(4 * STALL, f.follow()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e @ ReplicaError::Refused { .. })) => return Err(e),
+                other if std::time::Instant::now() >= deadline => {
+                    return Err(match other {
+                        Ok(Err(e)) => e,
+                        _ => self.err("making the JetStream consumer timed out"),
+                    });
+                }
+                other => {
+                    if let Ok(Err(e)) = other {
+                        tracing::warn!(error = %e, "replica: cannot make the JetStream consumer yet");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(RECORDS_AHEAD);
+        let task = tokio::spawn(async move {
+            loop {
+                let r = f.next_record().await;
+                let end = r.is_err();
+                if tx.send(r).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        self.records = Some(Records { rx, task });
+        Ok(())
+    }
+
+    /// The next record, whole (cancel-safe).
+    pub async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
+        let Some(r) = self.records.as_mut() else {
+            return Err(self.err("records asked for before following"));
+        };
+        match r.rx.recv().await {
+            Some(r) => r,
+            None => Err(self.err("the JetStream follower ended")),
         }
     }
 
-    /// Starts delivering records from `from` on.
-    pub async fn follow(&mut self, from: u64) -> Result<(), ReplicaError> {
+    /// Record `seq` again (to resolve a reference), from JetStream.
+    pub async fn fetch(&mut self, seq: u64) -> Result<Vec<u8>, ReplicaError> {
+        let subject = record_subject(&self.prefix, &self.zone, seq);
+        let first = self
+            .js_stream
+            .get_first_raw_message_by_subject(&subject, 1)
+            .await
+            .map_err(|_| behind(format!("record {seq} is no longer in JetStream")))?;
+        let parts = headers_u64(Some(&first.headers), H_PARTS).unwrap_or(1);
+        let mut out = first.payload.to_vec();
+        let mut js_seq = first.sequence;
+        let mut part = 1;
+        while part < parts {
+            js_seq += 1;
+            let m = self
+                .js_stream
+                .get_first_raw_message_by_subject(&subject, js_seq)
+                .await
+                .map_err(|e| self.err(format!("part {part} of record {seq}: {e}")))?;
+            js_seq = m.sequence;
+            if headers_u64(Some(&m.headers), H_PART) != Some(part) {
+                continue;
+            }
+            out.extend_from_slice(&m.payload);
+            part += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl Follower {
+    fn err(&self, e: impl std::fmt::Display) -> ReplicaError {
+        ReplicaError::Source {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Makes the consumer, from record `self.next` on.
+    async fn follow(&mut self) -> Result<(), ReplicaError> {
+        let from = self.next;
         let subject = record_subject(&self.prefix, &self.zone, from);
         let start = match self
             .js_stream
@@ -157,9 +291,9 @@ impl NatsLink {
             .await
         {
             Ok(m) => m.sequence,
-            Err(_) => {
-                // Not there: either not yet published (start after what JetStream
-                // holds) or no longer kept (a resync).
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                // Not there: either not yet published (start after what
+                // JetStream holds) or no longer kept (a resync).
                 let info = match self.js_stream.info().await {
                     Ok(i) => i.clone(),
                     Err(e) => return Err(self.err(e)),
@@ -173,14 +307,28 @@ impl NatsLink {
                         .map_err(|e| self.err(e))?;
                     let oldest = headers_u64(Some(&m.headers), H_SEQ).unwrap_or(0);
                     if oldest > from {
-                        return Err(self.behind(format!(
+                        return Err(behind(format!(
                             "record {from} of zone {:?} is no longer in JetStream (oldest kept: {oldest})",
                             self.zone
+                        )));
+                    }
+                    // Published since the lookup: starting after it would skip it.
+                    let m = self
+                        .js_stream
+                        .get_raw_message(last)
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if headers_u64(Some(&m.headers), H_SEQ).unwrap_or(0) >= from {
+                        return Err(self.err(format!(
+                            "record {from} was published while the consumer was being made"
                         )));
                     }
                 }
                 last + 1
             }
+            // A lookup that failed (no leader for a moment, a timeout) says
+            // nothing about where the record is.
+            Err(e) => return Err(self.err(format!("looking up record {from}: {e}"))),
         };
         let cfg = consumer::pull::OrderedConfig {
             filter_subject: records_filter(&self.prefix, &self.zone),
@@ -195,7 +343,6 @@ impl NatsLink {
             .await
             .map_err(|e| self.err(e))?;
         self.messages = Some(c.messages().await.map_err(|e| self.err(e))?);
-        self.next = from;
         self.partial.clear();
         self.part = 0;
         self.last_js_seq = start.saturating_sub(1);
@@ -210,19 +357,24 @@ impl NatsLink {
         if self.messages.is_some() && self.checked.elapsed() < STALL {
             return Ok(());
         }
-        let last = match self.js_stream.info().await {
-            Ok(i) => i.state.last_sequence,
-            Err(e) => {
+        let last = match tokio::time::timeout(STALL, self.js_stream.info()).await {
+            Ok(Ok(i)) => i.state.last_sequence,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "replica: JetStream stream info failed");
+                self.checked = std::time::Instant::now();
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!("replica: JetStream stream info took over 3 s");
                 self.checked = std::time::Instant::now();
                 return Ok(());
             }
         };
         self.checked = std::time::Instant::now();
-        if last > self.last_js_seq {
+        if self.messages.is_none() || last > self.last_js_seq {
             tracing::warn!(
                 next = self.next,
-                waiting = last - self.last_js_seq,
+                waiting = last.saturating_sub(self.last_js_seq),
                 "replica: the JetStream consumer delivers nothing while messages wait; making it again"
             );
             self.refollow().await?;
@@ -234,27 +386,30 @@ impl NatsLink {
     /// without a leader for a moment is waited out; only a refusal (the
     /// record is gone: resync) ends the link.
     async fn refollow(&mut self) -> Result<(), ReplicaError> {
-        match self.follow(self.next).await {
-            Err(e @ ReplicaError::Refused { .. }) => Err(e),
-            Err(e) => {
+        match tokio::time::timeout(4 * STALL, self.follow()).await {
+            Ok(Err(e @ ReplicaError::Refused { .. })) => Err(e),
+            Ok(Ok(())) => Ok(()),
+            other => {
+                let e = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
                 tracing::warn!(error = %e, "replica: cannot make the JetStream consumer again yet");
                 self.messages = None;
                 self.checked = std::time::Instant::now() - STALL;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Ok(())
             }
-            Ok(()) => Ok(()),
         }
     }
 
-    /// The next record, whole. Cancel-safe between messages: a record's
-    /// parts already taken stay in `partial`.
-    pub async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
+    /// The next record, whole.
+    async fn next_record(&mut self) -> Result<Vec<u8>, ReplicaError> {
         loop {
             self.unstick().await?;
             let Some(msgs) = self.messages.as_mut() else {
-                // A consumer that could not be made again: try once more.
-                self.refollow().await?;
+                // unstick makes it again once JetStream answers
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             };
             let next = tokio::time::timeout(STALL, msgs.next()).await;
@@ -293,7 +448,7 @@ impl NatsLink {
                 continue; // published twice; applied already or about to be
             }
             if seq > self.next {
-                return Err(self.behind(format!(
+                return Err(behind(format!(
                     "JetStream holds record {seq} but not record {} (a gap)",
                     self.next
                 )));
@@ -320,34 +475,5 @@ impl NatsLink {
                 return Ok(std::mem::take(&mut self.partial));
             }
         }
-    }
-
-    /// Record `seq` again (to resolve a reference), from JetStream.
-    pub async fn fetch(&mut self, seq: u64) -> Result<Vec<u8>, ReplicaError> {
-        let subject = record_subject(&self.prefix, &self.zone, seq);
-        let first = self
-            .js_stream
-            .get_first_raw_message_by_subject(&subject, 1)
-            .await
-            .map_err(|_| self.behind(format!("record {seq} is no longer in JetStream")))?;
-        let parts = headers_u64(Some(&first.headers), H_PARTS).unwrap_or(1);
-        let mut out = first.payload.to_vec();
-        let mut js_seq = first.sequence;
-        let mut part = 1;
-        while part < parts {
-            js_seq += 1;
-            let m = self
-                .js_stream
-                .get_first_raw_message_by_subject(&subject, js_seq)
-                .await
-                .map_err(|e| self.err(format!("part {part} of record {seq}: {e}")))?;
-            js_seq = m.sequence;
-            if headers_u64(Some(&m.headers), H_PART) != Some(part) {
-                continue;
-            }
-            out.extend_from_slice(&m.payload);
-            part += 1;
-        }
-        Ok(out)
     }
 }

@@ -12,10 +12,12 @@
 //! A record larger than the cluster's `max_payload` goes as consecutive
 //! parts (headers `Kt-Part`, `Kt-Parts`); every message also carries
 //! `Kt-Seq` and `Kt-Stream` (the stream id), and its `Nats-Msg-Id` is
-//! `<stream id>-<seq>-<part>`, so JetStream drops a part published twice
-//! within its duplicate window. A publisher that restarts resumes after
-//! the last message JetStream holds, so it never publishes a gap; agents
-//! skip a record they already applied and resync on a gap.
+//! `<stream id>-<seq>-<part>.<parts>`, so JetStream drops a part published
+//! twice within its duplicate window. Every message expects the previous
+//! one's id as the stream's last, so a message lost in a leader change
+//! fails the ones after it rather than leaving a gap; the publisher then
+//! resumes right after the last message JetStream holds. Agents skip a
+//! record they already applied and resync on a gap, which should not occur.
 //!
 //! Records stay sealed end to end: NATS sees the same ciphertext as the
 //! segment files. Requests carry the agent's name (header `Kt-Agent`) and
@@ -255,12 +257,25 @@ async fn zone_stream(
     .map_err(text)
 }
 
-/// Where a publisher resumes: after the last record JetStream holds
-/// complete, or at the pool's oldest kept record.
-async fn resume_point(js_stream: &mut stream::Stream, ours: &ZoneStream) -> Result<u64, String> {
+/// Where a publisher resumes: right after the last message JetStream
+/// holds, or at the pool's oldest kept record.
+struct Resume {
+    seq: u64,
+    part: usize,
+    /// Parts of record `seq` as they were split (a mid-record resume goes on
+    /// only with the same split).
+    parts: usize,
+}
+
+async fn resume_point(js_stream: &mut stream::Stream, ours: &ZoneStream) -> Result<Resume, String> {
+    let fresh = Resume {
+        seq: ours.first_kept(),
+        part: 0,
+        parts: 0,
+    };
     let last = js_stream.info().await.map_err(text)?.state.last_sequence;
     if last == 0 {
-        return Ok(ours.first_kept());
+        return Ok(fresh);
     }
     let m = js_stream.get_raw_message(last).await.map_err(text)?;
     let h = m.headers;
@@ -271,14 +286,37 @@ async fn resume_point(js_stream: &mut stream::Stream, ours: &ZoneStream) -> Resu
         // its records would collide with ours by sequence number.
         tracing::warn!(zone = %ours.zone_name(), "stream: the JetStream stream holds another stream's records; purging it");
         js_stream.purge().await.map_err(text)?;
-        return Ok(ours.first_kept());
+        return Ok(fresh);
     }
     let (Some(seq), Some(part), Some(parts)) = (get(H_SEQ), get(H_PART), get(H_PARTS)) else {
         return Err(format!("JetStream message {last} has no keyturn headers"));
     };
-    Ok(if part + 1 >= parts { seq + 1 } else { seq })
+    Ok(if part + 1 >= parts {
+        Resume {
+            seq: seq + 1,
+            part: 0,
+            parts: 0,
+        }
+    } else {
+        Resume {
+            seq,
+            part: part as usize + 1,
+            parts: parts as usize,
+        }
+    })
 }
 
+/// A part's message id: JetStream drops a part published twice within its
+/// duplicate window. The split is part of the id, so a record split
+/// differently (another `max_payload`) is never mixed with its old parts.
+fn message_id(sid: &str, seq: u64, part: usize, parts: usize) -> String {
+    format!("{sid}-{seq}-{part}.{parts}")
+}
+
+/// Publishes records in order. Each message expects the previous one's id
+/// as the stream's last (`Nats-Expected-Last-Msg-Id`), so a message lost in
+/// a leader change makes every later one fail instead of leaving a gap:
+/// the loop then starts again from what JetStream holds.
 async fn publish_loop(
     client: &async_nats::Client,
     settings: &NatsSettings,
@@ -287,7 +325,11 @@ async fn publish_loop(
 ) -> Result<(), String> {
     let js = jetstream::new(client.clone());
     let mut js_stream = zone_stream(&js, settings, zone, ours).await?;
-    let mut next = resume_point(&mut js_stream, ours).await?;
+    let resume = resume_point(&mut js_stream, ours).await?;
+    let mut next = resume.seq;
+    // The first message needs no expectation: nothing but this loop
+    // publishes the zone, and it starts right after what JetStream holds.
+    let mut prev_id: Option<String> = None;
     let sid = ours.id().to_hex();
     // Room for the headers within the server's payload limit.
     let part_max = client
@@ -310,6 +352,7 @@ async fn publish_loop(
             tracing::error!(%zone, lost_from = next, lost_to = first - 1,
                 "ALERT: records left the pool's stream before NATS had them; NATS agents will resync");
             next = first;
+            prev_id = None;
             continue;
         }
         let s = ours.clone();
@@ -326,16 +369,26 @@ async fn publish_loop(
         for rec in batch {
             let seq = next;
             let parts = rec.len().div_ceil(part_max).max(1);
-            for (i, chunk) in rec.chunks(part_max).enumerate() {
+            let skip = if seq == resume.seq && parts == resume.parts {
+                resume.part
+            } else {
+                0
+            };
+            for (i, chunk) in rec.chunks(part_max).enumerate().skip(skip) {
                 let mut h = HeaderMap::new();
                 h.insert(H_SEQ, seq.to_string().as_str());
                 h.insert(H_PART, i.to_string().as_str());
                 h.insert(H_PARTS, parts.to_string().as_str());
                 h.insert(H_STREAM, sid.as_str());
-                let msg = PublishMessage::build()
+                let id = message_id(&sid, seq, i, parts);
+                let mut msg = PublishMessage::build()
                     .payload(bytes::Bytes::copy_from_slice(chunk))
                     .headers(h)
-                    .message_id(format!("{sid}-{seq}-{i}"));
+                    .message_id(&id);
+                if let Some(p) = &prev_id {
+                    msg = msg.expected_last_message_id(p);
+                }
+                prev_id = Some(id);
                 let ack = js
                     .send_publish(record_subject(&settings.prefix, zone, seq), msg)
                     .await

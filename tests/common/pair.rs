@@ -179,6 +179,22 @@ impl Pair {
         serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
     }
 
+    /// The last 40 lines above DEBUG of every agent log, for a failure's message.
+    pub fn agent_logs(&self) -> String {
+        let mut logs = String::new();
+        for f in all_files(self.dst.dir.path()) {
+            if f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+            {
+                logs.push_str(&tail_above_debug(
+                    &std::fs::read_to_string(&f).unwrap_or_default(),
+                ));
+                logs.push('\n');
+            }
+        }
+        logs
+    }
+
     /// Waits until the running agent has applied everything the source has.
     /// A FLUSH first: a record is served once its write's journal frame is
     /// durable, so without one the last writes may become visible later.
@@ -191,26 +207,11 @@ impl Pair {
             if st["applied_seq"].as_u64().unwrap_or(0) >= target {
                 return target;
             }
-            if Instant::now() >= deadline {
-                let mut logs = String::new();
-                for f in all_files(self.dst.dir.path()) {
-                    if f.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
-                    {
-                        let text = std::fs::read_to_string(&f).unwrap_or_default();
-                        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                        logs.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-                    }
-                }
+            if Instant::now() >= deadline || st["phase"] == "failed" {
+                let logs = self.agent_logs();
                 panic!(
                     "agent did not catch up to {target}: {st}\nagent log:\n{logs}\nserver log:\n{}",
-                    std::fs::read_to_string(&server.log)
-                        .unwrap_or_default()
-                        .lines()
-                        .rev()
-                        .take(30)
-                        .collect::<Vec<_>>()
-                        .join("\n")
+                    tail_above_debug(&std::fs::read_to_string(&server.log).unwrap_or_default())
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -279,4 +280,10 @@ pub fn term(child: &mut Child) {
 
 pub fn fio_json(uri: &str, out: &Path, extra: &[&str]) -> (bool, String) {
     fio(uri, 1, VOL, 1, out, extra)
+}
+
+/// The last 40 log lines above DEBUG, in order.
+fn tail_above_debug(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
