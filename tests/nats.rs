@@ -236,6 +236,21 @@ fn a_replica_follows_through_a_three_node_jetstream_cluster() {
         ],
     );
     let seq = pair.wait_caught_up(&server);
+    // The agent reports how far it is durable: the source's lag gauge for
+    // it (through NATS) comes down to zero.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = pair.src_metrics(&server);
+        let lag = metric(
+            &text,
+            r#"keyturn_stream_consumer_lag_records{zone="z1",consumer="dr"}"#,
+        );
+        if lag == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag {lag:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     term(&mut agent);
     let st = pair.replica_status();
     assert_eq!(
@@ -257,6 +272,7 @@ fn a_replica_follows_through_a_three_node_jetstream_cluster() {
     )
     .unwrap();
     assert_eq!(status["consumers"]["nats"].as_u64(), Some(seq), "{status}");
+
     pair.assert_equal(&server);
 
     // The replica, served by itself, passes fio's verify-only pass.

@@ -578,22 +578,9 @@ fn tampered_missing_and_foreign_records_are_refused_and_never_applied() {
     assert!(unmapped["stream_record"].is_null(), "{unmapped}");
 
     // The stream's metrics: the zone's last record and the agent's lag.
-    let token = std::fs::read_to_string(pair.src.path().join("admin.token")).unwrap();
-    let url = format!("http://{}/metrics", server.admin.as_deref().unwrap());
-    let text = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {}", token.trim()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let sample = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit_once(' '))
-            .map(|(_, v)| v.parse::<f64>().unwrap())
-            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-    };
+    let text = pair.src_metrics(&server);
+    let sample =
+        |name: &str| metric(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
     assert_eq!(sample("keyturn_stream_last_seq{zone=\"z1\"}"), last as f64);
     assert_eq!(
         sample("keyturn_stream_consumer_lag_records{zone=\"z1\",consumer=\"dr\"}"),

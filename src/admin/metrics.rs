@@ -317,7 +317,8 @@ fn set_stream_gauges(s: &crate::stream::StreamStatus) {
         gauge!(name, "zone" => z()).set(value);
     }
     // Consumer names are registered agent names: letters, digits, - _ .
-    for (consumer, acked) in &s.consumers {
+    // Agents consuming through NATS report their position the same way.
+    for (consumer, acked) in s.consumers.iter().chain(&s.nats_agents) {
         gauge!("keyturn_stream_consumer_acked_seq", "zone" => z(), "consumer" => consumer.clone())
             .set(*acked as f64);
         gauge!("keyturn_stream_consumer_lag_records", "zone" => z(), "consumer" => consumer.clone())

@@ -390,6 +390,16 @@ pub(super) fn stream(cmd: StreamCmd) -> Result<()> {
                     println!("  consumer {name}: acknowledged {acked}");
                 }
             }
+            if let Some(c) = s["nats_agents"].as_object() {
+                let last = n("last_seq");
+                for (name, at) in c {
+                    let at = at.as_u64().unwrap_or(0);
+                    println!(
+                        "  agent {name} (through NATS): durable through {at}, {} records behind",
+                        last.saturating_sub(at)
+                    );
+                }
+            }
             if let Some(b) = s["broken"].as_str() {
                 println!("  BROKEN: {b}");
             }

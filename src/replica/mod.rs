@@ -310,11 +310,11 @@ impl Link {
     }
 
     /// Tells the source what is durable in the replica. Over NATS the
-    /// source does not hold records for agents (JetStream keeps them).
+    /// source only shows it (JetStream, not the source, keeps records).
     async fn ack(&mut self, durable: u64) -> Result<(), ReplicaError> {
         match self {
             Link::Tcp(c) => c.send(kind::ACK, &durable.to_le_bytes()).await,
-            Link::Nats(_) => Ok(()),
+            Link::Nats(n) => n.ack(durable).await,
         }
     }
 

@@ -182,6 +182,26 @@ impl NatsLink {
         Ok(body.to_vec())
     }
 
+    /// Tells the source how far this replica is durable, for its lag
+    /// gauges (no answer; JetStream, not the source, keeps the records).
+    pub async fn ack(&mut self, durable: u64) -> Result<(), ReplicaError> {
+        let mut h = HeaderMap::new();
+        h.insert(H_AGENT, self.agent.as_str());
+        let mut frame = Vec::with_capacity(9);
+        frame.push(kind::ACK);
+        frame.extend_from_slice(&durable.to_le_bytes());
+        let subject = api_subject(&self.prefix, &self.zone);
+        // A lost report is replaced by the next one.
+        if let Err(e) = self
+            .client
+            .publish_with_headers(subject, h, frame.into())
+            .await
+        {
+            tracing::debug!(error = %e, "replica: position report not sent");
+        }
+        Ok(())
+    }
+
     /// Starts delivering records from `from` on. A record no longer in
     /// JetStream is refused here, before any record is delivered.
     pub async fn follow(&mut self, from: u64) -> Result<(), ReplicaError> {

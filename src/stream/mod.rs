@@ -200,6 +200,8 @@ pub struct ZoneStream {
     snapshot_nonce: AtomicU64,
     /// Key sets destroyed at the end of their retention, not yet audited.
     destroyed_sets: Mutex<Vec<u32>>,
+    /// Positions reported by agents consuming through NATS.
+    reported: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Counters.
     pub stats: StreamStats,
     stopped: AtomicBool,
@@ -240,6 +242,10 @@ pub struct StreamStatus {
     pub payload_blocks: u64,
     /// Acknowledged sequence per consumer.
     pub consumers: std::collections::BTreeMap<String, u64>,
+    /// Sequence durable on each agent that consumes through NATS, as it
+    /// last reported it (these hold no records: JetStream keeps them).
+    #[serde(default)]
+    pub nats_agents: std::collections::BTreeMap<String, u64>,
     /// Why the stream stopped recording, if it did.
     pub broken: Option<String>,
 }
@@ -353,6 +359,7 @@ impl ZoneStream {
             state: Mutex::new(state),
             snapshot_nonce: AtomicU64::new(0),
             destroyed_sets: Mutex::new(Vec::new()),
+            reported: Mutex::new(Default::default()),
             stats: StreamStats::default(),
             stopped: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -600,6 +607,13 @@ impl ZoneStream {
         }
     }
 
+    /// Records the position an agent consuming through NATS reports. It
+    /// holds no records here: JetStream keeps them for such agents.
+    pub fn report_position(&self, agent: &str, seq: u64) {
+        let seq = seq.min(self.last_visible());
+        self.reported.lock().insert(agent.to_string(), seq);
+    }
+
     /// Forgets a consumer (its acknowledgements no longer hold records).
     pub fn forget_consumer(&self, consumer: &str) {
         self.state.lock().acked.remove(consumer);
@@ -634,6 +648,7 @@ impl ZoneStream {
             referenced_blocks: self.stats.referenced_blocks.load(Ordering::Relaxed),
             payload_blocks: self.stats.payload_blocks.load(Ordering::Relaxed),
             consumers: self.state.lock().acked.clone(),
+            nats_agents: self.reported.lock().clone(),
             broken: self.broken(),
         }
     }

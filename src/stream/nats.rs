@@ -36,7 +36,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::ZoneStream;
-use super::serve::{self, StreamSource};
+use super::serve::{self, StreamSource, kind};
 
 /// The consumer name the publisher acknowledges under.
 pub const CONSUMER: &str = "nats";
@@ -421,7 +421,21 @@ async fn settle(
     Ok(())
 }
 
-/// Answers a zone's agents' requests.
+/// Records where a registered agent is; anything else is dropped.
+fn report_position(source: &dyn StreamSource, zone: &str, agent: &str, body: &[u8]) {
+    let Ok(seq) = <[u8; 8]>::try_from(body).map(u64::from_le_bytes) else {
+        return;
+    };
+    if source.agent(zone, agent).is_none() {
+        return;
+    }
+    if let Some(s) = source.stream(zone) {
+        s.report_position(agent, seq);
+    }
+}
+
+/// Answers a zone's agents' requests, and takes their position reports
+/// (kind ACK, no reply).
 async fn serve_zone(
     client: async_nats::Client,
     prefix: String,
@@ -441,9 +455,7 @@ async fn serve_zone(
             }
         };
         while let Some(msg) = sub.next().await {
-            let Some(reply) = msg.reply.clone() else {
-                continue;
-            };
+            let reply = msg.reply.clone();
             let (client, zone, source) = (client.clone(), zone.clone(), source.clone());
             tokio::spawn(async move {
                 let agent = msg
@@ -452,6 +464,11 @@ async fn serve_zone(
                     .and_then(|h| h.get(H_AGENT))
                     .map(|v| v.as_str().to_string())
                     .unwrap_or_default();
+                // A position report, not a request: no answer.
+                if let Some((&kind::ACK, body)) = msg.payload.split_first() {
+                    report_position(source.as_ref(), &zone, &agent, body);
+                    return;
+                }
                 let (k, body) = match msg.payload.split_first() {
                     Some((k, body)) => {
                         serve::answer(source.as_ref(), &zone, &agent, *k, body, SNAPSHOT_BLOCKS)
@@ -462,6 +479,7 @@ async fn serve_zone(
                 let mut frame = Vec::with_capacity(body.len() + 1);
                 frame.push(k);
                 frame.extend_from_slice(&body);
+                let Some(reply) = reply else { return };
                 if let Err(e) = client.publish(reply, frame.into()).await {
                     tracing::debug!(error = %e, "stream: NATS reply not sent");
                 }

@@ -179,6 +179,19 @@ impl Pair {
         serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
     }
 
+    /// The source server's `GET /metrics`.
+    pub fn src_metrics(&self, server: &Server) -> String {
+        let token = std::fs::read_to_string(self.src.path().join("admin.token")).unwrap();
+        let url = format!("http://{}/metrics", server.admin.as_deref().unwrap());
+        ureq::get(&url)
+            .header("Authorization", &format!("Bearer {}", token.trim()))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
     /// The last 40 lines above DEBUG of every agent log, for a failure's message.
     pub fn agent_logs(&self) -> String {
         let mut logs = String::new();
@@ -286,4 +299,10 @@ pub fn fio_json(uri: &str, out: &Path, extra: &[&str]) -> (bool, String) {
 fn tail_above_debug(log: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A sample's value in Prometheus text (`name{labels}` exactly).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
