@@ -781,7 +781,14 @@ impl ZoneStream {
                     tracing::warn!(zone = %self.zone_name, error = %e, "stream: cannot prepare the next key set yet");
                 }
             }
-            let (header_base, body, payload) = self.build(&mut w, &it, window);
+            let (header_base, body, picked) = self.build(&mut w, &it, window);
+            // Every block as payload (new data): seal straight from the copy
+            // the write made instead of copying it once more.
+            let payload: &[u8] = match (&picked, &it.item) {
+                (None, Item::Change(ZoneChange::Write { plain, .. })) => plain,
+                (Some(p), _) => p,
+                (None, _) => &[],
+            };
             let keys = self.keys.lock();
             let key = keys.key(window).ok_or_else(|| StreamError::Broken {
                 zone: self.zone_name.clone(),
@@ -791,7 +798,7 @@ impl ZoneStream {
                     keys.missing_reason(window)
                 ),
             })?;
-            let bytes = record::seal(&header_base, &body, &payload, key.expose());
+            let bytes = record::seal(&header_base, &body, payload, key.expose());
             drop(keys);
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -818,12 +825,14 @@ impl ZoneStream {
         Ok(())
     }
 
+    /// The record's header and body, and its payload when it is not the
+    /// write's blocks whole (`None`: every block goes as payload).
     fn build(
         &self,
         w: &mut Writing,
         it: &Queued,
         window: WindowId,
-    ) -> (Header, Body, Zeroizing<Vec<u8>>) {
+    ) -> (Header, Body, Option<Zeroizing<Vec<u8>>>) {
         let mut header = Header {
             op: Op::Write,
             stream: self.id,
@@ -836,7 +845,7 @@ impl ZoneStream {
             lba: Lba(0),
             count: 0,
         };
-        let mut payload = Zeroizing::new(Vec::new());
+        let mut picked = None;
         let body = match &it.item {
             Item::Change(ZoneChange::Write {
                 volume,
@@ -851,6 +860,7 @@ impl ZoneStream {
                     .logical_bytes
                     .fetch_add((tags.len() * BLOCK_SIZE) as u64, Ordering::Relaxed);
                 let mut blocks = Vec::with_capacity(tags.len());
+                let mut carried = Vec::with_capacity(tags.len());
                 for (i, t) in tags.iter().enumerate() {
                     let Some(t) = t else {
                         blocks.push(BlockRef::Zero);
@@ -869,9 +879,17 @@ impl ZoneStream {
                         if w.carried.len() < MAX_CARRIED {
                             w.carried.insert(*t, (it.seq, i as u32));
                         }
-                        payload.extend_from_slice(&plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+                        carried.push(i);
                         blocks.push(BlockRef::Payload(*t));
                     }
+                }
+                if carried.len() < tags.len() {
+                    let mut payload =
+                        Zeroizing::new(Vec::with_capacity(carried.len() * BLOCK_SIZE));
+                    for i in carried {
+                        payload.extend_from_slice(&plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+                    }
+                    picked = Some(payload);
                 }
                 Body::Write(blocks)
             }
@@ -899,7 +917,7 @@ impl ZoneStream {
                 }
             }
         };
-        (header, body, payload)
+        (header, body, picked)
     }
 
     /// Retention, key set ageing and consumer state, every few seconds.

@@ -338,7 +338,9 @@ fn encode_body(body: &Body, out: &mut Vec<u8>) {
 /// blocks in order (4096 bytes each), and is encrypted in place into the
 /// returned bytes. `key` is the window key.
 pub fn seal(header: &Header, body: &Body, payload: &[u8], key: &[u8; 32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + 64 + payload.len() + GCM_TAG_LEN);
+    // Sized once the body is encoded: the payload (up to a whole request)
+    // must not be copied again by a reallocation.
+    let mut out = Vec::with_capacity(HEADER_LEN + 64);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(header.op.code());
@@ -359,6 +361,7 @@ pub fn seal(header: &Header, body: &Body, payload: &[u8], key: &[u8; 32]) -> Vec
     let body_len = (out.len() - HEADER_LEN) as u32;
     out[76..80].copy_from_slice(&body_len.to_le_bytes());
     let aad_end = out.len();
+    out.reserve_exact(payload.len() + GCM_TAG_LEN);
     out.extend_from_slice(payload);
     let (aad, data) = out.split_at_mut(aad_end);
     let tag = gcm_key(key)
