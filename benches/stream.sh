@@ -113,10 +113,15 @@ serve "$PORT"
 own=$(fio --name=o --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/svol --rw=write --bs=1m --iodepth=8 --size=512M \
     --refill_buffers --output-format=json 2>/dev/null |
     python3 -c "import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.index('{'):])['jobs'][0]['write']['bw']/1024))")
-python3 - "$t0" "$t1" "$own" "$(cat "$work/catchup")" <<'PY'
+# The agent applies one record at a time: the same writes at queue depth 1.
+qd1=$(fio --name=o --ioengine=nbd --uri=nbd://127.0.0.1:$PORT/svol --rw=write --bs=1m --iodepth=1 --size=512M \
+    --refill_buffers --output-format=json 2>/dev/null |
+    python3 -c "import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.index('{'):])['jobs'][0]['write']['bw']/1024))")
+python3 - "$t0" "$t1" "$own" "$(cat "$work/catchup")" "$qd1" <<'PY'
 import sys
 t0, t1, own = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+qd1 = float(sys.argv[5])
 mbs = 512 / (t1 - t0)
-print(f"agent apply: 512 MiB backlog in {t1-t0:.1f} s ({mbs:.0f} MiB/s, start-up included); replica pool's own 1 MiB sequential writes {own:.0f} MiB/s ({mbs/own:.2f}x)")
+print(f"agent apply: 512 MiB backlog in {t1-t0:.1f} s ({mbs:.0f} MiB/s, start-up included); replica pool's own 1 MiB sequential writes {own:.0f} MiB/s at QD8 ({mbs/own:.2f}x), {qd1:.0f} MiB/s at QD1 ({mbs/qd1:.2f}x)")
 print(sys.argv[4])
 PY

@@ -198,9 +198,12 @@ pub fn read_status(pool_dir: &Path, zone: crate::ids::ZoneId) -> Option<ReplicaS
 /// A connection to the source's stream listener. Frames are read on their
 /// own task, so that waiting for one can be cancelled without losing part
 /// of a frame.
+/// A frame from the reader task: `None` at a clean end.
+type FrameResult = std::io::Result<Option<(u8, Vec<u8>)>>;
+
 struct Conn {
     addr: String,
-    frames: tokio::sync::mpsc::Receiver<std::io::Result<Option<(u8, Vec<u8>)>>>,
+    frames: tokio::sync::mpsc::Receiver<FrameResult>,
     reader: tokio::task::JoinHandle<()>,
     wr: connect::Wr,
     /// Records that arrived while the agent waited for another answer.

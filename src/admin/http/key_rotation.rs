@@ -123,7 +123,7 @@ pub(super) async fn report(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            &format!("{e}: GET report takes ?from=DATE|TIME[&to=DATE|TIME]"),
+            format!("{e}: GET report takes ?from=DATE|TIME[&to=DATE|TIME]"),
         )
     })?;
     json(&s, move |b| b.report(&q.from, q.to.as_deref())).await
