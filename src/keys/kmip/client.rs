@@ -502,6 +502,8 @@ mod tests {
     }
 
     #[test]
+    // The ring provider, as src/tls.rs uses (deprecated for lacking post-quantum exchange).
+    #[allow(deprecated)]
     fn an_unreachable_kms_is_reported_as_unreachable() {
         // A port nothing listens on (bound, then closed).
         let port = std::net::TcpListener::bind("127.0.0.1:0")
