@@ -32,6 +32,7 @@ mod backup;
 mod catalog;
 mod demo;
 mod keys;
+mod kmip;
 mod mac;
 mod report;
 mod schedule;
@@ -167,6 +168,8 @@ enum RootKeyKind {
     SealedFile,
     /// An AES-256 key inside a PKCS#11 token (HSM), unlocked with a PIN.
     Pkcs11,
+    /// An AES-256 key inside a KMIP server, reached over mutual TLS.
+    Kmip,
 }
 
 /// The pool directory alone: operator commands touch only
@@ -264,7 +267,9 @@ struct InitArgs {
     /// Label of the PKCS#11 token, with --root-key pkcs11.
     #[arg(long, required_if_eq("root_key", "pkcs11"))]
     token_label: Option<String>,
-    /// Label of the root key object on the token.
+    #[command(flatten)]
+    kmip: kmip::KmipInitArgs,
+    /// Label of the root key object on the token (the key's Name in a KMIP server).
     #[arg(long, default_value = DEFAULT_KEY_LABEL)]
     key_label: String,
     /// Use an existing key with --key-label instead of generating one.
@@ -637,6 +642,8 @@ fn pin(args: &PoolArgs) -> Result<Pin> {
 enum Secret {
     Passphrase(Passphrase),
     Pin(Pin),
+    /// A KMIP root key: nothing to ask for.
+    Kms,
 }
 
 impl Secret {
@@ -644,16 +651,18 @@ impl Secret {
         let dir = &args.pool;
         // Without a pool.toml, let Pool::open say so; ask for a passphrase
         // as before so the message order is unchanged for sealed pools.
-        let pkcs11 = Pool::exists(dir)
-            && matches!(
+        let config = if Pool::exists(dir) {
+            Some(
                 Pool::root_key_config(dir)
                     .with_context(|| format!("cannot open pool {}", dir.display()))?,
-                RootKeyConfig::Pkcs11 { .. }
-            );
-        Ok(if pkcs11 {
-            Secret::Pin(pin(args)?)
+            )
         } else {
-            Secret::Passphrase(passphrase(args)?)
+            None
+        };
+        Ok(match config {
+            Some(RootKeyConfig::Pkcs11 { .. }) => Secret::Pin(pin(args)?),
+            Some(RootKeyConfig::Kmip { .. }) => Secret::Kms,
+            _ => Secret::Passphrase(passphrase(args)?),
         })
     }
 
@@ -661,6 +670,7 @@ impl Secret {
         match self {
             Secret::Passphrase(p) => RootSecret::Passphrase(p),
             Secret::Pin(p) => RootSecret::Pin(p),
+            Secret::Kms => RootSecret::Kms,
         }
     }
 }
@@ -703,6 +713,10 @@ fn run(cli: Cli) -> Result<()> {
                         },
                     )
                 }
+                RootKeyKind::Kmip => (
+                    Secret::Kms,
+                    a.kmip.choice(&a.key_label, a.use_existing_key)?,
+                ),
             };
             let opts = InitOptions {
                 root_key,

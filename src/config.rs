@@ -301,6 +301,34 @@ pub enum RootKeyConfig {
         #[serde(default = "default_key_label")]
         key_label: String,
     },
+    /// An AES-256 key inside a KMIP key manager reached over mutual TLS;
+    /// wrapping happens in the KMS and the key never leaves it.
+    Kmip {
+        /// `host:port` of the KMIP server.
+        addr: String,
+        /// CA certificate (PEM) that signed the server's certificate.
+        ca: PathBuf,
+        /// This client's certificate (PEM).
+        cert: PathBuf,
+        /// This client's private key (PEM).
+        client_key: PathBuf,
+        /// The root key's Name in the KMS.
+        #[serde(default = "default_kmip_key_name")]
+        key_name: String,
+        /// The root key's KMIP unique identifier.
+        key_id: String,
+        /// Seconds a wrap or unwrap waits for an unreachable KMS while serving.
+        #[serde(default = "default_kmip_retry_secs")]
+        retry_secs: u64,
+    },
+}
+
+fn default_kmip_key_name() -> String {
+    crate::keys::kmip::DEFAULT_KEY_NAME.into()
+}
+
+fn default_kmip_retry_secs() -> u64 {
+    crate::keys::kmip::DEFAULT_RETRY_SECS
 }
 
 fn default_key_label() -> String {
@@ -320,7 +348,44 @@ impl RootKeyConfig {
                 token_label: token_label.clone(),
                 key_label: key_label.clone(),
             }),
-            RootKeyConfig::SealedFile { .. } => None,
+            RootKeyConfig::SealedFile { .. } | RootKeyConfig::Kmip { .. } => None,
+        }
+    }
+
+    /// The KMIP settings, if this is a KMIP root key.
+    pub fn kmip(&self) -> Option<crate::keys::KmipConfig> {
+        match self {
+            RootKeyConfig::Kmip {
+                addr,
+                ca,
+                cert,
+                client_key,
+                key_name,
+                key_id,
+                retry_secs,
+            } => Some(crate::keys::KmipConfig {
+                addr: addr.clone(),
+                ca: ca.clone(),
+                cert: cert.clone(),
+                client_key: client_key.clone(),
+                key_name: key_name.clone(),
+                key_id: key_id.clone(),
+                retry_secs: *retry_secs,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The `[root_key]` for a KMIP root key.
+    pub fn from_kmip(c: &crate::keys::KmipConfig) -> Self {
+        RootKeyConfig::Kmip {
+            addr: c.addr.clone(),
+            ca: c.ca.clone(),
+            cert: c.cert.clone(),
+            client_key: c.client_key.clone(),
+            key_name: c.key_name.clone(),
+            key_id: c.key_id.clone(),
+            retry_secs: c.retry_secs,
         }
     }
 }

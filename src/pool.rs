@@ -39,6 +39,7 @@ use crate::config::{
 use crate::ids::{BLOCK_SIZE, Cbid, JournalSeq, KeyVersion, VolumeId, ZoneId};
 use crate::keys::KeyError;
 use crate::keys::approval::{ApprovalError, Authorized, Operation, Target};
+use crate::keys::kmip::{KmipConfig, KmipProvider};
 use crate::keys::passphrase::Passphrase;
 use crate::keys::pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 use crate::keys::root::RootKeyProvider;
@@ -233,6 +234,14 @@ pub enum RootKeyChoice {
         /// Use a key that already exists instead of generating one.
         use_existing: bool,
     },
+    /// A root key in a KMIP server, created there unless `use_existing`
+    /// (then the one object named `config.key_name` is used).
+    Kmip {
+        /// Server address, TLS files and key name (`key_id` is filled in).
+        config: KmipConfig,
+        /// Use a key that already exists instead of creating one.
+        use_existing: bool,
+    },
 }
 
 /// The secret that unlocks a pool's root key: the passphrase of a sealed
@@ -243,6 +252,9 @@ pub enum RootSecret<'a> {
     Passphrase(&'a Passphrase),
     /// Token user PIN (pkcs11 provider).
     Pin(&'a Pin),
+    /// Nothing from the operator (kmip provider): the TLS client key that
+    /// opens the KMS is a file named in pool.toml.
+    Kms,
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
@@ -562,6 +574,9 @@ impl Pool {
             )));
         }
         // Check the secret matches the provider before touching the disk.
+        // A KMIP root key is made in the KMS first: its identifier goes
+        // into pool.toml.
+        let mut kmip: Option<KmipProvider> = None;
         let root_key = match (&opts.root_key, secret) {
             (RootKeyChoice::SealedFile, RootSecret::Passphrase(_)) => RootKeyConfig::SealedFile {
                 path: "keys/root.sealed".into(),
@@ -571,8 +586,22 @@ impl Pool {
                 token_label: config.token_label.clone(),
                 key_label: config.key_label.clone(),
             },
-            (RootKeyChoice::SealedFile, RootSecret::Pin(_)) => return Err(wrong_secret(false)),
-            (RootKeyChoice::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
+            (
+                RootKeyChoice::Kmip {
+                    config,
+                    use_existing,
+                },
+                _,
+            ) => {
+                let (provider, made) = KmipProvider::create_key(config, dir, *use_existing)?;
+                tracing::info!(root_key = %provider.describe(), existing = *use_existing, "KMIP root key ready");
+                kmip = Some(provider);
+                RootKeyConfig::from_kmip(&made)
+            }
+            (RootKeyChoice::SealedFile, RootSecret::Pin(_) | RootSecret::Kms) => {
+                return Err(wrong_secret(false));
+            }
+            (RootKeyChoice::Pkcs11 { .. }, RootSecret::Passphrase(_) | RootSecret::Kms) => {
                 return Err(wrong_secret(true));
             }
         };
@@ -617,6 +646,9 @@ impl Pool {
                 } else {
                     Pkcs11Provider::create_key(config, pin)?
                 })
+            }
+            (RootKeyConfig::Kmip { .. }, RootKeyChoice::Kmip { .. }, _) => {
+                Box::new(kmip.take().expect("the KMIP root key was made above"))
             }
             _ => unreachable!("provider and secret were matched above"),
         };
@@ -706,10 +738,16 @@ impl Pool {
                 let config = root_key.pkcs11().expect("a pkcs11 root key config");
                 Box::new(Pkcs11Provider::open(&config, pin)?)
             }
-            (RootKeyConfig::SealedFile { .. }, RootSecret::Pin(_)) => {
+            // The KMS needs nothing from the operator: whatever secret the
+            // caller found is not used.
+            (RootKeyConfig::Kmip { .. }, _) => {
+                let config = root_key.kmip().expect("a kmip root key config");
+                Box::new(KmipProvider::open(&config, dir)?)
+            }
+            (RootKeyConfig::SealedFile { .. }, RootSecret::Pin(_) | RootSecret::Kms) => {
                 return Err(wrong_secret(false));
             }
-            (RootKeyConfig::Pkcs11 { .. }, RootSecret::Passphrase(_)) => {
+            (RootKeyConfig::Pkcs11 { .. }, RootSecret::Passphrase(_) | RootSecret::Kms) => {
                 return Err(wrong_secret(true));
             }
         })
@@ -859,7 +897,7 @@ impl Pool {
         }
         let pin = match secret {
             RootSecret::Pin(p) => Some(p.duplicate()),
-            RootSecret::Passphrase(_) => None,
+            RootSecret::Passphrase(_) | RootSecret::Kms => None,
         };
         let pool = Self {
             dir: dir.to_path_buf(),

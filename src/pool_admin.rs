@@ -353,6 +353,7 @@ impl AdminBackend for Pool {
             provider: match &config.root_key {
                 RootKeyConfig::SealedFile { .. } => "sealed-file",
                 RootKeyConfig::Pkcs11 { .. } => "pkcs11",
+                RootKeyConfig::Kmip { .. } => "kmip",
             }
             .into(),
             root_id: root_id(&config.root_key),
@@ -428,6 +429,15 @@ impl AdminBackend for Pool {
                         key_label: new_key_label,
                     },
                 )
+            }
+            RootKeyConfig::Kmip { .. } => {
+                return Err(self.root_refused(
+                    ACTION,
+                    PoolError::Invalid(
+                        "this pool's root key is in a KMIP server: keyturn does not rotate it yet"
+                            .into(),
+                    ),
+                ));
             }
         };
         let auth = self.authorize_root_json(ACTION, &approvals)?;

@@ -149,8 +149,17 @@ fn phase_of(state: &RootRotationState, configured: &RootKeyConfig) -> Result<Roo
 fn pin_of(secret: RootSecret<'_>) -> Result<&Pin> {
     match secret {
         RootSecret::Pin(p) => Ok(p),
-        RootSecret::Passphrase(_) => Err(crate::pool::wrong_secret(true)),
+        RootSecret::Passphrase(_) | RootSecret::Kms => Err(crate::pool::wrong_secret(true)),
     }
+}
+
+/// A root key rotation of a KMIP root key is not built: the refusal.
+fn kmip_rotation_unsupported() -> PoolError {
+    PoolError::Invalid(
+        "this pool's root key is in a KMIP server: keyturn does not rotate it yet \
+         (KEK rotations work as usual; re-keying the KMS object is the KMS's own operation)"
+            .into(),
+    )
 }
 
 fn unix_now() -> u64 {
@@ -242,6 +251,7 @@ impl Pool {
                 }
                 Ok(Some(Box::new(Pkcs11Provider::open(&config, pin)?)))
             }
+            RootKeyConfig::Kmip { .. } => Err(kmip_rotation_unsupported()),
         }
     }
 
@@ -447,6 +457,7 @@ impl Pool {
                 let pin = pin_of(secret)?;
                 Pkcs11Provider::destroy_key(&state.old.pkcs11().expect("pkcs11"), pin)?
             }
+            RootKeyConfig::Kmip { .. } => return Err(kmip_rotation_unsupported()),
         };
         if old_destroyed {
             // Recorded now: a crash before the end must not leave it unrecorded.
@@ -509,6 +520,7 @@ impl Pool {
                 Arc::from(Self::open_provider(&dir, &configured, secret)?),
                 None,
             ),
+            RootKeyConfig::Kmip { .. } => return Err(kmip_rotation_unsupported()),
         };
         let state = match recorded {
             Some(s) => {
@@ -575,6 +587,7 @@ impl Pool {
                 Arc::new(SealedFileProvider::open(&path, pass)?)
             }
             RootKeyConfig::Pkcs11 { .. } => pair.new_root(),
+            RootKeyConfig::Kmip { .. } => return Err(kmip_rotation_unsupported()),
         };
         // Check and switch with every key file frozen: no KEK is made or
         // changed between the check and the switch, and every key-file
@@ -620,6 +633,7 @@ impl Pool {
     /// keeps the provider: a sealed file stays a sealed file).
     fn check_kind(root: &RootKeyConfig, new: &NewRoot<'_>) -> Result<()> {
         match (root, new) {
+            (RootKeyConfig::Kmip { .. }, _) => Err(kmip_rotation_unsupported()),
             (RootKeyConfig::SealedFile { .. }, NewRoot::SealedFile { .. })
             | (RootKeyConfig::Pkcs11 { .. }, NewRoot::Pkcs11 { .. }) => Ok(()),
             (RootKeyConfig::SealedFile { .. }, NewRoot::Pkcs11 { .. }) => Err(PoolError::Invalid(

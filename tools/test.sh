@@ -17,6 +17,8 @@ command -v nats-server >/dev/null || need+=(nats-server)
 command -v openssl  >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v amtool   >/dev/null || need+=(prometheus-alertmanager)
+# PyKMIP's server (tests/kmip.rs) goes into a venv, which needs ensurepip.
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv python3-pip)
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""
@@ -24,6 +26,16 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# PyKMIP (pip package `pykmip`) in a venv under target/, so the system's
+# Python stays untouched (Debian marks it externally managed).
+pykmip=target/pykmip-venv
+if [ ! -x "$pykmip/bin/pykmip-server" ]; then
+    echo "tools/test.sh: installing PyKMIP into $pykmip"
+    rm -rf "$pykmip"
+    python3 -m venv "$pykmip"
+    "$pykmip/bin/pip" install -q pykmip
+fi
+export KEYTURN_PYKMIP_SERVER="$PWD/$pykmip/bin/pykmip-server"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi

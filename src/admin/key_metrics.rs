@@ -33,6 +33,7 @@ pub const DURATION_BUCKETS: &[f64] = &[
 
 /// Help texts, once per process.
 pub fn describe() {
+    crate::keys::kmip::describe_metrics();
     for (name, help) in [
         (
             "keyturn_key_age_seconds",

@@ -16,6 +16,8 @@
 //!   passphrase (Argon2id + AES-256-GCM) in a JSON file.
 //! - [`pkcs11`]: [`Pkcs11Provider`], the root key inside a PKCS#11 token
 //!   (AES-256, sensitive, non-extractable); wrapping happens in the token.
+//! - [`kmip`]: [`KmipProvider`], the root key inside a KMIP key manager
+//!   reached over mutual TLS; wrapping happens in the KMS.
 //! - [`root_rotation`]: the record of a root key rotation in progress and
 //!   the [`RootPair`](root_rotation::RootPair) of root keys that serves
 //!   meanwhile (the re-wrap itself is driven by the pool).
@@ -31,6 +33,7 @@
 pub mod approval;
 pub mod backup;
 pub(crate) mod fsutil;
+pub mod kmip;
 pub mod passphrase;
 pub mod pkcs11;
 pub mod root;
@@ -47,6 +50,7 @@ use std::path::PathBuf;
 
 use crate::ids::ZoneId;
 
+pub use kmip::{KmipConfig, KmipProvider};
 pub use passphrase::{PASSPHRASE_ENV, Passphrase};
 pub use pkcs11::{Pin, Pkcs11Config, Pkcs11Provider};
 pub use root::RootKeyProvider;
@@ -247,6 +251,29 @@ pub enum KeyError {
         origin: String,
         /// Why.
         reason: &'static str,
+    },
+
+    /// The KMIP server holding the root key did not answer (refused
+    /// connection, failed TLS handshake, timeout).
+    #[error("the KMIP server at {addr} is unreachable: cannot {op} it: {reason}")]
+    KmsUnreachable {
+        /// `host:port` of the KMS.
+        addr: String,
+        /// What was being done, phrased to precede "it".
+        op: &'static str,
+        /// What failed (OS or TLS error), never data.
+        reason: String,
+    },
+
+    /// The KMIP server answered but refused, or answered nonsense.
+    #[error("cannot {op} the KMIP server at {addr}: {reason}")]
+    Kms {
+        /// `host:port` of the KMS.
+        addr: String,
+        /// What was being done, phrased to precede "the KMIP server".
+        op: &'static str,
+        /// The KMS's result reason and message, never data.
+        reason: String,
     },
 
     /// A zone's key records do not form a usable key chain.

@@ -66,6 +66,7 @@ pub fn root_id(config: &RootKeyConfig) -> String {
             key_label,
             ..
         } => format!("pkcs11:{token_label}/{key_label}"),
+        RootKeyConfig::Kmip { addr, key_id, .. } => format!("kmip:{addr}/{key_id}"),
     }
 }
 
