@@ -13,6 +13,7 @@ pub mod cleanup;
 mod forecast;
 pub mod mac;
 pub mod pipeline;
+mod probe;
 pub mod rollback;
 pub mod state;
 pub mod throttle;
@@ -314,6 +315,7 @@ impl Pool {
         if self.storage.staging.is_none() {
             return Err(PoolError::Conflict("the pool has no staging device".into()));
         }
+        probe::staging_writable(&self.storage)?;
         let started = Instant::now();
         let z = &rot.zone;
         let next = self.make_next_key(z)?;
