@@ -578,8 +578,21 @@ impl Volume {
             nc.slot = slot;
         }
         plan.placed = plan.new.len();
-        if let (Some(_), Some(staging)) = (plan.window, &self.storage.staging) {
-            let staged = staging.alloc_foreground(count as u64);
+        if let (Some(next), Some(staging)) = (plan.window, &self.storage.staging) {
+            let mut staged = staging.alloc_foreground(count as u64);
+            if staged.len() < count
+                && let Some(bound) = self.zone.staging_wait.bound()
+            {
+                crate::zone::staging_wait::wait_for_staging(
+                    &self.zone,
+                    staging,
+                    next,
+                    &mut staged,
+                    count,
+                    bound,
+                )
+                .await;
+            }
             if (staged.len()) < count {
                 self.zone.stats.unstaged.fetch_add(
                     (count - staged.len()) as u64,

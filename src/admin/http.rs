@@ -492,6 +492,10 @@ mod tests {
             migration_secs: None,
             rolled_back_from: None,
             rolled_back_unix: None,
+            throttle_mib_s: 0,
+            throttle_source: "pool".into(),
+            strict_waited_writes: 0,
+            strict_fallbacks: 0,
         }
     }
 

@@ -159,6 +159,18 @@ fn describe() {
             "Staging or migration errors since the window opened",
         ),
         (
+            "keyturn_rotation_strict_fallbacks",
+            "Strict writes that waited out the bound and went unstaged (alerted)",
+        ),
+        (
+            "keyturn_rotation_strict_waited_writes",
+            "Strict writes that waited for staging space and got it",
+        ),
+        (
+            "keyturn_rotation_throttle_mib_s",
+            "The staging and migration throttle in force, MiB/s (0: none)",
+        ),
+        (
             "keyturn_rotation_emergency",
             "1 during an emergency rotation",
         ),
@@ -283,6 +295,15 @@ fn set_zone_gauges(s: &RotationStatus) {
         ),
         ("keyturn_rotation_unstaged_writes", s.unstaged_writes as f64),
         ("keyturn_rotation_errors", s.errors as f64),
+        (
+            "keyturn_rotation_strict_fallbacks",
+            s.strict_fallbacks as f64,
+        ),
+        (
+            "keyturn_rotation_strict_waited_writes",
+            s.strict_waited_writes as f64,
+        ),
+        ("keyturn_rotation_throttle_mib_s", s.throttle_mib_s as f64),
         (
             "keyturn_rotation_emergency",
             if s.emergency { 1.0 } else { 0.0 },

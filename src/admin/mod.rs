@@ -405,6 +405,21 @@ pub struct RotationStatus {
     /// When it was rolled back (Unix seconds).
     #[serde(default)]
     pub rolled_back_unix: Option<u64>,
+    /// The staging and migration throttle in force, MiB/s (0: none): the
+    /// zone policy's when the scheduler started the rotation, else the
+    /// pool's `[rotation] rate_mib_s`.
+    #[serde(default)]
+    pub throttle_mib_s: u64,
+    /// Where the throttle comes from: "policy" or "pool".
+    #[serde(default)]
+    pub throttle_source: String,
+    /// Strict writes (policy `staging_full = strict`) that waited for
+    /// staging space and got it.
+    #[serde(default)]
+    pub strict_waited_writes: u64,
+    /// Strict writes that waited out the bound and went unstaged (alerted).
+    #[serde(default)]
+    pub strict_fallbacks: u64,
 }
 
 /// `GET /api/v1/zones/{zone}/scrub`, and the answer to starting one.

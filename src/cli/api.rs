@@ -504,6 +504,16 @@ fn print_status(s: &RotationStatus) {
         HumanBytes(s.staging_free_bytes)
     );
     println!("unstaged writes: {}", s.unstaged_writes);
+    if s.strict_waited_writes + s.strict_fallbacks > 0 {
+        println!(
+            "strict writes: {} waited for staging, {} fell back unstaged",
+            s.strict_waited_writes, s.strict_fallbacks
+        );
+    }
+    match s.throttle_mib_s {
+        0 => println!("throttle: none ({})", s.throttle_source),
+        n => println!("throttle: {n} MiB/s ({})", s.throttle_source),
+    }
     match &s.last_error {
         Some(e) => println!("errors: {} (last: {e})", s.errors),
         None => println!("errors: {}", s.errors),
@@ -703,6 +713,10 @@ mod tests {
             migration_secs: None,
             rolled_back_from: None,
             rolled_back_unix: None,
+            throttle_mib_s: 0,
+            throttle_source: "pool".into(),
+            strict_waited_writes: 0,
+            strict_fallbacks: 0,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod cleanup;
 mod forecast;
 pub mod mac;
 pub mod pipeline;
+mod probe;
 pub mod rollback;
 pub mod state;
 pub mod throttle;
@@ -288,16 +289,18 @@ impl Pool {
     /// and the pipeline stages existing blocks. `flip_at`: flip
     /// automatically then (Unix seconds).
     pub fn rotation_prepare(&self, zone: &str, flip_at: Option<u64>) -> Result<RotationStatus> {
-        self.rotation_prepare_with(zone, flip_at, None)
+        self.rotation_prepare_with(zone, flip_at, None, None)
     }
 
     /// [`Pool::rotation_prepare`] with this rotation's grace period for the
-    /// old key (`None`: `[rotation] grace_secs`).
+    /// old key (`None`: `[rotation] grace_secs`) and its staging and
+    /// migration throttle in MiB/s (`None`: `[rotation] rate_mib_s`).
     pub fn rotation_prepare_with(
         &self,
         zone: &str,
         flip_at: Option<u64>,
         grace_secs: Option<u64>,
+        rate_mib_s: Option<u64>,
     ) -> Result<RotationStatus> {
         let rot = self.rotation(zone)?;
         let _op = rot.op.lock();
@@ -312,6 +315,7 @@ impl Pool {
         if self.storage.staging.is_none() {
             return Err(PoolError::Conflict("the pool has no staging device".into()));
         }
+        probe::staging_writable(&self.storage)?;
         let started = Instant::now();
         let z = &rot.zone;
         let next = self.make_next_key(z)?;
@@ -322,6 +326,7 @@ impl Pool {
             flip_at_unix: flip_at,
             pending_destroy: st.pending_destroy.clone(),
             grace_secs,
+            rate_mib_s,
             ..Default::default()
         };
         self.save_state(&rot, &new)?;
@@ -738,6 +743,15 @@ impl Pool {
             migration_secs: timeline.migrated.map(|d| d.as_secs_f64()),
             rolled_back_from: st.rolled_back_from,
             rolled_back_unix: st.rolled_back_unix,
+            throttle_mib_s: st.rate_mib_s.unwrap_or(self.config().rotation.rate_mib_s),
+            throttle_source: if st.rate_mib_s.is_some() {
+                "policy"
+            } else {
+                "pool"
+            }
+            .into(),
+            strict_waited_writes: z.stats.strict_waited.load(Ordering::Relaxed),
+            strict_fallbacks: z.stats.strict_fallbacks.load(Ordering::Relaxed),
         })
     }
 
@@ -844,7 +858,11 @@ impl Pool {
             stop: rot.stop.clone(),
             avoid_staged: rot.avoid_staged.clone(),
         };
-        let config = self.config().rotation.clone();
+        let mut config = self.config().rotation.clone();
+        // The policy's throttle for a rotation the scheduler started.
+        if let Some(rate) = st.rate_mib_s {
+            config.rate_mib_s = rate;
+        }
         let phase = st.phase;
         let next = st.next_version();
         let emergency = st.emergency;

@@ -74,6 +74,9 @@ pub struct RotationState {
     pub rolled_back_from: Option<u32>,
     /// When the rollback happened.
     pub rolled_back_unix: Option<u64>,
+    /// This rotation's staging and migration throttle in MiB/s (the zone
+    /// policy's, when the scheduler started it); else `[rotation] rate_mib_s`.
+    pub rate_mib_s: Option<u64>,
 }
 
 impl RotationState {

@@ -19,6 +19,7 @@
 
 mod planning;
 mod threats;
+mod write_modes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -130,6 +131,7 @@ impl Scheduler {
             wake: AtomicBool::new(false),
         });
         pool.load_heat();
+        write_modes::apply(pool, &s.policies.lock());
         pool.set_schedule_service(s.clone());
         if s.settings.enabled {
             let me = s.clone();
@@ -186,6 +188,8 @@ impl Scheduler {
         let now = crate::clock::unix_now();
         self.read_feed(pool, now);
         let policies = self.policies.lock().clone();
+        // A zone made since the last check gets its policy's write mode.
+        write_modes::apply(pool, &policies);
         let threat = self.threat.lock().clone();
         let facts = match self.zone_facts(pool, &policies, &threat) {
             Ok(f) => f,
@@ -425,7 +429,12 @@ impl Scheduler {
                 }
             }
             KeyKind::Dek => pool
-                .rotation_prepare_with(&s.zone, Some(s.flip_at), Some(policy.dek.grace.secs()))
+                .rotation_prepare_with(
+                    &s.zone,
+                    Some(s.flip_at),
+                    Some(policy.dek.grace.secs()),
+                    (policy.rate_mib_s > 0).then_some(policy.rate_mib_s),
+                )
                 .map(drop),
             KeyKind::Kek => {
                 self.spawn_kek(pool, &s.zone, policy);
@@ -697,6 +706,7 @@ impl ScheduleService for Scheduler {
                     next.save(&self.dir)
                         .map_err(|e| AdminError::Internal(e.to_string()))?;
                     *p = next;
+                    write_modes::apply(&pool, &p);
                 }
                 pool.record(AuditEvent::ok("policy.set").zone(&z))
                     .map_err(AdminError::from)?;

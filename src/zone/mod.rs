@@ -26,6 +26,7 @@ pub mod classes;
 pub mod heat;
 pub mod mac;
 mod overlay;
+pub mod staging_wait;
 
 use overlay::Overlay;
 
@@ -595,6 +596,10 @@ pub struct ZoneStats {
     pub read_fallbacks: std::sync::atomic::AtomicU64,
     /// Logical blocks written (the rotation planner's foreground write rate).
     pub written_blocks: std::sync::atomic::AtomicU64,
+    /// Writes in strict mode that waited for staging space and got it.
+    pub strict_waited: std::sync::atomic::AtomicU64,
+    /// Writes in strict mode that waited out the bound and went unstaged.
+    pub strict_fallbacks: std::sync::atomic::AtomicU64,
 }
 
 /// A zone: its id, name, keys, and metadata.
@@ -618,6 +623,8 @@ pub struct Zone {
     pub stats: ZoneStats,
     /// Where committed changes go when the zone streams (see `stream`).
     pub sink: RwLock<Option<Arc<dyn change::ChangeSink>>>,
+    /// What a write in a window does when staging is full (the policy's).
+    pub staging_wait: staging_wait::StagingWait,
 }
 
 /// Milliseconds since the first call in this process: a cheap clock for
@@ -640,6 +647,7 @@ impl Zone {
             last_io: AtomicU64::new(0),
             stats: ZoneStats::default(),
             sink: RwLock::new(None),
+            staging_wait: staging_wait::StagingWait::default(),
         }
     }
 
