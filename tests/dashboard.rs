@@ -134,9 +134,7 @@ fn value(row: &str, name: &str) -> f64 {
 }
 
 fn u(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
 fn artifact_dir() -> PathBuf {
@@ -232,7 +230,10 @@ fn during_a_rotation_the_page_shows_what_the_api_gives() {
     );
     assert!(used > 0.0 && free > 0.0);
     assert_eq!(cell(z, "errors"), after["errors"].to_string());
-    assert_eq!(cell(z, "unstaged_writes"), after["unstaged_writes"].to_string());
+    assert_eq!(
+        cell(z, "unstaged_writes"),
+        after["unstaged_writes"].to_string()
+    );
     assert!(value(z, "rate") > 0.0, "a staging rate: {z}");
 
     // Blocks per DEK version: the chart's legend.
@@ -281,7 +282,11 @@ fn during_a_rotation_the_page_shows_what_the_api_gives() {
         &url,
     );
     let png = std::fs::read(&shot).expect("a screenshot");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{}", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        png.len()
+    );
     eprintln!("screenshot: {}", shot.display());
 }
 
