@@ -180,10 +180,14 @@ impl ReportsSection {
     /// Checks the values make sense.
     pub fn validate(&self) -> Result<(), String> {
         if self.dir.is_some() && self.format.is_empty() {
-            return Err("reports.format names no format: give some of \"json\", \"md\", \"html\"".into());
+            return Err(
+                "reports.format names no format: give some of \"json\", \"md\", \"html\"".into(),
+            );
         }
         if self.dir.is_some() && !self.daily && !self.weekly {
-            return Err("reports.dir is set but neither reports.daily nor reports.weekly is true".into());
+            return Err(
+                "reports.dir is set but neither reports.daily nor reports.weekly is true".into(),
+            );
         }
         Ok(())
     }

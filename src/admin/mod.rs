@@ -697,7 +697,9 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// `{"records": [...]}`. A backend without an audit log answers 404.
     fn audit_recent(&self, limit: usize) -> Result<serde_json::Value, AdminError> {
         let _ = limit;
-        Err(AdminError::NotFound("this server keeps no audit log".into()))
+        Err(AdminError::NotFound(
+            "this server keeps no audit log".into(),
+        ))
     }
     /// Appends `event` to the audit log (the API's own events: tokens).
     fn record(&self, event: crate::audit::AuditEvent) -> Result<(), AdminError> {

@@ -284,7 +284,13 @@ impl Reporter {
                         .map_err(|e| ScheduledError::Build(format!("cannot audit it: {e}")))?;
                     *state.slot(kind) = Some(to);
                     state.save(&self.state_path)?;
-                    tracing::info!(kind = kind.name(), from, to, files = files.len(), "scheduled report written");
+                    tracing::info!(
+                        kind = kind.name(),
+                        from,
+                        to,
+                        files = files.len(),
+                        "scheduled report written"
+                    );
                     written.extend(files);
                 }
             }
@@ -358,7 +364,10 @@ mod tests {
                 to: MON + DAY
             }
         );
-        assert_eq!(due(Kind::Daily, Some(MON + DAY), MON + DAY + 1), Due::Nothing);
+        assert_eq!(
+            due(Kind::Daily, Some(MON + DAY), MON + DAY + 1),
+            Due::Nothing
+        );
         // After a long stop: the last complete day only.
         assert_eq!(
             due(Kind::Daily, Some(MON), MON + 5 * DAY + 7),

@@ -17,7 +17,8 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::{ApiError, AppState};
 use super::{
-    audit, dashboard, key_changes, key_rotation, keys, openapi, rotation, schedule, stream, tokens, zones,
+    audit, dashboard, key_changes, key_rotation, keys, openapi, rotation, schedule, stream, tokens,
+    zones,
 };
 use crate::admin::tokens::{Actor, Role};
 
@@ -147,20 +148,26 @@ fn filter(method: &str) -> MethodFilter {
 /// Every route of [`ROUTES`] that needs a token, each behind the check of
 /// its role.
 pub(super) fn router() -> Router<AppState> {
-    ROUTES.iter().filter(|r| !r.public).fold(Router::new(), |r, route| {
-        r.route(
-            route.path,
-            (route.make)(filter(route.method))
-                .route_layer(middleware::from_fn_with_state(route.role, require)),
-        )
-    })
+    ROUTES
+        .iter()
+        .filter(|r| !r.public)
+        .fold(Router::new(), |r, route| {
+            r.route(
+                route.path,
+                (route.make)(filter(route.method))
+                    .route_layer(middleware::from_fn_with_state(route.role, require)),
+            )
+        })
 }
 
 /// The routes of [`ROUTES`] served without a token.
 pub(super) fn pages() -> Router<AppState> {
-    ROUTES.iter().filter(|r| r.public).fold(Router::new(), |r, route| {
-        r.route(route.path, (route.make)(filter(route.method)))
-    })
+    ROUTES
+        .iter()
+        .filter(|r| r.public)
+        .fold(Router::new(), |r, route| {
+            r.route(route.path, (route.make)(filter(route.method)))
+        })
 }
 
 /// Lets a request through when its token's role allows the route's.
