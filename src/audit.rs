@@ -100,6 +100,7 @@ use crate::keys::KeyLabel;
 pub mod export;
 pub mod sign;
 pub mod signed;
+pub mod tail;
 
 /// File name of the log inside the pool directory.
 pub const LOG_FILE: &str = "audit.log";

@@ -1617,6 +1617,10 @@ fn serve(
             None
         }
     };
+    let reporter = crate::report::scheduled::Reporter::start(&pool).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "ALERT: scheduled reports cannot start; none will be written");
+        None
+    });
     if let Err(e) = pool.record(AuditEvent::ok("serve.start")) {
         tracing::warn!(error = %e, "serve.start not recorded");
     }
@@ -1751,6 +1755,9 @@ fn serve(
     });
     if let Some(s) = &scheduler {
         s.stop();
+    }
+    if let Some(r) = &reporter {
+        r.stop();
     }
     pool.stop_background();
     let _ = std::fs::remove_file(dir.join(STREAM_ADDR_FILE));

@@ -62,6 +62,9 @@ pub struct PoolConfig {
     /// The rotation scheduler. Defaulted: on, checking once a minute.
     #[serde(default)]
     pub schedule: ScheduleSection,
+    /// Daily and weekly reports written to a directory. Defaulted: off.
+    #[serde(default, skip_serializing_if = "ReportsSection::is_off")]
+    pub reports: ReportsSection,
     /// Test facilities (a test pool only). Defaulted: off.
     #[serde(default, skip_serializing_if = "TestSection::is_off")]
     pub test: TestSection,
@@ -131,6 +134,60 @@ impl ScheduleSection {
         }
         if self.assumed_rate_mib_s == 0 {
             return Err("schedule.assumed_rate_mib_s must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `[reports]` in `pool.toml`: the server writes the key-rotation report
+/// of each past day and week into `dir` (see [`crate::report::scheduled`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportsSection {
+    /// Where reports go (relative to the pool directory unless absolute);
+    /// none: no scheduled reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// A report of each day (UTC), written after midnight.
+    pub daily: bool,
+    /// A report of each week (Monday to Monday, UTC), written after the
+    /// week ends.
+    pub weekly: bool,
+    /// The files made of each report.
+    pub format: Vec<crate::report::render::Format>,
+}
+
+impl Default for ReportsSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            daily: true,
+            weekly: true,
+            format: vec![
+                crate::report::render::Format::Json,
+                crate::report::render::Format::Md,
+                crate::report::render::Format::Html,
+            ],
+        }
+    }
+}
+
+impl ReportsSection {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the values make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dir.is_some() && self.format.is_empty() {
+            return Err(
+                "reports.format names no format: give some of \"json\", \"md\", \"html\"".into(),
+            );
+        }
+        if self.dir.is_some() && !self.daily && !self.weekly {
+            return Err(
+                "reports.dir is set but neither reports.daily nor reports.weekly is true".into(),
+            );
         }
         Ok(())
     }
@@ -438,6 +495,7 @@ impl PoolConfig {
             .rotation
             .validate()
             .and_then(|()| config.schedule.validate())
+            .and_then(|()| config.reports.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.into(),
                 message,
@@ -596,6 +654,7 @@ mod tests {
             admin: AdminSection::default(),
             stream: Default::default(),
             schedule: Default::default(),
+            reports: Default::default(),
             test: Default::default(),
             tls: Default::default(),
             access: Vec::new(),

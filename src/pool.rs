@@ -619,6 +619,7 @@ impl Pool {
             admin: crate::config::AdminSection::default(),
             stream: Default::default(),
             schedule: Default::default(),
+            reports: Default::default(),
             test: Default::default(),
             tls: Default::default(),
             access: Vec::new(),

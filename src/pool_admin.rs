@@ -608,6 +608,12 @@ impl AdminBackend for Pool {
             .map_err(AdminError::from)
     }
 
+    fn audit_recent(&self, limit: usize) -> Result<serde_json::Value, AdminError> {
+        let records = crate::audit::tail::recent(self.dir(), limit)
+            .map_err(|e| AdminError::Internal(format!("cannot read the audit log: {e}")))?;
+        Ok(serde_json::json!({ "records": records }))
+    }
+
     fn audit_state(&self) -> Option<(bool, u64)> {
         Some(match self.audit() {
             Ok(log) => (true, log.last_id()),

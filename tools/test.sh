@@ -2,7 +2,8 @@
 # README's second command: installs what the tests need when it is missing,
 # then runs every test (unit tests, and integration tests that drive the real
 # keyturn binary with qemu-io, qemu-img, nbdinfo, nbdcopy and fio, and check
-# the Prometheus rules and a live scrape with promtool and amtool).
+# the Prometheus rules and a live scrape with promtool and amtool, and the
+# dashboard page in headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v amtool   >/dev/null || need+=(prometheus-alertmanager)
 # PyKMIP's server (tests/kmip.rs) goes into a venv, which needs ensurepip.
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv python3-pip)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""

@@ -5,7 +5,8 @@
 //!
 //! Every route needs a token, `/health` and `/metrics` included: the pool's
 //! admin token or a named token (see [`super::tokens`]), whose role must
-//! allow the route (the table in [`routes`]). Every answer that is not a
+//! allow the route (the table in [`routes`]), except the dashboard's static
+//! files, which hold no data. Every answer that is not a
 //! success is JSON: `{"error": "...", "kind": "..."}`. The server listens
 //! on loopback only.
 
@@ -152,6 +153,8 @@ pub async fn serve(
     Ok(())
 }
 
+mod audit;
+mod dashboard;
 mod key_changes;
 mod key_rotation;
 mod keys;
@@ -166,11 +169,14 @@ mod zones;
 pub use openapi::OPENAPI;
 
 fn router(state: AppState) -> Router {
+    // The fallbacks sit behind authentication too: without a token, an
+    // unknown route is a 401 like any other.
     routes::router()
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .merge(routes::pages().method_not_allowed_fallback(wrong_method))
         .with_state(state)
 }
 

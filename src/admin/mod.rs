@@ -708,6 +708,14 @@ pub trait AdminBackend: Send + Sync + 'static {
             "this server has no key cleanup".into(),
         ))
     }
+    /// The last `limit` records of the audit log, oldest first, as
+    /// `{"records": [...]}`. A backend without an audit log answers 404.
+    fn audit_recent(&self, limit: usize) -> Result<serde_json::Value, AdminError> {
+        let _ = limit;
+        Err(AdminError::NotFound(
+            "this server keeps no audit log".into(),
+        ))
+    }
     /// Appends `event` to the audit log (the API's own events: tokens).
     fn record(&self, event: crate::audit::AuditEvent) -> Result<(), AdminError> {
         let _ = event;

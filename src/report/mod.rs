@@ -5,9 +5,11 @@
 //! and the audit log alone, so the report can be checked against the log.
 //!
 //! [`build`] gives the data (JSON for `GET /api/v1/key-rotation/report`);
-//! [`render`] formats it as Markdown or HTML.
+//! [`render`] formats it as Markdown or HTML; [`scheduled`] writes daily
+//! and weekly reports to a directory.
 
 pub mod render;
+pub mod scheduled;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,7 +3,10 @@
 use super::Report;
 
 /// Output formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// The report's data, JSON.
     Json,
@@ -11,6 +14,17 @@ pub enum Format {
     Md,
     /// One HTML page, no external assets.
     Html,
+}
+
+impl Format {
+    /// The file name extension of this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Md => "md",
+            Format::Html => "html",
+        }
+    }
 }
 
 /// Renders `r` as `format`.

@@ -2,6 +2,11 @@
 //! needs, and its handler. The router is built from [`ROUTES`] and nothing
 //! else, and the OpenAPI document is checked against it, so a route cannot
 //! be served without being documented and given a role.
+//!
+//! A few rows are pages ([`Route::public`]): the dashboard's static files,
+//! served without a token because a browser cannot send one when it
+//! navigates. They hold no data; the page reads the API with the token the
+//! operator gives it, so their role is the one the page needs to work.
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -11,7 +16,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::{ApiError, AppState};
-use super::{key_changes, key_rotation, keys, openapi, rotation, schedule, stream, tokens, zones};
+use super::{
+    audit, dashboard, key_changes, key_rotation, keys, openapi, rotation, schedule, stream, tokens,
+    zones,
+};
 use crate::admin::tokens::{Actor, Role};
 
 /// One route.
@@ -22,6 +30,8 @@ pub(crate) struct Route {
     pub path: &'static str,
     /// The weakest role that may call it.
     pub role: Role,
+    /// Served without a token (a static page that holds no data).
+    pub public: bool,
     make: fn(MethodFilter) -> MethodRouter<AppState>,
 }
 
@@ -31,6 +41,16 @@ macro_rules! route {
             method: stringify!($m),
             path: $path,
             role: Role::$role,
+            public: false,
+            make: |f| on(f, $h),
+        }
+    };
+    (page $m:ident $path:literal $role:ident $h:path) => {
+        Route {
+            method: stringify!($m),
+            path: $path,
+            role: Role::$role,
+            public: true,
             make: |f| on(f, $h),
         }
     };
@@ -42,6 +62,10 @@ pub(crate) const ROUTES: &[Route] = &[
     route!(GET "/health" Viewer super::health),
     route!(GET "/metrics" Viewer super::metrics),
     route!(GET "/api/v1/openapi.json" Viewer openapi::document),
+    // The dashboard: static files; the page asks for a viewer token.
+    route!(page GET "/dashboard" Viewer dashboard::page),
+    route!(page GET "/dashboard/app.js" Viewer dashboard::script),
+    route!(page GET "/dashboard/style.css" Viewer dashboard::style),
     // Zones and volumes.
     route!(GET "/api/v1/zones" Viewer zones::zones),
     route!(POST "/api/v1/zones" Admin zones::zone_create),
@@ -104,6 +128,8 @@ pub(crate) const ROUTES: &[Route] = &[
     route!(GET "/api/v1/key-rotation/keys/{zone}" Viewer key_rotation::zone_keys),
     route!(GET "/api/v1/key-rotation/report" Viewer key_rotation::report),
     route!(POST "/api/v1/key-rotation/cleanup" Admin key_rotation::cleanup),
+    // The audit log's last records.
+    route!(GET "/api/v1/audit/recent" Viewer audit::recent),
     // API tokens.
     route!(GET "/api/v1/tokens" Admin tokens::list),
     route!(POST "/api/v1/tokens" Admin tokens::create),
@@ -119,15 +145,29 @@ fn filter(method: &str) -> MethodFilter {
     }
 }
 
-/// Every route of [`ROUTES`], each behind the check of its role.
+/// Every route of [`ROUTES`] that needs a token, each behind the check of
+/// its role.
 pub(super) fn router() -> Router<AppState> {
-    ROUTES.iter().fold(Router::new(), |r, route| {
-        r.route(
-            route.path,
-            (route.make)(filter(route.method))
-                .route_layer(middleware::from_fn_with_state(route.role, require)),
-        )
-    })
+    ROUTES
+        .iter()
+        .filter(|r| !r.public)
+        .fold(Router::new(), |r, route| {
+            r.route(
+                route.path,
+                (route.make)(filter(route.method))
+                    .route_layer(middleware::from_fn_with_state(route.role, require)),
+            )
+        })
+}
+
+/// The routes of [`ROUTES`] served without a token.
+pub(super) fn pages() -> Router<AppState> {
+    ROUTES
+        .iter()
+        .filter(|r| r.public)
+        .fold(Router::new(), |r, route| {
+            r.route(route.path, (route.make)(filter(route.method)))
+        })
 }
 
 /// Lets a request through when its token's role allows the route's.
