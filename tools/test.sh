@@ -17,6 +17,7 @@ command -v nats-server >/dev/null || need+=(nats-server)
 command -v openssl  >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v amtool   >/dev/null || need+=(prometheus-alertmanager)
+command -v c++      >/dev/null || need+=(g++)   # libfuzzer-sys builds libFuzzer
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""
@@ -31,3 +32,9 @@ fi
 # Integration tests find the shared NBD conformance kit here.
 export KEYTURN_NBD_KIT="${KEYTURN_NBD_KIT:-$(cd .. && pwd)/shared/nbd-kit}"
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# The fuzz smoke test: every fuzz target for KEYTURN_FUZZ_SECS seconds
+# (default 10; 0 skips) on its seed corpus; fails on any crash.
+if [ "${KEYTURN_FUZZ_SECS:-10}" != 0 ]; then
+    tools/fuzz.sh "${KEYTURN_FUZZ_SECS:-10}"
+fi

@@ -152,6 +152,8 @@ pub async fn serve(
     Ok(())
 }
 
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz_body;
 mod key_changes;
 mod key_rotation;
 mod keys;
