@@ -45,7 +45,7 @@ fn entries(i: u64) -> Vec<Entry> {
         Entry::Cb {
             zone: ZoneId(1),
             cbid: Cbid(i),
-            record: record(i, 1 + (i % 2) as u32, i % 3 == 0),
+            record: record(i, 1 + (i % 2) as u32, i.is_multiple_of(3)),
         },
         Entry::Map {
             volume: VolumeId(1),
