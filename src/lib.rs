@@ -16,6 +16,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod nbd;

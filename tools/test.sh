@@ -21,6 +21,7 @@ command -v amtool   >/dev/null || need+=(prometheus-alertmanager)
 # PyKMIP's server (tests/kmip.rs) goes into a venv, which needs ensurepip.
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv python3-pip)
 command -v chromium >/dev/null || need+=(chromium)
+command -v c++      >/dev/null || need+=(g++)   # libfuzzer-sys builds libFuzzer
 if ((${#need[@]})); then
     echo "tools/test.sh: installing ${need[*]}"
     sudo=""
@@ -45,3 +46,9 @@ fi
 # Integration tests find the shared NBD conformance kit here.
 export KEYTURN_NBD_KIT="${KEYTURN_NBD_KIT:-$(cd .. && pwd)/shared/nbd-kit}"
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# The fuzz smoke test: every fuzz target for KEYTURN_FUZZ_SECS seconds
+# (default 10; 0 skips) on its seed corpus; fails on any crash.
+if [ "${KEYTURN_FUZZ_SECS:-10}" != 0 ]; then
+    tools/fuzz.sh "${KEYTURN_FUZZ_SECS:-10}"
+fi

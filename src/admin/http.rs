@@ -155,6 +155,8 @@ pub async fn serve(
 
 mod audit;
 mod dashboard;
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz_body;
 mod key_changes;
 mod key_rotation;
 mod keys;

@@ -1045,6 +1045,9 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     wr.shutdown().await
 }
 
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;

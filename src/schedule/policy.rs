@@ -171,7 +171,10 @@ impl Sensitivity {
             Sensitivity::High => (1, 2),
             Sensitivity::Critical => (1, 4),
         };
-        Span(period.0 / den * num + period.0 % den * num / den)
+        // In u128: a cryptoperiod near u64::MAX (a policy may say so) must
+        // saturate, not overflow.
+        let scaled = u128::from(period.0) * num / den;
+        Span(u64::try_from(scaled).unwrap_or(u64::MAX))
     }
 }
 
@@ -258,9 +261,15 @@ impl Window {
         let start = self.start_secs().ok()?;
         let today = t / DAY;
         // A window of at most a day that contains t started today or yesterday.
+        // Checked: `t` may be a deadline far in the future (a policy's
+        // cryptoperiod can be near u64::MAX), where a window start
+        // overflows and there is no window.
         (today.saturating_sub(1)..=today)
             .filter(|d| self.days.contains(&Weekday::of_day(*d)))
-            .map(|d| (d * DAY + start, d * DAY + start + self.duration.0))
+            .filter_map(|d| {
+                let s = (d * DAY).checked_add(start)?;
+                Some((s, s.saturating_add(self.duration.0)))
+            })
             .find(|(s, e)| *s <= t && t < *e)
     }
 
@@ -273,9 +282,9 @@ impl Window {
     pub fn next_start(&self, t: u64) -> Option<u64> {
         let start = self.start_secs().ok()?;
         let today = t / DAY;
-        (today..today + 8)
+        (today..today.saturating_add(8))
             .filter(|d| self.days.contains(&Weekday::of_day(*d)))
-            .map(|d| d * DAY + start)
+            .filter_map(|d| d.checked_mul(DAY)?.checked_add(start))
             .find(|s| *s >= t)
     }
 
@@ -627,6 +636,27 @@ mod tests {
 
     // 2026-12-07 was a Monday.
     const MON: u64 = 20_794 * DAY;
+
+    /// Found by the `policy` fuzz target: a deadline near u64::MAX (a
+    /// cryptoperiod may be that long) overflowed the window maths, and a
+    /// long period overflowed the sensitivity scaling.
+    #[test]
+    fn window_and_scaling_saturate_at_the_end_of_time() {
+        let w = Window::default();
+        for t in [u64::MAX, u64::MAX - 1] {
+            assert_eq!(w.next_start(t), None);
+            assert_eq!(w.containing(t), None);
+            assert_eq!(w.earliest_flip(t), None);
+        }
+        let t = u64::MAX - 2 * DAY;
+        assert!(w.next_start(t).is_some_and(|s| s >= t));
+        assert_eq!(Sensitivity::Low.scale(Span(u64::MAX)), Span(u64::MAX));
+        assert_eq!(Sensitivity::Low.scale(Span(7)), Span(10));
+        assert_eq!(
+            Sensitivity::Critical.scale(Span(u64::MAX)),
+            Span(u64::MAX / 4)
+        );
+    }
 
     #[test]
     fn weekdays_and_window_maths() {

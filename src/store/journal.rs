@@ -556,9 +556,15 @@ impl Journal {
     pub fn read(path: &Path) -> Result<Replay, JournalError> {
         let file = File::open(path).map_err(Writer::io("open"))?;
         let (generation, checkpoint) = Self::read_header(&file, path)?;
+        let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
         let mut frames = Vec::new();
         let mut pos = FRAMES_START;
-        let mut expect = checkpoint + 1;
+        // A checkpoint at u64::MAX leaves no sequence for a frame.
+        let mut expect = checkpoint
+            .checked_add(1)
+            .ok_or_else(|| JournalError::Format {
+                path: path.to_path_buf(),
+            })?;
         let mut head = [0u8; FRAME_HEADER];
         loop {
             if file.read_exact_at(&mut head, pos).is_err() {
@@ -571,6 +577,11 @@ impl Journal {
             if len > MAX_PAYLOAD || frame_gen != generation || seq != expect {
                 break;
             }
+            // A frame longer than the rest of the file is torn: stop before
+            // allocating for a length field nothing backs.
+            if pos + (FRAME_HEADER as u64) + u64::from(len) > file_len {
+                break;
+            }
             let mut payload = vec![0u8; len as usize];
             if file
                 .read_exact_at(&mut payload, pos + FRAME_HEADER as u64)
@@ -581,7 +592,10 @@ impl Journal {
             }
             frames.push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
             pos += (FRAME_HEADER + payload.len()) as u64;
-            expect += 1;
+            let Some(next) = expect.checked_add(1) else {
+                break;
+            };
+            expect = next;
         }
         let beyond = Self::valid_frames_after(&file, pos, generation, expect);
         if beyond > 0 {
@@ -910,6 +924,9 @@ fn flush_pending(
     writer.write_frames(&frames)?;
     Ok(Some(last))
 }
+
+#[cfg(test)]
+mod hostile;
 
 #[cfg(test)]
 mod tests {
