@@ -14,22 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// Sets `key = value` in `[table]` of the pool's pool.toml.
-fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
-    let path = pool.path().join("pool.toml");
-    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    let t = doc
-        .entry(table)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap();
-    for (k, v) in settings {
-        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
-        t.insert((*k).into(), value);
-    }
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-}
-
 fn create_token(pool: &TestPool, name: &str, role: &str) -> String {
     let out = pool.keyturn_bare(&["token", "create", "--name", name, "--role", role, "--json"]);
     assert!(

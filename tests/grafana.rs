@@ -13,22 +13,6 @@ use common::pair::Pair;
 use common::*;
 use serde_json::Value;
 
-/// Sets `key = value` in `[table]` of the pool's pool.toml.
-fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
-    let path = pool.path().join("pool.toml");
-    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    let t = doc
-        .entry(table)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap();
-    for (k, v) in settings {
-        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
-        t.insert((*k).into(), value);
-    }
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-}
-
 /// Every `keyturn_*` name in `text`.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();

@@ -35,22 +35,6 @@ fn date(t: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Sets `key = value` in `[table]` of the pool's pool.toml.
-fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
-    let path = pool.path().join("pool.toml");
-    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    let t = doc
-        .entry(table)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap();
-    for (k, v) in settings {
-        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
-        t.insert((*k).into(), value);
-    }
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-}
-
 fn set_clock(file: &Path, t: u64) {
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, t.to_string()).unwrap();

@@ -314,9 +314,10 @@ fn abort_then_emergency_keep_every_block_readable() {
     );
 }
 
-/// A staging device that fails every write, and a staging area too small
-/// for the data: writes are still acknowledged, every fault is counted, and
-/// the rotation completes through migration with no data lost.
+/// A staging device that fails every write is refused before a window
+/// opens; a staging area too small for the data: writes are still
+/// acknowledged, counted as unstaged, and the rotation completes through
+/// migration with no data lost.
 #[test]
 fn staging_faults_and_a_full_staging_area_still_complete() {
     require_tool("qemu-io");
@@ -338,6 +339,21 @@ fn staging_faults_and_a_full_staging_area_still_complete() {
         let uri = server.uri("vol0");
         let tmp = tempfile::tempdir().unwrap();
         let a = write_random(&uri, tmp.path(), 11, 0, 2 * MIB as usize);
+        if case == "eio" {
+            // A staging device that cannot be written is found before a
+            // window opens (rotation/probe.rs): the start is refused clearly
+            // and the volume goes on serving its data.
+            let o = pool.keyturn(&["rotate", "prepare", "--zone", "z1"]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !o.status.success() && err.contains("staging device cannot be written"),
+                "{err}"
+            );
+            assert_eq!(status(&pool)["phase"], "idle");
+            let all = read_all(&uri, tmp.path());
+            assert!(all[..a.len()] == a[..], "{case}: data after the refusal");
+            continue;
+        }
         pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1"]);
         // Writes in the window: acknowledged whatever staging does.
         let b = write_random(&uri, tmp.path(), 12, 8 * MIB, 4 * MIB as usize);

@@ -21,21 +21,6 @@ fn real_now() -> u64 {
         .as_secs()
 }
 
-fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
-    let path = pool.path().join("pool.toml");
-    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    let t = doc
-        .entry(table)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap();
-    for (k, v) in settings {
-        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
-        t.insert((*k).into(), value);
-    }
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-}
-
 fn json(pool: &TestPool, args: &[&str]) -> Value {
     let out = pool.keyturn_ok(args);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))

@@ -167,8 +167,8 @@ fn describe() {
             "Strict writes that waited for staging space and got it",
         ),
         (
-            "keyturn_rotation_throttle_mib_s",
-            "The staging and migration throttle in force, MiB/s (0: none)",
+            "keyturn_rotation_throttle_bytes_per_second",
+            "The staging and migration throttle in force, bytes per second (0: none)",
         ),
         (
             "keyturn_rotation_emergency",
@@ -303,7 +303,10 @@ fn set_zone_gauges(s: &RotationStatus) {
             "keyturn_rotation_strict_waited_writes",
             s.strict_waited_writes as f64,
         ),
-        ("keyturn_rotation_throttle_mib_s", s.throttle_mib_s as f64),
+        (
+            "keyturn_rotation_throttle_bytes_per_second",
+            (s.throttle_mib_s << 20) as f64,
+        ),
         (
             "keyturn_rotation_emergency",
             if s.emergency { 1.0 } else { 0.0 },

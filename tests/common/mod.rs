@@ -533,3 +533,19 @@ pub fn hold_export(addr: &str, export: &str) -> (std::net::TcpStream, u64) {
         .unwrap_or_else(|e| panic!("export {export:?} was not opened: {e}"));
     (s, u64::from_be_bytes(reply[..8].try_into().unwrap()))
 }
+
+/// Sets `key = value` in `[table]` of the pool's pool.toml.
+pub fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
+    let path = pool.path().join("pool.toml");
+    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let t = doc
+        .entry(table)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap();
+    for (k, v) in settings {
+        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
+        t.insert((*k).into(), value);
+    }
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+}

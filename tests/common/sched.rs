@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::common::{Server, TestPool};
+use super::common::{Server, TestPool, set_toml};
 
 /// Unix seconds of the real clock.
 pub fn real_now() -> u64 {
@@ -18,22 +18,6 @@ pub fn real_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// Sets `key = value` in `[table]` of the pool's pool.toml.
-pub fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
-    let path = pool.path().join("pool.toml");
-    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    let t = doc
-        .entry(table)
-        .or_insert_with(|| toml::Value::Table(Default::default()))
-        .as_table_mut()
-        .unwrap();
-    for (k, v) in settings {
-        let value = format!("x = {v}").parse::<toml::Table>().unwrap()["x"].clone();
-        t.insert((*k).into(), value);
-    }
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
 }
 
 /// The test clock file (`KEYTURN_TEST_CLOCK`): Unix seconds, replaced atomically.
