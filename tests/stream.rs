@@ -129,10 +129,30 @@ fn the_agent_killed_at_random_points_resumes_without_gap_or_double_apply() {
         "fio: {text}"
     );
     let mut agent = pair.spawn_agent(&server);
-    let seq = pair.wait_caught_up(&server);
+    let flushed = pair.wait_caught_up(&server);
+    // Nothing writes any more: the agent reaches the source's last record
+    // and stays there (no record skipped, none applied twice: the data
+    // check below); that record covers at least every flushed write.
+    let last = loop {
+        let last = pair.source_last_seq();
+        wait_until("the agent at the source's last record", 120, || {
+            pair.replica_status()["applied_seq"].as_u64() >= Some(last)
+        });
+        if pair.source_last_seq() == last {
+            break last;
+        }
+    };
+    if last != flushed {
+        eprintln!("records after the flush's: {flushed} then {last}");
+    }
     term(&mut agent);
     let st = pair.replica_status();
-    assert_eq!(st["applied_seq"].as_u64(), Some(seq), "{st}");
+    assert_eq!(
+        st["applied_seq"].as_u64(),
+        Some(last),
+        "replica {st}; source's last record {last}, {flushed} after the flush"
+    );
+    assert!(last >= flushed, "{last} < {flushed}");
     pair.assert_equal(&server);
     let replica = pair.dst.serve();
     let (ok, text) = fio_json(
@@ -154,6 +174,8 @@ fn a_source_killed_under_load_keeps_every_flushed_write_in_stream_and_replica() 
     // Writes of distinct patterns, each batch flushed; a batch counts once
     // qemu-io returned (every write in it acknowledged, then flushed).
     let uri = server.uri("a");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done_w = done.clone();
     let writer = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for batch in 0u64.. {
@@ -169,13 +191,19 @@ fn a_source_killed_under_load_keeps_every_flushed_write_in_stream_and_replica() 
                 break;
             }
             acked.push(batch);
+            done_w.store(acked.len(), std::sync::atomic::Ordering::Release);
             if batch > 400 {
                 break;
             }
         }
         acked
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // The kill lands mid-load: a few batches in (however slow the host),
+    // then a moment more.
+    wait_until("four acknowledged batches", 60, || {
+        done.load(std::sync::atomic::Ordering::Acquire) >= 4
+    });
+    std::thread::sleep(Duration::from_millis(500));
     server.kill9();
     let acked = writer.join().unwrap();
     assert!(
@@ -259,22 +287,33 @@ fn grants_shredding_and_no_plaintext_in_the_stream() {
     // Records in one window, with a canary block, then that window ends.
     let canary = b"KEYTURN-STREAM-CANARY-7f3a9c-".repeat(4096 / 29 + 1);
     let canary_file = write_file(pair.src.dir.path(), "canary", &canary[..4096]);
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -s {} 8192 4096", canary_file.display()),
-            "-c",
-            "flush",
-            &server.uri("a"),
-        ],
-    );
+    // The canary's write and flush must fall inside one window (a boundary
+    // passing mid-write would put its record in the window after the one
+    // shredded below): write it again until they do.
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let window_start = loop {
+        let before = now_ms();
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -s {} 8192 4096", canary_file.display()),
+                "-c",
+                "flush",
+                &server.uri("a"),
+            ],
+        );
+        if before / 2000 == now_ms() / 2000 {
+            break before / 2000 * 2;
+        }
+    };
     let keys: serde_json::Value = serde_json::from_str(
         &pair
             .src
@@ -286,9 +325,8 @@ fn grants_shredding_and_no_plaintext_in_the_stream() {
         .unwrap()
         .iter()
         .flat_map(|s| s["windows"].as_array().unwrap().clone())
-        .filter(|w| w["start_unix"].as_u64().unwrap() <= start)
-        .max_by_key(|w| w["start_unix"].as_u64().unwrap())
-        .unwrap();
+        .find(|w| w["start_unix"].as_u64().unwrap() == window_start)
+        .unwrap_or_else(|| panic!("no window starts at {window_start}: {keys}"));
     let id = window["key_id"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(3));
     pair.src
@@ -299,12 +337,14 @@ fn grants_shredding_and_no_plaintext_in_the_stream() {
             .any(|l| l.contains(&id) && l.contains("shredded")),
         "{keys}"
     );
-    // The open window cannot be shredded.
+    // A window yet to come cannot be shredded (one a minute ahead: the
+    // window open now may end before the command runs).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let open = format!("{}-w{}", id.rsplit_once("-w").unwrap().0, (now % 60) / 2);
+    let zone_part = id.split_once("-stream-s").unwrap().0;
+    let open = format!("{zone_part}-stream-s{}-w0", now / 60 + 1);
     let o = pair
         .src
         .keyturn(&["stream", "shred", "--zone", "z1", "--window", &open]);

@@ -536,16 +536,19 @@ fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
 }
 
 /// What the agent and `verify-replica` start from: the source address, the
-/// agent's key, a runtime, and the replica pool opened here.
+/// agent's key, a runtime, the replica pool opened here, and (`catch_stop`)
+/// SIGTERM and SIGINT caught from before the pool opened.
 fn agent_setup(
     source: &str,
     id: &AgentId,
     pool: &std::path::Path,
+    catch_stop: bool,
 ) -> Result<(
     crate::replica::Source,
     AgentKey,
     tokio::runtime::Runtime,
     Arc<crate::pool::Pool>,
+    Option<StopSignals>,
 )> {
     let source = parse_source(
         source.replacen("keyturns://", "keyturn://", 1).as_str(),
@@ -563,15 +566,47 @@ fn agent_setup(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Caught from here on: a stop asked for while the pool opens (the KDF
+    // takes a while) ends the run cleanly instead of by the default action.
+    let signals = if catch_stop {
+        let _rt = runtime.enter();
+        Some(StopSignals::install().context("cannot catch SIGTERM and SIGINT")?)
+    } else {
+        None
+    };
     let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
-    Ok((source, key, runtime, pool))
+    Ok((source, key, runtime, pool, signals))
+}
+
+/// SIGTERM and SIGINT, caught from the moment of `install` on.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Until either signal arrives (or arrived since `install`).
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 /// `keyturn verify-replica`: exits 0 when equal, 1 when they differ, 2
 /// when the two sides are not at one stream record.
 pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
     let tls = agent_tls(&a.source, &a.id)?;
-    let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.replica)?;
+    let (source, key, runtime, pool, _) = agent_setup(&a.source, &a.id, &a.replica, false)?;
     let cfg = AgentConfig {
         source,
         zone: a.zone,
@@ -642,7 +677,8 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
     let tls = agent_tls(&a.source, &a.id)?;
-    let (source, key, runtime, pool) = agent_setup(&a.source, &a.id, &a.to)?;
+    let (source, key, runtime, pool, signals) = agent_setup(&a.source, &a.id, &a.to, true)?;
+    let mut signals = signals.expect("asked for");
     let mut agent = Agent::new(
         pool.clone(),
         AgentConfig {
@@ -672,12 +708,9 @@ pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
             );
             tokio::spawn(async move { axum::serve(l, app).await });
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {
             r = agent.run() => r.map(Some).map_err(anyhow::Error::from),
-            _ = term.recv() => Ok(None),
-            _ = int.recv() => Ok(None),
+            () = signals.wait() => Ok(None),
         }
     });
     pool.sync().context("final flush of the replica pool")?;
