@@ -30,12 +30,7 @@ impl Api {
             .unwrap()
             .trim()
             .to_string();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .new_agent();
+        let agent = http_agent();
         Api { addr, token, agent }
     }
 

@@ -9,7 +9,6 @@ mod common;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -120,12 +119,7 @@ fn a_live_scrape_passes_promtool_check_metrics() {
     qio_ok(&server.uri("vol0"), &["write -P 0x11 0 256k"]);
     let addr = server.admin.clone().unwrap();
     let token = std::fs::read_to_string(pool.path().join("admin.token")).unwrap();
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent();
+    let agent = http_agent();
     let get = |path: &str| {
         let mut r = agent
             .get(format!("http://{addr}{path}"))

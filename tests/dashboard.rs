@@ -14,29 +14,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn create_token(pool: &TestPool, name: &str, role: &str) -> String {
-    let out = pool.keyturn_bare(&["token", "create", "--name", name, "--role", role, "--json"]);
-    assert!(
-        out.status.success(),
-        "token create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["token"].as_str().unwrap().to_string()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent()
-}
-
 /// `GET path` with `token`: status and JSON.
 fn api(addr: &str, path: &str, token: &str) -> (u16, Value) {
-    let mut r = agent()
+    let mut r = http_agent()
         .get(format!("http://{addr}{path}"))
         .header("Authorization", format!("Bearer {token}"))
         .call()
@@ -287,7 +267,10 @@ fn without_a_good_token_the_page_says_so_and_the_api_stays_closed() {
         ("/dashboard/app.js", "text/javascript"),
         ("/dashboard/style.css", "text/css"),
     ] {
-        let mut r = agent().get(format!("http://{addr}{path}")).call().unwrap();
+        let mut r = http_agent()
+            .get(format!("http://{addr}{path}"))
+            .call()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200, "{path}");
         let h = |n: &str| {
             r.headers()
@@ -301,7 +284,7 @@ fn without_a_good_token_the_page_says_so_and_the_api_stays_closed() {
         let body = r.body_mut().read_to_string().unwrap();
         assert!(!body.contains(&operator) && body.len() > 500, "{path}");
     }
-    let mut r = agent()
+    let mut r = http_agent()
         .get(format!("http://{addr}/api/v1/zones"))
         .call()
         .unwrap();

@@ -76,29 +76,16 @@ fn every_metric_the_grafana_dashboard_queries_is_one_the_server_exports() {
     qio_ok(&server.uri("a"), &["write -P 0x22 64k 64k", "flush"]);
     pair.replicate_ok(&server, &["--until-caught-up"]);
     let addr = server.admin.clone().unwrap();
-    let token = std::fs::read_to_string(pair.src.path().join("admin.token")).unwrap();
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .new_agent();
-    let auth = format!("Bearer {}", token.trim());
-    let r = agent
+    let r = http_agent()
         .post(format!("http://{addr}/api/v1/key-rotation/schedule"))
-        .header("Authorization", &auth)
+        .header(
+            "Authorization",
+            format!("Bearer {}", admin_token(&pair.src)),
+        )
         .send(r#"{"zone": "z1", "kind": "kek", "reason": "grafana test"}"#)
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let scrape = || {
-        let mut r = agent
-            .get(format!("http://{addr}/metrics"))
-            .header("Authorization", &auth)
-            .call()
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        r.body_mut().read_to_string().unwrap()
-    };
+    let scrape = || scrape_metrics(&pair.src, &server);
     let end = Instant::now() + Duration::from_secs(30);
     let text = loop {
         let t = scrape();

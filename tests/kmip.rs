@@ -266,23 +266,23 @@ fn live_keks(pool: &TestPool) -> Vec<u64> {
     out
 }
 
-fn metric(server: &Server, pool: &TestPool, name: &str) -> Option<f64> {
-    let addr = server.admin.clone().unwrap();
-    let token = std::fs::read_to_string(pool.path().join("admin.token")).unwrap();
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent();
-    let text = agent
-        .get(format!("http://{addr}/metrics"))
-        .header("Authorization", format!("Bearer {}", token.trim()))
-        .call()
+/// Starts `keyturn ARGS --pool DIR` (the KMS unlocks the root key: no
+/// passphrase) with its output piped, to read once it has ended.
+fn spawn_piped(pool: &TestPool, args: &[&str]) -> std::process::Child {
+    Command::new(keyturn_bin())
+        .args(args)
+        .arg("--pool")
+        .arg(pool.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+}
+
+/// The value of metric `name` (no labels) in a scrape of the server.
+fn metric(server: &Server, pool: &TestPool, name: &str) -> Option<f64> {
+    let text = scrape_metrics(pool, server);
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -344,14 +344,7 @@ fn kmip_root_key_serves_rotates_and_rides_out_a_kms_outage() {
         "I/O with the KMS down: {text}"
     );
     // A KEK rotation needs the root key: it waits and alerts.
-    let mut rotation = Command::new(keyturn_bin())
-        .args(["keys", "rotate-kek", "--zone", "z1", "--pool"])
-        .arg(pool.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut rotation = spawn_piped(&pool, &["keys", "rotate-kek", "--zone", "z1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !server.log_text().contains("ALERT: KMIP server unreachable") {
         assert!(
@@ -403,14 +396,7 @@ fn kmip_root_key_serves_rotates_and_rides_out_a_kms_outage() {
 
     // The KMS down at start: a clear refusal to serve, naming it.
     kms.stop();
-    let mut serve = Command::new(keyturn_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--pool"])
-        .arg(pool.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut serve = spawn_piped(&pool, &["serve", "--listen", "127.0.0.1:0"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while serve.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {

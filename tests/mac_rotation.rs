@@ -24,18 +24,13 @@ fn set_rotation(pool: &TestPool, key: &str, value: &str) {
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
 }
 
-fn json(pool: &TestPool, args: &[&str]) -> Value {
-    let out = pool.keyturn_ok(args);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
 fn mac_status(pool: &TestPool) -> Value {
-    json(pool, &["mac", "status", "--zone", "z1", "--json"])
+    keyturn_json(pool, &["mac", "status", "--zone", "z1", "--json"])
 }
 
 /// (mapped blocks, content blocks) of vol0.
 fn stats(pool: &TestPool) -> (u64, u64) {
-    let v = json(pool, &["volume", "stats", "--json"]);
+    let v = keyturn_json(pool, &["volume", "stats", "--json"]);
     let v = v
         .as_array()
         .unwrap()
@@ -50,7 +45,7 @@ fn stats(pool: &TestPool) -> (u64, u64) {
 }
 
 fn key_state(pool: &TestPool, id: &str) -> String {
-    let rows = json(pool, &["keys", "list", "--json"]);
+    let rows = keyturn_json(pool, &["keys", "list", "--json"]);
     rows.as_array()
         .unwrap()
         .iter()
@@ -97,7 +92,7 @@ fn mac_rotation_under_duplicated_writes_with_kill9_mid_retag() {
     assert_eq!(content0, 2 + 4096, "two patterns and fio's blocks");
     assert_eq!(mapped0, 3 * 1024 + 4096);
 
-    let st = json(&pool, &["mac", "rotate", "--zone", "z1", "--json"]);
+    let st = keyturn_json(&pool, &["mac", "rotate", "--zone", "z1", "--json"]);
     assert_eq!(st["active_version"], 2, "{st}");
     assert_eq!(st["retiring_versions"], serde_json::json!([1]), "{st}");
     assert_eq!(key_state(&pool, "z1-mac-v2"), "active");

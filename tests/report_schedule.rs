@@ -7,19 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
 const DAY: u64 = 86_400;
-
-fn real_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// `YYYY-MM-DD` of Unix time `t` (UTC), by the civil-from-days algorithm.
 fn date(t: u64) -> String {

@@ -20,12 +20,7 @@ struct Api {
 
 impl Api {
     fn of(server: &Server) -> Api {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .proxy(None)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .new_agent();
+        let agent = http_agent();
         Api {
             addr: server.admin.clone().expect("an `admin:` line"),
             agent,
@@ -94,22 +89,6 @@ fn audit_records(pool: &TestPool) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-/// `keyturn token create` printing JSON; returns the token.
-fn create_token(pool: &TestPool, name: &str, role: &str) -> String {
-    let out = pool.keyturn_bare(&["token", "create", "--name", name, "--role", role, "--json"]);
-    assert!(
-        out.status.success(),
-        "token create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (v["name"].as_str(), v["role"].as_str()),
-        (Some(name), Some(role))
-    );
-    v["token"].as_str().unwrap().to_string()
 }
 
 #[test]

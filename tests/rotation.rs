@@ -55,17 +55,6 @@ fn key_state(st: &Value, version: u64) -> String {
         .map_or(String::new(), |k| k["state"].as_str().unwrap().to_string())
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs} s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_staged(pool: &TestPool) -> Value {
     let mut last = Value::Null;
     wait_until("staging to cover the zone", 60, || {

@@ -9,20 +9,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
 const DAY: u64 = 86_400;
 const MIB: u64 = 1 << 20;
-
-fn real_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// The test clock file: Unix seconds, replaced atomically.
 struct TestClock(PathBuf);
@@ -93,46 +86,21 @@ fn set_policy(pool: &TestPool, zone: &str) {
     ]);
 }
 
-fn json(pool: &TestPool, args: &[&str]) -> Value {
-    let out = pool.keyturn_ok(args);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
 fn rotation(pool: &TestPool, zone: &str) -> Value {
-    json(pool, &["rotate", "status", "--zone", zone, "--json"])
+    keyturn_json(pool, &["rotate", "status", "--zone", zone, "--json"])
 }
 
 fn schedule(pool: &TestPool) -> Value {
-    json(pool, &["scheduler", "schedule", "--json"])
+    keyturn_json(pool, &["scheduler", "schedule", "--json"])
 }
 
 fn jobs(s: &Value) -> Vec<Value> {
     s["jobs"].as_array().cloned().unwrap_or_default()
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs} s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The start of the UTC day `days` days after `t`.
 fn midnight_after(t: u64, days: u64) -> u64 {
     (t + days * DAY) / DAY * DAY
-}
-
-/// The audit log's records.
-fn audit(pool: &TestPool) -> Vec<Value> {
-    std::fs::read_to_string(pool.path().join("audit.log"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn count(events: &[Value], action: &str, zone: &str) -> usize {
@@ -175,7 +143,7 @@ fn a_due_dek_rotates_inside_its_window_and_not_before() {
         !out.status.success() && err.contains("--dek-grace to at most 90d"),
         "{err}"
     );
-    let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
+    let p = keyturn_json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
     assert_eq!(p["policy"]["dek"]["grace"], "30d", "{p}");
     assert_eq!(p["source"], "zone");
 
@@ -215,7 +183,7 @@ fn a_due_dek_rotates_inside_its_window_and_not_before() {
     wait_until("the job to leave the schedule", 20, || {
         jobs(&schedule(&pool)).is_empty()
     });
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
     assert_eq!(count(&events, "schedule.dek.done", "z1"), 1);
     // Not due again for another 90 days.
@@ -245,7 +213,7 @@ fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
         1,
         "started while paused"
     );
-    let status = json(&pool, &["scheduler", "status", "--json"]);
+    let status = keyturn_json(&pool, &["scheduler", "status", "--json"]);
     assert_eq!(status["paused"], true, "{status}");
     // On hold, a resume still starts nothing in the zone.
     pool.keyturn_ok(&["policy", "hold", "--zone", "z1"]);
@@ -268,7 +236,7 @@ fn a_severely_overdue_dek_bypasses_the_window_and_pause_holds_it() {
         flipped < day + 2 * 3600,
         "waited for the window: flipped at {flipped}"
     );
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     for a in [
         "schedule.pause",
         "schedule.resume",
@@ -356,7 +324,7 @@ fn three_due_zones_under_a_cap_of_two_never_rotate_three_at_once() {
     // The audit log in order: windows opened minus migrations finished never exceeds 2.
     let mut open = 0i64;
     let mut peak = 0;
-    for e in audit(&pool) {
+    for e in audit_records(&pool) {
         match e["action"].as_str() {
             Some("rotation.prepare") => open += 1,
             Some("rotation.migrated") => open -= 1,
@@ -403,7 +371,7 @@ fn kill_9_in_a_scheduled_rotation_resumes_and_loses_nothing() {
         jobs(&schedule(&pool)).is_empty()
     });
     // One rotation, not two: the restart followed it rather than starting another.
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     assert_eq!(count(&events, "rotation.prepare", "z1"), 1);
     assert_eq!(count(&events, "schedule.dek.start", "z1"), 1);
     fio_verify(
@@ -436,7 +404,7 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
         "--kek-pause",
         "1s",
     ]);
-    let p = json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
+    let p = keyturn_json(&pool, &["policy", "show", "--zone", "z1", "--json"]);
     assert_eq!(p["policy"]["kek_pause"], "1s", "{p}");
     assert_eq!(
         p["policy"]["preset"],
@@ -447,12 +415,12 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
     pool.keyturn_ok(&["zone", "create", "z2"]);
     assert_eq!(rotation(&pool, "z2")["phase"], "idle");
     wait_until("the scheduler to look at both zones", 20, || {
-        json(&pool, &["scheduler", "status", "--json"])["last_check"]["zones"] == 2
+        keyturn_json(&pool, &["scheduler", "status", "--json"])["last_check"]["zones"] == 2
     });
     // 40 days on, at noon: outside the DEK window, which a KEK does not need.
     clock.set(midnight_after(t0, 40) + 12 * 3600);
     let kek_v2_active = || {
-        let keys = json(&pool, &["keys", "list", "--zone", "z1", "--json"]);
+        let keys = keyturn_json(&pool, &["keys", "list", "--zone", "z1", "--json"]);
         keys.as_array()
             .unwrap()
             .iter()
@@ -464,7 +432,7 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
     });
     let st = rotation(&pool, "z1");
     assert_eq!(st["active_version"], 1, "the DEK is not due: {st}");
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     assert_eq!(count(&events, "schedule.kek.start", "z1"), 1);
     assert_eq!(count(&events, "schedule.kek.done", "z1"), 1);
     assert_eq!(count(&events, "kek.rotate", "z1"), 1);
@@ -511,7 +479,7 @@ impl Drop for RunningClock {
 
 /// The zone's active DEK activation time.
 fn dek_since(pool: &TestPool, zone: &str) -> u64 {
-    let p = json(pool, &["rotate", "plan", "--zone", zone, "--json"]);
+    let p = keyturn_json(pool, &["rotate", "plan", "--zone", zone, "--json"]);
     p["active_dek_since_unix"].as_u64().unwrap()
 }
 
@@ -545,7 +513,7 @@ fn the_window_opens_early_enough_for_throttled_staging_to_meet_the_target() {
         "2h",
     ]);
     clock.set(deadline - 30);
-    let plan = json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+    let plan = keyturn_json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
     let (i, p) = (&plan["inputs"], &plan["prediction"]);
     assert_eq!(i["deadline"], deadline, "{plan}");
     assert_eq!(i["rate_source"], "pool_throttle", "{plan}");
@@ -590,7 +558,7 @@ fn the_window_opens_early_enough_for_throttled_staging_to_meet_the_target() {
     assert_eq!(rec["achieved_percent"], 100.0, "{rec}");
     assert_eq!(rec["target_blocks"], 1536, "{rec}");
     assert!(rec["predicted_percent"].as_f64().unwrap() >= 100.0, "{rec}");
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     let cov: Vec<&Value> = events
         .iter()
         .filter(|e| e["action"] == "schedule.dek.coverage")
@@ -658,7 +626,7 @@ fn a_doubled_write_rate_mid_window_moves_the_flip_and_the_target_is_still_met() 
         st["active_version"] == 2 && st["flipped_unix"].is_u64()
     });
     let flipped = st["flipped_unix"].as_u64().unwrap();
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     let replans = count(&events, "schedule.dek.replan", "z1");
     assert!(replans >= 1, "no re-plan moved the flip");
     assert!(
@@ -672,7 +640,7 @@ fn a_doubled_write_rate_mid_window_moves_the_flip_and_the_target_is_still_met() 
         rec.is_object()
     });
     // Met, or flipped at the latest moment and migration finishes the rest.
-    let plan = json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+    let plan = keyturn_json(&pool, &["rotate", "plan", "--zone", "z1", "--json"]);
     assert!(
         rec["met"] == true || flipped >= w + 3600 - 1,
         "missed the target without reaching the window's end: {rec} {plan}"
@@ -708,7 +676,7 @@ fn heat_survives_a_restart_and_the_plan_still_sees_hot_blocks() {
         qio_ok(&uri, &["read 0 64k"]);
     }
     let hot = |pool: &TestPool| -> u64 {
-        let p = json(pool, &["rotate", "plan", "--zone", "z1", "--json"]);
+        let p = keyturn_json(pool, &["rotate", "plan", "--zone", "z1", "--json"]);
         p["inputs"]["census"]["hot"].as_u64().unwrap()
     };
     assert_eq!(hot(&pool), 16);

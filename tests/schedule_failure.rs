@@ -124,7 +124,7 @@ fn a_failing_rotation_backs_off_then_fails_alerted_and_audited_and_resume_runs_i
     let j = dek_job(&pool).unwrap();
     assert_eq!(j["attempts"], 3, "{j}");
     assert_eq!(rotation(&pool, "z1")["phase"], "idle");
-    let status = json(&pool, &["scheduler", "status", "--json"]);
+    let status = keyturn_json(&pool, &["scheduler", "status", "--json"]);
     assert_eq!(status["failed"], 1, "{status}");
 
     // Alerted, counted, audited.
@@ -133,13 +133,13 @@ fn a_failing_rotation_backs_off_then_fails_alerted_and_audited_and_resume_runs_i
         log.contains("ALERT: scheduled rotation failed for good"),
         "{log}"
     );
-    let m = metrics(&pool, &server);
+    let m = scrape_metrics(&pool, &server);
     assert_eq!(
         metric(&m, "keyturn_rotations_failed_total{kind=\"dek\"}"),
         Some(1.0),
         "{m}"
     );
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     let failed_starts: Vec<&Value> = events
         .iter()
         .filter(|e| e["action"] == "schedule.dek.start" && e["zone"] == "z1")
@@ -166,7 +166,7 @@ fn a_failing_rotation_backs_off_then_fails_alerted_and_audited_and_resume_runs_i
     assert_ne!(s["phase"], "idle", "{s}");
     assert_eq!(s["throttle_mib_s"], 1, "{s}");
     assert_eq!(s["throttle_source"], "policy", "{s}");
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     assert!(
         events
             .iter()

@@ -25,6 +25,20 @@ fn status_u64(pool: &TestPool, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} missing"))
 }
 
+/// Zone z1's policy: strict staging-full mode, waiting up to `wait`.
+fn set_strict_wait(pool: &TestPool, wait: &str) {
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        "z1",
+        "--staging-full",
+        "strict",
+        "--strict-wait",
+        wait,
+    ]);
+}
+
 #[test]
 fn strict_writes_wait_for_staging_and_fall_back_after_the_bound() {
     require_tool("qemu-io");
@@ -55,23 +69,14 @@ fn strict_writes_wait_for_staging_and_fall_back_after_the_bound() {
     assert_eq!(status_u64(&pool, "strict_fallbacks"), 0);
 
     // Strict, 1 s bound: falls back after it, counted and alerted.
-    pool.keyturn_ok(&[
-        "policy",
-        "set",
-        "--zone",
-        "z1",
-        "--staging-full",
-        "strict",
-        "--strict-wait",
-        "1s",
-    ]);
+    set_strict_wait(&pool, "1s");
     let b = pattern_bytes(3, 64 * KIB);
     let b_file = write_file(dir, "b", &b);
     qio_ok(&uri, &[&format!("write -s {} 5M 64k", b_file.display())]);
     assert_eq!(status_u64(&pool, "strict_fallbacks"), 1);
     assert_eq!(status_u64(&pool, "unstaged_writes"), 32);
     assert_eq!(status_u64(&pool, "strict_waited_writes"), 0);
-    let m = metrics(&pool, &server);
+    let m = scrape_metrics(&pool, &server);
     assert_eq!(
         metric(&m, "keyturn_rotation_strict_fallbacks_total{zone=\"z1\"}"),
         Some(1.0),
@@ -88,16 +93,7 @@ fn strict_writes_wait_for_staging_and_fall_back_after_the_bound() {
     );
 
     // Strict, 30 s bound: the write waits while staging is full...
-    pool.keyturn_ok(&[
-        "policy",
-        "set",
-        "--zone",
-        "z1",
-        "--staging-full",
-        "strict",
-        "--strict-wait",
-        "30s",
-    ]);
+    set_strict_wait(&pool, "30s");
     let c = pattern_bytes(4, 64 * KIB);
     let c_file = write_file(dir, "c", &c);
     let mut writer = Command::new("qemu-io")

@@ -7,54 +7,23 @@ mod common;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
 const DAY: u64 = 86_400;
 
-fn real_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn json(pool: &TestPool, args: &[&str]) -> Value {
-    let out = pool.keyturn_ok(args);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs} s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn audit(pool: &TestPool) -> Vec<Value> {
-    std::fs::read_to_string(pool.path().join("audit.log"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn rotation(pool: &TestPool, zone: &str) -> Value {
-    json(pool, &["rotate", "status", "--zone", zone, "--json"])
+    keyturn_json(pool, &["rotate", "status", "--zone", zone, "--json"])
 }
 
 fn plan(pool: &TestPool, zone: &str) -> Value {
-    json(pool, &["rotate", "plan", "--zone", zone, "--json"])
+    keyturn_json(pool, &["rotate", "plan", "--zone", zone, "--json"])
 }
 
 fn levels(pool: &TestPool) -> Value {
-    json(pool, &["threat", "show", "--json"])["levels"].clone()
+    keyturn_json(pool, &["threat", "show", "--json"])["levels"].clone()
 }
 
 #[test]
@@ -154,7 +123,7 @@ fn a_raised_threat_shortens_the_plan_and_critical_rotates_once() {
         since + 90 * DAY / 2
     );
 
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     let of = |a: &str| -> Vec<&Value> { events.iter().filter(|e| e["action"] == a).collect() };
     let raised = of("threat.raise");
     assert_eq!(
@@ -183,7 +152,7 @@ fn a_raised_threat_shortens_the_plan_and_critical_rotates_once() {
     // and a high level on z1 makes it due at once (22.5 days).
     std::fs::write(&clock, (since + 30 * DAY).to_string()).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let sched = json(&pool, &["scheduler", "schedule", "--json"]);
+    let sched = keyturn_json(&pool, &["scheduler", "schedule", "--json"]);
     assert!(
         !sched["jobs"]
             .as_array()
@@ -196,7 +165,7 @@ fn a_raised_threat_shortens_the_plan_and_critical_rotates_once() {
         "threat", "raise", "--zone", "z1", "--level", "high", "--reason", "again",
     ]);
     wait_until("z1 to be queued under the shortened period", 20, || {
-        json(&pool, &["scheduler", "schedule", "--json"])["jobs"]
+        keyturn_json(&pool, &["scheduler", "schedule", "--json"])["jobs"]
             .as_array()
             .unwrap()
             .iter()
@@ -212,25 +181,6 @@ fn bare_ok(pool: &TestPool, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Metrics of the running server, as text.
-fn metrics(pool: &TestPool, server: &Server) -> String {
-    let addr = server.admin.clone().expect("admin address");
-    let token = std::fs::read_to_string(pool.path().join("admin.token")).unwrap();
-    let agent = ureq::Agent::config_builder()
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent();
-    agent
-        .get(format!("http://{addr}/metrics"))
-        .header("Authorization", format!("Bearer {}", token.trim()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
 }
 
 #[test]
@@ -273,7 +223,7 @@ fn a_critical_threat_under_dual_control_waits_for_approvals() {
     ]);
     let mut job = Value::Null;
     wait_until("the emergency to wait for approvals", 20, || {
-        let s = json(&pool, &["scheduler", "schedule", "--json"]);
+        let s = keyturn_json(&pool, &["scheduler", "schedule", "--json"]);
         job = s["jobs"][0].clone();
         job["state"] == "awaiting_approval"
     });
@@ -285,7 +235,7 @@ fn a_critical_threat_under_dual_control_waits_for_approvals() {
         "rotated without approvals"
     );
     assert!(
-        metrics(&pool, &server)
+        scrape_metrics(&pool, &server)
             .lines()
             .any(|l| l.starts_with("keyturn_schedule_alerts_total{kind=\"approval_needed\"} ")),
         "no alert metric"
@@ -295,7 +245,7 @@ fn a_critical_threat_under_dual_control_waits_for_approvals() {
             .log_text()
             .contains("ALERT: an emergency rotation waits")
     );
-    let status = json(&pool, &["scheduler", "status", "--json"]);
+    let status = keyturn_json(&pool, &["scheduler", "status", "--json"]);
     assert_eq!(status["awaiting_approval"], 1, "{status}");
 
     // One approval is not enough; two are.
@@ -341,7 +291,7 @@ fn a_critical_threat_under_dual_control_waits_for_approvals() {
     let st = rotation(&pool, "z1");
     assert_eq!(st["active_version"], 2, "{st}");
     assert_eq!(st["emergency"], true, "{st}");
-    let events = audit(&pool);
+    let events = audit_records(&pool);
     let em: Vec<&Value> = events
         .iter()
         .filter(|e| e["action"] == "rotation.emergency" && e["outcome"] == "ok")
@@ -354,7 +304,7 @@ fn a_critical_threat_under_dual_control_waits_for_approvals() {
             .any(|e| e["action"] == "schedule.approval.requested")
     );
     wait_until("the job to leave the schedule", 30, || {
-        json(&pool, &["scheduler", "schedule", "--json"])["jobs"]
+        keyturn_json(&pool, &["scheduler", "schedule", "--json"])["jobs"]
             .as_array()
             .unwrap()
             .is_empty()

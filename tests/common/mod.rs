@@ -549,3 +549,87 @@ pub fn set_toml(pool: &TestPool, table: &str, settings: &[(&str, &str)]) {
     }
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
 }
+
+/// Polls `f` every 100 ms until it holds; panics, naming `what`, after
+/// `secs` seconds.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `keyturn ARGS` (which must succeed) with its output parsed as JSON.
+pub fn keyturn_json(pool: &TestPool, args: &[&str]) -> serde_json::Value {
+    let out = pool.keyturn_ok(args);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// The pool's audit log, one JSON value per record.
+pub fn audit_records(pool: &TestPool) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(pool.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An HTTP client for the admin API: no proxy, a generous timeout, and
+/// error statuses returned rather than raised (tests assert on them).
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent()
+}
+
+/// The admin token `keyturn init` wrote into the pool.
+pub fn admin_token(pool: &TestPool) -> String {
+    std::fs::read_to_string(pool.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `GET /metrics` of the running server (with the pool's admin token), as
+/// Prometheus text; panics unless the answer is 200.
+pub fn scrape_metrics(pool: &TestPool, server: &Server) -> String {
+    let addr = server.admin.clone().expect("an `admin:` line");
+    let mut r = http_agent()
+        .get(format!("http://{addr}/metrics"))
+        .header("Authorization", format!("Bearer {}", admin_token(pool)))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET /metrics");
+    r.body_mut().read_to_string().unwrap()
+}
+
+/// `keyturn token create` printing JSON; returns the token.
+pub fn create_token(pool: &TestPool, name: &str, role: &str) -> String {
+    let out = pool.keyturn_bare(&["token", "create", "--name", name, "--role", role, "--json"]);
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["role"].as_str()),
+        (Some(name), Some(role))
+    );
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Unix seconds of the real clock.
+pub fn real_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
