@@ -85,10 +85,12 @@ fn main() {
                 policy: policies.of(n),
                 dek: *dek,
                 kek: *kek,
+                mac: *kek,
                 rotation_secs: 600,
                 dek_busy: false,
                 dek_period: policies.of(n).dek_period(),
                 kek_period: policies.of(n).kek_period(),
+                mac_period: policies.of(n).mac_period(),
                 threat_emergency: false,
                 dek_plan: None,
             })

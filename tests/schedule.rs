@@ -98,6 +98,18 @@ fn jobs(s: &Value) -> Vec<Value> {
     s["jobs"].as_array().cloned().unwrap_or_default()
 }
 
+/// `GET path` of the admin API with the pool's admin token, as JSON.
+fn api_get(pool: &TestPool, server: &Server, path: &str) -> Value {
+    let addr = server.admin.clone().expect("an `admin:` line");
+    let mut r = http_agent()
+        .get(format!("http://{addr}{path}"))
+        .header("Authorization", format!("Bearer {}", admin_token(pool)))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET {path}");
+    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+}
+
 /// The start of the UTC day `days` days after `t`.
 fn midnight_after(t: u64, days: u64) -> u64 {
     (t + days * DAY) / DAY * DAY
@@ -436,6 +448,169 @@ fn a_due_kek_is_rewrapped_by_the_scheduler_without_waiting_for_the_window() {
     assert_eq!(count(&events, "schedule.kek.start", "z1"), 1);
     assert_eq!(count(&events, "schedule.kek.done", "z1"), 1);
     assert_eq!(count(&events, "kek.rotate", "z1"), 1);
+}
+
+#[test]
+fn a_due_mac_key_is_rotated_retagged_and_destroyed_by_the_scheduler() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    let uri = server.uri("z1-vol");
+    // Content shared three times and content of its own.
+    qio_ok(
+        &uri,
+        &[
+            "write -P 0x31 0 1M",
+            "write -P 0x31 1M 1M",
+            "write -P 0x31 2M 1M",
+            "write -P 0x32 3M 1M",
+            "flush",
+        ],
+    );
+    pool.keyturn_ok(&[
+        "policy",
+        "set",
+        "--zone",
+        "z1",
+        "--preset",
+        "365d",
+        "--mac-cryptoperiod",
+        "30d",
+        "--mac-grace",
+        "7d",
+    ]);
+    let mac = || keyturn_json(&pool, &["mac", "status", "--zone", "z1", "--json"]);
+    assert_eq!(mac()["active_version"], 1);
+    // 20 days on: not due; 40 days on (noon, outside any DEK window): due.
+    clock.set(t0 + 20 * DAY);
+    wait_until("a check at day 20", 20, || {
+        keyturn_json(&pool, &["scheduler", "status", "--json"])["last_check"]["at_unix"].as_u64()
+            >= Some(t0 + 20 * DAY)
+    });
+    assert!(jobs(&schedule(&pool)).is_empty(), "{}", schedule(&pool));
+    let health = api_get(&pool, &server, "/api/v1/key-rotation/health");
+    let mac_health = health["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["zone"] == "z1" && k["purpose"] == "mac")
+        .cloned()
+        .unwrap_or_else(|| panic!("health lists the MAC key: {health}"));
+    assert_eq!(mac_health["state"], "ok", "{mac_health}");
+    clock.set(midnight_after(t0, 40) + 12 * 3600);
+    wait_until("the re-tag pass to end", 60, || {
+        let st = mac();
+        st["active_version"] == 2 && st["retiring_versions"] == serde_json::json!([])
+    });
+    wait_until("the job to leave the schedule", 20, || {
+        jobs(&schedule(&pool)).is_empty()
+    });
+    let st = mac();
+    assert_eq!(st["blocks_retiring"], 0, "{st}");
+    assert_eq!(st["blocks_active"], 2, "two distinct contents: {st}");
+    let keys = keyturn_json(&pool, &["keys", "list", "--zone", "z1", "--json"]);
+    let state = |id: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .map(|k| k["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state("z1-mac-v1").as_deref(), Some("destroyed"), "{keys}");
+    assert_eq!(state("z1-mac-v2").as_deref(), Some("active"), "{keys}");
+    assert_eq!(
+        rotation(&pool, "z1")["active_version"],
+        1,
+        "the DEK is not due"
+    );
+    let events = audit_records(&pool);
+    assert_eq!(count(&events, "schedule.mac.start", "z1"), 1);
+    assert_eq!(count(&events, "schedule.mac.done", "z1"), 1);
+    assert_eq!(count(&events, "mac.rotate", "z1"), 1);
+    // Every block reads back, and new copies still share the re-tagged content.
+    qio_ok(
+        &uri,
+        &[
+            "read -P 0x31 0 3M",
+            "read -P 0x32 3M 1M",
+            "write -P 0x31 4M 1M",
+            "flush",
+        ],
+    );
+    assert_eq!(mac()["blocks_active"], 2, "dedup under the new MAC key");
+}
+
+#[test]
+fn a_root_key_past_its_lifetime_is_alerted_once_per_step_until_rotated() {
+    let (pool, clock) = test_pool(&["z1"], "16M");
+    let t0 = real_now();
+    let server = serve(&pool, &clock);
+    // The zone's own keys are not what this test is about.
+    pool.keyturn_ok(&["policy", "hold", "--zone", "z1"]);
+    let root = || api_get(&pool, &server, "/api/v1/key-rotation/health");
+    let checked_at = |t: u64| {
+        wait_until("a check at the clock's time", 20, || {
+            keyturn_json(&pool, &["scheduler", "status", "--json"])["last_check"]["at_unix"]
+                .as_u64()
+                >= Some(t)
+        })
+    };
+    // The default root key lifetime is a year: at 300 days it is fine.
+    clock.set(t0 + 300 * DAY);
+    checked_at(t0 + 300 * DAY);
+    let h = root();
+    assert_eq!(h["root_key"]["state"], "ok", "{h}");
+    assert_eq!(h["root_key"]["cryptoperiod_secs"], 365 * DAY, "{h}");
+    let due_in = h["root_key"]["due_in_secs"].as_i64().unwrap();
+    assert!((64 * DAY as i64..=65 * DAY as i64).contains(&due_in), "{h}");
+    // At 400 days: due, one alert however many checks see it.
+    clock.set(t0 + 400 * DAY);
+    checked_at(t0 + 400 * DAY);
+    std::thread::sleep(Duration::from_secs(1));
+    let h = root();
+    assert_eq!(h["root_key"]["state"], "due", "{h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(
+        h["problems"].to_string().contains("the root key is due"),
+        "{h}"
+    );
+    let alerts = |pool: &TestPool| {
+        audit_records(pool)
+            .iter()
+            .filter(|e| e["action"] == "schedule.root.due")
+            .count()
+    };
+    assert_eq!(alerts(&pool), 1);
+    assert!(
+        server
+            .log_text()
+            .contains("ALERT: the root key is past its cryptoperiod"),
+        "{}",
+        server.log_text()
+    );
+    // Past 150%: alerted again, once.
+    clock.set(t0 + 560 * DAY);
+    checked_at(t0 + 560 * DAY);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(root()["root_key"]["state"], "severely_overdue");
+    assert_eq!(alerts(&pool), 2);
+    // The operator rotates it (on the real clock): ok again.
+    let new_pass = write_file(pool.dir.path(), "new-pass", b"the next root passphrase");
+    pool.keyturn_ok(&[
+        "keys",
+        "rotate-root",
+        "--new-passphrase-file",
+        new_pass.to_str().unwrap(),
+    ]);
+    clock.set(real_now() + DAY);
+    checked_at(real_now() + DAY);
+    let h = root();
+    assert_eq!(h["root_key"]["state"], "ok", "{h}");
+    assert!(
+        h["root_key"]["age_secs"].as_u64().unwrap() <= DAY + 60,
+        "{h}"
+    );
+    assert_eq!(alerts(&pool), 2);
 }
 
 // ------------------------------------------------------------ predictive window

@@ -535,21 +535,27 @@ fn read_agent_key(path: &std::path::Path) -> Result<AgentKey> {
     AgentKey::from_hex(&secret).with_context(|| format!("{} is not an agent key", path.display()))
 }
 
-/// What the agent and `verify-replica` start from: the source address, the
-/// agent's key, a runtime, the replica pool opened here, and (`catch_stop`)
-/// SIGTERM and SIGINT caught from before the pool opened.
+/// What the agent and `verify-replica` start from.
+struct AgentSetup {
+    /// The source's address.
+    source: crate::replica::Source,
+    /// The agent's key.
+    key: AgentKey,
+    runtime: tokio::runtime::Runtime,
+    /// The replica pool, opened here.
+    pool: Arc<crate::pool::Pool>,
+    /// SIGTERM and SIGINT, caught from before the pool opened (when asked).
+    signals: Option<StopSignals>,
+}
+
+/// Parses the source, reads the agent's key, starts a runtime, catches
+/// stop signals (`catch_stop`) and opens the replica pool.
 fn agent_setup(
     source: &str,
     id: &AgentId,
     pool: &std::path::Path,
     catch_stop: bool,
-) -> Result<(
-    crate::replica::Source,
-    AgentKey,
-    tokio::runtime::Runtime,
-    Arc<crate::pool::Pool>,
-    Option<StopSignals>,
-)> {
+) -> Result<AgentSetup> {
     let source = parse_source(
         source.replacen("keyturns://", "keyturn://", 1).as_str(),
         &id.nats_prefix,
@@ -575,7 +581,13 @@ fn agent_setup(
         None
     };
     let pool = Arc::new(open_pool(&pool_args, &default_profile()?)?);
-    Ok((source, key, runtime, pool, signals))
+    Ok(AgentSetup {
+        source,
+        key,
+        runtime,
+        pool,
+        signals,
+    })
 }
 
 /// SIGTERM and SIGINT, caught from the moment of `install` on.
@@ -606,7 +618,13 @@ impl StopSignals {
 /// when the two sides are not at one stream record.
 pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
     let tls = agent_tls(&a.source, &a.id)?;
-    let (source, key, runtime, pool, _) = agent_setup(&a.source, &a.id, &a.replica, false)?;
+    let AgentSetup {
+        source,
+        key,
+        runtime,
+        pool,
+        ..
+    } = agent_setup(&a.source, &a.id, &a.replica, false)?;
     let cfg = AgentConfig {
         source,
         zone: a.zone,
@@ -677,7 +695,13 @@ pub(super) fn verify_replica(a: VerifyReplicaArgs) -> Result<u8> {
 /// SIGTERM/SIGINT.
 pub(super) fn replicate(a: ReplicateArgs) -> Result<()> {
     let tls = agent_tls(&a.source, &a.id)?;
-    let (source, key, runtime, pool, signals) = agent_setup(&a.source, &a.id, &a.to, true)?;
+    let AgentSetup {
+        source,
+        key,
+        runtime,
+        pool,
+        signals,
+    } = agent_setup(&a.source, &a.id, &a.to, true)?;
     let mut signals = signals.expect("asked for");
     let mut agent = Agent::new(
         pool.clone(),

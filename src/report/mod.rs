@@ -222,6 +222,7 @@ pub fn build(
         let period = match k.purpose.as_str() {
             "dek" => Some(policies.of(&k.zone).dek_period()),
             "kek" => Some(policies.of(&k.zone).kek_period()),
+            "mac" => Some(policies.of(&k.zone).mac_period()),
             _ => None,
         };
         let age = match k.state.as_str() {

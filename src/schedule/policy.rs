@@ -492,6 +492,11 @@ impl Policy {
         self.sensitivity.scale(self.kek.cryptoperiod)
     }
 
+    /// The MAC key cryptoperiod after the sensitivity scaling.
+    pub fn mac_period(&self) -> Span {
+        self.sensitivity.scale(self.mac.cryptoperiod)
+    }
+
     /// The KEK re-wrap pause.
     pub fn kek_pause(&self) -> Duration {
         Duration::from_secs(self.kek_pause.0)

@@ -36,6 +36,20 @@ pub enum KeyKind {
     Dek,
     /// The key-encryption key: online re-wrap in batches.
     Kek,
+    /// The MAC key of the content tags: a new key, then a background
+    /// re-tag pass, then the old key's destruction.
+    Mac,
+}
+
+impl KeyKind {
+    /// Its name in JSON, metrics labels and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Dek => "dek",
+            KeyKind::Kek => "kek",
+            KeyKind::Mac => "mac",
+        }
+    }
 }
 
 /// How urgent a rotation is; higher first.
@@ -255,6 +269,8 @@ pub struct ZoneView<'a> {
     pub dek: KeyAge,
     /// Its active KEK.
     pub kek: KeyAge,
+    /// Its active MAC key.
+    pub mac: KeyAge,
     /// Seconds a rotation of its data is expected to take (staging lead),
     /// when there is no plan.
     pub rotation_secs: u64,
@@ -264,6 +280,8 @@ pub struct ZoneView<'a> {
     pub dek_period: Span,
     /// The KEK cryptoperiod (likewise).
     pub kek_period: Span,
+    /// The MAC key cryptoperiod (likewise).
+    pub mac_period: Span,
     /// A critical threat asks for an emergency DEK rotation.
     pub threat_emergency: bool,
     /// The predictive plan of the DEK rotation: (open at, flip at).
@@ -302,7 +320,13 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
         for (kind, age, period) in [
             (KeyKind::Dek, dek, z.dek_period),
             (KeyKind::Kek, z.kek, z.kek_period),
+            (KeyKind::Mac, z.mac, z.mac_period),
         ] {
+            // A zone without an active MAC key has nothing to rotate from
+            // (a MAC rotation retires the active key).
+            if kind == KeyKind::Mac && age == KeyAge::Missing {
+                continue;
+            }
             // A plan's window may open before the key is due, so that it
             // flips before its cryptoperiod ends.
             let planned = kind == KeyKind::Dek && z.dek_plan.is_some_and(|(open, _)| open <= now);
@@ -384,7 +408,7 @@ pub fn plan(schedule: &mut Schedule, zones: &[ZoneView<'_>], now: u64, cap: usiz
                 at.max(now)
             }
             (kind, _) => match kind {
-                KeyKind::Kek => now,
+                KeyKind::Kek | KeyKind::Mac => now,
                 KeyKind::Dek if z.dek_busy && !emergency => continue,
                 KeyKind::Dek if job.urgency >= Urgency::SeverelyOverdue => now,
                 // The predictive plan: open the window when it says, flip when it says.
@@ -470,10 +494,12 @@ mod tests {
             policy: p,
             dek: KeyAge::ActiveSince(now - dek_days_old * DAY),
             kek: KeyAge::ActiveSince(now),
+            mac: KeyAge::ActiveSince(now),
             rotation_secs: 0,
             dek_busy: false,
             dek_period: p.dek_period(),
             kek_period: p.kek_period(),
+            mac_period: p.mac_period(),
             threat_emergency: false,
             dek_plan: None,
         }

@@ -18,6 +18,7 @@
 //! emergency rotations under dual control in [`threats`].
 
 mod planning;
+mod root;
 mod threats;
 mod write_modes;
 
@@ -102,6 +103,8 @@ pub struct Scheduler {
     heat_saved: Mutex<Option<Instant>>,
     /// Set to check at once (a threat change).
     wake: AtomicBool,
+    /// The root key's age, from the audit log.
+    root: Mutex<root::RootWatch>,
 }
 
 impl Scheduler {
@@ -129,6 +132,7 @@ impl Scheduler {
             plans: Mutex::default(),
             heat_saved: Mutex::new(None),
             wake: AtomicBool::new(false),
+            root: Mutex::default(),
         });
         pool.load_heat();
         write_modes::apply(pool, &s.policies.lock());
@@ -211,10 +215,12 @@ impl Scheduler {
                 policy: policies.of(&f.name),
                 dek: f.dek,
                 kek: f.kek,
+                mac: f.mac,
                 rotation_secs: f.rotation_secs,
                 dek_busy: f.dek_busy,
                 dek_period: f.dek_period,
                 kek_period: f.kek_period,
+                mac_period: f.mac_period,
                 threat_emergency: f.threat_emergency,
                 dek_plan: f.plan.as_ref().map(|p| (p.open_at, p.flip_at)),
             })
@@ -249,6 +255,7 @@ impl Scheduler {
             }
             self.begin(pool, &mut schedule, &policies, s, now);
         }
+        self.root.lock().check(pool, &policies, now);
         self.publish(&schedule, &facts);
         self.save_heat_now_and_then(pool);
         if schedule != before
@@ -299,6 +306,7 @@ impl Scheduler {
                 id: z.id,
                 dek_period: policy.threat.scale(policy.dek_period(), level),
                 kek_period: policy.threat.scale(policy.kek_period(), level),
+                mac_period: policy.threat.scale(policy.mac_period(), level),
                 threat_level: level,
                 threat_emergency: threat.emergency_due(&name),
                 plan: None,
@@ -309,6 +317,7 @@ impl Scheduler {
                     .filter(|r| *r > 0.0),
                 dek: key_age(&file, Purpose::Dek),
                 kek: key_age(&file, Purpose::Kek),
+                mac: key_age(&file, Purpose::Mac),
                 rotation_secs: self.facts_for(pool, policy, content).rotation_secs(),
                 dek_busy: matches!(
                     status.phase,
@@ -362,6 +371,28 @@ impl Scheduler {
                         Some(_) => {}
                     }
                 }
+                KeyKind::Mac => match pool.mac_status(&job.zone) {
+                    // The re-tag pass runs on the pool's rotation tick; the
+                    // old key is destroyed when no tag names it.
+                    Ok(st) if st.retiring_versions.is_empty() => done.push(i),
+                    Ok(st) if st.blocks_retiring > 0 && st.blocks_retiring == st.retag_errors => {
+                        failed.push((
+                            i,
+                            format!(
+                                "{} blocks failed their integrity check when re-tagged and keep \
+                                 the old MAC key; run `keyturn scrub --zone {}`",
+                                st.retag_errors, job.zone
+                            ),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(_) if !pool.catalog().zones.iter().any(|z| z.name == job.zone) => {
+                        done.push(i)
+                    }
+                    Err(e) => {
+                        tracing::warn!(zone = %job.zone, error = %e, "scheduler: MAC rotation status unreadable")
+                    }
+                },
                 KeyKind::Kek => {
                     let mut workers = self.kek_workers.lock();
                     match workers.get(&job.zone) {
@@ -404,6 +435,7 @@ impl Scheduler {
                 AuditEvent::ok(match job.kind {
                     KeyKind::Dek => "schedule.dek.done",
                     KeyKind::Kek => "schedule.kek.done",
+                    KeyKind::Mac => "schedule.mac.done",
                 })
                 .zone(&job.zone)
                 .actor("scheduler"),
@@ -440,10 +472,12 @@ impl Scheduler {
                 self.spawn_kek(pool, &s.zone, policy);
                 Ok(())
             }
+            KeyKind::Mac => pool.mac_rotate(&s.zone).map(drop),
         };
         let action = match s.kind {
             KeyKind::Dek => "schedule.dek.start",
             KeyKind::Kek => "schedule.kek.start",
+            KeyKind::Mac => "schedule.mac.start",
         };
         match result {
             Ok(()) => {
@@ -586,10 +620,7 @@ impl Scheduler {
 
 /// The `kind` label of the rotation metrics.
 fn kind_label(kind: KeyKind) -> &'static str {
-    match kind {
-        KeyKind::Dek => "dek",
-        KeyKind::Kek => "kek",
-    }
+    kind.name()
 }
 
 /// Failed jobs go back to the queue with a fresh count.
@@ -624,6 +655,7 @@ struct Facts {
     id: crate::ids::ZoneId,
     dek_period: Span,
     kek_period: Span,
+    mac_period: Span,
     threat_level: ThreatLevel,
     threat_emergency: bool,
     /// The DEK rotation's plan, when its deadline is near or it is under way.
@@ -636,6 +668,7 @@ struct Facts {
     name: String,
     dek: KeyAge,
     kek: KeyAge,
+    mac: KeyAge,
     rotation_secs: u64,
     dek_busy: bool,
     phase: RotationPhase,

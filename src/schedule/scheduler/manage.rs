@@ -36,7 +36,7 @@ pub struct KeyHealth {
     pub due_in_secs: Option<i64>,
 }
 
-fn state_name(u: Option<Urgency>) -> &'static str {
+pub(super) fn state_name(u: Option<Urgency>) -> &'static str {
     match u {
         None => "ok",
         Some(Urgency::Due) => "due",
@@ -55,6 +55,7 @@ pub(super) fn job_reason(job: &Job) -> String {
     let key = match job.kind {
         KeyKind::Dek => "DEK",
         KeyKind::Kek => "KEK",
+        KeyKind::Mac => "MAC key",
     };
     match job.urgency {
         Urgency::Due => format!("the active {key} reached its cryptoperiod"),
@@ -68,7 +69,7 @@ pub(super) fn job_reason(job: &Job) -> String {
 }
 
 impl Scheduler {
-    /// Every zone's active DEK and KEK against the zone's policy, now.
+    /// Every zone's active DEK, KEK and MAC key against the zone's policy, now.
     pub fn key_health(&self, pool: &Pool) -> Vec<KeyHealth> {
         let now = crate::clock::unix_now();
         let policies = self.policies.lock().clone();
@@ -85,6 +86,7 @@ impl Scheduler {
             for (purpose, name, period) in [
                 (Purpose::Dek, "dek", policy.dek_period()),
                 (Purpose::Kek, "kek", policy.kek_period()),
+                (Purpose::Mac, "mac", policy.mac_period()),
             ] {
                 let age = key_age(&file, purpose);
                 let version = file
@@ -162,6 +164,14 @@ impl Scheduler {
             problems.push(format!("zone {}: the {} is {}", k.zone, k.purpose, k.state));
         }
         let now = crate::clock::unix_now();
+        // The scheduler does not rotate the root key: due is a problem.
+        let root = self.root_health(pool, now);
+        if !matches!(root["state"].as_str(), Some("ok" | "unknown")) {
+            problems.push(format!(
+                "the root key is {}: rotate it with `keyturn keys rotate-root`",
+                root["state"].as_str().unwrap_or("?")
+            ));
+        }
         // The next rotation: a job's flip or start time, else the first key
         // to fall due.
         let next_in = next.map(|t| t as i64 - now as i64).or_else(|| {
@@ -191,6 +201,7 @@ impl Scheduler {
             "next_rotation_in_secs": next_in,
             "now_unix": now,
             "keys": keys,
+            "root_key": root,
         })
     }
 
@@ -273,6 +284,7 @@ impl Scheduler {
                 AuditEvent::ok(match kind {
                     KeyKind::Dek => "schedule.dek.add",
                     KeyKind::Kek => "schedule.kek.add",
+                    KeyKind::Mac => "schedule.mac.add",
                 })
                 .zone(z),
             )
@@ -368,10 +380,7 @@ impl Scheduler {
 }
 
 fn kind_name(kind: KeyKind) -> &'static str {
-    match kind {
-        KeyKind::Dek => "dek",
-        KeyKind::Kek => "kek",
-    }
+    kind.name()
 }
 
 fn state_word(s: JobState) -> &'static str {
