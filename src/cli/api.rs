@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use super::{PoolArgs, default_profile, open_pool, parse_duration};
+use super::secret::open_pool;
+use super::{PoolArgs, default_profile, parse_duration};
 use crate::admin::client::{AdminClient, ClientError};
 use crate::admin::{
     AdminBackend, CheckReport, CreateVolumeRequest, CreateZoneRequest, EmergencyRequest,

@@ -75,7 +75,7 @@ pub(super) fn audit(cmd: AuditCmd) -> Result<()> {
             (_, key, Some(bundle)) => verify_bundle(&bundle, key.as_deref(), json),
             (Some(pool), Some(key), None) => verify_signed(&pool, &key, json),
             (Some(pool), None, None) => {
-                super::audit_verify(&pool, json)?;
+                audit_verify(&pool, json)?;
                 if !json && pool.join(sign::DIGEST_FILE).exists() {
                     println!(
                         "signatures not checked: add --public-key FILE (from `keyturn audit public-key`)"
@@ -197,5 +197,85 @@ fn report(r: std::result::Result<SignedReport, Outcome>, what: &str, json: bool)
             bail!("audit log {what} does not verify: {}", f.reason)
         }
         Err(Outcome::Error(e)) => Err(e),
+    }
+}
+
+/// `keyturn audit verify`: never opens the pool (no key, no lock), so it
+/// also runs while the pool is served.
+fn audit_verify(pool: &Path, json: bool) -> Result<()> {
+    use crate::audit::{self, AuditError};
+    let log = pool.join(audit::LOG_FILE);
+    match audit::verify(pool) {
+        Ok(report) => {
+            if json {
+                let mut v = serde_json::to_value(&report)?;
+                v["ok"] = true.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "audit log {}: {} records, chain intact, ends at event {} (hash {})",
+                    log.display(),
+                    report.records,
+                    report.last_id,
+                    report.last_hash
+                );
+                if report.unanchored > 0 {
+                    println!(
+                        "note: the last record is not yet in audit.head (an append was interrupted); the next open of the pool moves the anchor"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(AuditError::Broken {
+            path,
+            line,
+            id,
+            why,
+        }) => {
+            // Show the offending line, escaped and cut short: it may hold
+            // anything, including terminal escapes.
+            let text = std::fs::read(&path).ok().and_then(|data| {
+                let l = data
+                    .split(|&b| b == b'\n')
+                    .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+                let l = String::from_utf8_lossy(l);
+                let mut shown: String = l.chars().take(400).collect();
+                if l.chars().count() > 400 {
+                    shown.push('…');
+                }
+                Some(shown)
+            });
+            if json {
+                let v = serde_json::json!({
+                    "ok": false, "line": line, "id": id, "kind": why.kind(),
+                    "reason": why.to_string(), "record": text,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "first broken record: line {line}, event id {}",
+                    id.map_or_else(|| "unknown".into(), |i| i.to_string())
+                );
+                println!("why: {why}");
+                if let Some(t) = &text {
+                    println!("record: {t:?}");
+                }
+            }
+            bail!(
+                "audit log {} is broken at line {line} (event id {}): {why}",
+                path.display(),
+                id.map_or_else(|| "unknown".into(), |i| i.to_string())
+            )
+        }
+        Err(e) => {
+            if json {
+                let v =
+                    serde_json::json!({"ok": false, "kind": "unreadable", "reason": e.to_string()});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Err(e)
+                .with_context(|| format!("cannot verify the audit log of pool {}", pool.display()))
+        }
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{PASS_ENV, PoolArgs, Secret};
+use super::secret::Secret;
+use super::{PASS_ENV, PoolArgs};
 use crate::keys::backup;
 use crate::keys::passphrase::Passphrase;
 use crate::keys::sealed::KdfParams;
@@ -135,7 +136,7 @@ pub(super) fn restore(a: RestoreArgs) -> Result<()> {
             a.pool.display()
         )
     })?;
-    let token = super::new_admin_token(&a.pool)?;
+    let token = super::init::new_admin_token(&a.pool)?;
     println!(
         "restored backup {} into {}: {} zones, {} KEKs re-wrapped under a new root key",
         r.backup_id,

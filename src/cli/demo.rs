@@ -1,8 +1,21 @@
-//! What `keyturn demo` tells a person once it serves: commands to try,
-//! each naming this program the way they can run it again.
+//! `keyturn demo`: create (or reuse) a demo pool and serve it, and what it
+//! tells a person once it serves: commands to try, each naming this program
+//! the way they can run it again.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::init::new_admin_token;
+use super::secret::Secret;
+use super::serve::{Listen, serve};
+use super::{DEMO_PASS_FILE, PASS_ENV, default_profile, write_secret_file};
+use crate::config::{DualControlSection, ServerSection};
+use crate::keys::passphrase::Passphrase;
+use crate::keys::sealed::KdfParams;
+use crate::pool::{InitOptions, Pool, RootKeyChoice};
 
 /// The hints printed before the ready line: clients to try, how to rotate
 /// the demo zone's key, and how to serve the same pool again. `bin` is this
@@ -63,6 +76,85 @@ fn shell_word(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+#[derive(Args, Debug)]
+pub(super) struct DemoArgs {
+    /// Pool directory; created with a demo pool if empty [default: a fresh temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// Loopback address of the admin API [default: as for `serve`].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+}
+
+/// `keyturn demo`.
+pub(super) fn demo(a: DemoArgs) -> Result<()> {
+    let dir = match a.dir {
+        Some(d) => d,
+        None => {
+            let d = std::env::temp_dir().join(format!("keyturn-demo-{}", std::process::id()));
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            d
+        }
+    };
+    let pass_file = dir.join(DEMO_PASS_FILE);
+    if !Pool::exists(&dir) {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let pass = {
+            use rand::RngCore;
+            let mut b = [0u8; 24];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        };
+        write_secret_file(&pass_file, &pass)?;
+        let pass = Passphrase::new(pass)?;
+        let opts = InitOptions {
+            data: None,
+            staging: None,
+            kdf: KdfParams::default(),
+            root_key: RootKeyChoice::SealedFile,
+            server: ServerSection {
+                listen: a.listen.clone(),
+                ..ServerSection::default()
+            },
+            dual_control: DualControlSection::default(),
+        };
+        Pool::init(&dir, &opts, &pass)
+            .with_context(|| format!("cannot create demo pool in {}", dir.display()))?;
+        new_admin_token(&dir)?;
+        let pool = Pool::open(&dir, &pass, &default_profile()?)?;
+        pool.create_zone("demo")?;
+        pool.create_volume("vol0", "demo", 1 << 30)?;
+        eprintln!(
+            "keyturn demo: created a pool in {} with zone 'demo' and a 1 GiB volume 'vol0'",
+            dir.display()
+        );
+    } else {
+        eprintln!(
+            "keyturn demo: serving the pool already in {}",
+            dir.display()
+        );
+    }
+    let pass = Passphrase::resolve(Some(&pass_file), PASS_ENV, false)
+        .with_context(|| format!("the demo keeps its passphrase in {}", pass_file.display()))?;
+    let listen = Listen {
+        nbd: Some(a.listen),
+        unix: a.unix,
+        admin: a.admin_listen,
+        stream: None,
+        nats: None,
+        allow_plaintext: false,
+    };
+    serve(&dir, &Secret::Passphrase(pass), listen, None, Some(()))
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
 use super::api::{Admin, parse_time, read_approvals};
-use super::{PoolArgs, default_profile, open_pool};
+use super::secret::open_pool;
+use super::{PoolArgs, default_profile};
 use crate::admin::{AdminBackend, GrantRequest, ShredRequest, StreamRequest};
 
 use crate::replica::{Agent, AgentConfig, parse_source, read_status};

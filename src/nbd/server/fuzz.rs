@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 
-use super::{ServerConfig, connection};
+use super::ServerConfig;
+use super::connection::connection;
 use crate::nbd::access::Client;
 use crate::nbd::export::{Export, ExportCatalog, ExportError, ExportInfo, Extent};
 use crate::nbd::handshake::Security;
