@@ -6,7 +6,7 @@
 //! [`store`] (devices, journal, tables, allocators). [`keys`] holds the key
 //! hierarchy; [`audit`] is the tamper-evident audit log; [`pool`] ties a pool
 //! directory together; [`admin`] is the admin HTTP API (served by
-//! `keyturn serve`, implemented for the pool in `pool_admin.rs`) and its
+//! `keyturn serve`, implemented for the pool in `pool/admin.rs`) and its
 //! metrics; [`cli`] is the edge.
 
 pub mod actor;
@@ -23,8 +23,6 @@ pub mod ids;
 pub mod keys;
 pub mod nbd;
 pub mod pool;
-pub mod pool_admin;
-pub mod pool_root;
 pub mod replica;
 pub mod report;
 pub mod rotation;

@@ -90,7 +90,7 @@ pub(super) fn rotate_root(
     pause_ms: u64,
     approvals: &[PathBuf],
 ) -> Result<()> {
-    use crate::pool_root::{NewRoot, RootRotationPhase};
+    use crate::pool::root::{NewRoot, RootRotationPhase};
     require_pool_dir(&pool.pool)?;
     let pending = Pool::root_rotation(&pool.pool).with_context(|| {
         format!(
@@ -213,7 +213,7 @@ pub(super) fn rotate_root(
 }
 
 /// Prints a root key rotation report, from this process or from the
-/// server (the fields of [`crate::pool_root::RootRotationReport`]).
+/// server (the fields of [`crate::pool::root::RootRotationReport`]).
 fn print_root_report(report: &serde_json::Value, sealed: bool) {
     #[derive(serde::Deserialize)]
     struct Line {

@@ -8,7 +8,7 @@
 //! DIR/keys/root.sealed       the sealed root key (sealed-file provider;
 //!                            a pkcs11 root key lives in its token instead)
 //! DIR/keys/zone-<id>.json    a zone's wrapped keys
-//! DIR/keys/root-rotation.json  a root key rotation in progress (see [`crate::pool_root`])
+//! DIR/keys/root-rotation.json  a root key rotation in progress (see [`root`])
 //! DIR/journal                write-ahead journal
 //! DIR/tables/zone-<id>.cb    content-block table of a zone
 //! DIR/tables/vol-<id>.map    LBA map of a volume
@@ -49,6 +49,7 @@ use crate::store::{Staging, Storage};
 use crate::volume::Volume;
 use crate::zone::{VolumeMap, Zone, ZoneCrypto, ZoneMeta};
 
+pub mod admin;
 mod backup;
 mod block;
 mod catalog;
@@ -57,6 +58,7 @@ mod hooks;
 mod init;
 mod input;
 mod keys;
+pub mod root;
 mod stream;
 mod volumes;
 pub use backup::{BackupReport, RestoreReport};

@@ -17,8 +17,8 @@ use crate::keys::passphrase::Passphrase;
 use crate::keys::root_rotation::{root_id, root_label};
 use crate::keys::sealed::{KdfParams, SealedFileProvider};
 use crate::keys::wrap::Purpose;
+use crate::pool::root::{NewRoot, RootRotationPhase};
 use crate::pool::{Pool, PoolError, RootSecret};
-use crate::pool_root::{NewRoot, RootRotationPhase};
 
 fn unix_now() -> u64 {
     crate::clock::unix_now()
