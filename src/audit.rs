@@ -1038,7 +1038,7 @@ impl AuditLog {
             tracing::warn!(path = %log_path.display(), bytes = len - end_complete,
                 "audit log ends in an incomplete record from an interrupted append; removing it");
             file.set_len(end_complete)
-                .and_then(|()| crate::store::durable::sync_all(&file))
+                .and_then(|()| crate::store::durable::sync_all(file))
                 .map_err(io("truncate", log_path))?;
         }
         if !head_ok {

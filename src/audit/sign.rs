@@ -445,7 +445,7 @@ fn last_signed(f: &mut File, path: &Path) -> Result<u64, SignError> {
     if (start + end as u64) < len {
         tracing::warn!(path = %path.display(), "audit digest file ends in an incomplete line (interrupted append); removing it");
         f.set_len(start + end as u64)
-            .and_then(|()| crate::store::durable::sync_all(&f))
+            .and_then(|()| crate::store::durable::sync_all(f))
             .map_err(io("truncate", path))?;
     }
     let last = tail[..end]

@@ -4,8 +4,8 @@
 //! A [`PowerLoss`] is armed on a pool directory. From then on it counts the
 //! syncs made through [`super::durable`] on files under that directory and
 //! keeps, per file (by inode) and per directory, the state the last
-//! successful sync made durable. At the chosen sync (the Nth, counted from
-//! 1) it stops the world: instead of syncing, it writes to another
+//! successful sync made durable. At the chosen sync (the Nth, counting
+//! from one) it stops the world: instead of syncing, it writes to another
 //! directory the state the disk could hold after a power loss at that
 //! instant, and from then on every sync under the directory fails with EIO
 //! (fail-stop), so nothing later is acknowledged.
@@ -169,9 +169,12 @@ pub(crate) fn sync_file(file: &File, real: impl FnOnce() -> io::Result<()>) -> i
     // the crash image is one instant.
     let mut s = sim.lock();
     if s.before_sync(&path)? {
-        real()?;
+        // Read before the sync: what was written by then is what it
+        // covers; a write racing with it (a stream append goes on while
+        // its file syncs) stays unsynced.
         let ino = file.metadata()?.ino();
         let image = read_image(&reopen(file)?)?;
+        real()?;
         s.files.insert(ino, image);
     }
     Ok(())
@@ -187,12 +190,12 @@ pub(crate) fn sync_dir(dir: &Path, real: impl FnOnce() -> io::Result<()>) -> io:
     };
     let mut s = sim.lock();
     if s.before_sync(&dir)? {
-        real()?;
         let rel = dir
             .strip_prefix(&s.root)
             .unwrap_or(Path::new(""))
             .to_path_buf();
         let list = list(&dir)?;
+        real()?;
         s.dirs.insert(rel, list);
     }
     Ok(())
