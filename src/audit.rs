@@ -671,12 +671,10 @@ fn write_head(dir: &Path, head: &Head) -> Result<(), AuditError> {
         .open(&tmp)
         .map_err(io("create", &tmp))?;
     f.write_all(&bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
+    crate::store::durable::sync_all(&f).map_err(io("fsync", &tmp))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+    crate::store::durable::sync_dir(dir).map_err(io("fsync directory", dir))
 }
 
 /// flock on the log: exclusive for an append, shared for a verify, so a
@@ -1040,7 +1038,7 @@ impl AuditLog {
             tracing::warn!(path = %log_path.display(), bytes = len - end_complete,
                 "audit log ends in an incomplete record from an interrupted append; removing it");
             file.set_len(end_complete)
-                .and_then(|()| file.sync_all())
+                .and_then(|()| crate::store::durable::sync_all(file))
                 .map_err(io("truncate", log_path))?;
         }
         if !head_ok {
@@ -1106,9 +1104,7 @@ impl AuditLog {
         st.file
             .write_all(&line)
             .map_err(io("append to", &self.log_path))?;
-        st.file
-            .sync_data()
-            .map_err(io("fdatasync", &self.log_path))?;
+        crate::store::durable::sync_data(&st.file).map_err(io("fdatasync", &self.log_path))?;
         write_head(
             &self.dir,
             &Head {

@@ -374,7 +374,7 @@ impl Signer {
         }
         let line = digest_line(&self.key, &self.key_id, id, hash, time);
         st.0.write_all(&line).map_err(io("append to", &self.path))?;
-        st.0.sync_data().map_err(io("fdatasync", &self.path))?;
+        crate::store::durable::sync_data(&st.0).map_err(io("fdatasync", &self.path))?;
         st.1 = id;
         Ok(())
     }
@@ -445,7 +445,7 @@ fn last_signed(f: &mut File, path: &Path) -> Result<u64, SignError> {
     if (start + end as u64) < len {
         tracing::warn!(path = %path.display(), "audit digest file ends in an incomplete line (interrupted append); removing it");
         f.set_len(start + end as u64)
-            .and_then(|()| f.sync_all())
+            .and_then(|()| crate::store::durable::sync_all(f))
             .map_err(io("truncate", path))?;
     }
     let last = tail[..end]

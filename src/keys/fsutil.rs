@@ -71,7 +71,7 @@ pub(crate) fn write_private_atomic(
             .open(&tmp)
             .map_err(io("create", &tmp))?;
         f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
+        crate::store::durable::sync_all(&f).map_err(io("fsync", &tmp))?;
         drop(f);
         match replace {
             Replace::Allow => fs::rename(&tmp, path).map_err(io("rename into", path))?,
@@ -96,9 +96,7 @@ pub(crate) fn write_private_atomic(
             }
         }
         // The rename or link is durable only once the directory is synced.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync directory", &dir))
+        crate::store::durable::sync_dir(&dir).map_err(io("fsync directory", &dir))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -132,13 +130,11 @@ pub(crate) fn destroy_file(what: &'static str, path: &Path) -> Result<(), KeyErr
     let mut noise = vec![0u8; len];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut noise);
     f.write_all(&noise).map_err(io("overwrite", path))?;
-    f.sync_all().map_err(io("fsync", path))?;
+    crate::store::durable::sync_all(&f).map_err(io("fsync", path))?;
     drop(f);
     fs::remove_file(path).map_err(io("remove", path))?;
     let dir = parent_dir(path);
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", &dir))?;
+    crate::store::durable::sync_dir(&dir).map_err(io("fsync directory", &dir))?;
     tracing::debug!(what, path = %path.display(), "key file overwritten and removed");
     Ok(())
 }

@@ -176,12 +176,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(&tmp)
         .map_err(io_at(&tmp))?;
     f.write_all(bytes).map_err(io_at(&tmp))?;
-    f.sync_all().map_err(io_at(&tmp))?;
+    crate::store::durable::sync_all(&f).map_err(io_at(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_at(path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    crate::store::durable::sync_dir(dir).map_err(io_at(dir))
 }
 
 /// The error for a secret of the wrong kind: a PIN for a sealed-file pool,

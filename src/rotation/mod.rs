@@ -1018,7 +1018,7 @@ fn scrub_replaced(old: Option<std::fs::File>) {
     };
     let zeros = vec![0u8; meta.len() as usize];
     if f.write_all_at(&zeros, 0)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| crate::store::durable::sync_all(&f))
         .is_err()
     {
         tracing::warn!("could not overwrite the replaced key file");
@@ -1130,5 +1130,7 @@ fn sleep_unless_stopped(ctx: &Context, d: Duration) {
     }
 }
 
+#[cfg(test)]
+mod crash_walk;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -509,7 +509,7 @@ impl Writer {
         self.file
             .write_all_at(&h, (generation % 2) * HEADER_SLOT)
             .map_err(Self::io("header write"))?;
-        self.file.sync_data().map_err(Self::io("header sync"))?;
+        super::durable::sync_data(&self.file).map_err(Self::io("header sync"))?;
         self.generation = generation;
         self.write_pos = FRAMES_START;
         Ok(())
@@ -528,7 +528,7 @@ impl Writer {
         self.file
             .write_all_at(&buf, self.write_pos)
             .map_err(Self::io("write"))?;
-        self.file.sync_data().map_err(Self::io("sync"))?;
+        super::durable::sync_data(&self.file).map_err(Self::io("sync"))?;
         self.write_pos += buf.len() as u64;
         Ok(())
     }

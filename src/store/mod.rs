@@ -4,8 +4,10 @@
 pub mod alloc;
 pub mod bufpool;
 pub mod device;
+pub mod durable;
 pub mod fault;
 pub mod journal;
+pub mod powerloss;
 pub mod table;
 mod uring;
 
@@ -140,7 +142,7 @@ fn discard(slots: &Mutex<IdAllocator>, file: &File, size: u64) -> std::io::Resul
         drop(a);
         from = to;
     }
-    file.sync_data()?;
+    durable::sync_data(file)?;
     Ok(total)
 }
 
@@ -344,7 +346,7 @@ impl SyncHandle {
         if self.synced.load(Ordering::Acquire) == writes {
             return Ok(false);
         }
-        self.file.sync_data()?;
+        durable::sync_data(&self.file)?;
         self.synced.store(writes, Ordering::Release);
         Ok(true)
     }

@@ -85,7 +85,7 @@ impl Table {
             .map_err(Self::io(path, "write header"))?;
         file.set_len(HEADER + len * record as u64)
             .map_err(Self::io(path, "size"))?;
-        file.sync_all().map_err(Self::io(path, "sync"))?;
+        super::durable::sync_all(&file).map_err(Self::io(path, "sync"))?;
         drop(file);
         Self::open(path, record)
     }
@@ -176,7 +176,8 @@ impl Table {
     /// Grows to at least `len` records, with headroom.
     fn grow(&mut self, len: u64) -> Result<(), TableError> {
         let len = len.max(self.len + self.len / 2).max(1024);
-        self.map.flush().map_err(Self::io(&self.path, "msync"))?;
+        super::durable::sync_with(&self.file, || self.map.flush())
+            .map_err(Self::io(&self.path, "msync"))?;
         self.file
             .set_len(HEADER + len * self.record as u64)
             .map_err(Self::io(&self.path, "grow"))?;
@@ -188,7 +189,7 @@ impl Table {
     /// msync: every `put` so far is on disk.
     pub fn sync(&self) -> Result<(), TableError> {
         self.map.flush().map_err(Self::io(&self.path, "msync"))?;
-        self.file.sync_all().map_err(Self::io(&self.path, "fsync"))
+        super::durable::sync_all(&self.file).map_err(Self::io(&self.path, "fsync"))
     }
 
     /// Iterates over `(index, record)` for every non-empty record.
@@ -224,7 +225,7 @@ impl TableSync {
     /// call is on disk when it returns. `put`s made meanwhile may or may
     /// not be.
     pub fn sync(&self) -> Result<(), TableError> {
-        self.file.sync_all().map_err(Table::io(&self.path, "fsync"))
+        super::durable::sync_all(&self.file).map_err(Table::io(&self.path, "fsync"))
     }
 }
 

@@ -68,7 +68,7 @@ fn seg_path(dir: &Path, first: u64) -> PathBuf {
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    crate::store::durable::sync_dir(dir)
 }
 
 /// Reads frames from a segment file, in order.
@@ -175,13 +175,13 @@ impl SegmentLog {
                 cut = true;
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(seg.bytes)?;
-                f.sync_all()?;
+                crate::store::durable::sync_all(&f)?;
             }
             segments.push(seg);
         }
         if segments.is_empty() {
             let path = seg_path(dir, 1);
-            File::create(&path)?.sync_all()?;
+            crate::store::durable::sync_all(&File::create(&path)?)?;
             sync_dir(dir)?;
             segments.push(Segment {
                 first: 1,
@@ -275,7 +275,7 @@ impl SegmentLog {
 
     /// Closes the active segment (durably) and starts the next.
     fn roll(&mut self) -> std::io::Result<()> {
-        self.active.sync_data()?;
+        crate::store::durable::sync_data(&self.active)?;
         let first = self.last_seq() + 1;
         let path = seg_path(&self.dir, first);
         let f = OpenOptions::new()
@@ -297,7 +297,7 @@ impl SegmentLog {
 
     /// Makes everything appended durable.
     pub fn sync(&self) -> std::io::Result<()> {
-        self.active.sync_data()
+        crate::store::durable::sync_data(&self.active)
     }
 
     /// The active segment, to fdatasync without holding the log: segments

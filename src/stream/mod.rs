@@ -469,7 +469,7 @@ impl ZoneStream {
         }
         // The writer goes on appending while the file syncs.
         let file = self.writing.lock().log.sync_handle();
-        file.sync_data().map_err(|source| StreamError::Io {
+        crate::store::durable::sync_data(&file).map_err(|source| StreamError::Io {
             zone: self.zone_name.clone(),
             op: "sync",
             source,
