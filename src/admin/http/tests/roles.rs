@@ -197,7 +197,7 @@ fn the_management_routes_refuse_bad_bodies_before_the_backend() {
         ),
         (
             "/api/v1/key-rotation/schedule",
-            r#"{"zone": "z1", "kind": "mac"}"#,
+            r#"{"zone": "z1", "kind": "root"}"#,
             "unknown variant",
         ),
         (
