@@ -103,8 +103,15 @@ impl RotationState {
     /// Replaces the state file atomically (and durably).
     pub fn save(&self, dir: &Path, zone: ZoneId) -> std::io::Result<()> {
         let path = Self::path(dir, zone);
-        if let Some(parent) = path.parent() {
+        if let Some(parent) = path.parent()
+            && !parent.is_dir()
+        {
             std::fs::create_dir_all(parent)?;
+            // The new directory's entry, so the state file renamed into it
+            // cannot outlive a power loss without it.
+            if let Some(up) = parent.parent() {
+                crate::store::durable::sync_dir(up)?;
+            }
         }
         crate::pool::write_atomic(
             &path,

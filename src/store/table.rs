@@ -87,6 +87,10 @@ impl Table {
             .map_err(Self::io(path, "size"))?;
         super::durable::sync_all(&file).map_err(Self::io(path, "sync"))?;
         drop(file);
+        // The new name too: a table whose entry a power loss dropped would
+        // leave its zone or volume without one.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        super::durable::sync_dir(dir).map_err(Self::io(dir, "sync directory"))?;
         Self::open(path, record)
     }
 
