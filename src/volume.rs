@@ -210,6 +210,18 @@ impl Volume {
         (offset >> BLOCK_SHIFT)..(offset + len).div_ceil(BS)
     }
 
+    /// Fail-stop: once a journal commit failed (a full metadata directory,
+    /// say), no later write could ever be made durable, so none is
+    /// acknowledged; reads go on. A restart recovers from the journal.
+    fn check_writable(&self) -> Result<(), ExportError> {
+        match self.journal.durable().error {
+            Some(e) => Err(io_err(format!(
+                "{e}; writes are refused until the server restarts"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -923,7 +935,12 @@ impl Volume {
         let mut outcome = Ok(());
         for (res, buf) in data_results {
             if let Err(e) = res {
-                outcome = Err(io_err(e));
+                // A full device is NBD_ENOSPC (the spec's answer), not EIO.
+                outcome = Err(if crate::store::full::is_no_space(&e) {
+                    ExportError::NoSpace(e.to_string())
+                } else {
+                    io_err(e)
+                });
             }
             self.storage.bufs.put(buf);
         }
@@ -1086,6 +1103,7 @@ impl Volume {
         zero: bool,
     ) -> Result<(), ExportError> {
         self.check_range(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }
@@ -1347,6 +1365,7 @@ impl Export for Volume {
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }

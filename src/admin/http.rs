@@ -489,6 +489,7 @@ mod tests {
             unstaged_writes: 0,
             errors: 0,
             last_error: None,
+            waiting_for_space: None,
             window_opened_unix: Some(1),
             flip_at_unix: None,
             flipped_unix: None,

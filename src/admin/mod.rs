@@ -372,6 +372,11 @@ pub struct RotationStatus {
     pub errors: u64,
     /// The last error, if any (never key material).
     pub last_error: Option<String>,
+    /// Set while the staging pipeline or the migrator waits for space on a
+    /// full device: which one, and why. It resumes by itself once space
+    /// returns.
+    #[serde(default)]
+    pub waiting_for_space: Option<String>,
     /// When the window opened (Unix seconds).
     pub window_opened_unix: Option<u64>,
     /// When the flip is (or was) scheduled (Unix seconds).

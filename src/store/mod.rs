@@ -2,9 +2,11 @@
 //! tables and slot allocators.
 
 pub mod alloc;
+mod backing;
 pub mod bufpool;
 pub mod device;
 pub mod fault;
+pub mod full;
 pub mod journal;
 pub mod table;
 mod uring;
