@@ -460,6 +460,14 @@ pub struct ServerSection {
     /// Hardware profile name or path.
     #[serde(default = "default_profile")]
     pub profile: String,
+    /// Seconds an NBD client has to finish its handshake (however slowly
+    /// it trickles bytes in) before it is dropped.
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_handshake_timeout_secs() -> u64 {
+    30
 }
 
 fn default_listen() -> String {
@@ -476,6 +484,7 @@ impl Default for ServerSection {
             listen: default_listen(),
             unix: None,
             profile: default_profile(),
+            handshake_timeout_secs: default_handshake_timeout_secs(),
         }
     }
 }

@@ -85,6 +85,18 @@ impl Volume {
         (offset >> BLOCK_SHIFT)..(offset + len).div_ceil(BS)
     }
 
+    /// Fail-stop: once a journal commit failed (a full metadata directory,
+    /// say), no later write could ever be made durable, so none is
+    /// acknowledged; reads go on. A restart recovers from the journal.
+    fn check_writable(&self) -> Result<(), ExportError> {
+        match self.journal.durable().error {
+            Some(e) => Err(io_err(format!(
+                "{e}; writes are refused until the server restarts"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), ExportError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),

@@ -137,16 +137,10 @@ pub async fn serve(
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
     match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await?
-        }
+        None => super::limits::serve(listener, app, stop).await,
         Some(tls) => {
             let listener = super::tls_listener::TlsListener::new(listener, tls)?;
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await?
+            super::limits::serve(listener, app, stop).await
         }
     }
     tracing::info!("admin API stopped");
@@ -367,7 +361,19 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    Bytes::from_request(req, state).await.map_err(|e| {
+    // A body trickled in slowly would hold the connection: bounded.
+    let read = tokio::time::timeout(super::limits::BODY_TIMEOUT, Bytes::from_request(req, state));
+    let body = read.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "request body not received within {} s",
+                super::limits::BODY_TIMEOUT.as_secs()
+            ),
+        )
+    })?;
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
         } else {
@@ -489,6 +495,7 @@ mod tests {
             unstaged_writes: 0,
             errors: 0,
             last_error: None,
+            waiting_for_space: None,
             window_opened_unix: Some(1),
             flip_at_unix: None,
             flipped_unix: None,

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod http;
 pub mod key_metrics;
+pub mod limits;
 pub mod metrics;
 pub mod tls_listener;
 pub mod token;
@@ -31,7 +32,8 @@ pub struct ErrorBody {
     pub error: String,
     /// What kind of failure: `not_found`, `invalid`, `conflict`,
     /// `forbidden`, `internal` (from [`AdminError`]), or `unauthorized`,
-    /// `bad_request`, `payload_too_large`, `no_route`, `method_not_allowed`.
+    /// `bad_request`, `payload_too_large`, `request_timeout`, `no_route`,
+    /// `method_not_allowed`.
     pub kind: String,
     /// A request outside its token's role (403): the role it needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -372,6 +374,11 @@ pub struct RotationStatus {
     pub errors: u64,
     /// The last error, if any (never key material).
     pub last_error: Option<String>,
+    /// Set while the staging pipeline or the migrator waits for space on a
+    /// full device: which one, and why. It resumes by itself once space
+    /// returns.
+    #[serde(default)]
+    pub waiting_for_space: Option<String>,
     /// When the window opened (Unix seconds).
     pub window_opened_unix: Option<u64>,
     /// When the flip is (or was) scheduled (Unix seconds).

@@ -519,6 +519,9 @@ fn print_status(s: &RotationStatus) {
         Some(e) => println!("errors: {} (last: {e})", s.errors),
         None => println!("errors: {}", s.errors),
     }
+    if let Some(why) = &s.waiting_for_space {
+        println!("waiting for space: {why}");
+    }
     for line in event_lines(s, super::now_unix()) {
         println!("{line}");
     }
@@ -703,6 +706,7 @@ mod tests {
             unstaged_writes: 0,
             errors: 0,
             last_error: None,
+            waiting_for_space: None,
             window_opened_unix: Some(1_700_000_000),
             flip_at_unix: None,
             flipped_unix: None,

@@ -220,6 +220,9 @@ pub(super) fn serve(
         let reload = secured.spawn_reload()?;
         let server_config = nbd::server::ServerConfig {
             max_in_flight: profile.server.max_inflight_per_conn,
+            handshake_timeout: std::time::Duration::from_secs(
+                config.server.handshake_timeout_secs.max(1),
+            ),
             ..nbd::server::ServerConfig::default()
         };
         let (tx, rx) = tokio::sync::watch::channel(false);

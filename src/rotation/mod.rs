@@ -15,6 +15,7 @@ pub mod mac;
 pub mod pipeline;
 mod probe;
 pub mod rollback;
+pub mod space;
 pub mod state;
 pub mod throttle;
 
@@ -732,6 +733,7 @@ impl Pool {
             errors: c.errors.load(Ordering::Relaxed)
                 + z.stats.staging_errors.load(Ordering::Relaxed),
             last_error: c.last_error.lock().clone(),
+            waiting_for_space: c.space.reason(),
             window_opened_unix: st.window_opened_unix,
             flip_at_unix: st.flip_at_unix,
             flipped_unix: st.flipped_unix,

@@ -73,6 +73,8 @@ pub struct Counters {
     pub retag_failed: parking_lot::Mutex<rustc_hash::FxHashSet<Cbid>>,
     /// When this cycle's steps happened (this server run only).
     pub timeline: parking_lot::Mutex<Timeline>,
+    /// Set while the device written to is out of space.
+    pub space: super::space::SpaceWait,
 }
 
 /// How long the steps of the current or last rotation took, measured by
@@ -334,10 +336,14 @@ fn pick_stage(
     out: Sender<Job>,
     meter: &Meter,
 ) -> Ended {
-    for batch in batches {
+    for (n, batch) in batches.enumerate() {
         let mark = meter.start();
         if ctx.stop.load(Ordering::Acquire) {
             return Ended::Stopped;
+        }
+        // Out of space: one batch per pass probes whether it came back.
+        if n > 0 && ctx.counters.space.waiting() {
+            return Ended::StagingFull;
         }
         let mut items = Vec::with_capacity(batch.len());
         {
@@ -628,6 +634,18 @@ fn write_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
         });
         let results = futures::executor::block_on(join_all(writes));
         for (&(start, len), (res, buf)) in job.dst_runs.iter().zip(results) {
+            match &res {
+                Err(e) if crate::store::full::is_no_space(e) => {
+                    let dev = if matches!(mode, Mode::Stage { .. }) {
+                        "staging"
+                    } else {
+                        "data"
+                    };
+                    ctx.counters.space.full(dev, e);
+                }
+                Err(_) => {}
+                Ok(()) => ctx.counters.space.written(),
+            }
             if let Err(e) = res {
                 ctx.counters
                     .error(format!("writing {len} re-encrypted block(s): {e}"));

@@ -2,10 +2,12 @@
 //! tables and slot allocators.
 
 pub mod alloc;
+mod backing;
 pub mod bufpool;
 pub mod device;
 pub mod durable;
 pub mod fault;
+pub mod full;
 pub mod journal;
 pub mod powerloss;
 pub mod table;

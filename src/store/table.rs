@@ -83,8 +83,7 @@ impl Table {
         header[8..12].copy_from_slice(&(record as u32).to_le_bytes());
         std::os::unix::fs::FileExt::write_all_at(&file, &header, 0)
             .map_err(Self::io(path, "write header"))?;
-        file.set_len(HEADER + len * record as u64)
-            .map_err(Self::io(path, "size"))?;
+        Self::extend(&file, path, HEADER, len * record as u64)?;
         super::durable::sync_all(&file).map_err(Self::io(path, "sync"))?;
         drop(file);
         // The new name too: a table whose entry a power loss dropped would
@@ -112,6 +111,11 @@ impl Table {
                 path: path.to_path_buf(),
                 record,
             });
+        }
+        // Tables made sparse (by an older keyturn) get their blocks now; if
+        // the filesystem is full, serving goes on as before, with a warning.
+        if let Err(e) = super::backing::allocate(&file, HEADER, size - HEADER) {
+            tracing::warn!(table = %path.display(), error = %e, "cannot allocate a sparse table's blocks; a full metadata filesystem would stop the server");
         }
         let map = Self::map(&file, path)?;
         Ok(Self {
@@ -182,11 +186,26 @@ impl Table {
         let len = len.max(self.len + self.len / 2).max(1024);
         super::durable::sync_with(&self.file, || self.map.flush())
             .map_err(Self::io(&self.path, "msync"))?;
-        self.file
-            .set_len(HEADER + len * self.record as u64)
-            .map_err(Self::io(&self.path, "grow"))?;
+        let from = HEADER + self.len * self.record as u64;
+        Self::extend(
+            &self.file,
+            &self.path,
+            from,
+            (len - self.len) * self.record as u64,
+        )?;
         self.map = Self::map(&self.file, &self.path)?;
         self.len = len;
+        Ok(())
+    }
+
+    /// Extends the file by `len` bytes at `from` (its end), with its blocks
+    /// allocated: a table is never sparse, because touching a hole through
+    /// the map on a full filesystem is SIGBUS (see `backing`). Where the
+    /// filesystem cannot allocate ahead, the file is extended sparse.
+    fn extend(file: &File, path: &Path, from: u64, len: u64) -> Result<(), TableError> {
+        if !super::backing::allocate(file, from, len).map_err(Self::io(path, "allocate"))? {
+            file.set_len(from + len).map_err(Self::io(path, "size"))?;
+        }
         Ok(())
     }
 

@@ -33,6 +33,7 @@ impl Export for Volume {
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }

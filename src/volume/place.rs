@@ -180,7 +180,12 @@ impl Volume {
         let mut outcome = Ok(());
         for (res, buf) in data_results {
             if let Err(e) = res {
-                outcome = Err(io_err(e));
+                // A full device is NBD_ENOSPC (the spec's answer), not EIO.
+                outcome = Err(if crate::store::full::is_no_space(&e) {
+                    ExportError::NoSpace(e.to_string())
+                } else {
+                    io_err(e)
+                });
             }
             self.storage.bufs.put(buf);
         }

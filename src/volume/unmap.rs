@@ -153,6 +153,7 @@ impl Volume {
         zero: bool,
     ) -> Result<(), ExportError> {
         self.check_range(offset, len)?;
+        self.check_writable()?;
         if len == 0 {
             return Ok(());
         }
