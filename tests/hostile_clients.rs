@@ -229,13 +229,7 @@ impl Beside {
 
 /// Sum of the jobs' write bandwidth (KiB/s) in fio's JSON output.
 fn write_bw_kib(text: &str) -> f64 {
-    let start = text.find('{').unwrap();
-    let mut de =
-        serde_json::Deserializer::from_str(&text[start..]).into_iter::<serde_json::Value>();
-    let doc = de.next().unwrap().unwrap();
-    doc["jobs"]
-        .as_array()
-        .unwrap()
+    fio_jobs(text)
         .iter()
         .map(|j| j["write"]["bw"].as_f64().unwrap_or(0.0))
         .sum()

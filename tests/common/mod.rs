@@ -495,17 +495,20 @@ pub fn fio_verify(uri: &str, jobs: u32, region: u64, out: &Path, what: &str) {
     );
 }
 
-/// The `error` of each fio job in its JSON output.
-pub fn fio_errors(text: &str) -> Vec<i64> {
+/// The jobs of fio's JSON output (the first JSON document in `text`).
+pub fn fio_jobs(text: &str) -> Vec<serde_json::Value> {
     let start = text
         .find('{')
         .unwrap_or_else(|| panic!("no fio JSON:\n{text}"));
     let mut de =
         serde_json::Deserializer::from_str(&text[start..]).into_iter::<serde_json::Value>();
     let doc = de.next().unwrap().unwrap();
-    doc["jobs"]
-        .as_array()
-        .unwrap()
+    doc["jobs"].as_array().unwrap().clone()
+}
+
+/// The `error` of each fio job in its JSON output.
+pub fn fio_errors(text: &str) -> Vec<i64> {
+    fio_jobs(text)
         .iter()
         .map(|j| j["error"].as_i64().unwrap())
         .collect()
