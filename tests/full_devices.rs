@@ -296,7 +296,8 @@ fn a_rotation_waits_for_space_on_staging_and_data_and_resumes() {
 }
 
 /// The metadata directory (journal, tables, audit log, keys) fills up.
-/// What keyturn does: the journal commit fails and the journal stops
+/// What keyturn does: writes go on while the journal's space written ahead
+/// lasts; then the journal commit fails and the journal stops
 /// (fail-stop: nothing after it could be called durable), so FLUSH and
 /// every later write, FUA or not, get EIO, while reads go on and the server
 /// stays up. Tables are never sparse, so a full filesystem cannot kill the
@@ -329,9 +330,49 @@ fn a_full_metadata_directory_stops_writes_not_reads_and_recovers_on_restart() {
     qio_ok(&uri, &["write -P 0xa1 0 8M", "flush"]);
 
     meta.fill_to(8);
-    // FUA writes (qemu-io's default) and writeback writes alike.
-    let err = write_refused(&uri, "write -P 0xb2 8M 8M");
+    // The journal keeps a few MiB written ahead of its frames, so that
+    // commits overwrite in place: writes go on until it must grow, and that
+    // commit fails. Every write acknowledged until then reads back (FUA,
+    // qemu-io's default: acknowledged means durable), here and after the
+    // restart. (Random data: a pattern would dedup into one block and
+    // hardly grow the journal.)
+    let tmp = tempfile::tempdir().unwrap();
+    let mut acked: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+    let mut tries = 0u64;
+    let (err, failed) = loop {
+        assert!(
+            tries < 64,
+            "64 writes of 16 MiB were acknowledged on a full metadata directory"
+        );
+        let data = pattern_bytes(100 + tries, 16 * MIB as usize);
+        let file = write_file(tmp.path(), "chunk", &data);
+        let at = 8 * MIB + (tries % 3) * 16 * MIB;
+        tries += 1;
+        let cmd = format!("write -s {} {at} {}", file.display(), data.len());
+        let o = qio_run(&uri, &[&cmd]);
+        let text =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        if !o.status.success() || text.contains("failed") {
+            break (text, (at, data));
+        }
+        acked.insert(at, data);
+    };
     assert!(err.contains("Input/output error"), "{err}");
+    // The refused write's range may read as the last acknowledged data or
+    // as the refused write (NBD leaves a failed write's range unspecified),
+    // never as anything else; the other ranges read as acknowledged.
+    let check_acked = |uri: &str, what: &str| {
+        let all = read_all(uri, tmp.path(), what);
+        for (&at, data) in &acked {
+            let got = &all[at as usize..at as usize + data.len()];
+            let ok = got == &data[..] || (at == failed.0 && got == &failed.1[..]);
+            assert!(
+                ok,
+                "{what}: the write acknowledged at {at} does not read back"
+            );
+        }
+    };
+    check_acked(&uri, "after the journal failed");
     let o = run(
         "qemu-io",
         &[
@@ -366,6 +407,7 @@ fn a_full_metadata_directory_stops_writes_not_reads_and_recovers_on_restart() {
     let server = pool.serve();
     let uri = server.uri("vol0");
     qio_ok(&uri, &["read -P 0xa1 0 8M"]);
+    check_acked(&uri, "after the restart");
     qio_ok(&uri, &["write -P 0xc5 8M 8M", "flush"]);
     qio_ok(&uri, &["read -P 0xa1 0 8M", "read -P 0xc5 8M 8M"]);
     let o = pool.keyturn_bare(&["audit", "verify"]);

@@ -391,6 +391,12 @@ impl Pool {
         rot.stop_worker();
         // What staging achieved, counted once the pipeline has stopped.
         let coverage = forecast::census_of(z, Some(next));
+        // Commit what is pending first, so the flip's own commit carries as
+        // few other frames as possible: a group holding only the flip syncs
+        // no data device (`Entry::points_to_data`), while one that also
+        // holds writes must wait for their data. Writes go on meanwhile;
+        // only this caller waits.
+        self.journal.commit_blocking(self.journal.last_appended())?;
         let started = Instant::now();
         let old = {
             let mut meta = z.meta.lock();

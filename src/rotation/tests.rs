@@ -388,8 +388,11 @@ fn status_counts_add_up_in_every_phase() {
             (0, 0, N),
             "round {round}: a new window counts from zero: {st:?}"
         );
+        // The pipeline notes the staging's end just after its last batch
+        // is recorded: wait for both (a loaded machine showed the gap).
         wait_for("staging to finish", || {
-            pool.rotation_status("z").unwrap().remaining_blocks == 0
+            let st = pool.rotation_status("z").unwrap();
+            st.remaining_blocks == 0 && st.staging_secs.is_some()
         });
         let st = pool.rotation_status("z").unwrap();
         assert_eq!(st.staged_blocks, N);

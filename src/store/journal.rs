@@ -5,7 +5,8 @@
 //! while the caller still holds the lock under which it changed the
 //! in-memory state, so journal order is state order. A committer thread
 //! writes pending frames out: first it makes the data devices durable (a
-//! frame must never be durable before the data it points to), then it writes
+//! frame must never be durable before the data it points to; a group of
+//! frames that point to none, a flip alone, skips this), then it writes
 //! the frames and fdatasyncs the journal. Everyone waiting for a sequence at
 //! or below the last written frame is then answered: one fsync pair serves
 //! the whole group.
@@ -221,6 +222,16 @@ const E_ROLLBACK: u8 = 6;
 const E_CB_MAC: u8 = 7;
 
 impl Entry {
+    /// Whether a frame holding this entry may point to data that must be
+    /// durable before it: a content block's slots on the data or staging
+    /// device, or the stream record of the change it maps. A flip or a
+    /// rollback only names a key version; the staged copies a flip makes
+    /// live were recorded (and their data synced) by earlier frames, which
+    /// are durable first because frames become durable in order.
+    pub fn points_to_data(&self) -> bool {
+        !matches!(self, Entry::Flip { .. } | Entry::Rollback { .. })
+    }
+
     /// Appends the encoding of `self` to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
@@ -414,9 +425,19 @@ impl CheckpointJournal for Recovered {
     }
 }
 
+/// A frame appended and not yet written.
+struct PendingFrame {
+    seq: u64,
+    /// Encoded entries.
+    payload: Vec<u8>,
+    /// Whether the frame may point to data on a device or in a stream (see
+    /// [`Entry::points_to_data`]): only then must the data be synced first.
+    points_to_data: bool,
+}
+
 struct Pending {
-    /// Encoded payloads not yet written, with their sequence.
-    frames: Vec<(u64, Vec<u8>)>,
+    /// Frames not yet written, in sequence order.
+    frames: Vec<PendingFrame>,
     /// Sequence the next appended frame gets.
     next_seq: u64,
     /// Bytes of `frames`.
@@ -451,7 +472,12 @@ struct Writer {
     file: File,
     generation: u64,
     write_pos: u64,
+    /// The file's length: frames up to it overwrite blocks in place.
+    file_len: u64,
 }
+
+/// How far ahead of the frames the journal file is grown, with zeros.
+const GROW_AHEAD: u64 = 8 << 20;
 
 /// The outcome of opening a journal: the frames to replay, in order.
 pub struct Replay {
@@ -515,21 +541,49 @@ impl Writer {
         Ok(())
     }
 
-    fn write_frames(&mut self, frames: &[(u64, Vec<u8>)]) -> Result<(), JournalError> {
-        let total: usize = frames.iter().map(|(_, p)| FRAME_HEADER + p.len()).sum();
+    fn write_frames(&mut self, frames: &[PendingFrame]) -> Result<(), JournalError> {
+        let total: usize = frames.iter().map(|f| FRAME_HEADER + f.payload.len()).sum();
         let mut buf = Vec::with_capacity(total);
-        for (seq, payload) in frames {
+        for PendingFrame { seq, payload, .. } in frames {
             buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             buf.extend_from_slice(&frame_crc(self.generation, *seq, payload).to_le_bytes());
             buf.extend_from_slice(&self.generation.to_le_bytes());
             buf.extend_from_slice(&seq.to_le_bytes());
             buf.extend_from_slice(payload);
         }
+        let end = self.write_pos + buf.len() as u64;
+        if end > self.file_len {
+            self.grow_to(end.next_multiple_of(GROW_AHEAD))?;
+        }
         self.file
             .write_all_at(&buf, self.write_pos)
             .map_err(Self::io("write"))?;
         super::durable::sync_data(&self.file).map_err(Self::io("sync"))?;
-        self.write_pos += buf.len() as u64;
+        self.write_pos = end;
+        Ok(())
+    }
+
+    /// Extends the file to `len` with zeros actually written (not a hole,
+    /// not an unwritten extent): the commits that follow overwrite blocks
+    /// in place, so their fdatasync has no size or extent change to make
+    /// durable. On ext4 such a change is a journal commit, which in
+    /// ordered mode waits for other files' writeback: the flip's commit
+    /// must not wait for someone else's data. Zeros never pass for frames
+    /// (a frame's generation is never 0). The sync after the frames makes
+    /// the new length durable with them.
+    fn grow_to(&mut self, len: u64) -> Result<(), JournalError> {
+        const CHUNK: usize = 1 << 20;
+        let zeros = vec![0u8; CHUNK];
+        // Never over the header slots.
+        let mut at = self.file_len.max(FRAMES_START);
+        while at < len {
+            let n = (len - at).min(CHUNK as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(Self::io("grow"))?;
+            at += n as u64;
+        }
+        self.file_len = len;
         Ok(())
     }
 }
@@ -547,6 +601,7 @@ impl Journal {
             file,
             generation: 0,
             write_pos: FRAMES_START,
+            file_len: 0,
         };
         w.new_generation(1, 0)
     }
@@ -686,10 +741,12 @@ impl Journal {
             .map_err(Writer::io("open"))?;
         let (generation, _) = Self::read_header(&file, path)?;
         hooks.checkpoint(&mut Recovered(last_seq))?;
+        let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
         let mut writer = Writer {
             file,
             generation,
             write_pos: FRAMES_START,
+            file_len,
         };
         writer.new_generation(generation + 1, last_seq.0)?;
         let (durable, _) = watch::channel(Durable {
@@ -739,7 +796,11 @@ impl Journal {
         with(JournalSeq(seq));
         p.next_seq += 1;
         p.bytes += payload.len();
-        p.frames.push((seq, payload));
+        p.frames.push(PendingFrame {
+            seq,
+            payload,
+            points_to_data: entries.iter().any(Entry::points_to_data),
+        });
         if p.bytes >= self.commit_bytes && !p.requested {
             p.requested = true;
             self.shared.wake.notify_one();
@@ -904,23 +965,28 @@ fn flush_pending(
     let frames = {
         let mut p = shared.pending.lock();
         // Appended in sequence order.
-        let n = p.frames.partition_point(|f| f.0 <= through.0);
+        let n = p.frames.partition_point(|f| f.seq <= through.0);
         if n == p.frames.len() {
             p.bytes = 0;
             std::mem::take(&mut p.frames)
         } else {
             let frames: Vec<_> = p.frames.drain(..n).collect();
-            p.bytes -= frames.iter().map(|f| f.1.len()).sum::<usize>();
+            p.bytes -= frames.iter().map(|f| f.payload.len()).sum::<usize>();
             frames
         }
     };
-    let Some(last) = frames.last().map(|f| JournalSeq(f.0)) else {
+    let Some(last) = frames.last().map(|f| JournalSeq(f.seq)) else {
         return Ok(None);
     };
-    hooks.sync_data().map_err(|e| JournalError::Io {
-        op: "data sync",
-        message: e.to_string(),
-    })?;
+    // A group of frames that point to no data (a flip alone) waits for no
+    // one's data: what they depend on was made durable with the earlier
+    // frames that recorded it.
+    if frames.iter().any(|f| f.points_to_data) {
+        hooks.sync_data().map_err(|e| JournalError::Io {
+            op: "data sync",
+            message: e.to_string(),
+        })?;
+    }
     writer.write_frames(&frames)?;
     Ok(Some(last))
 }
@@ -1026,6 +1092,76 @@ mod tests {
         assert_eq!(Entry::decode_all(1, &buf).unwrap(), sample(5));
         assert!(Entry::decode_all(1, &[99]).is_err());
         assert!(Entry::decode_all(1, &buf[..buf.len() - 1]).is_err());
+    }
+
+    /// A commit of flips alone syncs no data device; one with any frame
+    /// that points to data does, flips in the group or not.
+    #[test]
+    fn only_frames_that_point_to_data_wait_for_a_data_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let hooks = Arc::new(Hooks::default());
+        let config = JournalConfig {
+            commit_interval: Duration::from_secs(3600),
+            ..cfg()
+        };
+        let j = Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap();
+        let syncs = || hooks.syncs.load(Ordering::SeqCst);
+        let flip = |to| Entry::Flip {
+            zone: ZoneId(1),
+            to: KeyVersion(to),
+        };
+        let write = |i: u64| sample(i).swap_remove(0);
+        let base = syncs();
+        let s = j.append(&[flip(2)]);
+        let s = j.append(&[flip(3)]).max(s);
+        j.commit_blocking(s).unwrap();
+        assert_eq!(syncs(), base, "flips alone: no data sync");
+        let s = j.append(&[write(1)]);
+        let s = j.append(&[flip(4)]).max(s);
+        j.commit_blocking(s).unwrap();
+        assert_eq!(syncs(), base + 1, "a write before a flip: synced first");
+        let s = j.append(&[flip(5), write(2)]);
+        j.commit_blocking(s).unwrap();
+        assert_eq!(syncs(), base + 2, "a write in the flip's frame: synced");
+        j.close();
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.frames.len(), 5, "every frame was written");
+    }
+
+    /// The file is grown ahead of the frames with zeros written, so later
+    /// commits overwrite allocated blocks and leave its length alone; the
+    /// zeros never replay as frames.
+    #[test]
+    fn commits_overwrite_a_file_grown_ahead_with_zeros() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::create(&p).unwrap();
+        let j = Journal::start(&p, JournalSeq(0), cfg(), Arc::new(Hooks::default())).unwrap();
+        let s = j.append(&sample(1));
+        j.commit_blocking(s).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), GROW_AHEAD, "grown ahead in one step");
+        assert!(
+            m.blocks() * 512 >= GROW_AHEAD - FRAMES_START,
+            "the zeros are written, not a hole: {} blocks",
+            m.blocks()
+        );
+        for i in 2..=20 {
+            let s = j.append(&sample(i));
+            j.commit_blocking(s).unwrap();
+        }
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            GROW_AHEAD,
+            "overwritten in place"
+        );
+        j.close();
+        let r = Journal::read(&p).unwrap();
+        assert_eq!(r.frames.len(), 20);
+        assert_eq!(r.damaged_frames_after, 0, "the zeros are no damage");
     }
 
     #[test]
