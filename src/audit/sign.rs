@@ -405,7 +405,7 @@ pub fn rewrap(pool_dir: &Path, roots: &dyn RootKeyProvider) -> Result<(), SignEr
 /// Where the private key is.
 enum Key {
     /// Unwrapped into process memory (zeroized on drop by ed25519-dalek).
-    Local(SigningKey),
+    Local(Box<SigningKey>),
     /// In a token, signing through it.
     Token(Box<dyn TokenSigner>),
 }
@@ -475,7 +475,7 @@ impl Signer {
             None => {
                 let key = Self::unwrap_local(provider, &file, &key_path, &public)?;
                 tracing::info!(key = %file.key_id, "audit signing key is wrapped under {} and unwrapped to sign (the provider cannot sign inside)", provider.describe());
-                Key::Local(key)
+                Key::Local(Box::new(key))
             }
         };
         let path = pool_dir.join(DIGEST_FILE);
