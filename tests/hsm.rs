@@ -638,3 +638,392 @@ fn pkcs11_root_rotation_through_the_running_server() {
         "{log}"
     );
 }
+
+/// Set in the environment of the child that lists the token's Ed25519 keys.
+const LIST_ED_ENV: &str = "KEYTURN_TEST_LIST_TOKEN_ED_KEYS";
+
+/// The Ed25519 objects on the token as the `cryptoki` crate (not keyturn's
+/// code) sees them, in a child process as for [`token_key_labels`]: per
+/// object its class, label, protection flags, whether `CKA_VALUE` could be
+/// read, and (public keys) the hex `CKA_EC_POINT`.
+fn token_ed_keys(p: &HsmPool) -> Vec<serde_json::Value> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "list_token_ed_keys_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SOFTHSM2_CONF", &p.conf)
+        .env(LIST_ED_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("list_token_ed_keys_child ... ok"),
+        "listing the token failed:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token ed25519 objects: "))
+        .unwrap_or_else(|| panic!("no listing in:\n{text}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+#[ignore = "inner test: run by token_ed_keys in a child process"]
+fn list_token_ed_keys_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    if std::env::var_os(LIST_ED_ENV).is_none() {
+        return;
+    }
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
+        .expect("the test token");
+    let session = ctx.open_ro_session(slot).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::new("1234".into())))
+        .unwrap();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut objects = Vec::new();
+    for (class, name) in [
+        (ObjectClass::PRIVATE_KEY, "private"),
+        (ObjectClass::PUBLIC_KEY, "public"),
+    ] {
+        let handles = session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+            ])
+            .unwrap();
+        for h in handles {
+            let mut o = serde_json::json!({ "class": name });
+            let types: &[AttributeType] = if name == "private" {
+                &[
+                    AttributeType::Label,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Sign,
+                    AttributeType::Decrypt,
+                ]
+            } else {
+                &[AttributeType::Label, AttributeType::EcPoint]
+            };
+            for a in session.get_attributes(h, types).unwrap() {
+                let (k, v) = match a {
+                    Attribute::Label(l) => ("label", String::from_utf8(l).unwrap().into()),
+                    Attribute::Token(b) => ("token", b.into()),
+                    Attribute::Private(b) => ("private", b.into()),
+                    Attribute::Sensitive(b) => ("sensitive", b.into()),
+                    Attribute::Extractable(b) => ("extractable", b.into()),
+                    Attribute::Sign(b) => ("sign", b.into()),
+                    Attribute::Decrypt(b) => ("decrypt", b.into()),
+                    Attribute::EcPoint(p) => ("ec_point", hex(&p).into()),
+                    _ => continue,
+                };
+                o[k] = v;
+            }
+            if name == "private" {
+                // A sensitive key's value is not given out (the attribute
+                // is reported unavailable, or the call fails).
+                let value = session.get_attributes(h, &[AttributeType::Value]);
+                o["value_readable"] =
+                    matches!(value, Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_))))
+                        .into();
+            }
+            objects.push(o);
+        }
+    }
+    println!(
+        "token ed25519 objects: {}",
+        serde_json::to_string(&objects).unwrap()
+    );
+}
+
+/// `keyturn audit verify --pool P --public-key K --json`: (ok, output).
+fn audit_verify_json(p: &HsmPool, key: &Path) -> (bool, serde_json::Value) {
+    let out = keyturn_no_pin(
+        p,
+        &[
+            "audit",
+            "verify",
+            "--public-key",
+            key.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["ok"].as_bool(), Some(out.status.success()), "{v}");
+    (out.status.success(), v)
+}
+
+/// Recomputes `prev` and `hash` of every record by the documented rule
+/// (the hash covers the line up to `,"hash":"`, closed with `}`; `prev` is
+/// the last member before it), as someone who can write the log but has no
+/// signing key would. Returns the last hash.
+fn rechain(lines: &mut [String]) -> String {
+    let mut prev = "0".repeat(64);
+    for l in lines.iter_mut() {
+        let mut body = l[..l.rfind(",\"hash\":\"").unwrap()].to_string();
+        body.truncate(body.rfind(",\"prev\":\"").unwrap());
+        body.push_str(&format!(",\"prev\":\"{prev}\"}}"));
+        let hash = blake3::hash(body.as_bytes()).to_hex().to_string();
+        body.pop();
+        *l = format!("{body},\"hash\":\"{hash}\"}}");
+        prev = hash;
+    }
+    prev
+}
+
+/// The audit signing key of a PKCS#11 pool is made in the token and signs
+/// there: the private key is a sensitive, non-extractable token object, the
+/// pool's files hold only its public key and label, the chain verifies with
+/// the exported public key alone, a rewritten record is named, and after a
+/// root key rotation the same key signs on and the whole chain verifies.
+#[test]
+fn pkcs11_audit_signing_key_lives_in_the_token() {
+    let p = HsmPool::new();
+    let key_file = p.pool().join("keys/audit-signing.json");
+    let kf: serde_json::Value = serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    let label = kf["token_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token_key in {kf}"))
+        .to_string();
+    assert!(label.starts_with("keyturn-audit-"), "{kf}");
+    assert!(
+        kf.get("wrapped").is_none(),
+        "a wrapped key beside the token key: {kf}"
+    );
+
+    // Audited actions, offline and through the running server.
+    p.keyturn_ok(&["zone", "create", "z1"], None);
+    p.keyturn_ok(
+        &["volume", "create", "--zone", "z1", "--size", "16M", "vol0"],
+        None,
+    );
+    let mut s = p.serve();
+    qio_ok(
+        &format!("{}/vol0", s.base),
+        &["write -P 0x42 0 1M", "flush"],
+    );
+    let out = keyturn_no_pin(&p, &["keys", "rotate-kek", "--zone", "z1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.stop();
+    let serve_log = std::fs::read_to_string(p.dir.path().join("serve.log")).unwrap();
+    assert!(
+        serve_log.contains("never leaves the token") && serve_log.contains(&label),
+        "the server does not say where its signing key is:\n{serve_log}"
+    );
+
+    // (a) The key pair is in the token, with the protections asked for.
+    let objects = token_ed_keys(&p);
+    assert_eq!(objects.len(), 2, "one Ed25519 key pair: {objects:?}");
+    let private = objects.iter().find(|o| o["class"] == "private").unwrap();
+    let public = objects.iter().find(|o| o["class"] == "public").unwrap();
+    assert_eq!(private["label"], label.as_str(), "{private}");
+    assert_eq!(public["label"], label.as_str(), "{public}");
+    for (attr, want) in [
+        ("token", true),
+        ("private", true),
+        ("sensitive", true),
+        ("extractable", false),
+        ("sign", true),
+        ("decrypt", false),
+        ("value_readable", false),
+    ] {
+        assert_eq!(private[attr], want, "private key {attr}: {private}");
+    }
+    // The token's public key is the one the pool publishes.
+    let pub_pem = p.dir.path().join("audit.pub");
+    let out = keyturn_no_pin(
+        &p,
+        &["audit", "public-key", "--out", pub_pem.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("PKCS#11 token") && err.contains(&label),
+        "public-key does not say where the key is: {err}"
+    );
+    let pem = std::fs::read_to_string(&pub_pem).unwrap();
+    let der = base64_decode(
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>()
+            .as_str(),
+    );
+    let point = public["ec_point"].as_str().unwrap();
+    let raw = point.strip_prefix("0420").unwrap_or(point);
+    assert_eq!(
+        hex(&der[der.len() - 32..]),
+        raw,
+        "exported public key vs CKA_EC_POINT"
+    );
+    // No private key material in the pool directory: the key file is only
+    // the public key and the label.
+    let kf: serde_json::Value = serde_json::from_slice(&std::fs::read(&key_file).unwrap()).unwrap();
+    let mut members: Vec<&str> = kf.as_object().unwrap().keys().map(String::as_str).collect();
+    members.sort_unstable();
+    assert_eq!(
+        members,
+        [
+            "created_unix",
+            "format",
+            "key_id",
+            "public_key",
+            "token_key",
+            "version",
+            "wrapped_by_root"
+        ]
+    );
+
+    // (b) The chain verifies with the exported public key alone.
+    let records = std::fs::read_to_string(p.pool().join("audit.log"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    let (ok, v) = audit_verify_json(&p, &pub_pem);
+    assert!(ok, "{v}");
+    assert_eq!(v["last_id"], records, "{v}");
+    assert!(v["digests"].as_u64().unwrap() >= records / 2, "{v}");
+    let key_id = v["key_id"].as_str().unwrap().to_string();
+    assert_eq!(kf["key_id"], key_id.as_str());
+
+    // (d) A root key rotation (a new AES key in the same token): the same
+    // Ed25519 key signs on, and the whole chain verifies with the same
+    // public key.
+    let key_file_before = std::fs::read(&key_file).unwrap();
+    p.keyturn_ok(
+        &["keys", "rotate-root", "--new-key-label", "keyturn-root-2"],
+        None,
+    );
+    assert_eq!(token_key_labels(&p), ["keyturn-root-2"]);
+    let mut s = p.serve();
+    qio_ok(&format!("{}/vol0", s.base), &["read -P 0x42 0 1M"]);
+    let out = keyturn_no_pin(&p, &["keys", "rotate-kek", "--zone", "z1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.stop();
+    assert!(
+        std::fs::read(&key_file).unwrap() == key_file_before,
+        "the key file is unchanged by the rotation"
+    );
+    let after = token_ed_keys(&p);
+    assert_eq!(after, objects, "the same key pair, nothing added");
+    let log: Vec<String> = std::fs::read_to_string(p.pool().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let n = log.len() as u64;
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\"root.rotate\"") && l.contains("\"ok\"")),
+        "no root.rotate record"
+    );
+    let (ok, v) = audit_verify_json(&p, &pub_pem);
+    assert!(ok, "{v}");
+    assert_eq!(
+        (v["last_id"].as_u64(), v["key_id"].as_str()),
+        (Some(n), Some(key_id.as_str())),
+        "{v}"
+    );
+    assert!(
+        n > records + 2,
+        "records after the rotation: {n} vs {records}"
+    );
+    let out = keyturn_no_pin(
+        &p,
+        &["audit", "verify", "--public-key", pub_pem.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("kept in the root key's PKCS#11 token"),
+        "{text}"
+    );
+
+    // (c) A record rewritten with recomputed hashes: the bare chain links,
+    // the signatures name the record.
+    // The first record past the first two that, like the one before it,
+    // has its own digest, so the finding must name it exactly.
+    let signed: Vec<u64> = std::fs::read_to_string(p.pool().join("audit.digests"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let k = (3..=n)
+        .find(|&i| {
+            signed.contains(&i)
+                && signed.contains(&(i - 1))
+                && log[i as usize - 1].contains("\"outcome\":\"ok\"")
+        })
+        .expect("two consecutive signed records") as usize;
+    let mut forged = log.clone();
+    forged[k - 1] = forged[k - 1].replacen("\"outcome\":\"ok\"", "\"outcome\":\"failed\"", 1);
+    assert_ne!(
+        forged[k - 1],
+        log[k - 1],
+        "record {k} has no ok outcome to change"
+    );
+    let last = rechain(&mut forged);
+    std::fs::write(p.pool().join("audit.log"), forged.join("\n") + "\n").unwrap();
+    std::fs::write(
+        p.pool().join("audit.head"),
+        format!("{{\"id\":{n},\"hash\":\"{last}\"}}\n"),
+    )
+    .unwrap();
+    let out = keyturn_no_pin(&p, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "the rechained log should link: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, v) = audit_verify_json(&p, &pub_pem);
+    assert!(!ok, "a rewritten record passed: {v}");
+    assert_eq!(
+        (v["kind"].as_str(), v["id"].as_u64()),
+        (Some("altered"), Some(k as u64)),
+        "{v}"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64ct::{Base64, Encoding};
+    Base64::decode_vec(s).unwrap()
+}

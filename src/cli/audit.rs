@@ -52,7 +52,9 @@ pub(super) enum AuditCmd {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Print the pool's audit signing public key (PEM).
+    /// Print the pool's audit signing public key (PEM), and on standard
+    /// error where its private key is kept (in the PKCS#11 token, or
+    /// wrapped under the root key).
     PublicKey {
         /// Pool directory.
         #[arg(long, env = "KEYTURN_POOL")]
@@ -118,6 +120,10 @@ pub(super) fn audit(cmd: AuditCmd) -> Result<()> {
                 )
             })?;
             let pem = sign::public_key_pem(&key);
+            // Standard error: standard output is the PEM alone.
+            if let Ok((id, place)) = sign::key_place(&pool) {
+                eprintln!("audit signing key {id}: {place}");
+            }
             match out {
                 Some(path) => std::fs::write(&path, &pem)
                     .with_context(|| format!("cannot write {}", path.display()))?,
@@ -131,11 +137,15 @@ pub(super) fn audit(cmd: AuditCmd) -> Result<()> {
 fn verify_signed(pool: &Path, key: &Path, json: bool) -> Result<()> {
     let public = sign::read_public_key(key)?;
     let r = signed::verify_pool(pool, &public);
-    report(
+    let r = report(
         r.map_err(anyhow_or_finding),
         &pool.display().to_string(),
         json,
-    )
+    );
+    if !json && let Ok((id, place)) = sign::key_place(pool) {
+        println!("the pool's audit signing key {id} is kept {place}");
+    }
+    r
 }
 
 fn verify_bundle(bundle: &Path, key: Option<&Path>, json: bool) -> Result<()> {

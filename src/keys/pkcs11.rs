@@ -171,7 +171,7 @@ impl std::fmt::Debug for Pkcs11Provider {
 
 /// A cryptoki failure in a form fit for an error message: the function and
 /// the return value's name, never data.
-fn ck(e: &CkError) -> String {
+pub(super) fn ck(e: &CkError) -> String {
     match e {
         CkError::Pkcs11(rv, func) => format!("{func} returned {rv:?}"),
         other => other.to_string(),
@@ -184,7 +184,7 @@ fn ck(e: &CkError) -> String {
 /// fails with `CKR_CRYPTOKI_ALREADY_INITIALIZED`, and `C_Finalize` would pull
 /// the library out from under every other session. So contexts are shared
 /// and never finalised (the OS reclaims them at exit).
-fn context(module: &Path) -> Result<Pkcs11, KeyError> {
+pub(super) fn context(module: &Path) -> Result<Pkcs11, KeyError> {
     static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut map = CONTEXTS
         .get_or_init(Default::default)
@@ -210,7 +210,7 @@ fn context(module: &Path) -> Result<Pkcs11, KeyError> {
 }
 
 /// The slot whose token carries `label`; exactly one must.
-fn find_token(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Slot, KeyError> {
+pub(super) fn find_token(ctx: &Pkcs11, config: &Pkcs11Config) -> Result<Slot, KeyError> {
     let op_err = |op: &'static str, e: CkError| KeyError::Pkcs11 {
         op,
         token: config.token_label.clone(),
@@ -570,6 +570,16 @@ impl RootKeyProvider for Pkcs11Provider {
         }
     }
 
+    fn audit_signer(
+        &self,
+        existing: Option<&str>,
+    ) -> Result<Option<Box<dyn super::root::TokenSigner>>, KeyError> {
+        Ok(
+            super::pkcs11_sign::Pkcs11Signer::open(&self.config, existing)?
+                .map(|s| Box::new(s) as Box<dyn super::root::TokenSigner>),
+        )
+    }
+
     fn describe(&self) -> String {
         format!(
             "PKCS#11 root key {:?} on token {:?} (module {})",
@@ -892,6 +902,55 @@ mod tests {
         assert!(Pkcs11Provider::key_exists(&config("other-root"), &good).unwrap());
         let e = Pkcs11Provider::open(&cfg, &good).unwrap_err();
         assert!(matches!(e, KeyError::RootKeyMissing { .. }), "{e}");
+    }
+
+    #[test]
+    fn softhsm_audit_signer() {
+        run_child("softhsm_audit_signer_child");
+    }
+
+    /// The audit signing key in the token: made there, found again by its
+    /// label through another provider, signing pure Ed25519 that an
+    /// ordinary verifier accepts; an unknown label is an error, not a new key.
+    #[test]
+    #[ignore = "inner test: run by softhsm_audit_signer in a child process"]
+    fn softhsm_audit_signer_child() {
+        use ed25519_dalek::{Signature, VerifyingKey};
+        if !in_child() {
+            return;
+        }
+        let cfg = config(DEFAULT_KEY_LABEL);
+        let p = Pkcs11Provider::create_key(&cfg, &pin(USER_PIN)).unwrap();
+        let made = p
+            .audit_signer(None)
+            .unwrap()
+            .expect("SoftHSM2 has CKM_EDDSA");
+        let label = made.key_name().to_string();
+        assert!(
+            label.starts_with(super::super::pkcs11_sign::LABEL_PREFIX),
+            "{label}"
+        );
+        let public = VerifyingKey::from_bytes(&made.public_key()).unwrap();
+        let msg = b"{\"digest\":\"keyturn-audit-v1\",\"id\":1}";
+        let sig = Signature::from_bytes(&made.sign(msg).unwrap());
+        public.verify_strict(msg, &sig).unwrap();
+        assert!(public.verify_strict(b"other", &sig).is_err());
+        assert!(!format!("{made:?}").contains("public"), "{made:?}");
+
+        // Found again through a provider opened later.
+        drop(made);
+        let p2 = Pkcs11Provider::open(&cfg, &pin(USER_PIN)).unwrap();
+        let found = p2.audit_signer(Some(&label)).unwrap().unwrap();
+        assert_eq!(found.public_key(), *public.as_bytes());
+        let sig = Signature::from_bytes(&found.sign(b"again").unwrap());
+        public.verify_strict(b"again", &sig).unwrap();
+        // A second key gets a label of its own.
+        let other = p2.audit_signer(None).unwrap().unwrap();
+        assert_ne!(other.key_name(), label);
+        assert_ne!(other.public_key(), found.public_key());
+        // A label the token does not hold: an error, and nothing made.
+        let e = p2.audit_signer(Some("keyturn-audit-nope")).unwrap_err();
+        assert!(e.to_string().contains("0 private and 0 public"), "{e}");
     }
 
     #[test]

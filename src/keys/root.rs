@@ -50,6 +50,37 @@ pub trait RootKeyProvider: Send + Sync {
         let _ = root;
         self.unwrap_key(label, wrapped)
     }
+
+    /// An Ed25519 signing key that lives where the root key does and never
+    /// leaves it (a PKCS#11 token with `CKM_EDDSA`), for the audit chain.
+    /// `existing` names a key made earlier (its [`TokenSigner::key_name`]);
+    /// `None` makes a new one. `Ok(None)`: this provider cannot sign inside
+    /// (sealed file, KMIP, a token without EdDSA), so the caller keeps a
+    /// wrapped key instead.
+    fn audit_signer(
+        &self,
+        existing: Option<&str>,
+    ) -> Result<Option<Box<dyn TokenSigner>>, KeyError> {
+        let _ = existing;
+        Ok(None)
+    }
+}
+
+/// An Ed25519 private key held by a key store that signs for us; the
+/// private key is never in process memory.
+pub trait TokenSigner: Send + Sync + std::fmt::Debug {
+    /// The name of the key in its store (a PKCS#11 `CKA_LABEL`), kept in
+    /// the pool so the key can be found again.
+    fn key_name(&self) -> &str;
+
+    /// Where the key lives, for logs (token label; never key material).
+    fn location(&self) -> String;
+
+    /// The 32-byte Ed25519 public key.
+    fn public_key(&self) -> [u8; 32];
+
+    /// A pure Ed25519 signature (RFC 8032) of `msg`.
+    fn sign(&self, msg: &[u8]) -> Result<[u8; 64], KeyError>;
 }
 
 #[cfg(test)]

@@ -332,6 +332,18 @@ impl RootKeyProvider for RootPair {
         self.old.unwrap_key(label, wrapped)
     }
 
+    /// A new key from the new root key; an existing one from whichever
+    /// root key reaches it (the new first: it outlives the rotation).
+    fn audit_signer(
+        &self,
+        existing: Option<&str>,
+    ) -> Result<Option<Box<dyn super::root::TokenSigner>>, KeyError> {
+        match (existing, self.new.audit_signer(existing)) {
+            (Some(_), Ok(None) | Err(_)) => self.old.audit_signer(existing),
+            (_, r) => r,
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "root key rotation in progress: old {}, new {}",
