@@ -16,9 +16,12 @@
 #    finished the handshake (GO), each kind against a fresh server of its
 #    own so that none reuses memory another kind freed: keyturn plain,
 #    keyturn TLS, nbdkit TLS; and what closing them gave back.
-# 3. (PROFILE=1) 4 KiB random writes, plain then TLS, with `perf stat` on
-#    the keyturn server (CPU, context switches, socket syscalls per I/O) and
-#    `perf record -g` during the TLS run (top symbols).
+# 3. (PROFILE=1) 4 KiB random writes (or PROFILE_JOB="write 1m 8"), plain
+#    then TLS, with `perf stat` on the keyturn server (CPU, context
+#    switches, socket syscalls per I/O) and fio's CPU per I/O, and
+#    `perf record -g` during a TLS run (top symbols).
+#
+# REPS=0 skips section 1, IDLE=0 section 2.
 set -euo pipefail
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-10}
@@ -107,21 +110,25 @@ for u in "$plain" "$nbdkit_tls"; do
     "${FIO[@]}" --name=fill --ioengine=nbd --uri="$u" --rw=write --bs=1m --iodepth=8 --size=1G \
         --refill_buffers --output=/dev/null
 done
-run() { # uri rw bs qd -> IOPS (4k) or MiB/s (1m)
+run() { # uri rw bs qd [cpu] -> IOPS (4k) or MiB/s (1m) [, and "IOPS fio-CPU-us-per-I/O"]
     "${FIO[@]}" --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size=1G \
         --time_based --runtime="$RUNTIME" --norandommap --refill_buffers \
         --output-format=json 2>/dev/null |
         python3 -c "
 import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]
 d=j['read'] if j['read']['io_bytes'] else j['write']
-print(round(d['iops']) if '$3'=='4k' else round(d['bw']/1024))"
+if '${5:-}' == 'cpu':
+    cpu = (j['usr_cpu'] + j['sys_cpu']) / 100 * j['job_runtime'] / 1000
+    print(round(d['iops']), round(cpu / d['total_ios'] * 1e6, 2))
+else:
+    print(round(d['iops']) if '$3'=='4k' else round(d['bw']/1024))"
 }
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 csv="$work/r.csv"
 : > "$csv"
 orders=("plain tls nbdkit" "nbdkit tls plain" "tls plain nbdkit"
     "nbdkit plain tls" "tls nbdkit plain" "plain nbdkit tls")
-for rep in $(seq 1 "$REPS"); do
+for rep in $(seq 1 "$REPS"); do # REPS=0: no throughput table
     for w in "randread 4k 32" "randwrite 4k 32" "read 1m 8" "write 1m 8"; do
         set -- $w
         # Rotate the order, so drift hits every column alike.
@@ -132,7 +139,7 @@ for rep in $(seq 1 "$REPS"); do
     done
     echo "rep $rep: $(tail -12 "$csv" | tr '\n' ' ') load $(cut -d' ' -f1 /proc/loadavg)"
 done
-python3 - "$csv" <<'PY'
+[ "$REPS" = 0 ] || python3 - "$csv" <<'PY'
 import csv, statistics, sys
 rows = list(csv.reader(open(sys.argv[1])))
 med = {k: statistics.median(float(v) for kk, v in rows if kk == k) for k in {r[0] for r in rows}}
@@ -144,9 +151,13 @@ for w in ["randread-4k", "randwrite-4k", "read-1m", "write-1m"]:
 PY
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# Optional profile of 4 KiB random writes on the keyturn server: perf stat
-# over each fio run (plain, then TLS), perf record -g over a second TLS run.
+# Optional profile of one workload (PROFILE_JOB, default 4 KiB random
+# writes) on the keyturn server: perf stat over each fio run (plain, then
+# TLS), with fio's own CPU per I/O beside it (libnbd and GnuTLS run in the
+# fio process, on the same cores), and perf record -g over a second TLS run.
 if [ "${PROFILE:-0}" = 1 ]; then
+    set -- ${PROFILE_JOB:-randwrite 4k 32}
+    job="$1-$2"
     ev=task-clock,context-switches,cpu-migrations
     for sc in read write recvfrom sendto readv writev futex epoll_wait; do
         ev="$ev,syscalls:sys_enter_$sc"
@@ -156,11 +167,12 @@ if [ "${PROFILE:-0}" = 1 ]; then
         perf stat -x, -e "$ev" -p "$pid" -o "$work/stat-$m" -- sleep $((RUNTIME + 1)) &
         sp=$!
         sleep 0.5
-        iops=$(run "$u" randwrite 4k 32)
+        r=$(run "$u" "$1" "$2" "$3" cpu)
         wait "$sp" || true
-        python3 - "$work/stat-$m" "$iops" "$RUNTIME" "$m" <<'PY'
+        python3 - "$work/stat-$m" "$RUNTIME" "$m" "$job" $r <<'PY'
 import sys
-path, iops, rt, mode = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+path, rt, mode, job, iops, fio_us = sys.argv[1:]
+iops, rt = float(iops), float(rt)
 ios = iops * rt
 out = []
 for line in open(path):
@@ -169,15 +181,16 @@ for line in open(path):
         continue
     v, name = float(f[0]), f[2].replace("syscalls:sys_enter_", "")
     out.append(f"{name} {v / ios * (1000 if name == 'task-clock' else 1):.2f}")
-print(f"randwrite-4k {mode:5} {iops:.0f} IOPS; per I/O: " + ", ".join(out) + " (task-clock in us)")
+print(f"{job} {mode:5} {iops:.0f} IOPS; server per I/O: " + ", ".join(out)
+      + f" (task-clock in us); fio client CPU {fio_us} us per I/O")
 PY
     done
     perf record -g -o "$work/perf.data" -p "$pid" -- sleep "$RUNTIME" >/dev/null 2>&1 &
     sp=$!
     sleep 0.5
-    run "$tls" randwrite 4k 32 >/dev/null
+    run "$tls" "$1" "$2" "$3" >/dev/null
     wait "$sp" || true
-    echo "perf record -g, TLS randwrite-4k: top symbols (self), then by object"
+    echo "perf record -g, TLS $job: top symbols (self), then by object"
     perf report -i "$work/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null |
         grep -E '^ +[0-9.]+%' | head -30 | cut -c1-120 || true
     perf report -i "$work/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
@@ -253,6 +266,7 @@ PY
 # not what the allocator happens to keep.
 stop_server
 stop_nbdkit
+[ "$IDLE" = 0 ] && exit 0
 MIMALLOC_PURGE_DELAY=0 serve "$PORT"
 idle "$pid" "$PORT" vol0 0 "keyturn plain"
 stop_server
