@@ -42,6 +42,13 @@ pub(super) type Wr = BufWriter<WriteHalf<Io>>;
 
 const BUF: usize = 64 << 10;
 
+/// The socket read buffer below TLS. rustls reads the socket at most
+/// 4 KiB at a time (up to one record), so without it a 4 KiB NBD write cost
+/// more than one `recv` over TLS (1.39 a request, against 0.13 in
+/// plaintext, where [`BUF`] takes many requests a call), and 4 KiB random
+/// writes ran at half the plaintext rate (docs/benchmarks.md, TLS).
+const TLS_READ_BUF: usize = 64 << 10;
+
 fn split(io: Io) -> (Rd, Wr) {
     let (rd, wr) = tokio::io::split(io);
     (
@@ -284,7 +291,10 @@ pub(super) async fn negotiate<C: ExportCatalog>(
                     // MUST NOT send anything between STARTTLS and the handshake.
                     return Err(Fatal::Violation("data sent after NBD_OPT_STARTTLS".into()));
                 }
-                let plain = rd.into_inner().unsplit(wr.into_inner());
+                let plain = BufReader::with_capacity(
+                    TLS_READ_BUF,
+                    rd.into_inner().unsplit(wr.into_inner()),
+                );
                 let stream = match tls.acceptor().accept(plain).await {
                     Ok(s) => s,
                     Err(e) => {
