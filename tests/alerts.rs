@@ -162,7 +162,8 @@ fn a_live_scrape_passes_promtool_check_metrics() {
     assert_eq!(value("keyturn_scheduler_paused"), 0.0);
     assert_eq!(value("keyturn_audit_chain_ok"), 1.0);
     assert!(value("keyturn_audit_last_id") >= 3.0);
-    assert_eq!(value(r#"keyturn_keys{state="ok"}"#), 2.0);
+    // The zone's DEK, KEK and MAC key.
+    assert_eq!(value(r#"keyturn_keys{state="ok"}"#), 3.0);
     assert_eq!(value(r#"keyturn_keys{state="overdue"}"#), 0.0);
     let dek = &health["keys"][0];
     assert_eq!(dek["purpose"], "dek");

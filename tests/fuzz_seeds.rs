@@ -107,8 +107,17 @@ fn journal_seeds(dir: &Path, out: &mut Seeds) {
     j.commit_blocking(last).unwrap();
     j.close();
     drop(j);
-    let bytes = std::fs::read(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
     assert_eq!(Journal::read(&path).unwrap().frames.len(), 4);
+    // The journal is grown megabytes ahead with zeros; a seed needs none
+    // of them: it ends after its four frames (8 KiB of header slots, then
+    // each frame's 24-byte header and payload).
+    let mut end = 8192;
+    for _ in 0..4 {
+        let len = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        end += 24 + len;
+    }
+    bytes.truncate(end);
     out.insert(("journal", "frames".into()), bytes);
     let mut payload = Vec::new();
     for e in entries(9) {

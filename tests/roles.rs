@@ -310,7 +310,14 @@ fn the_key_rotation_management_api_with_each_role() {
             )
         })
         .collect();
-    assert_eq!(states, [("z1", "dek", "ok"), ("z1", "kek", "ok")]);
+    assert_eq!(
+        states,
+        [
+            ("z1", "dek", "ok"),
+            ("z1", "kek", "ok"),
+            ("z1", "mac", "ok")
+        ]
+    );
     assert!(
         h["next_rotation_in_secs"].as_i64().unwrap() > 80 * 86_400,
         "{h}"

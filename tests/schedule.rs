@@ -77,6 +77,11 @@ fn set_policy(pool: &TestPool, zone: &str) {
         "365d",
         "--kek-grace",
         "30d",
+        // These tests are about data keys: the MAC key outlives them.
+        "--mac-cryptoperiod",
+        "365d",
+        "--mac-grace",
+        "30d",
         "--window-start",
         "02:00",
         "--window-duration",
