@@ -291,43 +291,16 @@ const LIST_ENV: &str = "KEYTURN_TEST_LIST_TOKEN_KEYS";
 /// crate (not keyturn's own code) in a child process of this test binary:
 /// SoftHSM2 reads `SOFTHSM2_CONF` once per process.
 fn token_key_labels(p: &HsmPool) -> Vec<String> {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "list_token_keys_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("SOFTHSM2_CONF", &p.conf)
-        .env(LIST_ENV, "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("list_token_keys_child ... ok"),
-        "listing the token failed:\n{text}"
-    );
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("token keys: "))
-        .unwrap_or_else(|| panic!("no listing in:\n{text}"));
-    serde_json::from_str(line).unwrap()
+    let listing = child_listing(p, "list_token_keys_child", LIST_ENV, "token keys: ");
+    serde_json::from_value(listing).unwrap()
 }
 
-#[test]
-#[ignore = "inner test: run by token_key_labels in a child process"]
-fn list_token_keys_child() {
+/// A logged-in read-only session on the test token, opened with the
+/// `cryptoki` crate directly (not keyturn's code), for the child tests.
+fn test_token_session() -> cryptoki::session::Session {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
     use cryptoki::session::UserType;
     use cryptoki::types::AuthPin;
-    if std::env::var_os(LIST_ENV).is_none() {
-        return;
-    }
     let ctx = Pkcs11::new(MODULE).unwrap();
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
@@ -341,6 +314,43 @@ fn list_token_keys_child() {
     session
         .login(UserType::User, Some(&AuthPin::new("1234".into())))
         .unwrap();
+    session
+}
+
+/// Runs the ignored test `child` of this binary with `env` set and the
+/// pool's SoftHSM2 configuration, and returns the JSON it printed after
+/// `prefix`.
+fn child_listing(p: &HsmPool, child: &str, env: &str, prefix: &str) -> serde_json::Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([child, "--exact", "--ignored", "--nocapture"])
+        .env("SOFTHSM2_CONF", &p.conf)
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains(&format!("{child} ... ok")),
+        "listing the token failed:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no listing in:\n{text}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+#[ignore = "inner test: run by token_key_labels in a child process"]
+fn list_token_keys_child() {
+    use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+    if std::env::var_os(LIST_ENV).is_none() {
+        return;
+    }
+    let session = test_token_session();
     let mut labels: Vec<String> = session
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -647,56 +657,23 @@ const LIST_ED_ENV: &str = "KEYTURN_TEST_LIST_TOKEN_ED_KEYS";
 /// object its class, label, protection flags, whether `CKA_VALUE` could be
 /// read, and (public keys) the hex `CKA_EC_POINT`.
 fn token_ed_keys(p: &HsmPool) -> Vec<serde_json::Value> {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "list_token_ed_keys_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("SOFTHSM2_CONF", &p.conf)
-        .env(LIST_ED_ENV, "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let listing = child_listing(
+        p,
+        "list_token_ed_keys_child",
+        LIST_ED_ENV,
+        "token ed25519 objects: ",
     );
-    assert!(
-        out.status.success() && text.contains("list_token_ed_keys_child ... ok"),
-        "listing the token failed:\n{text}"
-    );
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("token ed25519 objects: "))
-        .unwrap_or_else(|| panic!("no listing in:\n{text}"));
-    serde_json::from_str(line).unwrap()
+    serde_json::from_value(listing).unwrap()
 }
 
 #[test]
 #[ignore = "inner test: run by token_ed_keys in a child process"]
 fn list_token_ed_keys_child() {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
     if std::env::var_os(LIST_ED_ENV).is_none() {
         return;
     }
-    let ctx = Pkcs11::new(MODULE).unwrap();
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
-        .expect("the test token");
-    let session = ctx.open_ro_session(slot).unwrap();
-    session
-        .login(UserType::User, Some(&AuthPin::new("1234".into())))
-        .unwrap();
+    let session = test_token_session();
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let mut objects = Vec::new();
     for (class, name) in [

@@ -178,6 +178,21 @@ struct KeyFile {
 }
 
 impl KeyFile {
+    /// A new key's file for `public`, made now; the caller says where the
+    /// private key is (`token_key` or `wrapped`).
+    fn new(public: &VerifyingKey) -> Self {
+        KeyFile {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            key_id: key_id(public),
+            public_key: public.as_bytes().to_vec(),
+            created_unix: crate::clock::unix_now(),
+            wrapped_by_root: None,
+            token_key: None,
+            wrapped: Vec::new(),
+        }
+    }
+
     fn load(path: &Path) -> Result<Self, KeyError> {
         let bytes = fsutil::read_limited(WHAT, path, MAX_KEY_FILE)?;
         let corrupt = |reason: String| KeyError::Corrupt {
@@ -345,14 +360,8 @@ pub fn ensure_key(pool_dir: &Path, provider: &dyn RootKeyProvider) -> Result<boo
             reason: format!("{} returned an invalid Ed25519 public key", t.location()),
         })?;
         let file = KeyFile {
-            format: FORMAT.into(),
-            version: FORMAT_VERSION,
-            key_id: key_id(&public),
-            public_key: public.as_bytes().to_vec(),
-            created_unix: crate::clock::unix_now(),
-            wrapped_by_root: None,
             token_key: Some(t.key_name().to_string()),
-            wrapped: Vec::new(),
+            ..KeyFile::new(&public)
         };
         file.save(&path, Replace::Never)?;
         tracing::info!(key = %file.key_id, token_key = %t.key_name(), "audit signing key created in {}", t.location());
@@ -363,14 +372,9 @@ pub fn ensure_key(pool_dir: &Path, provider: &dyn RootKeyProvider) -> Result<boo
     let key = SigningKey::from_bytes(&seed);
     let public = key.verifying_key();
     let file = KeyFile {
-        format: FORMAT.into(),
-        version: FORMAT_VERSION,
-        key_id: key_id(&public),
-        public_key: public.as_bytes().to_vec(),
-        created_unix: crate::clock::unix_now(),
         wrapped_by_root: provider.root_id().map(Into::into),
-        token_key: None,
         wrapped: provider.wrap_key(&label(), seed.as_ref())?,
+        ..KeyFile::new(&public)
     };
     file.save(&path, Replace::Never)?;
     tracing::info!(key = %file.key_id, "audit signing key created, wrapped under {} (it cannot sign inside)", provider.describe());
