@@ -17,6 +17,7 @@ use crate::store::journal::{CbRecord, Journal, LiveCopy};
 use crate::zone::Zone;
 
 mod apply;
+mod batch;
 mod export;
 mod place;
 mod range_lock;

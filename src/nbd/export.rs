@@ -56,6 +56,24 @@ pub trait Export: Send + Sync + 'static {
         fua: bool,
     ) -> impl Future<Output = Result<(), ExportError>> + Send + 'a;
 
+    /// Writes several requests that arrived together, none with FUA, and
+    /// returns one result per write, in order. The outcome is that of the
+    /// writes applied one at a time in some order. An export may apply them
+    /// together (keyturn: one device write and one journal frame); the
+    /// default applies them one at a time.
+    fn write_batch<'a>(
+        &'a self,
+        writes: &'a [(u64, &'a [u8])],
+    ) -> impl Future<Output = Vec<Result<(), ExportError>>> + Send + 'a {
+        async move {
+            let mut results = Vec::with_capacity(writes.len());
+            for &(offset, data) in writes {
+                results.push(self.write(offset, data, false).await);
+            }
+            results
+        }
+    }
+
     /// Makes every completed write durable (on every connection: multi-conn consistency).
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send + '_;
 

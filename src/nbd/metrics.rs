@@ -45,6 +45,8 @@ pub(crate) struct NbdMetrics {
     connections: Gauge,
     rejected_limit: Counter,
     dropped_protocol: Counter,
+    write_batches: Counter,
+    batched_writes: Counter,
 }
 
 impl NbdMetrics {
@@ -75,6 +77,14 @@ impl NbdMetrics {
             "keyturn_nbd_rejected_clients_total",
             "NBD clients refused (connection_limit) or dropped for breaking the protocol (protocol)"
         );
+        describe_counter!(
+            "keyturn_nbd_write_batches_total",
+            "Groups of two or more NBD WRITEs read together and applied as one batch"
+        );
+        describe_counter!(
+            "keyturn_nbd_batched_writes_total",
+            "NBD WRITEs applied as part of a batch"
+        );
         NbdMetrics {
             requests: COMMANDS.map(|c| counter!("keyturn_nbd_requests_total", "command" => c)),
             errors: COMMANDS.map(|c| counter!("keyturn_nbd_errors_total", "command" => c)),
@@ -84,6 +94,8 @@ impl NbdMetrics {
             connections: gauge!("keyturn_nbd_connections"),
             rejected_limit: counter!("keyturn_nbd_rejected_clients_total", "reason" => "connection_limit"),
             dropped_protocol: counter!("keyturn_nbd_rejected_clients_total", "reason" => "protocol"),
+            write_batches: counter!("keyturn_nbd_write_batches_total"),
+            batched_writes: counter!("keyturn_nbd_batched_writes_total"),
         }
     }
 
@@ -100,6 +112,12 @@ impl NbdMetrics {
             Command::Write { length, .. } => self.written_bytes.increment(u64::from(*length)),
             _ => {}
         }
+    }
+
+    /// `writes` WRITEs were applied as one batch.
+    pub(crate) fn write_batch(&self, writes: usize) {
+        self.write_batches.increment(1);
+        self.batched_writes.increment(writes as u64);
     }
 
     /// A request was refused before it reached the export.

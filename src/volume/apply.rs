@@ -22,7 +22,7 @@ impl Volume {
         self.check_range(first * BS, plain.len() as u64)?;
         let blocks = first..first + (plain.len() / BLOCK_SIZE) as u64;
         let _guard = self.locks.lock(blocks, true).await;
-        self.write_blocks_applying(first, plain, Some(applied))
+        self.write_blocks_to(super::write::Lbas::Run(first), plain, Some(applied))
             .await?;
         Ok(())
     }

@@ -65,6 +65,10 @@ impl Export for Volume {
         Ok(())
     }
 
+    async fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), ExportError>> {
+        self.write_batch_of(writes).await
+    }
+
     async fn flush(&self) -> Result<(), ExportError> {
         // The journal is shared by the whole pool, so this makes every
         // completed write on every connection durable (multi-conn consistency).

@@ -24,6 +24,15 @@ pub struct RangeGuard<'a> {
 impl RangeLock {
     /// Waits until `blocks` is free of conflicting holders, then holds it.
     pub async fn lock(&self, blocks: Range<u64>, exclusive: bool) -> RangeGuard<'_> {
+        self.lock_all(std::slice::from_ref(&blocks), exclusive)
+            .await
+    }
+
+    /// Waits until every range of `ranges` is free of conflicting holders,
+    /// then holds them all under one guard. All at once, never one by one,
+    /// so two holders of several ranges can never wait for each other.
+    /// The ranges must not overlap each other.
+    pub async fn lock_all(&self, ranges: &[Range<u64>], exclusive: bool) -> RangeGuard<'_> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             let notified = self.released.notified();
@@ -33,10 +42,13 @@ impl RangeLock {
             {
                 let mut held = self.held.lock();
                 let conflict = held.iter().any(|(_, r, ex)| {
-                    (exclusive || *ex) && r.start < blocks.end && blocks.start < r.end
+                    (exclusive || *ex)
+                        && ranges
+                            .iter()
+                            .any(|b| r.start < b.end && b.start < r.end)
                 });
                 if !conflict {
-                    held.push((id, blocks, exclusive));
+                    held.extend(ranges.iter().map(|b| (id, b.clone(), exclusive)));
                     return RangeGuard { lock: self, id };
                 }
             }

@@ -3,7 +3,7 @@
 //! durable.
 
 use super::Volume;
-use super::write::{Target, WritePlan};
+use super::write::{Lbas, Target, WritePlan};
 use crate::ids::{Cbid, JournalSeq, Lba, Slot};
 use crate::nbd::export::ExportError;
 use crate::store::Storage;
@@ -50,13 +50,14 @@ pub(crate) struct Freed {
 
 impl Volume {
     /// Moves the map and records the write in one journal frame, under the
-    /// zone lock the caller holds.
+    /// zone lock the caller holds; `committed` goes to the zone's stream
+    /// (one record per run of consecutive blocks).
     pub(super) fn record_write(
         &self,
         meta: &mut ZoneMeta,
-        first: u64,
+        lbas: Lbas<'_>,
         plan: &WritePlan,
-        committed: Option<(&dyn ChangeSink, ZoneChange)>,
+        committed: Option<(&dyn ChangeSink, Vec<ZoneChange>)>,
         applied: Option<u64>,
     ) -> Result<JournalSeq, ExportError> {
         let n = plan.targets.len();
@@ -140,7 +141,7 @@ impl Volume {
         }
         let mut frees = Vec::new();
         let map = meta.volumes.get(&self.id).ok_or(ExportError::Shutdown)?;
-        let olds: Vec<Option<Cbid>> = (0..n).map(|i| map.get(Lba(first + i as u64))).collect();
+        let olds: Vec<Option<Cbid>> = (0..n).map(|i| map.get(Lba(lbas.at(i)))).collect();
         let new_of = |i: usize| match plan.targets[i] {
             Target::Zero => None,
             Target::New(k) => Some(plan.new[k].cbid),
@@ -153,7 +154,7 @@ impl Volume {
             }
             entries.push(Entry::Map {
                 volume: self.id,
-                lba: Lba(first + i as u64),
+                lba: Lba(lbas.at(i)),
                 cbid: new,
             });
         }
@@ -175,14 +176,16 @@ impl Volume {
             meta.applied = meta.applied.max(seq);
         }
         let seq = self.journal.append_with(&entries, |seq| {
-            if let Some((sink, c)) = committed {
-                sink.committed(seq, c);
+            if let Some((sink, changes)) = committed {
+                for c in changes {
+                    sink.committed(seq, c);
+                }
             }
         });
         apply_changes(meta, changed, seq);
         let map = meta.volumes.get_mut(&self.id).expect("checked above");
         for i in 0..n {
-            map.set(Lba(first + i as u64), new_of(i), seq);
+            map.set(Lba(lbas.at(i)), new_of(i), seq);
         }
         free_after(&self.storage, meta, seq, &frees);
         if let Some(staging) = &self.storage.staging {

@@ -31,6 +31,39 @@ pub(super) enum Target {
     Shared(Cbid),
 }
 
+/// The logical blocks a write's plaintext blocks go to, in order.
+#[derive(Clone, Copy)]
+pub(super) enum Lbas<'a> {
+    /// Consecutive blocks from this one: one request.
+    Run(u64),
+    /// One logical block per plaintext block, no block twice: the requests
+    /// of a batch (see `batch`).
+    Each(&'a [u64]),
+}
+
+impl Lbas<'_> {
+    /// The logical block of plaintext block `i`.
+    pub(super) fn at(self, i: usize) -> u64 {
+        match self {
+            Lbas::Run(first) => first + i as u64,
+            Lbas::Each(lbas) => lbas[i],
+        }
+    }
+
+    /// The runs of consecutive logical blocks among `n` blocks, as
+    /// (index of the run's first block, its length).
+    fn runs(self, n: usize) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for i in 0..n {
+            match runs.last_mut() {
+                Some((start, len)) if self.at(*start) + *len as u64 == self.at(i) => *len += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        runs
+    }
+}
+
 /// What a write decided under the zone lock before doing any I/O.
 pub(super) struct WritePlan {
     pub(super) targets: Vec<Target>,
@@ -148,14 +181,16 @@ impl Volume {
         first: u64,
         plain: &[u8],
     ) -> Result<JournalSeq, ExportError> {
-        self.write_blocks_applying(first, plain, None).await
+        self.write_blocks_to(Lbas::Run(first), plain, None).await
     }
 
-    /// [`write_blocks`](Self::write_blocks), with `applied` (a replica's
-    /// stream position) journaled in the same frame as the write.
-    pub(super) async fn write_blocks_applying(
+    /// Writes whole blocks of plaintext `plain` to the logical blocks
+    /// `lbas` in one journal frame, with `applied` (a replica's stream
+    /// position) journaled in the same frame. The caller holds the range
+    /// locks of `lbas` exclusively.
+    pub(super) async fn write_blocks_to(
         &self,
-        first: u64,
+        lbas: Lbas<'_>,
         plain: &[u8],
         applied: Option<u64>,
     ) -> Result<JournalSeq, ExportError> {
@@ -171,9 +206,17 @@ impl Volume {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
-        let mut copy = sink
-            .as_ref()
-            .map(|_| zeroize::Zeroizing::new(plain.to_vec()));
+        // One stream record per run of consecutive blocks: (first block, copy).
+        let n = plain.len() / crate::ids::BLOCK_SIZE;
+        let mut copy = sink.as_ref().map(|_| {
+            lbas.runs(n)
+                .into_iter()
+                .map(|(i, len)| {
+                    let bytes = &plain[i * crate::ids::BLOCK_SIZE..(i + len) * crate::ids::BLOCK_SIZE];
+                    (i, zeroize::Zeroizing::new(bytes.to_vec()))
+                })
+                .collect::<Vec<_>>()
+        });
         // A MAC key retired and destroyed since the tags were made (a MAC
         // rotation that ended meanwhile): tag again under the keys held.
         let mut plan = loop {
@@ -220,19 +263,25 @@ impl Volume {
                 }
             }
             if !lost {
-                let change = match (&sink, copy.take()) {
-                    (Some(sink), Some(plain)) => Some((
-                        sink.as_ref(),
-                        ZoneChange::Write {
-                            volume: self.id,
-                            first: Lba(first),
-                            tags: tags.clone(),
-                            plain,
-                        },
-                    )),
+                let changes = match (&sink, copy.take()) {
+                    (Some(sink), Some(runs)) => {
+                        let changes = runs
+                            .into_iter()
+                            .map(|(i, plain)| {
+                                let len = plain.len() / crate::ids::BLOCK_SIZE;
+                                ZoneChange::Write {
+                                    volume: self.id,
+                                    first: Lba(lbas.at(i)),
+                                    tags: tags[i..i + len].to_vec(),
+                                    plain,
+                                }
+                            })
+                            .collect();
+                        Some((sink.as_ref(), changes))
+                    }
                     _ => None,
                 };
-                return self.record_write(&mut meta, first, &plan, change, applied);
+                return self.record_write(&mut meta, lbas, &plan, changes, applied);
             }
         }
     }

@@ -106,8 +106,44 @@ pub(super) async fn run_request<E: Export>(
     permits: Permits,
     tx: mpsc::Sender<Outgoing>,
 ) {
-    let cookie = req.cookie;
     let result = execute(&*ctx.export, req.command, payload).await;
+    reply(&ctx, req, result, permits, &tx).await;
+}
+
+/// A request read from the wire, with its payload and permits.
+pub(super) type Read = (Request, Vec<u8>, Permits);
+
+/// Runs WRITEs that arrived together (none with FUA) as one batch of the
+/// export, then replies to each.
+pub(super) async fn run_write_batch<E: Export>(
+    ctx: Arc<Ctx<E>>,
+    batch: Vec<Read>,
+    tx: mpsc::Sender<Outgoing>,
+) {
+    let writes: Vec<(u64, &[u8])> = batch
+        .iter()
+        .map(|(req, payload, _)| match req.command {
+            Command::Write { offset, .. } => (offset, &payload[..]),
+            _ => unreachable!("a write batch holds only writes"),
+        })
+        .collect();
+    let results = ctx.export.write_batch(&writes).await;
+    drop(writes);
+    ctx.metrics.write_batch(batch.len());
+    for ((req, _, permits), result) in batch.into_iter().zip(results) {
+        reply(&ctx, req, result.map(|()| Done::Empty), permits, &tx).await;
+    }
+}
+
+/// Counts a finished request and hands its reply to the writer.
+async fn reply<E: Export>(
+    ctx: &Ctx<E>,
+    req: Request,
+    result: Result<Done, ExportError>,
+    permits: Permits,
+    tx: &mpsc::Sender<Outgoing>,
+) {
+    let cookie = req.cookie;
     ctx.metrics.finished(&req.command, result.is_ok());
     let (head, data) = match result {
         Ok(Done::Empty) => (proto::simple_reply(cookie, None).to_vec(), Vec::new()),

@@ -42,14 +42,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
+use futures::future::Either;
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::ServerConfig;
 use super::connection::{ClientLog, End, Fatal};
-use super::request::{error_reply, run_request};
+use super::request::{error_reply, run_request, run_write_batch};
 use super::serve::shutdown_signal;
 use super::wire::{drain, read_or_eof, read_payload};
 use crate::nbd::export::Export;
@@ -99,7 +102,7 @@ pub(super) async fn transmission<E, R, W>(
 ) -> Result<End, Fatal>
 where
     E: Export,
-    R: AsyncRead + Unpin,
+    R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let params = SessionParams {
@@ -154,12 +157,33 @@ where
             r = read_request(&mut rd, &params, config, &slots, &budget, &global) => r,
         };
         match incoming {
+            Ok(Incoming::Request(req, payload, permits)) if batches(&req.command) => {
+                let mut batch = vec![(req, payload, permits)];
+                let mut bytes = batch_bytes(&req.command);
+                while batch.len() < BATCH_MAX_WRITES
+                    && let Some(next) =
+                        take_buffered_write(&mut rd, &params, &slots, &budget, &global)
+                {
+                    bytes += batch_bytes(&next.0.command);
+                    batch.push(next);
+                    if bytes >= BATCH_MAX_BYTES {
+                        break;
+                    }
+                }
+                let run = if batch.len() == 1 {
+                    let (req, payload, permits) = batch.pop().expect("one");
+                    Either::Left(run_request(ctx.clone(), req, payload, permits, tx.clone()))
+                } else {
+                    Either::Right(run_write_batch(ctx.clone(), batch, tx.clone()))
+                };
+                local.push(AssertUnwindSafe(run).catch_unwind());
+            }
             Ok(Incoming::Request(req, payload, permits)) => {
                 let run = run_request(ctx.clone(), req, payload, permits, tx.clone());
                 if runs_inline(&req.command) {
                     // A panic ends this request, as it would its own task,
                     // not the connection.
-                    local.push(AssertUnwindSafe(run).catch_unwind());
+                    local.push(AssertUnwindSafe(Either::Left(run)).catch_unwind());
                 } else {
                     tasks.spawn(run);
                 }
@@ -238,6 +262,59 @@ fn runs_inline(command: &Command) -> bool {
             true
         }
     }
+}
+
+/// Most WRITEs in one batch.
+const BATCH_MAX_WRITES: usize = 64;
+
+/// A batch stops growing once its payloads reach this many bytes.
+const BATCH_MAX_BYTES: u32 = 256 << 10;
+
+/// Whether `command` may start or join a batch of writes: a short WRITE
+/// without FUA (a FUA write wants its own commit at once).
+fn batches(command: &Command) -> bool {
+    matches!(*command, Command::Write { length, fua: false, .. } if length > 0 && length <= INLINE_WRITE_MAX)
+}
+
+fn batch_bytes(command: &Command) -> u32 {
+    match *command {
+        Command::Write { length, .. } => length,
+        _ => 0,
+    }
+}
+
+/// The next request, if it is a WRITE that [`batches`], is already whole
+/// in the read buffer, and its permits are free right now. Never waits and
+/// consumes nothing otherwise, so whatever is left is read the usual way:
+/// a batch only gathers what the client has already sent, and never holds
+/// the requests it has while waiting for more.
+fn take_buffered_write<R: AsyncBufRead + Unpin>(
+    rd: &mut R,
+    params: &SessionParams,
+    slots: &Arc<Semaphore>,
+    budget: &Arc<Semaphore>,
+    global: &Arc<Semaphore>,
+) -> Option<(Request, Vec<u8>, Permits)> {
+    // fill_buf returns what is buffered without reading; on an empty buffer
+    // it tries the socket once. Cancelling it consumes nothing.
+    let Some(Ok(buf)) = rd.fill_buf().now_or_never() else {
+        return None;
+    };
+    let raw: &[u8; proto::REQUEST_HEADER_LEN] = buf.get(..proto::REQUEST_HEADER_LEN)?.try_into().ok()?;
+    let req = RequestHeader::parse(raw).ok()?.validate(params).ok()?;
+    if !batches(&req.command) {
+        return None;
+    }
+    let length = batch_bytes(&req.command);
+    let whole = proto::REQUEST_HEADER_LEN + length as usize;
+    let payload = buf.get(proto::REQUEST_HEADER_LEN..whole)?.to_vec();
+    let permits = Permits {
+        _slot: slots.clone().try_acquire_owned().ok()?,
+        _bytes: Some(budget.clone().try_acquire_many_owned(length).ok()?),
+        _shared: Some(global.clone().try_acquire_many_owned(length).ok()?),
+    };
+    Pin::new(&mut *rd).consume(whole);
+    Some((req, payload, permits))
 }
 
 /// Logs a request run in the connection task that panicked.
