@@ -1,9 +1,13 @@
 //! Content tags: keyed BLAKE3 of a content block's plaintext under the
 //! zone's MAC key. Used to verify reads and, later, to find duplicates.
 
+#![deny(unsafe_code)] // only the kernels and their shared tree walk allow it
+
 use crate::ids::BLOCK_SIZE;
 use crate::keys::secret::MacKey;
 
+#[cfg(target_arch = "x86_64")]
+mod tree;
 #[cfg(target_arch = "x86_64")]
 mod x16;
 
