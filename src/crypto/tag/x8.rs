@@ -101,9 +101,14 @@ unsafe fn pass(p: &Pass<'_, LANES>) -> [[u32; 8]; LANES] {
             _mm256_set1_epi32(64),
             _mm256_set1_epi32(f as i32),
         ];
-        for s in &SCHEDULE {
-            round(&mut v, &m, s);
-        }
+        // Unrolled, so that each round's message order is a constant.
+        round::<0>(&mut v, &m);
+        round::<1>(&mut v, &m);
+        round::<2>(&mut v, &m);
+        round::<3>(&mut v, &m);
+        round::<4>(&mut v, &m);
+        round::<5>(&mut v, &m);
+        round::<6>(&mut v, &m);
         for i in 0..8 {
             cv[i] = _mm256_xor_si256(v[i], v[i + 8]);
         }
@@ -177,8 +182,10 @@ fn transpose(r: &mut [__m256i; 8]) {
     r[7] = _mm256_permute2x128_si256::<0x31>(abcd_37, efgh_37);
 }
 
+/// Round `R`: its message words in `SCHEDULE[R]`'s order.
 #[target_feature(enable = "avx2")]
-fn round(v: &mut [__m256i; 16], m: &[__m256i; 16], s: &[usize; 16]) {
+fn round<const R: usize>(v: &mut [__m256i; 16], m: &[__m256i; 16]) {
+    let s = const { SCHEDULE[R] };
     g(v, 0, 4, 8, 12, m[s[0]], m[s[1]]);
     g(v, 1, 5, 9, 13, m[s[2]], m[s[3]]);
     g(v, 2, 6, 10, 14, m[s[4]], m[s[5]]);
