@@ -1,9 +1,13 @@
 //! Content-tag throughput, one core: keyed BLAKE3 of 4 KiB blocks, one
 //! block at a time (`Tagger::tag`, the blake3 crate) against batches
-//! (`Tagger::tag_blocks`, which fills sixteen AVX-512 lanes where the CPU
-//! has them). A 256 KiB buffer (L2-resident) is tagged in batches of N
-//! blocks, several timed reps; median MB/s (10^6 bytes per second of wall
-//! time) and the ratio to one-at-a-time measured in the same rep.
+//! (`Tagger::tag_blocks`). The batched column is whichever kernel the CPU
+//! gets, printed first: `x16` (sixteen AVX-512F lanes, from 4 blocks) where
+//! the CPU has AVX-512F, else `x8` (eight AVX2 lanes, from 2 blocks), else
+//! the crate; below a kernel's minimum batch it is the crate too. A 256 KiB
+//! buffer (L2-resident) is tagged in batches of N blocks, several timed
+//! reps; median MB/s (10^6 bytes per second of wall time) and the ratio to
+//! one-at-a-time measured in the same rep. First, for scale, the crate on
+//! the whole buffer as one input, where its own kernel runs full width.
 //!
 //! `cargo bench --bench tag` (options after `--`: `--reps N`, `--secs S`).
 
@@ -46,6 +50,23 @@ fn main() {
     rand::thread_rng().fill_bytes(&mut data);
     let blocks = BUF / BLOCK_SIZE;
     let mut tags = vec![Tag::default(); blocks];
+    println!("batch kernel: {}", Tagger::batch_kernel());
+    // The ceiling for a kernel of the crate's width: one long input, whose
+    // chunks fill every lane of the crate's own kernel.
+    let whole = median(
+        (0..reps)
+            .map(|_| {
+                rate(secs, || {
+                    black_box(tagger.tag(black_box(&data)));
+                })
+            })
+            .collect(),
+    );
+    println!(
+        "one {} KiB input through the crate: {whole:.0} MB/s",
+        BUF / 1024
+    );
+    println!("RESULT tag whole_buffer_mbps={whole:.0}");
     println!("batch  one-at-a-time MB/s  batched MB/s  ratio (median of {reps})");
     for batch in [1usize, 2, 4, 8, 16, 64] {
         let (mut single, mut many, mut ratio) = (vec![], vec![], vec![]);

@@ -1,11 +1,17 @@
 //! Content tags: keyed BLAKE3 of a content block's plaintext under the
 //! zone's MAC key. Used to verify reads and, later, to find duplicates.
 
+#![deny(unsafe_code)] // only the kernels and their shared tree walk allow it
+
 use crate::ids::BLOCK_SIZE;
 use crate::keys::secret::MacKey;
 
 #[cfg(target_arch = "x86_64")]
+mod tree;
+#[cfg(target_arch = "x86_64")]
 mod x16;
+#[cfg(target_arch = "x86_64")]
+mod x8;
 
 /// A 256-bit content tag.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -46,7 +52,7 @@ impl Tagger {
     /// The tags of consecutive whole blocks: `out[i]` gets the tag of
     /// `data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]`, the same as
     /// [`tag`](Self::tag) of it. Batches of blocks are hashed many lanes at a
-    /// time where the CPU allows (see `x16`).
+    /// time where the CPU allows (see [`batch_kernel`](Self::batch_kernel)).
     pub fn tag_blocks(&self, data: &[u8], out: &mut [Tag]) {
         assert_eq!(
             data.len(),
@@ -54,15 +60,30 @@ impl Tagger {
             "whole blocks, one tag each"
         );
         #[cfg(target_arch = "x86_64")]
-        if out.len() >= X16_MIN_BLOCKS
-            && let Some(x16) = *X16
-        {
-            x16.keyed_hash_blocks(self.key.expose(), data, out);
-            return;
+        match *BATCH {
+            Batch::X16(k) if out.len() >= X16_MIN_BLOCKS => {
+                return k.keyed_hash_blocks(self.key.expose(), data, out);
+            }
+            Batch::X8(k) if out.len() >= X8_MIN_BLOCKS => {
+                return k.keyed_hash_blocks(self.key.expose(), data, out);
+            }
+            _ => {}
         }
         for (t, b) in out.iter_mut().zip(data.chunks_exact(BLOCK_SIZE)) {
             *t = self.tag(b);
         }
+    }
+
+    /// Which kernel [`tag_blocks`](Self::tag_blocks) uses on this CPU, and
+    /// from how many blocks: for logs and benchmark output.
+    pub fn batch_kernel() -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        match *BATCH {
+            Batch::X16(_) => return "x16 (AVX-512F, 16 lanes) from 4 blocks",
+            Batch::X8(_) => return "x8 (AVX2, 8 lanes) from 2 blocks",
+            Batch::None => {}
+        }
+        "none (the blake3 crate, one block at a time)"
     }
 }
 
@@ -73,14 +94,36 @@ impl Tag {
     }
 }
 
-/// The many-lane kernel, if this CPU has it.
+/// The widest many-lane kernel this CPU has. Each proves its CPU features,
+/// so holding one is what allows the call.
 #[cfg(target_arch = "x86_64")]
-static X16: std::sync::LazyLock<Option<x16::X16>> = std::sync::LazyLock::new(x16::X16::detect);
+#[derive(Clone, Copy, Debug)]
+enum Batch {
+    X16(x16::X16),
+    X8(x8::X8),
+    None,
+}
 
-/// Fewest blocks worth the many-lane kernel: below this its idle lanes
-/// cost more than the crate's one-input path (`cargo bench --bench tag`).
+#[cfg(target_arch = "x86_64")]
+static BATCH: std::sync::LazyLock<Batch> = std::sync::LazyLock::new(|| {
+    if let Some(k) = x16::X16::detect() {
+        Batch::X16(k)
+    } else if let Some(k) = x8::X8::detect() {
+        Batch::X8(k)
+    } else {
+        Batch::None
+    }
+});
+
+/// Fewest blocks worth the 16-lane kernel: below this its idle lanes cost
+/// more than the crate's one-input path (`cargo bench --bench tag`).
 #[cfg(target_arch = "x86_64")]
 const X16_MIN_BLOCKS: usize = 4;
+
+/// Fewest blocks worth the 8-lane kernel, used only without AVX-512F: two
+/// blocks fill its chunk lanes (`cargo bench --bench tag`).
+#[cfg(target_arch = "x86_64")]
+const X8_MIN_BLOCKS: usize = 2;
 
 #[cfg(test)]
 mod tests {
@@ -159,6 +202,22 @@ mod tests {
         let mut other = Tag::default();
         other.0[0] = 1;
         assert!(!Tag::default().ct_eq(&other));
+    }
+
+    #[test]
+    fn batches_take_the_widest_kernel_the_cpu_has() {
+        let name = Tagger::batch_kernel();
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            assert!(name.starts_with("x16"), "{name}");
+        } else if std::is_x86_feature_detected!("avx2") {
+            // On AVX2 without AVX-512F (the Zen 3 dev box), the batch sizes
+            // of `tag_blocks_matches_tag_at_every_batch_size` run `x8`.
+            assert!(name.starts_with("x8"), "{name}");
+        } else {
+            assert!(name.starts_with("none"), "{name}");
+        }
+        eprintln!("batch kernel: {name}");
     }
 
     #[test]

@@ -4,72 +4,22 @@
 //! our blocks. Here each lane of a pass is one chunk (or one parent node) of
 //! some block in a batch, so a batch of four or more blocks fills every lane.
 //! The result is exactly `blake3::keyed_hash` of each block (the tests
-//! compare them on random data and keys).
-//!
-//! The tree of a 4096-byte input is fixed: four chunks of sixteen 64-byte
-//! blocks (counter = chunk index), two parents over chunk pairs, and a root
-//! parent over those two with the ROOT flag, all keyed.
+//! compare them on random data and keys). The tree walk, the constants and
+//! the key words are shared with `x8` (`tree`); this file is the pass.
 //!
 //! `unsafe` here is the same as in `xts::x86`: calls into
 //! `#[target_feature]` functions, which [`X16::detect`] only allows after the
 //! CPU was seen to have AVX-512F, and gathers through raw pointers whose
-//! offsets the callers keep inside their slices.
+//! offsets the tree walk keeps inside its slices.
 
 #![allow(unsafe_code)]
 
 use core::arch::x86_64::*;
 
-use zeroize::Zeroizing;
-
 use super::Tag;
+use super::tree::{self, IV, Lanes, Pass, SCHEDULE};
 
-/// Bytes in one content block: the tree below is the tree of this size.
-const BLOCK: usize = 4096;
-const _: () = assert!(BLOCK == crate::ids::BLOCK_SIZE);
-const CHUNK: usize = 1024;
 const LANES: usize = 16;
-/// Blocks hashed together: their 64 chunks take four chunk passes, their 32
-/// parents two passes and their 16 roots one.
-const GROUP: usize = 16;
-
-const IV: [u32; 8] = [
-    0x6A09_E667,
-    0xBB67_AE85,
-    0x3C6E_F372,
-    0xA54F_F53A,
-    0x510E_527F,
-    0x9B05_688C,
-    0x1F83_D9AB,
-    0x5BE0_CD19,
-];
-const CHUNK_START: u32 = 1;
-const CHUNK_END: u32 = 2;
-const PARENT: u32 = 4;
-const ROOT: u32 = 8;
-const KEYED_HASH: u32 = 16;
-
-/// Message word order per round: the BLAKE3 permutation applied 0..7 times.
-const SCHEDULE: [[usize; 16]; 7] = schedule();
-
-const fn schedule() -> [[usize; 16]; 7] {
-    const PERMUTATION: [usize; 16] = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8];
-    let mut s = [[0usize; 16]; 7];
-    let mut i = 0;
-    while i < 16 {
-        s[0][i] = i;
-        i += 1;
-    }
-    let mut r = 1;
-    while r < 7 {
-        let mut i = 0;
-        while i < 16 {
-            s[r][i] = s[r - 1][PERMUTATION[i]];
-            i += 1;
-        }
-        r += 1;
-    }
-    s
-}
 
 /// Proof that the running CPU has AVX-512F.
 #[derive(Clone, Copy, Debug)]
@@ -82,124 +32,41 @@ impl X16 {
     }
 
     /// Keyed BLAKE3 of each 4 KiB block of `data` into `out`
-    /// (`data.len() == out.len() * BLOCK`).
+    /// (`data.len() == out.len() * 4096`).
     pub fn keyed_hash_blocks(self, key: &[u8; 32], data: &[u8], out: &mut [Tag]) {
-        assert_eq!(
-            data.len(),
-            out.len() * BLOCK,
-            "whole blocks, one output each"
-        );
-        let mut words = Zeroizing::new([0u32; 8]);
-        for (w, b) in words.iter_mut().zip(key.chunks_exact(4)) {
-            *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
-        }
-        for (blocks, out) in data.chunks(GROUP * BLOCK).zip(out.chunks_mut(GROUP)) {
-            // SAFETY: `detect` saw AVX-512F; `blocks` holds `out.len()` whole blocks.
-            unsafe { group(&words, blocks, out) };
-        }
+        tree::keyed_hash_blocks(self, key, data, out);
     }
 }
 
-/// Hashes up to [`GROUP`] blocks: every pass reads only lanes inside the
-/// slice or stack array it is given (unused lanes repeat lane 0).
+// SAFETY: an `X16` exists only after `detect` saw AVX-512F, the one feature
+// `pass` is compiled for.
+unsafe impl Lanes<LANES> for X16 {
+    unsafe fn pass(self, p: &Pass<'_, LANES>) -> [[u32; 8]; LANES] {
+        // SAFETY: the CPU has AVX-512F (`self`); the caller keeps every
+        // lane's bytes readable.
+        unsafe { pass(p) }
+    }
+}
+
+/// One pass of sixteen lanes (see [`Pass`]); returns each lane's chaining
+/// value. Message words are gathered, one word of all sixteen lanes per
+/// instruction.
 ///
 /// # Safety
-/// The CPU has AVX-512F, and `data.len() == out.len() * BLOCK <= GROUP * BLOCK`.
+/// The CPU has AVX-512F, and for every lane, `blocks * 64` bytes from
+/// `base + offsets[l]` are readable.
 #[target_feature(enable = "avx512f")]
-unsafe fn group(key: &[u32; 8], data: &[u8], out: &mut [Tag]) {
-    let n = out.len();
-    debug_assert!(n <= GROUP && data.len() == n * BLOCK);
-    let mut chunks = [[0u32; 8]; 4 * GROUP];
-    for (p, cvs) in chunks
-        .chunks_mut(LANES)
-        .enumerate()
-        .take((4 * n).div_ceil(LANES))
-    {
-        let first = p * LANES;
-        let live = (4 * n - first).min(LANES);
-        let mut offsets = [0i32; LANES];
-        let mut counters = [0u32; LANES];
-        for l in 0..live {
-            offsets[l] = (l * CHUNK) as i32;
-            counters[l] = ((first + l) % 4) as u32;
-        }
-        // SAFETY: lane `l < live` reads chunk `first + l`, inside `data`;
-        // unused lanes read chunk `first`.
-        let r = unsafe {
-            pass(
-                data.as_ptr().add(first * CHUNK),
-                &offsets,
-                CHUNK / 64,
-                key,
-                &counters,
-                KEYED_HASH,
-                CHUNK_START,
-                CHUNK_END,
-            )
-        };
-        cvs.copy_from_slice(&r);
-    }
-    // Parents over chunk pairs: chunk CVs 2i and 2i+1 are one 64-byte block.
-    let mut parents = [[0u32; 8]; 2 * GROUP];
-    nodes(key, &chunks, 2 * n, KEYED_HASH | PARENT, &mut parents);
-    let mut roots = [[0u32; 8]; GROUP];
-    nodes(key, &parents, n, KEYED_HASH | PARENT | ROOT, &mut roots);
-    for (o, r) in out.iter_mut().zip(&roots) {
-        for (b, w) in o.0.chunks_exact_mut(4).zip(r) {
-            b.copy_from_slice(&w.to_le_bytes());
-        }
-    }
-}
-
-/// Compresses `count` parent nodes whose children are consecutive pairs of
-/// `children` into `out`.
-#[target_feature(enable = "avx512f")]
-fn nodes(key: &[u32; 8], children: &[[u32; 8]], count: usize, flags: u32, out: &mut [[u32; 8]]) {
-    assert!(children.len() >= 2 * count && out.len() >= count);
-    for p in 0..count.div_ceil(LANES) {
-        let first = p * LANES;
-        let live = (count - first).min(LANES);
-        let mut offsets = [0i32; LANES];
-        for (l, o) in offsets.iter_mut().enumerate().take(live) {
-            *o = (l * 64) as i32;
-        }
-        // SAFETY: lane `l < live` reads children `2(first + l)` and the next,
-        // inside `children`; unused lanes read the first pair.
-        let r = unsafe {
-            pass(
-                children.as_ptr().add(2 * first).cast::<u8>(),
-                &offsets,
-                1,
-                key,
-                &[0; LANES],
-                flags,
-                0,
-                0,
-            )
-        };
-        out[first..first + live].copy_from_slice(&r[..live]);
-    }
-}
-
-/// One pass of sixteen lanes: lane `l` compresses `blocks` consecutive
-/// 64-byte blocks at `base + offsets[l]`, chaining from `key`, with block
-/// counter `counters[l]`; `flags_start` and `flags_end` are added on the
-/// first and last block. Returns each lane's chaining value.
-///
-/// # Safety
-/// For every lane, `blocks * 64` bytes from `base + offsets[l]` are readable.
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)] // the shape of BLAKE3's own `hash_many`
-unsafe fn pass(
-    base: *const u8,
-    offsets: &[i32; LANES],
-    blocks: usize,
-    key: &[u32; 8],
-    counters: &[u32; LANES],
-    flags: u32,
-    flags_start: u32,
-    flags_end: u32,
-) -> [[u32; 8]; LANES] {
+unsafe fn pass(p: &Pass<'_, LANES>) -> [[u32; 8]; LANES] {
+    let Pass {
+        base,
+        offsets,
+        blocks,
+        key,
+        counters,
+        flags,
+        flags_start,
+        flags_end,
+    } = *p;
     // SAFETY: each array is 64 readable bytes.
     let (index, counter) = unsafe {
         (
@@ -287,6 +154,7 @@ fn g(v: &mut [__m512i; 16], a: usize, b: usize, c: usize, d: usize, x: __m512i, 
 
 #[cfg(test)]
 mod tests {
+    use super::tree::BLOCK;
     use super::*;
     use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 
