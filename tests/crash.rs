@@ -873,6 +873,17 @@ fn write_profile(pool: &TestPool, commit_interval_ms: u64, checkpoint_mib: u64) 
     p.to_string_lossy().into_owned()
 }
 
+/// `ci-2core` with long writes sent past the page cache (runs of 128 KiB
+/// or more with O_DIRECT), as profiles for fast disks do.
+fn uncached_profile(pool: &TestPool) -> String {
+    let base = include_str!("../hw-profiles/ci-2core.toml");
+    let text = base.replace("uncached_write_kib = 0", "uncached_write_kib = 128");
+    assert_ne!(text, base, "ci-2core sets uncached_write_kib = 0");
+    let p = pool.dir.path().join("uncached-profile.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
 /// Restarts the server; the pool must open after any crash.
 fn restart(pool: &TestPool, extra: &[&str]) -> Server {
     pool.serve_with(extra)
@@ -1053,18 +1064,24 @@ fn check_requests_whole(model: &Model, seen: &[u64], ctx: &str) {
         problems.len(),
         problems[..problems.len().min(10)].join("\n  ")
     );
-    assert!(multi > 0, "{ctx}: no multi-block write was seen: the check proved nothing");
+    assert!(
+        multi > 0,
+        "{ctx}: no multi-block write was seen: the check proved nothing"
+    );
 }
 
-/// (a2) The same contract for long writes, which the default profile sends
-/// past the page cache (`uncached_write_kib`): runs of up to 384 KiB, some
-/// over the threshold and some under, flushed and FUA, killed mid-stream.
+/// (a2) The same contract for long writes sent past the page cache
+/// (`uncached_write_kib = 128` on the buffered profile): runs of up to 384
+/// KiB, some over the threshold and some under, flushed and FUA, killed
+/// mid-stream.
 #[test]
 fn long_uncached_writes_survive_kill9() {
     let seed = seed_from_env("long_uncached_writes_survive_kill9");
     let mut rng = StdRng::seed_from_u64(seed);
     let pool = TestPool::with_volume("256M");
-    let mut server = pool.serve();
+    let profile = uncached_profile(&pool);
+    let serve = |pool: &TestPool| pool.serve_with(&["--profile", &profile]);
+    let mut server = serve(&pool);
     let mut model = Model::new(4096, 8192);
     let mut acked = 0;
     for iter in 0..4 {
@@ -1079,7 +1096,7 @@ fn long_uncached_writes_survive_kill9() {
         let (m, stats) = load_then_kill9(&mut server, model, cfg, rng.r#gen(), delay);
         model = m;
         acked += stats.flushes_acked + if cfg.fua { stats.writes_acked } else { 0 };
-        server = restart(&pool, &[]);
+        server = serve(&pool);
         let v = verify_region(
             &server.addr(),
             &mut model,

@@ -42,10 +42,7 @@ impl RangeLock {
             {
                 let mut held = self.held.lock();
                 let conflict = held.iter().any(|(_, r, ex)| {
-                    (exclusive || *ex)
-                        && ranges
-                            .iter()
-                            .any(|b| r.start < b.end && b.start < r.end)
+                    (exclusive || *ex) && ranges.iter().any(|b| r.start < b.end && b.start < r.end)
                 });
                 if !conflict {
                     held.extend(ranges.iter().map(|b| (id, b.clone(), exclusive)));

@@ -212,7 +212,8 @@ impl Volume {
             lbas.runs(n)
                 .into_iter()
                 .map(|(i, len)| {
-                    let bytes = &plain[i * crate::ids::BLOCK_SIZE..(i + len) * crate::ids::BLOCK_SIZE];
+                    let bytes =
+                        &plain[i * crate::ids::BLOCK_SIZE..(i + len) * crate::ids::BLOCK_SIZE];
                     (i, zeroize::Zeroizing::new(bytes.to_vec()))
                 })
                 .collect::<Vec<_>>()

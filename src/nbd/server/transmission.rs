@@ -41,8 +41,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::FuturesUnordered;
 use futures::future::Either;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::pin::Pin;
 
@@ -300,7 +300,8 @@ fn take_buffered_write<R: AsyncBufRead + Unpin>(
     let Some(Ok(buf)) = rd.fill_buf().now_or_never() else {
         return None;
     };
-    let raw: &[u8; proto::REQUEST_HEADER_LEN] = buf.get(..proto::REQUEST_HEADER_LEN)?.try_into().ok()?;
+    let raw: &[u8; proto::REQUEST_HEADER_LEN] =
+        buf.get(..proto::REQUEST_HEADER_LEN)?.try_into().ok()?;
     let req = RequestHeader::parse(raw).ok()?.validate(params).ok()?;
     if !batches(&req.command) {
         return None;

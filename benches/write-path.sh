@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The write path of one keyturn server, measured from the server's side:
+# fio over NBD against a fresh 1 GiB volume (prefilled with 1 MiB writes),
+# and per workload the rate, p99, server CPU per I/O and per GB (utime +
+# stime of the server process over ramp and run), context switches per I/O
+# (every thread of the server), and how many WRITEs went in batches
+# (keyturn_nbd_write_batches_total / keyturn_nbd_batched_writes_total).
+#
+#   benches/write-path.sh                          # the workloads below, 3 rounds
+#   BASE=/path/to/older/keyturn benches/write-path.sh   # A/B, rounds interleaved
+#   JOBS="1 2 4" WORKLOADS=randwrite4k benches/write-path.sh   # scaling over connections
+#
+# Knobs: ROUNDS (3), RUNTIME (5 s after 1 s of ramp), WORKLOADS
+# ("randwrite4k randrw4k seqwrite1m"), JOBS ("1": fio jobs, one NBD
+# connection each), PROFILE (ci-2core). Each line is one run; compare
+# medians, the machine is shared.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+bench_init write-path
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-5}
+WORKLOADS=${WORKLOADS:-"randwrite4k randrw4k seqwrite1m"}
+JOBS=${JOBS:-1}
+PROFILE=${PROFILE:-ci-2core}
+BINS=("$K")
+if [ -n "${BASE:-}" ]; then BINS=("$BASE" "$K"); fi
+MAIN=$K
+
+args_of() {
+    case $1 in
+    randwrite4k) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    randread4k) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    randrw4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=16" ;;
+    seqwrite1m) echo "--rw=write --bs=1M --iodepth=8" ;;
+    seqread1m) echo "--rw=read --bs=1M --iodepth=8" ;;
+    *) echo "unknown workload $1" >&2; exit 2 ;;
+    esac
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+switches() { cat /proc/"$pid"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+metric() {
+    local admin
+    admin=$(sed -n 's/^admin: //p' "$work/out")
+    curl -s -H "Authorization: Bearer $(cat "$work/pool/admin.token")" "${admin}metrics" |
+        awk -v m="$1" '$1 == m {print $2}'
+}
+
+port=12090
+for round in $(seq 1 "$ROUNDS"); do
+    for bin in "${BINS[@]}"; do
+        K=$bin
+        for jobs in $JOBS; do
+            for w in $WORKLOADS; do
+                new_pool 1G
+                port=$((port + 1))
+                serve "$port" --profile "$PROFILE"
+                uri="nbd://127.0.0.1:$port/vol0"
+                fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=1G >/dev/null
+                c0=$(cpu_ticks) s0=$(switches) b0=$(metric keyturn_nbd_batched_writes_total) n0=$(metric keyturn_nbd_write_batches_total)
+                # shellcheck disable=SC2046
+                fio --name="$w" --ioengine=nbd --uri="$uri" $(args_of "$w") --numjobs="$jobs" --group_reporting \
+                    --size=1G --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
+                    --output-format=json >"$work/fio.json"
+                c1=$(cpu_ticks) s1=$(switches) b1=$(metric keyturn_nbd_batched_writes_total) n1=$(metric keyturn_nbd_write_batches_total)
+                stop_server
+                label=$([ "$bin" = "$MAIN" ] && echo this || echo base)
+                python3 - "$work/fio.json" "$w" "$jobs" "$round" "$label" "$RUNTIME" \
+                    "$c0" "$c1" "$s0" "$s1" "${b0:-0}" "${b1:-0}" "${n0:-0}" "${n1:-0}" <<'PY'
+import json, sys
+path, w, jobs, rnd, label, runtime = sys.argv[1:7]
+c0, c1, s0, s1, b0, b1, n0, n1 = (float(x) for x in sys.argv[7:15])
+text = open(path).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+ios = bws = 0.0
+p99 = 0.0
+for d in ("read", "write"):
+    x = job[d]
+    if x["io_bytes"]:
+        ios += x["iops"]
+        bws += x["bw_bytes"]
+        p99 = max(p99, x["clat_ns"]["percentile"].get("99.000000", 0) / 1e6)
+secs = float(runtime) + 1  # CPU and switches are counted over ramp and run
+cpu = (c1 - c0) / 100
+n_io = ios * secs
+writes = job["write"]["total_ios"]
+batched = f"{(b1 - b0) / writes:.0%} of writes in {n1 - n0:.0f} batches" if writes else "-"
+print(f"round {rnd} {label:4} jobs={jobs} {w:11} {ios:9,.0f} IOPS {bws / 1e6:6.0f} MB/s p99 {p99:7.2f} ms "
+      f"cpu {cpu / secs:4.0%} {cpu * 1e6 / n_io:6.1f} us/io {cpu / (bws * secs / 1e9):5.2f} s/GB "
+      f"{(s1 - s0) / n_io:5.2f} switches/io  {batched}", flush=True)
+PY
+            done
+        done
+    done
+done
