@@ -112,22 +112,14 @@ fn same_kind(e: &ExportError) -> ExportError {
 #[cfg(test)]
 mod tests {
     use crate::ids::BLOCK_SIZE;
-    use crate::nbd::export::{Export, ExportCatalog};
+    use crate::nbd::export::Export;
 
     /// A batch with writes that overlap and one partial-block write reads
     /// back as the writes applied in order, and takes one journal frame per
     /// group of non-overlapping whole-block writes.
     #[test]
     fn a_batch_reads_back_as_its_writes_in_order_one_frame_per_group() {
-        use crate::config::Profile;
-        use crate::pool::Pool;
-
-        let (_dir, pdir, pass) = crate::rotation::tests::new_pool();
-        let profile = Profile::load("ci-2core").unwrap();
-        let pool = Pool::open(&pdir, &pass, &profile).unwrap();
-        pool.create_zone("z").unwrap();
-        pool.create_volume("v", "z", 1 << 20).unwrap();
-        let vol = pool.open("v").unwrap();
+        let (_dir, _pool, vol) = crate::volume::write::tests::one_volume();
         let bs = BLOCK_SIZE;
         let block = |fill: u8, n: usize| vec![fill; n * bs];
         // (offset, data): A (blocks 0-1), B (block 4), C (block 1: overlaps

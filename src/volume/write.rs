@@ -309,25 +309,36 @@ impl Volume {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use crate::ids::BLOCK_SIZE;
     use crate::nbd::export::Export;
 
     /// One write mixing all-zero blocks (unmapped, never tagged) with runs
     /// of data blocks (tagged a run at a time): every block reads back, in
     /// one read and block by block, and only data blocks take space.
-    #[test]
-    fn a_write_mixing_zero_and_data_blocks_reads_back() {
+    /// A fresh pool with zone "z" and a 1 MiB volume "v" in it, opened
+    /// (the temporary directory and the pool must outlive the volume).
+    pub(in crate::volume) fn one_volume() -> (
+        tempfile::TempDir,
+        crate::pool::Pool,
+        std::sync::Arc<crate::volume::Volume>,
+    ) {
         use crate::config::Profile;
         use crate::nbd::export::ExportCatalog;
         use crate::pool::Pool;
 
-        let (_dir, pdir, pass) = crate::rotation::tests::new_pool();
+        let (dir, pdir, pass) = crate::rotation::tests::new_pool();
         let profile = Profile::load("ci-2core").unwrap();
         let pool = Pool::open(&pdir, &pass, &profile).unwrap();
         pool.create_zone("z").unwrap();
         pool.create_volume("v", "z", 1 << 20).unwrap();
         let vol = pool.open("v").unwrap();
+        (dir, pool, vol)
+    }
+
+    #[test]
+    fn a_write_mixing_zero_and_data_blocks_reads_back() {
+        let (_dir, _pool, vol) = one_volume();
         // Zero at 0, 3, 4 and 9: data runs of 2, 4 and 2 blocks between.
         let zero = [0, 3, 4, 9];
         let mut data = vec![0u8; 12 * BLOCK_SIZE];
