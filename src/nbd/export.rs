@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 /// Why an export operation failed; the server maps each kind to an NBD errno
 /// (and logs the message before reducing it to that code).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ExportError {
     /// Stored data could not be read or written, or failed its integrity check (EIO).
     #[error("I/O error: {0}")]

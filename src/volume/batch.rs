@@ -87,25 +87,11 @@ impl Volume {
             written.map(|_| ())
         }
         .await;
-        match outcome {
-            Ok(()) => {}
-            Err(e) => {
-                for m in group {
-                    results[m.index] = Err(same_kind(&e));
-                }
+        if let Err(e) = outcome {
+            for m in group {
+                results[m.index] = Err(e.clone());
             }
         }
-    }
-}
-
-/// An error of the same kind and message, for each request of a failed group.
-fn same_kind(e: &ExportError) -> ExportError {
-    match e {
-        ExportError::Io(m) => ExportError::Io(m.clone()),
-        ExportError::Invalid(m) => ExportError::Invalid(m.clone()),
-        ExportError::NoSpace(m) => ExportError::NoSpace(m.clone()),
-        ExportError::NotSupported(m) => ExportError::NotSupported(m.clone()),
-        ExportError::Shutdown => ExportError::Shutdown,
     }
 }
 
