@@ -44,6 +44,8 @@ use crate::ids::JournalSeq;
 
 mod entry;
 pub use entry::{CbRecord, Entry, LiveCopy, Place, StagedCopy};
+mod replay;
+pub use replay::Replay;
 
 const MAGIC: &[u8; 8] = b"KTJRNL02";
 const HEADER_SLOT: u64 = 4096;
@@ -218,17 +220,6 @@ struct Writer {
 /// How far ahead of the frames the journal file is grown, with zeros.
 const GROW_AHEAD: u64 = 8 << 20;
 
-/// The outcome of opening a journal: the frames to replay, in order.
-pub struct Replay {
-    /// Sequence the tables already hold.
-    pub checkpoint_seq: JournalSeq,
-    /// Frames after the checkpoint: `(seq, entries)`.
-    pub frames: Vec<(JournalSeq, Vec<Entry>)>,
-    /// Intact frames found beyond the first damaged one (dropped). Zero for
-    /// a clean journal or a torn tail.
-    pub damaged_frames_after: u64,
-}
-
 fn crc_header(h: &[u8]) -> u32 {
     crc32c::crc32c(&h[..24])
 }
@@ -343,124 +334,6 @@ impl Journal {
             file_len: 0,
         };
         w.new_generation(1, 0)
-    }
-
-    /// Reads the journal at `path` and returns what must be replayed. Call
-    /// [`Journal::start`] after the replayed state is in memory.
-    pub fn read(path: &Path) -> Result<Replay, JournalError> {
-        let file = File::open(path).map_err(Writer::io("open"))?;
-        let (generation, checkpoint) = Self::read_header(&file, path)?;
-        let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
-        let mut frames = Vec::new();
-        let mut pos = FRAMES_START;
-        // A checkpoint at u64::MAX leaves no sequence for a frame.
-        let mut expect = checkpoint
-            .checked_add(1)
-            .ok_or_else(|| JournalError::Format {
-                path: path.to_path_buf(),
-            })?;
-        let mut head = [0u8; FRAME_HEADER];
-        loop {
-            if file.read_exact_at(&mut head, pos).is_err() {
-                break;
-            }
-            let len = u32::from_le_bytes(head[0..4].try_into().expect("4"));
-            let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
-            let frame_gen = u64::from_le_bytes(head[8..16].try_into().expect("8"));
-            let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
-            if len > MAX_PAYLOAD || frame_gen != generation || seq != expect {
-                break;
-            }
-            // A frame longer than the rest of the file is torn: stop before
-            // allocating for a length field nothing backs.
-            if pos + (FRAME_HEADER as u64) + u64::from(len) > file_len {
-                break;
-            }
-            let mut payload = vec![0u8; len as usize];
-            if file
-                .read_exact_at(&mut payload, pos + FRAME_HEADER as u64)
-                .is_err()
-                || frame_crc(generation, seq, &payload) != crc
-            {
-                break;
-            }
-            frames.push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
-            pos += (FRAME_HEADER + payload.len()) as u64;
-            let Some(next) = expect.checked_add(1) else {
-                break;
-            };
-            expect = next;
-        }
-        let beyond = Self::valid_frames_after(&file, pos, generation, expect);
-        if beyond > 0 {
-            // A torn tail has nothing valid after it. Valid frames beyond a bad
-            // one mean damage inside the journal (or a torn multi-frame write
-            // that was never acknowledged): say so loudly, with what is dropped.
-            tracing::error!(
-                journal = %path.display(), offset = pos, frame = expect, later_valid_frames = beyond,
-                "journal frame is damaged but later frames are intact; replay stops at the damage \
-                 and the later frames are dropped"
-            );
-        }
-        Ok(Replay {
-            checkpoint_seq: JournalSeq(checkpoint),
-            frames,
-            damaged_frames_after: beyond,
-        })
-    }
-
-    /// Counts valid frames of `generation` with a sequence at or past
-    /// `expect` anywhere after `pos`: a damaged frame followed by intact ones.
-    fn valid_frames_after(file: &File, pos: u64, generation: u64, expect: u64) -> u64 {
-        let Ok(len) = file.metadata().map(|m| m.len()) else {
-            return 0;
-        };
-        let Some(tail_len) = len.checked_sub(pos).filter(|&n| n > FRAME_HEADER as u64) else {
-            return 0;
-        };
-        // Bounded: the journal is checkpointed long before this size.
-        let mut tail = vec![0u8; tail_len.min(1 << 30) as usize];
-        if file.read_exact_at(&mut tail, pos).is_err() {
-            return 0;
-        }
-        let gen_bytes = generation.to_le_bytes();
-        let mut found = 0;
-        let mut at = 1;
-        while at + FRAME_HEADER <= tail.len() {
-            let head = &tail[at..at + FRAME_HEADER];
-            if head[8..16] == gen_bytes {
-                let len = u32::from_le_bytes(head[0..4].try_into().expect("4")) as usize;
-                let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
-                let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
-                let end = at.saturating_add(FRAME_HEADER).saturating_add(len);
-                if seq >= expect
-                    && end <= tail.len()
-                    && frame_crc(generation, seq, &tail[at + FRAME_HEADER..end]) == crc
-                {
-                    found += 1;
-                    at = end;
-                    continue;
-                }
-            }
-            at += 1;
-        }
-        found
-    }
-
-    fn read_header(file: &File, path: &Path) -> Result<(u64, u64), JournalError> {
-        let mut best: Option<(u64, u64)> = None;
-        for slot in 0..2 {
-            let mut h = [0u8; 64];
-            if file.read_exact_at(&mut h, slot * HEADER_SLOT).is_ok()
-                && let Some((g, c)) = decode_header(&h)
-                && best.is_none_or(|b| g > b.0)
-            {
-                best = Some((g, c));
-            }
-        }
-        best.ok_or_else(|| JournalError::Format {
-            path: path.to_path_buf(),
-        })
     }
 
     /// Opens the journal for appending after recovery: the caller has
