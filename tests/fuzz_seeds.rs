@@ -70,7 +70,7 @@ fn entries(i: u64) -> Vec<Entry> {
             to: KeyVersion(1),
         },
         Entry::Applied {
-            zone: ZoneId(2),
+            zone: ZoneId(1),
             seq: i,
         },
     ]
@@ -102,18 +102,27 @@ fn journal_seeds(dir: &Path, out: &mut Seeds) {
     let j = Journal::start(&path, JournalSeq(0), config, Arc::new(Hooks)).unwrap();
     let mut last = JournalSeq(0);
     for i in 1..=4 {
-        last = j.append(&entries(i));
+        last = j.append(ZoneId(1), &entries(i));
     }
     j.commit_blocking(last).unwrap();
+    // A frame written ahead (bit 63 of its sequence field).
+    let flip = j.append_ahead(
+        ZoneId(2),
+        &[Entry::Flip {
+            zone: ZoneId(2),
+            to: KeyVersion(3),
+        }],
+    );
+    j.commit_ahead(flip).unwrap();
     j.close();
     drop(j);
     let mut bytes = std::fs::read(&path).unwrap();
-    assert_eq!(Journal::read(&path).unwrap().frames.len(), 4);
+    assert_eq!(Journal::read(&path).unwrap().frames.len(), 5);
     // The journal is grown megabytes ahead with zeros; a seed needs none
-    // of them: it ends after its four frames (8 KiB of header slots, then
+    // of them: it ends after its five frames (8 KiB of header slots, then
     // each frame's 24-byte header and payload).
     let mut end = 8192;
-    for _ in 0..4 {
+    for _ in 0..5 {
         let len = u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
         end += 24 + len;
     }

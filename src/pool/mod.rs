@@ -428,13 +428,14 @@ impl Pool {
         }
 
         // Replay: apply every durable frame to the overlays.
+        // Frames written ahead come before lower sequences; they commute
+        // with those (see `store::journal`), so file order is fine.
         let replay = Journal::read(&dir.join("journal"))?;
-        let mut last = replay.checkpoint_seq;
+        let (last, in_order) = (replay.last, replay.in_order_through);
         for (seq, entries) in replay.frames {
             for e in entries {
                 Self::apply(&zones, e, seq);
             }
-            last = seq;
         }
         for z in &catalog.zones {
             if let Some(zone) = zones.get(&z.id) {
@@ -519,7 +520,7 @@ impl Pool {
             }
         }
         pool.recover_rotations()?;
-        pool.open_streams(last)?;
+        pool.open_streams(in_order)?;
         tracing::info!(pool = %dir.display(), zones = pool.zones.read().len(), volumes = pool.volumes.read().len(),
             replayed_to = last.0, "pool open");
         Ok(pool)

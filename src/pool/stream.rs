@@ -120,8 +120,9 @@ impl Pool {
         Ok(stream)
     }
 
-    /// Opens the streams of streaming zones at pool open. `replayed` is the
-    /// last journal frame recovery found: records past it are cut.
+    /// Opens the streams of streaming zones at pool open. Recovery replayed
+    /// every journal frame up to `replayed` (above it, at most frames
+    /// written ahead, which carry no record): records past it are cut.
     pub(crate) fn open_streams(&self, replayed: JournalSeq) -> Result<()> {
         let zones: Vec<ZoneId> = self
             .catalog
@@ -469,7 +470,7 @@ impl Pool {
         let jseq = {
             let mut meta = z.meta.lock();
             meta.applied = meta.applied.max(seq);
-            self.journal.append(&[Entry::Applied { zone: id, seq }])
+            self.journal.append(id, &[Entry::Applied { zone: id, seq }])
         };
         self.journal.commit_blocking(jseq)?;
         Ok(())

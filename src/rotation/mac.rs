@@ -182,7 +182,7 @@ impl Pool {
             changed.push((cbid, record));
         }
         if !entries.is_empty() {
-            let seq = self.journal.append(&entries);
+            let seq = self.journal.append(z.id, &entries);
             for (cbid, record) in changed {
                 meta.set_cb(cbid, Some(record), seq);
             }

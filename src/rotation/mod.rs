@@ -391,25 +391,28 @@ impl Pool {
         rot.stop_worker();
         // What staging achieved, counted once the pipeline has stopped.
         let coverage = forecast::census_of(z, Some(next));
-        // Commit what is pending first, so the flip's own commit carries as
-        // few other frames as possible: a group holding only the flip syncs
-        // no data device (`Entry::points_to_data`), while one that also
-        // holds writes must wait for their data. Writes go on meanwhile;
-        // only this caller waits.
-        self.journal.commit_blocking(self.journal.last_appended())?;
+        // The flip's record goes ahead of other zones' frames still waiting
+        // for their data sync (`Journal::commit_ahead`), never ahead of its
+        // own zone's: commit those first, so that it can. Writes go on
+        // meanwhile; only this caller waits, and only for its zone's data.
+        if let Some(seq) = self.journal.last_pending_of(z.id) {
+            self.journal.commit_blocking(seq)?;
+        }
         let started = Instant::now();
-        let old = {
+        let (old, committed) = {
             let mut meta = z.meta.lock();
             let old = meta.active;
-            let seq = self.journal.append(&[Entry::Flip {
-                zone: z.id,
-                to: next,
-            }]);
+            let frame = self.journal.append_ahead(
+                z.id,
+                &[Entry::Flip {
+                    zone: z.id,
+                    to: next,
+                }],
+            );
             meta.active = next;
             meta.window = None;
             drop(meta);
-            self.journal.commit_blocking(seq)?;
-            old
+            (old, self.journal.commit_ahead(frame)?)
         };
         let flip_time = started.elapsed();
         rot.start_migration_timeline();
@@ -431,7 +434,7 @@ impl Pool {
         self.sync_key_file_to(z, next, emergency)?;
         self.save_state(rot, &st)?;
         let staged = rot.counters.staged.load(Ordering::Relaxed);
-        tracing::info!(zone = %z.name, %old, new = %next, ?flip_time, emergency, "flipped");
+        tracing::info!(zone = %z.name, %old, new = %next, ?flip_time, ?committed, emergency, "flipped");
         let mut event = AuditEvent::ok(if emergency {
             "rotation.emergency"
         } else {
@@ -539,7 +542,7 @@ impl Pool {
                         record: CbRecord { staged: None, ..*r },
                     })
                     .collect();
-                let seq = self.journal.append(&entries);
+                let seq = self.journal.append(z.id, &entries);
                 for (cbid, r) in chunk {
                     meta.set_cb(*cbid, Some(CbRecord { staged: None, ..*r }), seq);
                 }

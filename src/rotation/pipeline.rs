@@ -720,7 +720,7 @@ fn record_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, meter: &Meter) 
             changed.push((it.cbid, record));
         }
         if !entries.is_empty() {
-            let seq = ctx.journal.append(&entries);
+            let seq = ctx.journal.append(ctx.zone.id, &entries);
             for (cbid, record) in &changed {
                 meta.set_cb(*cbid, Some(*record), seq);
             }

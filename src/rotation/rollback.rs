@@ -65,10 +65,13 @@ impl Pool {
         let from = {
             let mut meta = z.meta.lock();
             let from = meta.active;
-            let seq = self.journal.append(&[Entry::Rollback {
-                zone: z.id,
-                to: old,
-            }]);
+            let seq = self.journal.append(
+                z.id,
+                &[Entry::Rollback {
+                    zone: z.id,
+                    to: old,
+                }],
+            );
             meta.active = old;
             meta.window = None;
             drop(meta);
@@ -362,10 +365,13 @@ mod tests {
             {
                 let zone = pool.zones.read().values().next().unwrap().clone();
                 let mut meta = zone.meta.lock();
-                let seq = pool.journal.append(&[Entry::Rollback {
-                    zone: zone.id,
-                    to: KeyVersion(1),
-                }]);
+                let seq = pool.journal.append(
+                    zone.id,
+                    &[Entry::Rollback {
+                        zone: zone.id,
+                        to: KeyVersion(1),
+                    }],
+                );
                 meta.active = KeyVersion(1);
                 drop(meta);
                 pool.journal.commit_blocking(seq).unwrap();
@@ -416,10 +422,13 @@ mod tests {
         {
             let zone = pool.zones.read().values().next().unwrap().clone();
             let mut meta = zone.meta.lock();
-            let seq = pool.journal.append(&[Entry::Rollback {
-                zone: zone.id,
-                to: KeyVersion(1),
-            }]);
+            let seq = pool.journal.append(
+                zone.id,
+                &[Entry::Rollback {
+                    zone: zone.id,
+                    to: KeyVersion(1),
+                }],
+            );
             meta.active = KeyVersion(1);
             drop(meta);
             pool.journal.commit_blocking(seq).unwrap();

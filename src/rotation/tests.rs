@@ -238,13 +238,17 @@ fn flip_record_alone_completes_the_flip_at_open() {
         });
         pool.rotation_prepare("z", None).unwrap();
         rt.block_on(async { vol.write(50 * 4096, &block(50), true).await.unwrap() });
-        // The flip record, durable, and nothing after it.
+        // The flip record, durable (written ahead, as the flip writes it),
+        // and nothing after it.
         let zone = pool.zones.read().values().next().unwrap().clone();
-        let seq = pool.journal.append(&[crate::store::journal::Entry::Flip {
-            zone: zone.id,
-            to: KeyVersion(2),
-        }]);
-        pool.journal.commit_blocking(seq).unwrap();
+        let frame = pool.journal.append_ahead(
+            zone.id,
+            &[crate::store::journal::Entry::Flip {
+                zone: zone.id,
+                to: KeyVersion(2),
+            }],
+        );
+        pool.journal.commit_ahead(frame).unwrap();
         drop(vol);
         // Dropping the pool is a clean close; the key file and state file
         // still say "window", as after a crash at this point.

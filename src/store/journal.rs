@@ -11,11 +11,21 @@
 //! or below the last written frame is then answered: one fsync pair serves
 //! the whole group.
 //!
+//! A frame that points to no data and touches one zone only (a flip) may
+//! be written *ahead* ([`Journal::commit_ahead`]): before earlier frames of
+//! other zones that still wait for their data sync, so the flip never
+//! waits for someone else's data. It commutes with them (no entry of one
+//! touches what the other does), so replay may apply it before them, and
+//! if they are lost (a crash before their commit) the state is that of
+//! the commuted order. It is never written ahead of a frame of its own
+//! zone, or of a frame whose appender did not name its zone.
+//!
 //! File layout (all integers little-endian):
 //! ```text
 //! offset 0     header slot 0 ┐ 64 bytes each; the valid one with the highest
 //! offset 4096  header slot 1 ┘ generation wins; generation g lives in slot g % 2
-//!              [0..8)   magic b"KTJRNL01"
+//!              [0..8)   magic b"KTJRNL03" (b"KTJRNL02" before frames
+//!                       could be written ahead; still read)
 //!              [8..16)  generation
 //!              [16..24) checkpoint sequence: every frame up to it is in the tables
 //!              [24..28) crc32c of bytes [0..24)
@@ -23,11 +33,14 @@
 //!              [0..4)   payload length n
 //!              [4..8)   crc32c of bytes [8..24+n)
 //!              [8..16)  generation (frames of another generation are stale)
-//!              [16..24) sequence (strictly increasing by one)
+//!              [16..24) sequence; bit 63 set: written ahead
+//!                       (otherwise the lowest sequence not yet seen)
 //!              [24..24+n) payload: entries
 //! ```
 //! Replay reads frames of the header's generation from offset 8192 and
-//! stops at the first one that is torn, stale or out of sequence. Recovery
+//! stops at the first one that is torn, stale or out of sequence (a frame
+//! in order must carry the lowest sequence not yet seen; one written ahead
+//! any higher sequence not yet seen). Recovery
 //! then checkpoints and starts a new generation, so the bytes past the last
 //! valid frame can never be mistaken for frames later.
 
@@ -40,14 +53,23 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
-use crate::ids::JournalSeq;
+use std::collections::BTreeSet;
+
+use crate::ids::{JournalSeq, ZoneId};
 
 mod entry;
 pub use entry::{CbRecord, Entry, LiveCopy, Place, StagedCopy};
 mod replay;
 pub use replay::Replay;
 
-const MAGIC: &[u8; 8] = b"KTJRNL02";
+const MAGIC: &[u8; 8] = b"KTJRNL03";
+/// The magic of journals written before frames could go ahead: read (they
+/// hold no such frame), never written. A keyturn that knows only this one
+/// refuses a newer journal rather than stopping its replay at the first
+/// frame written ahead.
+const MAGIC_V2: &[u8; 8] = b"KTJRNL02";
+/// Bit 63 of a frame's sequence field: the frame was written ahead.
+const AHEAD: u64 = 1 << 63;
 const HEADER_SLOT: u64 = 4096;
 const FRAMES_START: u64 = 8192;
 const FRAME_HEADER: usize = 24;
@@ -138,7 +160,6 @@ pub trait CheckpointJournal {
 /// The committer's side of a checkpoint.
 struct Checkpointing<'a> {
     shared: &'a Shared,
-    writer: &'a mut Writer,
     hooks: &'a dyn CommitHooks,
 }
 
@@ -148,7 +169,11 @@ impl CheckpointJournal for Checkpointing<'_> {
     }
 
     fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError> {
-        flush_pending(self.shared, self.writer, self.hooks, seq).map(|_| ())
+        // The waiters hear of it once the new generation is written.
+        if let Some(last) = flush_pending(self.shared, self.hooks, seq)? {
+            self.shared.note_durable(Some(last.0), None);
+        }
+        Ok(())
     }
 }
 
@@ -174,6 +199,9 @@ struct PendingFrame {
     /// Whether the frame may point to data on a device or in a stream (see
     /// [`Entry::points_to_data`]): only then must the data be synced first.
     points_to_data: bool,
+    /// The zone all its entries belong to: a frame of another zone may go
+    /// ahead of it.
+    zone: ZoneId,
 }
 
 struct Pending {
@@ -186,12 +214,53 @@ struct Pending {
     /// Someone waits for a commit.
     requested: bool,
     closing: bool,
+    /// `(seq, zone)` of the frames the committer has taken and not yet
+    /// made durable (it is waiting for their data sync, or writing them).
+    in_flight: Vec<(u64, ZoneId)>,
+    /// A checkpoint is under way: nothing goes ahead until its new
+    /// generation is written (a frame after its sequence, written ahead
+    /// into the old generation, would be lost with it).
+    checkpointing: bool,
+    /// Every frame up to this sequence is durable.
+    durable_through: u64,
+    /// Frames written ahead, above `durable_through`.
+    ahead_done: BTreeSet<u64>,
+}
+
+impl Pending {
+    /// Takes frame `seq` out of the queue to be written ahead, if it is
+    /// still queued, points to no data, and no earlier frame queued or in
+    /// flight is of its zone.
+    fn take_ahead(&mut self, seq: u64, zone: ZoneId) -> Option<PendingFrame> {
+        if self.checkpointing {
+            return None;
+        }
+        let i = self.frames.binary_search_by_key(&seq, |f| f.seq).ok()?;
+        let clash = self.frames[..i].iter().any(|f| f.zone == zone)
+            || self.in_flight.iter().any(|&(_, z)| z == zone);
+        if clash || self.frames[i].points_to_data {
+            return None;
+        }
+        let f = self.frames.remove(i);
+        self.bytes -= f.payload.len();
+        Some(f)
+    }
+
+    /// The last frame of `zone` queued or in flight.
+    fn last_of(&self, zone: ZoneId) -> Option<u64> {
+        let queued = self.frames.iter().rev().find(|f| f.zone == zone);
+        let flying = self.in_flight.iter().rev().find(|&&(_, z)| z == zone);
+        queued.map(|f| f.seq).max(flying.map(|&(s, _)| s))
+    }
 }
 
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     durable: watch::Sender<Durable>,
+    /// The file's end, shared by the committer and frames written ahead.
+    /// Lock order: `writer`, then `pending`.
+    writer: Mutex<Writer>,
 }
 
 impl Shared {
@@ -199,11 +268,71 @@ impl Shared {
     fn last_appended(&self) -> JournalSeq {
         JournalSeq(self.pending.lock().next_seq - 1)
     }
+
+    /// Records frames made durable: every frame up to `in_order` (a group
+    /// the committer wrote), or frame `ahead` alone. Returns the sequence
+    /// every frame up to which is now durable.
+    fn note_durable(&self, in_order: Option<u64>, ahead: Option<u64>) -> u64 {
+        let mut p = self.pending.lock();
+        if let Some(last) = in_order {
+            p.in_flight.clear();
+            p.durable_through = p.durable_through.max(last);
+        }
+        if let Some(seq) = ahead {
+            p.ahead_done.insert(seq);
+        }
+        loop {
+            let next = p.durable_through + 1;
+            if !p.ahead_done.remove(&next) {
+                break;
+            }
+            p.durable_through = next;
+        }
+        let through = p.durable_through;
+        p.ahead_done.retain(|&s| s > through);
+        through
+    }
+
+    /// Fail-stop: after a failed write or fsync nothing later may be
+    /// reported durable, because we cannot know what reached the disk.
+    fn fail(&self, e: JournalError) {
+        tracing::error!(error = %e, "journal commit failed; refusing further commits");
+        self.durable.send_modify(|d| d.error = Some(e));
+    }
+}
+
+/// A frame appended by [`Journal::append_ahead`], to be made durable by
+/// [`Journal::commit_ahead`].
+#[must_use = "commit it with Journal::commit_ahead"]
+#[derive(Debug)]
+pub struct AheadFrame {
+    seq: JournalSeq,
+    zone: ZoneId,
+}
+
+impl AheadFrame {
+    /// The frame's sequence.
+    pub fn seq(&self) -> JournalSeq {
+        self.seq
+    }
+}
+
+/// How [`Journal::commit_ahead`] made its frame durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Written at once, ahead of any earlier frames of other zones still
+    /// waiting for their data sync.
+    Ahead,
+    /// With the frames before it, in order: an earlier frame of its zone
+    /// was still pending, a checkpoint was under way, or the committer had
+    /// already taken it.
+    InOrder,
 }
 
 /// The journal. Append from any thread; wait for durability with [`Journal::commit`].
 pub struct Journal {
     shared: Arc<Shared>,
+    hooks: Arc<dyn CommitHooks>,
     commit_bytes: usize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -235,7 +364,9 @@ fn encode_header(generation: u64, checkpoint_seq: u64) -> [u8; 64] {
 }
 
 fn decode_header(h: &[u8; 64]) -> Option<(u64, u64)> {
-    if &h[..8] != MAGIC || u32::from_le_bytes(h[24..28].try_into().ok()?) != crc_header(h) {
+    if (&h[..8] != MAGIC && &h[..8] != MAGIC_V2)
+        || u32::from_le_bytes(h[24..28].try_into().ok()?) != crc_header(h)
+    {
         return None;
     }
     Some((
@@ -271,14 +402,17 @@ impl Writer {
         Ok(())
     }
 
-    fn write_frames(&mut self, frames: &[PendingFrame]) -> Result<(), JournalError> {
+    /// Writes `frames` at the end and makes them durable; `ahead` marks
+    /// them written ahead.
+    fn write_frames(&mut self, frames: &[PendingFrame], ahead: bool) -> Result<(), JournalError> {
         let total: usize = frames.iter().map(|f| FRAME_HEADER + f.payload.len()).sum();
         let mut buf = Vec::with_capacity(total);
         for PendingFrame { seq, payload, .. } in frames {
+            let field = if ahead { seq | AHEAD } else { *seq };
             buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&frame_crc(self.generation, *seq, payload).to_le_bytes());
+            buf.extend_from_slice(&frame_crc(self.generation, field, payload).to_le_bytes());
             buf.extend_from_slice(&self.generation.to_le_bytes());
-            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(&field.to_le_bytes());
             buf.extend_from_slice(payload);
         }
         let end = self.write_pos + buf.len() as u64;
@@ -372,33 +506,50 @@ impl Journal {
                 bytes: 0,
                 requested: false,
                 closing: false,
+                in_flight: Vec::new(),
+                checkpointing: false,
+                durable_through: last_seq.0,
+                ahead_done: BTreeSet::new(),
             }),
             wake: Condvar::new(),
             durable,
+            writer: Mutex::new(writer),
         });
         let s = shared.clone();
         let commit_bytes = config.commit_bytes.max(1);
+        let h = hooks.clone();
         let committer = std::thread::Builder::new()
             .name("keyturn-journal".into())
-            .spawn(move || committer_loop(s, writer, config, hooks))
+            .spawn(move || committer_loop(s, config, h))
             .map_err(Writer::io("spawn committer"))?;
         Ok(Self {
             shared,
+            hooks,
             commit_bytes,
             committer: Mutex::new(Some(committer)),
         })
     }
 
-    /// Appends one frame holding `entries`; returns its sequence. Call while
-    /// holding the lock under which the change was made in memory.
-    pub fn append(&self, entries: &[Entry]) -> JournalSeq {
-        self.append_with(entries, |_| {})
+    /// Appends one frame holding `entries`, all of them changes to `zone`;
+    /// returns its sequence. Call while holding the lock under which the
+    /// change was made in memory.
+    pub fn append(&self, zone: ZoneId, entries: &[Entry]) -> JournalSeq {
+        self.append_with(zone, entries, |_| {})
     }
 
     /// [`append`](Self::append), calling `with` with the frame's sequence
     /// before the committer can see the frame: what `with` queues (a stream
     /// record) is there before the data sync that precedes the frame.
-    pub fn append_with(&self, entries: &[Entry], with: impl FnOnce(JournalSeq)) -> JournalSeq {
+    pub fn append_with(
+        &self,
+        zone: ZoneId,
+        entries: &[Entry],
+        with: impl FnOnce(JournalSeq),
+    ) -> JournalSeq {
+        debug_assert!(
+            entries.iter().all(|e| e.zone().is_none_or(|z| z == zone)),
+            "a frame holds changes to one zone"
+        );
         let mut payload = Vec::with_capacity(entries.len() * 61);
         for e in entries {
             e.encode(&mut payload);
@@ -412,12 +563,60 @@ impl Journal {
             seq,
             payload,
             points_to_data: entries.iter().any(Entry::points_to_data),
+            zone,
         });
         if p.bytes >= self.commit_bytes && !p.requested {
             p.requested = true;
             self.shared.wake.notify_one();
         }
         JournalSeq(seq)
+    }
+
+    /// Appends a frame to be made durable with [`commit_ahead`](Self::commit_ahead),
+    /// under the same lock rule as [`append`](Self::append).
+    pub fn append_ahead(&self, zone: ZoneId, entries: &[Entry]) -> AheadFrame {
+        AheadFrame {
+            seq: self.append(zone, entries),
+            zone,
+        }
+    }
+
+    /// Makes `frame` durable, ahead of earlier frames of other zones when
+    /// it can (see the module comment): then it waits for one write and
+    /// fdatasync of the journal, never for a data sync. Call without the
+    /// lock it was appended under.
+    pub fn commit_ahead(&self, frame: AheadFrame) -> Result<Committed, JournalError> {
+        let AheadFrame { seq, zone } = frame;
+        let written = {
+            let mut w = self.shared.writer.lock();
+            if let Some(e) = &self.shared.durable.borrow().error {
+                return Err(e.clone());
+            }
+            let Some(f) = self.shared.pending.lock().take_ahead(seq.0, zone) else {
+                drop(w);
+                self.commit_blocking(seq)?;
+                return Ok(Committed::InOrder);
+            };
+            w.write_frames(std::slice::from_ref(&f), true)
+        };
+        if let Err(e) = written {
+            self.shared.fail(e.clone());
+            return Err(e);
+        }
+        let through = self.shared.note_durable(None, Some(seq.0));
+        if through >= seq.0 {
+            // Nothing before it was pending: the durable sequence moved.
+            self.hooks.durable(JournalSeq(through));
+            self.shared
+                .durable
+                .send_modify(|d| d.seq = d.seq.max(JournalSeq(through)));
+        }
+        Ok(Committed::Ahead)
+    }
+
+    /// The last frame of `zone` not yet durable, if any.
+    pub fn last_pending_of(&self, zone: ZoneId) -> Option<JournalSeq> {
+        self.shared.pending.lock().last_of(zone).map(JournalSeq)
     }
 
     /// The sequence of the last appended frame.
@@ -505,18 +704,7 @@ impl Drop for Journal {
     }
 }
 
-fn committer_loop(
-    shared: Arc<Shared>,
-    mut writer: Writer,
-    config: JournalConfig,
-    hooks: Arc<dyn CommitHooks>,
-) {
-    let fail = |e: JournalError| {
-        // Fail-stop: after a failed write or fsync nothing later may be
-        // reported durable, because we cannot know what reached the disk.
-        tracing::error!(error = %e, "journal commit failed; refusing further commits");
-        shared.durable.send_modify(|d| d.error = Some(e));
-    };
+fn committer_loop(shared: Arc<Shared>, config: JournalConfig, hooks: Arc<dyn CommitHooks>) {
     loop {
         let closing = {
             let mut p = shared.pending.lock();
@@ -532,31 +720,37 @@ fn committer_loop(
             }
             continue;
         }
-        match flush_pending(&shared, &mut writer, hooks.as_ref(), JournalSeq(u64::MAX)) {
+        match flush_pending(&shared, hooks.as_ref(), JournalSeq(u64::MAX)) {
             // The hook first: a waiter woken by the new durable sequence
             // finds what it freed already back in the allocators.
             Ok(Some(last)) => {
-                hooks.durable(last);
-                shared.durable.send_modify(|d| d.seq = last);
+                let through = JournalSeq(shared.note_durable(Some(last.0), None));
+                hooks.durable(through);
+                shared.durable.send_modify(|d| d.seq = d.seq.max(through));
             }
             Ok(None) => shared.durable.send_modify(|_| {}),
-            Err(e) => fail(e),
+            Err(e) => shared.fail(e),
         }
-        if writer.write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
+        let write_pos = shared.writer.lock().write_pos;
+        if write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
+            shared.pending.lock().checkpointing = true;
             let mut journal = Checkpointing {
                 shared: &shared,
-                writer: &mut writer,
                 hooks: hooks.as_ref(),
             };
-            match hooks.checkpoint(&mut journal) {
-                Ok(seq) => match writer.new_generation(writer.generation + 1, seq.0) {
-                    Ok(()) => {
-                        hooks.durable(seq);
-                        shared.durable.send_modify(|d| d.seq = d.seq.max(seq));
-                    }
-                    Err(e) => fail(e),
-                },
-                Err(e) => fail(e),
+            let done = hooks.checkpoint(&mut journal).and_then(|seq| {
+                let mut w = shared.writer.lock();
+                let generation = w.generation + 1;
+                w.new_generation(generation, seq.0).map(|()| seq)
+            });
+            shared.pending.lock().checkpointing = false;
+            match done {
+                Ok(seq) => {
+                    let through = JournalSeq(shared.note_durable(Some(seq.0), None));
+                    hooks.durable(through);
+                    shared.durable.send_modify(|d| d.seq = d.seq.max(through));
+                }
+                Err(e) => shared.fail(e),
             }
         }
         if closing && shared.pending.lock().frames.is_empty() {
@@ -567,10 +761,10 @@ fn committer_loop(
 
 /// Writes the pending frames up to `through` after making the data
 /// devices durable. Returns the last sequence written, or `None` if no such
-/// frame was pending.
+/// frame was pending. The caller records them durable
+/// ([`Shared::note_durable`]), which also ends their time in flight.
 fn flush_pending(
     shared: &Shared,
-    writer: &mut Writer,
     hooks: &dyn CommitHooks,
     through: JournalSeq,
 ) -> Result<Option<JournalSeq>, JournalError> {
@@ -578,31 +772,36 @@ fn flush_pending(
         let mut p = shared.pending.lock();
         // Appended in sequence order.
         let n = p.frames.partition_point(|f| f.seq <= through.0);
-        if n == p.frames.len() {
+        let frames: Vec<_> = if n == p.frames.len() {
             p.bytes = 0;
             std::mem::take(&mut p.frames)
         } else {
             let frames: Vec<_> = p.frames.drain(..n).collect();
             p.bytes -= frames.iter().map(|f| f.payload.len()).sum::<usize>();
             frames
-        }
+        };
+        p.in_flight = frames.iter().map(|f| (f.seq, f.zone)).collect();
+        frames
     };
     let Some(last) = frames.last().map(|f| JournalSeq(f.seq)) else {
         return Ok(None);
     };
     // A group of frames that point to no data (a flip alone) waits for no
     // one's data: what they depend on was made durable with the earlier
-    // frames that recorded it.
+    // frames that recorded it. The writer is not held meanwhile, so a
+    // frame can go ahead of this group.
     if frames.iter().any(|f| f.points_to_data) {
         hooks.sync_data().map_err(|e| JournalError::Io {
             op: "data sync",
             message: e.to_string(),
         })?;
     }
-    writer.write_frames(&frames)?;
+    shared.writer.lock().write_frames(&frames, false)?;
     Ok(Some(last))
 }
 
+#[cfg(test)]
+mod ahead_tests;
 #[cfg(test)]
 mod hostile;
 
@@ -728,15 +927,15 @@ mod tests {
         };
         let write = |i: u64| sample(i).swap_remove(0);
         let base = syncs();
-        let s = j.append(&[flip(2)]);
-        let s = j.append(&[flip(3)]).max(s);
+        let s = j.append(ZoneId(1), &[flip(2)]);
+        let s = j.append(ZoneId(1), &[flip(3)]).max(s);
         j.commit_blocking(s).unwrap();
         assert_eq!(syncs(), base, "flips alone: no data sync");
-        let s = j.append(&[write(1)]);
-        let s = j.append(&[flip(4)]).max(s);
+        let s = j.append(ZoneId(1), &[write(1)]);
+        let s = j.append(ZoneId(1), &[flip(4)]).max(s);
         j.commit_blocking(s).unwrap();
         assert_eq!(syncs(), base + 1, "a write before a flip: synced first");
-        let s = j.append(&[flip(5), write(2)]);
+        let s = j.append(ZoneId(1), &[flip(5), write(2)]);
         j.commit_blocking(s).unwrap();
         assert_eq!(syncs(), base + 2, "a write in the flip's frame: synced");
         j.close();
@@ -754,7 +953,7 @@ mod tests {
         let p = dir.path().join("j");
         Journal::create(&p).unwrap();
         let j = Journal::start(&p, JournalSeq(0), cfg(), Arc::new(Hooks::default())).unwrap();
-        let s = j.append(&sample(1));
+        let s = j.append(ZoneId(1), &sample(1));
         j.commit_blocking(s).unwrap();
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), GROW_AHEAD, "grown ahead in one step");
@@ -764,7 +963,7 @@ mod tests {
             m.blocks()
         );
         for i in 2..=20 {
-            let s = j.append(&sample(i));
+            let s = j.append(ZoneId(1), &sample(i));
             j.commit_blocking(s).unwrap();
         }
         assert_eq!(
@@ -787,7 +986,7 @@ mod tests {
         let j = Journal::start(&p, JournalSeq(0), cfg(), hooks.clone()).unwrap();
         let mut last = JournalSeq(0);
         for i in 1..=50 {
-            last = j.append(&sample(i));
+            last = j.append(ZoneId(1), &sample(i));
         }
         j.commit_blocking(last).unwrap();
         assert!(
@@ -812,7 +1011,7 @@ mod tests {
         Journal::create(&p).unwrap();
         let j = Journal::start(&p, JournalSeq(0), cfg(), Arc::new(Hooks::default())).unwrap();
         for i in 1..=10 {
-            j.append(&sample(i));
+            j.append(ZoneId(1), &sample(i));
         }
         j.commit_blocking(JournalSeq(10)).unwrap();
         drop(j);
@@ -835,7 +1034,7 @@ mod tests {
         );
         // Restart from seq 6: the new generation must not resurrect frames 8..10.
         let j = Journal::start(&p, JournalSeq(6), cfg(), Arc::new(Hooks::default())).unwrap();
-        let s = j.append(&sample(100));
+        let s = j.append(ZoneId(1), &sample(100));
         assert_eq!(s, JournalSeq(7));
         j.commit_blocking(s).unwrap();
         drop(j);
@@ -855,7 +1054,7 @@ mod tests {
         let j = Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap();
         let mut last = JournalSeq(0);
         for i in 1..=200 {
-            last = j.append(&sample(i));
+            last = j.append(ZoneId(1), &sample(i));
             if i % 20 == 0 {
                 j.commit_blocking(last).unwrap();
             }
@@ -893,7 +1092,7 @@ mod tests {
             let seq = journal.last_appended();
             if let Some(j) = self.journal.lock().as_ref() {
                 // The test thread may append too, so only "after".
-                let late = j.append(&sample(9999));
+                let late = j.append(ZoneId(1), &sample(9999));
                 assert!(late > seq);
             }
             journal.flush_through(seq)?;
@@ -911,7 +1110,7 @@ mod tests {
         let j = Arc::new(Journal::start(&p, JournalSeq(0), config, hooks.clone()).unwrap());
         *hooks.journal.lock() = Some(j.clone());
         for i in 1..=200 {
-            let last = j.append(&sample(i));
+            let last = j.append(ZoneId(1), &sample(i));
             if i % 20 == 0 {
                 j.commit_blocking(last).unwrap();
             }

@@ -175,7 +175,7 @@ impl Volume {
             });
             meta.applied = meta.applied.max(seq);
         }
-        let seq = self.journal.append_with(&entries, |seq| {
+        let seq = self.journal.append_with(self.zone.id, &entries, |seq| {
             if let Some((sink, changes)) = committed {
                 for c in changes {
                     sink.committed(seq, c);

@@ -126,7 +126,7 @@ impl Volume {
         }
         // Nothing was mapped: nothing changed, and the stream needs no record.
         let change = change.filter(|_| !olds.is_empty());
-        let seq = self.journal.append_with(&entries, |seq| {
+        let seq = self.journal.append_with(self.zone.id, &entries, |seq| {
             if let Some((sink, change)) = change {
                 sink.committed(seq, change);
             }

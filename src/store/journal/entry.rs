@@ -147,12 +147,26 @@ const E_ROLLBACK: u8 = 6;
 const E_CB_MAC: u8 = 7;
 
 impl Entry {
+    /// The zone the entry changes, if it names one (a mapping names its
+    /// volume only).
+    pub fn zone(&self) -> Option<ZoneId> {
+        match self {
+            Entry::Map { .. } => None,
+            Entry::Cb { zone, .. }
+            | Entry::CbFree { zone, .. }
+            | Entry::Flip { zone, .. }
+            | Entry::Rollback { zone, .. }
+            | Entry::Applied { zone, .. } => Some(*zone),
+        }
+    }
+
     /// Whether a frame holding this entry may point to data that must be
     /// durable before it: a content block's slots on the data or staging
     /// device, or the stream record of the change it maps. A flip or a
     /// rollback only names a key version; the staged copies a flip makes
-    /// live were recorded (and their data synced) by earlier frames, which
-    /// are durable first because frames become durable in order.
+    /// live were recorded (and their data synced) by earlier frames of its
+    /// zone, which are durable first: frames of one zone become durable in
+    /// order (a frame goes ahead only of other zones').
     pub fn points_to_data(&self) -> bool {
         !matches!(self, Entry::Flip { .. } | Entry::Rollback { .. })
     }

@@ -1,6 +1,7 @@
 //! Reading a journal back: the frames recovery replays, and how far they
 //! can be trusted.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -8,16 +9,26 @@ use std::path::Path;
 use crate::ids::JournalSeq;
 
 use super::{
-    Entry, FRAME_HEADER, FRAMES_START, HEADER_SLOT, Journal, JournalError, MAX_PAYLOAD, Writer,
-    decode_header, frame_crc,
+    AHEAD, Entry, FRAME_HEADER, FRAMES_START, HEADER_SLOT, Journal, JournalError, MAX_PAYLOAD,
+    Writer, decode_header, frame_crc,
 };
 
 /// The outcome of opening a journal: the frames to replay, in order.
 pub struct Replay {
     /// Sequence the tables already hold.
     pub checkpoint_seq: JournalSeq,
-    /// Frames after the checkpoint: `(seq, entries)`.
+    /// Frames after the checkpoint, `(seq, entries)`, in the order they
+    /// were written: a frame written ahead may come before lower sequences
+    /// (it commutes with them; see the module comment).
     pub frames: Vec<(JournalSeq, Vec<Entry>)>,
+    /// Every frame up to this sequence was replayed. Above it only frames
+    /// written ahead were: the frames in between were lost with the crash
+    /// (never acknowledged durable), and what they recorded elsewhere (a
+    /// stream record) must go too.
+    pub in_order_through: JournalSeq,
+    /// The highest sequence replayed (or the checkpoint's): the journal
+    /// goes on after it, so no sequence is used twice.
+    pub last: JournalSeq,
     /// Intact frames found beyond the first damaged one (dropped). Zero for
     /// a clean journal or a torn tail.
     pub damaged_frames_after: u64,
@@ -32,12 +43,16 @@ impl Journal {
         let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
         let mut frames = Vec::new();
         let mut pos = FRAMES_START;
-        // A checkpoint at u64::MAX leaves no sequence for a frame.
+        // The lowest sequence not yet seen: the one a frame in order must
+        // carry. A checkpoint at u64::MAX leaves no sequence for a frame.
         let mut expect = checkpoint
             .checked_add(1)
             .ok_or_else(|| JournalError::Format {
                 path: path.to_path_buf(),
             })?;
+        // Frames written ahead, seen above `expect`.
+        let mut ahead = BTreeSet::new();
+        let mut last = checkpoint;
         let mut head = [0u8; FRAME_HEADER];
         loop {
             if file.read_exact_at(&mut head, pos).is_err() {
@@ -46,8 +61,14 @@ impl Journal {
             let len = u32::from_le_bytes(head[0..4].try_into().expect("4"));
             let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
             let frame_gen = u64::from_le_bytes(head[8..16].try_into().expect("8"));
-            let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
-            if len > MAX_PAYLOAD || frame_gen != generation || seq != expect {
+            let field = u64::from_le_bytes(head[16..24].try_into().expect("8"));
+            let seq = field & !AHEAD;
+            let placed = if field & AHEAD != 0 {
+                seq >= expect && !ahead.contains(&seq)
+            } else {
+                seq == expect
+            };
+            if len > MAX_PAYLOAD || frame_gen != generation || !placed {
                 break;
             }
             // A frame longer than the rest of the file is torn: stop before
@@ -59,16 +80,18 @@ impl Journal {
             if file
                 .read_exact_at(&mut payload, pos + FRAME_HEADER as u64)
                 .is_err()
-                || frame_crc(generation, seq, &payload) != crc
+                || frame_crc(generation, field, &payload) != crc
             {
                 break;
             }
             frames.push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
             pos += (FRAME_HEADER + payload.len()) as u64;
-            let Some(next) = expect.checked_add(1) else {
-                break;
-            };
-            expect = next;
+            last = last.max(seq);
+            // `seq` < 2^63 (bit 63 is the flag), so `expect` never wraps.
+            ahead.insert(seq);
+            while ahead.remove(&expect) {
+                expect += 1;
+            }
         }
         let beyond = Self::valid_frames_after(&file, pos, generation, expect);
         if beyond > 0 {
@@ -84,6 +107,8 @@ impl Journal {
         Ok(Replay {
             checkpoint_seq: JournalSeq(checkpoint),
             frames,
+            in_order_through: JournalSeq(expect - 1),
+            last: JournalSeq(last),
             damaged_frames_after: beyond,
         })
     }
@@ -110,11 +135,11 @@ impl Journal {
             if head[8..16] == gen_bytes {
                 let len = u32::from_le_bytes(head[0..4].try_into().expect("4")) as usize;
                 let crc = u32::from_le_bytes(head[4..8].try_into().expect("4"));
-                let seq = u64::from_le_bytes(head[16..24].try_into().expect("8"));
+                let field = u64::from_le_bytes(head[16..24].try_into().expect("8"));
                 let end = at.saturating_add(FRAME_HEADER).saturating_add(len);
-                if seq >= expect
+                if field & !AHEAD >= expect
                     && end <= tail.len()
-                    && frame_crc(generation, seq, &tail[at + FRAME_HEADER..end]) == crc
+                    && frame_crc(generation, field, &tail[at + FRAME_HEADER..end]) == crc
                 {
                     found += 1;
                     at = end;
