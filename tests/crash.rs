@@ -853,7 +853,7 @@ fn journal_generation(pool: &TestPool) -> u64 {
         .filter_map(|s| {
             let h = &j[s * 4096..s * 4096 + 64];
             let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-            (&h[..8] == b"KTJRNL02" && crc32c::crc32c(&h[..24]) == crc)
+            (&h[..8] == b"KTJRNL03" && crc32c::crc32c(&h[..24]) == crc)
                 .then(|| u64::from_le_bytes(h[8..16].try_into().unwrap()))
         })
         .max()
@@ -1426,7 +1426,7 @@ fn journal_frames(j: &[u8]) -> (u64, usize, Vec<(usize, usize)>) {
     for s in 0..2 {
         let h = &j[s * 4096..s * 4096 + 64];
         let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-        if &h[..8] == b"KTJRNL02" && crc32c::crc32c(&h[..24]) == crc {
+        if &h[..8] == b"KTJRNL03" && crc32c::crc32c(&h[..24]) == crc {
             let g = u64::from_le_bytes(h[8..16].try_into().unwrap());
             let c = u64::from_le_bytes(h[16..24].try_into().unwrap());
             if best.is_none_or(|b| g > b.0) {
