@@ -19,6 +19,8 @@
 #
 #   benches/flip.sh                          # FLIPS=20 SIZES="64M 4G"
 #   FLIPS=5 SIZES=64M LOADS="idle seqwrite" benches/flip.sh
+#   LOG=/tmp/flip.log benches/flip.sh        # keep the servers' logs (each
+#                                            # flip's line says how it committed)
 set -euo pipefail
 FLIPS=${FLIPS:-20}
 SIZES=${SIZES:-64M 4G}
@@ -34,7 +36,7 @@ done
 bench_init flipbench
 csv="$work/results.csv"; echo "size,load,flip,micros,wall_ms" > "$csv"
 loadpid=""
-trap 'for p in $pid $loadpid; do kill -9 "$p" 2>/dev/null; done; pkill -f "$work" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'for p in $pid $loadpid; do kill -9 "$p" 2>/dev/null; done; pkill -f "$work" 2>/dev/null || true; [ -z "${LOG:-}" ] || cp "$work/log" "$LOG"; rm -rf "$work"' EXIT
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 now() { date +%s.%N; }
 

@@ -19,7 +19,8 @@
 bench_init() {
     cd "$(dirname "${BASH_SOURCE[0]}")/.."
     cargo build --release --quiet
-    K=${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn
+    # KEYTURN_BIN=/path/to/keyturn: measure that binary instead (A/B).
+    K=${KEYTURN_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn}
     work=$(mktemp -d "/tmp/keyturn-$1.XXXXXX")
     pid=""
     trap 'if [ -n "$pid" ]; then kill -9 "$pid" 2>/dev/null; fi; rm -rf "$work"' EXIT

@@ -356,12 +356,20 @@ fn power_loss_at_every_sync_of_a_flip_ahead_of_another_zones_writes() {
     let data = |lba: u64| block(7000 + lba);
     let op = |r: &mut Run<'_>| {
         let vb = r.pool.open("vb").unwrap();
-        for lba in 0..WRITES {
-            let w =
-                r.rt.block_on(vb.write(lba * BLOCK_SIZE as u64, &data(lba), false));
-            assert!(!r.dry || w.is_ok(), "{w:?}");
-        }
+        // b's writes land between the flip's pre-commit and its record.
+        let writer = vb.clone();
+        let dry = r.dry;
+        crate::rotation::tests::BEFORE_FLIP.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || {
+                let rt = runtime();
+                for lba in 0..WRITES {
+                    let w = rt.block_on(writer.write(lba * BLOCK_SIZE as u64, &data(lba), false));
+                    assert!(!dry || w.is_ok(), "{w:?}");
+                }
+            }))
+        });
         let st = r.pool.rotation_flip("z");
+        crate::rotation::tests::BEFORE_FLIP.with(|hook| *hook.borrow_mut() = None);
         if r.dry {
             assert_eq!(st.unwrap().active_version, 2);
             let j = crate::store::journal::Journal::read(&r.pool.dir().join("journal")).unwrap();

@@ -393,11 +393,15 @@ impl Pool {
         let coverage = forecast::census_of(z, Some(next));
         // The flip's record goes ahead of other zones' frames still waiting
         // for their data sync (`Journal::commit_ahead`), never ahead of its
-        // own zone's: commit those first, so that it can. Writes go on
-        // meanwhile; only this caller waits, and only for its zone's data.
-        if let Some(seq) = self.journal.last_pending_of(z.id) {
-            self.journal.commit_blocking(seq)?;
-        }
+        // own zone's. Commit what is pending first, outside the zone lock
+        // (writes go on; only this caller waits): its own zone's frames, so
+        // that it can go ahead, and the others' too, so that it follows a
+        // data sync. On a disk with a volatile cache and no FUA every sync
+        // is a cache flush that waits for all writeback in flight, and one
+        // right after a sync finds the least of it (docs/benchmarks.md).
+        self.journal.commit_blocking(self.journal.last_appended())?;
+        #[cfg(test)]
+        tests::BEFORE_FLIP.with(|hook| hook.borrow_mut().as_mut().map(|f| f()));
         let started = Instant::now();
         let (old, committed) = {
             let mut meta = z.meta.lock();

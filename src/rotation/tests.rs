@@ -14,6 +14,13 @@ use crate::keys::zone_keys::ZoneKeyFile;
 use crate::nbd::export::{Export, ExportCatalog};
 use crate::pool::{InitOptions, Pool, RootKeyChoice};
 
+thread_local! {
+    /// Run by a flip on this thread after its pre-commit and before it
+    /// takes the zone lock: a test's frames of other zones land there.
+    pub(crate) static BEFORE_FLIP: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 pub(crate) fn block(i: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     for (j, x) in b.chunks_mut(8).enumerate() {

@@ -225,6 +225,9 @@ struct Pending {
     durable_through: u64,
     /// Frames written ahead, above `durable_through`.
     ahead_done: BTreeSet<u64>,
+    /// Frames handed to the committer to be written ahead at the start of
+    /// its next group, before that group's data sync.
+    handed: BTreeSet<u64>,
 }
 
 impl Pending {
@@ -244,6 +247,33 @@ impl Pending {
         let f = self.frames.remove(i);
         self.bytes -= f.payload.len();
         Some(f)
+    }
+
+    /// Whether frame `seq` is durable.
+    fn is_durable(&self, seq: u64) -> bool {
+        seq <= self.durable_through || self.ahead_done.contains(&seq)
+    }
+
+    /// Takes the frames up to `through` for the committer: those handed to
+    /// it that may go ahead (they point to no data, and no earlier frame
+    /// of their zone is among the taken), and the rest, in order. All of
+    /// them are in flight until noted durable.
+    fn take_group(&mut self, through: u64) -> (Vec<PendingFrame>, Vec<PendingFrame>) {
+        let n = self.frames.partition_point(|f| f.seq <= through);
+        let taken: Vec<_> = self.frames.drain(..n).collect();
+        self.bytes -= taken.iter().map(|f| f.payload.len()).sum::<usize>();
+        self.in_flight = taken.iter().map(|f| (f.seq, f.zone)).collect();
+        let (mut ahead, mut rest) = (Vec::new(), Vec::with_capacity(taken.len()));
+        for f in taken {
+            let handed = self.handed.remove(&f.seq);
+            if handed && !f.points_to_data && !rest.iter().any(|r: &PendingFrame| r.zone == f.zone)
+            {
+                ahead.push(f);
+            } else {
+                rest.push(f);
+            }
+        }
+        (ahead, rest)
     }
 
     /// The last frame of `zone` queued or in flight.
@@ -290,6 +320,8 @@ impl Shared {
         }
         let through = p.durable_through;
         p.ahead_done.retain(|&s| s > through);
+        // A frame handed over after the committer had taken it is durable now.
+        p.handed.retain(|&s| s > through);
         through
     }
 
@@ -323,6 +355,10 @@ pub enum Committed {
     /// Written at once, ahead of any earlier frames of other zones still
     /// waiting for their data sync.
     Ahead,
+    /// The committer was in a group's data sync: the frame was handed to
+    /// it and written once that group was, ahead of the next group's data
+    /// sync (or in order with it, if a frame of its zone was in it).
+    Handed,
     /// With the frames before it, in order: an earlier frame of its zone
     /// was still pending, a checkpoint was under way, or the committer had
     /// already taken it.
@@ -510,6 +546,7 @@ impl Journal {
                 checkpointing: false,
                 durable_through: last_seq.0,
                 ahead_done: BTreeSet::new(),
+                handed: BTreeSet::new(),
             }),
             wake: Condvar::new(),
             durable,
@@ -582,9 +619,16 @@ impl Journal {
     }
 
     /// Makes `frame` durable, ahead of earlier frames of other zones when
-    /// it can (see the module comment): then it waits for one write and
-    /// fdatasync of the journal, never for a data sync. Call without the
-    /// lock it was appended under.
+    /// it can (see the module comment). Call without the lock it was
+    /// appended under.
+    ///
+    /// When the committer is idle, the frame is written at once: one write
+    /// and fdatasync of the journal. When it is syncing a group's data, the
+    /// frame waits for that group and is written right after it, before
+    /// the next group's data sync: on a device with a volatile cache and no
+    /// FUA, a sync issued in the middle of another's writeback waits for
+    /// that writeback anyway, and costs more than one right after it
+    /// (docs/benchmarks.md, "The flip under load").
     pub fn commit_ahead(&self, frame: AheadFrame) -> Result<Committed, JournalError> {
         let AheadFrame { seq, zone } = frame;
         let written = {
@@ -592,11 +636,22 @@ impl Journal {
             if let Some(e) = &self.shared.durable.borrow().error {
                 return Err(e.clone());
             }
-            let Some(f) = self.shared.pending.lock().take_ahead(seq.0, zone) else {
+            let mut p = self.shared.pending.lock();
+            if !p.in_flight.is_empty() && !p.checkpointing {
+                p.handed.insert(seq.0);
+                p.requested = true;
+                self.shared.wake.notify_one();
+                drop(p);
+                drop(w);
+                return self.wait_durable(seq).map(|()| Committed::Handed);
+            }
+            let Some(f) = p.take_ahead(seq.0, zone) else {
+                drop(p);
                 drop(w);
                 self.commit_blocking(seq)?;
                 return Ok(Committed::InOrder);
             };
+            drop(p);
             w.write_frames(std::slice::from_ref(&f), true)
         };
         if let Err(e) = written {
@@ -612,6 +667,20 @@ impl Journal {
                 .send_modify(|d| d.seq = d.seq.max(JournalSeq(through)));
         }
         Ok(Committed::Ahead)
+    }
+
+    /// Waits until frame `seq` alone is durable (frames below it may not be).
+    fn wait_durable(&self, seq: JournalSeq) -> Result<(), JournalError> {
+        loop {
+            if let Some(e) = &self.shared.durable.borrow().error {
+                return Err(e.clone());
+            }
+            if self.shared.pending.lock().is_durable(seq.0) {
+                return Ok(());
+            }
+            // The committer runs on its own thread; as in `commit_blocking`.
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// The last frame of `zone` not yet durable, if any.
@@ -768,24 +837,28 @@ fn flush_pending(
     hooks: &dyn CommitHooks,
     through: JournalSeq,
 ) -> Result<Option<JournalSeq>, JournalError> {
-    let frames = {
-        let mut p = shared.pending.lock();
-        // Appended in sequence order.
-        let n = p.frames.partition_point(|f| f.seq <= through.0);
-        let frames: Vec<_> = if n == p.frames.len() {
-            p.bytes = 0;
-            std::mem::take(&mut p.frames)
-        } else {
-            let frames: Vec<_> = p.frames.drain(..n).collect();
-            p.bytes -= frames.iter().map(|f| f.payload.len()).sum::<usize>();
-            frames
-        };
-        p.in_flight = frames.iter().map(|f| (f.seq, f.zone)).collect();
-        frames
-    };
-    let Some(last) = frames.last().map(|f| JournalSeq(f.seq)) else {
+    let (ahead, frames) = shared.pending.lock().take_group(through.0);
+    // Frames handed over by `commit_ahead` first: their waiters poll for
+    // them alone, so they need not wait for this group's data sync.
+    if !ahead.is_empty() {
+        shared.writer.lock().write_frames(&ahead, true)?;
+        let mut durable = 0;
+        for f in &ahead {
+            durable = shared.note_durable(None, Some(f.seq));
+        }
+        // The durable sequence moves if nothing below them was pending.
+        hooks.durable(JournalSeq(durable));
+        shared
+            .durable
+            .send_modify(|d| d.seq = d.seq.max(JournalSeq(durable)));
+    }
+    let last = ahead.iter().chain(&frames).map(|f| f.seq).max();
+    let Some(last) = last.map(JournalSeq) else {
         return Ok(None);
     };
+    if frames.is_empty() {
+        return Ok(Some(last));
+    }
     // A group of frames that point to no data (a flip alone) waits for no
     // one's data: what they depend on was made durable with the earlier
     // frames that recorded it. The writer is not held meanwhile, so a

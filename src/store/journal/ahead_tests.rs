@@ -8,11 +8,11 @@ use std::time::Duration;
 use super::*;
 use crate::ids::{Cbid, KeyVersion, Slot};
 
-/// Hooks whose data sync waits at a gate the test opens, and says when it
-/// has started waiting.
+/// Hooks whose data syncs each wait for a permit the test grants, and
+/// say when one has started waiting.
 struct GatedHooks {
-    open: Mutex<bool>,
-    opened: Condvar,
+    permits: Mutex<u32>,
+    granted: Condvar,
     entered: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -20,16 +20,29 @@ impl GatedHooks {
     fn new() -> (Arc<Self>, mpsc::Receiver<()>) {
         let (tx, rx) = mpsc::channel();
         let hooks = Self {
-            open: Mutex::new(false),
-            opened: Condvar::new(),
+            permits: Mutex::new(0),
+            granted: Condvar::new(),
             entered: Mutex::new(Some(tx)),
         };
         (Arc::new(hooks), rx)
     }
 
-    fn open(&self) {
-        *self.open.lock() = true;
-        self.opened.notify_all();
+    /// Lets one data sync through.
+    fn grant(&self) {
+        *self.permits.lock() += 1;
+        self.granted.notify_all();
+    }
+}
+
+/// Lets every data sync through when dropped, so that a failed assertion
+/// ends its test instead of leaving the committer waiting (and the
+/// journal's drop, which joins it).
+struct OpenOnDrop(Arc<GatedHooks>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        *self.0.permits.lock() = u32::MAX;
+        self.0.granted.notify_all();
     }
 }
 
@@ -38,10 +51,11 @@ impl CommitHooks for GatedHooks {
         if let Some(tx) = self.entered.lock().as_ref() {
             let _ = tx.send(());
         }
-        let mut open = self.open.lock();
-        while !*open {
-            self.opened.wait(&mut open);
+        let mut permits = self.permits.lock();
+        while *permits == 0 {
+            self.granted.wait(&mut permits);
         }
+        *permits -= 1;
         Ok(())
     }
     fn durable(&self, _: JournalSeq) {}
@@ -112,37 +126,21 @@ fn commit_in_background(
     t
 }
 
-/// Runs `f` on another thread; its result if it returns within `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs)).ok()
-}
-
-/// Zone 2's write waits for its data sync; zone 1's flip is durable
-/// meanwhile. Read at that moment (a crash), the journal holds the flip
-/// alone, with nothing in order after the checkpoint; once the sync ends,
-/// the write follows and the durable sequence covers both.
+/// Zone 2's write is queued, the committer idle; zone 1's flip is written
+/// at once, ahead of it. Read at that moment (a crash), the journal holds
+/// the flip alone, nothing in order after the checkpoint; recovery goes on
+/// after the flip's sequence. Then the write follows it.
 #[test]
-fn a_flip_is_durable_while_another_zones_write_waits_for_its_data() {
+fn a_flip_is_written_at_once_ahead_of_another_zones_queued_write() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
     Journal::create(&p).unwrap();
-    let (hooks, entered) = GatedHooks::new();
-    let j = Arc::new(Journal::start(&p, JournalSeq(0), config(), hooks.clone()).unwrap());
+    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(NoHooks)).unwrap();
     let w = j.append(ZoneId(2), &[write(2, 1)]);
-    let background = commit_in_background(&j, w, &entered);
-
     let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
     let seq = frame.seq();
     assert_eq!(seq, JournalSeq(2));
-    let flipper = j.clone();
-    let committed = within(10, move || flipper.commit_ahead(frame))
-        .expect("the flip waited for another zone's data sync")
-        .unwrap();
-    assert_eq!(committed, Committed::Ahead);
+    assert_eq!(j.commit_ahead(frame).unwrap(), Committed::Ahead);
     assert_eq!(
         j.durable().seq,
         JournalSeq(0),
@@ -158,8 +156,7 @@ fn a_flip_is_durable_while_another_zones_write_waits_for_its_data() {
     assert_eq!(r.last, seq);
     assert_eq!(r.damaged_frames_after, 0);
     // Recovery goes on after the highest sequence: none is used twice.
-    let hooks2 = Arc::new(NoHooks);
-    let after = Journal::start(&crashed, r.last, config(), hooks2).unwrap();
+    let after = Journal::start(&crashed, r.last, config(), Arc::new(NoHooks)).unwrap();
     let s = after.append(ZoneId(2), &[write(2, 9)]);
     assert_eq!(s, JournalSeq(3));
     after.commit_blocking(s).unwrap();
@@ -168,15 +165,10 @@ fn a_flip_is_durable_while_another_zones_write_waits_for_its_data() {
     assert_eq!(r.checkpoint_seq, JournalSeq(2));
     assert_eq!(r.frames, vec![(s, vec![write(2, 9)])]);
 
-    hooks.open();
-    background.join().unwrap().unwrap();
     // The durable sequence passes the flip once the write below it is in.
-    let waiter = j.clone();
-    within(10, move || waiter.commit_blocking(seq))
-        .expect("the durable sequence never passed the flip")
-        .unwrap();
+    j.commit_blocking(w).unwrap();
     assert_eq!(j.durable().seq, seq);
-    drop(Arc::into_inner(j).expect("only reference"));
+    drop(j);
     let r = Journal::read(&p).unwrap();
     assert_eq!(
         r.frames,
@@ -186,20 +178,96 @@ fn a_flip_is_durable_while_another_zones_write_waits_for_its_data() {
     assert_eq!((r.in_order_through, r.last), (seq, seq));
 }
 
-/// A flip never goes ahead of its own zone's frames: it waits for their
-/// data sync and is written after them.
+/// While the committer syncs a group's data, a flip is handed to it: it
+/// waits for that group, then is written ahead of the next group (zone 2's
+/// later write) while that group's data sync is still under way.
 #[test]
-fn a_flip_waits_for_its_own_zones_earlier_frames() {
+fn a_flip_during_a_data_sync_goes_ahead_of_the_next_group() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
     Journal::create(&p).unwrap();
     let (hooks, entered) = GatedHooks::new();
     let j = Arc::new(Journal::start(&p, JournalSeq(0), config(), hooks.clone()).unwrap());
+    let _open = OpenOnDrop(hooks.clone());
+    let w1 = j.append(ZoneId(2), &[write(2, 1)]);
+    let first = commit_in_background(&j, w1, &entered);
+
+    let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
+    let seq = frame.seq();
+    let w2 = j.append(ZoneId(2), &[write(2, 2)]);
+    let (tx, rx) = mpsc::channel();
+    let flipper = j.clone();
+    let flipping = std::thread::spawn(move || {
+        let _ = tx.send(flipper.commit_ahead(frame));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the flip was written during another group's data sync"
+    );
+    hooks.grant();
+    first.join().unwrap().unwrap();
+    let committed = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the flip waited for the next group's data sync")
+        .unwrap();
+    assert_eq!(committed, Committed::Handed);
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the next group's data sync never started");
+    assert_eq!(j.durable().seq, seq, "w1 and the flip, not w2");
+
+    let crashed = dir.path().join("crashed");
+    std::fs::copy(&p, &crashed).unwrap();
+    let r = Journal::read(&crashed).unwrap();
+    assert_eq!(
+        r.frames,
+        vec![(w1, vec![write(2, 1)]), (seq, vec![flip(1, 2)])]
+    );
+    assert_eq!((r.in_order_through, r.last), (seq, seq));
+
+    hooks.grant();
+    j.commit_blocking(w2).unwrap();
+    flipping.join().unwrap();
+    drop(Arc::into_inner(j).expect("only reference"));
+    let r = Journal::read(&p).unwrap();
+    assert_eq!(r.frames.last(), Some(&(w2, vec![write(2, 2)])));
+    assert_eq!(r.last, w2);
+}
+
+/// A flip never goes ahead of its own zone's frames: queued, it is
+/// committed in order with them; in flight, it waits for their data sync.
+#[test]
+fn a_flip_waits_for_its_own_zones_earlier_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("j");
+    Journal::create(&p).unwrap();
+    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(NoHooks)).unwrap();
+    let w = j.append(ZoneId(1), &[write(1, 1)]);
+    let other = j.append(ZoneId(2), &[write(2, 2)]);
+    assert_eq!(j.last_pending_of(ZoneId(1)), Some(w), "queued");
+    let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
+    let seq = frame.seq();
+    assert_eq!(j.commit_ahead(frame).unwrap(), Committed::InOrder);
+    drop(j);
+    let r = Journal::read(&p).unwrap();
+    assert_eq!(
+        r.frames,
+        vec![
+            (w, vec![write(1, 1)]),
+            (other, vec![write(2, 2)]),
+            (seq, vec![flip(1, 2)])
+        ]
+    );
+
+    let p = dir.path().join("j2");
+    Journal::create(&p).unwrap();
+    let (hooks, entered) = GatedHooks::new();
+    let j = Arc::new(Journal::start(&p, JournalSeq(0), config(), hooks.clone()).unwrap());
+    let _open = OpenOnDrop(hooks.clone());
     let w = j.append(ZoneId(1), &[write(1, 1)]);
     let background = commit_in_background(&j, w, &entered);
     assert_eq!(j.last_pending_of(ZoneId(1)), Some(w), "in flight");
     assert_eq!(j.last_pending_of(ZoneId(2)), None);
-
     let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
     let seq = frame.seq();
     let (tx, rx) = mpsc::channel();
@@ -211,10 +279,9 @@ fn a_flip_waits_for_its_own_zones_earlier_frames() {
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "the flip went ahead of its own zone's write"
     );
-    hooks.open();
+    hooks.grant();
     background.join().unwrap().unwrap();
-    let committed = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
-    assert_eq!(committed, Committed::InOrder);
+    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert!(j.durable().seq >= seq);
     flipping.join().unwrap();
     drop(Arc::into_inner(j).expect("only reference"));
@@ -244,6 +311,7 @@ fn only_a_dataless_frame_behind_other_zones_outside_a_checkpoint_goes_ahead() {
         checkpointing: false,
         durable_through: 0,
         ahead_done: BTreeSet::new(),
+        handed: BTreeSet::new(),
     };
     let p = || pending(vec![frame(4, 2, true), frame(5, 1, false)], vec![]);
     assert!(p().take_ahead(5, ZoneId(1)).is_some());
