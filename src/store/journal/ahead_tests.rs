@@ -126,6 +126,23 @@ fn commit_in_background(
     t
 }
 
+/// Starts `commit_ahead(frame)` on another thread: its handle, and where
+/// its result arrives.
+fn commit_ahead_in_background(
+    j: &Arc<Journal>,
+    frame: AheadFrame,
+) -> (
+    std::thread::JoinHandle<()>,
+    mpsc::Receiver<Result<Committed, JournalError>>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let flipper = j.clone();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(flipper.commit_ahead(frame));
+    });
+    (t, rx)
+}
+
 /// Zone 2's write is queued, the committer idle; zone 1's flip is written
 /// at once, ahead of it. Read at that moment (a crash), the journal holds
 /// the flip alone, nothing in order after the checkpoint; recovery goes on
@@ -195,11 +212,7 @@ fn a_flip_during_a_data_sync_goes_ahead_of_the_next_group() {
     let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
     let seq = frame.seq();
     let w2 = j.append(ZoneId(2), &[write(2, 2)]);
-    let (tx, rx) = mpsc::channel();
-    let flipper = j.clone();
-    let flipping = std::thread::spawn(move || {
-        let _ = tx.send(flipper.commit_ahead(frame));
-    });
+    let (flipping, rx) = commit_ahead_in_background(&j, frame);
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "the flip was written during another group's data sync"
@@ -270,11 +283,7 @@ fn a_flip_waits_for_its_own_zones_earlier_frames() {
     assert_eq!(j.last_pending_of(ZoneId(2)), None);
     let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
     let seq = frame.seq();
-    let (tx, rx) = mpsc::channel();
-    let flipper = j.clone();
-    let flipping = std::thread::spawn(move || {
-        let _ = tx.send(flipper.commit_ahead(frame));
-    });
+    let (flipping, rx) = commit_ahead_in_background(&j, frame);
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "the flip went ahead of its own zone's write"
