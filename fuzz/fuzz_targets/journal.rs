@@ -16,7 +16,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let checkpoint = replay.checkpoint_seq.0;
         let mut seen = BTreeSet::new();
         for (seq, entries) in &replay.frames {
-            assert!(seq.0 > checkpoint, "frame {} at or below the checkpoint", seq.0);
+            assert!(
+                seq.0 > checkpoint,
+                "frame {} at or below the checkpoint",
+                seq.0
+            );
             assert!(seen.insert(seq.0), "frame {} twice", seq.0);
             let mut again = Vec::new();
             for e in entries {
