@@ -5,6 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::tests::Hooks;
 use super::*;
 use crate::ids::{Cbid, KeyVersion, Slot};
 
@@ -66,19 +67,21 @@ impl CommitHooks for GatedHooks {
     }
 }
 
-/// Hooks with nothing to sync.
-struct NoHooks;
-
-impl CommitHooks for NoHooks {
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        Ok(())
-    }
-    fn durable(&self, _: JournalSeq) {}
-    fn checkpoint(&self, journal: &mut dyn CheckpointJournal) -> Result<JournalSeq, JournalError> {
-        let seq = journal.last_appended();
-        journal.flush_through(seq)?;
-        Ok(seq)
-    }
+/// A new journal at `path` whose data syncs wait for permits: the
+/// journal, its hooks, the channel that says a sync started waiting, and
+/// the guard that lets every sync through when the test ends.
+fn gated_journal(
+    path: &Path,
+) -> (
+    Arc<Journal>,
+    Arc<GatedHooks>,
+    mpsc::Receiver<()>,
+    OpenOnDrop,
+) {
+    Journal::create(path).unwrap();
+    let (hooks, entered) = GatedHooks::new();
+    let j = Arc::new(Journal::start(path, JournalSeq(0), config(), hooks.clone()).unwrap());
+    (j, hooks.clone(), entered, OpenOnDrop(hooks))
 }
 
 fn config() -> JournalConfig {
@@ -152,7 +155,7 @@ fn a_flip_is_written_at_once_ahead_of_another_zones_queued_write() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
     Journal::create(&p).unwrap();
-    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(NoHooks)).unwrap();
+    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(Hooks::default())).unwrap();
     let w = j.append(ZoneId(2), &[write(2, 1)]);
     let frame = j.append_ahead(ZoneId(1), &[flip(1, 2)]);
     let seq = frame.seq();
@@ -173,7 +176,7 @@ fn a_flip_is_written_at_once_ahead_of_another_zones_queued_write() {
     assert_eq!(r.last, seq);
     assert_eq!(r.damaged_frames_after, 0);
     // Recovery goes on after the highest sequence: none is used twice.
-    let after = Journal::start(&crashed, r.last, config(), Arc::new(NoHooks)).unwrap();
+    let after = Journal::start(&crashed, r.last, config(), Arc::new(Hooks::default())).unwrap();
     let s = after.append(ZoneId(2), &[write(2, 9)]);
     assert_eq!(s, JournalSeq(3));
     after.commit_blocking(s).unwrap();
@@ -202,10 +205,7 @@ fn a_flip_is_written_at_once_ahead_of_another_zones_queued_write() {
 fn a_flip_during_a_data_sync_goes_ahead_of_the_next_group() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
-    Journal::create(&p).unwrap();
-    let (hooks, entered) = GatedHooks::new();
-    let j = Arc::new(Journal::start(&p, JournalSeq(0), config(), hooks.clone()).unwrap());
-    let _open = OpenOnDrop(hooks.clone());
+    let (j, hooks, entered, _open) = gated_journal(&p);
     let w1 = j.append(ZoneId(2), &[write(2, 1)]);
     let first = commit_in_background(&j, w1, &entered);
 
@@ -254,7 +254,7 @@ fn a_flip_waits_for_its_own_zones_earlier_frames() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
     Journal::create(&p).unwrap();
-    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(NoHooks)).unwrap();
+    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(Hooks::default())).unwrap();
     let w = j.append(ZoneId(1), &[write(1, 1)]);
     let other = j.append(ZoneId(2), &[write(2, 2)]);
     assert_eq!(j.last_pending_of(ZoneId(1)), Some(w), "queued");
@@ -273,10 +273,7 @@ fn a_flip_waits_for_its_own_zones_earlier_frames() {
     );
 
     let p = dir.path().join("j2");
-    Journal::create(&p).unwrap();
-    let (hooks, entered) = GatedHooks::new();
-    let j = Arc::new(Journal::start(&p, JournalSeq(0), config(), hooks.clone()).unwrap());
-    let _open = OpenOnDrop(hooks.clone());
+    let (j, hooks, entered, _open) = gated_journal(&p);
     let w = j.append(ZoneId(1), &[write(1, 1)]);
     let background = commit_in_background(&j, w, &entered);
     assert_eq!(j.last_pending_of(ZoneId(1)), Some(w), "in flight");
@@ -364,7 +361,7 @@ fn the_durable_sequence_passes_frames_written_ahead_only_without_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("j");
     Journal::create(&p).unwrap();
-    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(NoHooks)).unwrap();
+    let j = Journal::start(&p, JournalSeq(0), config(), Arc::new(Hooks::default())).unwrap();
     let s = &j.shared;
     assert_eq!(s.note_durable(None, Some(3)), 0);
     assert_eq!(s.note_durable(None, Some(5)), 0);
