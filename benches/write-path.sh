@@ -12,7 +12,9 @@
 #
 # Knobs: ROUNDS (3), RUNTIME (5 s after 1 s of ramp), WORKLOADS
 # ("randwrite4k randrw4k seqwrite1m"), JOBS ("1": fio jobs, one NBD
-# connection each), PROFILE (ci-2core). Each line is one run; compare
+# connection each), PROFILE (ci-2core), PERF (a directory: `perf record -g`
+# on the server over each measured run, kept there as
+# perf-<workload>-<round>-<this|base>.data). Each line is one run; compare
 # medians, the machine is shared.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -57,14 +59,21 @@ for round in $(seq 1 "$ROUNDS"); do
                 serve "$port" --profile "$PROFILE"
                 uri="nbd://127.0.0.1:$port/vol0"
                 fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=1G >/dev/null
+                label=$([ "$bin" = "$MAIN" ] && echo this || echo base)
+                perf_pid=""
+                if [ -n "${PERF:-}" ]; then
+                    mkdir -p "$PERF"
+                    perf record -q -F 999 -g -p "$pid" -o "$PERF/perf-$w-$round-$label.data" >/dev/null 2>&1 &
+                    perf_pid=$!
+                fi
                 c0=$(cpu_ticks) s0=$(switches) b0=$(metric keyturn_nbd_batched_writes_total) n0=$(metric keyturn_nbd_write_batches_total)
                 # shellcheck disable=SC2046
                 fio --name="$w" --ioengine=nbd --uri="$uri" $(args_of "$w") --numjobs="$jobs" --group_reporting \
                     --size=1G --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
                     --output-format=json >"$work/fio.json"
                 c1=$(cpu_ticks) s1=$(switches) b1=$(metric keyturn_nbd_batched_writes_total) n1=$(metric keyturn_nbd_write_batches_total)
+                if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
                 stop_server
-                label=$([ "$bin" = "$MAIN" ] && echo this || echo base)
                 python3 - "$work/fio.json" "$w" "$jobs" "$round" "$label" "$RUNTIME" \
                     "$c0" "$c1" "$s0" "$s1" "${b0:-0}" "${b1:-0}" "${n0:-0}" "${n1:-0}" <<'PY'
 import json, sys
