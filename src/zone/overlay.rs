@@ -46,7 +46,9 @@ impl<V: Copy> Page<V> {
         Self {
             present: 0,
             place: [0; 1 << PAGE_SHIFT],
-            changes: Vec::new(),
+            // Room for one: a page of a random write may never get a second
+            // (Vec's first growth would make room for four).
+            changes: Vec::with_capacity(1),
         }
     }
 
