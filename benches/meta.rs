@@ -12,7 +12,9 @@
 //!
 //! Each rep overwrites `--ops` blocks; the figure is the median of the
 //! reps' nanoseconds per block. `cargo bench --bench meta` (options after
-//! `--`: `--reps N`, `--blocks N`, `--ops N`, `--checkpoint N`).
+//! `--`: `--reps N`, `--blocks N`, `--ops N`, `--checkpoint N`, and
+//! `--per-block` to apply a frame's record changes one at a time, as
+//! before `ZoneMeta::replace_cbs`).
 
 use std::time::Instant;
 
@@ -29,6 +31,8 @@ struct Bench {
     seq: u64,
     since_checkpoint: u64,
     checkpoint_every: u64,
+    /// Each change on its own (`replace_cb`), not the frame's together.
+    per_block: bool,
     rng: rand::rngs::StdRng,
 }
 
@@ -46,7 +50,10 @@ impl Bench {
         }
     }
 
-    /// One write's metadata: `lbas` remapped to fresh content blocks.
+    /// One write's metadata: `lbas` remapped to fresh content blocks, in
+    /// the steps `volume` takes (the dedup lookups when the write is
+    /// planned, the old mappings and records when it is recorded, then
+    /// the frame's changes).
     fn write(&mut self, lbas: &[u64]) {
         self.seq += 1;
         let seq = JournalSeq(self.seq);
@@ -55,22 +62,30 @@ impl Bench {
         let news: Vec<CbRecord> = (0..lbas.len() as u64)
             .map(|i| self.record(first + i))
             .collect();
-        for (i, &lba) in lbas.iter().enumerate() {
-            let new = Cbid(first + i as u64);
-            let rec = news[i];
+        for rec in &news {
             assert!(self.meta.find_by_tag(&rec.tag, 1).is_none());
-            let map = &self.meta.volumes[&self.vol];
-            let old = map.get(Lba(lba));
-            let old_rec = old.and_then(|c| self.meta.cb(c));
-            self.meta.replace_cb(new, None, Some(rec), seq);
-            if let (Some(old), Some(r)) = (old, old_rec) {
-                self.meta.replace_cb(old, Some(r), None, seq);
+        }
+        let map = &self.meta.volumes[&self.vol];
+        let mut changes: Vec<(Cbid, Option<CbRecord>, Option<CbRecord>)> = news
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Cbid(first + i as u64), None, Some(*r)))
+            .collect();
+        for &lba in lbas {
+            if let Some(old) = map.get(Lba(lba)) {
+                changes.push((old, self.meta.cb(old), None));
             }
-            self.meta
-                .volumes
-                .get_mut(&self.vol)
-                .expect("the volume")
-                .set(Lba(lba), Some(new), seq);
+        }
+        if self.per_block {
+            for &(cbid, old, new) in &changes {
+                self.meta.replace_cb(cbid, old, new, seq);
+            }
+        } else {
+            self.meta.replace_cbs(changes.iter().copied(), seq);
+        }
+        let map = self.meta.volumes.get_mut(&self.vol).expect("the volume");
+        for (i, &lba) in lbas.iter().enumerate() {
+            map.set(Lba(lba), Some(Cbid(first + i as u64)), seq);
         }
         self.since_checkpoint += lbas.len() as u64;
         if self.since_checkpoint >= self.checkpoint_every {
@@ -94,6 +109,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let (mut reps, mut blocks, mut ops, mut every) = (5usize, 262_144u64, 1_000_000u64, 280_000u64);
+    let mut per_block = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || args.next().and_then(|v| v.parse::<u64>().ok());
@@ -102,6 +118,7 @@ fn main() {
             "--blocks" => blocks = num().expect("--blocks N"),
             "--ops" => ops = num().expect("--ops N"),
             "--checkpoint" => every = num().expect("--checkpoint N"),
+            "--per-block" => per_block = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -121,6 +138,7 @@ fn main() {
         seq: 0,
         since_checkpoint: 0,
         checkpoint_every: every,
+        per_block,
         rng: rand::rngs::StdRng::seed_from_u64(7),
     };
     let all: Vec<u64> = (0..blocks).collect();

@@ -35,9 +35,10 @@ pub(super) fn change<'a>(changed: &'a mut Changes, meta: &ZoneMeta, cbid: Cbid) 
 
 /// Applies a frame's changes to the zone's records.
 pub(super) fn apply_changes(meta: &mut ZoneMeta, changed: Changes, seq: JournalSeq) {
-    for (cbid, c) in changed {
-        meta.replace_cb(cbid, c.before, c.after, seq);
-    }
+    meta.replace_cbs(
+        changed.iter().map(|(&cbid, c)| (cbid, c.before, c.after)),
+        seq,
+    );
 }
 
 /// A content block freed by a frame: its id and every slot it held.

@@ -130,8 +130,9 @@ pub struct Overlay<V> {
     live: Pages<V>,
     /// Changes a running checkpoint is copying into the table.
     frozen: Pages<V>,
-    /// Changes in `live` and in `frozen`.
+    /// Number of changes in `live`.
     live_len: usize,
+    /// Number of changes in `frozen`.
     frozen_len: usize,
     /// Pages of `frozen` not yet copied, the last one first...
     uncopied: Vec<u64>,
