@@ -4,7 +4,8 @@
 # and per workload the rate, p99, server CPU per I/O and per GB (utime +
 # stime of the server process over ramp and run), context switches per I/O
 # (every thread of the server), and how many WRITEs went in batches
-# (keyturn_nbd_write_batches_total / keyturn_nbd_batched_writes_total).
+# (keyturn_nbd_write_batches_total / keyturn_nbd_batched_writes_total),
+# and the server's resident memory at the end of the run.
 #
 #   benches/write-path.sh                          # the workloads below, 3 rounds
 #   BASE=/path/to/older/keyturn benches/write-path.sh   # A/B, rounds interleaved
@@ -72,13 +73,14 @@ for round in $(seq 1 "$ROUNDS"); do
                     --size=1G --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
                     --output-format=json >"$work/fio.json"
                 c1=$(cpu_ticks) s1=$(switches) b1=$(metric keyturn_nbd_batched_writes_total) n1=$(metric keyturn_nbd_write_batches_total)
+                rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
                 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
                 stop_server
                 python3 - "$work/fio.json" "$w" "$jobs" "$round" "$label" "$RUNTIME" \
-                    "$c0" "$c1" "$s0" "$s1" "${b0:-0}" "${b1:-0}" "${n0:-0}" "${n1:-0}" <<'PY'
+                    "$c0" "$c1" "$s0" "$s1" "${b0:-0}" "${b1:-0}" "${n0:-0}" "${n1:-0}" "$rss" <<'PY'
 import json, sys
 path, w, jobs, rnd, label, runtime = sys.argv[1:7]
-c0, c1, s0, s1, b0, b1, n0, n1 = (float(x) for x in sys.argv[7:15])
+c0, c1, s0, s1, b0, b1, n0, n1, rss = (float(x) for x in sys.argv[7:16])
 text = open(path).read()
 job = json.loads(text[text.index("{"):])["jobs"][0]
 ios = bws = 0.0
@@ -96,7 +98,7 @@ writes = job["write"]["total_ios"]
 batched = f"{(b1 - b0) / writes:.0%} of writes in {n1 - n0:.0f} batches" if writes else "-"
 print(f"round {rnd} {label:4} jobs={jobs} {w:11} {ios:9,.0f} IOPS {bws / 1e6:6.0f} MB/s p99 {p99:7.2f} ms "
       f"cpu {cpu / secs:4.0%} {cpu * 1e6 / n_io:6.1f} us/io {cpu / (bws * secs / 1e9):5.2f} s/GB "
-      f"{(s1 - s0) / n_io:5.2f} switches/io  {batched}", flush=True)
+      f"{(s1 - s0) / n_io:5.2f} switches/io  rss {rss / 1024:4.0f} MiB  {batched}", flush=True)
 PY
             done
         done
