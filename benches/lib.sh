@@ -18,8 +18,9 @@
 
 bench_init() {
     cd "$(dirname "${BASH_SOURCE[0]}")/.."
-    cargo build --release --quiet
-    # KEYTURN_BIN=/path/to/keyturn: measure that binary instead (A/B).
+    # KEYTURN_BIN=/path/to/keyturn: measure that binary instead (A/B), and
+    # build nothing (a build beside a measurement skews it).
+    if [ -z "${KEYTURN_BIN:-}" ]; then cargo build --release --quiet; fi
     K=${KEYTURN_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/keyturn}
     work=$(mktemp -d "/tmp/keyturn-$1.XXXXXX")
     pid=""
