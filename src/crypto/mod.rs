@@ -2,4 +2,5 @@
 //! BLAKE3 tags. No I/O here.
 
 pub mod tag;
+pub mod wipe;
 pub mod xts;

@@ -595,7 +595,7 @@ fn crypt_stage(ctx: &Context, mode: Mode, input: Receiver<Job>, out: Sender<Job>
             }
             dst_bufs.push(buf);
         }
-        plain.as_mut_slice().zeroize();
+        crate::crypto::wipe::wipe(plain.as_mut_slice());
         for b in job.src_bufs.drain(..) {
             ctx.storage.bufs.put(b);
         }

@@ -83,7 +83,7 @@ impl Volume {
                 lbas.extend(m.blocks.clone());
             }
             let written = self.write_blocks_to(Lbas::Each(&lbas), &plain, None).await;
-            zeroize::Zeroize::zeroize(&mut plain);
+            crate::crypto::wipe::wipe(&mut plain);
             written.map(|_| ())
         }
         .await;

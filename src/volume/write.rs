@@ -220,7 +220,7 @@ impl Volume {
                 .map(|(i, len)| {
                     let bytes =
                         &plain[i * crate::ids::BLOCK_SIZE..(i + len) * crate::ids::BLOCK_SIZE];
-                    (i, zeroize::Zeroizing::new(bytes.to_vec()))
+                    (i, crate::crypto::wipe::Wiped::from(bytes.to_vec()))
                 })
                 .collect::<Vec<_>>()
         });

@@ -3,7 +3,7 @@
 //! The zone knows only this trait; `stream` implements it, so the data
 //! path does not depend on the stream's keys, log or transports.
 
-use zeroize::Zeroizing;
+use crate::crypto::wipe::Wiped;
 
 use crate::crypto::tag::Tag;
 use crate::ids::{JournalSeq, Lba, VolumeId};
@@ -21,7 +21,7 @@ pub enum ZoneChange {
         /// Per block: its tag, or `None` for an all-zero block.
         tags: Vec<Option<Tag>>,
         /// The blocks' plaintext.
-        plain: Zeroizing<Vec<u8>>,
+        plain: Wiped,
     },
     /// Runs of blocks unmapped by a trim or a write-zeroes.
     Unmap {
