@@ -3,7 +3,7 @@
 # fio over NBD against a fresh 1 GiB volume (prefilled with 1 MiB writes),
 # and per workload the rate, p99, server CPU per I/O and per GB (utime +
 # stime of the server process over ramp and run; fio's own CPU beside it,
-# since client and server share the machine), context switches per I/O
+# all its jobs together, since client and server share the machine), context switches per I/O
 # (every thread of the server), and how many WRITEs went in batches
 # (keyturn_nbd_write_batches_total / keyturn_nbd_batched_writes_total),
 # and the server's resident memory at the end of the run.
@@ -99,7 +99,7 @@ n_io = ios * secs
 writes = job["write"]["total_ios"] * secs / float(runtime)
 batched = f"{(b1 - b0) / writes:.0%} of writes in {n1 - n0:.0f} batches" if writes else "-"
 print(f"round {rnd} {label:4} jobs={jobs} {w:11} {ios:9,.0f} IOPS {bws / 1e6:6.0f} MB/s p99 {p99:7.2f} ms "
-      f"cpu {cpu / secs:4.0%} (fio {(job['usr_cpu'] + job['sys_cpu']) / 100:4.0%}) {cpu * 1e6 / n_io:6.1f} us/io {cpu / (bws * secs / 1e9):5.2f} s/GB "
+      f"cpu {cpu / secs:4.0%} (fio {(job['usr_cpu'] + job['sys_cpu']) * int(jobs) / 100:4.0%}) {cpu * 1e6 / n_io:6.1f} us/io {cpu / (bws * secs / 1e9):5.2f} s/GB "
       f"{(s1 - s0) / n_io:5.2f} switches/io  rss {rss / 1024:4.0f} MiB  {batched}", flush=True)
 PY
             done

@@ -78,9 +78,18 @@ mod tests {
             for len in [0, 1, 7, 8, 9, 15, 16, 63, 4096] {
                 backing.fill(0xa5);
                 wipe(&mut backing[start..start + len]);
-                assert!(backing[start..start + len].iter().all(|&b| b == 0), "start {start} len {len}");
-                assert!(backing[..start].iter().all(|&b| b == 0xa5), "nothing before");
-                assert!(backing[start + len..].iter().all(|&b| b == 0xa5), "nothing after");
+                assert!(
+                    backing[start..start + len].iter().all(|&b| b == 0),
+                    "start {start} len {len}"
+                );
+                assert!(
+                    backing[..start].iter().all(|&b| b == 0xa5),
+                    "nothing before"
+                );
+                assert!(
+                    backing[start + len..].iter().all(|&b| b == 0xa5),
+                    "nothing after"
+                );
             }
         }
     }
