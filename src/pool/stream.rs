@@ -533,7 +533,7 @@ impl StreamSource for PoolStreams {
                 ));
             }
             let n = u64::from(count).min(blocks - first) as usize;
-            let mut plain = Zeroizing::new(vec![0u8; n * BLOCK_SIZE]);
+            let mut plain = crate::crypto::wipe::Wiped::from(vec![0u8; n * BLOCK_SIZE]);
             vol.read(first * BLOCK_SIZE as u64, &mut plain)
                 .await
                 .map_err(|e| format!("reading {}: {e}", entry.name))?;

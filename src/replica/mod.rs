@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::crypto::tag::Tag;
+use crate::crypto::wipe::Wiped;
 use crate::ids::{BLOCK_SIZE, VolumeId};
 use crate::nbd::export::{Export, ExportCatalog};
 use crate::pool::Pool;
@@ -357,7 +358,7 @@ pub struct Agent {
     state: ReplicaState,
     keys: HashMap<WindowId, Zeroizing<[u8; 32]>>,
     /// Blocks the current window carried, for references (bounded).
-    carried: HashMap<Tag, Zeroizing<Vec<u8>>>,
+    carried: HashMap<Tag, Wiped>,
     carried_window: Option<WindowId>,
     status: ReplicaStatus,
     last_status: Instant,
@@ -575,7 +576,7 @@ impl Agent {
         &mut self,
         c: &mut Link,
         bytes: Vec<u8>,
-    ) -> Result<(Sealed, Zeroizing<Vec<u8>>), ReplicaError> {
+    ) -> Result<(Sealed, Wiped), ReplicaError> {
         let rec =
             record::decode(bytes.into()).map_err(|e| ReplicaError::BadRecord(e.to_string()))?;
         if rec.header.stream.to_hex() != self.state.stream_id {
@@ -787,15 +788,13 @@ impl Agent {
                         if self.carried.len() < CARRIED_MAX {
                             self.carried.insert(
                                 *t,
-                                Zeroizing::new(
-                                    payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec(),
-                                ),
+                                Wiped::from(payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec()),
                             );
                         }
                         k += 1;
                     }
                 }
-                let mut fetched: HashMap<Tag, Zeroizing<Vec<u8>>> = HashMap::new();
+                let mut fetched: HashMap<Tag, Wiped> = HashMap::new();
                 for b in blocks {
                     if let BlockRef::Reference {
                         tag,
@@ -855,7 +854,7 @@ impl Agent {
         seq: u64,
         block: u32,
         tag: Tag,
-    ) -> Result<Zeroizing<Vec<u8>>, ReplicaError> {
+    ) -> Result<Wiped, ReplicaError> {
         let b = c.fetch(seq).await?;
         let (rec, payload) = self.open(c, b).await?;
         let Body::Write(blocks) = &rec.body else {
@@ -872,7 +871,7 @@ impl Agent {
                             "block {block} of record {seq} is not the referenced content"
                         )));
                     }
-                    return Ok(Zeroizing::new(
+                    return Ok(Wiped::from(
                         payload[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].to_vec(),
                     ));
                 }
@@ -891,8 +890,8 @@ fn assemble(
     blocks: &[BlockRef],
     payload: &[u8],
     resolve: impl Fn(&Tag, usize) -> Option<Vec<u8>>,
-) -> Result<Zeroizing<Vec<u8>>, ReplicaError> {
-    let mut out = Zeroizing::new(vec![0u8; blocks.len() * BLOCK_SIZE]);
+) -> Result<Wiped, ReplicaError> {
+    let mut out = Wiped::from(vec![0u8; blocks.len() * BLOCK_SIZE]);
     let mut k = 0;
     for (i, b) in blocks.iter().enumerate() {
         let dst = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
@@ -1099,7 +1098,7 @@ async fn local_digests(
     chunk: u32,
 ) -> Result<Vec<String>, ReplicaError> {
     serve::digest_range(first, end, chunk, |b, n| async move {
-        let mut buf = Zeroizing::new(vec![0u8; n as usize * BLOCK_SIZE]);
+        let mut buf = Wiped::from(vec![0u8; n as usize * BLOCK_SIZE]);
         vol.read(b * BLOCK_SIZE as u64, &mut buf)
             .await
             .map_err(|e| e.to_string())?;

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use crate::crypto::tag::Tag;
+use crate::crypto::wipe::Wiped;
 use crate::ids::{BLOCK_SIZE, JournalSeq, Lba, VolumeId, ZoneId};
 use crate::keys::KeyError;
 use crate::zone::change::{ChangeSink, ZoneChange};
@@ -670,7 +670,7 @@ impl ZoneStream {
             zone: self.zone_name.clone(),
             reason: format!("no key for window {}", record::key_id(self.zone.0, window)),
         })?;
-        let mut payload = Zeroizing::new(Vec::with_capacity(plain.len()));
+        let mut payload = Wiped::with_capacity(plain.len());
         let blocks: Vec<BlockRef> = tags
             .iter()
             .enumerate()
@@ -832,7 +832,7 @@ impl ZoneStream {
         w: &mut Writing,
         it: &Queued,
         window: WindowId,
-    ) -> (Header, Body, Option<Zeroizing<Vec<u8>>>) {
+    ) -> (Header, Body, Option<Wiped>) {
         let mut header = Header {
             op: Op::Write,
             stream: self.id,
@@ -884,8 +884,7 @@ impl ZoneStream {
                     }
                 }
                 if carried.len() < tags.len() {
-                    let mut payload =
-                        Zeroizing::new(Vec::with_capacity(carried.len() * BLOCK_SIZE));
+                    let mut payload = Wiped::with_capacity(carried.len() * BLOCK_SIZE);
                     for i in carried {
                         payload.extend_from_slice(&plain[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
                     }

@@ -534,11 +534,11 @@ impl Sealed {
         &self,
         zone: u32,
         key: &[u8; 32],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, RecordError> {
+    ) -> Result<crate::crypto::wipe::Wiped, RecordError> {
         let body_end = self.bytes.len() - GCM_TAG_LEN - self.payload_len();
         let (aad, rest) = self.bytes.split_at(body_end);
         // Ciphertext and tag, opened in place; the tag is cut off after.
-        let mut plain = zeroize::Zeroizing::new(rest.to_vec());
+        let mut plain = crate::crypto::wipe::Wiped::from(rest.to_vec());
         let n = gcm_key(key)
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce(self.header.epoch, self.header.seq)),

@@ -200,7 +200,7 @@ pub struct ErrorMsg {
 }
 
 /// Blocks read for a snapshot: tags (`None` for zeros) and plaintext.
-pub type Blocks = (Vec<Option<Tag>>, zeroize::Zeroizing<Vec<u8>>);
+pub type Blocks = (Vec<Option<Tag>>, crate::crypto::wipe::Wiped);
 
 /// What the transport needs from the pool.
 pub trait StreamSource: Send + Sync + 'static {
@@ -573,7 +573,7 @@ pub async fn digest_range<F, Fut>(
 ) -> Result<Vec<String>, String>
 where
     F: FnMut(u64, u32) -> Fut,
-    Fut: Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>>,
+    Fut: Future<Output = Result<crate::crypto::wipe::Wiped, String>>,
 {
     let mut out = Vec::new();
     let mut b = first;
