@@ -90,7 +90,10 @@ fn rollback_after_a_flip_under_fio_verify_and_kill9() {
     let out = tmp.path().join("fio.json");
     let (u, o) = (uri.clone(), out.clone());
     pool.keyturn_ok(&["rotate", "prepare", "--zone", "z1"]);
-    let load = std::thread::spawn(move || fio(&u, 2, 16 * MIB, 6, &o, &[]));
+    // Enough loops that fio still writes at the rollback, 1.4 s and two
+    // commands in, on a fast host: 6 loops were done by then at about 90k
+    // writes a second.
+    let load = std::thread::spawn(move || fio(&u, 2, 16 * MIB, 16, &o, &[]));
     std::thread::sleep(Duration::from_millis(700));
     pool.keyturn_ok(&["rotate", "flip", "--zone", "z1"]);
     std::thread::sleep(Duration::from_millis(700));
