@@ -735,8 +735,8 @@ impl Journal {
 
     /// Blocking form of [`Journal::commit`] for non-async callers.
     pub fn commit_blocking(&self, seq: JournalSeq) -> Result<(), JournalError> {
-        self.request_commit();
         let mut rx = self.shared.durable.subscribe();
+        let mut requested = false;
         loop {
             {
                 let d = rx.borrow_and_update();
@@ -746,6 +746,14 @@ impl Journal {
                 if d.seq >= seq {
                     return Ok(());
                 }
+            }
+            // Only when something is still to commit, as `commit` does: a
+            // request for frames already durable woke the committer for
+            // whatever came next, and so took the frames a flip is about
+            // to be written ahead of into a group of their own.
+            if !requested {
+                self.request_commit();
+                requested = true;
             }
             // The committer runs on its own thread, so polling a watch is safe here.
             let done = rx.has_changed();
