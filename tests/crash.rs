@@ -25,7 +25,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -846,18 +846,25 @@ fn check_pool(pool: &TestPool, expect_blocks: u64, ctx: &str) {
     );
 }
 
-/// The journal header generation (the higher valid of its two slots).
-fn journal_generation(pool: &TestPool) -> u64 {
-    let j = std::fs::read(pool.path().join("journal")).unwrap();
+/// The journal's current header (the valid one of its two slots with the
+/// higher generation): `(generation, checkpoint sequence, frame region)`.
+fn journal_header(dir: &Path) -> (u64, u64, u64) {
+    let j = std::fs::read(dir.join("journal")).unwrap();
     (0..2)
         .filter_map(|s| {
             let h = &j[s * 4096..s * 4096 + 64];
-            let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-            (&h[..8] == b"KTJRNL03" && crc32c::crc32c(&h[..24]) == crc)
-                .then(|| u64::from_le_bytes(h[8..16].try_into().unwrap()))
+            let word = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
+            let crc = u32::from_le_bytes(h[32..36].try_into().unwrap());
+            (&h[..8] == b"KTJRNL04" && crc32c::crc32c(&h[..32]) == crc)
+                .then(|| (word(8), word(16), word(24)))
         })
         .max()
         .expect("journal has a valid header")
+}
+
+/// The journal header generation.
+fn journal_generation(pool: &TestPool) -> u64 {
+    journal_header(&pool.path()).0
 }
 
 fn write_profile(pool: &TestPool, commit_interval_ms: u64, checkpoint_mib: u64) -> String {
@@ -1378,8 +1385,8 @@ fn journal_recovery_across_checkpoints() {
         max_run: 1,
         trim_one_in: 8,
     };
-    // Checkpoints so far: every start begins a generation too.
-    let checkpointed = |starts: u64| journal_generation(&pool) - g0 - (starts - 1);
+    // Checkpoints so far: every start moves the generation on by two too.
+    let checkpointed = |starts: u64| journal_generation(&pool) - g0 - 2 * (starts - 1);
     // Three rounds, and more (up to eight) on a machine too loaded to have
     // pushed the journal past two checkpoints by then.
     let mut iter = 0;
@@ -1419,22 +1426,13 @@ fn journal_recovery_across_checkpoints() {
     );
 }
 
-/// Walks the frames of the journal's current generation; returns
-/// `(generation, end of the last valid frame, [(start, len) of each frame])`.
-fn journal_frames(j: &[u8]) -> (u64, usize, Vec<(usize, usize)>) {
-    let mut best: Option<(u64, u64)> = None;
-    for s in 0..2 {
-        let h = &j[s * 4096..s * 4096 + 64];
-        let crc = u32::from_le_bytes(h[24..28].try_into().unwrap());
-        if &h[..8] == b"KTJRNL03" && crc32c::crc32c(&h[..24]) == crc {
-            let g = u64::from_le_bytes(h[8..16].try_into().unwrap());
-            let c = u64::from_le_bytes(h[16..24].try_into().unwrap());
-            if best.is_none_or(|b| g > b.0) {
-                best = Some((g, c));
-            }
-        }
-    }
-    let (generation, checkpoint) = best.expect("valid journal header");
+/// Walks the frames of the journal's current generation in its region's
+/// file; returns `(that file, generation, end of the last valid frame,
+/// [(start, len) of each frame])`.
+fn journal_frames(dir: &Path) -> (PathBuf, u64, usize, Vec<(usize, usize)>) {
+    let (generation, checkpoint, region) = journal_header(dir);
+    let path = dir.join(if region == 0 { "journal" } else { "journal.1" });
+    let j = std::fs::read(&path).unwrap();
     let mut pos = 8192usize;
     let mut expect = checkpoint + 1;
     let mut frames = Vec::new();
@@ -1449,7 +1447,7 @@ fn journal_frames(j: &[u8]) -> (u64, usize, Vec<(usize, usize)>) {
         pos += 24 + len;
         expect += 1;
     }
-    (generation, pos, frames)
+    (path, generation, pos, frames)
 }
 
 /// (e) A damaged journal tail: after a clean stop, garbage after the last
@@ -1459,7 +1457,6 @@ fn journal_frames(j: &[u8]) -> (u64, usize, Vec<(usize, usize)>) {
 #[test]
 fn damaged_journal_tail_is_tolerated() {
     let pool = TestPool::with_volume("256M");
-    let jpath = pool.path().join("journal");
     let write_gen = |server: &Server, lbas: std::ops::Range<u64>, generation: u64| {
         let mut c = Nbd::connect(&server.addr(), "vol0").unwrap();
         for lba in lbas {
@@ -1496,8 +1493,7 @@ fn damaged_journal_tail_is_tolerated() {
     assert!(server.stop());
 
     // 1. Random garbage where the next frame would go (and past the end).
-    let j = std::fs::read(&jpath).unwrap();
-    let (_, end, frames) = journal_frames(&j);
+    let (jpath, _, end, frames) = journal_frames(&pool.path());
     assert!(
         frames.len() >= 2,
         "expected journal frames after a clean stop, found {}",
@@ -1519,8 +1515,8 @@ fn damaged_journal_tail_is_tolerated() {
     assert!(server.stop());
 
     // 2. A torn frame: valid header (generation, next sequence) whose payload was cut short.
+    let (jpath, generation, end, frames) = journal_frames(&pool.path());
     let j = std::fs::read(&jpath).unwrap();
-    let (generation, end, frames) = journal_frames(&j);
     assert!(!frames.is_empty(), "no frames after restart + writes");
     let (lstart, llen) = *frames.last().unwrap();
     let last_seq = u64::from_le_bytes(j[lstart + 16..lstart + 24].try_into().unwrap());
@@ -1548,8 +1544,8 @@ fn damaged_journal_tail_is_tolerated() {
     // 3. The last frame itself damaged (one flipped byte in its payload): it
     // is dropped, so its blocks read old (zeros here) or new, never an error,
     // and everything in earlier frames is intact.
+    let (jpath, _, _, frames) = journal_frames(&pool.path());
     let j = std::fs::read(&jpath).unwrap();
-    let (_, _, frames) = journal_frames(&j);
     let (lstart, llen) = *frames.last().unwrap();
     let mut j2 = j.clone();
     j2[lstart + llen - 5] ^= 0x5a;

@@ -31,9 +31,11 @@ use crate::keys::{KeyState, fsutil};
 use crate::pool::{Catalog, RootSecret};
 
 /// Metadata files a backup carries besides the zone key files.
-const PLAIN_FILES: [&str; 4] = [
+const PLAIN_FILES: [&str; 5] = [
     "catalog.json",
     "journal",
+    // The journal's second frame region (see `store::journal`).
+    "journal.1",
     "operators.json",
     "approvals-used.json",
 ];

@@ -9,7 +9,7 @@
 //!                            a pkcs11 root key lives in its token instead)
 //! DIR/keys/zone-<id>.json    a zone's wrapped keys
 //! DIR/keys/root-rotation.json  a root key rotation in progress (see [`root`])
-//! DIR/journal                write-ahead journal
+//! DIR/journal, journal.1     write-ahead journal: headers and frame region 0, frame region 1
 //! DIR/tables/zone-<id>.cb    content-block table of a zone
 //! DIR/tables/vol-<id>.map    LBA map of a volume
 //! DIR/data, DIR/staging      default data and staging files

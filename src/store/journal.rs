@@ -20,16 +20,31 @@
 //! the commuted order. It is never written ahead of a frame of its own
 //! zone, or of a frame whose appender did not name its zone.
 //!
-//! File layout (all integers little-endian):
+//! A checkpoint does not stop commits. It takes its sequence (the cut),
+//! the committer writes the frames up to the cut and then starts the next
+//! generation in the *other* region, and goes on committing there while
+//! the checkpoint copies changes into the tables and syncs them. Only then
+//! is the new generation's header written. Until it is, the old header
+//! rules: replay reads the old generation's frames, then the next
+//! generation's frames in the other region, which continue them. Frames
+//! go ahead again once the committer has switched regions (a frame after
+//! the cut, written ahead into the old region, would be lost with it).
+//!
+//! File layout (all integers little-endian). Region 0 is the journal file
+//! itself; region 1 is the side file `<journal>.1`:
 //! ```text
 //! offset 0     header slot 0 ┐ 64 bytes each; the valid one with the highest
-//! offset 4096  header slot 1 ┘ generation wins; generation g lives in slot g % 2
-//!              [0..8)   magic b"KTJRNL03" (b"KTJRNL02" before frames
-//!                       could be written ahead; still read)
+//! offset 4096  header slot 1 ┘ generation wins; a new header goes to the
+//!                              slot the current one is not in
+//!              [0..8)   magic b"KTJRNL04"
 //!              [8..16)  generation
 //!              [16..24) checkpoint sequence: every frame up to it is in the tables
-//!              [24..28) crc32c of bytes [0..24)
-//! offset 8192  frames, back to back:
+//!              [24..32) region of this generation's frames (0 or 1)
+//!              [32..36) crc32c of bytes [0..32)
+//!              (b"KTJRNL03" and b"KTJRNL02", still read: no region field,
+//!              crc32c of [0..24) at [24..28), frames in region 0, no
+//!              next generation to follow)
+//! offset 8192  frames of a region, back to back:
 //!              [0..4)   payload length n
 //!              [4..8)   crc32c of bytes [8..24+n)
 //!              [8..16)  generation (frames of another generation are stale)
@@ -37,12 +52,14 @@
 //!                       (otherwise the lowest sequence not yet seen)
 //!              [24..24+n) payload: entries
 //! ```
-//! Replay reads frames of the header's generation from offset 8192 and
+//! Replay reads frames of the header's generation from its region and
 //! stops at the first one that is torn, stale or out of sequence (a frame
 //! in order must carry the lowest sequence not yet seen; one written ahead
-//! any higher sequence not yet seen). Recovery
-//! then checkpoints and starts a new generation, so the bytes past the last
-//! valid frame can never be mistaken for frames later.
+//! any higher sequence not yet seen), then goes on the same way with
+//! frames of the next generation in the other region. Recovery then
+//! checkpoints and starts a generation two past the header's, never used
+//! before, so the bytes past the last valid frame can never be mistaken
+//! for frames later.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -62,11 +79,14 @@ pub use entry::{CbRecord, Entry, LiveCopy, Place, StagedCopy};
 mod replay;
 pub use replay::Replay;
 
-const MAGIC: &[u8; 8] = b"KTJRNL03";
+const MAGIC: &[u8; 8] = b"KTJRNL04";
+/// The magic of journals written before checkpoints let commits go on:
+/// read (every generation in region 0), never written. A keyturn that
+/// knows only this one refuses a newer journal rather than missing the
+/// frames in the other region.
+const MAGIC_V3: &[u8; 8] = b"KTJRNL03";
 /// The magic of journals written before frames could go ahead: read (they
-/// hold no such frame), never written. A keyturn that knows only this one
-/// refuses a newer journal rather than stopping its replay at the first
-/// frame written ahead.
+/// hold no such frame), never written.
 const MAGIC_V2: &[u8; 8] = b"KTJRNL02";
 /// Bit 63 of a frame's sequence field: the frame was written ahead.
 const AHEAD: u64 = 1 << 63;
@@ -138,43 +158,115 @@ pub trait CommitHooks: Send + Sync + 'static {
     /// Frames up to `seq` are durable: frees they recorded may be reused.
     /// Called before [`Journal::commit`] callers waiting for `seq` wake.
     fn durable(&self, seq: JournalSeq);
-    /// Checkpoints: with every appender stopped (the zone locks), takes
-    /// `journal.last_appended()` as the checkpoint's sequence and sets the
-    /// in-memory changes up to it aside; then, appenders going on, makes
-    /// the frames up to it durable (`journal.flush_through`) before any of
-    /// those changes reach a table, copies them in, syncs the tables, and
-    /// returns the sequence. The tables then hold exactly the state up to
-    /// it; later frames stay pending for the new generation.
+    /// Checkpoints, on a thread of its own while the committer goes on:
+    /// with every appender stopped (the zone locks), takes
+    /// `journal.last_appended()` as the checkpoint's sequence (the cut) and
+    /// sets the in-memory changes up to it aside; then, appenders going on,
+    /// waits until the frames up to it are durable (`journal.flush_through`)
+    /// before any of those changes reach a table, copies them in, syncs the
+    /// tables, and returns the sequence. The tables then hold exactly the
+    /// state up to it; later frames go to the next generation meanwhile.
     fn checkpoint(&self, journal: &mut dyn CheckpointJournal) -> Result<JournalSeq, JournalError>;
 }
 
 /// What a checkpoint asks of the journal (see [`CommitHooks::checkpoint`]).
 pub trait CheckpointJournal {
-    /// The sequence of the last frame appended.
+    /// The sequence of the last frame appended, taken as the checkpoint's
+    /// cut on the first call (later calls return the same).
     fn last_appended(&self) -> JournalSeq;
-    /// Makes every frame up to `seq` durable, data sync first. Frames
-    /// after `seq` stay pending: they belong to the new generation.
+    /// Returns once every frame up to `seq`, the cut, is durable, data
+    /// sync first. Frames after it belong to the next generation.
     fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError>;
 }
 
-/// The committer's side of a checkpoint.
+/// A checkpoint's view of the journal, on the checkpoint's own thread.
 struct Checkpointing<'a> {
     shared: &'a Shared,
-    hooks: &'a dyn CommitHooks,
+    /// The checkpoint's cut, once taken.
+    cut: std::cell::Cell<Option<JournalSeq>>,
 }
 
 impl CheckpointJournal for Checkpointing<'_> {
+    /// Takes the cut: from here the committer writes the frames up to it
+    /// into the old generation and then switches to the next (a frame
+    /// after the cut written into the old region would be lost with it).
+    /// Later calls return the same cut.
     fn last_appended(&self) -> JournalSeq {
-        self.shared.last_appended()
+        if let Some(cut) = self.cut.get() {
+            return cut;
+        }
+        let mut p = self.shared.pending.lock();
+        let cut = JournalSeq(p.next_seq - 1);
+        p.switch_at = Some(cut.0);
+        p.requested = true;
+        self.shared.wake.notify_one();
+        self.cut.set(Some(cut));
+        cut
     }
 
+    /// Waits until the committer has written the frames up to the cut and
+    /// switched generations.
     fn flush_through(&mut self, seq: JournalSeq) -> Result<(), JournalError> {
-        // The waiters hear of it once the new generation is written.
-        if let Some(last) = flush_pending(self.shared, self.hooks, seq)? {
-            self.shared.note_durable(Some(last.0), None);
+        if self.cut.get() != Some(seq) {
+            return Err(JournalError::Io {
+                op: "checkpoint",
+                message: format!(
+                    "flush through {} is not the cut {:?}",
+                    seq.0,
+                    self.cut.get()
+                ),
+            });
         }
-        Ok(())
+        let failed = || self.shared.durable.borrow().error.clone();
+        let mut p = self.shared.pending.lock();
+        while p.switch_at.is_some() {
+            // A committer that failed stops serving the switch: it may have
+            // cleared the cut before this checkpoint took it, so look again
+            // now and then.
+            if let Some(e) = failed() {
+                return Err(e);
+            }
+            self.shared
+                .switched
+                .wait_for(&mut p, Duration::from_millis(50));
+        }
+        drop(p);
+        failed().map_or(Ok(()), Err)
     }
+}
+
+/// A checkpoint, on its own thread while the committer goes on: the
+/// hooks copy the changes up to the cut into the tables and sync them;
+/// then the new generation's header makes them the state replay starts
+/// from.
+fn run_checkpoint(shared: &Shared, hooks: &dyn CommitHooks) -> Result<(), JournalError> {
+    let mut journal = Checkpointing {
+        shared,
+        cut: std::cell::Cell::new(None),
+    };
+    let seq = hooks.checkpoint(&mut journal)?;
+    if journal.cut.get() != Some(seq) {
+        return Err(JournalError::Io {
+            op: "checkpoint",
+            message: format!(
+                "checkpointed through {} but cut at {:?}",
+                seq.0,
+                journal.cut.get()
+            ),
+        });
+    }
+    // Returns at once if the hooks flushed through the cut already.
+    journal.flush_through(seq)?;
+    let (generation, region) = {
+        let w = shared.writer.lock();
+        (w.generation, w.region)
+    };
+    shared.headers.lock().write(Header {
+        generation,
+        checkpoint: seq.0,
+        region,
+        continues: true,
+    })
 }
 
 /// Recovery's checkpoint: everything up to the replayed sequence is in
@@ -217,10 +309,13 @@ struct Pending {
     /// `(seq, zone)` of the frames the committer has taken and not yet
     /// made durable (it is waiting for their data sync, or writing them).
     in_flight: Vec<(u64, ZoneId)>,
-    /// A checkpoint is under way: nothing goes ahead until its new
-    /// generation is written (a frame after its sequence, written ahead
-    /// into the old generation, would be lost with it).
+    /// A checkpoint has begun and the committer has not yet switched to
+    /// the next generation: nothing goes ahead (a frame after the cut,
+    /// written ahead into the old region, would be lost with it).
     checkpointing: bool,
+    /// The cut of a checkpoint waiting for the committer to write the
+    /// frames up to it and switch regions.
+    switch_at: Option<u64>,
     /// Every frame up to this sequence is durable.
     durable_through: u64,
     /// Frames written ahead, above `durable_through`.
@@ -295,10 +390,15 @@ impl Pending {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Signalled (under `pending`) when the committer has served a
+    /// checkpoint's `switch_at`.
+    switched: Condvar,
     durable: watch::Sender<Durable>,
     /// The file's end, shared by the committer and frames written ahead.
     /// Lock order: `writer`, then `pending`.
     writer: Mutex<Writer>,
+    /// Written by the checkpoint thread only, after the tables are synced.
+    headers: Mutex<Headers>,
 }
 
 impl Shared {
@@ -333,6 +433,16 @@ impl Shared {
         through
     }
 
+    /// Tells everyone that the frames up to `last` (a group the committer
+    /// wrote) are durable: the hook first, so that a waiter woken by the
+    /// new durable sequence finds what it freed already back in the
+    /// allocators.
+    fn publish(&self, hooks: &dyn CommitHooks, last: JournalSeq) {
+        let through = JournalSeq(self.note_durable(Some(last.0), None));
+        hooks.durable(through);
+        self.durable.send_modify(|d| d.seq = d.seq.max(through));
+    }
+
     /// Fail-stop: after a failed write or fsync nothing later may be
     /// reported durable, because we cannot know what reached the disk.
     fn fail(&self, e: JournalError) {
@@ -363,13 +473,13 @@ pub enum Committed {
     /// Written at once, ahead of any earlier frames of other zones still
     /// waiting for their data sync.
     Ahead,
-    /// The committer was in a group's data sync: the frame was handed to
-    /// it and written once that group was, ahead of the next group's data
+    /// The committer was in a group's data sync, or a checkpoint was
+    /// about to switch generations: the frame was handed to the committer
+    /// and written once that group was, ahead of the next group's data
     /// sync (or in order with it, if a frame of its zone was in it).
     Handed,
     /// With the frames before it, in order: an earlier frame of its zone
-    /// was still pending, a checkpoint was under way, or the committer had
-    /// already taken it.
+    /// was still pending, or the committer had already taken it.
     InOrder,
 }
 
@@ -383,40 +493,105 @@ pub struct Journal {
 
 /// Where the committer writes.
 struct Writer {
-    file: File,
+    /// The two regions' files: the journal file and its side file.
+    regions: [RegionFile; 2],
+    /// The region the current generation's frames go to.
+    region: usize,
     generation: u64,
     write_pos: u64,
+}
+
+/// One region's file.
+struct RegionFile {
+    file: File,
     /// The file's length: frames up to it overwrite blocks in place.
-    file_len: u64,
+    len: u64,
+}
+
+/// The header slots, written by a checkpoint beside the committer.
+struct Headers {
+    /// The journal file.
+    file: File,
+    /// The slot of the current header.
+    slot: u64,
+}
+
+impl Headers {
+    /// Makes `header` the current one: written to the other slot, so that
+    /// a torn write leaves the current header in force.
+    fn write(&mut self, header: Header) -> Result<(), JournalError> {
+        let slot = 1 - self.slot;
+        self.file
+            .write_all_at(&encode_header(header), slot * HEADER_SLOT)
+            .map_err(Writer::io("header write"))?;
+        super::durable::sync_data(&self.file).map_err(Writer::io("header sync"))?;
+        self.slot = slot;
+        Ok(())
+    }
 }
 
 /// How far ahead of the frames the journal file is grown, with zeros.
 const GROW_AHEAD: u64 = 8 << 20;
 
-fn crc_header(h: &[u8]) -> u32 {
-    crc32c::crc32c(&h[..24])
+/// A journal header, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    generation: u64,
+    /// Every frame up to this sequence is in the tables.
+    checkpoint: u64,
+    /// The region holding this generation's frames.
+    region: usize,
+    /// Whether frames of the next generation, in the other region, follow
+    /// this generation's on replay (the header was written by a keyturn
+    /// whose checkpoints let commits go on; see the module comment).
+    continues: bool,
 }
 
-fn encode_header(generation: u64, checkpoint_seq: u64) -> [u8; 64] {
-    let mut h = [0u8; 64];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..16].copy_from_slice(&generation.to_le_bytes());
-    h[16..24].copy_from_slice(&checkpoint_seq.to_le_bytes());
-    let crc = crc_header(&h);
-    h[24..28].copy_from_slice(&crc.to_le_bytes());
-    h
+fn encode_header(h: Header) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&h.generation.to_le_bytes());
+    b[16..24].copy_from_slice(&h.checkpoint.to_le_bytes());
+    b[24..32].copy_from_slice(&(h.region as u64).to_le_bytes());
+    let crc = crc32c::crc32c(&b[..32]);
+    b[32..36].copy_from_slice(&crc.to_le_bytes());
+    b
 }
 
-fn decode_header(h: &[u8; 64]) -> Option<(u64, u64)> {
-    if (&h[..8] != MAGIC && &h[..8] != MAGIC_V2)
-        || u32::from_le_bytes(h[24..28].try_into().ok()?) != crc_header(h)
-    {
+fn decode_header(b: &[u8; 64]) -> Option<Header> {
+    let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let crc = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let (region, continues) = if &b[..8] == MAGIC {
+        if crc(32) != crc32c::crc32c(&b[..32]) || word(24) > 1 {
+            return None;
+        }
+        (word(24) as usize, true)
+    } else if &b[..8] == MAGIC_V3 || &b[..8] == MAGIC_V2 {
+        // Every generation's frames in the journal file itself.
+        if crc(24) != crc32c::crc32c(&b[..24]) {
+            return None;
+        }
+        (0, false)
+    } else {
         return None;
+    };
+    Some(Header {
+        generation: word(8),
+        checkpoint: word(16),
+        region,
+        continues,
+    })
+}
+
+/// The file holding `region`'s frames: the journal file itself, or the
+/// side file beside it.
+pub(super) fn region_path(path: &Path, region: usize) -> PathBuf {
+    if region == 0 {
+        return path.to_path_buf();
     }
-    Some((
-        u64::from_le_bytes(h[8..16].try_into().ok()?),
-        u64::from_le_bytes(h[16..24].try_into().ok()?),
-    ))
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    name.into()
 }
 
 fn frame_crc(generation: u64, seq: u64, payload: &[u8]) -> u32 {
@@ -434,16 +609,13 @@ impl Writer {
         }
     }
 
-    /// Starts generation `generation` with everything up to `checkpoint_seq` in the tables.
-    fn new_generation(&mut self, generation: u64, checkpoint_seq: u64) -> Result<(), JournalError> {
-        let h = encode_header(generation, checkpoint_seq);
-        self.file
-            .write_all_at(&h, (generation % 2) * HEADER_SLOT)
-            .map_err(Self::io("header write"))?;
-        super::durable::sync_data(&self.file).map_err(Self::io("header sync"))?;
-        self.generation = generation;
+    /// Starts the next generation in the other region, with no I/O: its
+    /// first frame overwrites what is there, stale since the current
+    /// header was written.
+    fn switch(&mut self) {
+        self.region ^= 1;
+        self.generation += 1;
         self.write_pos = FRAMES_START;
-        Ok(())
     }
 
     /// Writes `frames` at the end and makes them durable; `ahead` marks
@@ -460,15 +632,24 @@ impl Writer {
             buf.extend_from_slice(payload);
         }
         let end = self.write_pos + buf.len() as u64;
-        if end > self.file_len {
-            self.grow_to(end.next_multiple_of(GROW_AHEAD))?;
+        let region = &mut self.regions[self.region];
+        if end > region.len {
+            region.grow_to(end.next_multiple_of(GROW_AHEAD))?;
         }
-        self.file
+        region
+            .file
             .write_all_at(&buf, self.write_pos)
             .map_err(Self::io("write"))?;
-        super::durable::sync_data(&self.file).map_err(Self::io("sync"))?;
+        super::durable::sync_data(&region.file).map_err(Self::io("sync"))?;
         self.write_pos = end;
         Ok(())
+    }
+}
+
+impl RegionFile {
+    fn open(file: File) -> Result<Self, JournalError> {
+        let len = file.metadata().map_err(Writer::io("stat"))?.len();
+        Ok(Self { file, len })
     }
 
     /// Extends the file to `len` with zeros actually written (not a hole,
@@ -483,21 +664,22 @@ impl Writer {
         const CHUNK: usize = 1 << 20;
         let zeros = vec![0u8; CHUNK];
         // Never over the header slots.
-        let mut at = self.file_len.max(FRAMES_START);
+        let mut at = self.len.max(FRAMES_START);
         while at < len {
             let n = (len - at).min(CHUNK as u64) as usize;
             self.file
                 .write_all_at(&zeros[..n], at)
-                .map_err(Self::io("grow"))?;
+                .map_err(Writer::io("grow"))?;
             at += n as u64;
         }
-        self.file_len = len;
+        self.len = len;
         Ok(())
     }
 }
 
 impl Journal {
-    /// Creates a new, empty journal file.
+    /// Creates a new, empty journal file (its side file is created when
+    /// the journal is started).
     pub fn create(path: &Path) -> Result<(), JournalError> {
         let file = OpenOptions::new()
             .read(true)
@@ -505,19 +687,19 @@ impl Journal {
             .create_new(true)
             .open(path)
             .map_err(Writer::io("create"))?;
-        let mut w = Writer {
-            file,
-            generation: 0,
-            write_pos: FRAMES_START,
-            file_len: 0,
-        };
-        w.new_generation(1, 0)
+        // A new file has no current header: this one goes to slot 0.
+        Headers { file, slot: 1 }.write(Header {
+            generation: 1,
+            checkpoint: 0,
+            region: 0,
+            continues: true,
+        })
     }
 
     /// Opens the journal for appending after recovery: the caller has
     /// replayed everything up to `last_seq` into memory. Writes a new
     /// generation only after `hooks.checkpoint(last_seq)` has put that state
-    /// into the tables, so no byte of the old generation is needed again.
+    /// into the tables, so no byte of the old generations is needed again.
     pub fn start(
         path: &Path,
         last_seq: JournalSeq,
@@ -529,16 +711,31 @@ impl Journal {
             .write(true)
             .open(path)
             .map_err(Writer::io("open"))?;
-        let (generation, _) = Self::read_header(&file, path)?;
+        let (header, slot) = Self::read_header(&file, path)?;
+        let side = Self::open_side_file(path)?;
         hooks.checkpoint(&mut Recovered(last_seq))?;
-        let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
-        let mut writer = Writer {
-            file,
+        let mut headers = Headers {
+            file: file.try_clone().map_err(Writer::io("open"))?,
+            slot,
+        };
+        // Two past the header's: the next generation may have frames in
+        // the other region (a checkpoint was under way), and a generation
+        // is never used twice. Either region would do, since nothing is
+        // written to either before this header is durable.
+        let generation = header.generation + 2;
+        let region = header.region;
+        headers.write(Header {
+            generation,
+            checkpoint: last_seq.0,
+            region,
+            continues: true,
+        })?;
+        let writer = Writer {
+            regions: [RegionFile::open(file)?, RegionFile::open(side)?],
+            region,
             generation,
             write_pos: FRAMES_START,
-            file_len,
         };
-        writer.new_generation(generation + 1, last_seq.0)?;
         let (durable, _) = watch::channel(Durable {
             seq: last_seq,
             error: None,
@@ -552,13 +749,16 @@ impl Journal {
                 closing: false,
                 in_flight: Vec::new(),
                 checkpointing: false,
+                switch_at: None,
                 durable_through: last_seq.0,
                 ahead_done: BTreeSet::new(),
                 handed: BTreeSet::new(),
             }),
             wake: Condvar::new(),
+            switched: Condvar::new(),
             durable,
             writer: Mutex::new(writer),
+            headers: Mutex::new(headers),
         });
         let s = shared.clone();
         let commit_bytes = config.commit_bytes.max(1);
@@ -573,6 +773,30 @@ impl Journal {
             commit_bytes,
             committer: Mutex::new(Some(committer)),
         })
+    }
+
+    /// Opens region 1's file, creating it (and making its name durable)
+    /// on a journal that has none yet.
+    fn open_side_file(path: &Path) -> Result<File, JournalError> {
+        let side = region_path(path, 1);
+        let open = |create| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(create)
+                .open(&side)
+        };
+        match open(false) {
+            Ok(file) => Ok(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = open(true).map_err(Writer::io("create side file"))?;
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                super::durable::sync_dir(dir.unwrap_or(Path::new(".")))
+                    .map_err(Writer::io("directory sync"))?;
+                Ok(file)
+            }
+            Err(e) => Err(Writer::io("open side file")(e)),
+        }
     }
 
     /// Appends one frame holding `entries`, all of them changes to `zone`;
@@ -645,7 +869,9 @@ impl Journal {
                 return Err(e.clone());
             }
             let mut p = self.shared.pending.lock();
-            if !p.in_flight.is_empty() && !p.checkpointing {
+            // During a checkpoint's switch the committer decides which
+            // generation the frame belongs to, so it is handed over too.
+            if !p.in_flight.is_empty() || p.checkpointing {
                 p.handed.insert(seq.0);
                 p.requested = true;
                 self.shared.wake.notify_one();
@@ -790,55 +1016,96 @@ impl Drop for Journal {
 }
 
 fn committer_loop(shared: Arc<Shared>, config: JournalConfig, hooks: Arc<dyn CommitHooks>) {
+    let mut checkpoint: Option<std::thread::JoinHandle<Result<(), JournalError>>> = None;
     loop {
-        let closing = {
+        let (closing, switch_at) = {
             let mut p = shared.pending.lock();
             if !p.requested && !p.closing {
                 shared.wake.wait_for(&mut p, config.commit_interval);
             }
             p.requested = false;
-            p.closing
+            (p.closing, p.switch_at)
         };
         if shared.durable.borrow().error.is_some() {
+            // A checkpoint waiting for its switch hears of the failure.
+            let mut p = shared.pending.lock();
+            p.switch_at = None;
+            shared.switched.notify_all();
+            drop(p);
             if closing {
+                if let Some(h) = checkpoint.take() {
+                    let _ = h.join();
+                }
                 return;
             }
             continue;
         }
-        match flush_pending(&shared, hooks.as_ref(), JournalSeq(u64::MAX)) {
-            // The hook first: a waiter woken by the new durable sequence
-            // finds what it freed already back in the allocators.
-            Ok(Some(last)) => {
-                let through = JournalSeq(shared.note_durable(Some(last.0), None));
-                hooks.durable(through);
-                shared.durable.send_modify(|d| d.seq = d.seq.max(through));
-            }
-            Ok(None) => shared.durable.send_modify(|_| {}),
-            Err(e) => shared.fail(e),
-        }
-        let write_pos = shared.writer.lock().write_pos;
-        if write_pos > config.checkpoint_bytes && shared.durable.borrow().error.is_none() {
-            shared.pending.lock().checkpointing = true;
-            let mut journal = Checkpointing {
-                shared: &shared,
-                hooks: hooks.as_ref(),
-            };
-            let done = hooks.checkpoint(&mut journal).and_then(|seq| {
-                let mut w = shared.writer.lock();
-                let generation = w.generation + 1;
-                w.new_generation(generation, seq.0).map(|()| seq)
-            });
-            shared.pending.lock().checkpointing = false;
-            match done {
-                Ok(seq) => {
-                    let through = JournalSeq(shared.note_durable(Some(seq.0), None));
-                    hooks.durable(through);
-                    shared.durable.send_modify(|d| d.seq = d.seq.max(through));
+        if let Some(cut) = switch_at {
+            // The frames up to the checkpoint's cut go to the old
+            // generation; the ones after it to the next, in the other region.
+            match flush_pending(&shared, hooks.as_ref(), JournalSeq(cut)) {
+                Ok(last) => {
+                    if let Some(last) = last {
+                        shared.publish(hooks.as_ref(), last);
+                    }
+                    shared.writer.lock().switch();
                 }
                 Err(e) => shared.fail(e),
             }
+            let mut p = shared.pending.lock();
+            p.switch_at = None;
+            p.checkpointing = false;
+            shared.switched.notify_all();
         }
-        if closing && shared.pending.lock().frames.is_empty() {
+        match flush_pending(&shared, hooks.as_ref(), JournalSeq(u64::MAX)) {
+            Ok(Some(last)) => shared.publish(hooks.as_ref(), last),
+            Ok(None) => shared.durable.send_modify(|_| {}),
+            Err(e) => shared.fail(e),
+        }
+        if let Some(h) = checkpoint.take_if(|h| h.is_finished()) {
+            let outcome = h.join().unwrap_or_else(|_| {
+                Err(JournalError::Io {
+                    op: "checkpoint",
+                    message: "the checkpoint thread panicked".into(),
+                })
+            });
+            // A checkpoint that failed before its cut leaves nothing to switch.
+            shared.pending.lock().checkpointing = false;
+            if let Err(e) = outcome {
+                shared.fail(e);
+            }
+        }
+        let write_pos = shared.writer.lock().write_pos;
+        // Never a checkpoint of a generation with no frame: with a
+        // threshold of 0, checkpoints would follow each other for ever.
+        if checkpoint.is_none()
+            && write_pos > config.checkpoint_bytes.max(FRAMES_START)
+            && shared.durable.borrow().error.is_none()
+        {
+            // Nothing goes ahead from before the checkpoint takes its cut
+            // until the committer has switched regions at it.
+            shared.pending.lock().checkpointing = true;
+            let (s, h) = (shared.clone(), hooks.clone());
+            let spawned = std::thread::Builder::new()
+                .name("keyturn-checkpoint".into())
+                .spawn(move || {
+                    let done = run_checkpoint(&s, h.as_ref());
+                    // Wake the committer to collect it.
+                    let mut p = s.pending.lock();
+                    p.requested = true;
+                    s.wake.notify_one();
+                    drop(p);
+                    done
+                });
+            match spawned {
+                Ok(h) => checkpoint = Some(h),
+                Err(e) => {
+                    shared.pending.lock().checkpointing = false;
+                    shared.fail(Writer::io("spawn checkpoint")(e));
+                }
+            }
+        }
+        if closing && checkpoint.is_none() && shared.pending.lock().frames.is_empty() {
             return;
         }
     }
@@ -891,6 +1158,8 @@ fn flush_pending(
 
 #[cfg(test)]
 mod ahead_tests;
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod hostile;
 

@@ -315,6 +315,7 @@ fn only_a_dataless_frame_behind_other_zones_outside_a_checkpoint_goes_ahead() {
         closing: false,
         in_flight,
         checkpointing: false,
+        switch_at: None,
         durable_through: 0,
         ahead_done: BTreeSet::new(),
         handed: BTreeSet::new(),

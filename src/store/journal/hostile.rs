@@ -9,7 +9,12 @@ fn journal_with(dir: &Path, generation: u64, checkpoint: u64, frame_head: &[u8])
     let p = dir.join("j");
     let f = File::create(&p).unwrap();
     f.write_all_at(
-        &encode_header(generation, checkpoint),
+        &encode_header(Header {
+            generation,
+            checkpoint,
+            region: 0,
+            continues: true,
+        }),
         (generation % 2) * HEADER_SLOT,
     )
     .unwrap();

@@ -9,8 +9,8 @@ use std::path::Path;
 use crate::ids::JournalSeq;
 
 use super::{
-    AHEAD, Entry, FRAME_HEADER, FRAMES_START, HEADER_SLOT, Journal, JournalError, MAX_PAYLOAD,
-    Writer, decode_header, frame_crc,
+    AHEAD, Entry, FRAME_HEADER, FRAMES_START, HEADER_SLOT, Header, Journal, JournalError,
+    MAX_PAYLOAD, Writer, decode_header, frame_crc, region_path,
 };
 
 /// The outcome of opening a journal: the frames to replay, in order.
@@ -34,25 +34,22 @@ pub struct Replay {
     pub damaged_frames_after: u64,
 }
 
-impl Journal {
-    /// Reads the journal at `path` and returns what must be replayed. Call
-    /// [`Journal::start`] after the replayed state is in memory.
-    pub fn read(path: &Path) -> Result<Replay, JournalError> {
-        let file = File::open(path).map_err(Writer::io("open"))?;
-        let (generation, checkpoint) = Self::read_header(&file, path)?;
+/// Where replay is: what a frame must carry to be taken next.
+struct Cursor {
+    frames: Vec<(JournalSeq, Vec<Entry>)>,
+    /// The lowest sequence not yet seen: the one a frame in order must carry.
+    expect: u64,
+    /// Frames seen above `expect` (written ahead).
+    ahead: BTreeSet<u64>,
+    last: u64,
+}
+
+impl Cursor {
+    /// Takes the frames of `generation` in `file` from the start of its
+    /// frames; returns where it stopped.
+    fn read_region(&mut self, file: &File, generation: u64) -> Result<u64, JournalError> {
         let file_len = file.metadata().map_err(Writer::io("stat"))?.len();
-        let mut frames = Vec::new();
         let mut pos = FRAMES_START;
-        // The lowest sequence not yet seen: the one a frame in order must
-        // carry. A checkpoint at u64::MAX leaves no sequence for a frame.
-        let mut expect = checkpoint
-            .checked_add(1)
-            .ok_or_else(|| JournalError::Format {
-                path: path.to_path_buf(),
-            })?;
-        // Frames written ahead, seen above `expect`.
-        let mut ahead = BTreeSet::new();
-        let mut last = checkpoint;
         let mut head = [0u8; FRAME_HEADER];
         loop {
             if file.read_exact_at(&mut head, pos).is_err() {
@@ -64,9 +61,9 @@ impl Journal {
             let field = u64::from_le_bytes(head[16..24].try_into().expect("8"));
             let seq = field & !AHEAD;
             let placed = if field & AHEAD != 0 {
-                seq >= expect && !ahead.contains(&seq)
+                seq >= self.expect && !self.ahead.contains(&seq)
             } else {
-                seq == expect
+                seq == self.expect
             };
             if len > MAX_PAYLOAD || frame_gen != generation || !placed {
                 break;
@@ -84,32 +81,87 @@ impl Journal {
             {
                 break;
             }
-            frames.push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
+            self.frames
+                .push((JournalSeq(seq), Entry::decode_all(seq, &payload)?));
             pos += (FRAME_HEADER + payload.len()) as u64;
-            last = last.max(seq);
+            self.last = self.last.max(seq);
             // `seq` < 2^63 (bit 63 is the flag), so `expect` never wraps.
-            ahead.insert(seq);
-            while ahead.remove(&expect) {
-                expect += 1;
+            self.ahead.insert(seq);
+            while self.ahead.remove(&self.expect) {
+                self.expect += 1;
             }
         }
-        let beyond = Self::valid_frames_after(&file, pos, generation, expect);
-        if beyond > 0 {
-            // A torn tail has nothing valid after it. Valid frames beyond a bad
-            // one mean damage inside the journal (or a torn multi-frame write
-            // that was never acknowledged): say so loudly, with what is dropped.
-            tracing::error!(
-                journal = %path.display(), offset = pos, frame = expect, later_valid_frames = beyond,
-                "journal frame is damaged but later frames are intact; replay stops at the damage \
-                 and the later frames are dropped"
-            );
+        Ok(pos)
+    }
+}
+
+impl Journal {
+    /// Reads the journal at `path` and returns what must be replayed. Call
+    /// [`Journal::start`] after the replayed state is in memory.
+    pub fn read(path: &Path) -> Result<Replay, JournalError> {
+        let file = File::open(path).map_err(Writer::io("open"))?;
+        let (header, _) = Self::read_header(&file, path)?;
+        let checkpoint = header.checkpoint;
+        // A checkpoint at u64::MAX leaves no sequence for a frame.
+        let expect = checkpoint
+            .checked_add(1)
+            .ok_or_else(|| JournalError::Format {
+                path: path.to_path_buf(),
+            })?;
+        let mut cursor = Cursor {
+            frames: Vec::new(),
+            expect,
+            ahead: BTreeSet::new(),
+            last: checkpoint,
+        };
+        let open = |region: usize| -> Result<Option<File>, JournalError> {
+            if region == 0 {
+                return file.try_clone().map(Some).map_err(Writer::io("open"));
+            }
+            match File::open(region_path(path, region)) {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Writer::io("open side file")(e)),
+            }
+        };
+        // The header's generation, then the next one in the other region
+        // if a checkpoint was under way.
+        let mut regions = vec![(header.region, header.generation)];
+        if header.continues {
+            regions.push((header.region ^ 1, header.generation + 1));
+        }
+        let mut damaged = 0;
+        for (k, (region, generation)) in regions.into_iter().enumerate() {
+            let Some(file) = open(region)? else {
+                if k == 0 {
+                    // The header names a region whose file is gone.
+                    return Err(JournalError::Format {
+                        path: region_path(path, region),
+                    });
+                }
+                break;
+            };
+            let pos = cursor.read_region(&file, generation)?;
+            let beyond = Self::valid_frames_after(&file, pos, generation, cursor.expect);
+            if beyond > 0 {
+                // A torn tail has nothing valid after it. Valid frames beyond a bad
+                // one mean damage inside the journal (or a torn multi-frame write
+                // that was never acknowledged): say so loudly, with what is dropped.
+                tracing::error!(
+                    journal = %region_path(path, region).display(), offset = pos,
+                    frame = cursor.expect, later_valid_frames = beyond,
+                    "journal frame is damaged but later frames are intact; replay stops at the \
+                     damage and the later frames are dropped"
+                );
+            }
+            damaged += beyond;
         }
         Ok(Replay {
             checkpoint_seq: JournalSeq(checkpoint),
-            frames,
-            in_order_through: JournalSeq(expect - 1),
-            last: JournalSeq(last),
-            damaged_frames_after: beyond,
+            frames: cursor.frames,
+            in_order_through: JournalSeq(cursor.expect - 1),
+            last: JournalSeq(cursor.last),
+            damaged_frames_after: damaged,
         })
     }
 
@@ -151,15 +203,16 @@ impl Journal {
         found
     }
 
-    pub(super) fn read_header(file: &File, path: &Path) -> Result<(u64, u64), JournalError> {
-        let mut best: Option<(u64, u64)> = None;
+    /// The current header and its slot.
+    pub(super) fn read_header(file: &File, path: &Path) -> Result<(Header, u64), JournalError> {
+        let mut best: Option<(Header, u64)> = None;
         for slot in 0..2 {
             let mut h = [0u8; 64];
             if file.read_exact_at(&mut h, slot * HEADER_SLOT).is_ok()
-                && let Some((g, c)) = decode_header(&h)
-                && best.is_none_or(|b| g > b.0)
+                && let Some(header) = decode_header(&h)
+                && best.is_none_or(|b| header.generation > b.0.generation)
             {
-                best = Some((g, c));
+                best = Some((header, slot));
             }
         }
         best.ok_or_else(|| JournalError::Format {
