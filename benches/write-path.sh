@@ -17,7 +17,8 @@
 # connection each), PROFILE (ci-2core), PERF (a directory: `perf record -g`
 # on the server over each measured run, kept there as
 # perf-<workload>-<round>-<this|base>.data). Each line is one run; compare
-# medians, the machine is shared.
+# medians, the machine is shared. The -flush workloads also print the
+# FLUSH latency (fio's sync latency): p99 and max.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 bench_init write-path
@@ -37,6 +38,9 @@ args_of() {
     randrw4k) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=16" ;;
     seqwrite1m) echo "--rw=write --bs=1M --iodepth=8" ;;
     seqread1m) echo "--rw=read --bs=1M --iodepth=8" ;;
+    # With a FLUSH after every 64 (16) writes: each one waits for a commit.
+    randwrite4k-flush) echo "--rw=randwrite --bs=4k --iodepth=32 --fsync=64" ;;
+    seqwrite1m-flush) echo "--rw=write --bs=1M --iodepth=8 --fsync=16" ;;
     *) echo "unknown workload $1" >&2; exit 2 ;;
     esac
 }
@@ -98,9 +102,15 @@ n_io = ios * secs
 # The batch counters, like CPU, cover ramp and run; fio's count covers the run.
 writes = job["write"]["total_ios"] * secs / float(runtime)
 batched = f"{(b1 - b0) / writes:.0%} of writes in {n1 - n0:.0f} batches" if writes else "-"
+sync = job.get("sync", {})
+flush = ""
+if sync.get("total_ios"):
+    lat = sync["lat_ns"]
+    fp99 = lat.get("percentile", {}).get("99.000000", 0) / 1e6
+    flush = f"  flush p99 {fp99:.1f} max {lat['max'] / 1e6:.1f} ms over {sync['total_ios']}"
 print(f"round {rnd} {label:4} jobs={jobs} {w:11} {ios:9,.0f} IOPS {bws / 1e6:6.0f} MB/s p99 {p99:7.2f} ms "
       f"cpu {cpu / secs:4.0%} (fio {(job['usr_cpu'] + job['sys_cpu']) * int(jobs) / 100:4.0%}) {cpu * 1e6 / n_io:6.1f} us/io {cpu / (bws * secs / 1e9):5.2f} s/GB "
-      f"{(s1 - s0) / n_io:5.2f} switches/io  rss {rss / 1024:4.0f} MiB  {batched}", flush=True)
+      f"{(s1 - s0) / n_io:5.2f} switches/io  rss {rss / 1024:4.0f} MiB  {batched}{flush}", flush=True)
 PY
             done
         done

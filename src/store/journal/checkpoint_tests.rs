@@ -139,7 +139,8 @@ fn commits_and_flips_go_on_while_a_checkpoint_copies_and_a_crash_replays_both_ge
             break cut;
         }
     };
-    assert_eq!(cut, JournalSeq(i), "the cut is the last frame appended");
+    // The loop may have appended a frame after the cut before it heard.
+    assert!(cut.0 >= i - 1 && cut.0 <= i, "cut {} after frame {i}", cut.0);
 
     // The checkpoint is stuck in its copy. A write commits all the same,
     // into the next generation.
@@ -193,12 +194,8 @@ fn commits_and_flips_go_on_while_a_checkpoint_copies_and_a_crash_replays_both_ge
     drop(Arc::into_inner(j).expect("only reference"));
     let r = Journal::read(&p).unwrap();
     let seqs: Vec<u64> = r.frames.iter().map(|f| f.0.0).collect();
-    assert_eq!(
-        seqs[..2],
-        [s.0, flip_seq.0],
-        "after the cut: the write, the flip"
-    );
-    assert!(seqs.contains(&w.0));
+    let want: Vec<u64> = (cut.0 + 1..=s.0).chain([flip_seq.0, w.0]).collect();
+    assert_eq!(seqs, want, "after the cut: the writes, the flip, then w");
     assert_eq!(r.in_order_through, last);
 }
 
