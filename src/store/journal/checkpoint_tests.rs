@@ -140,7 +140,11 @@ fn commits_and_flips_go_on_while_a_checkpoint_copies_and_a_crash_replays_both_ge
         }
     };
     // The loop may have appended a frame after the cut before it heard.
-    assert!(cut.0 >= i - 1 && cut.0 <= i, "cut {} after frame {i}", cut.0);
+    assert!(
+        cut.0 >= i - 1 && cut.0 <= i,
+        "cut {} after frame {i}",
+        cut.0
+    );
 
     // The checkpoint is stuck in its copy. A write commits all the same,
     // into the next generation.
