@@ -31,7 +31,7 @@ for rep in $(seq 1 "$REPS"); do
     rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
     kill -9 "$pid"; wait "$pid" 2>/dev/null || true
     meta=$(du -sk --exclude=data --exclude=staging "$work/pool" | cut -f1)
-    journal=$(du -k "$work/pool/journal" | cut -f1)
+    journal=$(du -kc "$work/pool/journal"* | tail -1 | cut -f1)
     start
     times+=("$secs")
     replayed=$(grep -o 'replayed_to=[0-9]*' "$work/log" | tail -1)
