@@ -92,7 +92,8 @@ fn config() -> JournalConfig {
     }
 }
 
-fn write(zone: u32, i: u64) -> Entry {
+/// A content block record of `zone` (shared with the checkpoint tests).
+pub(super) fn write(zone: u32, i: u64) -> Entry {
     Entry::Cb {
         zone: ZoneId(zone),
         cbid: Cbid(i),
@@ -107,7 +108,8 @@ fn write(zone: u32, i: u64) -> Entry {
     }
 }
 
-fn flip(zone: u32, to: u32) -> Entry {
+/// A flip of `zone` to `to` (shared with the checkpoint tests).
+pub(super) fn flip(zone: u32, to: u32) -> Entry {
     Entry::Flip {
         zone: ZoneId(zone),
         to: KeyVersion(to),

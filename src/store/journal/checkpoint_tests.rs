@@ -7,9 +7,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use super::ahead_tests::{flip, write};
 use super::tests::Hooks;
 use super::*;
-use crate::ids::{Cbid, KeyVersion, Lba, VolumeId};
+use crate::ids::{Cbid, Lba, VolumeId};
 
 /// Hooks whose checkpoints, once armed, stop after their cut (where the
 /// pool's copy the changes into the tables) until the test opens them.
@@ -64,33 +65,11 @@ fn config() -> JournalConfig {
     }
 }
 
-fn write(zone: u32, i: u64) -> Entry {
-    Entry::Cb {
-        zone: ZoneId(zone),
-        cbid: Cbid(i),
-        record: CbRecord {
-            slot: crate::ids::Slot(i),
-            key_version: KeyVersion(1),
-            refcount: 1,
-            tag: crate::crypto::tag::Tag([i as u8; 32]),
-            mac: 1,
-            staged: None,
-        },
-    }
-}
-
 fn map(i: u64) -> Entry {
     Entry::Map {
         volume: VolumeId(1),
         lba: Lba(i),
         cbid: Some(Cbid(i)),
-    }
-}
-
-fn flip(zone: u32, to: u32) -> Entry {
-    Entry::Flip {
-        zone: ZoneId(zone),
-        to: KeyVersion(to),
     }
 }
 
